@@ -1,0 +1,89 @@
+//! Typed errors. Every message names the offending argument and what to change.
+
+use thiserror::Error;
+
+/// Everything that can be wrong with an attention call. Stages never panic on bad input and
+/// never return a silently wrong answer: they return one of these.
+#[derive(Debug, Clone, PartialEq, Error)]
+pub enum AttnError {
+    /// A tensor does not have the rank the contract asks for.
+    #[error("{arg} must be a {expected}-D tensor {layout}, but it has shape {got:?}")]
+    Rank {
+        arg: &'static str,
+        expected: usize,
+        layout: &'static str,
+        got: Vec<usize>,
+    },
+
+    /// A tensor has a zero-length axis.
+    #[error("{arg} has shape {shape:?}: every axis must be at least 1 long")]
+    EmptyAxis {
+        arg: &'static str,
+        shape: Vec<usize>,
+    },
+
+    /// Two tensors disagree on an axis.
+    #[error("{arg} has shape {got:?} but {expected}")]
+    ShapeMismatch {
+        arg: &'static str,
+        got: Vec<usize>,
+        expected: String,
+    },
+
+    /// Query heads are not a multiple of key/value heads (GQA/MQA needs heads % kv_heads == 0).
+    #[error(
+        "q has {heads} heads but k/v have {kv_heads}: the query heads must be a multiple of the key/value heads (GQA/MQA)"
+    )]
+    HeadsNotDivisible { heads: usize, kv_heads: usize },
+
+    /// Q, K or V holds a NaN or an infinity.
+    #[error("{arg} holds {value} at index {index:?}: q, k and v must be finite")]
+    NonFinite {
+        arg: &'static str,
+        index: Vec<usize>,
+        value: f32,
+    },
+
+    /// The bias holds NaN or +∞ (−∞ is allowed: it acts as a mask).
+    #[error(
+        "bias holds {value} at index {index:?}: the bias may hold finite values and -inf (a mask), never NaN or +inf"
+    )]
+    InvalidBias { index: Vec<usize>, value: f32 },
+
+    /// The scale is NaN, infinite or zero.
+    #[error("scale is {0}: it must be finite and non-zero")]
+    InvalidScale(f32),
+
+    /// Dropout probability outside [0, 1).
+    #[error("dropout probability is {0}: it must lie in [0, 1)")]
+    InvalidDropout(f32),
+
+    /// A block (chunk, tile) size of zero.
+    #[error("{arg} is 0: block sizes must be at least 1")]
+    ZeroBlockSize { arg: &'static str },
+
+    /// A head dimension a (GPU) kernel does not support.
+    #[error("{stage} does not support head_dim {head_dim}; supported: {supported}")]
+    UnsupportedHeadDim {
+        stage: &'static str,
+        head_dim: usize,
+        supported: String,
+    },
+
+    /// The stage's workspace would not fit in the memory limit. Raised before allocating.
+    #[error(
+        "{stage} needs {} for its {what} but the memory limit is {}; {advice}",
+        crate::memory::human_bytes(*needed_bytes),
+        crate::memory::human_bytes(*limit_bytes)
+    )]
+    WorkspaceTooLarge {
+        stage: &'static str,
+        what: &'static str,
+        needed_bytes: u64,
+        limit_bytes: u64,
+        advice: &'static str,
+    },
+}
+
+/// Result type of every fallible call in the workspace.
+pub type Result<T, E = AttnError> = std::result::Result<T, E>;

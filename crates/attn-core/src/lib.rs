@@ -1,0 +1,43 @@
+//! # attn-core — the shared language of every attention stage
+//!
+//! Each stage of this workspace (naive, chunked, FlashAttention-1, FlashAttention-2, on the
+//! CPU and the GPU) computes the same function:
+//!
+//! ```text
+//! out = softmax(scale · Q Kᵀ + bias, with masked positions removed) · V
+//! ```
+//!
+//! and this crate says exactly which function that is, so that every stage gives the same
+//! answer for every option:
+//!
+//! - [`Shape`]: tensors are `[batch, heads, seq, head_dim]`; keys/values may have fewer heads
+//!   (GQA/MQA) and another length (cross attention);
+//! - [`Options`] and [`Inputs`]: scale, causal masking (bottom-right aligned), key-padding and
+//!   full boolean masks, additive bias, [`dropout`] through a counter-based hash;
+//! - [`Problem`]: validation with typed [`AttnError`]s, and the per-head view ([`Head`]) whose
+//!   [`Head::bias_and_mask`] and [`Head::apply_dropout`] every CPU stage uses on its tiles;
+//! - [`reference`]: the float64 forward and backward every stage is checked against;
+//! - [`metrics`], [`flops`], [`memory`] and [`random`]: how we measure.
+//!
+//! What this crate must never hold: an attention algorithm. The stages own those.
+
+pub mod dropout;
+pub mod error;
+pub mod flops;
+pub mod memory;
+pub mod metrics;
+pub mod options;
+pub mod problem;
+pub mod random;
+pub mod reference;
+pub mod shape;
+pub mod stage;
+pub mod testing;
+pub mod tolerance;
+
+pub use dropout::{Dropout, DropoutParams};
+pub use error::{AttnError, Result};
+pub use options::{Inputs, Mask, Options};
+pub use problem::{Head, Problem, check_d_out, check_saved};
+pub use shape::Shape;
+pub use stage::{Device, Forward, Grads, Stage};

@@ -1,0 +1,167 @@
+//! Memory accounting: the counting allocator for peak-heap measurements, the machine's
+//! available memory, and byte formatting.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+static CURRENT: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+/// A global allocator that counts the bytes live on the heap and their peak.
+///
+/// A measuring binary or test installs it once:
+///
+/// ```ignore
+/// #[global_allocator]
+/// static ALLOC: attn_core::memory::CountingAllocator = attn_core::memory::CountingAllocator;
+/// ```
+///
+/// and then wraps the work in [`measure_peak`]. Without it installed, the counters stay at
+/// zero and [`counting_enabled`] says so.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CountingAllocator;
+
+// SAFETY: every call is forwarded to `System` unchanged; the counters are only statistics.
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: same contract as the caller's.
+        let ptr = unsafe { System.alloc(layout) };
+        if !ptr.is_null() {
+            add(layout.size());
+        }
+        ptr
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: same contract as the caller's.
+        let ptr = unsafe { System.alloc_zeroed(layout) };
+        if !ptr.is_null() {
+            add(layout.size());
+        }
+        ptr
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: same contract as the caller's.
+        unsafe { System.dealloc(ptr, layout) };
+        CURRENT.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: same contract as the caller's.
+        let new = unsafe { System.realloc(ptr, layout, new_size) };
+        if !new.is_null() {
+            CURRENT.fetch_sub(layout.size(), Ordering::Relaxed);
+            add(new_size);
+        }
+        new
+    }
+}
+
+fn add(bytes: usize) {
+    let now = CURRENT.fetch_add(bytes, Ordering::Relaxed) + bytes;
+    PEAK.fetch_max(now, Ordering::Relaxed);
+}
+
+/// Bytes live on the heap now (0 unless [`CountingAllocator`] is installed).
+pub fn current_bytes() -> usize {
+    CURRENT.load(Ordering::Relaxed)
+}
+
+/// Whether a [`CountingAllocator`] is the global allocator of this process.
+pub fn counting_enabled() -> bool {
+    let probe = std::hint::black_box(vec![0u8; 64]);
+    let seen = current_bytes() >= 64;
+    drop(std::hint::black_box(probe));
+    seen
+}
+
+/// Runs `f` and returns its result with the peak heap bytes it added above what was live
+/// when it started (the inputs already allocated are not counted).
+///
+/// Measurements are process-wide: run them one at a time (tests that measure memory should
+/// live in their own test binary or hold a lock).
+pub fn measure_peak<R>(f: impl FnOnce() -> R) -> (R, u64) {
+    let base = current_bytes();
+    PEAK.store(base, Ordering::Relaxed);
+    let r = f();
+    let peak = PEAK.load(Ordering::Relaxed);
+    (r, peak.saturating_sub(base) as u64)
+}
+
+/// The machine's available memory in bytes (`MemAvailable` in /proc/meminfo), if known.
+pub fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// The default workspace limit: the available memory, or 8 GiB where it cannot be read.
+/// The environment variable `ATTN_MEMORY_LIMIT` (bytes, or with a `K`/`M`/`G` suffix)
+/// overrides it.
+pub fn default_memory_limit() -> u64 {
+    if let Some(bytes) = std::env::var("ATTN_MEMORY_LIMIT")
+        .ok()
+        .and_then(|s| parse_bytes(&s))
+    {
+        return bytes;
+    }
+    available_memory().unwrap_or(8 << 30)
+}
+
+/// Parses `"123"`, `"64K"`, `"512M"`, `"16G"` (binary multiples; a trailing `iB`/`B` is allowed).
+pub fn parse_bytes(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let s = s
+        .strip_suffix("iB")
+        .or_else(|| s.strip_suffix('B'))
+        .unwrap_or(s);
+    let (num, mult) = match s.chars().last()? {
+        'K' | 'k' => (&s[..s.len() - 1], 1u64 << 10),
+        'M' | 'm' => (&s[..s.len() - 1], 1 << 20),
+        'G' | 'g' => (&s[..s.len() - 1], 1 << 30),
+        'T' | 't' => (&s[..s.len() - 1], 1 << 40),
+        _ => (s, 1),
+    };
+    let value: f64 = num.trim().parse().ok()?;
+    (value.is_finite() && value >= 0.0).then(|| (value * mult as f64) as u64)
+}
+
+/// `1536` → `"1.5 KiB"`.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_byte_sizes() {
+        assert_eq!(parse_bytes("123"), Some(123));
+        assert_eq!(parse_bytes("64K"), Some(65_536));
+        assert_eq!(parse_bytes("1.5GiB"), Some(3 << 29));
+        assert_eq!(parse_bytes("2g"), Some(2 << 30));
+        assert_eq!(parse_bytes("lots"), None);
+        assert_eq!(parse_bytes("-1"), None);
+    }
+
+    #[test]
+    fn formats_byte_sizes() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(128 << 30), "128.0 GiB");
+    }
+}

@@ -1,0 +1,391 @@
+//! Validation, and the per-head view every stage computes with.
+//!
+//! [`Problem::new`] checks the whole contract once (shapes, heads, masks, bias, scale,
+//! dropout, block sizes, finite inputs) and resolves the defaults; a stage then asks for a
+//! [`Head`] per `(batch, head)` and applies bias, masks and dropout to its score tiles with
+//! [`Head::bias_and_mask`] and [`Head::apply_dropout`], so every stage has one semantics.
+
+use ndarray::{ArrayView2, ArrayView4, ArrayViewMut2, Axis, Dimension, s};
+
+use crate::dropout::{DropoutParams, row_key};
+use crate::error::{AttnError, Result};
+use crate::memory::default_memory_limit;
+use crate::options::{Inputs, Mask, Options};
+use crate::shape::Shape;
+
+/// A validated attention problem.
+#[derive(Clone, Debug)]
+pub struct Problem<'a> {
+    pub shape: Shape,
+    /// The resolved scale (`1/√head_dim` unless given).
+    pub scale: f32,
+    pub causal: bool,
+    pub dropout: Option<DropoutParams>,
+    pub q_block: Option<usize>,
+    pub k_block: Option<usize>,
+    memory_limit: Option<u64>,
+    pub q: ArrayView4<'a, f32>,
+    pub k: ArrayView4<'a, f32>,
+    pub v: ArrayView4<'a, f32>,
+    /// The mask as a 4-D view broadcastable to `[b, h, n_q, n_k]` (key padding becomes
+    /// `[b, 1, 1, n_k]`).
+    pub mask: Option<ArrayView4<'a, bool>>,
+    pub bias: Option<ArrayView4<'a, f32>>,
+}
+
+fn dims<D: Dimension>(a: &ndarray::ArrayView<'_, impl Sized, D>) -> Vec<usize> {
+    a.shape().to_vec()
+}
+
+/// Checks that `got` broadcasts to `full` (each axis equal or 1).
+fn check_broadcast(arg: &'static str, got: &[usize], full: [usize; 4]) -> Result<()> {
+    let ok = got.iter().zip(full).all(|(&g, f)| g == f || g == 1);
+    if ok {
+        Ok(())
+    } else {
+        Err(AttnError::ShapeMismatch {
+            arg,
+            got: got.to_vec(),
+            expected: format!(
+                "it must broadcast to [batch, heads, n_q, n_k] = {full:?} (each axis its full length or 1)"
+            ),
+        })
+    }
+}
+
+/// Index of the first element that fails `ok`, if any (fast path: no indices unless needed).
+fn first_bad<D: Dimension>(
+    a: &ndarray::ArrayView<'_, f32, D>,
+    ok: impl Fn(f32) -> bool + Sync,
+) -> Option<(Vec<usize>, f32)> {
+    // `iter` walks in logical (row-major) order, so the position unravels over the shape.
+    let (mut flat, value) = a
+        .iter()
+        .enumerate()
+        .find(|(_, x)| !ok(**x))
+        .map(|(i, &x)| (i, x))?;
+    let mut index = vec![0; a.ndim()];
+    for (axis, &len) in a.shape().iter().enumerate().rev() {
+        index[axis] = flat % len;
+        flat /= len;
+    }
+    Some((index, value))
+}
+
+impl<'a> Problem<'a> {
+    /// Validates `inputs` and `opts` against the contract (DESIGN.md) and resolves defaults.
+    pub fn new(inputs: &Inputs<'a>, opts: &Options) -> Result<Self> {
+        let (q, k, v) = (inputs.q, inputs.k, inputs.v);
+        if q.is_empty() {
+            return Err(AttnError::EmptyAxis {
+                arg: "q",
+                shape: dims(&q),
+            });
+        }
+        let (batch, heads, n_q, head_dim) = q.dim();
+        let (kb, kv_heads, n_k, kd) = k.dim();
+        if kb != batch || kd != head_dim {
+            return Err(AttnError::ShapeMismatch {
+                arg: "k",
+                got: dims(&k),
+                expected: format!(
+                    "q is {:?}, so k must be [{batch}, kv_heads, n_k, {head_dim}]",
+                    dims(&q)
+                ),
+            });
+        }
+        if k.is_empty() {
+            return Err(AttnError::EmptyAxis {
+                arg: "k",
+                shape: dims(&k),
+            });
+        }
+        if v.dim() != k.dim() {
+            return Err(AttnError::ShapeMismatch {
+                arg: "v",
+                got: dims(&v),
+                expected: format!("k is {:?}, and v must have the same shape", dims(&k)),
+            });
+        }
+        if heads % kv_heads != 0 {
+            return Err(AttnError::HeadsNotDivisible { heads, kv_heads });
+        }
+        let shape = Shape {
+            batch,
+            heads,
+            kv_heads,
+            n_q,
+            n_k,
+            head_dim,
+        };
+        let full = shape.score_dims();
+
+        let mask = match inputs.mask {
+            None => None,
+            Some(Mask::KeyPadding(m)) => {
+                let (mb, mk) = m.dim();
+                if (mb != batch && mb != 1) || mk != n_k {
+                    return Err(AttnError::ShapeMismatch {
+                        arg: "mask",
+                        got: dims(&m),
+                        expected: format!(
+                            "a key-padding mask must be [batch, n_k] = [{batch}, {n_k}]"
+                        ),
+                    });
+                }
+                Some(m.insert_axis(Axis(1)).insert_axis(Axis(1)))
+            }
+            Some(Mask::Full(m)) => {
+                check_broadcast("mask", m.shape(), full)?;
+                Some(m)
+            }
+        };
+        if let Some(b) = inputs.bias {
+            check_broadcast("bias", b.shape(), full)?;
+        }
+
+        let scale = opts.scale.unwrap_or(1.0 / (head_dim as f32).sqrt());
+        if !scale.is_finite() || scale == 0.0 {
+            return Err(AttnError::InvalidScale(scale));
+        }
+        let dropout = opts.dropout.map(DropoutParams::new).transpose()?;
+        if opts.q_block == Some(0) {
+            return Err(AttnError::ZeroBlockSize { arg: "q_block" });
+        }
+        if opts.k_block == Some(0) {
+            return Err(AttnError::ZeroBlockSize { arg: "k_block" });
+        }
+
+        for (arg, t) in [("q", q), ("k", k), ("v", v)] {
+            if let Some((index, value)) = first_bad(&t, f32::is_finite) {
+                return Err(AttnError::NonFinite { arg, index, value });
+            }
+        }
+        if let Some(b) = inputs.bias
+            && let Some((index, value)) = first_bad(&b, |x| !x.is_nan() && x != f32::INFINITY)
+        {
+            return Err(AttnError::InvalidBias { index, value });
+        }
+
+        Ok(Self {
+            shape,
+            scale,
+            causal: opts.causal,
+            dropout,
+            q_block: opts.q_block,
+            k_block: opts.k_block,
+            memory_limit: opts.memory_limit,
+            q,
+            k,
+            v,
+            mask,
+            bias: inputs.bias,
+        })
+    }
+
+    /// The workspace limit in bytes: the caller's, or the machine's available memory.
+    pub fn memory_limit(&self) -> u64 {
+        self.memory_limit.unwrap_or_else(default_memory_limit)
+    }
+
+    /// Refuses, before anything is allocated, a workspace of `needed_bytes` above the limit.
+    pub fn check_workspace(
+        &self,
+        stage: &'static str,
+        what: &'static str,
+        needed_bytes: u64,
+        advice: &'static str,
+    ) -> Result<()> {
+        let limit_bytes = self.memory_limit();
+        if needed_bytes > limit_bytes {
+            return Err(AttnError::WorkspaceTooLarge {
+                stage,
+                what,
+                needed_bytes,
+                limit_bytes,
+                advice,
+            });
+        }
+        Ok(())
+    }
+
+    /// The view of query head `h` of batch entry `b`.
+    pub fn head(&self, b: usize, h: usize) -> Head<'a> {
+        let Shape { n_q, n_k, .. } = self.shape;
+        let kv_h = self.shape.kv_head(h);
+        let pick = |len: usize, i: usize| if len == 1 { 0 } else { i };
+        let bias = self.bias.map(|t| {
+            let (tb, th, _, _) = t.dim();
+            t.index_axis_move(Axis(0), pick(tb, b))
+                .index_axis_move(Axis(0), pick(th, h))
+        });
+        let mask = self.mask.map(|t| {
+            let (tb, th, _, _) = t.dim();
+            t.index_axis_move(Axis(0), pick(tb, b))
+                .index_axis_move(Axis(0), pick(th, h))
+        });
+        Head {
+            b,
+            h,
+            kv_h,
+            q: self
+                .q
+                .index_axis_move(Axis(0), b)
+                .index_axis_move(Axis(0), h),
+            k: self
+                .k
+                .index_axis_move(Axis(0), b)
+                .index_axis_move(Axis(0), kv_h),
+            v: self
+                .v
+                .index_axis_move(Axis(0), b)
+                .index_axis_move(Axis(0), kv_h),
+            n_q,
+            n_k,
+            causal: self.causal,
+            bias,
+            mask,
+            dropout: self.dropout,
+        }
+    }
+}
+
+/// One `(batch, head)` slice of a problem, with its masks, bias and dropout resolved.
+#[derive(Clone, Debug)]
+pub struct Head<'a> {
+    pub b: usize,
+    pub h: usize,
+    /// The key/value head this query head reads (GQA).
+    pub kv_h: usize,
+    /// `[n_q, head_dim]`
+    pub q: ArrayView2<'a, f32>,
+    /// `[n_k, head_dim]`
+    pub k: ArrayView2<'a, f32>,
+    /// `[n_k, head_dim]`
+    pub v: ArrayView2<'a, f32>,
+    pub n_q: usize,
+    pub n_k: usize,
+    pub causal: bool,
+    /// `[n_q or 1, n_k or 1]`, broadcast on use.
+    bias: Option<ArrayView2<'a, f32>>,
+    /// `[n_q or 1, n_k or 1]`, broadcast on use.
+    mask: Option<ArrayView2<'a, bool>>,
+    dropout: Option<DropoutParams>,
+}
+
+impl Head<'_> {
+    /// Causal masking lets query `i` see the keys `0 .. key_end(i)`: key `j` is hidden when
+    /// `j > i + (n_k − n_q)` (bottom-right alignment). Without causal masking, all `n_k`.
+    #[inline]
+    pub fn key_end(&self, i: usize) -> usize {
+        if self.causal {
+            (i + 1 + self.n_k).saturating_sub(self.n_q).min(self.n_k)
+        } else {
+            self.n_k
+        }
+    }
+
+    /// True when causal masking hides every key `j ≥ j0` from every query `i < i_end`, so a
+    /// tiled stage can skip the whole tile.
+    #[inline]
+    pub fn tile_hidden(&self, i_end: usize, j0: usize) -> bool {
+        i_end == 0 || j0 >= self.key_end(i_end - 1)
+    }
+
+    /// Adds the bias to a tile of scaled scores `s` (rows `i0..`, columns `j0..`) and writes
+    /// −∞ where the causal rule or the mask removes a position.
+    pub fn bias_and_mask(&self, i0: usize, j0: usize, mut s: ArrayViewMut2<'_, f32>) {
+        let cols = s.ncols();
+        for (r, mut row) in s.rows_mut().into_iter().enumerate() {
+            let i = i0 + r;
+            if let Some(bias) = &self.bias {
+                let b = bias.row(if bias.nrows() == 1 { 0 } else { i });
+                if b.len() == 1 {
+                    row += b[0];
+                } else {
+                    row += &b.slice(s![j0..j0 + cols]);
+                }
+            }
+            if let Some(mask) = &self.mask {
+                let m = mask.row(if mask.nrows() == 1 { 0 } else { i });
+                for (c, x) in row.iter_mut().enumerate() {
+                    if !m[if m.len() == 1 { 0 } else { j0 + c }] {
+                        *x = f32::NEG_INFINITY;
+                    }
+                }
+            }
+            let end = self.key_end(i);
+            if end < j0 + cols {
+                row.slice_mut(s![end.saturating_sub(j0)..])
+                    .fill(f32::NEG_INFINITY);
+            }
+        }
+    }
+
+    /// Whether this head has dropout.
+    pub fn has_dropout(&self) -> bool {
+        self.dropout.is_some()
+    }
+
+    /// The dropout parameters, if any.
+    pub fn dropout(&self) -> Option<&DropoutParams> {
+        self.dropout.as_ref()
+    }
+
+    /// Multiplies a tile of attention weights (rows `i0..`, columns `j0..`) by the dropout
+    /// factors: 0 for a dropped weight, `1/(1 − p)` for a kept one.
+    pub fn apply_dropout(&self, i0: usize, j0: usize, mut p: ArrayViewMut2<'_, f32>) {
+        let Some(d) = &self.dropout else { return };
+        for (r, mut row) in p.rows_mut().into_iter().enumerate() {
+            let key = row_key(d.seed, self.b, self.h, i0 + r);
+            for (c, x) in row.iter_mut().enumerate() {
+                *x *= d.factor(key, j0 + c);
+            }
+        }
+    }
+}
+
+/// Checks the upstream gradient of a backward call: `[b, h, n_q, d]`, finite.
+pub fn check_d_out(shape: &Shape, d_out: ArrayView4<'_, f32>) -> Result<()> {
+    let (b, h, n, d) = shape.q_dims();
+    if d_out.dim() != (b, h, n, d) {
+        return Err(AttnError::ShapeMismatch {
+            arg: "d_out",
+            got: dims(&d_out),
+            expected: format!("it must have the shape of the output, [{b}, {h}, {n}, {d}]"),
+        });
+    }
+    if let Some((index, value)) = first_bad(&d_out, f32::is_finite) {
+        return Err(AttnError::NonFinite {
+            arg: "d_out",
+            index,
+            value,
+        });
+    }
+    Ok(())
+}
+
+/// Checks what a backward call gets back from the forward: the output `[b, h, n_q, d]`
+/// and the log-sum-exp `[b, h, n_q]`.
+pub fn check_saved(
+    shape: &Shape,
+    out: ArrayView4<'_, f32>,
+    lse: ndarray::ArrayView3<'_, f32>,
+) -> Result<()> {
+    let (b, h, n, d) = shape.q_dims();
+    if out.dim() != (b, h, n, d) {
+        return Err(AttnError::ShapeMismatch {
+            arg: "out",
+            got: dims(&out),
+            expected: format!("the forward's output must be [{b}, {h}, {n}, {d}]"),
+        });
+    }
+    if lse.dim() != (b, h, n) {
+        return Err(AttnError::ShapeMismatch {
+            arg: "lse",
+            got: lse.shape().to_vec(),
+            expected: format!("the forward's log-sum-exp must be [{b}, {h}, {n}]"),
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,239 @@
+//! The float64 reference: the contract evaluated directly, one score at a time.
+//!
+//! It is written for obviousness, not speed: every score is a dot product, every mask rule
+//! is checked where the score is formed, the softmax is the textbook one. It shares no tile
+//! code with the stages (only the validation and the dropout hash, which *define* the
+//! contract), so a bug in a stage's masking cannot hide behind the same bug here.
+
+use ndarray::{Array2, Array3, Array4, ArrayView1, ArrayView4, s};
+use rayon::prelude::*;
+
+use crate::dropout::DropoutParams;
+use crate::error::Result;
+use crate::options::{Inputs, Options};
+use crate::problem::Problem;
+use crate::shape::Shape;
+
+/// A problem in float64, owned: what the reference computes on.
+#[derive(Clone, Debug)]
+pub struct RefProblem {
+    pub q: Array4<f64>,
+    pub k: Array4<f64>,
+    pub v: Array4<f64>,
+    /// Broadcastable to `[b, h, n_q, n_k]`; `true` keeps.
+    pub mask: Option<Array4<bool>>,
+    /// Broadcastable to `[b, h, n_q, n_k]`.
+    pub bias: Option<Array4<f64>>,
+    pub scale: f64,
+    pub causal: bool,
+    pub dropout: Option<DropoutParams>,
+}
+
+/// The reference forward: output `[b, h, n_q, d]` and log-sum-exp `[b, h, n_q]`.
+#[derive(Clone, Debug)]
+pub struct RefForward {
+    pub out: Array4<f64>,
+    pub lse: Array3<f64>,
+}
+
+/// The reference gradients.
+#[derive(Clone, Debug)]
+pub struct RefGrads {
+    pub dq: Array4<f64>,
+    pub dk: Array4<f64>,
+    pub dv: Array4<f64>,
+}
+
+/// Validates like every stage, then runs the float64 forward.
+pub fn forward(inputs: &Inputs<'_>, opts: &Options) -> Result<RefForward> {
+    Ok(RefProblem::from_inputs(inputs, opts)?.forward())
+}
+
+/// Validates like every stage, then runs the float64 backward for the upstream gradient
+/// `d_out`, `[b, h, n_q, d]`.
+pub fn backward(
+    inputs: &Inputs<'_>,
+    opts: &Options,
+    d_out: ArrayView4<'_, f32>,
+) -> Result<RefGrads> {
+    let p = RefProblem::from_inputs(inputs, opts)?;
+    crate::problem::check_d_out(&p.shape(), d_out)?;
+    Ok(p.backward(&d_out.mapv(f64::from)))
+}
+
+fn bidx(len: usize, i: usize) -> usize {
+    if len == 1 { 0 } else { i }
+}
+
+impl RefProblem {
+    /// Validates the inputs ([`Problem::new`]) and converts them to float64.
+    pub fn from_inputs(inputs: &Inputs<'_>, opts: &Options) -> Result<Self> {
+        let p = Problem::new(inputs, opts)?;
+        let to64 = |a: ArrayView4<'_, f32>| a.mapv(f64::from);
+        Ok(Self {
+            q: to64(p.q),
+            k: to64(p.k),
+            v: to64(p.v),
+            mask: p.mask.map(|m| m.to_owned()),
+            bias: p.bias.map(to64),
+            scale: p.scale as f64,
+            causal: p.causal,
+            dropout: p.dropout,
+        })
+    }
+
+    pub fn shape(&self) -> Shape {
+        let (batch, heads, n_q, head_dim) = self.q.dim();
+        let (_, kv_heads, n_k, _) = self.k.dim();
+        Shape {
+            batch,
+            heads,
+            kv_heads,
+            n_q,
+            n_k,
+            head_dim,
+        }
+    }
+
+    /// The scaled, biased score of `(b, h, i, j)`, or −∞ where a rule removes it.
+    pub fn score(&self, b: usize, h: usize, i: usize, j: usize) -> f64 {
+        let sh = self.shape();
+        // Causal, bottom-right aligned: key j is hidden from query i when j > i + n_k − n_q.
+        if self.causal && j + sh.n_q > i + sh.n_k {
+            return f64::NEG_INFINITY;
+        }
+        if let Some(m) = &self.mask {
+            let d = m.dim();
+            if !m[[bidx(d.0, b), bidx(d.1, h), bidx(d.2, i), bidx(d.3, j)]] {
+                return f64::NEG_INFINITY;
+            }
+        }
+        let kv_h = h / (sh.heads / sh.kv_heads);
+        let qi: ArrayView1<f64> = self.q.slice(s![b, h, i, ..]);
+        let kj: ArrayView1<f64> = self.k.slice(s![b, kv_h, j, ..]);
+        let mut x = self.scale * qi.dot(&kj);
+        if let Some(bias) = &self.bias {
+            let d = bias.dim();
+            x += bias[[bidx(d.0, b), bidx(d.1, h), bidx(d.2, i), bidx(d.3, j)]];
+        }
+        x
+    }
+
+    /// Row `i` of head `(b, h)`: the softmax weights P (before dropout), the dropout factors
+    /// Z (0 or 1/(1 − p)), and the log-sum-exp. A row with every key removed has P = 0 and
+    /// log-sum-exp −∞.
+    pub fn row(&self, b: usize, h: usize, i: usize) -> (Vec<f64>, Vec<f64>, f64) {
+        let n_k = self.k.dim().2;
+        let scores: Vec<f64> = (0..n_k).map(|j| self.score(b, h, i, j)).collect();
+        let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let z: Vec<f64> = (0..n_k)
+            .map(|j| match &self.dropout {
+                Some(d) if !d.keep(b, h, i, j) => 0.0,
+                Some(d) => 1.0 / (1.0 - d.p as f64),
+                None => 1.0,
+            })
+            .collect();
+        if max == f64::NEG_INFINITY {
+            return (vec![0.0; n_k], z, f64::NEG_INFINITY);
+        }
+        let e: Vec<f64> = scores.iter().map(|&x| (x - max).exp()).collect();
+        let sum: f64 = e.iter().sum();
+        (e.iter().map(|x| x / sum).collect(), z, max + sum.ln())
+    }
+
+    /// out = (P ∘ Z) V, row by row.
+    pub fn forward(&self) -> RefForward {
+        let sh = self.shape();
+        let mut out = Array4::zeros(sh.q_dims());
+        let mut lse = Array3::zeros(sh.lse_dims());
+        let rows: Vec<(usize, usize, usize, Vec<f64>, f64)> = (0..sh.batch * sh.heads * sh.n_q)
+            .into_par_iter()
+            .map(|flat| {
+                let (b, h, i) = (
+                    flat / (sh.heads * sh.n_q),
+                    flat / sh.n_q % sh.heads,
+                    flat % sh.n_q,
+                );
+                let (p, z, l) = self.row(b, h, i);
+                let kv_h = h / sh.group();
+                let mut o = vec![0.0; sh.head_dim];
+                for j in 0..sh.n_k {
+                    let w = p[j] * z[j];
+                    if w != 0.0 {
+                        for (oc, vc) in o.iter_mut().zip(self.v.slice(s![b, kv_h, j, ..])) {
+                            *oc += w * vc;
+                        }
+                    }
+                }
+                (b, h, i, o, l)
+            })
+            .collect();
+        for (b, h, i, o, l) in rows {
+            out.slice_mut(s![b, h, i, ..]).assign(&ndarray::aview1(&o));
+            lse[[b, h, i]] = l;
+        }
+        RefForward { out, lse }
+    }
+
+    /// The gradients of `sum(out ∘ d_out)` by the chain rule through the softmax:
+    /// dV = (P∘Z)ᵀ dO, dP = (dO Vᵀ) ∘ Z, dS = P ∘ (dP − rowsum(P ∘ dP)),
+    /// dQ = scale · dS K, dK = scale · dSᵀ Q (key/value heads sum over their query heads).
+    pub fn backward(&self, d_out: &Array4<f64>) -> RefGrads {
+        let sh = self.shape();
+        let group = sh.group();
+        // One task per (batch, key/value head) owns its dK, dV and its query heads' dQ.
+        let parts: Vec<(usize, usize, Array3<f64>, Array2<f64>, Array2<f64>)> = (0..sh.batch
+            * sh.kv_heads)
+            .into_par_iter()
+            .map(|flat| {
+                let (b, kv_h) = (flat / sh.kv_heads, flat % sh.kv_heads);
+                let mut dq = Array3::zeros((group, sh.n_q, sh.head_dim));
+                let mut dk = Array2::zeros((sh.n_k, sh.head_dim));
+                let mut dv = Array2::zeros((sh.n_k, sh.head_dim));
+                let k = self.k.slice(s![b, kv_h, .., ..]);
+                let v = self.v.slice(s![b, kv_h, .., ..]);
+                for g in 0..group {
+                    let h = kv_h * group + g;
+                    for i in 0..sh.n_q {
+                        let (p, z, _) = self.row(b, h, i);
+                        let d_o = d_out.slice(s![b, h, i, ..]);
+                        let qi = self.q.slice(s![b, h, i, ..]);
+                        let dp: Vec<f64> = (0..sh.n_k).map(|j| d_o.dot(&v.row(j)) * z[j]).collect();
+                        let d_row: f64 = (0..sh.n_k).map(|j| p[j] * dp[j]).sum();
+                        for j in 0..sh.n_k {
+                            if p[j] == 0.0 {
+                                continue;
+                            }
+                            dv.row_mut(j).scaled_add(p[j] * z[j], &d_o);
+                            let ds = p[j] * (dp[j] - d_row);
+                            dq.slice_mut(s![g, i, ..])
+                                .scaled_add(self.scale * ds, &k.row(j));
+                            dk.row_mut(j).scaled_add(self.scale * ds, &qi);
+                        }
+                    }
+                }
+                (b, kv_h, dq, dk, dv)
+            })
+            .collect();
+        let mut grads = RefGrads {
+            dq: Array4::zeros(sh.q_dims()),
+            dk: Array4::zeros(sh.kv_dims()),
+            dv: Array4::zeros(sh.kv_dims()),
+        };
+        for (b, kv_h, dq, dk, dv) in parts {
+            grads
+                .dq
+                .slice_mut(s![b, kv_h * group..(kv_h + 1) * group, .., ..])
+                .assign(&dq);
+            grads.dk.slice_mut(s![b, kv_h, .., ..]).assign(&dk);
+            grads.dv.slice_mut(s![b, kv_h, .., ..]).assign(&dv);
+        }
+        grads
+    }
+
+    /// `sum(out ∘ d_out)`: the scalar whose gradients [`RefProblem::backward`] computes, for
+    /// finite-difference checks.
+    pub fn loss(&self, d_out: &Array4<f64>) -> f64 {
+        (&self.forward().out * d_out).sum()
+    }
+}

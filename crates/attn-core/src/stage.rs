@@ -1,0 +1,64 @@
+//! What every stage offers, so the CLI, the facade and the benches can run any of them.
+
+use ndarray::{Array3, Array4, ArrayView4};
+
+use crate::error::Result;
+use crate::options::{Inputs, Options};
+
+/// Where a stage computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Device {
+    Cpu,
+    Cuda,
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+        })
+    }
+}
+
+/// A forward pass's results: what the backward needs besides the inputs.
+#[derive(Clone, Debug)]
+pub struct Forward {
+    /// `[batch, heads, n_q, head_dim]`
+    pub out: Array4<f32>,
+    /// `[batch, heads, n_q]`: natural-log log-sum-exp of each row's scaled, biased scores;
+    /// −∞ for a row whose every key is removed.
+    pub lse: Array3<f32>,
+}
+
+/// A backward pass's results.
+#[derive(Clone, Debug)]
+pub struct Grads {
+    /// `[batch, heads, n_q, head_dim]`
+    pub dq: Array4<f32>,
+    /// `[batch, kv_heads, n_k, head_dim]`
+    pub dk: Array4<f32>,
+    /// `[batch, kv_heads, n_k, head_dim]`
+    pub dv: Array4<f32>,
+}
+
+/// One attention algorithm on one device: forward and backward under the common contract.
+pub trait Stage: Sync {
+    /// Short name, as the CLI's `--algo` spells it (`naive`, `chunked`, …).
+    fn name(&self) -> &'static str;
+
+    /// Where it runs.
+    fn device(&self) -> Device;
+
+    /// Output and log-sum-exp.
+    fn forward(&self, inputs: &Inputs<'_>, opts: &Options) -> Result<Forward>;
+
+    /// dQ, dK, dV for the upstream gradient `d_out`, given the forward's results.
+    fn backward(
+        &self,
+        inputs: &Inputs<'_>,
+        opts: &Options,
+        fwd: &Forward,
+        d_out: ArrayView4<'_, f32>,
+    ) -> Result<Grads>;
+}

@@ -1,0 +1,188 @@
+//! Stage 1 on the CPU: the textbook algorithm, one full score matrix per head.
+
+use attn_core::{
+    Forward, Grads, Inputs, Options, Problem, Result, Shape, check_d_out, check_saved,
+};
+use ndarray::linalg::general_mat_mul;
+use ndarray::{Array3, Array4, ArrayView4, ArrayViewMut1, Axis, Zip};
+
+/// The name the CLI and the errors use.
+pub const NAME: &str = "naive";
+
+const ADVICE: &str = "use a tiled stage (chunked, flash1 or flash2), whose memory grows as O(n), \
+                      or raise the limit (--memory-limit, ATTN_MEMORY_LIMIT)";
+
+/// The forward's workspace: S, then P in its place, for every (batch, head): `4·b·h·n_q·n_k` bytes.
+pub fn forward_workspace_bytes(shape: &Shape) -> u64 {
+    4 * shape.score_elems()
+}
+
+/// The backward's workspace: P and dP (then dS in its place) for every (batch, head).
+pub fn backward_workspace_bytes(shape: &Shape) -> u64 {
+    2 * 4 * shape.score_elems()
+}
+
+// ANCHOR: softmax
+/// Turns one row of scores into softmax weights in place and returns its log-sum-exp.
+/// Subtracting the row max first keeps every `exp` ≤ 1, so logits of ±10⁴ cannot overflow.
+fn softmax_row(mut s: ArrayViewMut1<'_, f32>) -> f32 {
+    let row_max = s.fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    if row_max == f32::NEG_INFINITY {
+        s.fill(0.0); // every key removed: weights 0, log-sum-exp −∞
+        return f32::NEG_INFINITY;
+    }
+    s.mapv_inplace(|x| (x - row_max).exp());
+    let row_sum = s.sum();
+    s /= row_sum;
+    row_max + row_sum.ln()
+}
+// ANCHOR_END: softmax
+
+// ANCHOR: forward
+/// O = softmax(scale·QKᵀ + bias, masked) · V, materialising S and P for every head at once.
+pub fn forward(inputs: &Inputs<'_>, opts: &Options) -> Result<Forward> {
+    let p = Problem::new(inputs, opts)?;
+    let sh = p.shape;
+    p.check_workspace(
+        NAME,
+        "score matrices S/P",
+        forward_workspace_bytes(&sh),
+        ADVICE,
+    )?;
+
+    // The O(n²) tensor this stage is about: [b·h, n_q, n_k], S first, then P in its place.
+    let mut probs = Array3::<f32>::zeros((sh.batch * sh.heads, sh.n_q, sh.n_k));
+    let mut out = Array3::<f32>::zeros((sh.batch * sh.heads, sh.n_q, sh.head_dim));
+    let mut lse = ndarray::Array2::<f32>::zeros((sh.batch * sh.heads, sh.n_q));
+
+    // One task per (batch, head).
+    Zip::indexed(probs.outer_iter_mut())
+        .and(out.outer_iter_mut())
+        .and(lse.outer_iter_mut())
+        .par_for_each(|bh, mut s, mut o, mut lse| {
+            let head = p.head(bh / sh.heads, bh % sh.heads);
+            // S = scale · Q Kᵀ + bias, removed positions −∞
+            general_mat_mul(p.scale, &head.q, &head.k.t(), 0.0, &mut s);
+            head.bias_and_mask(0, 0, s.view_mut());
+            // P = softmax(S), row by row; keep each row's log-sum-exp
+            for (row, lse_i) in s.rows_mut().into_iter().zip(lse.iter_mut()) {
+                *lse_i = softmax_row(row);
+            }
+            // P ∘ Z: dropout on the weights
+            head.apply_dropout(0, 0, s.view_mut());
+            // O = P V
+            general_mat_mul(1.0, &s, &head.v, 0.0, &mut o);
+        });
+
+    Ok(Forward {
+        out: out
+            .into_shape_with_order(sh.q_dims())
+            .expect("standard layout"),
+        lse: lse
+            .into_shape_with_order(sh.lse_dims())
+            .expect("standard layout"),
+    })
+}
+// ANCHOR_END: forward
+
+// ANCHOR: backward
+/// dQ, dK, dV from P, recomputed from the saved log-sum-exp as P = exp(S − lse):
+/// dV = (P∘Z)ᵀ dO, dP = (dO Vᵀ) ∘ Z, dS = P ∘ (dP − D) with D = rowsum(dO ∘ O),
+/// dQ = scale · dS K, dK = scale · dSᵀ Q.
+pub fn backward(
+    inputs: &Inputs<'_>,
+    opts: &Options,
+    fwd: &Forward,
+    d_out: ArrayView4<'_, f32>,
+) -> Result<Grads> {
+    let p = Problem::new(inputs, opts)?;
+    let sh = p.shape;
+    check_saved(&sh, fwd.out.view(), fwd.lse.view())?;
+    check_d_out(&sh, d_out)?;
+    p.check_workspace(
+        NAME,
+        "matrices P and dP",
+        backward_workspace_bytes(&sh),
+        ADVICE,
+    )?;
+
+    let (g, tasks) = (sh.group(), sh.batch * sh.kv_heads);
+    let mut probs = Array4::<f32>::zeros((tasks, g, sh.n_q, sh.n_k));
+    let mut dprobs = Array4::<f32>::zeros((tasks, g, sh.n_q, sh.n_k));
+    let mut dq = Array4::<f32>::zeros((tasks, g, sh.n_q, sh.head_dim));
+    let mut dk = Array3::<f32>::zeros((tasks, sh.n_k, sh.head_dim));
+    let mut dv = Array3::<f32>::zeros((tasks, sh.n_k, sh.head_dim));
+
+    // One task per (batch, key/value head): it owns dK_j, dV_j and the dQ of its query heads.
+    Zip::indexed(probs.outer_iter_mut())
+        .and(dprobs.outer_iter_mut())
+        .and(dq.outer_iter_mut())
+        .and(dk.outer_iter_mut())
+        .and(dv.outer_iter_mut())
+        .par_for_each(|task, mut probs, mut dprobs, mut dq, mut dk, mut dv| {
+            let b = task / sh.kv_heads;
+            for gi in 0..g {
+                let h = task % sh.kv_heads * g + gi;
+                let head = p.head(b, h);
+                let (mut pm, mut dpm) = (
+                    probs.index_axis_mut(Axis(0), gi),
+                    dprobs.index_axis_mut(Axis(0), gi),
+                );
+                let (o, d_o) = (
+                    fwd.out.slice(ndarray::s![b, h, .., ..]),
+                    d_out.slice(ndarray::s![b, h, .., ..]),
+                );
+                // P = exp(scale·QKᵀ + bias − lse), removed positions 0
+                general_mat_mul(p.scale, &head.q, &head.k.t(), 0.0, &mut pm);
+                head.bias_and_mask(0, 0, pm.view_mut());
+                for (mut row, &lse_i) in
+                    pm.rows_mut()
+                        .into_iter()
+                        .zip(fwd.lse.slice(ndarray::s![b, h, ..]))
+                {
+                    if lse_i == f32::NEG_INFINITY {
+                        row.fill(0.0);
+                    } else {
+                        row.mapv_inplace(|s| (s - lse_i).exp());
+                    }
+                }
+                // dP = (dO Vᵀ) ∘ Z
+                general_mat_mul(1.0, &d_o, &head.v.t(), 0.0, &mut dpm);
+                head.apply_dropout(0, 0, dpm.view_mut());
+                // dS = P ∘ (dP − D), D_i = rowsum(dO_i ∘ O_i), written over dP
+                let d = (&d_o * &o).sum_axis(Axis(1));
+                Zip::from(dpm.rows_mut())
+                    .and(pm.rows())
+                    .and(&d)
+                    .for_each(|mut ds, p_row, &d_i| {
+                        Zip::from(&mut ds)
+                            .and(p_row)
+                            .for_each(|ds, &p| *ds = p * (*ds - d_i));
+                    });
+                // dQ = scale · dS K;  dK += scale · dSᵀ Q;  dV += (P∘Z)ᵀ dO
+                general_mat_mul(
+                    p.scale,
+                    &dpm,
+                    &head.k,
+                    0.0,
+                    &mut dq.index_axis_mut(Axis(0), gi),
+                );
+                general_mat_mul(p.scale, &dpm.t(), &head.q, 1.0, &mut dk);
+                head.apply_dropout(0, 0, pm.view_mut());
+                general_mat_mul(1.0, &pm.t(), &d_o, 1.0, &mut dv);
+            }
+        });
+
+    Ok(Grads {
+        dq: dq
+            .into_shape_with_order(sh.q_dims())
+            .expect("standard layout"),
+        dk: dk
+            .into_shape_with_order(sh.kv_dims())
+            .expect("standard layout"),
+        dv: dv
+            .into_shape_with_order(sh.kv_dims())
+            .expect("standard layout"),
+    })
+}
+// ANCHOR_END: backward
