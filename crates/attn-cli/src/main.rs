@@ -1,1 +1,93 @@
-fn main() {}
+//! `attn`: run any attention stage on your own tensors, or compare every stage on one problem.
+//!
+//! ```text
+//! attn                      # every stage on a default problem: error, time, GFLOP/s, memory
+//! attn run --algo naive --q Q.npy --k K.npy --v V.npy --out O.npy [...]
+//! ```
+//!
+//! Invalid input exits with status 2 and one line on stderr that names the flag; nothing
+//! is written unless everything succeeded.
+
+mod npy;
+mod run;
+mod table;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[global_allocator]
+static ALLOC: attn::core::memory::CountingAllocator = attn::core::memory::CountingAllocator;
+
+/// Memory-efficient attention, from naive to FlashAttention-2.
+#[derive(Debug, Parser)]
+#[command(name = "attn", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run one stage on .npy tensors: forward, and backward when --grad-out is given.
+    Run(Box<run::RunArgs>),
+    /// Run every stage on one problem and print a table: error against the float64
+    /// reference, time, GFLOP/s, peak extra memory (the default command).
+    Table(table::TableArgs),
+}
+
+/// An error for the user: which flag, and what to change.
+#[derive(Debug)]
+pub struct CliError {
+    /// 2 for invalid input, 1 for a failure to write results.
+    pub code: u8,
+    pub message: String,
+}
+
+impl CliError {
+    /// Invalid input given to `flag`.
+    pub fn input(flag: &str, message: impl std::fmt::Display) -> Self {
+        Self {
+            code: 2,
+            message: format!("{flag}: {message}"),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            let _ = e.print(); // --help, --version
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // clap's message, folded onto one line: what is wrong and with which flag.
+            let text = e.render().to_string();
+            let line: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .filter(|l| {
+                    !l.is_empty()
+                        && !l.starts_with("Usage:")
+                        && !l.starts_with("For more information")
+                })
+                .collect();
+            eprintln!("{}", line.join(" "));
+            return ExitCode::from(2);
+        }
+    };
+    let result = match cli.command {
+        Some(Command::Run(args)) => run::run(&args),
+        Some(Command::Table(args)) => table::table(&args),
+        None => table::table(&table::TableArgs::default()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line, whatever the message holds.
+            eprintln!("error: {}", e.message.replace('\n', " "));
+            ExitCode::from(e.code)
+        }
+    }
+}

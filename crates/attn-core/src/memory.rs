@@ -125,7 +125,7 @@ pub fn parse_bytes(s: &str) -> Option<u64> {
         _ => (s, 1),
     };
     let value: f64 = num.trim().parse().ok()?;
-    (value.is_finite() && value >= 0.0).then(|| (value * mult as f64) as u64)
+    (value.is_finite() && value >= 0.0).then_some((value * mult as f64) as u64)
 }
 
 /// `1536` → `"1.5 KiB"`.

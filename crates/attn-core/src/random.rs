@@ -47,10 +47,10 @@ pub fn key_padding(batch: usize, n_k: usize, seed: u64) -> Array2<bool> {
 }
 
 /// An additive bias of any shape with standard-normal entries, and about `neg_inf` of them −∞.
-pub fn bias<Sh: ShapeBuilder>(shape: Sh, neg_inf: f64, seed: u64) -> Array<f32, Sh::Dim>
+pub fn bias<Sh>(shape: Sh, neg_inf: f64, seed: u64) -> Array<f32, Sh::Dim>
 where
+    Sh: ShapeBuilder + Clone,
     Sh::Dim: Dimension,
-    Sh: Clone,
 {
     let values: Array<f32, Sh::Dim> = normal(shape.clone(), seed);
     let holes = mask(shape, neg_inf, seed.wrapping_add(1));

@@ -61,6 +61,10 @@ pub fn backward(
     Ok(p.backward(&d_out.mapv(f64::from)))
 }
 
+/// One (batch, key/value head)'s share of the gradients: b, kv head, dQ of its query
+/// heads, dK, dV.
+type KvHeadGrads = (usize, usize, Array3<f64>, Array2<f64>, Array2<f64>);
+
 fn bidx(len: usize, i: usize) -> usize {
     if len == 1 { 0 } else { i }
 }
@@ -182,8 +186,7 @@ impl RefProblem {
         let sh = self.shape();
         let group = sh.group();
         // One task per (batch, key/value head) owns its dK, dV and its query heads' dQ.
-        let parts: Vec<(usize, usize, Array3<f64>, Array2<f64>, Array2<f64>)> = (0..sh.batch
-            * sh.kv_heads)
+        let parts: Vec<KvHeadGrads> = (0..sh.batch * sh.kv_heads)
             .into_par_iter()
             .map(|flat| {
                 let (b, kv_h) = (flat / sh.kv_heads, flat % sh.kv_heads);

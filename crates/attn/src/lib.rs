@@ -1,1 +1,50 @@
-//! placeholder
+//! # attn — memory-efficient attention, from the formula to FlashAttention-2
+//!
+//! The facade over the workspace's stages. Each stage computes the same function (the
+//! contract in [`attn_core`]) with a different algorithm:
+//!
+//! | stage | crate | memory | idea |
+//! | --- | --- | --- | --- |
+//! | 1 naive | [`attn_naive`] | O(n²) | materialise S = QKᵀ and P = softmax(S) |
+//!
+//! Later stages (chunked attention, FlashAttention-1 and -2, and their GPU variants)
+//! register here as they land; [`stages`] lists what this build offers and [`stage`] finds
+//! one by the name the CLI uses.
+//!
+//! ```
+//! use attn::{Inputs, Options, Shape, Stage};
+//!
+//! let shape = Shape::new(1, 2, 64, 16);
+//! let (q, k, v) = attn::core::random::qkv(&shape, 0);
+//! let fwd = attn::stage("naive", attn::Device::Cpu)
+//!     .unwrap()
+//!     .forward(&Inputs::new(q.view(), k.view(), v.view()), &Options::default().causal(true))
+//!     .unwrap();
+//! assert_eq!(fwd.out.shape(), &[1, 2, 64, 16]);
+//! ```
+
+pub use attn_core as core;
+pub use attn_core::{
+    AttnError, Device, Dropout, Forward, Grads, Inputs, Mask, Options, Problem, Result, Shape,
+    Stage,
+};
+pub use attn_naive as naive;
+
+/// Every stage this build offers, in the order of the story.
+pub fn stages() -> Vec<&'static dyn Stage> {
+    vec![&attn_naive::NaiveCpu]
+}
+
+/// The names `--algo` accepts, in the order of the story.
+pub fn stage_names() -> Vec<&'static str> {
+    let mut names: Vec<&'static str> = stages().iter().map(|s| s.name()).collect();
+    names.dedup();
+    names
+}
+
+/// The stage called `name` on `device`, if this build has it.
+pub fn stage(name: &str, device: Device) -> Option<&'static dyn Stage> {
+    stages()
+        .into_iter()
+        .find(|s| s.name() == name && s.device() == device)
+}

@@ -1,0 +1,295 @@
+//! `attn run`: one stage on the user's own tensors.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use attn::core::memory::parse_bytes;
+use attn::{AttnError, Device, Inputs, Mask, Options, Stage};
+use clap::{Args, ValueEnum};
+use ndarray::{Array2, Array4, Ix2};
+
+use crate::CliError;
+use crate::npy::{Outputs, read_bhnd, read_bool, read_f32, to_rank4};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DeviceArg {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The stage to run.
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(attn::stage_names()))]
+    pub algo: String,
+    /// Where to run it.
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
+    /// Queries: float32 .npy [batch, heads, n_q, head_dim].
+    #[arg(long)]
+    pub q: PathBuf,
+    /// Keys: float32 .npy [batch, kv_heads, n_k, head_dim] (kv_heads divides heads).
+    #[arg(long)]
+    pub k: PathBuf,
+    /// Values: float32 .npy, the shape of the keys.
+    #[arg(long)]
+    pub v: PathBuf,
+    /// Boolean mask (true = keep): bool .npy [batch, n_k] (key padding) or 4-D
+    /// broadcastable to [batch, heads, n_q, n_k].
+    #[arg(long)]
+    pub mask: Option<PathBuf>,
+    /// Additive bias: float32 .npy broadcastable to [batch, heads, n_q, n_k]; -inf masks.
+    #[arg(long)]
+    pub bias: Option<PathBuf>,
+    /// Hide key j from query i when j > i + n_k - n_q (bottom-right alignment).
+    #[arg(long)]
+    pub causal: bool,
+    /// Score scale (default 1/sqrt(head_dim)).
+    #[arg(long, allow_negative_numbers = true)]
+    pub scale: Option<f32>,
+    /// Dropout probability on the attention weights, in [0, 1).
+    #[arg(long, allow_negative_numbers = true)]
+    pub dropout: Option<f32>,
+    /// Dropout seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Query rows per block (tiled stages).
+    #[arg(long)]
+    pub q_block: Option<usize>,
+    /// Key/value rows per block (tiled stages).
+    #[arg(long)]
+    pub k_block: Option<usize>,
+    /// Largest workspace the stage may allocate (bytes, or with K/M/G); default: the
+    /// machine's available memory.
+    #[arg(long)]
+    pub memory_limit: Option<String>,
+    /// Where to write the output, float32 .npy [batch, heads, n_q, head_dim].
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Where to write the log-sum-exp, float32 .npy [batch, heads, n_q].
+    #[arg(long)]
+    pub lse: Option<PathBuf>,
+    /// Upstream gradient dO (float32 .npy, the output's shape): runs the backward too.
+    #[arg(long, requires_all = ["dq", "dk", "dv"])]
+    pub grad_out: Option<PathBuf>,
+    /// Where to write dQ.
+    #[arg(long, requires = "grad_out")]
+    pub dq: Option<PathBuf>,
+    /// Where to write dK.
+    #[arg(long, requires = "grad_out")]
+    pub dk: Option<PathBuf>,
+    /// Where to write dV.
+    #[arg(long, requires = "grad_out")]
+    pub dv: Option<PathBuf>,
+    /// Also compute the float64 reference and print the errors against it.
+    #[arg(long)]
+    pub check: bool,
+}
+
+/// The flag an error of the library is about.
+fn flag_of(e: &AttnError) -> &'static str {
+    match e {
+        AttnError::Rank { arg, .. }
+        | AttnError::EmptyAxis { arg, .. }
+        | AttnError::ShapeMismatch { arg, .. }
+        | AttnError::NonFinite { arg, .. } => match *arg {
+            "q" => "--q",
+            "k" => "--k",
+            "v" => "--v",
+            "mask" => "--mask",
+            "bias" => "--bias",
+            "d_out" => "--grad-out",
+            _ => "--algo",
+        },
+        AttnError::ZeroBlockSize { arg } => {
+            if *arg == "q_block" {
+                "--q-block"
+            } else {
+                "--k-block"
+            }
+        }
+        AttnError::HeadsNotDivisible { .. } => "--k",
+        AttnError::InvalidBias { .. } => "--bias",
+        AttnError::InvalidScale(_) => "--scale",
+        AttnError::InvalidDropout(_) => "--dropout",
+        AttnError::UnsupportedHeadDim { .. } => "--device",
+        AttnError::WorkspaceTooLarge { .. } => "--algo",
+    }
+}
+
+fn lib_error(e: AttnError) -> CliError {
+    CliError::input(flag_of(&e), e)
+}
+
+/// The mask file as the library's [`Mask`]: 2-D is key padding, 4-D is broadcastable.
+enum MaskData {
+    KeyPadding(Array2<bool>),
+    Full(Array4<bool>),
+}
+
+fn read_mask(path: &std::path::Path) -> Result<MaskData, CliError> {
+    let m = read_bool("--mask", path)?;
+    match m.ndim() {
+        2 => Ok(MaskData::KeyPadding(
+            m.into_dimensionality::<Ix2>().expect("rank checked"),
+        )),
+        4 => Ok(MaskData::Full(to_rank4("--mask", m, "")?)),
+        _ => Err(CliError::input(
+            "--mask",
+            format!(
+                "{} has shape {:?}; a mask is [batch, n_k] (key padding) or 4-D broadcastable to [batch, heads, n_q, n_k]",
+                path.display(),
+                m.shape()
+            ),
+        )),
+    }
+}
+
+pub fn run(args: &RunArgs) -> Result<(), CliError> {
+    let device = match args.device {
+        DeviceArg::Cpu => Device::Cpu,
+        DeviceArg::Cuda => Device::Cuda,
+    };
+    let stage: &dyn Stage = attn::stage(&args.algo, device).ok_or_else(|| {
+        CliError::input(
+            "--device",
+            format!(
+                "this build has no {device} variant of '{}'; use --device cpu",
+                args.algo
+            ),
+        )
+    })?;
+    for (flag, block) in [("--q-block", args.q_block), ("--k-block", args.k_block)] {
+        if block == Some(0) {
+            return Err(CliError::input(flag, "block sizes must be at least 1"));
+        }
+    }
+    let memory_limit = args
+        .memory_limit
+        .as_deref()
+        .map(|s| {
+            parse_bytes(s).ok_or_else(|| {
+                CliError::input(
+                    "--memory-limit",
+                    format!("'{s}' is not a size (e.g. 16G, 512M, 1000000)"),
+                )
+            })
+        })
+        .transpose()?;
+    let opts = Options {
+        scale: args.scale,
+        causal: args.causal,
+        dropout: args.dropout.map(|p| attn::Dropout::new(p, args.seed)),
+        q_block: args.q_block,
+        k_block: args.k_block,
+        memory_limit,
+    };
+
+    // Reserve every output first: a bad path fails before any work is done.
+    let mut outputs = Outputs::new();
+    outputs.reserve("--out", &args.out)?;
+    if let Some(p) = &args.lse {
+        outputs.reserve("--lse", p)?;
+    }
+    if args.grad_out.is_some() {
+        for (flag, p) in [("--dq", &args.dq), ("--dk", &args.dk), ("--dv", &args.dv)] {
+            outputs.reserve(flag, p.as_ref().expect("clap requires all three"))?;
+        }
+    }
+
+    let q = read_bhnd("--q", &args.q)?;
+    let k = read_bhnd("--k", &args.k)?;
+    let v = read_bhnd("--v", &args.v)?;
+    let mask = args.mask.as_deref().map(read_mask).transpose()?;
+    let bias = args
+        .bias
+        .as_deref()
+        .map(|p| {
+            let b = read_f32("--bias", p)?;
+            to_rank4(
+                "--bias",
+                b,
+                "a bias has at most 4 axes, broadcastable to [batch, heads, n_q, n_k]",
+            )
+        })
+        .transpose()?;
+    let d_out = args
+        .grad_out
+        .as_deref()
+        .map(|p| read_bhnd("--grad-out", p))
+        .transpose()?;
+
+    let mut inputs = Inputs::new(q.view(), k.view(), v.view());
+    match &mask {
+        Some(MaskData::KeyPadding(m)) => inputs = inputs.with_mask(Mask::KeyPadding(m.view())),
+        Some(MaskData::Full(m)) => inputs = inputs.with_mask(Mask::Full(m.view())),
+        None => {}
+    }
+    if let Some(b) = &bias {
+        inputs = inputs.with_bias(b.view());
+    }
+
+    let start = Instant::now();
+    let fwd = stage.forward(&inputs, &opts).map_err(lib_error)?;
+    let fwd_time = start.elapsed();
+    let grads = match &d_out {
+        Some(d_out) => {
+            let start = Instant::now();
+            let g = stage
+                .backward(&inputs, &opts, &fwd, d_out.view())
+                .map_err(lib_error)?;
+            Some((g, start.elapsed()))
+        }
+        None => None,
+    };
+
+    let problem = attn::Problem::new(&inputs, &opts).map_err(lib_error)?;
+    let mut summary = format!(
+        "{} {}: {} causal={} forward {:.3} ms",
+        stage.name(),
+        stage.device(),
+        problem.shape,
+        opts.causal,
+        fwd_time.as_secs_f64() * 1e3
+    );
+    if let Some((_, t)) = &grads {
+        summary += &format!(", backward {:.3} ms", t.as_secs_f64() * 1e3);
+    }
+    if args.check {
+        let reference =
+            attn::core::reference::RefProblem::from_inputs(&inputs, &opts).map_err(lib_error)?;
+        let r = reference.forward();
+        let e = attn::core::metrics::compare(fwd.out.view(), r.out.view());
+        summary += &format!(
+            "\n  error vs float64 reference: out {:.2e} (elementwise {:.2e})",
+            e.normwise, e.elementwise
+        );
+        if let (Some((g, _)), Some(d_out)) = (&grads, &d_out) {
+            let rg = reference.backward(&d_out.mapv(f64::from));
+            for (name, x, r) in [
+                ("dq", &g.dq, &rg.dq),
+                ("dk", &g.dk, &rg.dk),
+                ("dv", &g.dv, &rg.dv),
+            ] {
+                let e = attn::core::metrics::compare(x.view(), r.view());
+                summary += &format!(", {name} {:.2e}", e.normwise);
+            }
+        }
+    }
+
+    outputs.write("--out", &fwd.out)?;
+    if args.lse.is_some() {
+        outputs.write("--lse", &fwd.lse)?;
+    }
+    if let Some((g, _)) = &grads {
+        outputs.write("--dq", &g.dq)?;
+        outputs.write("--dk", &g.dk)?;
+        outputs.write("--dv", &g.dv)?;
+    }
+    let written = outputs.commit()?;
+    println!("{summary}");
+    for p in written {
+        println!("  wrote {}", p.display());
+    }
+    Ok(())
+}
