@@ -29,6 +29,7 @@ impl Dropout {
     }
 }
 
+// ANCHOR: hash
 /// Chris Wellons' `lowbias32` integer hash: a bijection on `u32` with low bias.
 #[inline(always)]
 pub const fn mix32(mut x: u32) -> u32 {
@@ -55,6 +56,7 @@ pub fn row_key(seed: u64, b: usize, h: usize, i: usize) -> u32 {
 pub fn element_hash(row_key: u32, j: usize) -> u32 {
     mix32(mix32(row_key ^ j as u32).wrapping_add(row_key))
 }
+// ANCHOR_END: hash
 
 /// Validated dropout, ready to apply: the integer threshold and the scale of kept weights.
 #[derive(Clone, Copy, Debug, PartialEq)]

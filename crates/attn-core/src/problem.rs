@@ -274,6 +274,7 @@ pub struct Head<'a> {
 }
 
 impl Head<'_> {
+    // ANCHOR: key_end
     /// Causal masking lets query `i` see the keys `0 .. key_end(i)`: key `j` is hidden when
     /// `j > i + (n_k − n_q)` (bottom-right alignment). Without causal masking, all `n_k`.
     #[inline]
@@ -284,6 +285,7 @@ impl Head<'_> {
             self.n_k
         }
     }
+    // ANCHOR_END: key_end
 
     /// True when causal masking hides every key `j ≥ j0` from every query `i < i_end`, so a
     /// tiled stage can skip the whole tile.
