@@ -111,6 +111,7 @@ fn flag_of(e: &AttnError) -> &'static str {
         AttnError::HeadsNotDivisible { .. } => "--k",
         AttnError::InvalidBias { .. } => "--bias",
         AttnError::InvalidScale(_) => "--scale",
+        AttnError::ScoreOverflow { .. } => "--q",
         AttnError::InvalidDropout(_) => "--dropout",
         AttnError::UnsupportedHeadDim { .. } => "--device",
         AttnError::WorkspaceTooLarge { .. } => "--algo",

@@ -11,6 +11,14 @@ use attn::{Inputs, Mask, Shape};
 use ndarray::{Array3, Array4, ArrayD};
 use ndarray_npy::{read_npy, write_npy};
 
+/// Every stage, as the CLI names it, with block sizes that do not divide the lengths.
+const STAGES: &[&[&str]] = &[
+    &["--algo", "naive"],
+    &["--algo", "chunked"],
+    &["--algo", "chunked", "--q-block", "7", "--k-block", "5"],
+    &["--algo", "chunked", "--q-block", "1", "--k-block", "1000"],
+];
+
 fn dir(name: &str) -> PathBuf {
     let d = Path::new(env!("CARGO_TARGET_TMPDIR"))
         .join("cli")
@@ -35,6 +43,7 @@ fn s(p: &Path) -> &str {
 /// every output file against the float64 reference.
 fn run_case(
     name: &str,
+    algo: &[&str],
     case: &Case,
     mask_as_4d_file: Option<ArrayD<bool>>,
     bias_file: Option<ArrayD<f32>>,
@@ -47,14 +56,13 @@ fn run_case(
     write_npy(d.join("do.npy"), &data.d_out).unwrap();
     let mut args: Vec<String> = [
         "run",
-        "--algo",
-        "naive",
         "--q",
         s(&d.join("q.npy")),
         "--k",
         s(&d.join("k.npy")),
     ]
     .iter()
+    .chain(algo)
     .map(|x| x.to_string())
     .collect();
     for (flag, file) in [
@@ -145,7 +153,15 @@ fn run_case(
 
 #[test]
 fn run_matches_the_reference_on_plain_self_attention() {
-    run_case("plain", &Case::new(Shape::new(2, 3, 33, 16), 1), None, None);
+    for algo in STAGES {
+        run_case(
+            "plain",
+            algo,
+            &Case::new(Shape::new(2, 3, 33, 16), 1),
+            None,
+            None,
+        );
+    }
 }
 
 #[test]
@@ -155,7 +171,9 @@ fn run_matches_the_reference_with_causal_cross_attention_gqa_and_key_padding() {
         mask: MaskKind::KeyPadding,
         ..Case::new(Shape::new(2, 4, 19, 24).with_n_k(45).with_kv_heads(2), 2)
     };
-    run_case("cross-gqa", &case, None, None);
+    for algo in STAGES {
+        run_case("cross-gqa", algo, &case, None, None);
+    }
 }
 
 #[test]
@@ -171,7 +189,15 @@ fn run_matches_the_reference_with_broadcast_mask_low_rank_bias_dropout_and_scale
     // broadcasts like numpy.
     let mask = attn::core::random::mask((1, 1, 40, 23), 0.8, 5).into_dyn();
     let bias = attn::core::random::bias((40, 23), 0.1, 6).into_dyn();
-    run_case("broadcast", &case, Some(mask), Some(bias));
+    for algo in STAGES {
+        run_case(
+            "broadcast",
+            algo,
+            &case,
+            Some(mask.clone()),
+            Some(bias.clone()),
+        );
+    }
 }
 
 /// Runs `attn` on a small valid problem with one thing broken by `edit`, and checks the

@@ -50,6 +50,12 @@ pub enum AttnError {
     )]
     InvalidBias { index: Vec<usize>, value: f32 },
 
+    /// Scores could overflow float32: |scale|·max‖q_i‖·max‖k_j‖ (+ max |bias|) is too large.
+    #[error(
+        "scores could reach {bound:.3e} (|scale|·max‖q_i‖·max‖k_j‖ + max|bias|), beyond float32's range; scale q or k down"
+    )]
+    ScoreOverflow { bound: f64 },
+
     /// The scale is NaN, infinite or zero.
     #[error("scale is {0}: it must be finite and non-zero")]
     InvalidScale(f32),

@@ -21,6 +21,7 @@
 //!
 //! What this crate must never hold: an attention algorithm. The stages own those.
 
+pub mod blocks;
 pub mod dropout;
 pub mod error;
 pub mod flops;

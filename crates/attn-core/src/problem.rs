@@ -13,6 +13,10 @@ use crate::memory::default_memory_limit;
 use crate::options::{Inputs, Mask, Options};
 use crate::shape::Shape;
 
+/// The largest score magnitude a problem may reach: float32's range with room for a bias and
+/// for the backward's products.
+pub const SCORE_LIMIT: f64 = 1e30;
+
 /// A validated attention problem.
 #[derive(Clone, Debug)]
 pub struct Problem<'a> {
@@ -165,6 +169,25 @@ impl<'a> Problem<'a> {
             && let Some((index, value)) = first_bad(&b, |x| !x.is_nan() && x != f32::INFINITY)
         {
             return Err(AttnError::InvalidBias { index, value });
+        }
+
+        // Cauchy–Schwarz bounds every score and every partial sum of its dot product, so
+        // below this bound no score can overflow, whatever the order of summation.
+        let max_norm = |t: &ArrayView4<'_, f32>| {
+            t.rows()
+                .into_iter()
+                .map(|r| r.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+                .fold(0.0f64, f64::max)
+                .sqrt()
+        };
+        let max_bias = inputs.bias.map_or(0.0, |b| {
+            b.iter()
+                .filter(|x| x.is_finite())
+                .fold(0.0f64, |m, &x| m.max((x as f64).abs()))
+        });
+        let bound = (scale as f64).abs() * max_norm(&q) * max_norm(&k) + max_bias;
+        if bound > SCORE_LIMIT {
+            return Err(AttnError::ScoreOverflow { bound });
         }
 
         Ok(Self {

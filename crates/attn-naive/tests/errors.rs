@@ -230,3 +230,27 @@ fn backward_checks_its_extra_arguments() {
         "{e}"
     );
 }
+
+#[test]
+fn scores_that_would_overflow_float32_are_refused() {
+    let (mut q, k, v) = qkv(Shape::new(1, 1, 4, 8));
+    q[[0, 0, 2, 0]] = 1e36;
+    let e = run(
+        Inputs::new(q.view(), k.view(), v.view()),
+        &Options::default(),
+    );
+    assert!(
+        matches!(e, AttnError::ScoreOverflow { bound } if bound > 1e30),
+        "{e}"
+    );
+    // Large but safe logits are fine.
+    q[[0, 0, 2, 0]] = 1e4;
+    assert!(
+        NaiveCpu
+            .forward(
+                &Inputs::new(q.view(), k.view(), v.view()),
+                &Options::default()
+            )
+            .is_ok()
+    );
+}

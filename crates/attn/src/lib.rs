@@ -6,8 +6,9 @@
 //! | stage | crate | memory | idea |
 //! | --- | --- | --- | --- |
 //! | 1 naive | [`attn_naive`] | O(n²) | materialise S = QKᵀ and P = softmax(S) |
+//! | 2 chunked | [`attn_chunked`] | O(n) | Rabe & Staats: chunk summaries merged by log-sum-exp |
 //!
-//! Later stages (chunked attention, FlashAttention-1 and -2, and their GPU variants)
+//! Later stages (FlashAttention-1 and -2, and the GPU variants)
 //! register here as they land; [`stages`] lists what this build offers and [`stage`] finds
 //! one by the name the CLI uses.
 //!
@@ -23,6 +24,7 @@
 //! assert_eq!(fwd.out.shape(), &[1, 2, 64, 16]);
 //! ```
 
+pub use attn_chunked as chunked;
 pub use attn_core as core;
 pub use attn_core::{
     AttnError, Device, Dropout, Forward, Grads, Inputs, Mask, Options, Problem, Result, Shape,
@@ -32,7 +34,7 @@ pub use attn_naive as naive;
 
 /// Every stage this build offers, in the order of the story.
 pub fn stages() -> Vec<&'static dyn Stage> {
-    vec![&attn_naive::NaiveCpu]
+    vec![&attn_naive::NaiveCpu, &attn_chunked::ChunkedCpu]
 }
 
 /// The names `--algo` accepts, in the order of the story.

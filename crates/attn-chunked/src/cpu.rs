@@ -1,0 +1,333 @@
+//! Stage 2 on the CPU: Rabe & Staats, "Self-attention Does Not Need O(n²) Memory" (2021),
+//! Figure 1, with the backward by checkpointing (recomputing each chunk's scores).
+
+use attn_core::blocks::{row_blocks, row_blocks_1d};
+use attn_core::memory::GEMM_PACKING_BYTES;
+use attn_core::{
+    Forward, Grads, Head, Inputs, Options, Problem, Result, Shape, check_d_out, check_saved,
+};
+use ndarray::linalg::general_mat_mul;
+use ndarray::{
+    Array1, Array2, Array3, Array4, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis,
+    Zip, s,
+};
+use rayon::prelude::*;
+
+/// The name the CLI and the errors use.
+pub const NAME: &str = "chunked";
+/// Query rows per chunk unless `q_block` says otherwise (the seed's `q_bucket_size`).
+pub const DEFAULT_Q_CHUNK: usize = 1024;
+/// Key/value rows per chunk unless `k_block` says otherwise (the seed's `k_bucket_size`).
+pub const DEFAULT_K_CHUNK: usize = 2048;
+
+/// The chunk sizes a problem runs with, clipped to the sequence lengths.
+pub fn chunk_sizes(shape: &Shape, opts: &Options) -> (usize, usize) {
+    (
+        opts.q_block.unwrap_or(DEFAULT_Q_CHUNK).clamp(1, shape.n_q),
+        opts.k_block.unwrap_or(DEFAULT_K_CHUNK).clamp(1, shape.n_k),
+    )
+}
+
+// ANCHOR: summarize
+/// What one key chunk K_j, V_j tells a query chunk Q_i (the paper's `summarize_chunk`):
+/// per query row, the chunk's score max m_ij, its exp-sum ℓ_ij = Σ exp(S − m_ij) and the
+/// exp-weighted values Σ exp(S − m_ij) Z v.
+struct Summary {
+    values: Array2<f32>,
+    exp_sum: Array1<f32>,
+    max: Array1<f32>,
+}
+
+fn summarize_chunk(
+    head: &Head<'_>,
+    scale: f32,
+    i0: usize,
+    j0: usize,
+    q_i: ArrayView2<'_, f32>,
+    mut s: ArrayViewMut2<'_, f32>,
+) -> Summary {
+    let (k_j, v_j) = (
+        head.k.slice(s![j0..j0 + s.ncols(), ..]),
+        head.v.slice(s![j0..j0 + s.ncols(), ..]),
+    );
+    // S_ij = scale · Q_i K_jᵀ + bias, removed positions −∞
+    general_mat_mul(scale, &q_i, &k_j.t(), 0.0, &mut s);
+    head.bias_and_mask(i0, j0, s.view_mut());
+    // m_ij = rowmax(S_ij); exp(S_ij − m_ij); a row with nothing visible here stays 0
+    let max = s.map_axis(Axis(1), |row| row.fold(f32::NEG_INFINITY, |m, &x| m.max(x)));
+    for (mut row, &m) in s.rows_mut().into_iter().zip(&max) {
+        if m == f32::NEG_INFINITY {
+            row.fill(0.0);
+        } else {
+            row.mapv_inplace(|x| (x - m).exp());
+        }
+    }
+    // ℓ_ij before dropout (it normalises), values after
+    let exp_sum = s.sum_axis(Axis(1));
+    head.apply_dropout(i0, j0, s.view_mut());
+    Summary {
+        values: s.dot(&v_j),
+        exp_sum,
+        max,
+    }
+}
+// ANCHOR_END: summarize
+
+// ANCHOR: merge
+/// Merges the summaries of every key chunk of a query chunk: with the global max
+/// m_i = max_j m_ij, each chunk is rescaled by exp(m_ij − m_i), then
+/// O_i = Σ_j values_ij exp(m_ij − m_i) / Σ_j ℓ_ij exp(m_ij − m_i), lse_i = m_i + log(denominator).
+fn merge(summaries: &[Summary], mut out: ArrayViewMut2<'_, f32>, mut lse: ArrayViewMut1<'_, f32>) {
+    let mut global_max = Array1::from_elem(out.nrows(), f32::NEG_INFINITY);
+    for c in summaries {
+        Zip::from(&mut global_max)
+            .and(&c.max)
+            .for_each(|g, &m| *g = g.max(m));
+    }
+    let mut denominator = Array1::<f32>::zeros(out.nrows());
+    out.fill(0.0);
+    for c in summaries {
+        // exp(m_ij − m_i): 0 for a chunk that saw nothing of this row
+        let factor = Zip::from(&c.max).and(&global_max).map_collect(|&m, &g| {
+            if m == f32::NEG_INFINITY {
+                0.0
+            } else {
+                (m - g).exp()
+            }
+        });
+        denominator += &(&c.exp_sum * &factor);
+        out += &(&c.values * &factor.view().insert_axis(Axis(1)));
+    }
+    Zip::from(out.rows_mut())
+        .and(&mut lse)
+        .and(&global_max)
+        .and(&denominator)
+        .for_each(|mut o, lse, &m, &den| {
+            if m == f32::NEG_INFINITY {
+                *lse = f32::NEG_INFINITY; // every key removed: O_i stays 0
+            } else {
+                o /= den;
+                *lse = m + den.ln();
+            }
+        });
+}
+// ANCHOR_END: merge
+
+// ANCHOR: forward
+/// Forward: one rayon task per (batch, head, query chunk); inside it, a summary per key
+/// chunk that causal masking does not hide entirely, then the merge.
+pub fn forward(inputs: &Inputs<'_>, opts: &Options) -> Result<Forward> {
+    let p = Problem::new(inputs, opts)?;
+    let sh = p.shape;
+    let (q_chunk, k_chunk) = chunk_sizes(&sh, opts);
+    let mut out = Array4::<f32>::zeros(sh.q_dims());
+    let mut lse = Array3::<f32>::zeros(sh.lse_dims());
+    let tasks: Vec<_> = row_blocks(out.view_mut(), q_chunk)
+        .into_iter()
+        .zip(row_blocks_1d(lse.view_mut(), q_chunk))
+        .collect();
+    tasks.into_par_iter().for_each(|(o, l)| {
+        let head = p.head(o.b, o.h);
+        let (i0, rows) = (o.start, o.view.nrows());
+        let q_i = head.q.slice(s![i0..i0 + rows, ..]);
+        let mut summaries = Vec::new();
+        let mut s = Array2::<f32>::zeros((rows, k_chunk));
+        for j0 in (0..sh.n_k).step_by(k_chunk) {
+            if head.tile_hidden(i0 + rows, j0) {
+                break; // causal: this key chunk and every later one is hidden from Q_i
+            }
+            let cols = k_chunk.min(sh.n_k - j0);
+            summaries.push(summarize_chunk(
+                &head,
+                p.scale,
+                i0,
+                j0,
+                q_i,
+                s.slice_mut(s![.., ..cols]),
+            ));
+        }
+        merge(&summaries, o.view, l.view);
+    });
+    Ok(Forward { out, lse })
+}
+// ANCHOR_END: forward
+
+// ANCHOR: recompute
+/// The checkpointed step of the backward for query chunk i and key chunk j: recompute
+/// P_ij = exp(S_ij − lse_i) from the saved log-sum-exp, then dP_ij = (dO_i V_jᵀ) ∘ Z and
+/// dS_ij = P_ij ∘ (dP_ij − D_i) into `ds`; `p` is left holding P_ij ∘ Z for dV.
+fn recompute_chunk(
+    head: &Head<'_>,
+    scale: f32,
+    (i0, j0): (usize, usize),
+    (lse_i, d_i, d_o_i): (
+        ArrayView1<'_, f32>,
+        ArrayView1<'_, f32>,
+        ArrayView2<'_, f32>,
+    ),
+    mut p: ArrayViewMut2<'_, f32>,
+    mut ds: ArrayViewMut2<'_, f32>,
+) {
+    let (rows, cols) = p.dim();
+    let q_i = head.q.slice(s![i0..i0 + rows, ..]);
+    let (k_j, v_j) = (
+        head.k.slice(s![j0..j0 + cols, ..]),
+        head.v.slice(s![j0..j0 + cols, ..]),
+    );
+    general_mat_mul(scale, &q_i, &k_j.t(), 0.0, &mut p);
+    head.bias_and_mask(i0, j0, p.view_mut());
+    for (mut row, &l) in p.rows_mut().into_iter().zip(lse_i) {
+        if l == f32::NEG_INFINITY {
+            row.fill(0.0); // a row that sees no key has no gradient
+        } else {
+            row.mapv_inplace(|x| (x - l).exp());
+        }
+    }
+    general_mat_mul(1.0, &d_o_i, &v_j.t(), 0.0, &mut ds);
+    head.apply_dropout(i0, j0, ds.view_mut());
+    Zip::from(ds.rows_mut())
+        .and(p.rows())
+        .and(d_i)
+        .for_each(|mut ds, p, &d| {
+            Zip::from(&mut ds)
+                .and(p)
+                .for_each(|ds, &p| *ds = p * (*ds - d));
+        });
+    head.apply_dropout(i0, j0, p.view_mut());
+}
+// ANCHOR_END: recompute
+
+// ANCHOR: backward
+/// Backward by checkpointing: only O and the log-sum-exp were kept, so every chunk's scores
+/// are recomputed. Two passes keep the parallel tasks from writing the same gradient:
+/// dQ over (batch, head, query chunk), then dK, dV over (batch, key/value head, key chunk).
+pub fn backward(
+    inputs: &Inputs<'_>,
+    opts: &Options,
+    fwd: &Forward,
+    d_out: ndarray::ArrayView4<'_, f32>,
+) -> Result<Grads> {
+    let p = Problem::new(inputs, opts)?;
+    let sh = p.shape;
+    check_saved(&sh, fwd.out.view(), fwd.lse.view())?;
+    check_d_out(&sh, d_out)?;
+    let (q_chunk, k_chunk) = chunk_sizes(&sh, opts);
+    // D_i = rowsum(dO_i ∘ O_i)
+    let d = Zip::from(d_out.lanes(Axis(3)))
+        .and(fwd.out.lanes(Axis(3)))
+        .map_collect(|a, b| a.dot(&b));
+    let saved = |b: usize, h: usize, i0: usize, rows: usize| {
+        (
+            fwd.lse.slice(s![b, h, i0..i0 + rows]),
+            d.slice(s![b, h, i0..i0 + rows]),
+            d_out.slice(s![b, h, i0..i0 + rows, ..]),
+        )
+    };
+
+    // dQ_i = scale · Σ_j dS_ij K_j
+    let mut dq = Array4::<f32>::zeros(sh.q_dims());
+    row_blocks(dq.view_mut(), q_chunk)
+        .into_par_iter()
+        .for_each(|mut dq_i| {
+            let head = p.head(dq_i.b, dq_i.h);
+            let (i0, rows) = (dq_i.start, dq_i.view.nrows());
+            let (mut pm, mut ds) = (
+                Array2::zeros((rows, k_chunk)),
+                Array2::zeros((rows, k_chunk)),
+            );
+            for j0 in (0..sh.n_k).step_by(k_chunk) {
+                if head.tile_hidden(i0 + rows, j0) {
+                    break;
+                }
+                let cols = k_chunk.min(sh.n_k - j0);
+                let (pm, mut ds) = (pm.slice_mut(s![.., ..cols]), ds.slice_mut(s![.., ..cols]));
+                recompute_chunk(
+                    &head,
+                    p.scale,
+                    (i0, j0),
+                    saved(dq_i.b, dq_i.h, i0, rows),
+                    pm,
+                    ds.view_mut(),
+                );
+                general_mat_mul(
+                    p.scale,
+                    &ds,
+                    &head.k.slice(s![j0..j0 + cols, ..]),
+                    1.0,
+                    &mut dq_i.view,
+                );
+            }
+        });
+
+    // dK_j = scale · Σ_i dS_ijᵀ Q_i,  dV_j = Σ_i (P_ij ∘ Z)ᵀ dO_i, over the query heads of the group
+    let mut dk = Array4::<f32>::zeros(sh.kv_dims());
+    let mut dv = Array4::<f32>::zeros(sh.kv_dims());
+    let tasks: Vec<_> = row_blocks(dk.view_mut(), k_chunk)
+        .into_iter()
+        .zip(row_blocks(dv.view_mut(), k_chunk))
+        .collect();
+    tasks.into_par_iter().for_each(|(mut dk_j, mut dv_j)| {
+        let (j0, cols) = (dk_j.start, dk_j.view.nrows());
+        let (mut pm, mut ds) = (
+            Array2::zeros((q_chunk, cols)),
+            Array2::zeros((q_chunk, cols)),
+        );
+        for h in dk_j.h * sh.group()..(dk_j.h + 1) * sh.group() {
+            let head = p.head(dk_j.b, h);
+            for i0 in (0..sh.n_q).step_by(q_chunk) {
+                let rows = q_chunk.min(sh.n_q - i0);
+                if head.tile_hidden(i0 + rows, j0) {
+                    continue;
+                }
+                let (mut pm, mut ds) = (pm.slice_mut(s![..rows, ..]), ds.slice_mut(s![..rows, ..]));
+                let saved = saved(dk_j.b, h, i0, rows);
+                recompute_chunk(
+                    &head,
+                    p.scale,
+                    (i0, j0),
+                    saved,
+                    pm.view_mut(),
+                    ds.view_mut(),
+                );
+                general_mat_mul(1.0, &pm.t(), &saved.2, 1.0, &mut dv_j.view);
+                general_mat_mul(
+                    p.scale,
+                    &ds.t(),
+                    &head.q.slice(s![i0..i0 + rows, ..]),
+                    1.0,
+                    &mut dk_j.view,
+                );
+            }
+        }
+    });
+    Ok(Grads { dq, dk, dv })
+}
+// ANCHOR_END: backward
+
+/// An upper bound on the forward's heap above its inputs, from the chunk sizes: the output
+/// and log-sum-exp, and per busy thread one score chunk `q_chunk × k_chunk`, the summaries
+/// of every key chunk (`⌈n_k / k_chunk⌉ × q_chunk × (d + 2)`), the merge's temporaries and
+/// the matrix products' packing buffers.
+pub fn forward_memory_bound(shape: &Shape, q_chunk: usize, k_chunk: usize, threads: usize) -> u64 {
+    let (q, k, d) = (
+        q_chunk.min(shape.n_q),
+        k_chunk.min(shape.n_k),
+        shape.head_dim,
+    );
+    let outputs = (shape.batch * shape.heads * shape.n_q * (d + 1)) as u64;
+    let per_task = q * k + shape.n_k.div_ceil(k) * q * (d + 2) + q * (d + 4);
+    4 * (outputs + (threads * per_task) as u64) + threads as u64 * GEMM_PACKING_BYTES
+}
+
+/// An upper bound on the backward's heap above its inputs: the gradients, D, and per busy
+/// thread two chunks (P and dS) of `q_chunk × k_chunk` and the matrix products' packing buffers.
+pub fn backward_memory_bound(shape: &Shape, q_chunk: usize, k_chunk: usize, threads: usize) -> u64 {
+    let (q, k, d) = (
+        q_chunk.min(shape.n_q),
+        k_chunk.min(shape.n_k),
+        shape.head_dim,
+    );
+    let grads = shape.batch * (shape.heads * shape.n_q + 2 * shape.kv_heads * shape.n_k) * d;
+    let d_rows = shape.batch * shape.heads * shape.n_q;
+    4 * (grads + d_rows + threads * 2 * q * k) as u64 + threads as u64 * GEMM_PACKING_BYTES
+}

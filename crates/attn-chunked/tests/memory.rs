@@ -1,0 +1,63 @@
+//! Memory measured, not claimed: chunked attention's peak heap at n = 16 384 stays within the
+//! bound derived from its chunk sizes, while naive attention's at n = 4 096 is at least n²·4.
+
+use attn_chunked::{ChunkedCpu, backward_memory_bound, forward_memory_bound};
+use attn_core::memory::{CountingAllocator, counting_enabled, measure_peak};
+use attn_core::{Inputs, Options, Shape, Stage};
+use attn_naive::NaiveCpu;
+
+#[global_allocator]
+static ALLOC: CountingAllocator = CountingAllocator;
+
+#[test]
+fn chunked_memory_is_bounded_by_the_chunks_and_naive_memory_is_quadratic() {
+    assert!(counting_enabled());
+    let threads = rayon::current_num_threads();
+    // Start rayon's pool before measuring.
+    let warm = attn_core::random::normal((1, 1, 4, 4), 0);
+    ChunkedCpu
+        .forward(
+            &Inputs::new(warm.view(), warm.view(), warm.view()),
+            &Options::default(),
+        )
+        .unwrap();
+
+    // Chunked at n = 16 384, b = 1, h = 1, d = 64, the seed's chunk sizes and smaller ones.
+    let shape = Shape::new(1, 1, 16_384, 64);
+    let (q, k, v) = attn_core::random::qkv(&shape, 1);
+    let d_out = attn_core::random::normal(shape.q_dims(), 2);
+    let inputs = Inputs::new(q.view(), k.view(), v.view());
+    for (qc, kc, causal) in [(1024, 2048, false), (256, 512, true)] {
+        let opts = Options::default().blocks(qc, kc).causal(causal);
+        let (fwd, fwd_peak) = measure_peak(|| ChunkedCpu.forward(&inputs, &opts).unwrap());
+        let (_, bwd_peak) = measure_peak(|| {
+            ChunkedCpu
+                .backward(&inputs, &opts, &fwd, d_out.view())
+                .unwrap()
+        });
+        let fwd_bound = forward_memory_bound(&shape, qc, kc, threads) + (64 << 10);
+        let bwd_bound = backward_memory_bound(&shape, qc, kc, threads) + (64 << 10);
+        println!(
+            "chunked {qc}x{kc}: forward peak {fwd_peak} (bound {fwd_bound}), backward {bwd_peak} (bound {bwd_bound})"
+        );
+        assert!(
+            fwd_peak <= fwd_bound,
+            "forward peak {fwd_peak} above {fwd_bound}"
+        );
+        assert!(
+            bwd_peak <= bwd_bound,
+            "backward peak {bwd_peak} above {bwd_bound}"
+        );
+        // At least one score chunk was really materialised.
+        assert!(fwd_peak >= (qc * kc * 4) as u64);
+        // And far below the n² matrix naive attention would need (1 GiB here).
+        assert!(fwd_peak * 8 < shape.score_elems() * 4 && bwd_peak * 4 < shape.score_elems() * 4);
+    }
+
+    // Naive at n = 4 096: at least n² × 4 bytes.
+    let shape = Shape::new(1, 1, 4096, 64);
+    let (q, k, v) = attn_core::random::qkv(&shape, 3);
+    let inputs = Inputs::new(q.view(), k.view(), v.view());
+    let (_, naive_peak) = measure_peak(|| NaiveCpu.forward(&inputs, &Options::default()).unwrap());
+    assert!(naive_peak >= 4096 * 4096 * 4, "naive peak {naive_peak}");
+}

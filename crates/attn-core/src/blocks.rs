@@ -1,0 +1,84 @@
+//! Splitting output tensors into disjoint mutable blocks, one per parallel task.
+//!
+//! Tiled stages parallelise over (batch, head, block of rows). These helpers cut a
+//! `[batch, heads, rows, cols]` tensor (or a `[batch, heads, rows]` one) into views of at
+//! most `block` rows, in a fixed order, so that tensors of the same leading shape split into
+//! matching lists that can be zipped and handed to rayon.
+
+use ndarray::{ArrayViewMut1, ArrayViewMut2, ArrayViewMut3, ArrayViewMut4, Axis};
+
+/// A block of rows of one (batch, head): rows `start .. start + view.nrows()`.
+#[derive(Debug)]
+pub struct Block<V> {
+    pub b: usize,
+    pub h: usize,
+    pub start: usize,
+    pub view: V,
+}
+
+/// `[batch, heads, rows, cols]` cut into blocks of at most `block` rows, in order
+/// (b, h, start).
+pub fn row_blocks<'a>(
+    t: ArrayViewMut4<'a, f32>,
+    block: usize,
+) -> Vec<Block<ArrayViewMut2<'a, f32>>> {
+    let mut blocks = Vec::new();
+    for (b, t_b) in t.into_outer_iter_mut().enumerate() {
+        for (h, t_bh) in t_b.into_outer_iter_mut().enumerate() {
+            for (c, view) in t_bh.into_axis_chunks_iter_mut(Axis(0), block).enumerate() {
+                blocks.push(Block {
+                    b,
+                    h,
+                    start: c * block,
+                    view,
+                });
+            }
+        }
+    }
+    blocks
+}
+
+/// `[batch, heads, rows]` cut into blocks of at most `block` rows, in the order of
+/// [`row_blocks`].
+pub fn row_blocks_1d<'a>(
+    t: ArrayViewMut3<'a, f32>,
+    block: usize,
+) -> Vec<Block<ArrayViewMut1<'a, f32>>> {
+    let mut blocks = Vec::new();
+    for (b, t_b) in t.into_outer_iter_mut().enumerate() {
+        for (h, t_bh) in t_b.into_outer_iter_mut().enumerate() {
+            for (c, view) in t_bh.into_axis_chunks_iter_mut(Axis(0), block).enumerate() {
+                blocks.push(Block {
+                    b,
+                    h,
+                    start: c * block,
+                    view,
+                });
+            }
+        }
+    }
+    blocks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{Array3, Array4};
+
+    #[test]
+    fn blocks_cover_every_row_once_with_a_short_last_block() {
+        let mut t = Array4::<f32>::zeros((2, 3, 10, 4));
+        let mut l = Array3::<f32>::zeros((2, 3, 10));
+        let blocks = row_blocks(t.view_mut(), 4);
+        let lse = row_blocks_1d(l.view_mut(), 4);
+        assert_eq!(blocks.len(), 2 * 3 * 3);
+        for (x, y) in blocks.iter().zip(&lse) {
+            assert_eq!((x.b, x.h, x.start), (y.b, y.h, y.start));
+            assert_eq!(x.view.nrows(), if x.start == 8 { 2 } else { 4 });
+        }
+        for mut blk in blocks {
+            blk.view += 1.0;
+        }
+        assert!(t.iter().all(|&x| x == 1.0));
+    }
+}
