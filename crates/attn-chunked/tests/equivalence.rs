@@ -2,59 +2,14 @@
 //! configurations and chunk sizes that do not divide the lengths.
 
 use attn_chunked::ChunkedCpu;
-use attn_core::metrics::compare;
+use attn_core::metrics::{compare, compare_floored};
+use attn_core::reference::RefProblem;
+use attn_core::testing::strategies::{arb_case, config};
 use attn_core::testing::{BiasKind, Case, MaskKind, check_against_reference};
 use attn_core::{Shape, Stage};
 use attn_naive::NaiveCpu;
 use ndarray::{Array4, s};
 use proptest::prelude::*;
-
-fn arb_case() -> impl Strategy<Value = Case> {
-    (
-        (1usize..=2, 1usize..=2, 1usize..=3, 1usize..=50, 1usize..=50),
-        prop::sample::select(vec![1usize, 3, 8, 16, 33, 64]),
-        any::<bool>(),
-        prop::sample::select(vec![
-            MaskKind::None,
-            MaskKind::KeyPadding,
-            MaskKind::Full,
-            MaskKind::Broadcast,
-        ]),
-        prop::sample::select(vec![
-            BiasKind::None,
-            BiasKind::Full,
-            BiasKind::NegInf,
-            BiasKind::PerKey,
-        ]),
-        prop::option::of(0.05f32..0.6),
-        (1usize..=70, 1usize..=70),
-        any::<u64>(),
-    )
-        .prop_map(
-            |(
-                (batch, kv_heads, group, n_q, n_k),
-                d,
-                causal,
-                mask,
-                bias,
-                dropout,
-                (qc, kc),
-                seed,
-            )| Case {
-                shape: Shape::new(batch, kv_heads * group, n_q, d)
-                    .with_n_k(n_k)
-                    .with_kv_heads(kv_heads),
-                causal,
-                mask,
-                bias,
-                dropout,
-                scale: None,
-                q_block: Some(qc),
-                k_block: Some(kc),
-                seed,
-            },
-        )
-}
 
 /// The chunked stage's results against naive attention's on the same inputs.
 fn assert_matches_naive(case: &Case) {
@@ -95,15 +50,15 @@ fn assert_matches_naive(case: &Case) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(96))]
+    #![proptest_config(config(128))]
 
     #[test]
-    fn chunked_matches_reference_on_random_configurations(case in arb_case()) {
+    fn chunked_matches_reference_on_random_configurations(case in arb_case(50, true)) {
         check_against_reference(&ChunkedCpu, &case.build(), true).unwrap().assert_f32(&format!("{case:?}"));
     }
 
     #[test]
-    fn chunked_matches_naive_on_random_configurations(case in arb_case()) {
+    fn chunked_matches_naive_on_random_configurations(case in arb_case(50, true)) {
         assert_matches_naive(&case);
     }
 }

@@ -234,6 +234,49 @@ impl RefProblem {
         grads
     }
 
+    /// The magnitudes of the terms each gradient entry sums, `M`: the backward with absolute
+    /// values, where dP and D are replaced by the sums of |dO|·|v| and |dO|·|O| their dot
+    /// products add up. An f32 backward cannot be more accurate than float32's rounding of
+    /// these terms: where they cancel (a row whose weights are nearly one-hot has
+    /// dP_j − D ≈ 0) the result is tiny and its relative error large, whatever the algorithm.
+    /// The stage checks discount `u · M` (see `testing`).
+    pub fn backward_magnitudes(&self, d_out: &Array4<f64>) -> RefGrads {
+        let sh = self.shape();
+        let group = sh.group();
+        let fwd = self.forward();
+        let mut m = RefGrads {
+            dq: Array4::zeros(sh.q_dims()),
+            dk: Array4::zeros(sh.kv_dims()),
+            dv: Array4::zeros(sh.kv_dims()),
+        };
+        for b in 0..sh.batch {
+            for h in 0..sh.heads {
+                let kv_h = h / group;
+                for i in 0..sh.n_q {
+                    let (p, z, _) = self.row(b, h, i);
+                    let d_o = d_out.slice(s![b, h, i, ..]).mapv(f64::abs);
+                    let d_mag = d_o.dot(&fwd.out.slice(s![b, h, i, ..]).mapv(f64::abs));
+                    let q_abs = self.q.slice(s![b, h, i, ..]).mapv(f64::abs);
+                    for j in 0..sh.n_k {
+                        if p[j] == 0.0 {
+                            continue;
+                        }
+                        let v_abs = self.v.slice(s![b, kv_h, j, ..]).mapv(f64::abs);
+                        let k_abs = self.k.slice(s![b, kv_h, j, ..]).mapv(f64::abs);
+                        let ds = p[j] * (d_o.dot(&v_abs) * z[j] + d_mag);
+                        m.dq.slice_mut(s![b, h, i, ..])
+                            .scaled_add(self.scale.abs() * ds, &k_abs);
+                        m.dk.slice_mut(s![b, kv_h, j, ..])
+                            .scaled_add(self.scale.abs() * ds, &q_abs);
+                        m.dv.slice_mut(s![b, kv_h, j, ..])
+                            .scaled_add(p[j] * z[j], &d_o);
+                    }
+                }
+            }
+        }
+        m
+    }
+
     /// `sum(out ∘ d_out)`: the scalar whose gradients [`RefProblem::backward`] computes, for
     /// finite-difference checks.
     pub fn loss(&self, d_out: &Array4<f64>) -> f64 {

@@ -1,56 +1,17 @@
 //! Naive attention against the float64 reference on random configurations.
 
+use attn_core::testing::strategies::{arb_case, config};
 use attn_core::testing::{BiasKind, Case, Check, MaskKind, check_against_reference};
 use attn_core::{Inputs, Options, Shape, Stage};
 use attn_naive::NaiveCpu;
 use ndarray::{Array4, s};
 use proptest::prelude::*;
 
-fn arb_case() -> impl Strategy<Value = Case> {
-    (
-        (1usize..=2, 1usize..=2, 1usize..=3, 1usize..=40, 1usize..=40),
-        prop::sample::select(vec![1usize, 3, 8, 16, 33, 64]),
-        any::<bool>(),
-        prop::sample::select(vec![
-            MaskKind::None,
-            MaskKind::KeyPadding,
-            MaskKind::Full,
-            MaskKind::Broadcast,
-        ]),
-        prop::sample::select(vec![
-            BiasKind::None,
-            BiasKind::Full,
-            BiasKind::NegInf,
-            BiasKind::PerKey,
-        ]),
-        prop::option::of(0.05f32..0.6),
-        prop::option::of(0.05f32..2.0),
-        any::<u64>(),
-    )
-        .prop_map(
-            |((batch, kv_heads, group, n_q, n_k), d, causal, mask, bias, dropout, scale, seed)| {
-                Case {
-                    shape: Shape::new(batch, kv_heads * group, n_q, d)
-                        .with_n_k(n_k)
-                        .with_kv_heads(kv_heads),
-                    causal,
-                    mask,
-                    bias,
-                    dropout,
-                    scale,
-                    q_block: None,
-                    k_block: None,
-                    seed,
-                }
-            },
-        )
-}
-
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(96))]
+    #![proptest_config(config(128))]
 
     #[test]
-    fn naive_matches_reference_on_random_configurations(case in arb_case()) {
+    fn naive_matches_reference_on_random_configurations(case in arb_case(40, false)) {
         let check = check_against_reference(&NaiveCpu, &case.build(), true).unwrap();
         check.assert_f32(&format!("{case:?}"));
     }
