@@ -26,17 +26,24 @@ fn assert_matches_naive(case: &Case) {
         .backward(&inputs, &data.opts, &b, data.d_out.view())
         .unwrap();
     let to64 = |x: &Array4<f32>| x.mapv(f64::from);
-    let pairs = [
-        ("out", &a.out, &b.out),
-        ("dq", &ga.dq, &gb.dq),
-        ("dk", &ga.dk, &gb.dk),
-        ("dv", &ga.dv, &gb.dv),
-    ];
-    for (name, x, y) in pairs {
-        let e = compare(x.view(), to64(y).view());
-        let tol = if name == "out" { 2e-5 } else { 2e-4 };
+    let e = compare(a.out.view(), to64(&b.out).view());
+    assert!(
+        e.normwise <= 2e-5,
+        "{case:?}: out differs from naive by {:e}",
+        e.normwise
+    );
+    // Gradients: both stages round the cancelling terms of nearly one-hot rows; forgive that.
+    let m = RefProblem::from_inputs(&inputs, &data.opts)
+        .unwrap()
+        .backward_magnitudes(&data.d_out.mapv(f64::from));
+    for (name, x, y, m) in [
+        ("dq", &ga.dq, &gb.dq, &m.dq),
+        ("dk", &ga.dk, &gb.dk, &m.dk),
+        ("dv", &ga.dv, &gb.dv, &m.dv),
+    ] {
+        let e = compare_floored(x.view(), to64(y).view(), m.view());
         assert!(
-            e.normwise <= tol,
+            e.normwise <= 2e-4 + 2.0 * e.floor,
             "{case:?}: {name} differs from naive by {:e}",
             e.normwise
         );
