@@ -1,7 +1,7 @@
 //! Stage 2 on the CPU: Rabe & Staats, "Self-attention Does Not Need O(n²) Memory" (2021),
 //! Figure 1, with the backward by checkpointing (recomputing each chunk's scores).
 
-use attn_core::blocks::{row_blocks, row_blocks_1d};
+use attn_core::blocks::row_blocks;
 use attn_core::memory::GEMM_PACKING_BYTES;
 use attn_core::{
     Forward, Grads, Head, Inputs, Options, Problem, Result, Shape, check_d_out, check_saved,
@@ -124,7 +124,7 @@ pub fn forward(inputs: &Inputs<'_>, opts: &Options) -> Result<Forward> {
     let mut lse = Array3::<f32>::zeros(sh.lse_dims());
     let tasks: Vec<_> = row_blocks(out.view_mut(), q_chunk)
         .into_iter()
-        .zip(row_blocks_1d(lse.view_mut(), q_chunk))
+        .zip(row_blocks(lse.view_mut(), q_chunk))
         .collect();
     tasks.into_par_iter().for_each(|(o, l)| {
         let head = p.head(o.b, o.h);

@@ -32,37 +32,12 @@
 
 pub mod cpu;
 
-use attn_core::{Device, Forward, Grads, Inputs, Options, Result, Stage};
-use ndarray::ArrayView4;
-
 pub use cpu::{
     DEFAULT_K_CHUNK, DEFAULT_Q_CHUNK, backward_memory_bound, chunk_sizes, forward_memory_bound,
 };
 
-/// Chunked attention on the CPU, as a [`Stage`].
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ChunkedCpu;
-
-impl Stage for ChunkedCpu {
-    fn name(&self) -> &'static str {
-        cpu::NAME
-    }
-
-    fn device(&self) -> Device {
-        Device::Cpu
-    }
-
-    fn forward(&self, inputs: &Inputs<'_>, opts: &Options) -> Result<Forward> {
-        cpu::forward(inputs, opts)
-    }
-
-    fn backward(
-        &self,
-        inputs: &Inputs<'_>,
-        opts: &Options,
-        fwd: &Forward,
-        d_out: ArrayView4<'_, f32>,
-    ) -> Result<Grads> {
-        cpu::backward(inputs, opts, fwd, d_out)
-    }
-}
+attn_core::cpu_stage!(
+    /// Chunked attention on the CPU, as a [`Stage`].
+    ChunkedCpu,
+    cpu
+);

@@ -5,7 +5,7 @@
 //! most `block` rows, in a fixed order, so that tensors of the same leading shape split into
 //! matching lists that can be zipped and handed to rayon.
 
-use ndarray::{ArrayViewMut1, ArrayViewMut2, ArrayViewMut3, ArrayViewMut4, Axis};
+use ndarray::{ArrayViewMut, Axis, Dimension, RemoveAxis};
 
 /// A block of rows of one (batch, head): rows `start .. start + view.nrows()`.
 #[derive(Debug)]
@@ -16,12 +16,18 @@ pub struct Block<V> {
     pub view: V,
 }
 
-/// `[batch, heads, rows, cols]` cut into blocks of at most `block` rows, in order
-/// (b, h, start).
-pub fn row_blocks<'a>(
-    t: ArrayViewMut4<'a, f32>,
+/// `[batch, heads, rows, …]` cut into blocks of at most `block` rows, in the order
+/// (b, h, start). Works for `[b, h, rows, cols]` (outputs, gradients) and `[b, h, rows]`
+/// (log-sum-exp) alike, so lists from tensors with the same leading axes zip.
+pub fn row_blocks<'a, D>(
+    t: ArrayViewMut<'a, f32, D>,
     block: usize,
-) -> Vec<Block<ArrayViewMut2<'a, f32>>> {
+) -> Vec<Block<ArrayViewMut<'a, f32, HeadDim<D>>>>
+where
+    D: RemoveAxis,
+    D::Smaller: RemoveAxis,
+    HeadDim<D>: RemoveAxis,
+{
     let mut blocks = Vec::new();
     for (b, t_b) in t.into_outer_iter_mut().enumerate() {
         for (h, t_bh) in t_b.into_outer_iter_mut().enumerate() {
@@ -38,27 +44,8 @@ pub fn row_blocks<'a>(
     blocks
 }
 
-/// `[batch, heads, rows]` cut into blocks of at most `block` rows, in the order of
-/// [`row_blocks`].
-pub fn row_blocks_1d<'a>(
-    t: ArrayViewMut3<'a, f32>,
-    block: usize,
-) -> Vec<Block<ArrayViewMut1<'a, f32>>> {
-    let mut blocks = Vec::new();
-    for (b, t_b) in t.into_outer_iter_mut().enumerate() {
-        for (h, t_bh) in t_b.into_outer_iter_mut().enumerate() {
-            for (c, view) in t_bh.into_axis_chunks_iter_mut(Axis(0), block).enumerate() {
-                blocks.push(Block {
-                    b,
-                    h,
-                    start: c * block,
-                    view,
-                });
-            }
-        }
-    }
-    blocks
-}
+/// The dimension of one (batch, head) slice of a tensor of dimension `D`.
+pub type HeadDim<D> = <<D as Dimension>::Smaller as Dimension>::Smaller;
 
 #[cfg(test)]
 mod tests {
@@ -70,7 +57,7 @@ mod tests {
         let mut t = Array4::<f32>::zeros((2, 3, 10, 4));
         let mut l = Array3::<f32>::zeros((2, 3, 10));
         let blocks = row_blocks(t.view_mut(), 4);
-        let lse = row_blocks_1d(l.view_mut(), 4);
+        let lse = row_blocks(l.view_mut(), 4);
         assert_eq!(blocks.len(), 2 * 3 * 3);
         for (x, y) in blocks.iter().zip(&lse) {
             assert_eq!((x.b, x.h, x.start), (y.b, y.h, y.start));

@@ -36,6 +36,8 @@ pub mod stage;
 pub mod testing;
 pub mod tolerance;
 
+pub use ndarray;
+
 pub use dropout::{Dropout, DropoutParams};
 pub use error::{AttnError, Result};
 pub use options::{Inputs, Mask, Options};

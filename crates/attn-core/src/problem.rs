@@ -86,7 +86,7 @@ impl<'a> Problem<'a> {
                 shape: dims(&q),
             });
         }
-        let (batch, heads, n_q, head_dim) = q.dim();
+        let (batch, heads, _, head_dim) = q.dim();
         let (kb, kv_heads, n_k, kd) = k.dim();
         if kb != batch || kd != head_dim {
             return Err(AttnError::ShapeMismatch {
@@ -114,14 +114,7 @@ impl<'a> Problem<'a> {
         if heads % kv_heads != 0 {
             return Err(AttnError::HeadsNotDivisible { heads, kv_heads });
         }
-        let shape = Shape {
-            batch,
-            heads,
-            kv_heads,
-            n_q,
-            n_k,
-            head_dim,
-        };
+        let shape = Shape::from_dims(q.dim(), k.dim());
         let full = shape.score_dims();
 
         let mask = match inputs.mask {

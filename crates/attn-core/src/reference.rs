@@ -87,16 +87,7 @@ impl RefProblem {
     }
 
     pub fn shape(&self) -> Shape {
-        let (batch, heads, n_q, head_dim) = self.q.dim();
-        let (_, kv_heads, n_k, _) = self.k.dim();
-        Shape {
-            batch,
-            heads,
-            kv_heads,
-            n_q,
-            n_k,
-            head_dim,
-        }
+        Shape::from_dims(self.q.dim(), self.k.dim())
     }
 
     /// The scaled, biased score of `(b, h, i, j)`, or −∞ where a rule removes it.

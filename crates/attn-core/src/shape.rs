@@ -28,6 +28,21 @@ impl Shape {
         }
     }
 
+    /// The shape of Q `[b, h, n_q, d]` and K `[b, kv_heads, n_k, d]` (batch and head_dim of K
+    /// are taken from Q; [`crate::Problem::new`] checks that they agree).
+    pub fn from_dims(q: (usize, usize, usize, usize), k: (usize, usize, usize, usize)) -> Self {
+        let (batch, heads, n_q, head_dim) = q;
+        let (_, kv_heads, n_k, _) = k;
+        Self {
+            batch,
+            heads,
+            kv_heads,
+            n_q,
+            n_k,
+            head_dim,
+        }
+    }
+
     /// Sets a different key/value length (cross attention).
     pub fn with_n_k(self, n_k: usize) -> Self {
         Self { n_k, ..self }

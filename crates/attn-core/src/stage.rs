@@ -62,3 +62,45 @@ pub trait Stage: Sync {
         d_out: ArrayView4<'_, f32>,
     ) -> Result<Grads>;
 }
+
+/// Declares a unit struct that is a CPU [`Stage`] whose module `$module` has `NAME`,
+/// `forward(inputs, opts)` and `backward(inputs, opts, fwd, d_out)`.
+///
+/// ```ignore
+/// attn_core::cpu_stage!(
+///     /// Naive attention on the CPU, as a [`Stage`].
+///     NaiveCpu, cpu
+/// );
+/// ```
+#[macro_export]
+macro_rules! cpu_stage {
+    ($(#[$meta:meta])* $ty:ident, $module:ident) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, Default)]
+        pub struct $ty;
+
+        impl $crate::Stage for $ty {
+            fn name(&self) -> &'static str {
+                $module::NAME
+            }
+
+            fn device(&self) -> $crate::Device {
+                $crate::Device::Cpu
+            }
+
+            fn forward(&self, inputs: &$crate::Inputs<'_>, opts: &$crate::Options) -> $crate::Result<$crate::Forward> {
+                $module::forward(inputs, opts)
+            }
+
+            fn backward(
+                &self,
+                inputs: &$crate::Inputs<'_>,
+                opts: &$crate::Options,
+                fwd: &$crate::Forward,
+                d_out: $crate::ndarray::ArrayView4<'_, f32>,
+            ) -> $crate::Result<$crate::Grads> {
+                $module::backward(inputs, opts, fwd, d_out)
+            }
+        }
+    };
+}

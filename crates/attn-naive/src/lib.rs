@@ -26,35 +26,10 @@
 
 pub mod cpu;
 
-use attn_core::{Device, Forward, Grads, Inputs, Options, Result, Stage};
-use ndarray::ArrayView4;
-
 pub use cpu::{backward_workspace_bytes, forward_workspace_bytes};
 
-/// Naive attention on the CPU, as a [`Stage`].
-#[derive(Clone, Copy, Debug, Default)]
-pub struct NaiveCpu;
-
-impl Stage for NaiveCpu {
-    fn name(&self) -> &'static str {
-        cpu::NAME
-    }
-
-    fn device(&self) -> Device {
-        Device::Cpu
-    }
-
-    fn forward(&self, inputs: &Inputs<'_>, opts: &Options) -> Result<Forward> {
-        cpu::forward(inputs, opts)
-    }
-
-    fn backward(
-        &self,
-        inputs: &Inputs<'_>,
-        opts: &Options,
-        fwd: &Forward,
-        d_out: ArrayView4<'_, f32>,
-    ) -> Result<Grads> {
-        cpu::backward(inputs, opts, fwd, d_out)
-    }
-}
+attn_core::cpu_stage!(
+    /// Naive attention on the CPU, as a [`Stage`].
+    NaiveCpu,
+    cpu
+);
