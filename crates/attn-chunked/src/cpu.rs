@@ -4,7 +4,8 @@
 use attn_core::blocks::row_blocks;
 use attn_core::memory::GEMM_PACKING_BYTES;
 use attn_core::{
-    Forward, Grads, Head, Inputs, Options, Problem, Result, Shape, check_d_out, check_saved,
+    Forward, Grads, Head, Inputs, Options, Problem, Result, Shape, Traffic, TrafficCounter,
+    check_d_out, check_saved,
 };
 use ndarray::linalg::general_mat_mul;
 use ndarray::{
@@ -46,10 +47,8 @@ fn summarize_chunk(
     q_i: ArrayView2<'_, f32>,
     mut s: ArrayViewMut2<'_, f32>,
 ) -> Summary {
-    let (k_j, v_j) = (
-        head.k.slice(s![j0..j0 + s.ncols(), ..]),
-        head.v.slice(s![j0..j0 + s.ncols(), ..]),
-    );
+    let (k_j, v_j) =
+        (head.k.slice(s![j0..j0 + s.ncols(), ..]), head.v.slice(s![j0..j0 + s.ncols(), ..]));
     // S_ij = scale · Q_i K_jᵀ + bias, removed positions −∞
     general_mat_mul(scale, &q_i, &k_j.t(), 0.0, &mut s);
     head.bias_and_mask(i0, j0, s.view_mut());
@@ -65,11 +64,7 @@ fn summarize_chunk(
     // ℓ_ij before dropout (it normalises), values after
     let exp_sum = s.sum_axis(Axis(1));
     head.apply_dropout(i0, j0, s.view_mut());
-    Summary {
-        values: s.dot(&v_j),
-        exp_sum,
-        max,
-    }
+    Summary { values: s.dot(&v_j), exp_sum, max }
 }
 // ANCHOR_END: summarize
 
@@ -80,36 +75,28 @@ fn summarize_chunk(
 fn merge(summaries: &[Summary], mut out: ArrayViewMut2<'_, f32>, mut lse: ArrayViewMut1<'_, f32>) {
     let mut global_max = Array1::from_elem(out.nrows(), f32::NEG_INFINITY);
     for c in summaries {
-        Zip::from(&mut global_max)
-            .and(&c.max)
-            .for_each(|g, &m| *g = g.max(m));
+        Zip::from(&mut global_max).and(&c.max).for_each(|g, &m| *g = g.max(m));
     }
     let mut denominator = Array1::<f32>::zeros(out.nrows());
     out.fill(0.0);
     for c in summaries {
         // exp(m_ij − m_i): 0 for a chunk that saw nothing of this row
-        let factor = Zip::from(&c.max).and(&global_max).map_collect(|&m, &g| {
-            if m == f32::NEG_INFINITY {
-                0.0
-            } else {
-                (m - g).exp()
-            }
-        });
+        let factor = Zip::from(&c.max)
+            .and(&global_max)
+            .map_collect(|&m, &g| if m == f32::NEG_INFINITY { 0.0 } else { (m - g).exp() });
         denominator += &(&c.exp_sum * &factor);
         out += &(&c.values * &factor.view().insert_axis(Axis(1)));
     }
-    Zip::from(out.rows_mut())
-        .and(&mut lse)
-        .and(&global_max)
-        .and(&denominator)
-        .for_each(|mut o, lse, &m, &den| {
+    Zip::from(out.rows_mut()).and(&mut lse).and(&global_max).and(&denominator).for_each(
+        |mut o, lse, &m, &den| {
             if m == f32::NEG_INFINITY {
                 *lse = f32::NEG_INFINITY; // every key removed: O_i stays 0
             } else {
                 o /= den;
                 *lse = m + den.ln();
             }
-        });
+        },
+    );
 }
 // ANCHOR_END: merge
 
@@ -126,11 +113,14 @@ pub fn forward(inputs: &Inputs<'_>, opts: &Options) -> Result<Forward> {
         .into_iter()
         .zip(row_blocks(lse.view_mut(), q_chunk))
         .collect();
+    let traffic = TrafficCounter::default();
     tasks.into_par_iter().for_each(|(o, l)| {
         let head = p.head(o.b, o.h);
         let (i0, rows) = (o.start, o.view.nrows());
         let q_i = head.q.slice(s![i0..i0 + rows, ..]);
         let mut summaries = Vec::new();
+        let mut io = Traffic::default();
+        io.read_f32(rows * sh.head_dim); // Q_i
         let mut s = Array2::<f32>::zeros((rows, k_chunk));
         for j0 in (0..sh.n_k).step_by(k_chunk) {
             if head.tile_hidden(i0 + rows, j0) {
@@ -145,10 +135,17 @@ pub fn forward(inputs: &Inputs<'_>, opts: &Options) -> Result<Forward> {
                 q_i,
                 s.slice_mut(s![.., ..cols]),
             ));
+            // K_j, V_j and the chunk's mask/bias in; its summary out (and back in to merge)
+            io.read_f32(2 * cols * sh.head_dim);
+            io.read_bytes(rows * cols * head.score_mod_bytes());
+            io.write_f32(rows * (sh.head_dim + 2));
+            io.read_f32(rows * (sh.head_dim + 2));
         }
         merge(&summaries, o.view, l.view);
+        io.write_f32(rows * (sh.head_dim + 1)); // O_i, lse_i
+        traffic.add(io);
     });
-    Ok(Forward { out, lse })
+    Ok(Forward { out, lse, traffic: Some(traffic.get()) })
 }
 // ANCHOR_END: forward
 
@@ -160,20 +157,13 @@ fn recompute_chunk(
     head: &Head<'_>,
     scale: f32,
     (i0, j0): (usize, usize),
-    (lse_i, d_i, d_o_i): (
-        ArrayView1<'_, f32>,
-        ArrayView1<'_, f32>,
-        ArrayView2<'_, f32>,
-    ),
+    (lse_i, d_i, d_o_i): (ArrayView1<'_, f32>, ArrayView1<'_, f32>, ArrayView2<'_, f32>),
     mut p: ArrayViewMut2<'_, f32>,
     mut ds: ArrayViewMut2<'_, f32>,
 ) {
     let (rows, cols) = p.dim();
     let q_i = head.q.slice(s![i0..i0 + rows, ..]);
-    let (k_j, v_j) = (
-        head.k.slice(s![j0..j0 + cols, ..]),
-        head.v.slice(s![j0..j0 + cols, ..]),
-    );
+    let (k_j, v_j) = (head.k.slice(s![j0..j0 + cols, ..]), head.v.slice(s![j0..j0 + cols, ..]));
     general_mat_mul(scale, &q_i, &k_j.t(), 0.0, &mut p);
     head.bias_and_mask(i0, j0, p.view_mut());
     for (mut row, &l) in p.rows_mut().into_iter().zip(lse_i) {
@@ -185,14 +175,9 @@ fn recompute_chunk(
     }
     general_mat_mul(1.0, &d_o_i, &v_j.t(), 0.0, &mut ds);
     head.apply_dropout(i0, j0, ds.view_mut());
-    Zip::from(ds.rows_mut())
-        .and(p.rows())
-        .and(d_i)
-        .for_each(|mut ds, p, &d| {
-            Zip::from(&mut ds)
-                .and(p)
-                .for_each(|ds, &p| *ds = p * (*ds - d));
-        });
+    Zip::from(ds.rows_mut()).and(p.rows()).and(d_i).for_each(|mut ds, p, &d| {
+        Zip::from(&mut ds).and(p).for_each(|ds, &p| *ds = p * (*ds - d));
+    });
     head.apply_dropout(i0, j0, p.view_mut());
 }
 // ANCHOR_END: recompute
@@ -213,9 +198,8 @@ pub fn backward(
     check_d_out(&sh, d_out)?;
     let (q_chunk, k_chunk) = chunk_sizes(&sh, opts);
     // D_i = rowsum(dO_i ∘ O_i)
-    let d = Zip::from(d_out.lanes(Axis(3)))
-        .and(fwd.out.lanes(Axis(3)))
-        .map_collect(|a, b| a.dot(&b));
+    let d =
+        Zip::from(d_out.lanes(Axis(3))).and(fwd.out.lanes(Axis(3))).map_collect(|a, b| a.dot(&b));
     let saved = |b: usize, h: usize, i0: usize, rows: usize| {
         (
             fwd.lse.slice(s![b, h, i0..i0 + rows]),
@@ -224,40 +208,47 @@ pub fn backward(
         )
     };
 
+    let traffic = TrafficCounter::default();
+    let mut io = Traffic::default();
+    io.read_f32(2 * sh.batch * sh.heads * sh.n_q * sh.head_dim); // dO, O
+    io.write_f32(sh.batch * sh.heads * sh.n_q); // D
+    traffic.add(io);
+
     // dQ_i = scale · Σ_j dS_ij K_j
     let mut dq = Array4::<f32>::zeros(sh.q_dims());
-    row_blocks(dq.view_mut(), q_chunk)
-        .into_par_iter()
-        .for_each(|mut dq_i| {
-            let head = p.head(dq_i.b, dq_i.h);
-            let (i0, rows) = (dq_i.start, dq_i.view.nrows());
-            let (mut pm, mut ds) = (
-                Array2::zeros((rows, k_chunk)),
-                Array2::zeros((rows, k_chunk)),
-            );
-            for j0 in (0..sh.n_k).step_by(k_chunk) {
-                if head.tile_hidden(i0 + rows, j0) {
-                    break;
-                }
-                let cols = k_chunk.min(sh.n_k - j0);
-                let (pm, mut ds) = (pm.slice_mut(s![.., ..cols]), ds.slice_mut(s![.., ..cols]));
-                recompute_chunk(
-                    &head,
-                    p.scale,
-                    (i0, j0),
-                    saved(dq_i.b, dq_i.h, i0, rows),
-                    pm,
-                    ds.view_mut(),
-                );
-                general_mat_mul(
-                    p.scale,
-                    &ds,
-                    &head.k.slice(s![j0..j0 + cols, ..]),
-                    1.0,
-                    &mut dq_i.view,
-                );
+    row_blocks(dq.view_mut(), q_chunk).into_par_iter().for_each(|mut dq_i| {
+        let head = p.head(dq_i.b, dq_i.h);
+        let (i0, rows) = (dq_i.start, dq_i.view.nrows());
+        let (mut pm, mut ds) = (Array2::zeros((rows, k_chunk)), Array2::zeros((rows, k_chunk)));
+        let mut io = Traffic::default();
+        io.read_f32(rows * (2 * sh.head_dim + 2)); // Q_i, dO_i, lse_i, D_i
+        io.write_f32(rows * sh.head_dim); // dQ_i
+        for j0 in (0..sh.n_k).step_by(k_chunk) {
+            if head.tile_hidden(i0 + rows, j0) {
+                break;
             }
-        });
+            let cols = k_chunk.min(sh.n_k - j0);
+            let (pm, mut ds) = (pm.slice_mut(s![.., ..cols]), ds.slice_mut(s![.., ..cols]));
+            recompute_chunk(
+                &head,
+                p.scale,
+                (i0, j0),
+                saved(dq_i.b, dq_i.h, i0, rows),
+                pm,
+                ds.view_mut(),
+            );
+            general_mat_mul(
+                p.scale,
+                &ds,
+                &head.k.slice(s![j0..j0 + cols, ..]),
+                1.0,
+                &mut dq_i.view,
+            );
+            io.read_f32(2 * cols * sh.head_dim); // K_j, V_j
+            io.read_bytes(rows * cols * head.score_mod_bytes());
+        }
+        traffic.add(io);
+    });
 
     // dK_j = scale · Σ_i dS_ijᵀ Q_i,  dV_j = Σ_i (P_ij ∘ Z)ᵀ dO_i, over the query heads of the group
     let mut dk = Array4::<f32>::zeros(sh.kv_dims());
@@ -268,10 +259,10 @@ pub fn backward(
         .collect();
     tasks.into_par_iter().for_each(|(mut dk_j, mut dv_j)| {
         let (j0, cols) = (dk_j.start, dk_j.view.nrows());
-        let (mut pm, mut ds) = (
-            Array2::zeros((q_chunk, cols)),
-            Array2::zeros((q_chunk, cols)),
-        );
+        let (mut pm, mut ds) = (Array2::zeros((q_chunk, cols)), Array2::zeros((q_chunk, cols)));
+        let mut io = Traffic::default();
+        io.read_f32(2 * cols * sh.head_dim); // K_j, V_j
+        io.write_f32(2 * cols * sh.head_dim); // dK_j, dV_j
         for h in dk_j.h * sh.group()..(dk_j.h + 1) * sh.group() {
             let head = p.head(dk_j.b, h);
             for i0 in (0..sh.n_q).step_by(q_chunk) {
@@ -281,14 +272,7 @@ pub fn backward(
                 }
                 let (mut pm, mut ds) = (pm.slice_mut(s![..rows, ..]), ds.slice_mut(s![..rows, ..]));
                 let saved = saved(dk_j.b, h, i0, rows);
-                recompute_chunk(
-                    &head,
-                    p.scale,
-                    (i0, j0),
-                    saved,
-                    pm.view_mut(),
-                    ds.view_mut(),
-                );
+                recompute_chunk(&head, p.scale, (i0, j0), saved, pm.view_mut(), ds.view_mut());
                 general_mat_mul(1.0, &pm.t(), &saved.2, 1.0, &mut dv_j.view);
                 general_mat_mul(
                     p.scale,
@@ -297,10 +281,13 @@ pub fn backward(
                     1.0,
                     &mut dk_j.view,
                 );
+                io.read_f32(rows * (2 * sh.head_dim + 2)); // Q_i, dO_i, lse_i, D_i
+                io.read_bytes(rows * cols * head.score_mod_bytes());
             }
         }
+        traffic.add(io);
     });
-    Ok(Grads { dq, dk, dv })
+    Ok(Grads { dq, dk, dv, traffic: Some(traffic.get()) })
 }
 // ANCHOR_END: backward
 
@@ -309,11 +296,7 @@ pub fn backward(
 /// of every key chunk (`⌈n_k / k_chunk⌉ × q_chunk × (d + 2)`), the merge's temporaries and
 /// the matrix products' packing buffers.
 pub fn forward_memory_bound(shape: &Shape, q_chunk: usize, k_chunk: usize, threads: usize) -> u64 {
-    let (q, k, d) = (
-        q_chunk.min(shape.n_q),
-        k_chunk.min(shape.n_k),
-        shape.head_dim,
-    );
+    let (q, k, d) = (q_chunk.min(shape.n_q), k_chunk.min(shape.n_k), shape.head_dim);
     let outputs = (shape.batch * shape.heads * shape.n_q * (d + 1)) as u64;
     let per_task = q * k + shape.n_k.div_ceil(k) * q * (d + 2) + q * (d + 4);
     4 * (outputs + (threads * per_task) as u64) + threads as u64 * GEMM_PACKING_BYTES
@@ -322,11 +305,7 @@ pub fn forward_memory_bound(shape: &Shape, q_chunk: usize, k_chunk: usize, threa
 /// An upper bound on the backward's heap above its inputs: the gradients, D, and per busy
 /// thread two chunks (P and dS) of `q_chunk × k_chunk` and the matrix products' packing buffers.
 pub fn backward_memory_bound(shape: &Shape, q_chunk: usize, k_chunk: usize, threads: usize) -> u64 {
-    let (q, k, d) = (
-        q_chunk.min(shape.n_q),
-        k_chunk.min(shape.n_k),
-        shape.head_dim,
-    );
+    let (q, k, d) = (q_chunk.min(shape.n_q), k_chunk.min(shape.n_k), shape.head_dim);
     let grads = shape.batch * (shape.heads * shape.n_q + 2 * shape.kv_heads * shape.n_k) * d;
     let d_rows = shape.batch * shape.heads * shape.n_q;
     4 * (grads + d_rows + threads * 2 * q * k) as u64 + threads as u64 * GEMM_PACKING_BYTES

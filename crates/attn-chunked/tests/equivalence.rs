@@ -19,19 +19,11 @@ fn assert_matches_naive(case: &Case) {
         ChunkedCpu.forward(&inputs, &data.opts).unwrap(),
         NaiveCpu.forward(&inputs, &data.opts).unwrap(),
     );
-    let ga = ChunkedCpu
-        .backward(&inputs, &data.opts, &a, data.d_out.view())
-        .unwrap();
-    let gb = NaiveCpu
-        .backward(&inputs, &data.opts, &b, data.d_out.view())
-        .unwrap();
+    let ga = ChunkedCpu.backward(&inputs, &data.opts, &a, data.d_out.view()).unwrap();
+    let gb = NaiveCpu.backward(&inputs, &data.opts, &b, data.d_out.view()).unwrap();
     let to64 = |x: &Array4<f32>| x.mapv(f64::from);
     let e = compare(a.out.view(), to64(&b.out).view());
-    assert!(
-        e.normwise <= 2e-5,
-        "{case:?}: out differs from naive by {:e}",
-        e.normwise
-    );
+    assert!(e.normwise <= 2e-5, "{case:?}: out differs from naive by {:e}", e.normwise);
     // Gradients: both stages round the cancelling terms of nearly one-hot rows; forgive that.
     let m = RefProblem::from_inputs(&inputs, &data.opts)
         .unwrap()
@@ -49,11 +41,7 @@ fn assert_matches_naive(case: &Case) {
         );
     }
     let e = compare(a.lse.view(), b.lse.mapv(f64::from).view());
-    assert!(
-        e.normwise <= 2e-5,
-        "{case:?}: lse differs from naive by {:e}",
-        e.normwise
-    );
+    assert!(e.normwise <= 2e-5, "{case:?}: lse differs from naive by {:e}", e.normwise);
 }
 
 proptest! {
@@ -95,18 +83,13 @@ fn chunked_matches_reference_with_chunks_larger_than_the_sequence() {
         k_block: Some(5000),
         ..Case::new(Shape::new(2, 2, 21, 16).with_n_k(34), 4)
     };
-    check_against_reference(&ChunkedCpu, &case.build(), true)
-        .unwrap()
-        .assert_f32("chunks > n");
+    check_against_reference(&ChunkedCpu, &case.build(), true).unwrap().assert_f32("chunks > n");
 }
 
 #[test]
 fn chunked_matches_reference_with_default_chunks_at_a_realistic_size() {
     // n = 2500 with the defaults (1024 / 2048): a short last chunk of each kind.
-    let case = Case {
-        causal: true,
-        ..Case::new(Shape::new(1, 1, 2500, 64), 5)
-    };
+    let case = Case { causal: true, ..Case::new(Shape::new(1, 1, 2500, 64), 5) };
     check_against_reference(&ChunkedCpu, &case.build(), true)
         .unwrap()
         .assert_f32("n = 2500 default chunks");
@@ -145,9 +128,7 @@ fn fully_masked_rows_and_chunks_give_zeros_minus_infinite_lse_and_zero_gradients
     data.mask4 = Some(mask);
     let inputs = data.inputs();
     let fwd = ChunkedCpu.forward(&inputs, &data.opts).unwrap();
-    let grads = ChunkedCpu
-        .backward(&inputs, &data.opts, &fwd, data.d_out.view())
-        .unwrap();
+    let grads = ChunkedCpu.backward(&inputs, &data.opts, &fwd, data.d_out.view()).unwrap();
     for h in 0..2 {
         assert_eq!(fwd.lse[[1, h, 2]], f32::NEG_INFINITY);
         assert!(fwd.out.slice(s![1, h, 2, ..]).iter().all(|&x| x == 0.0));
@@ -156,9 +137,7 @@ fn fully_masked_rows_and_chunks_give_zeros_minus_infinite_lse_and_zero_gradients
     for t in [&fwd.out, &grads.dq, &grads.dk, &grads.dv] {
         assert!(t.iter().all(|x| x.is_finite()));
     }
-    check_against_reference(&ChunkedCpu, &data, true)
-        .unwrap()
-        .assert_f32("fully masked rows");
+    check_against_reference(&ChunkedCpu, &data, true).unwrap().assert_f32("fully masked rows");
 }
 
 #[test]
@@ -173,9 +152,7 @@ fn huge_logits_stay_finite() {
     let data = case.build();
     let inputs = data.inputs();
     let fwd = ChunkedCpu.forward(&inputs, &data.opts).unwrap();
-    let grads = ChunkedCpu
-        .backward(&inputs, &data.opts, &fwd, data.d_out.view())
-        .unwrap();
+    let grads = ChunkedCpu.backward(&inputs, &data.opts, &fwd, data.d_out.view()).unwrap();
     for t in [&fwd.out, &grads.dq, &grads.dk, &grads.dv] {
         assert!(t.iter().all(|x| x.is_finite()));
     }

@@ -16,10 +16,7 @@ fn chunked_memory_is_bounded_by_the_chunks_and_naive_memory_is_quadratic() {
     // Start rayon's pool before measuring.
     let warm = attn_core::random::normal((1, 1, 4, 4), 0);
     ChunkedCpu
-        .forward(
-            &Inputs::new(warm.view(), warm.view(), warm.view()),
-            &Options::default(),
-        )
+        .forward(&Inputs::new(warm.view(), warm.view(), warm.view()), &Options::default())
         .unwrap();
 
     // Chunked at n = 16 384, b = 1, h = 1, d = 64, the seed's chunk sizes and smaller ones.
@@ -30,24 +27,15 @@ fn chunked_memory_is_bounded_by_the_chunks_and_naive_memory_is_quadratic() {
     for (qc, kc, causal) in [(1024, 2048, false), (256, 512, true)] {
         let opts = Options::default().blocks(qc, kc).causal(causal);
         let (fwd, fwd_peak) = measure_peak(|| ChunkedCpu.forward(&inputs, &opts).unwrap());
-        let (_, bwd_peak) = measure_peak(|| {
-            ChunkedCpu
-                .backward(&inputs, &opts, &fwd, d_out.view())
-                .unwrap()
-        });
+        let (_, bwd_peak) =
+            measure_peak(|| ChunkedCpu.backward(&inputs, &opts, &fwd, d_out.view()).unwrap());
         let fwd_bound = forward_memory_bound(&shape, qc, kc, threads) + (64 << 10);
         let bwd_bound = backward_memory_bound(&shape, qc, kc, threads) + (64 << 10);
         println!(
             "chunked {qc}x{kc}: forward peak {fwd_peak} (bound {fwd_bound}), backward {bwd_peak} (bound {bwd_bound})"
         );
-        assert!(
-            fwd_peak <= fwd_bound,
-            "forward peak {fwd_peak} above {fwd_bound}"
-        );
-        assert!(
-            bwd_peak <= bwd_bound,
-            "backward peak {bwd_peak} above {bwd_bound}"
-        );
+        assert!(fwd_peak <= fwd_bound, "forward peak {fwd_peak} above {fwd_bound}");
+        assert!(bwd_peak <= bwd_bound, "backward peak {bwd_peak} above {bwd_bound}");
         // At least one score chunk was really materialised.
         assert!(fwd_peak >= (qc * kc * 4) as u64);
         // And far below the n² matrix naive attention would need (1 GiB here).

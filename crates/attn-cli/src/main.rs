@@ -47,10 +47,7 @@ pub struct CliError {
 impl CliError {
     /// Invalid input given to `flag`.
     pub fn input(flag: &str, message: impl std::fmt::Display) -> Self {
-        Self {
-            code: 2,
-            message: format!("{flag}: {message}"),
-        }
+        Self { code: 2, message: format!("{flag}: {message}") }
     }
 }
 

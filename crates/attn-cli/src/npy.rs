@@ -45,11 +45,7 @@ pub fn read_bool(flag: &str, path: &Path) -> Result<ArrayD<bool>, CliError> {
     ArrayD::<bool>::read_npy(open(flag, path)?).map_err(|e| {
         CliError::input(
             flag,
-            format!(
-                "{}: {}",
-                path.display(),
-                describe(&e, "bool ('|b1')", "astype(bool)")
-            ),
+            format!("{}: {}", path.display(), describe(&e, "bool ('|b1')", "astype(bool)")),
         )
     })
 }
@@ -73,10 +69,7 @@ pub fn read_bhnd(flag: &str, path: &Path) -> Result<ndarray::Array4<f32>, CliErr
 pub fn to_rank4<A>(flag: &str, a: ArrayD<A>, what: &str) -> Result<ndarray::Array4<A>, CliError> {
     let shape = a.shape().to_vec();
     if shape.len() > 4 {
-        return Err(CliError::input(
-            flag,
-            format!("has shape {shape:?}; {what}"),
-        ));
+        return Err(CliError::input(flag, format!("has shape {shape:?}; {what}")));
     }
     let mut full = vec![1; 4 - shape.len()];
     full.extend(&shape);
@@ -95,10 +88,7 @@ pub struct Outputs {
 
 impl Outputs {
     pub fn new() -> Self {
-        Self {
-            files: Vec::new(),
-            committed: false,
-        }
+        Self { files: Vec::new(), committed: false }
     }
 
     /// Reserves `path` for the output of `flag`.
@@ -118,15 +108,10 @@ impl Outputs {
 
     /// Writes `array` to the temporary file of `flag`.
     pub fn write<T: WriteNpyExt + ?Sized>(&self, flag: &str, array: &T) -> Result<(), CliError> {
-        let (_, path, tmp) = self
-            .files
-            .iter()
-            .find(|(f, _, _)| *f == flag)
-            .expect("output reserved before writing");
+        let (_, path, tmp) =
+            self.files.iter().find(|(f, _, _)| *f == flag).expect("output reserved before writing");
         let file = File::create(tmp).map_err(|e| write_error(flag, path, e))?;
-        array
-            .write_npy(BufWriter::new(file))
-            .map_err(|e| write_error(flag, path, e))
+        array.write_npy(BufWriter::new(file)).map_err(|e| write_error(flag, path, e))
     }
 
     /// Moves every temporary file into place.
@@ -150,8 +135,5 @@ impl Drop for Outputs {
 }
 
 fn write_error(flag: &str, path: &Path, e: impl std::fmt::Display) -> CliError {
-    CliError {
-        code: 1,
-        message: format!("{flag}: cannot write {}: {e}", path.display()),
-    }
+    CliError { code: 1, message: format!("{flag}: cannot write {}: {e}", path.display()) }
 }

@@ -59,6 +59,10 @@ pub struct RunArgs {
     /// Key/value rows per block (tiled stages).
     #[arg(long)]
     pub k_block: Option<usize>,
+    /// On-chip memory ("SRAM") the tiled stages size their blocks for, in f32 elements (the
+    /// FlashAttention paper's M; K/M suffixes allowed, e.g. 64K).
+    #[arg(long)]
+    pub sram: Option<String>,
     /// Largest workspace the stage may allocate (bytes, or with K/M/G); default: the
     /// machine's available memory.
     #[arg(long)]
@@ -101,13 +105,11 @@ fn flag_of(e: &AttnError) -> &'static str {
             "d_out" => "--grad-out",
             _ => "--algo",
         },
-        AttnError::ZeroBlockSize { arg } => {
-            if *arg == "q_block" {
-                "--q-block"
-            } else {
-                "--k-block"
-            }
-        }
+        AttnError::ZeroBlockSize { arg } => match *arg {
+            "q_block" => "--q-block",
+            "k_block" => "--k-block",
+            _ => "--sram",
+        },
         AttnError::HeadsNotDivisible { .. } => "--k",
         AttnError::InvalidBias { .. } => "--bias",
         AttnError::InvalidScale(_) => "--scale",
@@ -131,9 +133,7 @@ enum MaskData {
 fn read_mask(path: &std::path::Path) -> Result<MaskData, CliError> {
     let m = read_bool("--mask", path)?;
     match m.ndim() {
-        2 => Ok(MaskData::KeyPadding(
-            m.into_dimensionality::<Ix2>().expect("rank checked"),
-        )),
+        2 => Ok(MaskData::KeyPadding(m.into_dimensionality::<Ix2>().expect("rank checked"))),
         4 => Ok(MaskData::Full(to_rank4("--mask", m, "")?)),
         _ => Err(CliError::input(
             "--mask",
@@ -154,10 +154,7 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
     let stage: &dyn Stage = attn::stage(&args.algo, device).ok_or_else(|| {
         CliError::input(
             "--device",
-            format!(
-                "this build has no {device} variant of '{}'; use --device cpu",
-                args.algo
-            ),
+            format!("this build has no {device} variant of '{}'; use --device cpu", args.algo),
         )
     })?;
     for (flag, block) in [("--q-block", args.q_block), ("--k-block", args.k_block)] {
@@ -177,7 +174,19 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
             })
         })
         .transpose()?;
+    let sram = args
+        .sram
+        .as_deref()
+        .map(|s| match parse_bytes(s) {
+            Some(n) if n > 0 => Ok(n as usize),
+            _ => Err(CliError::input(
+                "--sram",
+                format!("'{s}' is not a positive element count (e.g. 65536 or 64K)"),
+            )),
+        })
+        .transpose()?;
     let opts = Options {
+        sram,
         scale: args.scale,
         causal: args.causal,
         dropout: args.dropout.map(|p| attn::Dropout::new(p, args.seed)),
@@ -214,11 +223,7 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
             )
         })
         .transpose()?;
-    let d_out = args
-        .grad_out
-        .as_deref()
-        .map(|p| read_bhnd("--grad-out", p))
-        .transpose()?;
+    let d_out = args.grad_out.as_deref().map(|p| read_bhnd("--grad-out", p)).transpose()?;
 
     let mut inputs = Inputs::new(q.view(), k.view(), v.view());
     match &mask {
@@ -236,9 +241,7 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
     let grads = match &d_out {
         Some(d_out) => {
             let start = Instant::now();
-            let g = stage
-                .backward(&inputs, &opts, &fwd, d_out.view())
-                .map_err(lib_error)?;
+            let g = stage.backward(&inputs, &opts, &fwd, d_out.view()).map_err(lib_error)?;
             Some((g, start.elapsed()))
         }
         None => None,
@@ -267,11 +270,9 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
         );
         if let (Some((g, _)), Some(d_out)) = (&grads, &d_out) {
             let rg = reference.backward(&d_out.mapv(f64::from));
-            for (name, x, r) in [
-                ("dq", &g.dq, &rg.dq),
-                ("dk", &g.dk, &rg.dk),
-                ("dv", &g.dv, &rg.dv),
-            ] {
+            for (name, x, r) in
+                [("dq", &g.dq, &rg.dq), ("dk", &g.dk, &rg.dk), ("dv", &g.dv, &rg.dv)]
+            {
                 let e = attn::core::metrics::compare(x.view(), r.view());
                 summary += &format!(", {name} {:.2e}", e.normwise);
             }

@@ -92,11 +92,7 @@ pub fn table(args: &TableArgs) -> Result<(), CliError> {
     let inputs = Inputs::new(q.view(), k.view(), v.view());
     let opts = Options::default().causal(args.causal);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    println!(
-        "attention {shape} causal={} on {} ({threads} threads)",
-        args.causal,
-        cpu_model()
-    );
+    println!("attention {shape} causal={} on {} ({threads} threads)", args.causal, cpu_model());
 
     let reference = if args.no_check {
         None
@@ -118,6 +114,8 @@ pub fn table(args: &TableArgs) -> Result<(), CliError> {
         "bwd GFLOP/s",
         "fwd peak",
         "bwd peak",
+        "fwd HBM",
+        "bwd HBM",
     ];
     let mut rows = vec![header.map(String::from).to_vec()];
     for stage in attn::stages() {
@@ -169,11 +167,14 @@ pub fn table(args: &TableArgs) -> Result<(), CliError> {
             format!("{:.1}", backward_flops(&shape, args.causal) / t_bwd / 1e9),
             human_bytes(fwd_peak),
             human_bytes(bwd_peak),
+            fwd.traffic.map_or("-".into(), |t| human_bytes(t.total())),
+            grads.traffic.map_or("-".into(), |t| human_bytes(t.total())),
         ]);
     }
     print_table(&rows);
     println!(
-        "errors: normwise relative vs the float64 reference (backward: worst of dQ, dK, dV); peak: heap above the inputs"
+        "errors: normwise relative vs the float64 reference (backward: worst of dQ, dK, dV); \
+         peak: heap above the inputs; HBM: bytes moved between full arrays and tiles"
     );
     Ok(())
 }
@@ -181,13 +182,7 @@ pub fn table(args: &TableArgs) -> Result<(), CliError> {
 fn print_table(rows: &[Vec<String>]) {
     let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..cols)
-        .map(|c| {
-            rows.iter()
-                .filter_map(|r| r.get(c))
-                .map(|s| s.chars().count())
-                .max()
-                .unwrap_or(0)
-        })
+        .map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0))
         .collect();
     for (i, row) in rows.iter().enumerate() {
         let line: Vec<String> = row
@@ -203,14 +198,7 @@ fn print_table(rows: &[Vec<String>]) {
             .collect();
         println!("{}", line.join("  ").trim_end());
         if i == 0 {
-            println!(
-                "{}",
-                widths
-                    .iter()
-                    .map(|w| "-".repeat(*w))
-                    .collect::<Vec<_>>()
-                    .join("  ")
-            );
+            println!("{}", widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>().join("  "));
         }
     }
 }

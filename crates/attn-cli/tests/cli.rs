@@ -20,19 +20,14 @@ const STAGES: &[&[&str]] = &[
 ];
 
 fn dir(name: &str) -> PathBuf {
-    let d = Path::new(env!("CARGO_TARGET_TMPDIR"))
-        .join("cli")
-        .join(name);
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cli").join(name);
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
 }
 
 fn attn(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_attn"))
-        .args(args)
-        .output()
-        .unwrap()
+    Command::new(env!("CARGO_BIN_EXE_attn")).args(args).output().unwrap()
 }
 
 fn s(p: &Path) -> &str {
@@ -54,17 +49,11 @@ fn run_case(
     write_npy(d.join("k.npy"), &data.k).unwrap();
     write_npy(d.join("v.npy"), &data.v).unwrap();
     write_npy(d.join("do.npy"), &data.d_out).unwrap();
-    let mut args: Vec<String> = [
-        "run",
-        "--q",
-        s(&d.join("q.npy")),
-        "--k",
-        s(&d.join("k.npy")),
-    ]
-    .iter()
-    .chain(algo)
-    .map(|x| x.to_string())
-    .collect();
+    let mut args: Vec<String> = ["run", "--q", s(&d.join("q.npy")), "--k", s(&d.join("k.npy"))]
+        .iter()
+        .chain(algo)
+        .map(|x| x.to_string())
+        .collect();
     for (flag, file) in [
         ("--v", "v.npy"),
         ("--out", "o.npy"),
@@ -96,30 +85,18 @@ fn run_case(
         args.extend(["--scale".into(), scale.to_string()]);
     }
     if let Some(dr) = data.opts.dropout {
-        args.extend([
-            "--dropout".into(),
-            dr.p.to_string(),
-            "--seed".into(),
-            dr.seed.to_string(),
-        ]);
+        args.extend(["--dropout".into(), dr.p.to_string(), "--seed".into(), dr.seed.to_string()]);
     }
     let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = attn(&arg_refs);
-    assert!(
-        out.status.success(),
-        "{name}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
 
     // The reference on the same tensors (the mask and bias as the CLI was given them).
     let mask4 = mask_as_4d_file.map(|m| m.into_dimensionality::<ndarray::Ix4>().unwrap());
     let bias4 = bias_file.map(|b| {
         let mut shape = vec![1; 4 - b.ndim()];
         shape.extend(b.shape());
-        b.into_shape_with_order(shape)
-            .unwrap()
-            .into_dimensionality::<ndarray::Ix4>()
-            .unwrap()
+        b.into_shape_with_order(shape).unwrap().into_dimensionality::<ndarray::Ix4>().unwrap()
     });
     let mut inputs = Inputs::new(data.q.view(), data.k.view(), data.v.view());
     if let Some(m) = &data.mask2 {
@@ -136,14 +113,8 @@ fn run_case(
     let rg = r.backward(&data.d_out.mapv(f64::from));
     let o: Array4<f32> = read_npy(d.join("o.npy")).unwrap();
     let lse: Array3<f32> = read_npy(d.join("lse.npy")).unwrap();
-    assert!(
-        compare(o.view(), rf.out.view()).within(1e-5, 3e-4),
-        "{name}: out"
-    );
-    assert!(
-        compare(lse.view(), rf.lse.view()).within(1e-5, 3e-4),
-        "{name}: lse"
-    );
+    assert!(compare(o.view(), rf.out.view()).within(1e-5, 3e-4), "{name}: out");
+    assert!(compare(lse.view(), rf.lse.view()).within(1e-5, 3e-4), "{name}: lse");
     for (file, reference) in [("dq.npy", &rg.dq), ("dk.npy", &rg.dk), ("dv.npy", &rg.dv)] {
         let g: Array4<f32> = read_npy(d.join(file)).unwrap();
         let e = compare(g.view(), reference.view());
@@ -154,13 +125,7 @@ fn run_case(
 #[test]
 fn run_matches_the_reference_on_plain_self_attention() {
     for algo in STAGES {
-        run_case(
-            "plain",
-            algo,
-            &Case::new(Shape::new(2, 3, 33, 16), 1),
-            None,
-            None,
-        );
+        run_case("plain", algo, &Case::new(Shape::new(2, 3, 33, 16), 1), None, None);
     }
 }
 
@@ -190,13 +155,7 @@ fn run_matches_the_reference_with_broadcast_mask_low_rank_bias_dropout_and_scale
     let mask = attn::core::random::mask((1, 1, 40, 23), 0.8, 5).into_dyn();
     let bias = attn::core::random::bias((40, 23), 0.1, 6).into_dyn();
     for algo in STAGES {
-        run_case(
-            "broadcast",
-            algo,
-            &case,
-            Some(mask.clone()),
-            Some(bias.clone()),
-        );
+        run_case("broadcast", algo, &case, Some(mask.clone()), Some(bias.clone()));
     }
 }
 
@@ -224,36 +183,19 @@ fn assert_rejected(name: &str, flag: &str, edit: impl FnOnce(&Path, &mut Vec<Str
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = attn(&refs);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "{name}: status {:?}, stderr {stderr}",
-        out.status
-    );
-    assert!(
-        stderr.contains(flag),
-        "{name}: message does not name {flag}: {stderr}"
-    );
-    assert_eq!(
-        stderr.trim_end().lines().count(),
-        1,
-        "{name}: more than one line: {stderr}"
-    );
+    assert_eq!(out.status.code(), Some(2), "{name}: status {:?}, stderr {stderr}", out.status);
+    assert!(stderr.contains(flag), "{name}: message does not name {flag}: {stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{name}: more than one line: {stderr}");
     assert!(!stderr.contains("panicked"), "{name}: {stderr}");
     let leftovers: Vec<_> = std::fs::read_dir(&d)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .filter(|f| {
-            ![
-                "q.npy", "k.npy", "v.npy", "m.npy", "b.npy", "do.npy", "bad.npy",
-            ]
-            .contains(&f.as_str())
+            !["q.npy", "k.npy", "v.npy", "m.npy", "b.npy", "do.npy", "bad.npy"]
+                .contains(&f.as_str())
         })
         .collect();
-    assert!(
-        leftovers.is_empty(),
-        "{name}: files left behind: {leftovers:?}"
-    );
+    assert!(leftovers.is_empty(), "{name}: files left behind: {leftovers:?}");
 }
 
 fn set(args: &mut [String], flag: &str, value: &str) {
@@ -263,9 +205,7 @@ fn set(args: &mut [String], flag: &str, value: &str) {
 
 #[test]
 fn bad_inputs_exit_2_with_one_line_naming_the_flag_and_write_nothing() {
-    assert_rejected("missing-file", "--k", |d, a| {
-        set(a, "--k", s(&d.join("nope.npy")))
-    });
+    assert_rejected("missing-file", "--k", |d, a| set(a, "--k", s(&d.join("nope.npy"))));
     assert_rejected("not-npy", "--q", |d, a| {
         std::fs::write(d.join("bad.npy"), b"hello").unwrap();
         set(a, "--q", s(&d.join("bad.npy")));
@@ -316,33 +256,21 @@ fn bad_inputs_exit_2_with_one_line_naming_the_flag_and_write_nothing() {
         a.extend(["--mask".into(), s(&d.join("m.npy")).into()]);
     });
     assert_rejected("mask-shape", "--mask", |d, a| {
-        write_npy(
-            d.join("m.npy"),
-            &ndarray::Array2::<bool>::from_elem((1, 7), true),
-        )
-        .unwrap();
+        write_npy(d.join("m.npy"), &ndarray::Array2::<bool>::from_elem((1, 7), true)).unwrap();
         a.extend(["--mask".into(), s(&d.join("m.npy")).into()]);
     });
     assert_rejected("mask-rank", "--mask", |d, a| {
         write_npy(d.join("m.npy"), &Array3::<bool>::from_elem((1, 8, 8), true)).unwrap();
         a.extend(["--mask".into(), s(&d.join("m.npy")).into()]);
     });
-    assert_rejected("zero-q-block", "--q-block", |_, a| {
-        a.extend(["--q-block".into(), "0".into()])
-    });
-    assert_rejected("zero-k-block", "--k-block", |_, a| {
-        a.extend(["--k-block".into(), "0".into()])
-    });
+    assert_rejected("zero-q-block", "--q-block", |_, a| a.extend(["--q-block".into(), "0".into()]));
+    assert_rejected("zero-k-block", "--k-block", |_, a| a.extend(["--k-block".into(), "0".into()]));
     assert_rejected("unknown-algo", "--algo", |_, a| set(a, "--algo", "quantum"));
-    assert_rejected("dropout", "--dropout", |_, a| {
-        a.extend(["--dropout".into(), "1.0".into()])
-    });
+    assert_rejected("dropout", "--dropout", |_, a| a.extend(["--dropout".into(), "1.0".into()]));
     assert_rejected("negative-dropout", "--dropout", |_, a| {
         a.extend(["--dropout".into(), "-0.1".into()])
     });
-    assert_rejected("scale", "--scale", |_, a| {
-        a.extend(["--scale".into(), "0".into()])
-    });
+    assert_rejected("scale", "--scale", |_, a| a.extend(["--scale".into(), "0".into()]));
     assert_rejected("memory-limit", "--algo", |_, a| {
         a.extend(["--memory-limit".into(), "100".into()])
     });
@@ -351,12 +279,9 @@ fn bad_inputs_exit_2_with_one_line_naming_the_flag_and_write_nothing() {
     });
     assert_rejected("grad-shape", "--grad-out", |d, a| {
         write_npy(d.join("do.npy"), &Array4::<f32>::zeros((1, 2, 9, 4))).unwrap();
-        for (f, file) in [
-            ("--grad-out", "do.npy"),
-            ("--dq", "dq.npy"),
-            ("--dk", "dk.npy"),
-            ("--dv", "dv.npy"),
-        ] {
+        for (f, file) in
+            [("--grad-out", "do.npy"), ("--dq", "dq.npy"), ("--dk", "dk.npy"), ("--dv", "dv.npy")]
+        {
             a.extend([f.into(), s(&d.join(file)).into()]);
         }
     });
@@ -371,27 +296,10 @@ fn bad_inputs_exit_2_with_one_line_naming_the_flag_and_write_nothing() {
 
 #[test]
 fn default_command_prints_the_table_with_small_errors() {
-    let out = attn(&[
-        "table",
-        "--heads",
-        "2",
-        "--seq",
-        "96",
-        "--head-dim",
-        "16",
-        "--repeats",
-        "1",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = attn(&["table", "--heads", "2", "--seq", "96", "--head-dim", "16", "--repeats", "1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let row = stdout
-        .lines()
-        .find(|l| l.starts_with("naive"))
-        .expect("a naive row");
+    let row = stdout.lines().find(|l| l.starts_with("naive")).expect("a naive row");
     let cols: Vec<&str> = row.split_whitespace().collect();
     let fwd_err: f64 = cols[2].parse().unwrap();
     let bwd_err: f64 = cols[3].parse().unwrap();

@@ -32,12 +32,7 @@ where
     for (b, t_b) in t.into_outer_iter_mut().enumerate() {
         for (h, t_bh) in t_b.into_outer_iter_mut().enumerate() {
             for (c, view) in t_bh.into_axis_chunks_iter_mut(Axis(0), block).enumerate() {
-                blocks.push(Block {
-                    b,
-                    h,
-                    start: c * block,
-                    view,
-                });
+                blocks.push(Block { b, h, start: c * block, view });
             }
         }
     }

@@ -77,12 +77,7 @@ impl DropoutParams {
             return Err(AttnError::InvalidDropout(p));
         }
         let threshold = (p as f64 * 4_294_967_296.0).floor() as u32;
-        Ok(Self {
-            p,
-            seed: dropout.seed,
-            threshold,
-            keep_scale: (1.0 / (1.0 - p as f64)) as f32,
-        })
+        Ok(Self { p, seed: dropout.seed, threshold, keep_scale: (1.0 / (1.0 - p as f64)) as f32 })
     }
 
     /// Whether weight `(b, h, i, j)` survives.
@@ -93,11 +88,7 @@ impl DropoutParams {
     /// The factor weight `(i, j)` of a row is multiplied by: `0` or `1/(1 − p)`.
     #[inline(always)]
     pub fn factor(&self, row_key: u32, j: usize) -> f32 {
-        if element_hash(row_key, j) >= self.threshold {
-            self.keep_scale
-        } else {
-            0.0
-        }
+        if element_hash(row_key, j) >= self.threshold { self.keep_scale } else { 0.0 }
     }
 }
 

@@ -8,27 +8,15 @@ use thiserror::Error;
 pub enum AttnError {
     /// A tensor does not have the rank the contract asks for.
     #[error("{arg} must be a {expected}-D tensor {layout}, but it has shape {got:?}")]
-    Rank {
-        arg: &'static str,
-        expected: usize,
-        layout: &'static str,
-        got: Vec<usize>,
-    },
+    Rank { arg: &'static str, expected: usize, layout: &'static str, got: Vec<usize> },
 
     /// A tensor has a zero-length axis.
     #[error("{arg} has shape {shape:?}: every axis must be at least 1 long")]
-    EmptyAxis {
-        arg: &'static str,
-        shape: Vec<usize>,
-    },
+    EmptyAxis { arg: &'static str, shape: Vec<usize> },
 
     /// Two tensors disagree on an axis.
     #[error("{arg} has shape {got:?} but {expected}")]
-    ShapeMismatch {
-        arg: &'static str,
-        got: Vec<usize>,
-        expected: String,
-    },
+    ShapeMismatch { arg: &'static str, got: Vec<usize>, expected: String },
 
     /// Query heads are not a multiple of key/value heads (GQA/MQA needs heads % kv_heads == 0).
     #[error(
@@ -38,11 +26,7 @@ pub enum AttnError {
 
     /// Q, K or V holds a NaN or an infinity.
     #[error("{arg} holds {value} at index {index:?}: q, k and v must be finite")]
-    NonFinite {
-        arg: &'static str,
-        index: Vec<usize>,
-        value: f32,
-    },
+    NonFinite { arg: &'static str, index: Vec<usize>, value: f32 },
 
     /// The bias holds NaN or +∞ (−∞ is allowed: it acts as a mask).
     #[error(
@@ -64,17 +48,13 @@ pub enum AttnError {
     #[error("dropout probability is {0}: it must lie in [0, 1)")]
     InvalidDropout(f32),
 
-    /// A block (chunk, tile) size of zero.
-    #[error("{arg} is 0: block sizes must be at least 1")]
+    /// A block (chunk, tile) size, or the SRAM budget, of zero.
+    #[error("{arg} is 0: block sizes and the SRAM budget must be at least 1")]
     ZeroBlockSize { arg: &'static str },
 
     /// A head dimension a (GPU) kernel does not support.
     #[error("{stage} does not support head_dim {head_dim}; supported: {supported}")]
-    UnsupportedHeadDim {
-        stage: &'static str,
-        head_dim: usize,
-        supported: String,
-    },
+    UnsupportedHeadDim { stage: &'static str, head_dim: usize, supported: String },
 
     /// The stage's workspace would not fit in the memory limit. Raised before allocating.
     #[error(

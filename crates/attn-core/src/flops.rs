@@ -12,13 +12,7 @@ pub fn visible_pairs(n_q: usize, n_k: usize, causal: bool) -> u64 {
     if !causal {
         return n_q as u64 * n_k as u64;
     }
-    (0..n_q as u64)
-        .map(|i| {
-            (i + 1 + n_k as u64)
-                .saturating_sub(n_q as u64)
-                .min(n_k as u64)
-        })
-        .sum()
+    (0..n_q as u64).map(|i| (i + 1 + n_k as u64).saturating_sub(n_q as u64).min(n_k as u64)).sum()
 }
 
 /// Forward FLOPs: `4 · b · h · d · visible pairs`.
@@ -49,13 +43,7 @@ mod tests {
     #[test]
     fn forward_flops_of_a_known_problem() {
         let shape = Shape::new(1, 8, 1024, 64);
-        assert_eq!(
-            forward_flops(&shape, false),
-            4.0 * 8.0 * 64.0 * 1024.0 * 1024.0
-        );
-        assert_eq!(
-            backward_flops(&shape, true),
-            2.5 * 4.0 * 8.0 * 64.0 * (1024.0 * 1025.0 / 2.0)
-        );
+        assert_eq!(forward_flops(&shape, false), 4.0 * 8.0 * 64.0 * 1024.0 * 1024.0);
+        assert_eq!(backward_flops(&shape, true), 2.5 * 4.0 * 8.0 * 64.0 * (1024.0 * 1025.0 / 2.0));
     }
 }

@@ -35,6 +35,7 @@ pub mod shape;
 pub mod stage;
 pub mod testing;
 pub mod tolerance;
+pub mod traffic;
 
 pub use ndarray;
 
@@ -44,3 +45,4 @@ pub use options::{Inputs, Mask, Options};
 pub use problem::{Head, Problem, check_d_out, check_saved};
 pub use shape::Shape;
 pub use stage::{Device, Forward, Grads, Stage};
+pub use traffic::{Traffic, TrafficCounter};

@@ -106,10 +106,7 @@ pub fn available_memory() -> Option<u64> {
 /// The environment variable `ATTN_MEMORY_LIMIT` (bytes, or with a `K`/`M`/`G` suffix)
 /// overrides it.
 pub fn default_memory_limit() -> u64 {
-    if let Some(bytes) = std::env::var("ATTN_MEMORY_LIMIT")
-        .ok()
-        .and_then(|s| parse_bytes(&s))
-    {
+    if let Some(bytes) = std::env::var("ATTN_MEMORY_LIMIT").ok().and_then(|s| parse_bytes(&s)) {
         return bytes;
     }
     available_memory().unwrap_or(8 << 30)
@@ -118,10 +115,7 @@ pub fn default_memory_limit() -> u64 {
 /// Parses `"123"`, `"64K"`, `"512M"`, `"16G"` (binary multiples; a trailing `iB`/`B` is allowed).
 pub fn parse_bytes(s: &str) -> Option<u64> {
     let s = s.trim();
-    let s = s
-        .strip_suffix("iB")
-        .or_else(|| s.strip_suffix('B'))
-        .unwrap_or(s);
+    let s = s.strip_suffix("iB").or_else(|| s.strip_suffix('B')).unwrap_or(s);
     let (num, mult) = match s.chars().last()? {
         'K' | 'k' => (&s[..s.len() - 1], 1u64 << 10),
         'M' | 'm' => (&s[..s.len() - 1], 1 << 20),
@@ -142,11 +136,7 @@ pub fn human_bytes(bytes: u64) -> String {
         value /= 1024.0;
         unit += 1;
     }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
+    if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
 }
 
 #[cfg(test)]

@@ -99,23 +99,11 @@ fn compare_impl<D: Dimension>(
         }
     }
     let norm = ref2.sqrt();
-    let rms = if count > 0 {
-        (ref2 / count as f64).sqrt()
-    } else {
-        0.0
-    };
+    let rms = if count > 0 { (ref2 / count as f64).sqrt() } else { 0.0 };
     let nan_to_inf = |v: f64| if v.is_nan() { f64::INFINITY } else { v };
     ErrorReport {
-        normwise: nan_to_inf(if norm > 0.0 {
-            diff2.sqrt() / norm
-        } else {
-            diff2.sqrt()
-        }),
-        elementwise: nan_to_inf(if rms > 0.0 {
-            worst_abs / rms
-        } else {
-            worst_abs
-        }),
+        normwise: nan_to_inf(if norm > 0.0 { diff2.sqrt() / norm } else { diff2.sqrt() }),
+        elementwise: nan_to_inf(if rms > 0.0 { worst_abs / rms } else { worst_abs }),
         worst,
         floor: if norm > 0.0 {
             FLOOR_ROUNDINGS.0 * u * m2.sqrt() / norm
@@ -161,11 +149,7 @@ mod tests {
         x.row_mut(77).fill(1.01);
         let e = compare(x.view(), r.view());
         assert!(e.normwise < 2e-4, "normwise {}", e.normwise);
-        assert!(
-            (e.elementwise - 0.01).abs() < 1e-6,
-            "elementwise {}",
-            e.elementwise
-        );
+        assert!((e.elementwise - 0.01).abs() < 1e-6, "elementwise {}", e.elementwise);
         assert_eq!(e.worst / 4, 77);
     }
 

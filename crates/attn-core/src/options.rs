@@ -29,27 +29,15 @@ pub struct Inputs<'a> {
 
 impl<'a> Inputs<'a> {
     pub fn new(q: ArrayView4<'a, f32>, k: ArrayView4<'a, f32>, v: ArrayView4<'a, f32>) -> Self {
-        Self {
-            q,
-            k,
-            v,
-            mask: None,
-            bias: None,
-        }
+        Self { q, k, v, mask: None, bias: None }
     }
 
     pub fn with_mask(self, mask: Mask<'a>) -> Self {
-        Self {
-            mask: Some(mask),
-            ..self
-        }
+        Self { mask: Some(mask), ..self }
     }
 
     pub fn with_bias(self, bias: ArrayView4<'a, f32>) -> Self {
-        Self {
-            bias: Some(bias),
-            ..self
-        }
+        Self { bias: Some(bias), ..self }
     }
 }
 
@@ -66,6 +54,10 @@ pub struct Options {
     pub q_block: Option<usize>,
     /// Rows of K/V per block; `None` lets the stage choose.
     pub k_block: Option<usize>,
+    /// The on-chip memory ("SRAM") a tiled stage sizes its blocks for, in f32 elements (the
+    /// FlashAttention paper's M); `None` lets the stage choose. Explicit `q_block` /
+    /// `k_block` take precedence.
+    pub sram: Option<usize>,
     /// Largest workspace a stage may allocate, in bytes; `None` means the machine's
     /// available memory ([`crate::memory::default_memory_limit`]).
     pub memory_limit: Option<u64>,
@@ -77,31 +69,22 @@ impl Options {
     }
 
     pub fn scale(self, scale: f32) -> Self {
-        Self {
-            scale: Some(scale),
-            ..self
-        }
+        Self { scale: Some(scale), ..self }
     }
 
     pub fn dropout(self, p: f32, seed: u64) -> Self {
-        Self {
-            dropout: Some(Dropout::new(p, seed)),
-            ..self
-        }
+        Self { dropout: Some(Dropout::new(p, seed)), ..self }
     }
 
     pub fn blocks(self, q_block: usize, k_block: usize) -> Self {
-        Self {
-            q_block: Some(q_block),
-            k_block: Some(k_block),
-            ..self
-        }
+        Self { q_block: Some(q_block), k_block: Some(k_block), ..self }
+    }
+
+    pub fn sram(self, elems: usize) -> Self {
+        Self { sram: Some(elems), ..self }
     }
 
     pub fn memory_limit(self, bytes: u64) -> Self {
-        Self {
-            memory_limit: Some(bytes),
-            ..self
-        }
+        Self { memory_limit: Some(bytes), ..self }
     }
 }

@@ -63,11 +63,7 @@ fn first_bad<D: Dimension>(
     ok: impl Fn(f32) -> bool + Sync,
 ) -> Option<(Vec<usize>, f32)> {
     // `iter` walks in logical (row-major) order, so the position unravels over the shape.
-    let (mut flat, value) = a
-        .iter()
-        .enumerate()
-        .find(|(_, x)| !ok(**x))
-        .map(|(i, &x)| (i, x))?;
+    let (mut flat, value) = a.iter().enumerate().find(|(_, x)| !ok(**x)).map(|(i, &x)| (i, x))?;
     let mut index = vec![0; a.ndim()];
     for (axis, &len) in a.shape().iter().enumerate().rev() {
         index[axis] = flat % len;
@@ -81,10 +77,7 @@ impl<'a> Problem<'a> {
     pub fn new(inputs: &Inputs<'a>, opts: &Options) -> Result<Self> {
         let (q, k, v) = (inputs.q, inputs.k, inputs.v);
         if q.is_empty() {
-            return Err(AttnError::EmptyAxis {
-                arg: "q",
-                shape: dims(&q),
-            });
+            return Err(AttnError::EmptyAxis { arg: "q", shape: dims(&q) });
         }
         let (batch, heads, _, head_dim) = q.dim();
         let (kb, kv_heads, n_k, kd) = k.dim();
@@ -99,10 +92,7 @@ impl<'a> Problem<'a> {
             });
         }
         if k.is_empty() {
-            return Err(AttnError::EmptyAxis {
-                arg: "k",
-                shape: dims(&k),
-            });
+            return Err(AttnError::EmptyAxis { arg: "k", shape: dims(&k) });
         }
         if v.dim() != k.dim() {
             return Err(AttnError::ShapeMismatch {
@@ -152,6 +142,9 @@ impl<'a> Problem<'a> {
         if opts.k_block == Some(0) {
             return Err(AttnError::ZeroBlockSize { arg: "k_block" });
         }
+        if opts.sram == Some(0) {
+            return Err(AttnError::ZeroBlockSize { arg: "sram" });
+        }
 
         for (arg, t) in [("q", q), ("k", k), ("v", v)] {
             if let Some((index, value)) = first_bad(&t, f32::is_finite) {
@@ -174,9 +167,7 @@ impl<'a> Problem<'a> {
                 .sqrt()
         };
         let max_bias = inputs.bias.map_or(0.0, |b| {
-            b.iter()
-                .filter(|x| x.is_finite())
-                .fold(0.0f64, |m, &x| m.max((x as f64).abs()))
+            b.iter().filter(|x| x.is_finite()).fold(0.0f64, |m, &x| m.max((x as f64).abs()))
         });
         let bound = (scale as f64).abs() * max_norm(&q) * max_norm(&k) + max_bias;
         if bound > SCORE_LIMIT {
@@ -232,30 +223,19 @@ impl<'a> Problem<'a> {
         let pick = |len: usize, i: usize| if len == 1 { 0 } else { i };
         let bias = self.bias.map(|t| {
             let (tb, th, _, _) = t.dim();
-            t.index_axis_move(Axis(0), pick(tb, b))
-                .index_axis_move(Axis(0), pick(th, h))
+            t.index_axis_move(Axis(0), pick(tb, b)).index_axis_move(Axis(0), pick(th, h))
         });
         let mask = self.mask.map(|t| {
             let (tb, th, _, _) = t.dim();
-            t.index_axis_move(Axis(0), pick(tb, b))
-                .index_axis_move(Axis(0), pick(th, h))
+            t.index_axis_move(Axis(0), pick(tb, b)).index_axis_move(Axis(0), pick(th, h))
         });
         Head {
             b,
             h,
             kv_h,
-            q: self
-                .q
-                .index_axis_move(Axis(0), b)
-                .index_axis_move(Axis(0), h),
-            k: self
-                .k
-                .index_axis_move(Axis(0), b)
-                .index_axis_move(Axis(0), kv_h),
-            v: self
-                .v
-                .index_axis_move(Axis(0), b)
-                .index_axis_move(Axis(0), kv_h),
+            q: self.q.index_axis_move(Axis(0), b).index_axis_move(Axis(0), h),
+            k: self.k.index_axis_move(Axis(0), b).index_axis_move(Axis(0), kv_h),
+            v: self.v.index_axis_move(Axis(0), b).index_axis_move(Axis(0), kv_h),
             n_q,
             n_k,
             causal: self.causal,
@@ -334,10 +314,15 @@ impl Head<'_> {
             }
             let end = self.key_end(i);
             if end < j0 + cols {
-                row.slice_mut(s![end.saturating_sub(j0)..])
-                    .fill(f32::NEG_INFINITY);
+                row.slice_mut(s![end.saturating_sub(j0)..]).fill(f32::NEG_INFINITY);
             }
         }
+    }
+
+    /// Bytes of mask and bias read per score entry (4 for a bias, 1 for a boolean mask):
+    /// what a tile of scores costs to load besides Q and K.
+    pub fn score_mod_bytes(&self) -> usize {
+        4 * self.bias.is_some() as usize + self.mask.is_some() as usize
     }
 
     /// Whether this head has dropout.
@@ -374,11 +359,7 @@ pub fn check_d_out(shape: &Shape, d_out: ArrayView4<'_, f32>) -> Result<()> {
         });
     }
     if let Some((index, value)) = first_bad(&d_out, f32::is_finite) {
-        return Err(AttnError::NonFinite {
-            arg: "d_out",
-            index,
-            value,
-        });
+        return Err(AttnError::NonFinite { arg: "d_out", index, value });
     }
     Ok(())
 }

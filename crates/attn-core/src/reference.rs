@@ -144,11 +144,8 @@ impl RefProblem {
         let rows: Vec<(usize, usize, usize, Vec<f64>, f64)> = (0..sh.batch * sh.heads * sh.n_q)
             .into_par_iter()
             .map(|flat| {
-                let (b, h, i) = (
-                    flat / (sh.heads * sh.n_q),
-                    flat / sh.n_q % sh.heads,
-                    flat % sh.n_q,
-                );
+                let (b, h, i) =
+                    (flat / (sh.heads * sh.n_q), flat / sh.n_q % sh.heads, flat % sh.n_q);
                 let (p, z, l) = self.row(b, h, i);
                 let kv_h = h / sh.group();
                 let mut o = vec![0.0; sh.head_dim];
@@ -200,8 +197,7 @@ impl RefProblem {
                             }
                             dv.row_mut(j).scaled_add(p[j] * z[j], &d_o);
                             let ds = p[j] * (dp[j] - d_row);
-                            dq.slice_mut(s![g, i, ..])
-                                .scaled_add(self.scale * ds, &k.row(j));
+                            dq.slice_mut(s![g, i, ..]).scaled_add(self.scale * ds, &k.row(j));
                             dk.row_mut(j).scaled_add(self.scale * ds, &qi);
                         }
                     }
@@ -215,10 +211,7 @@ impl RefProblem {
             dv: Array4::zeros(sh.kv_dims()),
         };
         for (b, kv_h, dq, dk, dv) in parts {
-            grads
-                .dq
-                .slice_mut(s![b, kv_h * group..(kv_h + 1) * group, .., ..])
-                .assign(&dq);
+            grads.dq.slice_mut(s![b, kv_h * group..(kv_h + 1) * group, .., ..]).assign(&dq);
             grads.dk.slice_mut(s![b, kv_h, .., ..]).assign(&dk);
             grads.dv.slice_mut(s![b, kv_h, .., ..]).assign(&dv);
         }
@@ -255,12 +248,10 @@ impl RefProblem {
                         let v_abs = self.v.slice(s![b, kv_h, j, ..]).mapv(f64::abs);
                         let k_abs = self.k.slice(s![b, kv_h, j, ..]).mapv(f64::abs);
                         let ds = p[j] * (d_o.dot(&v_abs) * z[j] + d_mag);
-                        m.dq.slice_mut(s![b, h, i, ..])
-                            .scaled_add(self.scale.abs() * ds, &k_abs);
+                        m.dq.slice_mut(s![b, h, i, ..]).scaled_add(self.scale.abs() * ds, &k_abs);
                         m.dk.slice_mut(s![b, kv_h, j, ..])
                             .scaled_add(self.scale.abs() * ds, &q_abs);
-                        m.dv.slice_mut(s![b, kv_h, j, ..])
-                            .scaled_add(p[j] * z[j], &d_o);
+                        m.dv.slice_mut(s![b, kv_h, j, ..]).scaled_add(p[j] * z[j], &d_o);
                     }
                 }
             }

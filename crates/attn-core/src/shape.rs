@@ -18,14 +18,7 @@ pub struct Shape {
 impl Shape {
     /// Self-attention shape: `n_q = n_k = n`, as many key/value heads as query heads.
     pub fn new(batch: usize, heads: usize, n: usize, head_dim: usize) -> Self {
-        Self {
-            batch,
-            heads,
-            kv_heads: heads,
-            n_q: n,
-            n_k: n,
-            head_dim,
-        }
+        Self { batch, heads, kv_heads: heads, n_q: n, n_k: n, head_dim }
     }
 
     /// The shape of Q `[b, h, n_q, d]` and K `[b, kv_heads, n_k, d]` (batch and head_dim of K
@@ -33,14 +26,7 @@ impl Shape {
     pub fn from_dims(q: (usize, usize, usize, usize), k: (usize, usize, usize, usize)) -> Self {
         let (batch, heads, n_q, head_dim) = q;
         let (_, kv_heads, n_k, _) = k;
-        Self {
-            batch,
-            heads,
-            kv_heads,
-            n_q,
-            n_k,
-            head_dim,
-        }
+        Self { batch, heads, kv_heads, n_q, n_k, head_dim }
     }
 
     /// Sets a different key/value length (cross attention).

@@ -4,6 +4,7 @@ use ndarray::{Array3, Array4, ArrayView4};
 
 use crate::error::Result;
 use crate::options::{Inputs, Options};
+use crate::traffic::Traffic;
 
 /// Where a stage computes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -29,6 +30,9 @@ pub struct Forward {
     /// `[batch, heads, n_q]`: natural-log log-sum-exp of each row's scaled, biased scores;
     /// −∞ for a row whose every key is removed.
     pub lse: Array3<f32>,
+    /// The bytes the algorithm moved between its full arrays and its tiles, for stages
+    /// that count them ([`Traffic`]).
+    pub traffic: Option<Traffic>,
 }
 
 /// A backward pass's results.
@@ -40,6 +44,8 @@ pub struct Grads {
     pub dk: Array4<f32>,
     /// `[batch, kv_heads, n_k, head_dim]`
     pub dv: Array4<f32>,
+    /// The bytes the algorithm moved, for stages that count them.
+    pub traffic: Option<Traffic>,
 }
 
 /// One attention algorithm on one device: forward and backward under the common contract.

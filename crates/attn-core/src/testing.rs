@@ -86,11 +86,7 @@ impl Case {
         }
         let bias = match self.bias {
             BiasKind::None => None,
-            BiasKind::Full => Some(random::bias(
-                (sh.batch, sh.heads, sh.n_q, sh.n_k),
-                0.0,
-                s + 14,
-            )),
+            BiasKind::Full => Some(random::bias((sh.batch, sh.heads, sh.n_q, sh.n_k), 0.0, s + 14)),
             BiasKind::NegInf => Some(random::bias((1, sh.heads, sh.n_q, sh.n_k), 0.2, s + 15)),
             BiasKind::PerKey => Some(random::bias((sh.batch, 1, 1, sh.n_k), 0.0, s + 16)),
         };
@@ -100,18 +96,10 @@ impl Case {
             dropout: self.dropout.map(|p| crate::Dropout::new(p, s ^ 0x5eed)),
             q_block: self.q_block,
             k_block: self.k_block,
+            sram: None,
             memory_limit: None,
         };
-        CaseData {
-            q,
-            k,
-            v,
-            mask2,
-            mask4,
-            bias,
-            d_out,
-            opts,
-        }
+        CaseData { q, k, v, mask2, mask4, bias, d_out, opts }
     }
 }
 
@@ -249,19 +237,10 @@ pub mod strategies {
     /// not, every kind of mask and bias, dropout or not, a custom scale or not, and — when
     /// `blocks` — block sizes from 1 to `max_n + 20` that rarely divide the lengths.
     pub fn arb_case(max_n: usize, blocks: bool) -> impl Strategy<Value = Case> {
-        let block = if blocks {
-            prop::option::of(1usize..=max_n + 20).boxed()
-        } else {
-            Just(None).boxed()
-        };
+        let block =
+            if blocks { prop::option::of(1usize..=max_n + 20).boxed() } else { Just(None).boxed() };
         (
-            (
-                1usize..=2,
-                1usize..=2,
-                1usize..=3,
-                1usize..=max_n,
-                1usize..=max_n,
-            ),
+            (1usize..=2, 1usize..=2, 1usize..=3, 1usize..=max_n, 1usize..=max_n),
             prop::sample::select(vec![1usize, 3, 8, 16, 33, 64]),
             any::<bool>(),
             prop::sample::select(vec![
@@ -276,10 +255,7 @@ pub mod strategies {
                 BiasKind::NegInf,
                 BiasKind::PerKey,
             ]),
-            (
-                prop::option::of(0.05f32..0.6),
-                prop::option::of(0.05f32..2.0),
-            ),
+            (prop::option::of(0.05f32..0.6), prop::option::of(0.05f32..2.0)),
             (block.clone(), block),
             any::<u64>(),
         )

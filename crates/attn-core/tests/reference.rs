@@ -23,10 +23,7 @@ fn zero_queries_average_the_values_and_lse_is_log_n() {
         &Options::default(),
     )
     .unwrap();
-    let mean = v
-        .slice(s![0, 0, .., ..])
-        .mean_axis(ndarray::Axis(0))
-        .unwrap();
+    let mean = v.slice(s![0, 0, .., ..]).mean_axis(ndarray::Axis(0)).unwrap();
     for i in 0..3 {
         for c in 0..4 {
             assert!((r.out[[0, 0, i, c]] - mean[c] as f64).abs() < 1e-6);
@@ -45,15 +42,9 @@ fn causal_is_bottom_right_aligned_for_fewer_queries_than_keys() {
     let r =
         attn_core::reference::forward(&Inputs::new(q.view(), k.view(), v.view()), &opts).unwrap();
     for (i, seen) in [(0, 3usize), (1, 4)] {
-        let mean = v
-            .slice(s![0, 0, ..seen, ..])
-            .mean_axis(ndarray::Axis(0))
-            .unwrap();
+        let mean = v.slice(s![0, 0, ..seen, ..]).mean_axis(ndarray::Axis(0)).unwrap();
         for c in 0..3 {
-            assert!(
-                (r.out[[0, 0, i, c]] - mean[c] as f64).abs() < 1e-6,
-                "row {i}"
-            );
+            assert!((r.out[[0, 0, i, c]] - mean[c] as f64).abs() < 1e-6, "row {i}");
         }
         assert!((r.lse[[0, 0, i]] - (seen as f64).ln()).abs() < 1e-12);
     }
@@ -109,10 +100,7 @@ fn finite_difference_check(case: &Case) {
             scale = scale.max(a.abs());
         }
     }
-    assert!(
-        scale > 0.0,
-        "all gradients are zero: the check would be empty"
-    );
+    assert!(scale > 0.0, "all gradients are zero: the check would be empty");
     assert!(
         worst <= 1e-7 * scale.max(1.0),
         "{case:?}: finite differences differ by {worst:e} (largest gradient {scale:e})"
@@ -124,29 +112,15 @@ fn reference_gradients_match_finite_differences() {
     let base = Shape::new(2, 2, 3, 4).with_n_k(5);
     let cases = [
         Case::new(base, 1),
-        Case {
-            causal: true,
-            ..Case::new(base, 2)
-        },
-        Case {
-            causal: true,
-            ..Case::new(Shape::new(1, 2, 5, 3).with_n_k(3), 3)
-        },
-        Case {
-            mask: MaskKind::KeyPadding,
-            bias: BiasKind::Full,
-            ..Case::new(base, 4)
-        },
+        Case { causal: true, ..Case::new(base, 2) },
+        Case { causal: true, ..Case::new(Shape::new(1, 2, 5, 3).with_n_k(3), 3) },
+        Case { mask: MaskKind::KeyPadding, bias: BiasKind::Full, ..Case::new(base, 4) },
         Case {
             mask: MaskKind::Full,
             bias: BiasKind::NegInf,
             ..Case::new(base.with_kv_heads(1), 5)
         },
-        Case {
-            dropout: Some(0.3),
-            bias: BiasKind::PerKey,
-            ..Case::new(base, 6)
-        },
+        Case { dropout: Some(0.3), bias: BiasKind::PerKey, ..Case::new(base, 6) },
         Case {
             scale: Some(0.7),
             mask: MaskKind::Broadcast,
@@ -181,10 +155,7 @@ fn dropout_keeps_the_expected_fraction() {
         }
         let q = 1.0 - p as f64;
         let sigma = (total * q * (1.0 - q)).sqrt();
-        assert!(
-            (kept as f64 - total * q).abs() < 5.0 * sigma,
-            "p={p}: kept {kept} of {total}"
-        );
+        assert!((kept as f64 - total * q).abs() < 5.0 * sigma, "p={p}: kept {kept} of {total}");
         // Neighbouring keys must not be correlated: half the kept weights sit at even j.
         let half = kept as f64 / 2.0;
         assert!(
@@ -200,12 +171,7 @@ fn dropout_depends_on_every_coordinate_and_the_seed() {
     let e = DropoutParams::new(Dropout::new(0.5, 8)).unwrap();
     let row = |d: &DropoutParams, b, h, i| (0..512).map(|j| d.keep(b, h, i, j)).collect::<Vec<_>>();
     let base = row(&d, 0, 0, 0);
-    for other in [
-        row(&d, 1, 0, 0),
-        row(&d, 0, 1, 0),
-        row(&d, 0, 0, 1),
-        row(&e, 0, 0, 0),
-    ] {
+    for other in [row(&d, 1, 0, 0), row(&d, 0, 1, 0), row(&d, 0, 0, 1), row(&e, 0, 0, 0)] {
         let agree = base.iter().zip(&other).filter(|(a, b)| a == b).count();
         // Independent fair coins agree on 256 ± 11 of 512.
         assert!((200..312).contains(&agree), "rows agree on {agree} of 512");

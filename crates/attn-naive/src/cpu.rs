@@ -1,7 +1,8 @@
 //! Stage 1 on the CPU: the textbook algorithm, one full score matrix per head.
 
 use attn_core::{
-    Forward, Grads, Inputs, Options, Problem, Result, Shape, check_d_out, check_saved,
+    Forward, Grads, Head, Inputs, Options, Problem, Result, Shape, Traffic, check_d_out,
+    check_saved,
 };
 use ndarray::linalg::general_mat_mul;
 use ndarray::{Array3, Array4, ArrayView4, ArrayViewMut1, Axis, Zip};
@@ -20,6 +21,67 @@ pub fn forward_workspace_bytes(shape: &Shape) -> u64 {
 /// The backward's workspace: P and dP (then dS in its place) for every (batch, head).
 pub fn backward_workspace_bytes(shape: &Shape) -> u64 {
     2 * 4 * shape.score_elems()
+}
+
+/// The forward's traffic for one head, pass by pass, as the paper's standard attention
+/// (its Algorithm 0) moves whole matrices between passes: S = QKᵀ (read Q, K; write S), the
+/// bias/mask pass if any (read S and the mask/bias; write S), the softmax (read S; write P
+/// and the log-sum-exp), dropout if any (read P; write P), O = PV (read P, V; write O).
+pub fn forward_traffic(head: &Head<'_>, head_dim: usize) -> Traffic {
+    let (n_q, n_k, d) = (head.n_q, head.n_k, head_dim);
+    let nn = n_q * n_k;
+    let mut t = Traffic::default();
+    t.read_f32(n_q * d + n_k * d);
+    t.write_f32(nn);
+    if head.score_mod_bytes() > 0 {
+        t.read_f32(nn);
+        t.read_bytes(nn * head.score_mod_bytes());
+        t.write_f32(nn);
+    }
+    t.read_f32(nn);
+    t.write_f32(nn + n_q);
+    if head.has_dropout() {
+        t.read_f32(nn);
+        t.write_f32(nn);
+    }
+    t.read_f32(nn + n_k * d);
+    t.write_f32(n_q * d);
+    t
+}
+
+/// The backward's traffic for one query head: recompute S (and the bias/mask pass), P from
+/// S and the log-sum-exp, dP = dO Vᵀ (and its dropout pass), D from dO and O, dS from P, dP
+/// and D, then dQ = dS K, dK += dSᵀ Q, the dropout pass on P, dV += Pᵀ dO (dK and dV are read
+/// and written as they accumulate over the query heads of a group).
+pub fn backward_traffic(head: &Head<'_>, head_dim: usize) -> Traffic {
+    let (n_q, n_k, d) = (head.n_q, head.n_k, head_dim);
+    let nn = n_q * n_k;
+    let mut t = Traffic::default();
+    t.read_f32(n_q * d + n_k * d);
+    t.write_f32(nn);
+    if head.score_mod_bytes() > 0 {
+        t.read_f32(nn);
+        t.read_bytes(nn * head.score_mod_bytes());
+        t.write_f32(nn);
+    }
+    t.read_f32(nn + n_q);
+    t.write_f32(nn);
+    t.read_f32(n_q * d + n_k * d);
+    t.write_f32(nn);
+    let dropout_passes = 2 * head.has_dropout() as usize;
+    t.read_f32(dropout_passes * nn);
+    t.write_f32(dropout_passes * nn);
+    t.read_f32(2 * n_q * d);
+    t.write_f32(n_q);
+    t.read_f32(2 * nn + n_q);
+    t.write_f32(nn);
+    t.read_f32(nn + n_k * d);
+    t.write_f32(n_q * d);
+    t.read_f32(nn + n_q * d + n_k * d);
+    t.write_f32(n_k * d);
+    t.read_f32(nn + n_q * d + n_k * d);
+    t.write_f32(n_k * d);
+    t
 }
 
 // ANCHOR: softmax
@@ -43,12 +105,7 @@ fn softmax_row(mut s: ArrayViewMut1<'_, f32>) -> f32 {
 pub fn forward(inputs: &Inputs<'_>, opts: &Options) -> Result<Forward> {
     let p = Problem::new(inputs, opts)?;
     let sh = p.shape;
-    p.check_workspace(
-        NAME,
-        "score matrices S/P",
-        forward_workspace_bytes(&sh),
-        ADVICE,
-    )?;
+    p.check_workspace(NAME, "score matrices S/P", forward_workspace_bytes(&sh), ADVICE)?;
 
     // The O(n²) tensor this stage is about: [b·h, n_q, n_k], S first, then P in its place.
     let mut probs = Array3::<f32>::zeros((sh.batch * sh.heads, sh.n_q, sh.n_k));
@@ -74,13 +131,16 @@ pub fn forward(inputs: &Inputs<'_>, opts: &Options) -> Result<Forward> {
             general_mat_mul(1.0, &s, &head.v, 0.0, &mut o);
         });
 
+    let traffic = (0..sh.batch * sh.heads)
+        .map(|bh| forward_traffic(&p.head(bh / sh.heads, bh % sh.heads), sh.head_dim))
+        .fold(Traffic::default(), |mut a, t| {
+            a += t;
+            a
+        });
     Ok(Forward {
-        out: out
-            .into_shape_with_order(sh.q_dims())
-            .expect("standard layout"),
-        lse: lse
-            .into_shape_with_order(sh.lse_dims())
-            .expect("standard layout"),
+        traffic: Some(traffic),
+        out: out.into_shape_with_order(sh.q_dims()).expect("standard layout"),
+        lse: lse.into_shape_with_order(sh.lse_dims()).expect("standard layout"),
     })
 }
 // ANCHOR_END: forward
@@ -99,12 +159,7 @@ pub fn backward(
     let sh = p.shape;
     check_saved(&sh, fwd.out.view(), fwd.lse.view())?;
     check_d_out(&sh, d_out)?;
-    p.check_workspace(
-        NAME,
-        "matrices P and dP",
-        backward_workspace_bytes(&sh),
-        ADVICE,
-    )?;
+    p.check_workspace(NAME, "matrices P and dP", backward_workspace_bytes(&sh), ADVICE)?;
 
     let (g, tasks) = (sh.group(), sh.batch * sh.kv_heads);
     let mut probs = Array4::<f32>::zeros((tasks, g, sh.n_q, sh.n_k));
@@ -124,10 +179,8 @@ pub fn backward(
             for gi in 0..g {
                 let h = task % sh.kv_heads * g + gi;
                 let head = p.head(b, h);
-                let (mut pm, mut dpm) = (
-                    probs.index_axis_mut(Axis(0), gi),
-                    dprobs.index_axis_mut(Axis(0), gi),
-                );
+                let (mut pm, mut dpm) =
+                    (probs.index_axis_mut(Axis(0), gi), dprobs.index_axis_mut(Axis(0), gi));
                 let (o, d_o) = (
                     fwd.out.slice(ndarray::s![b, h, .., ..]),
                     d_out.slice(ndarray::s![b, h, .., ..]),
@@ -136,9 +189,7 @@ pub fn backward(
                 general_mat_mul(p.scale, &head.q, &head.k.t(), 0.0, &mut pm);
                 head.bias_and_mask(0, 0, pm.view_mut());
                 for (mut row, &lse_i) in
-                    pm.rows_mut()
-                        .into_iter()
-                        .zip(fwd.lse.slice(ndarray::s![b, h, ..]))
+                    pm.rows_mut().into_iter().zip(fwd.lse.slice(ndarray::s![b, h, ..]))
                 {
                     if lse_i == f32::NEG_INFINITY {
                         row.fill(0.0);
@@ -151,38 +202,28 @@ pub fn backward(
                 head.apply_dropout(0, 0, dpm.view_mut());
                 // dS = P ∘ (dP − D), D_i = rowsum(dO_i ∘ O_i), written over dP
                 let d = (&d_o * &o).sum_axis(Axis(1));
-                Zip::from(dpm.rows_mut())
-                    .and(pm.rows())
-                    .and(&d)
-                    .for_each(|mut ds, p_row, &d_i| {
-                        Zip::from(&mut ds)
-                            .and(p_row)
-                            .for_each(|ds, &p| *ds = p * (*ds - d_i));
-                    });
+                Zip::from(dpm.rows_mut()).and(pm.rows()).and(&d).for_each(|mut ds, p_row, &d_i| {
+                    Zip::from(&mut ds).and(p_row).for_each(|ds, &p| *ds = p * (*ds - d_i));
+                });
                 // dQ = scale · dS K;  dK += scale · dSᵀ Q;  dV += (P∘Z)ᵀ dO
-                general_mat_mul(
-                    p.scale,
-                    &dpm,
-                    &head.k,
-                    0.0,
-                    &mut dq.index_axis_mut(Axis(0), gi),
-                );
+                general_mat_mul(p.scale, &dpm, &head.k, 0.0, &mut dq.index_axis_mut(Axis(0), gi));
                 general_mat_mul(p.scale, &dpm.t(), &head.q, 1.0, &mut dk);
                 head.apply_dropout(0, 0, pm.view_mut());
                 general_mat_mul(1.0, &pm.t(), &d_o, 1.0, &mut dv);
             }
         });
 
+    let traffic = (0..sh.batch * sh.heads)
+        .map(|bh| backward_traffic(&p.head(bh / sh.heads, bh % sh.heads), sh.head_dim))
+        .fold(Traffic::default(), |mut a, t| {
+            a += t;
+            a
+        });
     Ok(Grads {
-        dq: dq
-            .into_shape_with_order(sh.q_dims())
-            .expect("standard layout"),
-        dk: dk
-            .into_shape_with_order(sh.kv_dims())
-            .expect("standard layout"),
-        dv: dv
-            .into_shape_with_order(sh.kv_dims())
-            .expect("standard layout"),
+        traffic: Some(traffic),
+        dq: dq.into_shape_with_order(sh.q_dims()).expect("standard layout"),
+        dk: dk.into_shape_with_order(sh.kv_dims()).expect("standard layout"),
+        dv: dv.into_shape_with_order(sh.kv_dims()).expect("standard layout"),
     })
 }
 // ANCHOR_END: backward

@@ -34,13 +34,8 @@ fn naive_matches_reference_with_causal_cross_attention_and_gqa() {
 
 #[test]
 fn naive_matches_reference_at_a_realistic_size() {
-    let case = Case {
-        causal: true,
-        ..Case::new(Shape::new(1, 2, 384, 64), 5)
-    };
-    check_against_reference(&NaiveCpu, &case.build(), true)
-        .unwrap()
-        .assert_f32("n = 384 causal");
+    let case = Case { causal: true, ..Case::new(Shape::new(1, 2, 384, 64), 5) };
+    check_against_reference(&NaiveCpu, &case.build(), true).unwrap().assert_f32("n = 384 causal");
 }
 
 #[test]
@@ -58,32 +53,17 @@ fn fully_masked_rows_give_zeros_minus_infinite_lse_and_zero_gradients() {
     data.bias = Some(bias);
     let inputs = data.inputs();
     let fwd = NaiveCpu.forward(&inputs, &data.opts).unwrap();
-    let grads = NaiveCpu
-        .backward(&inputs, &data.opts, &fwd, data.d_out.view())
-        .unwrap();
-    let empty = [
-        (1, 0, 0),
-        (1, 1, 0),
-        (1, 0, 3),
-        (1, 1, 3),
-        (0, 1, 4),
-        (1, 1, 4),
-    ];
+    let grads = NaiveCpu.backward(&inputs, &data.opts, &fwd, data.d_out.view()).unwrap();
+    let empty = [(1, 0, 0), (1, 1, 0), (1, 0, 3), (1, 1, 3), (0, 1, 4), (1, 1, 4)];
     for &(b, h, i) in &empty {
-        assert_eq!(
-            fwd.lse[[b, h, i]],
-            f32::NEG_INFINITY,
-            "lse of row {b},{h},{i}"
-        );
+        assert_eq!(fwd.lse[[b, h, i]], f32::NEG_INFINITY, "lse of row {b},{h},{i}");
         assert!(fwd.out.slice(s![b, h, i, ..]).iter().all(|&x| x == 0.0));
         assert!(grads.dq.slice(s![b, h, i, ..]).iter().all(|&x| x == 0.0));
     }
     for t in [&fwd.out, &grads.dq, &grads.dk, &grads.dv] {
         assert!(t.iter().all(|x| x.is_finite()));
     }
-    check_against_reference(&NaiveCpu, &data, true)
-        .unwrap()
-        .assert_f32("fully masked rows");
+    check_against_reference(&NaiveCpu, &data, true).unwrap().assert_f32("fully masked rows");
 }
 
 #[test]
@@ -94,27 +74,17 @@ fn huge_logits_stay_finite_and_accurate() {
     // inherit that, so for them we ask finiteness, not accuracy.
     let shape = Shape::new(1, 2, 32, 16);
     for scale in [1e4f32, -1e4] {
-        let case = Case {
-            scale: Some(scale / 16.0),
-            causal: true,
-            ..Case::new(shape, 3)
-        };
+        let case = Case { scale: Some(scale / 16.0), causal: true, ..Case::new(shape, 3) };
         let data = case.build();
         let inputs = data.inputs();
         let fwd = NaiveCpu.forward(&inputs, &data.opts).unwrap();
-        let grads = NaiveCpu
-            .backward(&inputs, &data.opts, &fwd, data.d_out.view())
-            .unwrap();
+        let grads = NaiveCpu.backward(&inputs, &data.opts, &fwd, data.d_out.view()).unwrap();
         for t in [&fwd.out, &grads.dq, &grads.dk, &grads.dv] {
             assert!(t.iter().all(|x| x.is_finite()));
         }
         assert!(fwd.lse.iter().all(|x| x.is_finite()));
         let check = check_against_reference(&NaiveCpu, &data, true).unwrap();
-        Check {
-            grads: None,
-            ..check.clone()
-        }
-        .assert_f32("logits 1e4");
+        Check { grads: None, ..check.clone() }.assert_f32("logits 1e4");
         let dv = &check.grads.as_ref().unwrap()[2];
         assert!(dv.normwise <= 1e-4, "dv normwise {:e}", dv.normwise);
     }
@@ -134,12 +104,8 @@ fn dropout_zero_equals_no_dropout_exactly() {
     let b = NaiveCpu.forward(&with_p0.inputs(), &with_p0.opts).unwrap();
     assert_eq!(a.out, b.out);
     assert_eq!(a.lse, b.lse);
-    let ga = NaiveCpu
-        .backward(&plain.inputs(), &plain.opts, &a, plain.d_out.view())
-        .unwrap();
-    let gb = NaiveCpu
-        .backward(&with_p0.inputs(), &with_p0.opts, &b, plain.d_out.view())
-        .unwrap();
+    let ga = NaiveCpu.backward(&plain.inputs(), &plain.opts, &a, plain.d_out.view()).unwrap();
+    let gb = NaiveCpu.backward(&with_p0.inputs(), &with_p0.opts, &b, plain.d_out.view()).unwrap();
     assert_eq!((ga.dq, ga.dk, ga.dv), (gb.dq, gb.dk, gb.dv));
 }
 
@@ -153,9 +119,7 @@ fn dropout_keeps_the_expected_fraction_of_weights() {
     let v = Array4::<f32>::ones(shape.kv_dims());
     for p in [0.1f32, 0.5] {
         let opts = Options::default().dropout(p, 1234);
-        let fwd = NaiveCpu
-            .forward(&Inputs::new(q.view(), k.view(), v.view()), &opts)
-            .unwrap();
+        let fwd = NaiveCpu.forward(&Inputs::new(q.view(), k.view(), v.view()), &opts).unwrap();
         let kept: f64 = fwd
             .out
             .slice(s![.., .., .., 0])
@@ -166,9 +130,6 @@ fn dropout_keeps_the_expected_fraction_of_weights() {
         let total = shape.score_elems() as f64;
         let keep = 1.0 - p as f64;
         let sigma = (total * keep * (1.0 - keep)).sqrt();
-        assert!(
-            (kept - total * keep).abs() < 5.0 * sigma,
-            "p = {p}: kept {kept:.0} of {total}"
-        );
+        assert!((kept - total * keep).abs() < 5.0 * sigma, "p = {p}: kept {kept:.0} of {total}");
     }
 }

@@ -9,23 +9,15 @@ fn qkv(shape: Shape) -> (Array4<f32>, Array4<f32>, Array4<f32>) {
 }
 
 fn run(inputs: Inputs<'_>, opts: &Options) -> AttnError {
-    NaiveCpu
-        .forward(&inputs, opts)
-        .expect_err("bad input was accepted")
+    NaiveCpu.forward(&inputs, opts).expect_err("bad input was accepted")
 }
 
 #[test]
 fn mismatched_head_dims_name_k() {
     let (q, _, _) = qkv(Shape::new(1, 2, 4, 16));
     let (_, k, v) = qkv(Shape::new(1, 2, 4, 12));
-    let e = run(
-        Inputs::new(q.view(), k.view(), v.view()),
-        &Options::default(),
-    );
-    assert!(
-        matches!(e, AttnError::ShapeMismatch { arg: "k", .. }),
-        "{e}"
-    );
+    let e = run(Inputs::new(q.view(), k.view(), v.view()), &Options::default());
+    assert!(matches!(e, AttnError::ShapeMismatch { arg: "k", .. }), "{e}");
     assert!(e.to_string().contains("[1, kv_heads, n_k, 16]"), "{e}");
 }
 
@@ -34,19 +26,13 @@ fn mismatched_batch_and_value_shapes_are_refused() {
     let (q, _, _) = qkv(Shape::new(2, 2, 4, 8));
     let (_, k, v) = qkv(Shape::new(1, 2, 4, 8));
     assert!(matches!(
-        run(
-            Inputs::new(q.view(), k.view(), v.view()),
-            &Options::default()
-        ),
+        run(Inputs::new(q.view(), k.view(), v.view()), &Options::default()),
         AttnError::ShapeMismatch { arg: "k", .. }
     ));
     let (q, k, _) = qkv(Shape::new(1, 2, 4, 8));
     let (_, _, v) = qkv(Shape::new(1, 2, 5, 8));
     assert!(matches!(
-        run(
-            Inputs::new(q.view(), k.view(), v.view()),
-            &Options::default()
-        ),
+        run(Inputs::new(q.view(), k.view(), v.view()), &Options::default()),
         AttnError::ShapeMismatch { arg: "v", .. }
     ));
 }
@@ -54,27 +40,15 @@ fn mismatched_batch_and_value_shapes_are_refused() {
 #[test]
 fn heads_not_divisible_by_kv_heads() {
     let (q, k, v) = qkv(Shape::new(1, 3, 4, 8).with_kv_heads(2));
-    let e = run(
-        Inputs::new(q.view(), k.view(), v.view()),
-        &Options::default(),
-    );
-    assert_eq!(
-        e,
-        AttnError::HeadsNotDivisible {
-            heads: 3,
-            kv_heads: 2
-        }
-    );
+    let e = run(Inputs::new(q.view(), k.view(), v.view()), &Options::default());
+    assert_eq!(e, AttnError::HeadsNotDivisible { heads: 3, kv_heads: 2 });
 }
 
 #[test]
 fn empty_axes_are_refused() {
     let (q, k, v) = qkv(Shape::new(1, 2, 0, 8));
     assert!(matches!(
-        run(
-            Inputs::new(q.view(), k.view(), v.view()),
-            &Options::default()
-        ),
+        run(Inputs::new(q.view(), k.view(), v.view()), &Options::default()),
         AttnError::EmptyAxis { arg: "q", .. }
     ));
 }
@@ -84,13 +58,8 @@ fn nan_and_inf_in_q_k_v_name_the_tensor_and_index() {
     for (which, value) in [(0, f32::NAN), (1, f32::INFINITY), (2, f32::NEG_INFINITY)] {
         let (mut q, mut k, mut v) = qkv(Shape::new(1, 2, 4, 8));
         [&mut q, &mut k, &mut v][which][[0, 1, 2, 3]] = value;
-        let e = run(
-            Inputs::new(q.view(), k.view(), v.view()),
-            &Options::default(),
-        );
-        let AttnError::NonFinite { arg, index, .. } = e else {
-            panic!("{e}")
-        };
+        let e = run(Inputs::new(q.view(), k.view(), v.view()), &Options::default());
+        let AttnError::NonFinite { arg, index, .. } = e else { panic!("{e}") };
         assert_eq!(arg, ["q", "k", "v"][which]);
         assert_eq!(index, vec![0, 1, 2, 3]);
     }
@@ -129,10 +98,7 @@ fn masks_and_biases_that_do_not_broadcast_are_refused() {
     let base = Inputs::new(q.view(), k.view(), v.view());
     let pad = Array2::from_elem((2, 5), true);
     assert!(matches!(
-        run(
-            base.with_mask(Mask::KeyPadding(pad.view())),
-            &Options::default()
-        ),
+        run(base.with_mask(Mask::KeyPadding(pad.view())), &Options::default()),
         AttnError::ShapeMismatch { arg: "mask", .. }
     ));
     let full = Array4::from_elem((2, 3, 4, 6), true);
@@ -142,10 +108,7 @@ fn masks_and_biases_that_do_not_broadcast_are_refused() {
     ));
     let bias = Array4::<f32>::zeros((1, 1, 6, 4));
     let e = run(base.with_bias(bias.view()), &Options::default());
-    assert!(
-        matches!(e, AttnError::ShapeMismatch { arg: "bias", .. }),
-        "{e}"
-    );
+    assert!(matches!(e, AttnError::ShapeMismatch { arg: "bias", .. }), "{e}");
     assert!(e.to_string().contains("[2, 2, 4, 6]"), "{e}");
 }
 
@@ -165,21 +128,9 @@ fn bad_dropout_scale_and_block_sizes_are_refused() {
             AttnError::InvalidScale(_)
         ));
     }
-    let e = run(
-        inputs,
-        &Options {
-            q_block: Some(0),
-            ..Options::default()
-        },
-    );
+    let e = run(inputs, &Options { q_block: Some(0), ..Options::default() });
     assert_eq!(e, AttnError::ZeroBlockSize { arg: "q_block" });
-    let e = run(
-        inputs,
-        &Options {
-            k_block: Some(0),
-            ..Options::default()
-        },
-    );
+    let e = run(inputs, &Options { k_block: Some(0), ..Options::default() });
     assert_eq!(e, AttnError::ZeroBlockSize { arg: "k_block" });
 }
 
@@ -193,14 +144,7 @@ fn naive_refuses_n_65536_before_allocating_and_names_the_alternative() {
     let k = row.broadcast(shape.kv_dims()).unwrap();
     let opts = Options::default().memory_limit(16 << 30);
     let e = run(Inputs::new(q, k, k), &opts);
-    let AttnError::WorkspaceTooLarge {
-        needed_bytes,
-        limit_bytes,
-        ..
-    } = e
-    else {
-        panic!("{e}")
-    };
+    let AttnError::WorkspaceTooLarge { needed_bytes, limit_bytes, .. } = e else { panic!("{e}") };
     assert_eq!(needed_bytes, 128 << 30);
     assert_eq!(limit_bytes, 16 << 30);
     let msg = e.to_string();
@@ -213,44 +157,23 @@ fn backward_checks_its_extra_arguments() {
     let inputs = Inputs::new(q.view(), k.view(), v.view());
     let fwd = NaiveCpu.forward(&inputs, &Options::default()).unwrap();
     let bad_grad = Array4::<f32>::zeros((1, 2, 5, 8));
-    let e = NaiveCpu
-        .backward(&inputs, &Options::default(), &fwd, bad_grad.view())
-        .unwrap_err();
-    assert!(
-        matches!(e, AttnError::ShapeMismatch { arg: "d_out", .. }),
-        "{e}"
-    );
+    let e = NaiveCpu.backward(&inputs, &Options::default(), &fwd, bad_grad.view()).unwrap_err();
+    assert!(matches!(e, AttnError::ShapeMismatch { arg: "d_out", .. }), "{e}");
     let mut nan_grad = Array4::<f32>::zeros((1, 2, 4, 8));
     nan_grad[[0, 0, 0, 0]] = f32::NAN;
-    let e = NaiveCpu
-        .backward(&inputs, &Options::default(), &fwd, nan_grad.view())
-        .unwrap_err();
-    assert!(
-        matches!(e, AttnError::NonFinite { arg: "d_out", .. }),
-        "{e}"
-    );
+    let e = NaiveCpu.backward(&inputs, &Options::default(), &fwd, nan_grad.view()).unwrap_err();
+    assert!(matches!(e, AttnError::NonFinite { arg: "d_out", .. }), "{e}");
 }
 
 #[test]
 fn scores_that_would_overflow_float32_are_refused() {
     let (mut q, k, v) = qkv(Shape::new(1, 1, 4, 8));
     q[[0, 0, 2, 0]] = 1e36;
-    let e = run(
-        Inputs::new(q.view(), k.view(), v.view()),
-        &Options::default(),
-    );
-    assert!(
-        matches!(e, AttnError::ScoreOverflow { bound } if bound > 1e30),
-        "{e}"
-    );
+    let e = run(Inputs::new(q.view(), k.view(), v.view()), &Options::default());
+    assert!(matches!(e, AttnError::ScoreOverflow { bound } if bound > 1e30), "{e}");
     // Large but safe logits are fine.
     q[[0, 0, 2, 0]] = 1e4;
     assert!(
-        NaiveCpu
-            .forward(
-                &Inputs::new(q.view(), k.view(), v.view()),
-                &Options::default()
-            )
-            .is_ok()
+        NaiveCpu.forward(&Inputs::new(q.view(), k.view(), v.view()), &Options::default()).is_ok()
     );
 }

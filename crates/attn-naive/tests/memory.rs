@@ -13,10 +13,7 @@ fn naive_peak_memory_is_the_score_matrices_and_grows_as_n_squared() {
     // Start rayon's thread pool first, so its own allocations are not counted below.
     let warm = attn_core::random::normal((1, 1, 4, 4), 0);
     NaiveCpu
-        .forward(
-            &Inputs::new(warm.view(), warm.view(), warm.view()),
-            &Options::default(),
-        )
+        .forward(&Inputs::new(warm.view(), warm.view(), warm.view()), &Options::default())
         .unwrap();
     let mut peaks = Vec::new();
     for n in [512usize, 1024, 2048] {
@@ -26,30 +23,15 @@ fn naive_peak_memory_is_the_score_matrices_and_grows_as_n_squared() {
         let inputs = Inputs::new(q.view(), k.view(), v.view());
         let opts = Options::default().causal(true);
         let (fwd, fwd_peak) = measure_peak(|| NaiveCpu.forward(&inputs, &opts).unwrap());
-        let (_, bwd_peak) = measure_peak(|| {
-            NaiveCpu
-                .backward(&inputs, &opts, &fwd, d_out.view())
-                .unwrap()
-        });
+        let (_, bwd_peak) =
+            measure_peak(|| NaiveCpu.backward(&inputs, &opts, &fwd, d_out.view()).unwrap());
         let io = (q.len() * 4) as u64; // the output (or one gradient) is the size of Q
         let scores = forward_workspace_bytes(&shape);
-        assert!(
-            fwd_peak >= scores,
-            "n={n}: forward peak {fwd_peak} below S/P {scores}"
-        );
-        assert!(
-            fwd_peak <= scores + 2 * io + (1 << 20),
-            "n={n}: forward peak {fwd_peak}"
-        );
+        assert!(fwd_peak >= scores, "n={n}: forward peak {fwd_peak} below S/P {scores}");
+        assert!(fwd_peak <= scores + 2 * io + (1 << 20), "n={n}: forward peak {fwd_peak}");
         let bwd = backward_workspace_bytes(&shape);
-        assert!(
-            bwd_peak >= bwd,
-            "n={n}: backward peak {bwd_peak} below P+dP {bwd}"
-        );
-        assert!(
-            bwd_peak <= bwd + 4 * io + (1 << 20),
-            "n={n}: backward peak {bwd_peak}"
-        );
+        assert!(bwd_peak >= bwd, "n={n}: backward peak {bwd_peak} below P+dP {bwd}");
+        assert!(bwd_peak <= bwd + 4 * io + (1 << 20), "n={n}: backward peak {bwd_peak}");
         peaks.push(fwd_peak as f64);
     }
     // Doubling n multiplies the peak by about four.

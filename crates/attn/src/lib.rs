@@ -46,7 +46,5 @@ pub fn stage_names() -> Vec<&'static str> {
 
 /// The stage called `name` on `device`, if this build has it.
 pub fn stage(name: &str, device: Device) -> Option<&'static dyn Stage> {
-    stages()
-        .into_iter()
-        .find(|s| s.name() == name && s.device() == device)
+    stages().into_iter().find(|s| s.name() == name && s.device() == device)
 }
