@@ -2,10 +2,8 @@
 //! configurations and chunk sizes that do not divide the lengths.
 
 use attn_chunked::ChunkedCpu;
-use attn_core::metrics::{compare, compare_floored};
-use attn_core::reference::RefProblem;
 use attn_core::testing::strategies::{arb_case, config};
-use attn_core::testing::{BiasKind, Case, MaskKind, check_against_reference};
+use attn_core::testing::{BiasKind, Case, MaskKind, check_against_reference, check_against_stage};
 use attn_core::{Shape, Stage};
 use attn_naive::NaiveCpu;
 use ndarray::{Array4, s};
@@ -13,35 +11,8 @@ use proptest::prelude::*;
 
 /// The chunked stage's results against naive attention's on the same inputs.
 fn assert_matches_naive(case: &Case) {
-    let data = case.build();
-    let inputs = data.inputs();
-    let (a, b) = (
-        ChunkedCpu.forward(&inputs, &data.opts).unwrap(),
-        NaiveCpu.forward(&inputs, &data.opts).unwrap(),
-    );
-    let ga = ChunkedCpu.backward(&inputs, &data.opts, &a, data.d_out.view()).unwrap();
-    let gb = NaiveCpu.backward(&inputs, &data.opts, &b, data.d_out.view()).unwrap();
-    let to64 = |x: &Array4<f32>| x.mapv(f64::from);
-    let e = compare(a.out.view(), to64(&b.out).view());
-    assert!(e.normwise <= 2e-5, "{case:?}: out differs from naive by {:e}", e.normwise);
-    // Gradients: both stages round the cancelling terms of nearly one-hot rows; forgive that.
-    let m = RefProblem::from_inputs(&inputs, &data.opts)
-        .unwrap()
-        .backward_magnitudes(&data.d_out.mapv(f64::from));
-    for (name, x, y, m) in [
-        ("dq", &ga.dq, &gb.dq, &m.dq),
-        ("dk", &ga.dk, &gb.dk, &m.dk),
-        ("dv", &ga.dv, &gb.dv, &m.dv),
-    ] {
-        let e = compare_floored(x.view(), to64(y).view(), m.view());
-        assert!(
-            e.normwise <= 2e-4 + 2.0 * e.floor,
-            "{case:?}: {name} differs from naive by {:e}",
-            e.normwise
-        );
-    }
-    let e = compare(a.lse.view(), b.lse.mapv(f64::from).view());
-    assert!(e.normwise <= 2e-5, "{case:?}: lse differs from naive by {:e}", e.normwise);
+    let check = check_against_stage(&ChunkedCpu, &NaiveCpu, &case.build()).unwrap();
+    check.assert_within(2e-5, 2e-4, &format!("{case:?} against naive"));
 }
 
 proptest! {

@@ -17,6 +17,9 @@ const STAGES: &[&[&str]] = &[
     &["--algo", "chunked"],
     &["--algo", "chunked", "--q-block", "7", "--k-block", "5"],
     &["--algo", "chunked", "--q-block", "1", "--k-block", "1000"],
+    &["--algo", "flash1"],
+    &["--algo", "flash1", "--sram", "1K"],
+    &["--algo", "flash1", "--q-block", "3", "--k-block", "11"],
 ];
 
 fn dir(name: &str) -> PathBuf {
@@ -265,6 +268,7 @@ fn bad_inputs_exit_2_with_one_line_naming_the_flag_and_write_nothing() {
     });
     assert_rejected("zero-q-block", "--q-block", |_, a| a.extend(["--q-block".into(), "0".into()]));
     assert_rejected("zero-k-block", "--k-block", |_, a| a.extend(["--k-block".into(), "0".into()]));
+    assert_rejected("zero-sram", "--sram", |_, a| a.extend(["--sram".into(), "0".into()]));
     assert_rejected("unknown-algo", "--algo", |_, a| set(a, "--algo", "quantum"));
     assert_rejected("dropout", "--dropout", |_, a| a.extend(["--dropout".into(), "1.0".into()]));
     assert_rejected("negative-dropout", "--dropout", |_, a| {

@@ -208,6 +208,32 @@ pub fn check_against_reference(
     })
 }
 
+/// Runs `stage` and `baseline` (both f32) on `data`, forward and backward, and compares the
+/// first against the second, with the gradients' rounding floor taken from the float64
+/// reference's magnitudes. Stages that are right agree to about twice the f32 tolerances.
+pub fn check_against_stage(
+    stage: &dyn Stage,
+    baseline: &dyn Stage,
+    data: &CaseData,
+) -> Result<Check> {
+    let inputs = data.inputs();
+    let (a, b) = (stage.forward(&inputs, &data.opts)?, baseline.forward(&inputs, &data.opts)?);
+    let ga = stage.backward(&inputs, &data.opts, &a, data.d_out.view())?;
+    let gb = baseline.backward(&inputs, &data.opts, &b, data.d_out.view())?;
+    let m = RefProblem::from_inputs(&inputs, &data.opts)?
+        .backward_magnitudes(&data.d_out.mapv(f64::from));
+    let to64 = |x: &Array4<f32>| x.mapv(f64::from);
+    Ok(Check {
+        out: compare(a.out.view(), to64(&b.out).view()),
+        lse: compare(a.lse.view(), b.lse.mapv(f64::from).view()),
+        grads: Some([
+            compare_floored(ga.dq.view(), to64(&gb.dq).view(), m.dq.view()),
+            compare_floored(ga.dk.view(), to64(&gb.dk).view(), m.dk.view()),
+            compare_floored(ga.dv.view(), to64(&gb.dv).view(), m.dv.view()),
+        ]),
+    })
+}
+
 /// Random configurations for proptest, the same for every stage.
 #[cfg(feature = "proptest")]
 pub mod strategies {

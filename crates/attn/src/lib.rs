@@ -7,8 +7,9 @@
 //! | --- | --- | --- | --- |
 //! | 1 naive | [`attn_naive`] | O(n²) | materialise S = QKᵀ and P = softmax(S) |
 //! | 2 chunked | [`attn_chunked`] | O(n) | Rabe & Staats: chunk summaries merged by log-sum-exp |
+//! | 3 flash1 | [`attn_flash1`] | O(n) | FlashAttention-1: tiles sized for SRAM, counted HBM traffic |
 //!
-//! Later stages (FlashAttention-1 and -2, and the GPU variants)
+//! Later stages (FlashAttention-2 and the GPU variants)
 //! register here as they land; [`stages`] lists what this build offers and [`stage`] finds
 //! one by the name the CLI uses.
 //!
@@ -30,11 +31,12 @@ pub use attn_core::{
     AttnError, Device, Dropout, Forward, Grads, Inputs, Mask, Options, Problem, Result, Shape,
     Stage,
 };
+pub use attn_flash1 as flash1;
 pub use attn_naive as naive;
 
 /// Every stage this build offers, in the order of the story.
 pub fn stages() -> Vec<&'static dyn Stage> {
-    vec![&attn_naive::NaiveCpu, &attn_chunked::ChunkedCpu]
+    vec![&attn_naive::NaiveCpu, &attn_chunked::ChunkedCpu, &attn_flash1::Flash1Cpu]
 }
 
 /// The names `--algo` accepts, in the order of the story.
