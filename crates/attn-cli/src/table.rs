@@ -40,6 +40,18 @@ pub struct TableArgs {
     /// Skip the float64 reference (for sizes where it is slow).
     #[arg(long)]
     pub no_check: bool,
+    /// Only these stages (comma-separated names); default: every stage.
+    #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(attn::stage_names()))]
+    pub stages: Vec<String>,
+    /// SRAM budget M of the tiled stages, in f32 elements.
+    #[arg(long)]
+    pub sram: Option<usize>,
+    /// Query rows per block of the tiled stages.
+    #[arg(long)]
+    pub q_block: Option<usize>,
+    /// Key/value rows per block of the tiled stages.
+    #[arg(long)]
+    pub k_block: Option<usize>,
 }
 
 impl Default for TableArgs {
@@ -54,6 +66,10 @@ impl Default for TableArgs {
             causal: true,
             repeats: 5,
             no_check: false,
+            stages: Vec::new(),
+            sram: None,
+            q_block: None,
+            k_block: None,
         }
     }
 }
@@ -90,7 +106,20 @@ pub fn table(args: &TableArgs) -> Result<(), CliError> {
     let (q, k, v) = attn::core::random::qkv(&shape, 0);
     let d_out = attn::core::random::normal(shape.q_dims(), 1);
     let inputs = Inputs::new(q.view(), k.view(), v.view());
-    let opts = Options::default().causal(args.causal);
+    for (flag, v) in
+        [("--sram", args.sram), ("--q-block", args.q_block), ("--k-block", args.k_block)]
+    {
+        if v == Some(0) {
+            return Err(CliError::input(flag, "must be at least 1"));
+        }
+    }
+    let opts = Options {
+        causal: args.causal,
+        sram: args.sram,
+        q_block: args.q_block,
+        k_block: args.k_block,
+        ..Options::default()
+    };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("attention {shape} causal={} on {} ({threads} threads)", args.causal, cpu_model());
 
@@ -118,7 +147,10 @@ pub fn table(args: &TableArgs) -> Result<(), CliError> {
         "bwd HBM",
     ];
     let mut rows = vec![header.map(String::from).to_vec()];
-    for stage in attn::stages() {
+    let chosen = attn::stages()
+        .into_iter()
+        .filter(|s| args.stages.is_empty() || args.stages.iter().any(|n| n == s.name()));
+    for stage in chosen {
         let fwd = match stage.forward(&inputs, &opts) {
             Ok(f) => f,
             Err(e) => {
