@@ -19,8 +19,8 @@ pub enum DeviceArg {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// The stage to run.
-    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(attn::stage_names()))]
+    /// The stage to run (default: the fastest, flash2).
+    #[arg(long, default_value = attn::DEFAULT_STAGE, value_parser = clap::builder::PossibleValuesParser::new(attn::stage_names()))]
     pub algo: String,
     /// Where to run it.
     #[arg(long, value_enum, default_value = "cpu")]

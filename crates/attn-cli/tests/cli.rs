@@ -20,6 +20,9 @@ const STAGES: &[&[&str]] = &[
     &["--algo", "flash1"],
     &["--algo", "flash1", "--sram", "1K"],
     &["--algo", "flash1", "--q-block", "3", "--k-block", "11"],
+    &["--algo", "flash2"],
+    &["--algo", "flash2", "--q-block", "5", "--k-block", "3"],
+    &[],
 ];
 
 fn dir(name: &str) -> PathBuf {

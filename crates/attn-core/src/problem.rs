@@ -290,6 +290,14 @@ impl Head<'_> {
         i_end == 0 || j0 >= self.key_end(i_end - 1)
     }
 
+    /// Whether a tile of scores (rows `i0..`, columns `j0..j0 + cols`) needs
+    /// [`Head::bias_and_mask`] at all: it does when there is a bias or a mask, or when the
+    /// causal limit of its first row falls inside it. Tiles below the diagonal skip it.
+    #[inline]
+    pub fn tile_needs_mask(&self, i0: usize, j0: usize, cols: usize) -> bool {
+        self.bias.is_some() || self.mask.is_some() || (self.causal && j0 + cols > self.key_end(i0))
+    }
+
     /// Adds the bias to a tile of scaled scores `s` (rows `i0..`, columns `j0..`) and writes
     /// −∞ where the causal rule or the mask removes a position.
     pub fn bias_and_mask(&self, i0: usize, j0: usize, mut s: ArrayViewMut2<'_, f32>) {

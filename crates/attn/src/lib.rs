@@ -8,8 +8,9 @@
 //! | 1 naive | [`attn_naive`] | O(n²) | materialise S = QKᵀ and P = softmax(S) |
 //! | 2 chunked | [`attn_chunked`] | O(n) | Rabe & Staats: chunk summaries merged by log-sum-exp |
 //! | 3 flash1 | [`attn_flash1`] | O(n) | FlashAttention-1: tiles sized for SRAM, counted HBM traffic |
+//! | 4 flash2 | [`attn_flash2`] | O(n) | FlashAttention-2: query blocks outside, parallel, fast |
 //!
-//! Later stages (FlashAttention-2 and the GPU variants)
+//! Later stages (the GPU variants)
 //! register here as they land; [`stages`] lists what this build offers and [`stage`] finds
 //! one by the name the CLI uses.
 //!
@@ -32,11 +33,25 @@ pub use attn_core::{
     Stage,
 };
 pub use attn_flash1 as flash1;
+pub use attn_flash2 as flash2;
 pub use attn_naive as naive;
+
+/// The stage to use when nothing says otherwise: FlashAttention-2, the fastest.
+pub const DEFAULT_STAGE: &str = "flash2";
+
+/// The default stage ([`DEFAULT_STAGE`]) on the CPU.
+pub fn default_stage() -> &'static dyn Stage {
+    &attn_flash2::Flash2Cpu
+}
 
 /// Every stage this build offers, in the order of the story.
 pub fn stages() -> Vec<&'static dyn Stage> {
-    vec![&attn_naive::NaiveCpu, &attn_chunked::ChunkedCpu, &attn_flash1::Flash1Cpu]
+    vec![
+        &attn_naive::NaiveCpu,
+        &attn_chunked::ChunkedCpu,
+        &attn_flash1::Flash1Cpu,
+        &attn_flash2::Flash2Cpu,
+    ]
 }
 
 /// The names `--algo` accepts, in the order of the story.

@@ -1,0 +1,359 @@
+//! Stage 4 on the CPU: FlashAttention-2 (Dao, 2023). Forward: Algorithm 1; backward:
+//! Algorithm 2, with dQ added by the task that owns it instead of atomic adds. Line numbers in the
+//! comments are the paper's algorithm lines.
+
+use attn_core::blocks::row_blocks;
+use attn_core::{
+    Forward, Grads, Head, Inputs, Options, Problem, Result, Shape, Traffic, TrafficCounter,
+    check_d_out, check_saved,
+};
+use ndarray::{Array1, Array2, Array3, Array4, ArrayView1, ArrayView2, ArrayView4, ArrayViewMut1};
+use ndarray::{ArrayViewMut2, Axis, Zip, s};
+use rayon::prelude::*;
+
+use crate::kernels::{ds_from_dp, matmul, probs_from_lse, softmax_tile};
+
+/// The name the CLI and the errors use.
+pub const NAME: &str = "flash2";
+/// Query rows per block unless `q_block` says otherwise.
+pub const DEFAULT_Q_BLOCK: usize = 128;
+/// Key/value rows per block unless `k_block` says otherwise.
+pub const DEFAULT_K_BLOCK: usize = 256;
+
+/// The block sizes (B_r, B_c), clipped to the sequence lengths. The defaults keep a score
+/// tile (128 × 256 floats, 128 KiB) and the K_j, V_j it reads (2 × 256 × d floats) in a
+/// core's L2 cache; measured on the development machine, 128 × 256 was within a few percent
+/// of the best of 64–256 × 256–1024 for causal and full attention at n = 1 024 … 4 096.
+pub fn block_sizes(shape: &Shape, opts: &Options) -> (usize, usize) {
+    (
+        opts.q_block.unwrap_or(DEFAULT_Q_BLOCK).clamp(1, shape.n_q),
+        opts.k_block.unwrap_or(DEFAULT_K_BLOCK).clamp(1, shape.n_k),
+    )
+}
+
+/// One worker's on-chip state, allocated once per rayon job, never in the loops.
+struct Scratch {
+    s: Array2<f32>,
+    acc: Array2<f32>,
+    m: Array1<f32>,
+    ell: Array1<f32>,
+    alpha: Array1<f32>,
+}
+
+impl Scratch {
+    fn new((b_r, b_c): (usize, usize), d: usize) -> Self {
+        Self {
+            s: Array2::zeros((b_r, b_c)),
+            acc: Array2::zeros((b_r, d)),
+            m: Array1::zeros(b_r),
+            ell: Array1::zeros(b_r),
+            alpha: Array1::zeros(b_r),
+        }
+    }
+}
+
+// ANCHOR: forward_block
+/// Algorithm 1 for one query block Q_i (rows `i0..`) of one head: the running statistics
+/// m_i, ℓ_i and the unnormalised output Õ_i stay on chip for the whole loop over K/V.
+fn forward_block(
+    head: &Head<'_>,
+    scale: f32,
+    (i0, b_c): (usize, usize),
+    mut o_i: ArrayViewMut2<'_, f32>,
+    mut lse_i: ArrayViewMut1<'_, f32>,
+    sc: &mut Scratch,
+) -> Traffic {
+    let rows = o_i.nrows();
+    let mut io = Traffic::default();
+    // line 4: load Q_i; line 5: Õ_i = 0, ℓ_i = 0, m_i = −∞ on chip
+    let q_i = head.q.slice(s![i0..i0 + rows, ..]);
+    io.read_f32(q_i.len());
+    let mut acc = sc.acc.slice_mut(s![..rows, ..]);
+    let (mut m, mut ell) = (sc.m.slice_mut(s![..rows]), sc.ell.slice_mut(s![..rows]));
+    let mut alpha = sc.alpha.slice_mut(s![..rows]);
+    acc.fill(0.0);
+    m.fill(f32::NEG_INFINITY);
+    ell.fill(0.0);
+    // Causal: keys at or past key_end(last row) are hidden from the whole block.
+    let kv_end = head.key_end(i0 + rows - 1);
+    for j0 in (0..kv_end).step_by(b_c) {
+        // line 6: for 1 ≤ j ≤ T_c — line 7: load K_j, V_j
+        let cols = b_c.min(kv_end - j0);
+        let (k_j, v_j) = (head.k.slice(s![j0..j0 + cols, ..]), head.v.slice(s![j0..j0 + cols, ..]));
+        io.read_f32(k_j.len() + v_j.len());
+        // line 8: S_ij = τ Q_i K_jᵀ; masks and bias only where the tile has any
+        let mut s_ij = sc.s.slice_mut(s![..rows, ..cols]);
+        matmul(scale, &q_i, &k_j.t(), 0.0, &mut s_ij);
+        if head.tile_needs_mask(i0, j0, cols) {
+            head.bias_and_mask(i0, j0, s_ij.view_mut());
+            io.read_bytes(rows * cols * head.score_mod_bytes());
+        }
+        // line 9: m_new = max(m_i, rowmax(S_ij)), P̃_ij = exp(S_ij − m_new),
+        //         ℓ_i = e^(m_i − m_new) ℓ_i + rowsum(P̃_ij)
+        softmax_tile(s_ij.view_mut(), m.view_mut(), ell.view_mut(), alpha.view_mut());
+        head.apply_dropout(i0, j0, s_ij.view_mut());
+        // line 10: Õ_i = diag(e^(m_i − m_new)) Õ_i + P̃_ij V_j
+        for (mut row, &a) in acc.rows_mut().into_iter().zip(&alpha) {
+            if a != 1.0 {
+                row *= a;
+            }
+        }
+        matmul(1.0, &s_ij.view(), &v_j, 1.0, &mut acc);
+    }
+    // line 12: O_i = diag(ℓ_i)⁻¹ Õ_i — line 13: L_i = m_i + log ℓ_i — lines 14–15: write them
+    for (((mut o_row, acc_row), lse), (&m_r, &ell_r)) in
+        o_i.rows_mut().into_iter().zip(acc.rows()).zip(lse_i.iter_mut()).zip(m.iter().zip(&ell))
+    {
+        if m_r == f32::NEG_INFINITY {
+            o_row.fill(0.0); // every key removed
+            *lse = f32::NEG_INFINITY;
+        } else {
+            Zip::from(&mut o_row).and(&acc_row).for_each(|o, &a| *o = a / ell_r);
+            *lse = m_r + ell_r.ln();
+        }
+    }
+    io.write_f32(o_i.len() + rows);
+    io
+}
+// ANCHOR_END: forward_block
+
+// ANCHOR: forward
+/// Forward: one rayon task per (batch, head, query block) — the work partitioning that lets
+/// FlashAttention-2 fill a machine even with one head.
+pub fn forward(inputs: &Inputs<'_>, opts: &Options) -> Result<Forward> {
+    let p = Problem::new(inputs, opts)?;
+    let sh = p.shape;
+    let (b_r, b_c) = block_sizes(&sh, opts);
+    let mut out = Array4::<f32>::zeros(sh.q_dims());
+    let mut lse = Array3::<f32>::zeros(sh.lse_dims());
+    let tasks: Vec<_> =
+        row_blocks(out.view_mut(), b_r).into_iter().zip(row_blocks(lse.view_mut(), b_r)).collect();
+    let traffic = TrafficCounter::default();
+    tasks.into_par_iter().for_each_init(
+        || Scratch::new((b_r, b_c), sh.head_dim),
+        |sc, (o, l)| {
+            let head = p.head(o.b, o.h);
+            traffic.add(forward_block(&head, p.scale, (o.start, b_c), o.view, l.view, sc));
+        },
+    );
+    Ok(Forward { out, lse, traffic: Some(traffic.get()) })
+}
+// ANCHOR_END: forward
+
+/// What a backward tile needs of its query rows: Q_i, dO_i, the log-sum-exp and D_i.
+struct QueryRows<'a> {
+    q: ArrayView2<'a, f32>,
+    d_o: ArrayView2<'a, f32>,
+    lse: ArrayView1<'a, f32>,
+    d: ArrayView1<'a, f32>,
+}
+
+// ANCHOR: backward_tile
+/// The recomputation at the heart of Algorithm 2 (lines 11–14) for query rows `i0..` and key
+/// block `j0..`: P_ij = exp(S_ij − L_i), dP_ij = (dO_i V_jᵀ) ∘ Z_ij,
+/// dS_ij = P_ij ∘ (dP_ij − D_i). Leaves P_ij ∘ Z_ij in `p` (for dV) and dS_ij in `ds`.
+fn recompute_tile(
+    head: &Head<'_>,
+    scale: f32,
+    (i0, j0): (usize, usize),
+    rows: &QueryRows<'_>,
+    mut p: ArrayViewMut2<'_, f32>,
+    mut ds: ArrayViewMut2<'_, f32>,
+) {
+    let cols = p.ncols();
+    let (k_j, v_j) = (head.k.slice(s![j0..j0 + cols, ..]), head.v.slice(s![j0..j0 + cols, ..]));
+    matmul(scale, &rows.q, &k_j.t(), 0.0, &mut p);
+    if head.tile_needs_mask(i0, j0, cols) {
+        head.bias_and_mask(i0, j0, p.view_mut());
+    }
+    probs_from_lse(p.view_mut(), rows.lse);
+    matmul(1.0, &rows.d_o, &v_j.t(), 0.0, &mut ds);
+    head.apply_dropout(i0, j0, ds.view_mut());
+    ds_from_dp(ds.view_mut(), p.view(), rows.d);
+    head.apply_dropout(i0, j0, p.view_mut());
+}
+// ANCHOR_END: backward_tile
+
+// ANCHOR: backward
+/// Backward, Algorithm 2. D = rowsum(dO ∘ O) first. The paper's K/V blocks run in parallel
+/// and add into dQ with atomics; a CPU has no cheap float atomics, and per-thread copies of
+/// dQ would make the order of the sums (and so the bits) depend on scheduling. So:
+///
+/// - with at least two (batch, key/value head) pairs per thread, one task per pair runs the
+///   paper's loops and owns the dQ of its query heads;
+/// - otherwise, the K/V pass — one task per (batch, key/value head, key block), dK_j and dV_j
+///   accumulated over every query block of every query head that reads them — and a dQ pass
+///   — one task per (batch, head, query block) — each recompute S and dP: two more tile
+///   products per tile, bought for parallelism at batch 1 with one key/value head.
+///
+/// Either way every result is bitwise reproducible run to run.
+pub fn backward(
+    inputs: &Inputs<'_>,
+    opts: &Options,
+    fwd: &Forward,
+    d_out: ArrayView4<'_, f32>,
+) -> Result<Grads> {
+    let p = Problem::new(inputs, opts)?;
+    let sh = p.shape;
+    check_saved(&sh, fwd.out.view(), fwd.lse.view())?;
+    check_d_out(&sh, d_out)?;
+    let (b_r, b_c) = block_sizes(&sh, opts);
+    let traffic = TrafficCounter::default();
+
+    // line 4: D = rowsum(dO ∘ O)
+    let mut d = Array3::<f32>::zeros(sh.lse_dims());
+    Zip::from(&mut d)
+        .and(d_out.lanes(Axis(3)))
+        .and(fwd.out.lanes(Axis(3)))
+        .par_for_each(|d, a, b| *d = a.dot(&b));
+    let mut io = Traffic::default();
+    io.read_f32(2 * fwd.out.len());
+    io.write_f32(d.len());
+    traffic.add(io);
+    let query_rows = |b: usize, h: usize, i0: usize, n: usize| QueryRows {
+        q: p.q.slice(s![b, h, i0..i0 + n, ..]),
+        d_o: d_out.slice(s![b, h, i0..i0 + n, ..]),
+        lse: fwd.lse.slice(s![b, h, i0..i0 + n]),
+        d: d.slice(s![b, h, i0..i0 + n]),
+    };
+    let tile_io = |rows: usize, cols: usize, head: &Head<'_>| {
+        let mut io = Traffic::default();
+        io.read_f32(rows * (2 * sh.head_dim + 2) + 2 * cols * sh.head_dim);
+        io.read_bytes(rows * cols * head.score_mod_bytes());
+        io
+    };
+    let scratch = |r: usize, c: usize| (Array2::<f32>::zeros((r, c)), Array2::<f32>::zeros((r, c)));
+
+    let mut dq = Array4::<f32>::zeros(sh.q_dims());
+    let mut dk = Array4::<f32>::zeros(sh.kv_dims());
+    let mut dv = Array4::<f32>::zeros(sh.kv_dims());
+
+    if sh.batch * sh.kv_heads >= 2 * rayon::current_num_threads() {
+        // Enough (batch, key/value head) pairs to keep every thread busy: one task per pair
+        // runs Algorithm 2's loops as written (K/V blocks outside, query blocks inside) and,
+        // owning the dQ of its query heads, adds into it in place — five tile products per
+        // tile, no race, a fixed order.
+        let dq_groups = dq
+            .view_mut()
+            .into_shape_with_order((sh.batch * sh.kv_heads, sh.group(), sh.n_q, sh.head_dim))
+            .expect("standard layout")
+            .into_outer_iter_mut();
+        let tasks: Vec<_> = dq_groups
+            .zip(row_blocks(dk.view_mut(), sh.n_k))
+            .zip(row_blocks(dv.view_mut(), sh.n_k))
+            .collect();
+        tasks.into_par_iter().for_each_init(
+            || scratch(b_r, b_c),
+            |(p_buf, ds_buf), ((mut dq_g, mut dk_h), mut dv_h)| {
+                let b = dk_h.b;
+                let mut io = Traffic::default();
+                for j0 in (0..sh.n_k).step_by(b_c) {
+                    let cols = b_c.min(sh.n_k - j0);
+                    let mut dk_j = dk_h.view.slice_mut(s![j0..j0 + cols, ..]);
+                    let mut dv_j = dv_h.view.slice_mut(s![j0..j0 + cols, ..]);
+                    for g in 0..sh.group() {
+                        let h = dk_h.h * sh.group() + g;
+                        let head = p.head(b, h);
+                        for i0 in (0..sh.n_q).step_by(b_r) {
+                            let n = b_r.min(sh.n_q - i0);
+                            if head.tile_hidden(i0 + n, j0) {
+                                continue;
+                            }
+                            let rows = query_rows(b, h, i0, n);
+                            let (mut pm, mut ds) = (
+                                p_buf.slice_mut(s![..n, ..cols]),
+                                ds_buf.slice_mut(s![..n, ..cols]),
+                            );
+                            recompute_tile(
+                                &head,
+                                p.scale,
+                                (i0, j0),
+                                &rows,
+                                pm.view_mut(),
+                                ds.view_mut(),
+                            );
+                            // line 12: dV_j += (P_ij ∘ Z_ij)ᵀ dO_i; line 15: dQ_i += τ dS_ij K_j;
+                            // line 16: dK_j += τ dS_ijᵀ Q_i
+                            matmul(1.0, &pm.t(), &rows.d_o, 1.0, &mut dv_j);
+                            let k_j = head.k.slice(s![j0..j0 + cols, ..]);
+                            matmul(
+                                p.scale,
+                                &ds.view(),
+                                &k_j,
+                                1.0,
+                                &mut dq_g.slice_mut(s![g, i0..i0 + n, ..]),
+                            );
+                            matmul(p.scale, &ds.t(), &rows.q, 1.0, &mut dk_j);
+                            io += tile_io(n, cols, &head);
+                            io.read_f32(n * sh.head_dim);
+                            io.write_f32(n * sh.head_dim); // dQ_i in and out
+                        }
+                    }
+                    io.write_f32(2 * cols * sh.head_dim);
+                }
+                traffic.add(io);
+            },
+        );
+        return Ok(Grads { dq, dk, dv, traffic: Some(traffic.get()) });
+    }
+
+    // Few (batch, key/value head) pairs: parallelise over key blocks for dK, dV ...
+    let tasks: Vec<_> =
+        row_blocks(dk.view_mut(), b_c).into_iter().zip(row_blocks(dv.view_mut(), b_c)).collect();
+    tasks.into_par_iter().for_each_init(
+        || scratch(b_r, b_c),
+        |(p_buf, ds_buf), (mut dk_j, mut dv_j)| {
+            let (j0, cols) = (dk_j.start, dk_j.view.nrows());
+            let mut io = Traffic::default();
+            for h in dk_j.h * sh.group()..(dk_j.h + 1) * sh.group() {
+                let head = p.head(dk_j.b, h);
+                for i0 in (0..sh.n_q).step_by(b_r) {
+                    let n = b_r.min(sh.n_q - i0);
+                    if head.tile_hidden(i0 + n, j0) {
+                        continue;
+                    }
+                    let rows = query_rows(dk_j.b, h, i0, n);
+                    let (mut pm, mut ds) =
+                        (p_buf.slice_mut(s![..n, ..cols]), ds_buf.slice_mut(s![..n, ..cols]));
+                    recompute_tile(&head, p.scale, (i0, j0), &rows, pm.view_mut(), ds.view_mut());
+                    // line 12: dV_j += (P_ij ∘ Z_ij)ᵀ dO_i; line 16: dK_j += τ dS_ijᵀ Q_i
+                    matmul(1.0, &pm.t(), &rows.d_o, 1.0, &mut dv_j.view);
+                    matmul(p.scale, &ds.t(), &rows.q, 1.0, &mut dk_j.view);
+                    io += tile_io(n, cols, &head);
+                }
+            }
+            io.write_f32(2 * cols * sh.head_dim);
+            traffic.add(io);
+        },
+    );
+
+    // ... and over query blocks for dQ, in a pass of its own: dQ_i = τ Σ_j dS_ij K_j
+    row_blocks(dq.view_mut(), b_r).into_par_iter().for_each_init(
+        || scratch(b_r, b_c),
+        |(p_buf, ds_buf), mut dq_i| {
+            let head = p.head(dq_i.b, dq_i.h);
+            let (i0, n) = (dq_i.start, dq_i.view.nrows());
+            let rows = query_rows(dq_i.b, dq_i.h, i0, n);
+            let kv_end = head.key_end(i0 + n - 1);
+            let mut io = Traffic::default();
+            for j0 in (0..kv_end).step_by(b_c) {
+                let cols = b_c.min(kv_end - j0);
+                let (mut pm, mut ds) =
+                    (p_buf.slice_mut(s![..n, ..cols]), ds_buf.slice_mut(s![..n, ..cols]));
+                recompute_tile(&head, p.scale, (i0, j0), &rows, pm.view_mut(), ds.view_mut());
+                matmul(
+                    p.scale,
+                    &ds.view(),
+                    &head.k.slice(s![j0..j0 + cols, ..]),
+                    1.0,
+                    &mut dq_i.view,
+                );
+                io += tile_io(n, cols, &head);
+            }
+            io.write_f32(n * sh.head_dim);
+            traffic.add(io);
+        },
+    );
+    Ok(Grads { dq, dk, dv, traffic: Some(traffic.get()) })
+}
+// ANCHOR_END: backward

@@ -1,0 +1,314 @@
+//! The two kernels that decide FlashAttention-2's speed on a CPU: tile products and the
+//! exponential.
+//!
+//! - [`matmul`]: tile products through the `gemm` crate, which picks AVX2/FMA or AVX-512
+//!   micro-kernels at run time (about 1.4× ndarray's matrixmultiply on attention tiles).
+//! - [`softmax_tile`]: row max, `exp` and row sum of a score tile in two passes, with an
+//!   `exp` written as a polynomial the compiler vectorises. It is compiled twice — for the
+//!   x86-64 baseline and with AVX2 + FMA enabled — and the AVX2 copy is chosen at run time,
+//!   so the binary runs on any x86-64 machine and is fast on recent ones.
+
+use ndarray::{ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2};
+
+/// `c ← beta·c + alpha·a·b` for row- or column-strided views (any strides, including the
+/// transposed views `x.t()`).
+///
+/// # Panics
+/// When the shapes do not chain: a programming error, not an input error.
+pub fn matmul(
+    alpha: f32,
+    a: &ArrayView2<'_, f32>,
+    b: &ArrayView2<'_, f32>,
+    beta: f32,
+    c: &mut ArrayViewMut2<'_, f32>,
+) {
+    let (m, k) = a.dim();
+    let (k2, n) = b.dim();
+    assert!(k == k2 && c.dim() == (m, n), "matmul: {:?} × {:?} → {:?}", a.dim(), b.dim(), c.dim());
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        *c *= beta;
+        return;
+    }
+    let (a_rs, a_cs) = (a.strides()[0], a.strides()[1]);
+    let (b_rs, b_cs) = (b.strides()[0], b.strides()[1]);
+    let (c_rs, c_cs) = (c.strides()[0], c.strides()[1]);
+    // SAFETY: the pointers and strides come from live ndarray views whose shapes were checked
+    // above to be (m, k) · (k, n) → (m, n); `c` is borrowed mutably, so nothing else aliases it.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            c_cs,
+            c_rs,
+            beta != 0.0,
+            a.as_ptr(),
+            a_cs,
+            a_rs,
+            b.as_ptr(),
+            b_cs,
+            b_rs,
+            beta,
+            alpha,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}
+
+// ANCHOR: exp
+/// `a·b + c`, fused into one instruction on the FMA path (`FMA = true`, compiled only with
+/// FMA enabled), two on the baseline path, where `mul_add` would be a slow library call.
+#[inline(always)]
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA { a.mul_add(b, c) } else { a * b + c }
+}
+
+/// `exp(x)` for the softmax, as the compiler can vectorise it: x = n·ln 2 + r with
+/// |r| ≤ ln 2 / 2 (ln 2 split in two for an exact reduction), exp(r) by Cephes' minimax
+/// polynomial (about 1 ulp), 2ⁿ built in the float's exponent bits with integer operations.
+/// Inputs below −87.3 (including −∞, a masked score) give exactly 0. The softmax only feeds
+/// it x ≤ 0 (a score minus its row's max or log-sum-exp), so large positive inputs, which
+/// would overflow the exponent field, are not clamped.
+#[inline(always)]
+pub fn exp_impl<const FMA: bool>(x: f32) -> f32 {
+    const LOG2_E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const ROUND: f32 = 12_582_912.0; // 1.5 · 2²³: adding it rounds to an integer n ...
+    const ROUND_BITS: u32 = 0x4b40_0000; // ... which then sits in the low bits: bits = ROUND_BITS + n
+    const MIN: f32 = -87.336_55; // ln of the smallest normal float
+    let xc = x.max(MIN);
+    let t = madd::<FMA>(xc, LOG2_E, ROUND);
+    let n = t - ROUND;
+    let r = madd::<FMA>(n, -LN2_LO, madd::<FMA>(n, -LN2_HI, xc));
+    let mut p = 1.987_569_1e-4;
+    for c in [1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 0.166_666_65, 0.5] {
+        p = madd::<FMA>(p, r, c);
+    }
+    let e_r = madd::<FMA>(p, r * r, r + 1.0);
+    // 2ⁿ: n + 127 in the exponent field, with integer operations only (they vectorise)
+    let two_n = f32::from_bits(t.to_bits().wrapping_add(127u32.wrapping_sub(ROUND_BITS)) << 23);
+    if x < MIN { 0.0 } else { e_r * two_n }
+}
+
+/// [`exp_impl`] on the baseline path.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    exp_impl::<false>(x)
+}
+// ANCHOR_END: exp
+
+const LANES: usize = 16;
+
+/// The largest element of `row` (−∞ for an empty or all −∞ row), in `LANES` independent
+/// lanes so that it vectorises.
+#[inline(always)]
+fn row_max(row: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let chunks = row.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for l in 0..LANES {
+            acc[l] = acc[l].max(c[l]);
+        }
+    }
+    let mut m = acc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    for &x in tail {
+        m = m.max(x);
+    }
+    m
+}
+
+/// `row ← exp(row − shift)` and its sum.
+#[inline(always)]
+fn exp_shift_sum<const FMA: bool>(row: &mut [f32], shift: f32) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let mut chunks = row.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for l in 0..LANES {
+            c[l] = exp_impl::<FMA>(c[l] - shift);
+            acc[l] += c[l];
+        }
+    }
+    let mut sum: f32 = acc.iter().sum();
+    for x in chunks.into_remainder() {
+        *x = exp_impl::<FMA>(*x - shift);
+        sum += *x;
+    }
+    sum
+}
+
+// ANCHOR: softmax_tile
+/// The online-softmax step of one tile, row by row: with the running max `m` and sum `ell`
+/// of each row, m_new = max(m, rowmax(S)); S ← exp(S − m_new); ell ← e^(m − m_new)·ell +
+/// rowsum(S); m ← m_new. Returns nothing but leaves the rescale factor e^(m − m_new) of each
+/// row in `alpha` (the caller rescales the output accumulator by it). Rows that have seen no
+/// key yet (m_new = −∞) stay all zero with alpha = 1.
+#[inline(always)]
+fn softmax_tile_impl<const FMA: bool>(
+    mut s: ArrayViewMut2<'_, f32>,
+    mut m: ArrayViewMut1<'_, f32>,
+    mut ell: ArrayViewMut1<'_, f32>,
+    mut alpha: ArrayViewMut1<'_, f32>,
+) {
+    for (r, mut row) in s.rows_mut().into_iter().enumerate() {
+        let row = row.as_slice_mut().expect("score tiles are row-major");
+        let m_new = m[r].max(row_max(row));
+        if m_new == f32::NEG_INFINITY {
+            row.fill(0.0);
+            alpha[r] = 1.0;
+            continue;
+        }
+        alpha[r] = exp_impl::<FMA>(m[r] - m_new);
+        ell[r] = alpha[r] * ell[r] + exp_shift_sum::<FMA>(row, m_new);
+        m[r] = m_new;
+    }
+}
+// ANCHOR_END: softmax_tile
+
+/// Defines `pub fn $name` that runs `$imp` compiled with AVX2 + FMA when the CPU has them
+/// and compiled for the x86-64 baseline otherwise (the body is the same `#[inline(always)]`
+/// function, so the compiler vectorises it twice).
+macro_rules! dispatch {
+    ($(#[$doc:meta])* $name:ident => $imp:ident ($($arg:ident : $ty:ty),*)) => {
+        $(#[$doc])*
+        pub fn $name($($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) {
+                    $imp::<true>($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has just been checked to support AVX2 and FMA.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $imp::<false>($($arg),*)
+        }
+    };
+}
+
+dispatch!(
+    /// [`softmax_tile_impl`] on the best path this CPU has.
+    softmax_tile => softmax_tile_impl(
+        s: ArrayViewMut2<'_, f32>,
+        m: ArrayViewMut1<'_, f32>,
+        ell: ArrayViewMut1<'_, f32>,
+        alpha: ArrayViewMut1<'_, f32>
+    )
+);
+
+/// `P ← exp(S − lse)` row by row: the backward's recomputation of the weights from the
+/// saved log-sum-exp (a row with lse = −∞ saw no key and gets zeros).
+#[inline(always)]
+fn probs_from_lse_impl<const FMA: bool>(mut s: ArrayViewMut2<'_, f32>, lse: ArrayView1<'_, f32>) {
+    for (mut row, &l) in s.rows_mut().into_iter().zip(&lse) {
+        let row = row.as_slice_mut().expect("score tiles are row-major");
+        if l == f32::NEG_INFINITY {
+            row.fill(0.0);
+        } else {
+            row.iter_mut().for_each(|x| *x = exp_impl::<FMA>(*x - l));
+        }
+    }
+}
+
+dispatch!(
+    /// [`probs_from_lse_impl`] on the best path this CPU has.
+    probs_from_lse => probs_from_lse_impl(s: ArrayViewMut2<'_, f32>, lse: ArrayView1<'_, f32>)
+);
+
+/// `dS ← P ∘ (dP − D)` in place of dP, row by row.
+#[inline(always)]
+fn ds_from_dp_impl<const FMA: bool>(
+    mut dp: ArrayViewMut2<'_, f32>,
+    p: ArrayView2<'_, f32>,
+    d: ArrayView1<'_, f32>,
+) {
+    for ((mut ds_row, p_row), &d_i) in dp.rows_mut().into_iter().zip(p.rows()).zip(&d) {
+        let ds_row = ds_row.as_slice_mut().expect("tiles are row-major");
+        let p_row = p_row.to_slice().expect("tiles are row-major");
+        ds_row.iter_mut().zip(p_row).for_each(|(ds, &p)| *ds = p * (*ds - d_i));
+    }
+}
+
+dispatch!(
+    /// [`ds_from_dp_impl`] on the best path this CPU has.
+    ds_from_dp => ds_from_dp_impl(dp: ArrayViewMut2<'_, f32>, p: ArrayView2<'_, f32>, d: ArrayView1<'_, f32>)
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::{Array1, Array2};
+
+    fn worst_relative_error(f: impl Fn(f32) -> f32) -> f64 {
+        (0..=200_000)
+            .map(|i| {
+                let x = -87.0 * i as f32 / 200_000.0;
+                let (got, want) = (f(x) as f64, (x as f64).exp());
+                (got - want).abs() / want
+            })
+            .fold(0.0, f64::max)
+    }
+
+    #[test]
+    fn exp_is_accurate_to_a_few_ulps_on_the_softmax_range() {
+        let worst = worst_relative_error(exp);
+        assert!(worst < 4e-7, "relative error {worst:e}");
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp(-100.0), 0.0);
+        assert_eq!(exp(0.0), 1.0);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_fma_exp_is_as_accurate() {
+        #[target_feature(enable = "avx2,fma")]
+        fn check() -> f64 {
+            worst_relative_error(exp_impl::<true>)
+        }
+        if !std::arch::is_x86_feature_detected!("fma")
+            || !std::arch::is_x86_feature_detected!("avx2")
+        {
+            eprintln!("skipped: this CPU has no AVX2/FMA");
+            return;
+        }
+        // SAFETY: the CPU has just been checked to support AVX2 and FMA.
+        let worst = unsafe { check() };
+        assert!(worst < 4e-7, "relative error {worst:e}");
+        assert_eq!(exp_impl::<true>(f32::NEG_INFINITY), 0.0);
+    }
+
+    #[test]
+    fn matmul_matches_ndarray_for_transposed_and_strided_views() {
+        let a = Array2::from_shape_fn((7, 5), |(i, j)| (i * 5 + j) as f32 * 0.1 - 1.0);
+        let b = Array2::from_shape_fn((9, 5), |(i, j)| (i + 2 * j) as f32 * 0.05);
+        let mut c = Array2::from_elem((7, 9), 1.0f32);
+        matmul(2.0, &a.view(), &b.t(), 0.5, &mut c.view_mut());
+        let want = a.dot(&b.t()) * 2.0 + 0.5;
+        assert!(c.iter().zip(&want).all(|(x, y)| (x - y).abs() < 1e-5));
+    }
+
+    #[test]
+    fn softmax_tile_keeps_running_statistics() {
+        // Two tiles of one row, [1, 2] then [3, −∞]: m = 3, ℓ = e^-2 + e^-1 + 1.
+        let (mut m, mut ell, mut alpha) =
+            (Array1::from_elem(1, f32::NEG_INFINITY), Array1::zeros(1), Array1::zeros(1));
+        let mut s = Array2::from_shape_vec((1, 2), vec![1.0f32, 2.0]).unwrap();
+        softmax_tile(s.view_mut(), m.view_mut(), ell.view_mut(), alpha.view_mut());
+        let mut s2 = Array2::from_shape_vec((1, 2), vec![3.0f32, f32::NEG_INFINITY]).unwrap();
+        softmax_tile(s2.view_mut(), m.view_mut(), ell.view_mut(), alpha.view_mut());
+        assert_eq!(m[0], 3.0);
+        assert!((ell[0] - ((-2f32).exp() + (-1f32).exp() + 1.0)).abs() < 1e-6);
+        assert!((alpha[0] - (-1f32).exp()).abs() < 1e-7);
+        assert_eq!(s2[[0, 1]], 0.0);
+    }
+}
