@@ -5,7 +5,7 @@
 //! [`Head`] per `(batch, head)` and applies bias, masks and dropout to its score tiles with
 //! [`Head::bias_and_mask`] and [`Head::apply_dropout`], so every stage has one semantics.
 
-use ndarray::{ArrayView2, ArrayView4, ArrayViewMut2, Axis, Dimension, s};
+use ndarray::{ArrayView2, ArrayView4, ArrayViewMut2, Axis, Dimension, Zip, s};
 
 use crate::dropout::{DropoutParams, row_key};
 use crate::error::{AttnError, Result};
@@ -57,7 +57,25 @@ fn check_broadcast(arg: &'static str, got: &[usize], full: [usize; 4]) -> Result
     }
 }
 
-/// Index of the first element that fails `ok`, if any (fast path: no indices unless needed).
+/// One parallel pass over the rows (last axis) of a 4-D tensor: whether every element is
+/// finite, and the largest squared row norm (accumulated in f64).
+fn scan_rows(t: &ArrayView4<'_, f32>) -> (bool, f64) {
+    Zip::from(t.lanes(Axis(3))).par_fold(
+        || (true, 0.0f64),
+        |(ok, m), lane| {
+            let (mut finite, mut norm2) = (true, 0.0f64);
+            for &x in lane {
+                finite &= x.is_finite();
+                norm2 += (x as f64) * (x as f64);
+            }
+            (ok && finite, m.max(norm2))
+        },
+        |a, b| (a.0 && b.0, a.1.max(b.1)),
+    )
+}
+
+/// Index of the first element that fails `ok`, if any (called only once a scan has found
+/// one, to name it).
 fn first_bad<D: Dimension>(
     a: &ndarray::ArrayView<'_, f32, D>,
     ok: impl Fn(f32) -> bool + Sync,
@@ -146,10 +164,13 @@ impl<'a> Problem<'a> {
             return Err(AttnError::ZeroBlockSize { arg: "sram" });
         }
 
-        for (arg, t) in [("q", q), ("k", k), ("v", v)] {
-            if let Some((index, value)) = first_bad(&t, f32::is_finite) {
+        let mut max_norms = [0.0f64; 3];
+        for (i, (arg, t)) in [("q", q), ("k", k), ("v", v)].into_iter().enumerate() {
+            let (finite, max_norm2) = scan_rows(&t);
+            if !finite && let Some((index, value)) = first_bad(&t, f32::is_finite) {
                 return Err(AttnError::NonFinite { arg, index, value });
             }
+            max_norms[i] = max_norm2.sqrt();
         }
         if let Some(b) = inputs.bias
             && let Some((index, value)) = first_bad(&b, |x| !x.is_nan() && x != f32::INFINITY)
@@ -159,17 +180,10 @@ impl<'a> Problem<'a> {
 
         // Cauchy–Schwarz bounds every score and every partial sum of its dot product, so
         // below this bound no score can overflow, whatever the order of summation.
-        let max_norm = |t: &ArrayView4<'_, f32>| {
-            t.rows()
-                .into_iter()
-                .map(|r| r.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
-                .fold(0.0f64, f64::max)
-                .sqrt()
-        };
         let max_bias = inputs.bias.map_or(0.0, |b| {
             b.iter().filter(|x| x.is_finite()).fold(0.0f64, |m, &x| m.max((x as f64).abs()))
         });
-        let bound = (scale as f64).abs() * max_norm(&q) * max_norm(&k) + max_bias;
+        let bound = (scale as f64).abs() * max_norms[0] * max_norms[1] + max_bias;
         if bound > SCORE_LIMIT {
             return Err(AttnError::ScoreOverflow { bound });
         }
@@ -366,7 +380,9 @@ pub fn check_d_out(shape: &Shape, d_out: ArrayView4<'_, f32>) -> Result<()> {
             expected: format!("it must have the shape of the output, [{b}, {h}, {n}, {d}]"),
         });
     }
-    if let Some((index, value)) = first_bad(&d_out, f32::is_finite) {
+    if !scan_rows(&d_out).0
+        && let Some((index, value)) = first_bad(&d_out, f32::is_finite)
+    {
         return Err(AttnError::NonFinite { arg: "d_out", index, value });
     }
     Ok(())
