@@ -5,7 +5,6 @@ use attn_core::blocks::row_blocks;
 use attn_core::memory::GEMM_PACKING_BYTES;
 use attn_core::{
     Forward, Grads, Head, Inputs, Options, Problem, Result, Shape, Traffic, TrafficCounter,
-    check_d_out, check_saved,
 };
 use ndarray::linalg::general_mat_mul;
 use ndarray::{
@@ -192,10 +191,8 @@ pub fn backward(
     fwd: &Forward,
     d_out: ndarray::ArrayView4<'_, f32>,
 ) -> Result<Grads> {
-    let p = Problem::new(inputs, opts)?;
+    let p = Problem::for_backward(inputs, opts, fwd, d_out)?;
     let sh = p.shape;
-    check_saved(&sh, fwd.out.view(), fwd.lse.view())?;
-    check_d_out(&sh, d_out)?;
     let (q_chunk, k_chunk) = chunk_sizes(&sh, opts);
     // D_i = rowsum(dO_i ∘ O_i)
     let d =

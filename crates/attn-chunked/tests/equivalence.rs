@@ -3,10 +3,11 @@
 
 use attn_chunked::ChunkedCpu;
 use attn_core::testing::strategies::{arb_case, config};
-use attn_core::testing::{BiasKind, Case, MaskKind, check_against_reference, check_against_stage};
-use attn_core::{Shape, Stage};
+use attn_core::testing::{
+    BiasKind, Case, MaskKind, check_against_reference, check_against_stage, edge_cases,
+};
+use attn_core::Shape;
 use attn_naive::NaiveCpu;
-use ndarray::{Array4, s};
 use proptest::prelude::*;
 
 /// The chunked stage's results against naive attention's on the same inputs.
@@ -84,60 +85,16 @@ fn chunked_matches_reference_with_causal_cross_attention_gqa_and_dropout() {
 }
 
 #[test]
-fn fully_masked_rows_and_chunks_give_zeros_minus_infinite_lse_and_zero_gradients() {
-    // Row 2 of batch 1 loses every key; rows 5.. lose the first key chunk only (so some of
-    // their chunk summaries are empty, but the row is not).
-    let case = Case {
-        q_block: Some(4),
-        k_block: Some(3),
-        ..Case::new(Shape::new(2, 2, 9, 8).with_n_k(7), 21)
-    };
-    let mut data = case.build();
-    let mut mask = Array4::from_elem((2, 1, 9, 7), true);
-    mask.slice_mut(s![1, 0, 2, ..]).fill(false);
-    mask.slice_mut(s![.., 0, 5.., ..3]).fill(false);
-    data.mask4 = Some(mask);
-    let inputs = data.inputs();
-    let fwd = ChunkedCpu.forward(&inputs, &data.opts).unwrap();
-    let grads = ChunkedCpu.backward(&inputs, &data.opts, &fwd, data.d_out.view()).unwrap();
-    for h in 0..2 {
-        assert_eq!(fwd.lse[[1, h, 2]], f32::NEG_INFINITY);
-        assert!(fwd.out.slice(s![1, h, 2, ..]).iter().all(|&x| x == 0.0));
-        assert!(grads.dq.slice(s![1, h, 2, ..]).iter().all(|&x| x == 0.0));
-    }
-    for t in [&fwd.out, &grads.dq, &grads.dk, &grads.dv] {
-        assert!(t.iter().all(|x| x.is_finite()));
-    }
-    check_against_reference(&ChunkedCpu, &data, true).unwrap().assert_f32("fully masked rows");
+fn fully_masked_rows_give_zeros_minus_infinite_lse_and_zero_gradients() {
+    edge_cases::fully_masked_rows(&ChunkedCpu, (4, 3));
 }
 
 #[test]
 fn huge_logits_stay_finite() {
-    let case = Case {
-        scale: Some(1e4 / 16.0),
-        causal: true,
-        q_block: Some(5),
-        k_block: Some(6),
-        ..Case::new(Shape::new(1, 2, 32, 16), 3)
-    };
-    let data = case.build();
-    let inputs = data.inputs();
-    let fwd = ChunkedCpu.forward(&inputs, &data.opts).unwrap();
-    let grads = ChunkedCpu.backward(&inputs, &data.opts, &fwd, data.d_out.view()).unwrap();
-    for t in [&fwd.out, &grads.dq, &grads.dk, &grads.dv] {
-        assert!(t.iter().all(|x| x.is_finite()));
-    }
-    let check = check_against_reference(&ChunkedCpu, &data, false).unwrap();
-    check.assert_f32("logits 1e4");
+    edge_cases::huge_logits(&ChunkedCpu, (5, 6));
 }
 
 #[test]
 fn dropout_drops_the_same_weights_as_naive() {
-    let case = Case {
-        dropout: Some(0.5),
-        q_block: Some(3),
-        k_block: Some(5),
-        ..Case::new(Shape::new(2, 2, 20, 8).with_n_k(30), 4)
-    };
-    assert_matches_naive(&case);
+    edge_cases::same_dropout_as(&ChunkedCpu, &NaiveCpu, (3, 5));
 }

@@ -204,6 +204,20 @@ impl<'a> Problem<'a> {
         })
     }
 
+    /// [`Problem::new`] for a backward call, which also checks what the forward returned
+    /// ([`check_saved`]) and the upstream gradient ([`check_d_out`]).
+    pub fn for_backward(
+        inputs: &Inputs<'a>,
+        opts: &Options,
+        fwd: &crate::stage::Forward,
+        d_out: ArrayView4<'_, f32>,
+    ) -> Result<Self> {
+        let p = Self::new(inputs, opts)?;
+        check_saved(&p.shape, fwd.out.view(), fwd.lse.view())?;
+        check_d_out(&p.shape, d_out)?;
+        Ok(p)
+    }
+
     /// The workspace limit in bytes: the caller's, or the machine's available memory.
     pub fn memory_limit(&self) -> u64 {
         self.memory_limit.unwrap_or_else(default_memory_limit)

@@ -234,6 +234,78 @@ pub fn check_against_stage(
     })
 }
 
+/// The edge cases every tiled stage must get right, as claims a stage's tests call with the
+/// stage (and the block sizes that exercise its tiling).
+pub mod edge_cases {
+    use ndarray::{Array4, s};
+
+    use super::{Case, check_against_reference, check_against_stage};
+    use crate::shape::Shape;
+    use crate::stage::Stage;
+
+    /// Rows whose every key is removed give zeros, a −∞ log-sum-exp and zero gradients;
+    /// rows that lose whole blocks (but not all keys) stay exact; nothing is NaN.
+    pub fn fully_masked_rows(stage: &dyn Stage, (q_block, k_block): (usize, usize)) {
+        let case = Case {
+            q_block: Some(q_block),
+            k_block: Some(k_block),
+            ..Case::new(Shape::new(2, 2, 9, 8).with_n_k(7), 21)
+        };
+        let mut data = case.build();
+        let mut mask = Array4::from_elem((2, 1, 9, 7), true);
+        mask.slice_mut(s![1, 0, 2, ..]).fill(false);
+        mask.slice_mut(s![.., 0, 5.., ..3]).fill(false);
+        data.mask4 = Some(mask);
+        let inputs = data.inputs();
+        let fwd = stage.forward(&inputs, &data.opts).unwrap();
+        let grads = stage.backward(&inputs, &data.opts, &fwd, data.d_out.view()).unwrap();
+        for h in 0..2 {
+            assert_eq!(fwd.lse[[1, h, 2]], f32::NEG_INFINITY);
+            assert!(fwd.out.slice(s![1, h, 2, ..]).iter().all(|&x| x == 0.0));
+            assert!(grads.dq.slice(s![1, h, 2, ..]).iter().all(|&x| x == 0.0));
+        }
+        for t in [&fwd.out, &grads.dq, &grads.dk, &grads.dv] {
+            assert!(t.iter().all(|x| x.is_finite()));
+        }
+        check_against_reference(stage, &data, true).unwrap().assert_f32("fully masked rows");
+    }
+
+    /// Scores of ±10⁴ give finite results and an accurate forward.
+    pub fn huge_logits(stage: &dyn Stage, (q_block, k_block): (usize, usize)) {
+        let case = Case {
+            scale: Some(1e4 / 16.0),
+            causal: true,
+            q_block: Some(q_block),
+            k_block: Some(k_block),
+            ..Case::new(Shape::new(1, 2, 32, 16), 3)
+        };
+        let data = case.build();
+        let inputs = data.inputs();
+        let fwd = stage.forward(&inputs, &data.opts).unwrap();
+        let grads = stage.backward(&inputs, &data.opts, &fwd, data.d_out.view()).unwrap();
+        for t in [&fwd.out, &grads.dq, &grads.dk, &grads.dv] {
+            assert!(t.iter().all(|x| x.is_finite()));
+        }
+        check_against_reference(stage, &data, false).unwrap().assert_f32("logits 1e4");
+    }
+
+    /// Dropout removes exactly the weights `baseline` removes, whatever the tiling.
+    pub fn same_dropout_as(
+        stage: &dyn Stage,
+        baseline: &dyn Stage,
+        (q_block, k_block): (usize, usize),
+    ) {
+        let case = Case {
+            dropout: Some(0.5),
+            q_block: Some(q_block),
+            k_block: Some(k_block),
+            ..Case::new(Shape::new(2, 2, 20, 8).with_n_k(30), 4)
+        };
+        let check = check_against_stage(stage, baseline, &case.build()).unwrap();
+        check.assert_within(2e-5, 2e-4, "dropout");
+    }
+}
+
 /// Random configurations for proptest, the same for every stage.
 #[cfg(feature = "proptest")]
 pub mod strategies {

@@ -5,7 +5,6 @@
 use attn_core::blocks::row_blocks;
 use attn_core::{
     Forward, Grads, Head, Inputs, Options, Problem, Result, Shape, Traffic, TrafficCounter,
-    check_d_out, check_saved,
 };
 use ndarray::{Array1, Array2, Array3, Array4, ArrayView1, ArrayView2, ArrayView4, ArrayViewMut1};
 use ndarray::{ArrayViewMut2, Axis, Zip, s};
@@ -193,10 +192,8 @@ pub fn backward(
     fwd: &Forward,
     d_out: ArrayView4<'_, f32>,
 ) -> Result<Grads> {
-    let p = Problem::new(inputs, opts)?;
+    let p = Problem::for_backward(inputs, opts, fwd, d_out)?;
     let sh = p.shape;
-    check_saved(&sh, fwd.out.view(), fwd.lse.view())?;
-    check_d_out(&sh, d_out)?;
     let (b_r, b_c) = block_sizes(&sh, opts);
     let traffic = TrafficCounter::default();
 

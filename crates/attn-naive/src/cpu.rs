@@ -1,9 +1,6 @@
 //! Stage 1 on the CPU: the textbook algorithm, one full score matrix per head.
 
-use attn_core::{
-    Forward, Grads, Head, Inputs, Options, Problem, Result, Shape, Traffic, check_d_out,
-    check_saved,
-};
+use attn_core::{Forward, Grads, Head, Inputs, Options, Problem, Result, Shape, Traffic};
 use ndarray::linalg::general_mat_mul;
 use ndarray::{Array3, Array4, ArrayView4, ArrayViewMut1, Axis, Zip};
 
@@ -155,10 +152,8 @@ pub fn backward(
     fwd: &Forward,
     d_out: ArrayView4<'_, f32>,
 ) -> Result<Grads> {
-    let p = Problem::new(inputs, opts)?;
+    let p = Problem::for_backward(inputs, opts, fwd, d_out)?;
     let sh = p.shape;
-    check_saved(&sh, fwd.out.view(), fwd.lse.view())?;
-    check_d_out(&sh, d_out)?;
     p.check_workspace(NAME, "matrices P and dP", backward_workspace_bytes(&sh), ADVICE)?;
 
     let (g, tasks) = (sh.group(), sh.batch * sh.kv_heads);
