@@ -2,11 +2,11 @@
 //! configurations and chunk sizes that do not divide the lengths.
 
 use attn_chunked::ChunkedCpu;
+use attn_core::Shape;
 use attn_core::testing::strategies::{arb_case, config};
 use attn_core::testing::{
     BiasKind, Case, MaskKind, check_against_reference, check_against_stage, edge_cases,
 };
-use attn_core::Shape;
 use attn_naive::NaiveCpu;
 use proptest::prelude::*;
 

@@ -5,7 +5,9 @@
 //! most `block` rows, in a fixed order, so that tensors of the same leading shape split into
 //! matching lists that can be zipped and handed to rayon.
 
-use ndarray::{ArrayViewMut, Axis, Dimension, RemoveAxis};
+use ndarray::{
+    ArrayViewMut, ArrayViewMut2, ArrayViewMut3, ArrayViewMut4, Axis, Dimension, RemoveAxis,
+};
 
 /// A block of rows of one (batch, head): rows `start .. start + view.nrows()`.
 #[derive(Debug)]
@@ -41,6 +43,40 @@ where
 
 /// The dimension of one (batch, head) slice of a tensor of dimension `D`.
 pub type HeadDim<D> = <<D as Dimension>::Smaller as Dimension>::Smaller;
+
+/// What one backward task owns when it handles a whole (batch, key/value head): the dQ of
+/// the query heads that share it, `[group, n_q, d]`, and its dK and dV, `[n_k, d]`.
+#[derive(Debug)]
+pub struct KvHeadGrads<'a> {
+    pub b: usize,
+    pub kv_h: usize,
+    pub dq: ArrayViewMut3<'a, f32>,
+    pub dk: ArrayViewMut2<'a, f32>,
+    pub dv: ArrayViewMut2<'a, f32>,
+}
+
+/// Cuts freshly allocated (standard layout) gradients `dq [b, h, n_q, d]`, `dk`, `dv`
+/// `[b, kv_heads, n_k, d]` into one [`KvHeadGrads`] per (batch, key/value head), in order.
+///
+/// # Panics
+/// When `dq` is not in standard layout (a programming error: the stages allocate it).
+pub fn kv_head_grads<'a>(
+    dq: ArrayViewMut4<'a, f32>,
+    dk: ArrayViewMut4<'a, f32>,
+    dv: ArrayViewMut4<'a, f32>,
+) -> Vec<KvHeadGrads<'a>> {
+    let (b, h, n_q, d) = dq.dim();
+    let kv_heads = dk.dim().1;
+    let dq_groups = dq
+        .into_shape_with_order((b * kv_heads, h / kv_heads, n_q, d))
+        .expect("dQ is allocated in standard layout")
+        .into_outer_iter_mut();
+    dq_groups
+        .zip(row_blocks(dk, usize::MAX))
+        .zip(row_blocks(dv, usize::MAX))
+        .map(|((dq, dk), dv)| KvHeadGrads { b: dk.b, kv_h: dk.h, dq, dk: dk.view, dv: dv.view })
+        .collect()
+}
 
 #[cfg(test)]
 mod tests {

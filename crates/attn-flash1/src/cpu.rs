@@ -2,7 +2,7 @@
 //! Algorithm 2's masking and dropout. Backward: Algorithm 4. Line numbers in the comments
 //! are the papers' algorithm lines.
 
-use attn_core::blocks::row_blocks;
+use attn_core::blocks::{kv_head_grads, row_blocks};
 use attn_core::{
     Forward, Grads, Head, Inputs, Options, Problem, Result, Shape, Traffic, TrafficCounter,
 };
@@ -273,19 +273,11 @@ pub fn backward(
     let mut dq = Array4::<f32>::zeros(sh.q_dims());
     let mut dk = Array4::<f32>::zeros(sh.kv_dims());
     let mut dv = Array4::<f32>::zeros(sh.kv_dims());
-    let dq_groups = dq
-        .view_mut()
-        .into_shape_with_order((sh.batch * sh.kv_heads, sh.group(), sh.n_q, sh.head_dim))
-        .expect("standard layout")
-        .into_outer_iter_mut();
-    let tasks: Vec<_> = dq_groups
-        .zip(row_blocks(dk.view_mut(), sh.n_k))
-        .zip(row_blocks(dv.view_mut(), sh.n_k))
-        .collect();
+    let tasks = kv_head_grads(dq.view_mut(), dk.view_mut(), dv.view_mut());
     let traffic = TrafficCounter::default();
-    tasks.into_par_iter().for_each(|((dq_g, dk_h), dv_h)| {
-        let task = (dk_h.b, dk_h.h);
-        traffic.add(backward_kv_head(&p, task, blocks, (fwd, d_out), dq_g, (dk_h.view, dv_h.view)));
+    tasks.into_par_iter().for_each(|g| {
+        let task = (g.b, g.kv_h);
+        traffic.add(backward_kv_head(&p, task, blocks, (fwd, d_out), g.dq, (g.dk, g.dv)));
     });
     Ok(Grads { dq, dk, dv, traffic: Some(traffic.get()) })
 }

@@ -2,7 +2,7 @@
 //! Algorithm 2, with dQ added by the task that owns it instead of atomic adds. Line numbers in the
 //! comments are the paper's algorithm lines.
 
-use attn_core::blocks::row_blocks;
+use attn_core::blocks::{kv_head_grads, row_blocks};
 use attn_core::{
     Forward, Grads, Head, Inputs, Options, Problem, Result, Shape, Traffic, TrafficCounter,
 };
@@ -230,26 +230,18 @@ pub fn backward(
         // runs Algorithm 2's loops as written (K/V blocks outside, query blocks inside) and,
         // owning the dQ of its query heads, adds into it in place — five tile products per
         // tile, no race, a fixed order.
-        let dq_groups = dq
-            .view_mut()
-            .into_shape_with_order((sh.batch * sh.kv_heads, sh.group(), sh.n_q, sh.head_dim))
-            .expect("standard layout")
-            .into_outer_iter_mut();
-        let tasks: Vec<_> = dq_groups
-            .zip(row_blocks(dk.view_mut(), sh.n_k))
-            .zip(row_blocks(dv.view_mut(), sh.n_k))
-            .collect();
+        let tasks = kv_head_grads(dq.view_mut(), dk.view_mut(), dv.view_mut());
         tasks.into_par_iter().for_each_init(
             || scratch(b_r, b_c),
-            |(p_buf, ds_buf), ((mut dq_g, mut dk_h), mut dv_h)| {
-                let b = dk_h.b;
+            |(p_buf, ds_buf), mut g| {
+                let b = g.b;
                 let mut io = Traffic::default();
                 for j0 in (0..sh.n_k).step_by(b_c) {
                     let cols = b_c.min(sh.n_k - j0);
-                    let mut dk_j = dk_h.view.slice_mut(s![j0..j0 + cols, ..]);
-                    let mut dv_j = dv_h.view.slice_mut(s![j0..j0 + cols, ..]);
-                    for g in 0..sh.group() {
-                        let h = dk_h.h * sh.group() + g;
+                    let mut dk_j = g.dk.slice_mut(s![j0..j0 + cols, ..]);
+                    let mut dv_j = g.dv.slice_mut(s![j0..j0 + cols, ..]);
+                    for gi in 0..sh.group() {
+                        let h = g.kv_h * sh.group() + gi;
                         let head = p.head(b, h);
                         for i0 in (0..sh.n_q).step_by(b_r) {
                             let n = b_r.min(sh.n_q - i0);
@@ -278,7 +270,7 @@ pub fn backward(
                                 &ds.view(),
                                 &k_j,
                                 1.0,
-                                &mut dq_g.slice_mut(s![g, i0..i0 + n, ..]),
+                                &mut g.dq.slice_mut(s![gi, i0..i0 + n, ..]),
                             );
                             matmul(p.scale, &ds.t(), &rows.q, 1.0, &mut dk_j);
                             io += tile_io(n, cols, &head);
