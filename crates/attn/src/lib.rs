@@ -27,6 +27,8 @@
 //! ```
 
 pub use attn_chunked as chunked;
+pub mod module;
+
 pub use attn_core as core;
 pub use attn_core::{
     AttnError, Device, Dropout, Forward, Grads, Inputs, Mask, Options, Problem, Result, Shape,
@@ -35,6 +37,7 @@ pub use attn_core::{
 pub use attn_flash1 as flash1;
 pub use attn_flash2 as flash2;
 pub use attn_naive as naive;
+pub use module::{Algorithm, Attention, AttentionConfig, Overrides};
 
 /// The stage to use when nothing says otherwise: FlashAttention-2, the fastest.
 pub const DEFAULT_STAGE: &str = "flash2";
