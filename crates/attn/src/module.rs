@@ -196,7 +196,7 @@ impl Attention {
                 shape: vec![dim, config.heads, config.dim_head],
             });
         }
-        if config.heads % config.kv_heads() != 0 || config.kv_heads() == 0 {
+        if config.kv_heads() == 0 || !config.heads.is_multiple_of(config.kv_heads()) {
             return Err(AttnError::HeadsNotDivisible {
                 heads: config.heads,
                 kv_heads: config.kv_heads(),
