@@ -61,6 +61,14 @@ pub struct AttentionConfig {
     pub q_bucket_size: Option<usize>,
     /// Key rows per block (the seed's `k_bucket_size`).
     pub k_bucket_size: Option<usize>,
+    /// Cosine-similarity attention (Swin Transformer V2, Liu et al. 2021): q and k are
+    /// ℓ2-normalised per head and the scores scaled by the fixed `cosine_scale` instead of
+    /// 1/√d. Every score then lies in [−scale, scale], so exp(s − scale) can never overflow
+    /// and a kernel could drop the running max altogether; our stages keep it, which costs
+    /// nothing in accuracy.
+    pub cosine_sim: bool,
+    /// The fixed scale of cosine-similarity attention.
+    pub cosine_scale: f32,
 }
 
 impl AttentionConfig {
@@ -77,6 +85,8 @@ impl AttentionConfig {
             algorithm: Algorithm::default(),
             q_bucket_size: None,
             k_bucket_size: None,
+            cosine_sim: false,
+            cosine_scale: 16.0,
         }
     }
 
@@ -118,6 +128,9 @@ pub struct Cache {
     fwd: Forward,
     options: Options,
     algorithm: Algorithm,
+    /// With cosine similarity: the norms ‖q‖ `[b, h, n]` and ‖k‖ `[b, h_kv, m]` that q and k
+    /// were divided by.
+    norms: Option<(Array3<f32>, Array3<f32>)>,
 }
 
 #[derive(Clone, Debug)]
@@ -165,6 +178,23 @@ fn merge_heads(t: ArrayView4<'_, f32>) -> Array3<f32> {
         .into_owned()
         .into_shape_with_order((b, n, h * d))
         .expect("standard layout")
+}
+
+/// Divides every row (last axis) of `t` by its ℓ2 norm in place and returns the norms.
+fn l2_normalize(t: &mut Array4<f32>) -> Array3<f32> {
+    let norms = t.map_axis(Axis(3), |r| r.dot(&r).sqrt().max(1e-12));
+    ndarray::Zip::from(t.lanes_mut(Axis(3))).and(&norms).for_each(|mut r, &n| r /= n);
+    norms
+}
+
+/// The gradient through `t̂ = t / ‖t‖`: dt = (dt̂ − t̂ (t̂ · dt̂)) / ‖t‖, in place of `dt̂`.
+fn l2_normalize_backward(d: &mut Array4<f32>, t_hat: &Array4<f32>, norms: &Array3<f32>) {
+    ndarray::Zip::from(d.lanes_mut(Axis(3))).and(t_hat.lanes(Axis(3))).and(norms).for_each(
+        |mut dr, tr, &n| {
+            let proj = dr.dot(&tr);
+            dr.zip_mut_with(&tr, |x, &t| *x = (*x - t * proj) / n);
+        },
+    );
 }
 
 /// `[b, n, c] · [c, e]` → `[b, n, e]`.
@@ -238,12 +268,14 @@ impl Attention {
         }
         let ctx = context.unwrap_or(x);
         let kv_inner = c.kv_heads() * c.dim_head;
-        let q = split_heads(project(x, self.to_q.view()).view(), c.heads);
+        let mut q = split_heads(project(x, self.to_q.view()).view(), c.heads);
         let kv = project(ctx, self.to_kv.view());
-        let k = split_heads(kv.slice(s![.., .., ..kv_inner]), c.kv_heads());
+        let mut k = split_heads(kv.slice(s![.., .., ..kv_inner]), c.kv_heads());
         let v = split_heads(kv.slice(s![.., .., kv_inner..]), c.kv_heads());
+        let norms = c.cosine_sim.then(|| (l2_normalize(&mut q), l2_normalize(&mut k)));
         let algorithm = overrides.algorithm.unwrap_or(c.algorithm);
         let options = Options {
+            scale: c.cosine_sim.then_some(c.cosine_scale),
             causal: c.causal,
             dropout: (c.dropout > 0.0).then(|| attn_core::Dropout::new(c.dropout, c.dropout_seed)),
             q_block: overrides.q_bucket_size.or(c.q_bucket_size),
@@ -269,6 +301,7 @@ impl Attention {
             },
             options,
             algorithm,
+            norms,
         };
         cache.fwd = algorithm.stage().forward(&cache.inputs(), &cache.options)?;
         let y = project(merge_heads(cache.fwd.out.view()).view(), self.to_out.view());
@@ -292,12 +325,16 @@ impl Attention {
         let o_merged = merge_heads(cache.fwd.out.view());
         let d_to_out = weight_grad(o_merged.view(), dy);
         let d_o = split_heads(project(dy, self.to_out.t()).view(), c.heads);
-        let g = cache.algorithm.stage().backward(
+        let mut g = cache.algorithm.stage().backward(
             &cache.inputs(),
             &cache.options,
             &cache.fwd,
             d_o.view(),
         )?;
+        if let Some((q_norms, k_norms)) = &cache.norms {
+            l2_normalize_backward(&mut g.dq, &cache.q, q_norms);
+            l2_normalize_backward(&mut g.dk, &cache.k, k_norms);
+        }
         let dq = merge_heads(g.dq.view());
         let dkv = ndarray::concatenate(
             Axis(2),

@@ -84,8 +84,16 @@ fn cross_attention_with_gqa_matches_naive() {
 
 #[test]
 fn module_gradients_match_finite_differences() {
+    for cosine_sim in [false, true] {
+        module_gradients_match_finite_differences_with(cosine_sim);
+    }
+}
+
+fn module_gradients_match_finite_differences_with(cosine_sim: bool) {
     let mut config = AttentionConfig::new(6, 2, 3);
     config.causal = true;
+    config.cosine_sim = cosine_sim;
+    config.cosine_scale = 4.0;
     let module = Attention::new(config, 7).unwrap();
     let x = attn::core::random::normal((1, 4, 6), 8);
     let ctx = attn::core::random::normal((1, 5, 6), 9);
@@ -98,7 +106,9 @@ fn module_gradients_match_finite_differences() {
     let (_, cache) =
         module.forward(x.view(), Some(ctx.view()), None, None, Overrides::default()).unwrap();
     let g = module.backward(&cache, dy.view()).unwrap();
-    let eps = 1e-2f32;
+    // Central differences in f32: truncation error ~ eps² (large where the ℓ2 normalisation
+    // of a short q or k curves sharply), rounding ~ 1e-7 / eps. 1e-3 balances both here.
+    let eps = 1e-3f32;
     let mut worst = 0.0f64;
     let mut check = |analytic: f32, plus: f64, minus: f64| {
         let numeric = (plus - minus) / (2.0 * eps as f64);
@@ -133,7 +143,7 @@ fn module_gradients_match_finite_differences() {
             check(analytic, bump(eps), bump(-eps));
         }
     }
-    assert!(worst < 2e-3, "finite differences differ by {worst:e}");
+    assert!(worst < 2e-3, "cosine_sim {cosine_sim}: finite differences differ by {worst:e}");
 }
 
 #[test]
@@ -161,4 +171,67 @@ fn seed_shorthand_and_bad_input() {
     let mut bad = AttentionConfig::new(8, 3, 4);
     bad.kv_heads = Some(2);
     assert!(Attention::new(bad, 0).is_err());
+}
+
+#[test]
+fn cosine_sim_attention_matches_the_float64_reference() {
+    // y = merge(attention(q̂, k̂, v; scale 16)) W_out with q̂, k̂ the ℓ2-normalised heads,
+    // computed here in float64 from the module's own weights.
+    use ndarray::{Array4, Axis, s};
+    let (b, n, dim, heads, d) = (2, 19, 32, 4, 8);
+    let mut config = AttentionConfig::new(dim, heads, d);
+    config.cosine_sim = true;
+    config.causal = true;
+    let module = Attention::new(config, 12).unwrap();
+    let x = attn::core::random::normal((b, n, dim), 13);
+    let x64 = x.mapv(f64::from);
+    // Columns `first..first + heads·d` of x W, split into heads, optionally ℓ2-normalised.
+    let heads_of = |w: &Array2<f32>, first: usize, normalise: bool| {
+        let w64 = w.mapv(f64::from);
+        let mut t = Array4::<f64>::zeros((b, heads, n, d));
+        for bi in 0..b {
+            let p = x64.index_axis(Axis(0), bi).dot(&w64);
+            for h in 0..heads {
+                for i in 0..n {
+                    let mut row = p.slice(s![i, first + h * d..first + (h + 1) * d]).to_owned();
+                    if normalise {
+                        row /= row.dot(&row).sqrt();
+                    }
+                    t.slice_mut(s![bi, h, i, ..]).assign(&row);
+                }
+            }
+        }
+        t
+    };
+    let (q, k, v) = (
+        heads_of(&module.to_q, 0, true),
+        heads_of(&module.to_kv, 0, true),
+        heads_of(&module.to_kv, heads * d, false),
+    );
+    let r = attn::core::reference::RefProblem {
+        q,
+        k,
+        v,
+        mask: None,
+        bias: None,
+        scale: 16.0,
+        causal: true,
+        dropout: None,
+    }
+    .forward();
+    let w_out = module.to_out.mapv(f64::from);
+    let mut y_ref = Array3::<f64>::zeros((b, n, dim));
+    for bi in 0..b {
+        let mut merged = Array2::<f64>::zeros((n, heads * d));
+        for h in 0..heads {
+            merged.slice_mut(s![.., h * d..(h + 1) * d]).assign(&r.out.slice(s![bi, h, .., ..]));
+        }
+        y_ref.index_axis_mut(Axis(0), bi).assign(&merged.dot(&w_out));
+    }
+    for algorithm in ALGORITHMS {
+        let over = Overrides { algorithm: Some(algorithm), ..Overrides::default() };
+        let (y, _) = module.forward(x.view(), None, None, None, over).unwrap();
+        let e = compare(y.view(), y_ref.view());
+        assert!(e.normwise <= 1e-5, "{algorithm:?}: cosine-sim output error {:e}", e.normwise);
+    }
 }
