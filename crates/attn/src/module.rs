@@ -197,6 +197,41 @@ fn l2_normalize_backward(d: &mut Array4<f32>, t_hat: &Array4<f32>, norms: &Array
     );
 }
 
+/// `[b, n, c] · [c, heads·d]` straight into heads `[b, heads, n, d]`, one product per
+/// (batch, head), without the merged intermediate.
+fn project_heads(t: ArrayView3<'_, f32>, w: ArrayView2<'_, f32>, heads: usize) -> Array4<f32> {
+    let (b, n, _) = t.dim();
+    let d = w.ncols() / heads;
+    let mut out = Array4::<f32>::zeros((b, heads, n, d));
+    ndarray::Zip::indexed(out.outer_iter_mut()).par_for_each(|bi, mut out_b| {
+        for (h, mut out_bh) in out_b.outer_iter_mut().enumerate() {
+            let w_h = w.slice(s![.., h * d..(h + 1) * d]);
+            ndarray::linalg::general_mat_mul(
+                1.0,
+                &t.index_axis(Axis(0), bi),
+                &w_h,
+                0.0,
+                &mut out_bh,
+            );
+        }
+    });
+    out
+}
+
+/// `merge_heads(o) · w` for o `[b, heads, n, d]`, w `[heads·d, e]`, summing head by head
+/// without the merged intermediate.
+fn project_from_heads(o: ArrayView4<'_, f32>, w: ArrayView2<'_, f32>) -> Array3<f32> {
+    let (b, heads, n, d) = o.dim();
+    let mut y = Array3::<f32>::zeros((b, n, w.ncols()));
+    ndarray::Zip::indexed(y.outer_iter_mut()).par_for_each(|bi, mut y_b| {
+        for h in 0..heads {
+            let w_h = w.slice(s![h * d..(h + 1) * d, ..]);
+            ndarray::linalg::general_mat_mul(1.0, &o.slice(s![bi, h, .., ..]), &w_h, 1.0, &mut y_b);
+        }
+    });
+    y
+}
+
 /// `[b, n, c] · [c, e]` → `[b, n, e]`.
 fn project(t: ArrayView3<'_, f32>, w: ArrayView2<'_, f32>) -> Array3<f32> {
     let (b, n, c) = t.dim();
@@ -268,20 +303,12 @@ impl Attention {
         }
         let ctx = context.unwrap_or(x);
         let kv_inner = c.kv_heads() * c.dim_head;
-        let mut q = split_heads(project(x, self.to_q.view()).view(), c.heads);
-        let kv = project(ctx, self.to_kv.view());
-        let mut k = split_heads(kv.slice(s![.., .., ..kv_inner]), c.kv_heads());
-        let v = split_heads(kv.slice(s![.., .., kv_inner..]), c.kv_heads());
+        let mut q = project_heads(x, self.to_q.slice(s![.., ..]), c.heads);
+        let mut k = project_heads(ctx, self.to_kv.slice(s![.., ..kv_inner]), c.kv_heads());
+        let v = project_heads(ctx, self.to_kv.slice(s![.., kv_inner..]), c.kv_heads());
         let norms = c.cosine_sim.then(|| (l2_normalize(&mut q), l2_normalize(&mut k)));
         let algorithm = overrides.algorithm.unwrap_or(c.algorithm);
-        let options = Options {
-            scale: c.cosine_sim.then_some(c.cosine_scale),
-            causal: c.causal,
-            dropout: (c.dropout > 0.0).then(|| attn_core::Dropout::new(c.dropout, c.dropout_seed)),
-            q_block: overrides.q_bucket_size.or(c.q_bucket_size),
-            k_block: overrides.k_bucket_size.or(c.k_bucket_size),
-            ..Options::default()
-        };
+        let options = self.options(overrides);
         let owned_mask = mask.map(|m| match m {
             Mask::KeyPadding(m) => OwnedMask::KeyPadding(m.to_owned()),
             Mask::Full(m) => OwnedMask::Full(m.to_owned()),
@@ -304,8 +331,64 @@ impl Attention {
             norms,
         };
         cache.fwd = algorithm.stage().forward(&cache.inputs(), &cache.options)?;
-        let y = project(merge_heads(cache.fwd.out.view()).view(), self.to_out.view());
+        let y = project_from_heads(cache.fwd.out.view(), self.to_out.view());
         Ok((y, cache))
+    }
+
+    /// [`Attention::forward`] without keeping anything for a backward: each intermediate is
+    /// dropped as soon as it is used, so the peak is about q, k, v and the attention output
+    /// (four `[b, n, heads·dim_head]` tensors) plus the stage's own workspace.
+    pub fn infer(
+        &self,
+        x: ArrayView3<'_, f32>,
+        context: Option<ArrayView3<'_, f32>>,
+        mask: Option<Mask<'_>>,
+        bias: Option<ArrayView4<'_, f32>>,
+        overrides: Overrides,
+    ) -> Result<Array3<f32>> {
+        let c = &self.config;
+        check_width("x", &x, c.dim)?;
+        if let Some(ctx) = &context {
+            check_width("context", ctx, c.dim)?;
+        }
+        let ctx = context.unwrap_or(x);
+        let kv_inner = c.kv_heads() * c.dim_head;
+        let mut q = project_heads(x, self.to_q.view(), c.heads);
+        let mut k = project_heads(ctx, self.to_kv.slice(s![.., ..kv_inner]), c.kv_heads());
+        let v = project_heads(ctx, self.to_kv.slice(s![.., kv_inner..]), c.kv_heads());
+        if c.cosine_sim {
+            l2_normalize(&mut q);
+            l2_normalize(&mut k);
+        }
+        let options = self.options(overrides);
+        let algorithm = overrides.algorithm.unwrap_or(c.algorithm);
+        let out = {
+            let mut inputs = Inputs::new(q.view(), k.view(), v.view());
+            if let Some(m) = &mask {
+                inputs = inputs.with_mask(match m {
+                    Mask::KeyPadding(m) => Mask::KeyPadding(m.view()),
+                    Mask::Full(m) => Mask::Full(m.view()),
+                });
+            }
+            if let Some(b) = &bias {
+                inputs = inputs.with_bias(b.view());
+            }
+            algorithm.stage().forward(&inputs, &options)?.out
+        };
+        drop((q, k, v));
+        Ok(project_from_heads(out.view(), self.to_out.view()))
+    }
+
+    fn options(&self, overrides: Overrides) -> Options {
+        let c = &self.config;
+        Options {
+            scale: c.cosine_sim.then_some(c.cosine_scale),
+            causal: c.causal,
+            dropout: (c.dropout > 0.0).then(|| attn_core::Dropout::new(c.dropout, c.dropout_seed)),
+            q_block: overrides.q_bucket_size.or(c.q_bucket_size),
+            k_block: overrides.k_bucket_size.or(c.k_bucket_size),
+            ..Options::default()
+        }
     }
 
     /// The gradients of `sum(y ∘ dy)` with respect to x (and context) and the three weights.

@@ -235,3 +235,22 @@ fn cosine_sim_attention_matches_the_float64_reference() {
         assert!(e.normwise <= 1e-5, "{algorithm:?}: cosine-sim output error {:e}", e.normwise);
     }
 }
+
+#[test]
+fn inference_gives_the_forward_output() {
+    let mut config = AttentionConfig::new(40, 4, 10);
+    config.causal = true;
+    config.cosine_sim = true;
+    let module = Attention::new(config, 14).unwrap();
+    let x = attn::core::random::normal((2, 33, 40), 15);
+    let ctx = attn::core::random::normal((2, 21, 40), 16);
+    let mask = Array2::from_elem((2, 21), true);
+    let over = Overrides::default();
+    let (y, _) = module
+        .forward(x.view(), Some(ctx.view()), Some(Mask::KeyPadding(mask.view())), None, over)
+        .unwrap();
+    let y2 = module
+        .infer(x.view(), Some(ctx.view()), Some(Mask::KeyPadding(mask.view())), None, over)
+        .unwrap();
+    assert_eq!(y, y2);
+}
