@@ -8,6 +8,7 @@
 //! Invalid input exits with status 2 and one line on stderr that names the flag; nothing
 //! is written unless everything succeeded.
 
+mod demo;
 mod npy;
 mod run;
 mod table;
@@ -32,8 +33,12 @@ enum Command {
     /// Run one stage on .npy tensors: forward, and backward when --grad-out is given.
     Run(Box<run::RunArgs>),
     /// Run every stage on one problem and print a table: error against the float64
-    /// reference, time, GFLOP/s, peak extra memory (the default command).
+    /// reference, time, GFLOP/s, peak extra memory, HBM traffic (the default command).
+    #[command(visible_alias = "compare")]
     Table(table::TableArgs),
+    /// Run the seed project's two examples (autoregressive and cross attention) at
+    /// n = 65 536 through the multi-head Attention module: time, GFLOP/s, peak memory.
+    Demo(demo::DemoArgs),
 }
 
 /// An error for the user: which flag, and what to change.
@@ -77,6 +82,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Run(args)) => run::run(&args),
         Some(Command::Table(args)) => table::table(&args),
+        Some(Command::Demo(args)) => demo::demo(&args),
         None => table::table(&table::TableArgs::default()),
     };
     match result {

@@ -115,7 +115,7 @@ fn flag_of(e: &AttnError) -> &'static str {
         AttnError::InvalidScale(_) => "--scale",
         AttnError::ScoreOverflow { .. } => "--q",
         AttnError::InvalidDropout(_) => "--dropout",
-        AttnError::UnsupportedHeadDim { .. } => "--device",
+        AttnError::UnsupportedHeadDim { .. } | AttnError::UnsupportedDevice { .. } => "--device",
         AttnError::WorkspaceTooLarge { .. } => "--algo",
     }
 }

@@ -314,3 +314,21 @@ fn default_command_prints_the_table_with_small_errors() {
     let gflops: f64 = cols[5].parse().unwrap();
     assert!(gflops > 0.0, "{row}");
 }
+
+#[test]
+fn demo_runs_the_seeds_examples_and_naive_refuses_at_full_size() {
+    let out = attn(&["demo", "--seq", "300"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("autoregressive: y [1, 300, 512]"), "{stdout}");
+    assert!(stdout.contains("cross attention: y [1, 300, 512]"), "{stdout}");
+    // Naive attention at the seed's 65 536 needs 128 GiB: a clean refusal, before allocating.
+    let out = Command::new(env!("CARGO_BIN_EXE_attn"))
+        .args(["demo", "--algo", "naive", "--example", "autoregressive"])
+        .env("ATTN_MEMORY_LIMIT", "16G")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("128.0 GiB") && stderr.contains("flash2"), "{stderr}");
+}

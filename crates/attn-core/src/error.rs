@@ -56,6 +56,10 @@ pub enum AttnError {
     #[error("{stage} does not support head_dim {head_dim}; supported: {supported}")]
     UnsupportedHeadDim { stage: &'static str, head_dim: usize, supported: String },
 
+    /// A device this build has no stage for.
+    #[error("device {device} is not available in this build: use the CPU")]
+    UnsupportedDevice { device: String },
+
     /// The stage's workspace would not fit in the memory limit. Raised before allocating.
     #[error(
         "{stage} needs {} for its {what} but the memory limit is {}; {advice}",

@@ -14,7 +14,7 @@ use ndarray_rand::RandomExt;
 use ndarray_rand::rand::{SeedableRng, rngs::StdRng};
 use ndarray_rand::rand_distr::Uniform;
 
-use attn_core::{AttnError, Forward, Inputs, Mask, Options, Result, Stage};
+use attn_core::{AttnError, Device, Forward, Inputs, Mask, Options, Result, Stage};
 
 /// The attention algorithm a module runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -69,6 +69,9 @@ pub struct AttentionConfig {
     pub cosine_sim: bool,
     /// The fixed scale of cosine-similarity attention.
     pub cosine_scale: f32,
+    /// Where the attention runs. This build has CPU stages only; `Device::Cuda` is refused
+    /// with an error until the GPU stages land.
+    pub device: Device,
 }
 
 impl AttentionConfig {
@@ -87,6 +90,7 @@ impl AttentionConfig {
             k_bucket_size: None,
             cosine_sim: false,
             cosine_scale: 16.0,
+            device: Device::Cpu,
         }
     }
 
@@ -260,6 +264,9 @@ impl Attention {
                 arg: "config",
                 shape: vec![dim, config.heads, config.dim_head],
             });
+        }
+        if config.device != Device::Cpu {
+            return Err(AttnError::UnsupportedDevice { device: config.device.to_string() });
         }
         if config.kv_heads() == 0 || !config.heads.is_multiple_of(config.kv_heads()) {
             return Err(AttnError::HeadsNotDivisible {

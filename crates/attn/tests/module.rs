@@ -171,6 +171,10 @@ fn seed_shorthand_and_bad_input() {
     let mut bad = AttentionConfig::new(8, 3, 4);
     bad.kv_heads = Some(2);
     assert!(Attention::new(bad, 0).is_err());
+    let mut gpu = AttentionConfig::new(8, 2, 4);
+    gpu.device = attn::Device::Cuda;
+    let e = Attention::new(gpu, 0).unwrap_err();
+    assert!(e.to_string().contains("cuda"), "{e}");
 }
 
 #[test]
