@@ -10,9 +10,10 @@
 //! | 3 flash1 | [`attn_flash1`] | O(n) | FlashAttention-1: tiles sized for SRAM, counted HBM traffic |
 //! | 4 flash2 | [`attn_flash2`] | O(n) | FlashAttention-2: query blocks outside, parallel, fast |
 //!
-//! Later stages (the GPU variants)
-//! register here as they land; [`stages`] lists what this build offers and [`stage`] finds
-//! one by the name the CLI uses.
+//! [`Attention`] is the multi-head module the seed project offers — projections, any stage,
+//! output projection, forward and backward, cross attention, GQA, cosine similarity — and
+//! [`stages`] lists what this build offers (the GPU variants will register here too);
+//! [`stage`] finds one by the name the CLI uses.
 //!
 //! ```
 //! use attn::{Inputs, Options, Shape, Stage};
