@@ -184,6 +184,9 @@ fn merge_heads(t: ArrayView4<'_, f32>) -> Array3<f32> {
         .expect("standard layout")
 }
 
+/// q, k, v in head layout and, with cosine similarity, the norms of q and k.
+type ProjectedHeads = (Array4<f32>, Array4<f32>, Array4<f32>, Option<(Array3<f32>, Array3<f32>)>);
+
 /// Divides every row (last axis) of `t` by its ℓ2 norm in place and returns the norms.
 fn l2_normalize(t: &mut Array4<f32>) -> Array3<f32> {
     let norms = t.map_axis(Axis(3), |r| r.dot(&r).sqrt().max(1e-12));
@@ -304,16 +307,7 @@ impl Attention {
         overrides: Overrides,
     ) -> Result<(Array3<f32>, Cache)> {
         let c = &self.config;
-        check_width("x", &x, c.dim)?;
-        if let Some(ctx) = &context {
-            check_width("context", ctx, c.dim)?;
-        }
-        let ctx = context.unwrap_or(x);
-        let kv_inner = c.kv_heads() * c.dim_head;
-        let mut q = project_heads(x, self.to_q.slice(s![.., ..]), c.heads);
-        let mut k = project_heads(ctx, self.to_kv.slice(s![.., ..kv_inner]), c.kv_heads());
-        let v = project_heads(ctx, self.to_kv.slice(s![.., kv_inner..]), c.kv_heads());
-        let norms = c.cosine_sim.then(|| (l2_normalize(&mut q), l2_normalize(&mut k)));
+        let (q, k, v, norms) = self.project_qkv(x, context)?;
         let algorithm = overrides.algorithm.unwrap_or(c.algorithm);
         let options = self.options(overrides);
         let owned_mask = mask.map(|m| match m {
@@ -354,19 +348,7 @@ impl Attention {
         overrides: Overrides,
     ) -> Result<Array3<f32>> {
         let c = &self.config;
-        check_width("x", &x, c.dim)?;
-        if let Some(ctx) = &context {
-            check_width("context", ctx, c.dim)?;
-        }
-        let ctx = context.unwrap_or(x);
-        let kv_inner = c.kv_heads() * c.dim_head;
-        let mut q = project_heads(x, self.to_q.view(), c.heads);
-        let mut k = project_heads(ctx, self.to_kv.slice(s![.., ..kv_inner]), c.kv_heads());
-        let v = project_heads(ctx, self.to_kv.slice(s![.., kv_inner..]), c.kv_heads());
-        if c.cosine_sim {
-            l2_normalize(&mut q);
-            l2_normalize(&mut k);
-        }
+        let (q, k, v, _) = self.project_qkv(x, context)?;
         let options = self.options(overrides);
         let algorithm = overrides.algorithm.unwrap_or(c.algorithm);
         let out = {
@@ -384,6 +366,27 @@ impl Attention {
         };
         drop((q, k, v));
         Ok(project_from_heads(out.view(), self.to_out.view()))
+    }
+
+    /// q = x W_q, k and v from context W_kv (context defaults to x), in head layout; with
+    /// cosine similarity q and k ℓ2-normalised, and their norms returned for the backward.
+    fn project_qkv(
+        &self,
+        x: ArrayView3<'_, f32>,
+        context: Option<ArrayView3<'_, f32>>,
+    ) -> Result<ProjectedHeads> {
+        let c = &self.config;
+        check_width("x", &x, c.dim)?;
+        if let Some(ctx) = &context {
+            check_width("context", ctx, c.dim)?;
+        }
+        let ctx = context.unwrap_or(x);
+        let kv_inner = c.kv_heads() * c.dim_head;
+        let mut q = project_heads(x, self.to_q.view(), c.heads);
+        let mut k = project_heads(ctx, self.to_kv.slice(s![.., ..kv_inner]), c.kv_heads());
+        let v = project_heads(ctx, self.to_kv.slice(s![.., kv_inner..]), c.kv_heads());
+        let norms = c.cosine_sim.then(|| (l2_normalize(&mut q), l2_normalize(&mut k)));
+        Ok((q, k, v, norms))
     }
 
     fn options(&self, overrides: Overrides) -> Options {
