@@ -3,6 +3,7 @@
 
 use attn_core::blocks::row_blocks;
 use attn_core::memory::GEMM_PACKING_BYTES;
+use attn_core::tile::{ds_from_dp, probs_from_lse};
 use attn_core::{
     Forward, Grads, Head, Inputs, Options, Problem, Result, Shape, Traffic, TrafficCounter,
 };
@@ -22,10 +23,7 @@ pub const DEFAULT_K_CHUNK: usize = 2048;
 
 /// The chunk sizes a problem runs with, clipped to the sequence lengths.
 pub fn chunk_sizes(shape: &Shape, opts: &Options) -> (usize, usize) {
-    (
-        opts.q_block.unwrap_or(DEFAULT_Q_CHUNK).clamp(1, shape.n_q),
-        opts.k_block.unwrap_or(DEFAULT_K_CHUNK).clamp(1, shape.n_k),
-    )
+    opts.block_sizes(shape, (DEFAULT_Q_CHUNK, DEFAULT_K_CHUNK))
 }
 
 // ANCHOR: summarize
@@ -79,12 +77,18 @@ fn merge(summaries: &[Summary], mut out: ArrayViewMut2<'_, f32>, mut lse: ArrayV
     let mut denominator = Array1::<f32>::zeros(out.nrows());
     out.fill(0.0);
     for c in summaries {
-        // exp(m_ij − m_i): 0 for a chunk that saw nothing of this row
-        let factor = Zip::from(&c.max)
+        Zip::from(out.rows_mut())
+            .and(c.values.rows())
+            .and(&mut denominator)
+            .and(&c.exp_sum)
+            .and(&c.max)
             .and(&global_max)
-            .map_collect(|&m, &g| if m == f32::NEG_INFINITY { 0.0 } else { (m - g).exp() });
-        denominator += &(&c.exp_sum * &factor);
-        out += &(&c.values * &factor.view().insert_axis(Axis(1)));
+            .for_each(|mut o, values, den, &exp_sum, &m, &g| {
+                // exp(m_ij − m_i): 0 for a chunk that saw nothing of this row
+                let factor = if m == f32::NEG_INFINITY { 0.0 } else { (m - g).exp() };
+                *den += factor * exp_sum;
+                o.scaled_add(factor, &values);
+            });
     }
     Zip::from(out.rows_mut()).and(&mut lse).and(&global_max).and(&denominator).for_each(
         |mut o, lse, &m, &den| {
@@ -165,18 +169,10 @@ fn recompute_chunk(
     let (k_j, v_j) = (head.k.slice(s![j0..j0 + cols, ..]), head.v.slice(s![j0..j0 + cols, ..]));
     general_mat_mul(scale, &q_i, &k_j.t(), 0.0, &mut p);
     head.bias_and_mask(i0, j0, p.view_mut());
-    for (mut row, &l) in p.rows_mut().into_iter().zip(lse_i) {
-        if l == f32::NEG_INFINITY {
-            row.fill(0.0); // a row that sees no key has no gradient
-        } else {
-            row.mapv_inplace(|x| (x - l).exp());
-        }
-    }
+    probs_from_lse(p.view_mut(), lse_i);
     general_mat_mul(1.0, &d_o_i, &v_j.t(), 0.0, &mut ds);
     head.apply_dropout(i0, j0, ds.view_mut());
-    Zip::from(ds.rows_mut()).and(p.rows()).and(d_i).for_each(|mut ds, p, &d| {
-        Zip::from(&mut ds).and(p).for_each(|ds, &p| *ds = p * (*ds - d));
-    });
+    ds_from_dp(ds.view_mut(), p.view(), d_i);
     head.apply_dropout(i0, j0, p.view_mut());
 }
 // ANCHOR_END: recompute
@@ -290,12 +286,12 @@ pub fn backward(
 
 /// An upper bound on the forward's heap above its inputs, from the chunk sizes: the output
 /// and log-sum-exp, and per busy thread one score chunk `q_chunk × k_chunk`, the summaries
-/// of every key chunk (`⌈n_k / k_chunk⌉ × q_chunk × (d + 2)`), the merge's temporaries and
-/// the matrix products' packing buffers.
+/// of every key chunk (`⌈n_k / k_chunk⌉ × q_chunk × (d + 2)`), the merge's global max and
+/// denominator and the matrix products' packing buffers.
 pub fn forward_memory_bound(shape: &Shape, q_chunk: usize, k_chunk: usize, threads: usize) -> u64 {
     let (q, k, d) = (q_chunk.min(shape.n_q), k_chunk.min(shape.n_k), shape.head_dim);
     let outputs = (shape.batch * shape.heads * shape.n_q * (d + 1)) as u64;
-    let per_task = q * k + shape.n_k.div_ceil(k) * q * (d + 2) + q * (d + 4);
+    let per_task = q * k + shape.n_k.div_ceil(k) * q * (d + 2) + 2 * q;
     4 * (outputs + (threads * per_task) as u64) + threads as u64 * GEMM_PACKING_BYTES
 }
 

@@ -157,11 +157,6 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
             format!("this build has no {device} variant of '{}'; use --device cpu", args.algo),
         )
     })?;
-    for (flag, block) in [("--q-block", args.q_block), ("--k-block", args.k_block)] {
-        if block == Some(0) {
-            return Err(CliError::input(flag, "block sizes must be at least 1"));
-        }
-    }
     let memory_limit = args
         .memory_limit
         .as_deref()
@@ -247,12 +242,11 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
         None => None,
     };
 
-    let problem = attn::Problem::new(&inputs, &opts).map_err(lib_error)?;
     let mut summary = format!(
         "{} {}: {} causal={} forward {:.3} ms",
         stage.name(),
         stage.device(),
-        problem.shape,
+        attn::Shape::from_dims(q.dim(), k.dim()),
         opts.causal,
         fwd_time.as_secs_f64() * 1e3
     );

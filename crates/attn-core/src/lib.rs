@@ -34,6 +34,7 @@ pub mod reference;
 pub mod shape;
 pub mod stage;
 pub mod testing;
+pub mod tile;
 pub mod tolerance;
 pub mod traffic;
 

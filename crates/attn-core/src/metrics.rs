@@ -113,11 +113,6 @@ fn compare_impl<D: Dimension>(
     }
 }
 
-/// ‖x − r‖₂ / ‖r‖₂, NaN-proof (see [`compare`]).
-pub fn rel_error<D: Dimension>(x: ArrayView<'_, f32, D>, r: ArrayView<'_, f64, D>) -> f64 {
-    compare(x, r).normwise
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

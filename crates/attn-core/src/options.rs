@@ -64,6 +64,15 @@ pub struct Options {
 }
 
 impl Options {
+    /// The block sizes `(q_block, k_block)` a tiled stage runs with: the caller's, else the
+    /// stage's `defaults`, each clipped to its sequence length (a block never exceeds it).
+    pub fn block_sizes(&self, shape: &crate::Shape, defaults: (usize, usize)) -> (usize, usize) {
+        (
+            self.q_block.unwrap_or(defaults.0).clamp(1, shape.n_q),
+            self.k_block.unwrap_or(defaults.1).clamp(1, shape.n_k),
+        )
+    }
+
     pub fn causal(self, causal: bool) -> Self {
         Self { causal, ..self }
     }

@@ -366,11 +366,6 @@ impl Head<'_> {
         self.dropout.is_some()
     }
 
-    /// The dropout parameters, if any.
-    pub fn dropout(&self) -> Option<&DropoutParams> {
-        self.dropout.as_ref()
-    }
-
     /// Multiplies a tile of attention weights (rows `i0..`, columns `j0..`) by the dropout
     /// factors: 0 for a dropped weight, `1/(1 − p)` for a kept one.
     pub fn apply_dropout(&self, i0: usize, j0: usize, mut p: ArrayViewMut2<'_, f32>) {

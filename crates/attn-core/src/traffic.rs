@@ -45,6 +45,15 @@ impl std::ops::AddAssign for Traffic {
     }
 }
 
+impl std::iter::Sum for Traffic {
+    fn sum<I: Iterator<Item = Self>>(iter: I) -> Self {
+        iter.fold(Traffic::default(), |mut a, t| {
+            a += t;
+            a
+        })
+    }
+}
+
 /// A [`Traffic`] that parallel tasks add their own counts into.
 #[derive(Debug, Default)]
 pub struct TrafficCounter {

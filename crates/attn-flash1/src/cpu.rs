@@ -3,11 +3,12 @@
 //! are the papers' algorithm lines.
 
 use attn_core::blocks::{kv_head_grads, row_blocks};
+use attn_core::tile::{ds_from_dp, probs_from_lse};
 use attn_core::{
     Forward, Grads, Head, Inputs, Options, Problem, Result, Shape, Traffic, TrafficCounter,
 };
 use ndarray::linalg::general_mat_mul;
-use ndarray::{Array1, Array2, Array3, Array4, ArrayView4, ArrayViewMut1, ArrayViewMut2, Axis, s};
+use ndarray::{Array1, Array2, Array3, Array4, ArrayView4, ArrayViewMut1, ArrayViewMut2, Zip, s};
 use rayon::prelude::*;
 
 /// The name the CLI and the errors use.
@@ -24,11 +25,7 @@ pub const DEFAULT_SRAM: usize = 64 * 1024;
 pub fn block_sizes(shape: &Shape, opts: &Options) -> (usize, usize) {
     let m = opts.sram.unwrap_or(DEFAULT_SRAM);
     let b_c = m.div_ceil(4 * shape.head_dim);
-    let b_r = b_c.min(shape.head_dim);
-    (
-        opts.q_block.unwrap_or(b_r).clamp(1, shape.n_q),
-        opts.k_block.unwrap_or(b_c).clamp(1, shape.n_k),
-    )
+    opts.block_sizes(shape, (b_c.min(shape.head_dim), b_c))
 }
 // ANCHOR_END: blocks
 
@@ -49,10 +46,11 @@ fn forward_head(
     o.fill(0.0);
     let mut ell = Array1::<f32>::zeros(n_q);
     let mut m = Array1::from_elem(n_q, f32::NEG_INFINITY);
-    // SRAM: K_j, V_j, Q_i, O_i, ℓ_i, m_i, the tile S_ij and P̃_ij V_j
+    // SRAM: K_j, V_j, Q_i, O_i, ℓ_i, m_i, m̃_ij, ℓ̃_ij, the tile S_ij and P̃_ij V_j
     let (mut k_sram, mut v_sram) = (Array2::zeros((b_c, d)), Array2::zeros((b_c, d)));
     let (mut q_sram, mut o_sram) = (Array2::zeros((b_r, d)), Array2::zeros((b_r, d)));
     let (mut ell_sram, mut m_sram) = (Array1::zeros(b_r), Array1::zeros(b_r));
+    let (mut ell_tilde_sram, mut m_tilde_sram) = (Array1::zeros(b_r), Array1::zeros(b_r));
     let (mut s_sram, mut pv_sram) = (Array2::zeros((b_r, b_c)), Array2::zeros((b_r, d)));
 
     for j0 in (0..n_k).step_by(b_c) {
@@ -88,15 +86,19 @@ fn forward_head(
             io.read_bytes(rows * cols * head.score_mod_bytes());
 
             // line 10: m̃_ij = rowmax(S_ij), P̃_ij = exp(S_ij − m̃_ij), ℓ̃_ij = rowsum(P̃_ij)
-            let m_tilde = s_ij.map_axis(Axis(1), |r| r.fold(f32::NEG_INFINITY, |a, &x| a.max(x)));
-            for (mut row, &mt) in s_ij.rows_mut().into_iter().zip(&m_tilde) {
-                if mt == f32::NEG_INFINITY {
+            let mut m_tilde = m_tilde_sram.slice_mut(s![..rows]);
+            let mut ell_tilde = ell_tilde_sram.slice_mut(s![..rows]);
+            for ((mut row, mt), lt) in
+                s_ij.rows_mut().into_iter().zip(&mut m_tilde).zip(&mut ell_tilde)
+            {
+                *mt = row.fold(f32::NEG_INFINITY, |a, &x| a.max(x));
+                if *mt == f32::NEG_INFINITY {
                     row.fill(0.0); // nothing of this row visible in this tile
                 } else {
-                    row.mapv_inplace(|x| (x - mt).exp());
+                    row.mapv_inplace(|x| (x - *mt).exp());
                 }
+                *lt = row.sum();
             }
-            let ell_tilde = s_ij.sum_axis(Axis(1));
             // Algorithm 2: dropout on P̃_ij (ℓ̃_ij, taken before, still normalises)
             head.apply_dropout(i0, j0, s_ij.view_mut());
             let mut pv = pv_sram.slice_mut(s![..rows, ..]);
@@ -177,7 +179,7 @@ fn backward_kv_head(
     let (mut k_sram, mut v_sram) = (Array2::zeros((b_c, d)), Array2::zeros((b_c, d)));
     let (mut dk_sram, mut dv_sram) = (Array2::zeros((b_c, d)), Array2::zeros((b_c, d)));
     let mut tiles = [(); 4].map(|_| Array2::<f32>::zeros((b_r, d))); // Q_i, O_i, dO_i, dQ_i
-    let mut lse_sram = Array1::<f32>::zeros(b_r);
+    let (mut lse_sram, mut d_sram) = (Array1::<f32>::zeros(b_r), Array1::<f32>::zeros(b_r));
     let (mut p_sram, mut ds_sram) = (Array2::zeros((b_r, b_c)), Array2::zeros((b_r, b_c)));
 
     for j0 in (0..n_k).step_by(b_c) {
@@ -221,24 +223,18 @@ fn backward_kv_head(
                 general_mat_mul(p.scale, &q_i, &k_j.t(), 0.0, &mut p_ij);
                 head.bias_and_mask(i0, j0, p_ij.view_mut());
                 io.read_bytes(rows * cols * head.score_mod_bytes());
-                for (mut row, &l) in p_ij.rows_mut().into_iter().zip(&lse_i) {
-                    if l == f32::NEG_INFINITY {
-                        row.fill(0.0);
-                    } else {
-                        row.mapv_inplace(|x| (x - l).exp());
-                    }
-                }
+                probs_from_lse(p_ij.view_mut(), lse_i.view());
                 // lines 17–18: dP_ij = (dO_i V_jᵀ) ∘ Z_ij
                 let mut ds_ij = ds_sram.slice_mut(s![..rows, ..cols]);
                 general_mat_mul(1.0, &do_i, &v_j.t(), 0.0, &mut ds_ij);
                 head.apply_dropout(i0, j0, ds_ij.view_mut());
                 // lines 19–20: D_i = rowsum(dO_i ∘ O_i), dS_ij = P_ij ∘ (dP_ij − D_i)
-                let d_i = (&do_i * &o_i).sum_axis(Axis(1));
-                for ((mut ds_row, p_row), &d_r) in
-                    ds_ij.rows_mut().into_iter().zip(p_ij.rows()).zip(&d_i)
-                {
-                    ds_row.zip_mut_with(&p_row, |ds, &pr| *ds = pr * (*ds - d_r));
-                }
+                let mut d_i = d_sram.slice_mut(s![..rows]);
+                Zip::from(&mut d_i)
+                    .and(do_i.rows())
+                    .and(o_i.rows())
+                    .for_each(|d, do_r, o_r| *d = do_r.dot(&o_r));
+                ds_from_dp(ds_ij.view_mut(), p_ij.view(), d_i.view());
                 // line 21: dQ_i ← dQ_i + τ dS_ij K_j, written to HBM
                 general_mat_mul(p.scale, &ds_ij, &k_j, 1.0, &mut dq_i);
                 dq.slice_mut(s![g, i0..i0 + rows, ..]).assign(&dq_i);

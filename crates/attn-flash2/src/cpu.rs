@@ -24,10 +24,7 @@ pub const DEFAULT_K_BLOCK: usize = 256;
 /// core's L2 cache; measured on the development machine, 128 × 256 was within a few percent
 /// of the best of 64–256 × 256–1024 for causal and full attention at n = 1 024 … 4 096.
 pub fn block_sizes(shape: &Shape, opts: &Options) -> (usize, usize) {
-    (
-        opts.q_block.unwrap_or(DEFAULT_Q_BLOCK).clamp(1, shape.n_q),
-        opts.k_block.unwrap_or(DEFAULT_K_BLOCK).clamp(1, shape.n_k),
-    )
+    opts.block_sizes(shape, (DEFAULT_Q_BLOCK, DEFAULT_K_BLOCK))
 }
 
 /// One worker's on-chip state, allocated once per rayon job, never in the loops.

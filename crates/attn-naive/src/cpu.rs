@@ -1,5 +1,6 @@
 //! Stage 1 on the CPU: the textbook algorithm, one full score matrix per head.
 
+use attn_core::tile::{ds_from_dp, probs_from_lse};
 use attn_core::{Forward, Grads, Head, Inputs, Options, Problem, Result, Shape, Traffic};
 use ndarray::linalg::general_mat_mul;
 use ndarray::{Array3, Array4, ArrayView4, ArrayViewMut1, Axis, Zip};
@@ -130,10 +131,7 @@ pub fn forward(inputs: &Inputs<'_>, opts: &Options) -> Result<Forward> {
 
     let traffic = (0..sh.batch * sh.heads)
         .map(|bh| forward_traffic(&p.head(bh / sh.heads, bh % sh.heads), sh.head_dim))
-        .fold(Traffic::default(), |mut a, t| {
-            a += t;
-            a
-        });
+        .sum();
     Ok(Forward {
         traffic: Some(traffic),
         out: out.into_shape_with_order(sh.q_dims()).expect("standard layout"),
@@ -183,23 +181,13 @@ pub fn backward(
                 // P = exp(scale·QKᵀ + bias − lse), removed positions 0
                 general_mat_mul(p.scale, &head.q, &head.k.t(), 0.0, &mut pm);
                 head.bias_and_mask(0, 0, pm.view_mut());
-                for (mut row, &lse_i) in
-                    pm.rows_mut().into_iter().zip(fwd.lse.slice(ndarray::s![b, h, ..]))
-                {
-                    if lse_i == f32::NEG_INFINITY {
-                        row.fill(0.0);
-                    } else {
-                        row.mapv_inplace(|s| (s - lse_i).exp());
-                    }
-                }
+                probs_from_lse(pm.view_mut(), fwd.lse.slice(ndarray::s![b, h, ..]));
                 // dP = (dO Vᵀ) ∘ Z
                 general_mat_mul(1.0, &d_o, &head.v.t(), 0.0, &mut dpm);
                 head.apply_dropout(0, 0, dpm.view_mut());
                 // dS = P ∘ (dP − D), D_i = rowsum(dO_i ∘ O_i), written over dP
                 let d = (&d_o * &o).sum_axis(Axis(1));
-                Zip::from(dpm.rows_mut()).and(pm.rows()).and(&d).for_each(|mut ds, p_row, &d_i| {
-                    Zip::from(&mut ds).and(p_row).for_each(|ds, &p| *ds = p * (*ds - d_i));
-                });
+                ds_from_dp(dpm.view_mut(), pm.view(), d.view());
                 // dQ = scale · dS K;  dK += scale · dSᵀ Q;  dV += (P∘Z)ᵀ dO
                 general_mat_mul(p.scale, &dpm, &head.k, 0.0, &mut dq.index_axis_mut(Axis(0), gi));
                 general_mat_mul(p.scale, &dpm.t(), &head.q, 1.0, &mut dk);
@@ -210,10 +198,7 @@ pub fn backward(
 
     let traffic = (0..sh.batch * sh.heads)
         .map(|bh| backward_traffic(&p.head(bh / sh.heads, bh % sh.heads), sh.head_dim))
-        .fold(Traffic::default(), |mut a, t| {
-            a += t;
-            a
-        });
+        .sum();
     Ok(Grads {
         traffic: Some(traffic),
         dq: dq.into_shape_with_order(sh.q_dims()).expect("standard layout"),
