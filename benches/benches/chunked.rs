@@ -9,7 +9,7 @@ fn chunked(c: &mut Criterion) {
     let causal = Options::default().causal(true);
     let variants =
         [("causal/1024x2048", causal.clone()), ("causal/128x256", causal.blocks(128, 256))];
-    bench_stage(c, &attn::chunked::ChunkedCpu, &[512, 1024, 2048, 4096], &variants);
+    bench_stage(c, &attn::chunked::ChunkedCpu, &attn_benches::LENGTHS, &variants);
 }
 
 criterion_group!(benches, chunked);

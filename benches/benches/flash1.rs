@@ -8,7 +8,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 fn flash1(c: &mut Criterion) {
     let causal = Options::default().causal(true);
     let variants = [("causal/M=64Ki", causal.clone()), ("causal/M=16Ki", causal.sram(16 * 1024))];
-    bench_stage(c, &attn::flash1::Flash1Cpu, &[512, 1024, 2048, 4096], &variants);
+    bench_stage(c, &attn::flash1::Flash1Cpu, &attn_benches::LENGTHS, &variants);
 }
 
 criterion_group!(benches, flash1);

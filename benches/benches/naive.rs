@@ -6,7 +6,7 @@ use criterion::{Criterion, criterion_group, criterion_main};
 
 fn naive(c: &mut Criterion) {
     let variants = [("full", Options::default()), ("causal", Options::default().causal(true))];
-    bench_stage(c, &attn::naive::NaiveCpu, &[256, 512, 1024, 2048], &variants);
+    bench_stage(c, &attn::naive::NaiveCpu, &attn_benches::LENGTHS, &variants);
 }
 
 criterion_group!(benches, naive);

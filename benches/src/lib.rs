@@ -6,7 +6,12 @@ use std::hint::black_box;
 
 use attn::core::flops::{backward_flops, forward_flops};
 use attn::{Inputs, Options, Shape, Stage};
-use criterion::{BenchmarkId, Criterion, Throughput};
+use std::time::Duration;
+
+use criterion::{BenchmarkId, Criterion, SamplingMode, Throughput};
+
+/// The sequence lengths every stage is benched at (b = 1, h = 8, d = 64).
+pub const LENGTHS: [usize; 3] = [512, 2048, 8192];
 
 /// Benchmarks `stage` at b = 1, h = 8, d = 64 for every `n` in `lengths` and every named
 /// option set in `variants` (group `stage/variant`, ids `forward/n` and `backward/n`).
@@ -18,7 +23,10 @@ pub fn bench_stage(
 ) {
     for (variant, opts) in variants {
         let mut group = c.benchmark_group(format!("{}/{variant}", stage.name()));
-        group.sample_size(10);
+        // Ten samples of one iteration each at the large sizes (seconds per call): flat
+        // sampling, a short warm-up, and criterion stretches the 3 s target as it needs.
+        group.sample_size(10).sampling_mode(SamplingMode::Flat);
+        group.warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
         for &n in lengths {
             let shape = Shape::new(1, 8, n, 64);
             let (q, k, v) = attn::core::random::qkv(&shape, 0);

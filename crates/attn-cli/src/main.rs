@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! attn                      # every stage on a default problem: error, time, GFLOP/s, memory
+//! attn plots [--quick]     # measure and draw the book's plots into book/src/plots
 //! attn run --algo naive --q Q.npy --k K.npy --v V.npy --out O.npy [...]
 //! ```
 //!
@@ -10,6 +11,7 @@
 
 mod demo;
 mod npy;
+mod plots;
 mod run;
 mod table;
 
@@ -39,6 +41,9 @@ enum Command {
     /// Run the seed project's two examples (autoregressive and cross attention) at
     /// n = 65 536 through the multi-head Attention module: time, GFLOP/s, peak memory.
     Demo(demo::DemoArgs),
+    /// Measure every stage and write the book's plots (SVG) and their numbers (CSV): peak
+    /// memory, throughput and HBM traffic against n, traffic against the SRAM budget M.
+    Plots(plots::PlotsArgs),
 }
 
 /// An error for the user: which flag, and what to change.
@@ -83,6 +88,7 @@ fn main() -> ExitCode {
         Some(Command::Run(args)) => run::run(&args),
         Some(Command::Table(args)) => table::table(&args),
         Some(Command::Demo(args)) => demo::demo(&args),
+        Some(Command::Plots(args)) => plots::plots(&args),
         None => table::table(&table::TableArgs::default()),
     };
     match result {

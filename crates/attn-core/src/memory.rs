@@ -94,6 +94,37 @@ pub fn measure_peak<R>(f: impl FnOnce() -> R) -> (R, u64) {
     (r, peak.saturating_sub(base) as u64)
 }
 
+/// A running peak measurement: bytes added above what was live at [`PeakMeter::start`].
+///
+/// Unlike [`measure_peak`] it can be read several times, so one forward-then-backward run
+/// gives the forward's peak and the peak of both:
+///
+/// ```ignore
+/// let meter = PeakMeter::start();
+/// let fwd = stage.forward(..)?;
+/// let forward_peak = meter.peak();
+/// let grads = stage.backward(.., &fwd, ..)?;
+/// let both_peak = meter.peak();
+/// ```
+#[derive(Debug)]
+pub struct PeakMeter {
+    base: usize,
+}
+
+impl PeakMeter {
+    /// Starts measuring from the bytes live now (one meter at a time per process).
+    pub fn start() -> Self {
+        let base = current_bytes();
+        PEAK.store(base, Ordering::Relaxed);
+        Self { base }
+    }
+
+    /// The peak bytes above the start so far.
+    pub fn peak(&self) -> u64 {
+        PEAK.load(Ordering::Relaxed).saturating_sub(self.base) as u64
+    }
+}
+
 /// The machine's available memory in bytes (`MemAvailable` in /proc/meminfo), if known.
 pub fn available_memory() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
