@@ -31,10 +31,12 @@
 //! `k_bucket_size`); any positive sizes work, dividing the lengths or not.
 
 pub mod cpu;
+pub mod gpu;
 
 pub use cpu::{
     DEFAULT_K_CHUNK, DEFAULT_Q_CHUNK, backward_memory_bound, chunk_sizes, forward_memory_bound,
 };
+pub use gpu::ChunkedCuda;
 
 attn_core::cpu_stage!(
     /// Chunked attention on the CPU, as a [`Stage`].

@@ -10,6 +10,7 @@
 //! is written unless everything succeeded.
 
 mod demo;
+mod gpu_bench;
 mod npy;
 mod plots;
 mod run;
@@ -44,6 +45,9 @@ enum Command {
     /// Measure every stage and write the book's plots (SVG) and their numbers (CSV): peak
     /// memory, throughput and HBM traffic against n, traffic against the SRAM budget M.
     Plots(plots::PlotsArgs),
+    /// Time the GPU stages (device time and device memory) at several n, or with --smoke
+    /// run every GPU kernel once on a small problem (for compute-sanitizer).
+    GpuBench(gpu_bench::GpuBenchArgs),
 }
 
 /// An error for the user: which flag, and what to change.
@@ -89,6 +93,7 @@ fn main() -> ExitCode {
         Some(Command::Table(args)) => table::table(&args),
         Some(Command::Demo(args)) => demo::demo(&args),
         Some(Command::Plots(args)) => plots::plots(&args),
+        Some(Command::GpuBench(args)) => gpu_bench::gpu_bench(&args),
         None => table::table(&table::TableArgs::default()),
     };
     match result {

@@ -115,7 +115,10 @@ fn flag_of(e: &AttnError) -> &'static str {
         AttnError::InvalidScale(_) => "--scale",
         AttnError::ScoreOverflow { .. } => "--q",
         AttnError::InvalidDropout(_) => "--dropout",
-        AttnError::UnsupportedHeadDim { .. } | AttnError::UnsupportedDevice { .. } => "--device",
+        AttnError::UnsupportedHeadDim { .. }
+        | AttnError::UnsupportedDevice { .. }
+        | AttnError::NoCudaDevice { .. }
+        | AttnError::Cuda { .. } => "--device",
         AttnError::WorkspaceTooLarge { .. } => "--algo",
     }
 }
@@ -151,10 +154,16 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
         DeviceArg::Cpu => Device::Cpu,
         DeviceArg::Cuda => Device::Cuda,
     };
+    if device == Device::Cuda {
+        attn::cuda::gpu().map_err(|e| CliError::input("--device", e))?;
+    }
     let stage: &dyn Stage = attn::stage(&args.algo, device).ok_or_else(|| {
         CliError::input(
             "--device",
-            format!("this build has no {device} variant of '{}'; use --device cpu", args.algo),
+            format!(
+                "this build has no {device} variant of '{}' yet (GPU: naive, chunked); use --device cpu or another --algo",
+                args.algo
+            ),
         )
     })?;
     let memory_limit = args

@@ -147,7 +147,7 @@ pub fn table(args: &TableArgs) -> Result<(), CliError> {
         "bwd HBM",
     ];
     let mut rows = vec![header.map(String::from).to_vec()];
-    let chosen = attn::stages()
+    let chosen = attn::usable_stages()
         .into_iter()
         .filter(|s| args.stages.is_empty() || args.stages.iter().any(|n| n == s.name()));
     for stage in chosen {

@@ -204,6 +204,38 @@ fn assert_rejected(name: &str, flag: &str, edit: impl FnOnce(&Path, &mut Vec<Str
     assert!(leftovers.is_empty(), "{name}: files left behind: {leftovers:?}");
 }
 
+#[test]
+fn device_cuda_without_a_device_exits_2_saying_so() {
+    if attn::cuda::available() {
+        eprintln!("skipped: a CUDA device is present (the GPU tests cover --device cuda)");
+        return;
+    }
+    for algo in ["naive", "chunked", "flash2"] {
+        assert_rejected(&format!("no-cuda-{algo}"), "--device", |_, a| {
+            set(a, "--algo", algo);
+            a.extend(["--device".into(), "cuda".into()]);
+        });
+        let d = dir("no-cuda-message");
+        let out = attn(&[
+            "run",
+            "--device",
+            "cuda",
+            "--algo",
+            algo,
+            "--q",
+            s(&d.join("q.npy")),
+            "--k",
+            "x",
+            "--v",
+            "x",
+            "--out",
+            "x",
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("no CUDA device found"), "{algo}: {stderr}");
+    }
+}
+
 fn set(args: &mut [String], flag: &str, value: &str) {
     let i = args.iter().position(|a| a == flag).unwrap();
     args[i + 1] = value.into();

@@ -60,6 +60,16 @@ pub enum AttnError {
     #[error("device {device} is not available in this build: use the CPU")]
     UnsupportedDevice { device: String },
 
+    /// A CUDA stage was asked for where no CUDA driver or device is present.
+    #[error(
+        "no CUDA device found ({reason}); run on the CPU (--device cpu) or on a machine with an NVIDIA GPU and its driver"
+    )]
+    NoCudaDevice { reason: String },
+
+    /// The CUDA driver or NVRTC reported an error.
+    #[error("CUDA error while {context}: {message}")]
+    Cuda { context: String, message: String },
+
     /// The stage's workspace would not fit in the memory limit. Raised before allocating.
     #[error(
         "{stage} needs {} for its {what} but the memory limit is {}; {advice}",

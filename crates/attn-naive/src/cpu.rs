@@ -8,7 +8,7 @@ use ndarray::{Array3, Array4, ArrayView4, ArrayViewMut1, Axis, Zip};
 /// The name the CLI and the errors use.
 pub const NAME: &str = "naive";
 
-const ADVICE: &str = "use a tiled stage (chunked, flash1 or flash2), whose memory grows as O(n), \
+pub(crate) const ADVICE: &str = "use a tiled stage (chunked, flash1 or flash2), whose memory grows as O(n), \
                       or raise the limit (--memory-limit, ATTN_MEMORY_LIMIT)";
 
 /// The forward's workspace: S, then P in its place, for every (batch, head): `4·b·h·n_q·n_k` bytes.

@@ -25,8 +25,10 @@
 //! reference in `attn-core`.
 
 pub mod cpu;
+pub mod gpu;
 
 pub use cpu::{backward_workspace_bytes, forward_workspace_bytes};
+pub use gpu::NaiveCuda;
 
 attn_core::cpu_stage!(
     /// Naive attention on the CPU, as a [`Stage`].

@@ -35,6 +35,7 @@ pub use attn_core::{
     AttnError, Device, Dropout, Forward, Grads, Inputs, Mask, Options, Problem, Result, Shape,
     Stage,
 };
+pub use attn_cuda as cuda;
 pub use attn_flash1 as flash1;
 pub use attn_flash2 as flash2;
 pub use attn_naive as naive;
@@ -48,8 +49,8 @@ pub fn default_stage() -> &'static dyn Stage {
     &attn_flash2::Flash2Cpu
 }
 
-/// Every stage this build offers, in the order of the story.
-pub fn stages() -> Vec<&'static dyn Stage> {
+/// The CPU stages, in the order of the story.
+pub fn cpu_stages() -> Vec<&'static dyn Stage> {
     vec![
         &attn_naive::NaiveCpu,
         &attn_chunked::ChunkedCpu,
@@ -58,10 +59,33 @@ pub fn stages() -> Vec<&'static dyn Stage> {
     ]
 }
 
+/// The GPU (CUDA) stages of this build. They are always compiled; running one where there
+/// is no CUDA device returns [`AttnError::NoCudaDevice`].
+pub fn gpu_stages() -> Vec<&'static dyn Stage> {
+    vec![&attn_naive::NaiveCuda, &attn_chunked::ChunkedCuda]
+}
+
+/// Every stage this build offers, CPU first, in the order of the story.
+pub fn stages() -> Vec<&'static dyn Stage> {
+    let mut all = cpu_stages();
+    all.extend(gpu_stages());
+    all
+}
+
+/// The stages that can run here: the CPU stages, and the GPU stages when a CUDA device is
+/// present.
+pub fn usable_stages() -> Vec<&'static dyn Stage> {
+    if attn_cuda::available() { stages() } else { cpu_stages() }
+}
+
 /// The names `--algo` accepts, in the order of the story.
 pub fn stage_names() -> Vec<&'static str> {
-    let mut names: Vec<&'static str> = stages().iter().map(|s| s.name()).collect();
-    names.dedup();
+    let mut names: Vec<&'static str> = Vec::new();
+    for s in stages() {
+        if !names.contains(&s.name()) {
+            names.push(s.name());
+        }
+    }
     names
 }
 

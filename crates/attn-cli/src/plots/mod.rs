@@ -173,7 +173,7 @@ pub fn plots(args: &PlotsArgs) -> Result<(), CliError> {
     })?;
     let plan = Plan::new(args);
     let stamp = Stamp::now();
-    let cpu: Vec<&dyn Stage> = attn::stages();
+    let cpu: Vec<&dyn Stage> = attn::cpu_stages();
 
     let jobs = plan.memory_lengths.len() * cpu.len()
         + plan.memory_lengths.iter().filter(|&&n| n <= plan.full_max).count() * cpu.len()

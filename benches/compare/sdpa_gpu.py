@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+"""PyTorch's scaled_dot_product_attention on the GPU, on the shapes `attn gpu-bench` uses:
+device time (CUDA events, median) and device bytes allocated above the inputs, forward and
+backward, for the math backend (it materialises S like stage 1) and the memory-efficient
+backend, fp32. Writes a CSV beside the table it prints.
+
+    python3 sdpa_gpu.py --seq 1024,4096,16384 --csv sdpa.csv
+"""
+import argparse
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+def flops(b, h, n, d, causal):
+    pairs = n * (n + 1) / 2 if causal else n * n
+    return 4.0 * b * h * d * pairs
+
+
+def measure(backend, b, h, n, d, causal, repeats):
+    q, k, v = (torch.randn(b, h, n, d, device="cuda", requires_grad=True) for _ in range(3))
+    d_out = torch.randn(b, h, n, d, device="cuda")
+    torch.cuda.synchronize()
+
+    def fwd():
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    fwd_ms, bwd_ms, peaks = [], [], (0, 0)
+    for _ in range(repeats + 1):
+        for t in (q, k, v):
+            t.grad = None
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        s, m, e = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+        s.record()
+        out = fwd()
+        m.record()
+        torch.cuda.synchronize()
+        fwd_peak = torch.cuda.max_memory_allocated() - base
+        torch.cuda.reset_peak_memory_stats()
+        base_b = torch.cuda.memory_allocated()
+        m2 = torch.cuda.Event(enable_timing=True)
+        m2.record()
+        out.backward(d_out)
+        e.record()
+        torch.cuda.synchronize()
+        bwd_peak = torch.cuda.max_memory_allocated() - base_b
+        fwd_ms.append(s.elapsed_time(m))
+        bwd_ms.append(m2.elapsed_time(e))
+        peaks = (fwd_peak, bwd_peak)
+        del out
+    med = lambda xs: sorted(xs[1:])[len(xs[1:]) // 2]
+    return med(fwd_ms), med(bwd_ms), peaks
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seq", default="1024,4096,16384")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--csv")
+    args = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    b, h, d = args.batch, args.heads, args.head_dim
+    rows = ["backend,causal,batch,heads,n,head_dim,forward_ms,forward_tflops,backward_ms,backward_tflops,forward_device_bytes,backward_device_bytes"]
+    print(f"torch {torch.__version__} on {torch.cuda.get_device_name()}, fp32, TF32 off")
+    for n in [int(x) for x in args.seq.split(",")]:
+        for causal in (False, True):
+            for name, backend in (("math", SDPBackend.MATH), ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+                try:
+                    fm, bm, (fp, bp) = measure(backend, b, h, n, d, causal, args.repeats)
+                except torch.OutOfMemoryError:
+                    print(f"{name:<10} causal={causal:d} n={n:>6}: out of memory")
+                    torch.cuda.empty_cache()
+                    continue
+                ft = flops(b, h, n, d, causal) / fm / 1e9
+                bt = 2.5 * flops(b, h, n, d, causal) / bm / 1e9
+                print(f"{name:<10} causal={causal:d} n={n:>6}: fwd {fm:9.3f} ms {ft:6.2f} TF/s  bwd {bm:9.3f} ms {bt:6.2f} TF/s  fwd dev {fp/2**20:9.1f} MiB  bwd dev {bp/2**20:9.1f} MiB")
+                rows.append(f"{name},{int(causal)},{b},{h},{n},{d},{fm:.4f},{ft:.3f},{bm:.4f},{bt:.3f},{fp},{bp}")
+                torch.cuda.empty_cache()
+    if args.csv:
+        with open(args.csv, "w") as f:
+            f.write(f"# torch {torch.__version__} scaled_dot_product_attention on {torch.cuda.get_device_name()}, fp32, TF32 off; device time (CUDA events), median of {args.repeats}\n")
+            f.write("\n".join(rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+//! `attn gpu-bench`: the GPU stages' device time and device memory at several n, as a table
+//! and a CSV; `--smoke` instead runs every GPU kernel once on a small problem that uses the
+//! whole contract (for compute-sanitizer) and checks it against the CPU.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+
+use attn::core::flops::{backward_flops, forward_flops};
+use attn::core::memory::human_bytes;
+use attn::core::metrics::compare;
+use attn::naive::gpu::DeviceStats;
+use attn::{Forward, Grads, Inputs, Mask, Options, Result, Shape, Stage};
+use clap::Args;
+use ndarray::{Array4, ArrayView4};
+
+use crate::CliError;
+
+#[derive(Debug, Args)]
+pub struct GpuBenchArgs {
+    /// Sequence lengths (n_q = n_k).
+    #[arg(long, value_delimiter = ',', default_value = "1024,4096,16384")]
+    pub seq: Vec<usize>,
+    /// Batch size.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Heads.
+    #[arg(long, default_value_t = 8)]
+    pub heads: usize,
+    /// Head dimension.
+    #[arg(long, default_value_t = 64)]
+    pub head_dim: usize,
+    /// Timed runs per point (the median is kept).
+    #[arg(long, default_value_t = 5)]
+    pub repeats: usize,
+    /// Write the numbers as CSV here.
+    #[arg(long)]
+    pub csv: Option<PathBuf>,
+    /// Run every kernel once on a small problem with masks, bias, causal, dropout and GQA,
+    /// compare with the CPU, and exit (for compute-sanitizer).
+    #[arg(long)]
+    pub smoke: bool,
+}
+
+type FwdFn = fn(&Inputs<'_>, &Options) -> Result<(Forward, DeviceStats)>;
+type BwdFn =
+    fn(&Inputs<'_>, &Options, &Forward, ArrayView4<'_, f32>) -> Result<(Grads, DeviceStats)>;
+
+fn gpu_stages() -> [(&'static str, FwdFn, BwdFn); 2] {
+    [
+        ("naive", attn::naive::gpu::forward_with_stats, attn::naive::gpu::backward_with_stats),
+        (
+            "chunked",
+            attn::chunked::gpu::forward_with_stats,
+            attn::chunked::gpu::backward_with_stats,
+        ),
+    ]
+}
+
+fn fail(e: impl std::fmt::Display) -> CliError {
+    CliError { code: 1, message: e.to_string() }
+}
+
+pub fn gpu_bench(args: &GpuBenchArgs) -> Result<(), CliError> {
+    let gpu = attn::cuda::gpu().map_err(|e| CliError::input("--device", e))?;
+    let (free, total) = gpu.mem_info().map_err(fail)?;
+    println!(
+        "{} ({}), {} free of {}",
+        gpu.name(),
+        gpu.arch(),
+        human_bytes(free as u64),
+        human_bytes(total as u64)
+    );
+    if args.smoke {
+        return smoke();
+    }
+    let mut rows = vec![
+        "stage,causal,batch,heads,n,head_dim,forward_ms,forward_tflops,backward_ms,backward_tflops,forward_device_bytes,backward_device_bytes".to_string(),
+    ];
+    println!(
+        "{:<8} {:>6} {:>6} {:>10} {:>9} {:>10} {:>9} {:>12} {:>12}",
+        "stage",
+        "causal",
+        "n",
+        "fwd ms",
+        "fwd TF/s",
+        "bwd ms",
+        "bwd TF/s",
+        "fwd device",
+        "bwd device"
+    );
+    for &n in &args.seq {
+        let shape = Shape::new(args.batch, args.heads, n, args.head_dim);
+        let (q, k, v) = attn::core::random::qkv(&shape, n as u64);
+        let d_out = attn::core::random::normal(shape.q_dims(), 1);
+        let inputs = Inputs::new(q.view(), k.view(), v.view());
+        for causal in [false, true] {
+            let opts = Options::default().causal(causal);
+            for (name, fwd_fn, bwd_fn) in gpu_stages() {
+                let mut f_ms = Vec::new();
+                let mut b_ms = Vec::new();
+                let mut peaks = (0, 0);
+                let mut refused = None;
+                for _ in 0..args.repeats.max(1) + 1 {
+                    let (fwd, fs) = match fwd_fn(&inputs, &opts) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            refused = Some(e.to_string());
+                            break;
+                        }
+                    };
+                    let (_, bs) = match bwd_fn(&inputs, &opts, &fwd, d_out.view()) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            refused = Some(e.to_string());
+                            break;
+                        }
+                    };
+                    f_ms.push(fs.kernel_ms);
+                    b_ms.push(bs.kernel_ms);
+                    peaks = (fs.peak_bytes, bs.peak_bytes);
+                }
+                if let Some(why) = refused {
+                    println!("{name:<8} {causal:>6} {n:>6} refused: {why}");
+                    continue;
+                }
+                // The first run compiles nothing (done before timing) but warms the caches.
+                let median = |mut v: Vec<f64>| {
+                    v.remove(0);
+                    v.sort_by(f64::total_cmp);
+                    v[v.len() / 2]
+                };
+                let (fm, bm) = (median(f_ms), median(b_ms));
+                let ft = forward_flops(&shape, causal) / (fm * 1e-3) / 1e12;
+                let bt = backward_flops(&shape, causal) / (bm * 1e-3) / 1e12;
+                println!(
+                    "{name:<8} {causal:>6} {n:>6} {fm:>10.3} {ft:>9.2} {bm:>10.3} {bt:>9.2} {:>12} {:>12}",
+                    human_bytes(peaks.0),
+                    human_bytes(peaks.1)
+                );
+                rows.push(format!(
+                    "{name},{},{},{},{n},{},{fm:.4},{ft:.3},{bm:.4},{bt:.3},{},{}",
+                    u8::from(causal),
+                    args.batch,
+                    args.heads,
+                    args.head_dim,
+                    peaks.0,
+                    peaks.1
+                ));
+            }
+        }
+    }
+    if let Some(path) = &args.csv {
+        let mut f = std::fs::File::create(path).map_err(fail)?;
+        writeln!(f, "# attn gpu-bench on {} ({}); device time of the kernels (CUDA events), median of {} runs; device bytes above the uploaded inputs", gpu.name(), gpu.arch(), args.repeats).map_err(fail)?;
+        for r in &rows {
+            writeln!(f, "{r}").map_err(fail)?;
+        }
+    }
+    Ok(())
+}
+
+/// Every kernel on a small problem that exercises the whole contract, checked against the
+/// CPU's FlashAttention-2.
+fn smoke() -> Result<(), CliError> {
+    let shape = Shape::new(2, 4, 70, 32).with_n_k(90).with_kv_heads(2);
+    let (q, k, v) = attn::core::random::qkv(&shape, 3);
+    let d_out = attn::core::random::normal(shape.q_dims(), 4);
+    let mut mask = Array4::from_elem((2, 1, 70, 90), true);
+    mask.slice_mut(ndarray::s![1, 0, 5, ..]).fill(false);
+    mask[[0, 0, 3, 7]] = false;
+    let bias: Array4<f32> = attn::core::random::normal((1, 4, 70, 90), 5);
+    let inputs = Inputs::new(q.view(), k.view(), v.view())
+        .with_mask(Mask::Full(mask.view()))
+        .with_bias(bias.view());
+    let opts = Options::default().causal(true).dropout(0.2, 11).blocks(32, 40);
+    let cpu = &attn::flash2::Flash2Cpu;
+    let want = cpu.forward(&inputs, &opts).map_err(fail)?;
+    let want_g = cpu.backward(&inputs, &opts, &want, d_out.view()).map_err(fail)?;
+    let mut worst: f64 = 0.0;
+    for (name, fwd_fn, bwd_fn) in gpu_stages() {
+        let (fwd, _) = fwd_fn(&inputs, &opts).map_err(fail)?;
+        let (g, _) = bwd_fn(&inputs, &opts, &fwd, d_out.view()).map_err(fail)?;
+        let errs = [
+            compare(fwd.out.view(), want.out.mapv(f64::from).view()).normwise,
+            compare(g.dq.view(), want_g.dq.mapv(f64::from).view()).normwise,
+            compare(g.dk.view(), want_g.dk.mapv(f64::from).view()).normwise,
+            compare(g.dv.view(), want_g.dv.mapv(f64::from).view()).normwise,
+        ];
+        println!(
+            "smoke {name}: out {:.1e} dQ {:.1e} dK {:.1e} dV {:.1e} (vs CPU flash2)",
+            errs[0], errs[1], errs[2], errs[3]
+        );
+        worst = errs.iter().fold(worst, |a, &b| a.max(b));
+    }
+    if worst.is_nan() || worst > 1e-3 {
+        return Err(fail(format!("smoke run disagrees with the CPU: worst error {worst:.2e}")));
+    }
+    Ok(())
+}

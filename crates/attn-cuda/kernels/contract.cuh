@@ -1,0 +1,82 @@
+// The contract every stage keeps, in CUDA: the dropout hash and the score modifiers (bias,
+// boolean mask, causal bottom-right alignment). Bit for bit what attn-core computes on the
+// CPU (crates/attn-core/src/dropout.rs and problem.rs), so GPU and CPU drop the same weights
+// and hide the same keys. Prepended by NVRTC to every stage's kernels.
+
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef long long i64;
+
+// -inf without math.h (NVRTC has no system headers).
+#define NEG_INF __int_as_float(0xff800000)
+
+// Chris Wellons' lowbias32.
+__device__ __forceinline__ u32 mix32(u32 x) {
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    x *= 0x846ca68bu;
+    x ^= x >> 16;
+    return x;
+}
+
+__device__ __forceinline__ u32 row_key(u64 seed, u32 b, u32 h, u32 i) {
+    u32 x = mix32((u32)seed ^ 0x9e3779b9u);
+    x = mix32(x ^ (u32)(seed >> 32));
+    x = mix32(x ^ b);
+    x = mix32(x ^ h);
+    return mix32(x ^ i);
+}
+
+__device__ __forceinline__ u32 element_hash(u32 key, u32 j) {
+    return mix32(mix32(key ^ j) + key);
+}
+
+// Dropout: weight (b, h, i, j) is kept when its hash is at least `threshold`, and then
+// multiplied by keep_scale = 1 / (1 - p). `enabled` = 0: no dropout.
+struct Dropout {
+    u64 seed;
+    u32 threshold;
+    float keep_scale;
+    int enabled;
+    int pad_;
+};
+
+__device__ __forceinline__ float dropout_factor(const Dropout& d, u32 key, u32 j) {
+    return element_hash(key, j) >= d.threshold ? d.keep_scale : 0.0f;
+}
+
+// What modifies a score S[b, h, i, j] = scale * q_i . k_j: an additive bias and a boolean
+// mask, each broadcastable to [batch, heads, n_q, n_k] (stride 0 on a broadcast axis, null
+// pointer when absent), and causal masking aligned bottom-right.
+struct ScoreMods {
+    u64 bias;                 // const float*
+    i64 bias_stride[4];       // b, h, i, j, in elements
+    u64 mask;                 // const unsigned char*, 1 keeps
+    i64 mask_stride[4];
+    int causal;
+    int n_q;
+    int n_k;
+    int heads;                // query heads: a flat head index z = b * heads + h
+};
+
+// Query i sees keys 0 .. key_end(i) - 1: key j is hidden when j > i + (n_k - n_q).
+__device__ __forceinline__ int key_end(const ScoreMods& m, int i) {
+    if (!m.causal) return m.n_k;
+    long long e = (long long)i + 1 + m.n_k - m.n_q;
+    return (int)(e < 0 ? 0 : (e > m.n_k ? m.n_k : e));
+}
+
+__device__ __forceinline__ float modify_score(const ScoreMods& m, int b, int h, int i, int j, float s) {
+    if (m.bias) {
+        const float* bias = (const float*)m.bias;
+        s += bias[b * m.bias_stride[0] + h * m.bias_stride[1] + i * m.bias_stride[2] + j * m.bias_stride[3]];
+    }
+    if (m.mask) {
+        const unsigned char* mask = (const unsigned char*)m.mask;
+        if (!mask[b * m.mask_stride[0] + h * m.mask_stride[1] + i * m.mask_stride[2] + j * m.mask_stride[3]])
+            s = NEG_INF;
+    }
+    if (j >= key_end(m, i)) s = NEG_INF;
+    return s;
+}

@@ -1,0 +1,251 @@
+// The kernels of the unfused GPU stages (naive, and chunked which launches them once per
+// chunk). Every kernel works on a *window* of score rows i0 .. i0 + rows and columns
+// j0 .. j0 + cols of all Z = batch * heads heads at once; the naive stage's window is the
+// whole matrix. Window buffers are [Z, rows, cols], row-major.
+
+// ---------------------------------------------------------------------------------------
+// Batched matrix product C = alpha * A B + beta * C with any strides, so one kernel does
+// Q Kᵀ, P V, Pᵀ dO, dS K, dSᵀ Q without copies. Matrix z of an operand starts at
+//   base + (z / zh) * sb + ((z % zh) / div) * sh
+// (z / zh is the batch entry, z % zh the head; div > 1 maps query heads to their shared
+// key/value head for GQA).
+struct Operand {
+    u64 ptr;     // float*
+    i64 rs, cs;  // row and column strides
+    i64 sb, sh;  // batch and head strides
+    i64 base;
+    int div;
+    int pad_;
+};
+
+__device__ __forceinline__ i64 matrix_offset(const Operand& o, int z, int zh) {
+    return o.base + (i64)(z / zh) * o.sb + (i64)((z % zh) / o.div) * o.sh;
+}
+
+// ANCHOR: gemm
+#define TM 64
+#define TN 64
+#define TK 16
+
+// 256 threads compute a 64 x 64 tile of C, 4 x 4 values each (rows ty + 16a, columns
+// tx + 16b), from 16-deep slices of A and B staged in shared memory.
+extern "C" __global__ void __launch_bounds__(256) gemm_batched(
+    int m, int n, int k, int zh, float alpha, Operand A, Operand B, float beta, Operand C) {
+    __shared__ float As[TK][TM + 4];
+    __shared__ float Bs[TK][TN + 4];
+    const int z = blockIdx.z;
+    const int row0 = blockIdx.y * TM, col0 = blockIdx.x * TN;
+    const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+    const float* a = (const float*)A.ptr + matrix_offset(A, z, zh);
+    const float* b = (const float*)B.ptr + matrix_offset(B, z, zh);
+    float* c = (float*)C.ptr + matrix_offset(C, z, zh);
+
+    float acc[4][4] = {};
+    for (int k0 = 0; k0 < k; k0 += TK) {
+        // Stage A[row0.., k0..] and B[k0.., col0..]; consecutive threads walk the operand's
+        // unit-stride axis so that their loads coalesce.
+        for (int l = 0; l < 4; l++) {
+            int e = tid + 256 * l;
+            int r, kk;
+            if (A.cs == 1) { r = e / TK; kk = e % TK; } else { kk = e / TM; r = e % TM; }
+            int gr = row0 + r, gk = k0 + kk;
+            As[kk][r] = (gr < m && gk < k) ? a[gr * A.rs + gk * A.cs] : 0.0f;
+            int cc;
+            if (B.cs == 1) { kk = e / TN; cc = e % TN; } else { cc = e / TK; kk = e % TK; }
+            int gc = col0 + cc;
+            gk = k0 + kk;
+            Bs[kk][cc] = (gk < k && gc < n) ? b[gk * B.rs + gc * B.cs] : 0.0f;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < TK; kk++) {
+            float av[4], bv[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) av[i] = As[kk][ty + 16 * i];
+#pragma unroll
+            for (int j = 0; j < 4; j++) bv[j] = Bs[kk][tx + 16 * j];
+#pragma unroll
+            for (int i = 0; i < 4; i++)
+#pragma unroll
+                for (int j = 0; j < 4; j++) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+        }
+        __syncthreads();
+    }
+    for (int i = 0; i < 4; i++) {
+        int r = row0 + ty + 16 * i;
+        if (r >= m) continue;
+        for (int j = 0; j < 4; j++) {
+            int cc = col0 + tx + 16 * j;
+            if (cc >= n) continue;
+            float* p = c + r * C.rs + cc * C.cs;
+            *p = beta == 0.0f ? alpha * acc[i][j] : fmaf(alpha, acc[i][j], beta * *p);
+        }
+    }
+}
+// ANCHOR_END: gemm
+
+// ---------------------------------------------------------------------------------------
+// Bias, mask and causal masking on a window of scaled scores, in place.
+extern "C" __global__ void modify_scores(float* s, ScoreMods mods, int i0, int j0, int rows,
+                                         int cols) {
+    const int z = blockIdx.z;
+    const int b = z / mods.heads, h = z % mods.heads;
+    for (int r = blockIdx.y; r < rows; r += gridDim.y) {
+        float* row = s + ((i64)z * rows + r) * cols;
+        for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += gridDim.x * blockDim.x)
+            row[c] = modify_score(mods, b, h, i0 + r, j0 + c, row[c]);
+    }
+}
+
+// Block-wide max and sum over 256 threads.
+__device__ float block_max(float x, float* scratch) {
+    for (int o = 16; o > 0; o /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+    if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = x;
+    __syncthreads();
+    x = scratch[0];
+    for (int w = 1; w < blockDim.x / 32; w++) x = fmaxf(x, scratch[w]);
+    __syncthreads();
+    return x;
+}
+
+__device__ float block_sum(float x, float* scratch) {
+    for (int o = 16; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
+    if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = x;
+    __syncthreads();
+    x = 0.0f;
+    for (int w = 0; w < blockDim.x / 32; w++) x += scratch[w];
+    __syncthreads();
+    return x;
+}
+
+// ANCHOR: softmax_rows
+// Stage 1's softmax: one block per row of the whole score matrix. Writes P = exp(S - lse)
+// in place and lse = m + log(l); a row with every key removed gets P = 0 and lse = -inf.
+extern "C" __global__ void softmax_rows(float* s, float* lse, int rows, int cols) {
+    __shared__ float scratch[32];
+    const i64 row_index = (i64)blockIdx.y * rows + blockIdx.x;
+    float* row = s + row_index * cols;
+    float m = NEG_INF;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) m = fmaxf(m, row[c]);
+    m = block_max(m, scratch);
+    float l = 0.0f;
+    if (m != NEG_INF)
+        for (int c = threadIdx.x; c < cols; c += blockDim.x) l += expf(row[c] - m);
+    l = block_sum(l, scratch);
+    const float L = m == NEG_INF ? NEG_INF : m + logf(l);
+    for (int c = threadIdx.x; c < cols; c += blockDim.x)
+        row[c] = L == NEG_INF ? 0.0f : expf(row[c] - L);
+    if (threadIdx.x == 0) lse[row_index] = L;
+}
+// ANCHOR_END: softmax_rows
+
+// Stage 2's per-chunk softmax: the chunk's row max m_c, P~ = exp(S - m_c) in place and its
+// row sum l_c (Rabe & Staats' summaries). Stats are [Z, rows].
+extern "C" __global__ void chunk_softmax(float* s, float* m_out, float* l_out, int rows,
+                                         int cols) {
+    __shared__ float scratch[32];
+    const i64 row_index = (i64)blockIdx.y * rows + blockIdx.x;
+    float* row = s + row_index * cols;
+    float m = NEG_INF;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) m = fmaxf(m, row[c]);
+    m = block_max(m, scratch);
+    float l = 0.0f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        float p = m == NEG_INF ? 0.0f : expf(row[c] - m);
+        row[c] = p;
+        l += p;
+    }
+    l = block_sum(l, scratch);
+    if (threadIdx.x == 0) {
+        m_out[row_index] = m;
+        l_out[row_index] = l;
+    }
+}
+
+// Dropout on a window of weights, in place: 0 or 1 / (1 - p), by the contract's hash.
+extern "C" __global__ void apply_dropout(float* p, Dropout d, int heads, int i0, int j0,
+                                         int rows, int cols) {
+    const int z = blockIdx.z;
+    for (int r = blockIdx.y; r < rows; r += gridDim.y) {
+        const u32 key = row_key(d.seed, z / heads, z % heads, i0 + r);
+        float* row = p + ((i64)z * rows + r) * cols;
+        for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += gridDim.x * blockDim.x)
+            row[c] *= dropout_factor(d, key, j0 + c);
+    }
+}
+
+// ANCHOR: merge_chunk
+// Stage 2: fold a chunk's summaries (m_c, l_c, O_c = P~ V_c) into the running (m, l, O) of
+// rows i0 .. i0 + rows:  m' = max(m, m_c),  l' = e^(m - m') l + e^(m_c - m') l_c,
+// O' = e^(m - m') O + e^(m_c - m') O_c. One block per row; O is [Z, n_q, d].
+extern "C" __global__ void merge_chunk(float* m, float* l, float* o, const float* m_c,
+                                       const float* l_c, const float* o_c, int i0, int rows,
+                                       int n_q, int d) {
+    const int z = blockIdx.y, r = blockIdx.x;
+    const i64 run = (i64)z * n_q + i0 + r, chunk = (i64)z * rows + r;
+    const float m_old = m[run], mc = m_c[chunk];
+    const float m_new = fmaxf(m_old, mc);
+    if (m_new == NEG_INF) return;  // nothing visible yet
+    const float a = m_old == NEG_INF ? 0.0f : expf(m_old - m_new);
+    const float b = mc == NEG_INF ? 0.0f : expf(mc - m_new);
+    for (int c = threadIdx.x; c < d; c += blockDim.x)
+        o[run * d + c] = a * o[run * d + c] + b * o_c[chunk * d + c];
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        l[run] = a * l[run] + b * l_c[chunk];
+        m[run] = m_new;
+    }
+}
+// ANCHOR_END: merge_chunk
+
+// Stage 2: O = O / l and lse = m + log l; rows that saw no key get O = 0, lse = -inf.
+extern "C" __global__ void finish_rows(float* o, float* lse, const float* m, const float* l,
+                                       int d) {
+    const i64 row = (i64)blockIdx.y * gridDim.x + blockIdx.x;
+    const float lr = l[row];
+    const float inv = lr > 0.0f ? 1.0f / lr : 0.0f;
+    for (int c = threadIdx.x; c < d; c += blockDim.x) o[row * d + c] *= inv;
+    if (threadIdx.x == 0) lse[row] = lr > 0.0f ? m[row] + logf(lr) : NEG_INF;
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward.
+
+// D_i = rowsum(dO_i * O_i), one warp per row of [Z * n_q, d].
+extern "C" __global__ void row_dot(const float* d_out, const float* out, float* D, i64 rows,
+                                   int d) {
+    const i64 row = (i64)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (row >= rows) return;
+    float acc = 0.0f;
+    for (int c = threadIdx.x % 32; c < d; c += 32) acc += d_out[row * d + c] * out[row * d + c];
+    for (int o = 16; o > 0; o /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (threadIdx.x % 32 == 0) D[row] = acc;
+}
+
+// P = exp(S - lse) on a window of modified scores, in place; lse is [Z, n_q].
+extern "C" __global__ void probs_from_lse(float* s, const float* lse, int i0, int rows,
+                                          int cols, int n_q) {
+    const int z = blockIdx.z;
+    for (int r = blockIdx.y; r < rows; r += gridDim.y) {
+        const float L = lse[(i64)z * n_q + i0 + r];
+        float* row = s + ((i64)z * rows + r) * cols;
+        for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += gridDim.x * blockDim.x)
+            row[c] = L == NEG_INF ? 0.0f : expf(row[c] - L);
+    }
+}
+
+// dS = P * (Z * dP - D) on a window, written over dP (Z: the dropout factor).
+extern "C" __global__ void ds_from_dp(const float* p, float* dp, const float* D, Dropout d,
+                                      int heads, int i0, int j0, int rows, int cols, int n_q) {
+    const int z = blockIdx.z;
+    for (int r = blockIdx.y; r < rows; r += gridDim.y) {
+        const float Di = D[(i64)z * n_q + i0 + r];
+        const u32 key = d.enabled ? row_key(d.seed, z / heads, z % heads, i0 + r) : 0u;
+        const i64 off = ((i64)z * rows + r) * cols;
+        for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += gridDim.x * blockDim.x) {
+            float g = dp[off + c];
+            if (d.enabled) g *= dropout_factor(d, key, j0 + c);
+            dp[off + c] = p[off + c] * (g - Di);
+        }
+    }
+}

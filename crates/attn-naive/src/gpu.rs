@@ -1,0 +1,698 @@
+//! Stage 1 on the GPU: the same three steps as the CPU variant, each a kernel over all
+//! `b·h` heads at once, with S and P for every head in device memory.
+//!
+//! ```text
+//! gemm_batched    S = scale · Q Kᵀ          [b·h, n_q, n_k] in device memory
+//! modify_scores   + bias, masks → −∞
+//! softmax_rows    P = exp(S − lse), lse      one thread block per row
+//! apply_dropout   P ∘ Z
+//! gemm_batched    O = P V
+//! ```
+//!
+//! The products are our own tiled kernel (`gemm_batched` in `kernels/attention.cu`: 64×64
+//! tiles of C, 16-deep slices of A and B in shared memory, 4×4 values per thread), not
+//! cuBLAS: one kernel with arbitrary strides and a head-to-KV-head map covers every product
+//! of the forward and the backward (Q Kᵀ, P V, Pᵀ dO, dS K, dSᵀ Q) without copies or
+//! transposes, and a reader can see all of it.
+//!
+//! The kernels work on *windows* of rows `i0..` and columns `j0..`; stage 2 (chunked) on the
+//! GPU launches the same kernels once per chunk, and the backward here is its backward with
+//! one window covering the whole matrix ([`backward_windows`]).
+
+use attn_core::problem::Problem;
+use attn_core::{AttnError, Device, Forward, Grads, Inputs, Options, Result, Shape, Stage};
+use attn_cuda::{
+    CONTRACT_HEADER, CudaFunction, DeviceBuffer, DevicePeak, DeviceRepr, Gpu, LaunchConfig,
+    PushKernelArg, blocks_for, cuda_err, gpu,
+};
+use ndarray::ArrayView4;
+
+use crate::cpu::{ADVICE, NAME};
+
+/// The kernels of the unfused GPU stages, shared with stage 2.
+pub const KERNELS: &str = include_str!("../kernels/attention.cu");
+const MODULE: &str = "attention";
+
+/// One matrix operand of `gemm_batched`: matrix `z` starts at
+/// `base + (z / zh)·sb + ((z % zh) / div)·sh`, element `(r, c)` is `rs·r + cs·c` further.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Operand {
+    ptr: u64,
+    rs: i64,
+    cs: i64,
+    sb: i64,
+    sh: i64,
+    base: i64,
+    div: i32,
+    pad_: i32,
+}
+// SAFETY: plain old data, laid out as `struct Operand` in attention.cu.
+unsafe impl DeviceRepr for Operand {}
+
+impl Operand {
+    /// Rows `row0..` of a row-major `[batch, heads, rows, cols]` tensor at `ptr`, one matrix
+    /// per (batch, head).
+    pub fn rows(ptr: u64, heads: usize, rows: usize, cols: usize, row0: usize) -> Self {
+        let m = (rows * cols) as i64;
+        Self {
+            ptr,
+            rs: cols as i64,
+            cs: 1,
+            sb: heads as i64 * m,
+            sh: m,
+            base: (row0 * cols) as i64,
+            div: 1,
+            pad_: 0,
+        }
+    }
+
+    /// The transposed matrices.
+    pub fn t(self) -> Self {
+        Self { rs: self.cs, cs: self.rs, ..self }
+    }
+
+    /// A key/value tensor read by `group` query heads each (GQA): z counts query heads.
+    pub fn shared_by(self, group: usize) -> Self {
+        Self { div: group as i32, ..self }
+    }
+
+    /// Query head `kv·group + g` of a query-head tensor, for a launch whose z counts
+    /// key/value heads.
+    pub fn member(self, g: usize, group: usize) -> Self {
+        Self { base: self.base + g as i64 * self.sh, sh: self.sh * group as i64, ..self }
+    }
+}
+
+/// The score modifiers (`struct ScoreMods` in contract.cuh).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ScoreMods {
+    bias: u64,
+    bias_stride: [i64; 4],
+    mask: u64,
+    mask_stride: [i64; 4],
+    causal: i32,
+    n_q: i32,
+    n_k: i32,
+    heads: i32,
+}
+// SAFETY: plain old data, laid out as `struct ScoreMods` in contract.cuh.
+unsafe impl DeviceRepr for ScoreMods {}
+
+/// Dropout parameters (`struct Dropout` in contract.cuh).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DropoutArg {
+    seed: u64,
+    threshold: u32,
+    keep_scale: f32,
+    enabled: i32,
+    pad_: i32,
+}
+// SAFETY: plain old data, laid out as `struct Dropout` in contract.cuh.
+unsafe impl DeviceRepr for DropoutArg {}
+
+impl DropoutArg {
+    /// Whether dropout is on.
+    pub fn enabled(&self) -> bool {
+        self.enabled != 0
+    }
+}
+
+/// A validated problem with its tensors in device memory.
+#[derive(Debug)]
+pub struct DeviceProblem {
+    pub shape: Shape,
+    pub scale: f32,
+    pub causal: bool,
+    has_mods: bool,
+    pub q: DeviceBuffer<f32>,
+    pub k: DeviceBuffer<f32>,
+    pub v: DeviceBuffer<f32>,
+    _bias: Option<DeviceBuffer<f32>>,
+    _mask: Option<DeviceBuffer<u8>>,
+    pub mods: ScoreMods,
+    pub dropout: DropoutArg,
+}
+
+/// Row-major strides of an array of `dims`, 0 on axes of length 1 (broadcast).
+fn broadcast_strides(dims: &[usize]) -> [i64; 4] {
+    let mut strides = [0i64; 4];
+    let mut s = 1i64;
+    for a in (0..4).rev() {
+        strides[a] = if dims[a] == 1 { 0 } else { s };
+        s *= dims[a] as i64;
+    }
+    strides
+}
+
+impl DeviceProblem {
+    /// Uploads Q, K, V, the mask (as bytes) and the bias of a validated problem.
+    pub fn upload(gpu: &Gpu, p: &Problem<'_>) -> Result<Self> {
+        let sh = p.shape;
+        if sh.batch * sh.heads > 65_535 {
+            return Err(AttnError::Cuda {
+                context: "planning the launch".into(),
+                message: format!(
+                    "batch × heads = {} exceeds the 65 535 heads one launch can cover; split the batch",
+                    sh.batch * sh.heads
+                ),
+            });
+        }
+        let bias = p.bias.map(|b| gpu.upload_array(b)).transpose()?;
+        let mask = p.mask.map(|m| gpu.upload_array(m.mapv(u8::from).view())).transpose()?;
+        let mods = ScoreMods {
+            bias: bias.as_ref().map_or(0, |b| gpu.ptr(b)),
+            bias_stride: p.bias.map_or([0; 4], |b| broadcast_strides(b.shape())),
+            mask: mask.as_ref().map_or(0, |m| gpu.ptr(m)),
+            mask_stride: p.mask.map_or([0; 4], |m| broadcast_strides(m.shape())),
+            causal: p.causal.into(),
+            n_q: sh.n_q as i32,
+            n_k: sh.n_k as i32,
+            heads: sh.heads as i32,
+        };
+        let dropout = p.dropout.map_or(DropoutArg::default(), |d| DropoutArg {
+            seed: d.seed,
+            threshold: d.threshold,
+            keep_scale: d.keep_scale,
+            enabled: 1,
+            pad_: 0,
+        });
+        Ok(Self {
+            shape: sh,
+            scale: p.scale,
+            causal: p.causal,
+            has_mods: p.bias.is_some() || p.mask.is_some(),
+            q: gpu.upload_array(p.q)?,
+            k: gpu.upload_array(p.k)?,
+            v: gpu.upload_array(p.v)?,
+            _bias: bias,
+            _mask: mask,
+            mods,
+            dropout,
+        })
+    }
+
+    /// Query rows `i0 .. i_end` see no key at or after `j0` (a window causal masking hides).
+    pub fn window_hidden(&self, i_end: usize, j0: usize) -> bool {
+        let Shape { n_q, n_k, .. } = self.shape;
+        let key_end = |i: usize| {
+            if self.causal { (i + 1 + n_k).saturating_sub(n_q).min(n_k) } else { n_k }
+        };
+        i_end == 0 || j0 >= key_end(i_end - 1)
+    }
+
+    /// Whether a window's scores need `modify_scores`: a bias or mask, or causal masking
+    /// that reaches into it.
+    pub fn window_needs_mods(&self, i0: usize, j0: usize, cols: usize) -> bool {
+        let Shape { n_q, n_k, .. } = self.shape;
+        self.has_mods || (self.causal && j0 + cols > (i0 + 1 + n_k).saturating_sub(n_q))
+    }
+}
+
+/// Typed launchers of the kernels in attention.cu.
+#[derive(Debug)]
+pub struct Kernels {
+    gpu: &'static Gpu,
+    gemm: CudaFunction,
+    modify: CudaFunction,
+    softmax: CudaFunction,
+    chunk_softmax: CudaFunction,
+    dropout: CudaFunction,
+    merge: CudaFunction,
+    finish: CudaFunction,
+    row_dot: CudaFunction,
+    probs: CudaFunction,
+    ds: CudaFunction,
+}
+
+/// The launch shape of the element-wise window kernels: x over columns, y over rows (the
+/// kernels loop when rows exceed the grid), z over heads.
+fn window_grid(z: usize, rows: usize, cols: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks_for(cols, 256).min(64), rows.min(65_535) as u32, z as u32),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+macro_rules! launch {
+    ($k:expr, $f:expr, $cfg:expr, $what:expr; $($arg:expr),* $(,)?) => {{
+        let mut b = $k.gpu.stream().launch_builder(&$f);
+        $( b.arg($arg); )*
+        // SAFETY: the arguments match the kernel's parameter list in attention.cu, and every
+        // pointer they carry addresses a live DeviceBuffer large enough for the launch.
+        unsafe { b.launch($cfg) }.map(|_| ()).map_err(cuda_err($what))
+    }};
+}
+
+impl Kernels {
+    pub fn new(gpu: &'static Gpu) -> Result<Self> {
+        let f = |name: &str| gpu.function(MODULE, &[CONTRACT_HEADER, KERNELS], name);
+        Ok(Self {
+            gpu,
+            gemm: f("gemm_batched")?,
+            modify: f("modify_scores")?,
+            softmax: f("softmax_rows")?,
+            chunk_softmax: f("chunk_softmax")?,
+            dropout: f("apply_dropout")?,
+            merge: f("merge_chunk")?,
+            finish: f("finish_rows")?,
+            row_dot: f("row_dot")?,
+            probs: f("probs_from_lse")?,
+            ds: f("ds_from_dp")?,
+        })
+    }
+
+    pub fn gpu(&self) -> &'static Gpu {
+        self.gpu
+    }
+
+    /// `C = alpha·A·B + beta·C` for `z` matrices of `m × k` by `k × n`; `zh` heads per batch.
+    pub fn gemm(
+        &self,
+        (z, zh): (usize, usize),
+        (m, n, k): (usize, usize, usize),
+        alpha: f32,
+        a: Operand,
+        b: Operand,
+        beta: f32,
+        c: Operand,
+    ) -> Result<()> {
+        let cfg = LaunchConfig {
+            grid_dim: (blocks_for(n, 64), blocks_for(m, 64), z as u32),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (m, n, k, zh) = (m as i32, n as i32, k as i32, zh as i32);
+        launch!(self, self.gemm, cfg, "gemm_batched"; &m, &n, &k, &zh, &alpha, &a, &b, &beta, &c)
+    }
+
+    /// Bias, mask and causal masking on a `[z, rows, cols]` window of scores.
+    pub fn modify_scores(
+        &self,
+        s: &DeviceBuffer<f32>,
+        mods: &ScoreMods,
+        z: usize,
+        (i0, j0, rows, cols): (usize, usize, usize, usize),
+    ) -> Result<()> {
+        let ptr = self.gpu.ptr(s);
+        let (i0, j0, r, c) = (i0 as i32, j0 as i32, rows as i32, cols as i32);
+        launch!(self, self.modify, window_grid(z, rows, cols), "modify_scores"; &ptr, mods, &i0, &j0, &r, &c)
+    }
+
+    /// Stage 1's row softmax over whole rows: P in place, lse `[z, rows]`.
+    pub fn softmax_rows(
+        &self,
+        s: &DeviceBuffer<f32>,
+        lse: &DeviceBuffer<f32>,
+        z: usize,
+        (rows, cols): (usize, usize),
+    ) -> Result<()> {
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, z as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (sp, lp, r, c) = (self.gpu.ptr(s), self.gpu.ptr(lse), rows as i32, cols as i32);
+        launch!(self, self.softmax, cfg, "softmax_rows"; &sp, &lp, &r, &c)
+    }
+
+    /// Stage 2's chunk summaries: P̃ = exp(S − m_c) in place, m_c and ℓ_c `[z, rows]`.
+    pub fn chunk_softmax(
+        &self,
+        s: &DeviceBuffer<f32>,
+        m_c: &DeviceBuffer<f32>,
+        l_c: &DeviceBuffer<f32>,
+        z: usize,
+        (rows, cols): (usize, usize),
+    ) -> Result<()> {
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, z as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let g = self.gpu;
+        let (sp, mp, lp, r, c) = (g.ptr(s), g.ptr(m_c), g.ptr(l_c), rows as i32, cols as i32);
+        launch!(self, self.chunk_softmax, cfg, "chunk_softmax"; &sp, &mp, &lp, &r, &c)
+    }
+
+    /// Dropout on a `[z, rows, cols]` window of weights.
+    pub fn apply_dropout(
+        &self,
+        p: &DeviceBuffer<f32>,
+        d: &DropoutArg,
+        heads: usize,
+        z: usize,
+        (i0, j0, rows, cols): (usize, usize, usize, usize),
+    ) -> Result<()> {
+        let ptr = self.gpu.ptr(p);
+        let (h, i0, j0, r, c) = (heads as i32, i0 as i32, j0 as i32, rows as i32, cols as i32);
+        launch!(self, self.dropout, window_grid(z, rows, cols), "apply_dropout"; &ptr, d, &h, &i0, &j0, &r, &c)
+    }
+
+    /// Stage 2: folds a chunk's (m_c, ℓ_c, O_c) into the running (m, ℓ, O).
+    #[allow(clippy::too_many_arguments)]
+    pub fn merge_chunk(
+        &self,
+        (m, l, o): (&DeviceBuffer<f32>, &DeviceBuffer<f32>, &DeviceBuffer<f32>),
+        (m_c, l_c, o_c): (&DeviceBuffer<f32>, &DeviceBuffer<f32>, &DeviceBuffer<f32>),
+        z: usize,
+        (i0, rows, n_q, d): (usize, usize, usize, usize),
+    ) -> Result<()> {
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, z as u32, 1),
+            block_dim: (64, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let g = self.gpu;
+        let ptrs = [g.ptr(m), g.ptr(l), g.ptr(o), g.ptr(m_c), g.ptr(l_c), g.ptr(o_c)];
+        let (i0, r, n, d) = (i0 as i32, rows as i32, n_q as i32, d as i32);
+        launch!(self, self.merge, cfg, "merge_chunk";
+            &ptrs[0], &ptrs[1], &ptrs[2], &ptrs[3], &ptrs[4], &ptrs[5], &i0, &r, &n, &d)
+    }
+
+    /// Stage 2: O /= ℓ, lse = m + ln ℓ over `[z, n_q]` rows.
+    pub fn finish_rows(
+        &self,
+        o: &DeviceBuffer<f32>,
+        lse: &DeviceBuffer<f32>,
+        (m, l): (&DeviceBuffer<f32>, &DeviceBuffer<f32>),
+        z: usize,
+        (n_q, d): (usize, usize),
+    ) -> Result<()> {
+        let cfg = LaunchConfig {
+            grid_dim: (n_q as u32, z as u32, 1),
+            block_dim: (64, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let g = self.gpu;
+        let (op, lp, mp, llp, d) = (g.ptr(o), g.ptr(lse), g.ptr(m), g.ptr(l), d as i32);
+        launch!(self, self.finish, cfg, "finish_rows"; &op, &lp, &mp, &llp, &d)
+    }
+
+    /// D = rowsum(dO ∘ O) over `rows` rows of length `d`.
+    pub fn row_dot(
+        &self,
+        d_out: &DeviceBuffer<f32>,
+        out: &DeviceBuffer<f32>,
+        dd: &DeviceBuffer<f32>,
+        (rows, d): (usize, usize),
+    ) -> Result<()> {
+        let cfg = LaunchConfig {
+            grid_dim: (blocks_for(rows, 8), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let g = self.gpu;
+        let (a, b, c, r, d) = (g.ptr(d_out), g.ptr(out), g.ptr(dd), rows as i64, d as i32);
+        launch!(self, self.row_dot, cfg, "row_dot"; &a, &b, &c, &r, &d)
+    }
+
+    /// P = exp(S − lse) on a window, in place.
+    pub fn probs_from_lse(
+        &self,
+        s: &DeviceBuffer<f32>,
+        lse: &DeviceBuffer<f32>,
+        z: usize,
+        (i0, rows, cols, n_q): (usize, usize, usize, usize),
+    ) -> Result<()> {
+        let (sp, lp) = (self.gpu.ptr(s), self.gpu.ptr(lse));
+        let (i0, r, c, n) = (i0 as i32, rows as i32, cols as i32, n_q as i32);
+        launch!(self, self.probs, window_grid(z, rows, cols), "probs_from_lse"; &sp, &lp, &i0, &r, &c, &n)
+    }
+
+    /// dS = P ∘ (Z ∘ dP − D) on a window, over dP.
+    #[allow(clippy::too_many_arguments)]
+    pub fn ds_from_dp(
+        &self,
+        p: &DeviceBuffer<f32>,
+        dp: &DeviceBuffer<f32>,
+        dd: &DeviceBuffer<f32>,
+        d: &DropoutArg,
+        heads: usize,
+        z: usize,
+        (i0, j0, rows, cols, n_q): (usize, usize, usize, usize, usize),
+    ) -> Result<()> {
+        let g = self.gpu;
+        let (pp, dpp, ddp) = (g.ptr(p), g.ptr(dp), g.ptr(dd));
+        let (h, i0, j0, r, c, n) =
+            (heads as i32, i0 as i32, j0 as i32, rows as i32, cols as i32, n_q as i32);
+        launch!(self, self.ds, window_grid(z, rows, cols), "ds_from_dp";
+            &pp, &dpp, &ddp, d, &h, &i0, &j0, &r, &c, &n)
+    }
+}
+
+/// The device memory limit: the caller's, else what the driver reports free.
+pub fn device_memory_limit(gpu: &Gpu, opts: &Options) -> Result<u64> {
+    Ok(match opts.memory_limit {
+        Some(l) => l,
+        None => gpu.mem_info()?.0 as u64,
+    })
+}
+
+/// Bytes of the forward's device workspace: S/P for every head.
+pub fn forward_device_bytes(shape: &Shape) -> u64 {
+    crate::forward_workspace_bytes(shape)
+}
+
+// ANCHOR: forward_device
+/// The forward on uploaded tensors: (O `[b, h, n_q, d]`, lse `[b, h, n_q]`) on the device.
+pub fn forward_device(
+    k: &Kernels,
+    dev: &DeviceProblem,
+) -> Result<(DeviceBuffer<f32>, DeviceBuffer<f32>)> {
+    let gpu = k.gpu();
+    let Shape { batch, heads, kv_heads, n_q, n_k, head_dim: d } = dev.shape;
+    let z = batch * heads;
+    let group = heads / kv_heads;
+    let s = gpu.zeros::<f32>(z * n_q * n_k)?;
+    let out = gpu.zeros::<f32>(z * n_q * d)?;
+    let lse = gpu.zeros::<f32>(z * n_q)?;
+    let s_op = Operand::rows(gpu.ptr(&s), heads, n_q, n_k, 0);
+    // S = scale · Q Kᵀ
+    let q = Operand::rows(gpu.ptr(&dev.q), heads, n_q, d, 0);
+    let kt = Operand::rows(gpu.ptr(&dev.k), kv_heads, n_k, d, 0).shared_by(group).t();
+    k.gemm((z, heads), (n_q, n_k, d), dev.scale, q, kt, 0.0, s_op)?;
+    // + bias, masked positions −∞
+    if dev.window_needs_mods(0, 0, n_k) {
+        k.modify_scores(&s, &dev.mods, z, (0, 0, n_q, n_k))?;
+    }
+    // P = softmax(S), lse
+    k.softmax_rows(&s, &lse, z, (n_q, n_k))?;
+    // P ∘ Z
+    if dev.dropout.enabled() {
+        k.apply_dropout(&s, &dev.dropout, heads, z, (0, 0, n_q, n_k))?;
+    }
+    // O = P V
+    let v = Operand::rows(gpu.ptr(&dev.v), kv_heads, n_k, d, 0).shared_by(group);
+    let o = Operand::rows(gpu.ptr(&out), heads, n_q, d, 0);
+    k.gemm((z, heads), (n_q, d, n_k), 1.0, s_op, v, 0.0, o)?;
+    Ok((out, lse))
+}
+// ANCHOR_END: forward_device
+
+// ANCHOR: backward_windows
+/// The gradients on the device, window by window (`q_block × k_block` of every head at
+/// once): recompute S and P = exp(S − lse), dP = dO Vᵀ, dS = P ∘ (Z∘dP − D),
+/// dV += (P∘Z)ᵀ dO, dK += scale·dSᵀ Q, dQ += scale·dS K. Stage 1 calls it with one window
+/// covering everything (P and dP of every head in memory); stage 2 with its chunks.
+pub fn backward_windows(
+    k: &Kernels,
+    dev: &DeviceProblem,
+    out: &DeviceBuffer<f32>,
+    lse: &DeviceBuffer<f32>,
+    d_out: &DeviceBuffer<f32>,
+    (q_block, k_block): (usize, usize),
+) -> Result<[DeviceBuffer<f32>; 3]> {
+    let gpu = k.gpu();
+    let Shape { batch, heads, kv_heads, n_q, n_k, head_dim: d } = dev.shape;
+    let (z, zk, group) = (batch * heads, batch * kv_heads, heads / kv_heads);
+    let dd = gpu.zeros::<f32>(z * n_q)?;
+    k.row_dot(d_out, out, &dd, (z * n_q, d))?;
+    let dq = gpu.zeros::<f32>(z * n_q * d)?;
+    let dk = gpu.zeros::<f32>(zk * n_k * d)?;
+    let dv = gpu.zeros::<f32>(zk * n_k * d)?;
+    let p = gpu.zeros::<f32>(z * q_block * k_block)?;
+    let dp = gpu.zeros::<f32>(z * q_block * k_block)?;
+    let ptr = |b: &DeviceBuffer<f32>| gpu.ptr(b);
+
+    for i0 in (0..n_q).step_by(q_block) {
+        let rows = q_block.min(n_q - i0);
+        let q_c = Operand::rows(ptr(&dev.q), heads, n_q, d, i0);
+        let do_c = Operand::rows(ptr(d_out), heads, n_q, d, i0);
+        let dq_c = Operand::rows(ptr(&dq), heads, n_q, d, i0);
+        for j0 in (0..n_k).step_by(k_block) {
+            if dev.window_hidden(i0 + rows, j0) {
+                break; // causal: every later window of these rows is hidden too
+            }
+            let cols = k_block.min(n_k - j0);
+            let win = (i0, j0, rows, cols);
+            let p_w = Operand::rows(ptr(&p), heads, rows, cols, 0);
+            let dp_w = Operand::rows(ptr(&dp), heads, rows, cols, 0);
+            let k_c = Operand::rows(ptr(&dev.k), kv_heads, n_k, d, j0);
+            let v_c = Operand::rows(ptr(&dev.v), kv_heads, n_k, d, j0);
+            // P = exp(scale·Q Kᵀ + bias − lse), masked positions 0
+            k.gemm(
+                (z, heads),
+                (rows, cols, d),
+                dev.scale,
+                q_c,
+                k_c.shared_by(group).t(),
+                0.0,
+                p_w,
+            )?;
+            if dev.window_needs_mods(i0, j0, cols) {
+                k.modify_scores(&p, &dev.mods, z, win)?;
+            }
+            k.probs_from_lse(&p, lse, z, (i0, rows, cols, n_q))?;
+            // dP = dO Vᵀ, then dS = P ∘ (Z∘dP − D) in its place
+            k.gemm((z, heads), (rows, cols, d), 1.0, do_c, v_c.shared_by(group).t(), 0.0, dp_w)?;
+            k.ds_from_dp(&p, &dp, &dd, &dev.dropout, heads, z, (i0, j0, rows, cols, n_q))?;
+            if dev.dropout.enabled() {
+                k.apply_dropout(&p, &dev.dropout, heads, z, win)?;
+            }
+            // dV += (P∘Z)ᵀ dO and dK += scale · dSᵀ Q, summed over the query heads that share
+            // each key/value head (GQA), one launch per member so no two threads add into
+            // the same element.
+            let dv_c = Operand::rows(ptr(&dv), kv_heads, n_k, d, j0);
+            let dk_c = Operand::rows(ptr(&dk), kv_heads, n_k, d, j0);
+            for g in 0..group {
+                let (pt, dst) = (p_w.member(g, group).t(), dp_w.member(g, group).t());
+                k.gemm((zk, kv_heads), (cols, d, rows), 1.0, pt, do_c.member(g, group), 1.0, dv_c)?;
+                k.gemm(
+                    (zk, kv_heads),
+                    (cols, d, rows),
+                    dev.scale,
+                    dst,
+                    q_c.member(g, group),
+                    1.0,
+                    dk_c,
+                )?;
+            }
+            // dQ += scale · dS K
+            k.gemm((z, heads), (rows, d, cols), dev.scale, dp_w, k_c.shared_by(group), 1.0, dq_c)?;
+        }
+    }
+    Ok([dq, dk, dv])
+}
+// ANCHOR_END: backward_windows
+
+/// Naive attention on the GPU, as a [`Stage`]: uploads, runs, downloads.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NaiveCuda;
+
+/// What a GPU stage reports besides its results: device bytes it allocated above the
+/// uploaded inputs, and device milliseconds of its kernels.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DeviceStats {
+    pub peak_bytes: u64,
+    pub kernel_ms: f64,
+}
+
+fn refuse_if_too_large(gpu: &Gpu, opts: &Options, what: &'static str, needed: u64) -> Result<()> {
+    let limit = device_memory_limit(gpu, opts)?;
+    if needed > limit {
+        return Err(AttnError::WorkspaceTooLarge {
+            stage: "naive (cuda)",
+            what,
+            needed_bytes: needed,
+            limit_bytes: limit,
+            advice: ADVICE,
+        });
+    }
+    Ok(())
+}
+
+/// The forward through [`forward_device`], with the inputs uploaded first and the results
+/// downloaded after; also returns the device statistics.
+pub fn forward_with_stats(inputs: &Inputs<'_>, opts: &Options) -> Result<(Forward, DeviceStats)> {
+    let p = Problem::new(inputs, opts)?;
+    let gpu = gpu()?;
+    refuse_if_too_large(
+        gpu,
+        opts,
+        "score matrices S/P in device memory",
+        forward_device_bytes(&p.shape),
+    )?;
+    let k = Kernels::new(gpu)?;
+    let dev = DeviceProblem::upload(gpu, &p)?;
+    let meter = DevicePeak::start(gpu);
+    let timer = attn_cuda::Timer::start(gpu)?;
+    let (out, lse) = forward_device(&k, &dev)?;
+    let kernel_ms = timer.stop(gpu)?;
+    let stats = DeviceStats { peak_bytes: meter.peak(gpu), kernel_ms };
+    let sh = p.shape;
+    Ok((
+        Forward {
+            out: gpu.download_array(&out, sh.q_dims())?,
+            lse: gpu.download_array(&lse, sh.lse_dims())?,
+            traffic: None,
+        },
+        stats,
+    ))
+}
+
+/// The backward through [`backward_windows`] with one window, uploads and downloads included.
+pub fn backward_with_stats(
+    inputs: &Inputs<'_>,
+    opts: &Options,
+    fwd: &Forward,
+    d_out: ArrayView4<'_, f32>,
+) -> Result<(Grads, DeviceStats)> {
+    let p = Problem::for_backward(inputs, opts, fwd, d_out)?;
+    let gpu = gpu()?;
+    let sh = p.shape;
+    refuse_if_too_large(
+        gpu,
+        opts,
+        "matrices P and dP in device memory",
+        crate::backward_workspace_bytes(&sh),
+    )?;
+    let k = Kernels::new(gpu)?;
+    let dev = DeviceProblem::upload(gpu, &p)?;
+    let (out, lse, d_o) = (
+        gpu.upload_array(fwd.out.view())?,
+        gpu.upload_array(fwd.lse.view())?,
+        gpu.upload_array(d_out)?,
+    );
+    let meter = DevicePeak::start(gpu);
+    let timer = attn_cuda::Timer::start(gpu)?;
+    let [dq, dk, dv] = backward_windows(&k, &dev, &out, &lse, &d_o, (sh.n_q, sh.n_k))?;
+    let kernel_ms = timer.stop(gpu)?;
+    let stats = DeviceStats { peak_bytes: meter.peak(gpu), kernel_ms };
+    Ok((
+        Grads {
+            dq: gpu.download_array(&dq, sh.q_dims())?,
+            dk: gpu.download_array(&dk, sh.kv_dims())?,
+            dv: gpu.download_array(&dv, sh.kv_dims())?,
+            traffic: None,
+        },
+        stats,
+    ))
+}
+
+impl Stage for NaiveCuda {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn device(&self) -> Device {
+        Device::Cuda
+    }
+
+    fn forward(&self, inputs: &Inputs<'_>, opts: &Options) -> Result<Forward> {
+        forward_with_stats(inputs, opts).map(|(f, _)| f)
+    }
+
+    fn backward(
+        &self,
+        inputs: &Inputs<'_>,
+        opts: &Options,
+        fwd: &Forward,
+        d_out: ArrayView4<'_, f32>,
+    ) -> Result<Grads> {
+        backward_with_stats(inputs, opts, fwd, d_out).map(|(g, _)| g)
+    }
+}

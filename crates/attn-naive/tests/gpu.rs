@@ -1,0 +1,110 @@
+//! Naive attention on the GPU against the float64 reference and the CPU variant. Where no
+//! CUDA device is present each test says so and passes.
+
+use attn_core::testing::strategies::{arb_case, config};
+use attn_core::testing::{
+    BiasKind, Case, MaskKind, check_against_reference, check_against_stage, edge_cases,
+};
+use attn_core::{AttnError, Options, Shape, Stage};
+use attn_naive::{NaiveCpu, NaiveCuda};
+use proptest::prelude::*;
+
+fn no_device() -> bool {
+    match attn_cuda::gpu() {
+        Ok(_) => false,
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            true
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(config(48))]
+
+    #[test]
+    fn naive_gpu_matches_reference_and_cpu(case in arb_case(70, false)) {
+        if no_device() {
+            return Ok(());
+        }
+        let data = case.build();
+        check_against_reference(&NaiveCuda, &data, true).unwrap().assert_f32(&format!("{case:?}"));
+        check_against_stage(&NaiveCuda, &NaiveCpu, &data)
+            .unwrap()
+            .assert_within(2e-5, 2e-4, &format!("against the CPU: {case:?}"));
+    }
+}
+
+#[test]
+fn naive_gpu_at_realistic_sizes_with_gqa_cross_attention_and_masks() {
+    if no_device() {
+        return;
+    }
+    for (n_q, n_k, d) in [(300, 700, 64), (700, 300, 128), (513, 513, 32), (200, 200, 96)] {
+        let case = Case {
+            causal: true,
+            mask: MaskKind::KeyPadding,
+            bias: BiasKind::PerKey,
+            dropout: Some(0.1),
+            ..Case::new(Shape::new(2, 4, n_q, d).with_n_k(n_k).with_kv_heads(2), 3)
+        };
+        let data = case.build();
+        check_against_reference(&NaiveCuda, &data, true).unwrap().assert_f32(&format!("{case:?}"));
+    }
+}
+
+#[test]
+fn naive_gpu_edge_cases() {
+    if no_device() {
+        return;
+    }
+    edge_cases::fully_masked_rows(&NaiveCuda, (1, 1));
+    edge_cases::huge_logits(&NaiveCuda, (1, 1));
+    edge_cases::same_dropout_as(&NaiveCuda, &NaiveCpu, (1, 1));
+}
+
+#[test]
+fn kernels_compile_with_nvrtc_for_the_h100() {
+    // Needs only libnvrtc (no device): on a machine with the CUDA toolkit or the
+    // nvidia-cuda-nvrtc wheel on LD_LIBRARY_PATH this checks the kernels' source.
+    if !attn_cuda::nvrtc_available() {
+        eprintln!("skipped: libnvrtc not found");
+        return;
+    }
+    let sources = [attn_cuda::CONTRACT_HEADER, attn_naive::gpu::KERNELS];
+    for arch in ["sm_80", "sm_90"] {
+        let ptx = attn_cuda::compile("attention", &sources, arch).unwrap().to_src();
+        for kernel in [
+            "gemm_batched",
+            "modify_scores",
+            "softmax_rows",
+            "chunk_softmax",
+            "apply_dropout",
+            "merge_chunk",
+            "finish_rows",
+            "row_dot",
+            "probs_from_lse",
+            "ds_from_dp",
+        ] {
+            assert!(ptx.contains(&format!(".entry {kernel}")), "{arch}: no kernel {kernel}");
+        }
+    }
+}
+
+#[test]
+fn naive_gpu_refuses_what_would_not_fit_before_allocating() {
+    let case = Case::new(Shape::new(1, 2, 64, 16), 1);
+    let data = case.build();
+    let opts = Options { memory_limit: Some(1000), ..data.opts.clone() };
+    match NaiveCuda.forward(&data.inputs(), &opts) {
+        Err(AttnError::WorkspaceTooLarge { needed_bytes, .. }) => {
+            assert_eq!(needed_bytes, 4 * 2 * 64 * 64);
+        }
+        // Without a device the stage must say so, not panic.
+        Err(AttnError::NoCudaDevice { reason }) => {
+            assert!(!reason.is_empty());
+            eprintln!("skipped: no CUDA device ({reason})");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}

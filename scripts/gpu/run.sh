@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine, from the folder scripts/gpu/build.sh filled, with no build step:
+# every GPU test, compute-sanitizer (memcheck, racecheck) over a small run of every kernel,
+# the timings beside PyTorch, and a short table last. Full logs go to OUT.
+#
+#   cd .device && ./run.sh OUT
+set -uo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+out="${1:?usage: run.sh OUTDIR}"
+mkdir -p "$out"
+summary=()
+status=0
+note() { summary+=("$1"); }
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+
+# 1. Every GPU test.
+for t in "$here"/bin/test-*; do
+  name="$(basename "$t")"
+  if "$t" --test-threads=1 > "$out/$name.log" 2>&1; then
+    note "$name: $(grep -E '^test result' "$out/$name.log" | tail -1)"
+  else
+    note "$name: FAILED (see $name.log)"; status=1
+  fi
+  if grep -q "skipped:" "$out/$name.log"; then note "$name: some tests SKIPPED (no device?)"; status=1; fi
+done
+
+# 2. compute-sanitizer over the smoke run, which launches every kernel once.
+for tool in memcheck racecheck; do
+  compute-sanitizer --tool "$tool" --error-exitcode 3 "$here/bin/attn" gpu-bench --smoke > "$out/sanitizer-$tool.log" 2>&1
+  rc=$?
+  errors="$(grep -Eo 'ERROR SUMMARY: [0-9]+ error' "$out/sanitizer-$tool.log" | tail -1)"
+  note "compute-sanitizer $tool: ${errors:-no summary} (exit $rc)"
+  [ "$rc" -eq 0 ] || status=1
+done
+
+# 3. Timings: ours, then PyTorch on the same shapes, in the same call.
+"$here/bin/attn" gpu-bench --seq "${SEQ:-1024,4096,16384}" --csv "$out/attn-gpu.csv" > "$out/attn-gpu.log" 2>&1 || { note "gpu-bench FAILED"; status=1; }
+python3 "$here/sdpa_gpu.py" --seq "${SEQ:-1024,4096,16384}" --csv "$out/sdpa-gpu.csv" > "$out/sdpa-gpu.log" 2>&1 || { note "sdpa_gpu.py FAILED"; status=1; }
+
+echo; echo "== ours (attn gpu-bench) =="; cat "$out/attn-gpu.log"
+echo; echo "== PyTorch scaled_dot_product_attention =="; cat "$out/sdpa-gpu.log"
+echo; echo "== summary =="; printf '%s\n' "${summary[@]}"
+exit $status
