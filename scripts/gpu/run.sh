@@ -29,7 +29,7 @@ done
 for tool in memcheck racecheck; do
   compute-sanitizer --tool "$tool" --error-exitcode 3 "$here/bin/attn" gpu-bench --smoke > "$out/sanitizer-$tool.log" 2>&1
   rc=$?
-  errors="$(grep -Eo 'ERROR SUMMARY: [0-9]+ error' "$out/sanitizer-$tool.log" | tail -1)"
+  errors="$(grep -Eo '(ERROR|RACECHECK) SUMMARY: .*' "$out/sanitizer-$tool.log" | tail -1)"
   note "compute-sanitizer $tool: ${errors:-no summary} (exit $rc)"
   [ "$rc" -eq 0 ] || status=1
 done
@@ -37,6 +37,9 @@ done
 # 3. Timings: ours, then PyTorch on the same shapes, in the same call.
 "$here/bin/attn" gpu-bench --seq "${SEQ:-1024,4096,16384}" --csv "$out/attn-gpu.csv" > "$out/attn-gpu.log" 2>&1 || { note "gpu-bench FAILED"; status=1; }
 python3 "$here/sdpa_gpu.py" --seq "${SEQ:-1024,4096,16384}" --csv "$out/sdpa-gpu.csv" > "$out/sdpa-gpu.log" 2>&1 || { note "sdpa_gpu.py FAILED"; status=1; }
+
+# 4. The GPU figures from those two files (the same command draws them on any machine).
+"$here/bin/attn" plots --only gpu --gpu-csv "$out/attn-gpu.csv" --sdpa-csv "$out/sdpa-gpu.csv" --out "$out/plots" > "$out/plots.log" 2>&1 || { note "plots FAILED"; status=1; }
 
 echo; echo "== ours (attn gpu-bench) =="; cat "$out/attn-gpu.log"
 echo; echo "== PyTorch scaled_dot_product_attention =="; cat "$out/sdpa-gpu.log"

@@ -2,7 +2,6 @@
 //! and a CSV; `--smoke` instead runs every GPU kernel once on a small problem that uses the
 //! whole contract (for compute-sanitizer) and checks it against the CPU.
 
-use std::io::Write as _;
 use std::path::PathBuf;
 
 use attn::core::flops::{backward_flops, forward_flops};
@@ -73,6 +72,17 @@ pub fn gpu_bench(args: &GpuBenchArgs) -> Result<(), CliError> {
     if args.smoke {
         return smoke();
     }
+    let csv = measure(args)?;
+    if let Some(path) = &args.csv {
+        std::fs::write(path, csv).map_err(fail)?;
+    }
+    Ok(())
+}
+
+/// Times every GPU stage at every n of `args`, printing a table as it goes; returns the CSV
+/// (a comment line naming the device, a header, one row per stage, causal flag and n).
+pub fn measure(args: &GpuBenchArgs) -> Result<String, CliError> {
+    let gpu = attn::cuda::gpu().map_err(|e| CliError::input("--device", e))?;
     let mut rows = vec![
         "stage,causal,batch,heads,n,head_dim,forward_ms,forward_tflops,backward_ms,backward_tflops,forward_device_bytes,backward_device_bytes".to_string(),
     ];
@@ -149,14 +159,17 @@ pub fn gpu_bench(args: &GpuBenchArgs) -> Result<(), CliError> {
             }
         }
     }
-    if let Some(path) = &args.csv {
-        let mut f = std::fs::File::create(path).map_err(fail)?;
-        writeln!(f, "# attn gpu-bench on {} ({}); device time of the kernels (CUDA events), median of {} runs; device bytes above the uploaded inputs", gpu.name(), gpu.arch(), args.repeats).map_err(fail)?;
-        for r in &rows {
-            writeln!(f, "{r}").map_err(fail)?;
-        }
+    let mut csv = format!(
+        "# attn gpu-bench on {} ({}); device time of the kernels (CUDA events), median of {} runs; device bytes above the uploaded inputs\n",
+        gpu.name(),
+        gpu.arch(),
+        args.repeats
+    );
+    for r in &rows {
+        csv.push_str(r);
+        csv.push('\n');
     }
-    Ok(())
+    Ok(csv)
 }
 
 /// Every kernel on a small problem that exercises the whole contract, checked against the

@@ -27,12 +27,16 @@ fn slope(points: &[(f64, f64)]) -> f64 {
 #[test]
 fn quick_plots_write_every_file_with_the_expected_slopes() {
     let dir = std::env::temp_dir().join(format!("attn-plots-{}", std::process::id()));
-    let status = Command::new(env!("CARGO_BIN_EXE_attn"))
+    let out = Command::new(env!("CARGO_BIN_EXE_attn"))
         .args(["plots", "--quick", "--out"])
         .arg(&dir)
-        .status()
+        .output()
         .unwrap();
-    assert!(status.success());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    if !attn::cuda::available() {
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains("GPU plots: skipped"), "{stdout}");
+    }
 
     for file in ["memory", "throughput", "traffic-vs-n", "traffic-vs-sram"]
         .iter()
@@ -85,5 +89,42 @@ fn quick_plots_write_every_file_with_the_expected_slopes() {
         .map(|r| r[col("forward_bytes")].parse().unwrap())
         .collect();
     assert!(flash1.windows(2).all(|w| w[1] < w[0]), "flash1 traffic against M: {flash1:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn gpu_figures_are_drawn_from_the_recorded_results() {
+    let dir = std::env::temp_dir().join(format!("attn-gpu-plots-{}", std::process::id()));
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../book/src/data");
+    let out = Command::new(env!("CARGO_BIN_EXE_attn"))
+        .args(["plots", "--only", "gpu", "--out"])
+        .arg(&dir)
+        .arg("--gpu-csv")
+        .arg(data.join("attn-gpu-h100.csv"))
+        .arg("--sdpa-csv")
+        .arg(data.join("sdpa-gpu-h100.csv"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for file in ["gpu-memory.svg", "gpu-throughput.svg"] {
+        let svg = std::fs::read_to_string(dir.join(file)).unwrap();
+        assert!(svg.contains("H100") && svg.contains("PyTorch SDPA math"), "{file}");
+        // naive, chunked, math and efficient lines in every panel
+        assert!(svg.matches("<polyline").count() >= 8, "{file}");
+    }
+    let (header, rows) = read_csv(&dir.join("gpu.csv"));
+    assert_eq!(header[0], "stage");
+    assert_eq!(rows.len(), 12, "2 stages x 2 masks x 3 lengths");
+    // A broken file is refused with the flag named.
+    std::fs::write(dir.join("bad.csv"), "stage,n\nnaive,x\n").unwrap();
+    let bad = Command::new(env!("CARGO_BIN_EXE_attn"))
+        .args(["plots", "--only", "gpu", "--out"])
+        .arg(&dir)
+        .arg("--gpu-csv")
+        .arg(dir.join("bad.csv"))
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--gpu-csv"));
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -6,6 +6,7 @@
 //! the date and the command that made them.
 
 mod draw;
+mod gpu;
 mod sweep;
 
 use std::fmt::Write as _;
@@ -38,6 +39,24 @@ pub struct PlotsArgs {
     /// Beyond it naive's guard refuses and its predicted need is drawn dashed.
     #[arg(long, value_parser = parse_limit)]
     pub memory_limit: Option<u64>,
+    /// Which figures: the CPU sweeps, the GPU figures, or both.
+    #[arg(long, value_enum, default_value = "all")]
+    pub only: Only,
+    /// Draw the GPU figures from this `attn gpu-bench --csv` file (made on the GPU machine)
+    /// instead of measuring; without it they are measured when a CUDA device is present.
+    #[arg(long)]
+    pub gpu_csv: Option<PathBuf>,
+    /// PyTorch's results on the same device and shapes (benches/compare/sdpa_gpu.py --csv),
+    /// drawn beside the GPU stages.
+    #[arg(long)]
+    pub sdpa_csv: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Only {
+    All,
+    Cpu,
+    Gpu,
 }
 
 fn parse_limit(s: &str) -> Result<u64, String> {
@@ -152,7 +171,16 @@ fn write_file(path: &Path, text: &str) -> Result<(), CliError> {
 }
 
 fn draw_file(path: &Path, panels: &[Panel], cols: usize, stamp: &Stamp) -> Result<(), CliError> {
-    draw::draw(path, panels, cols, &stamp.footer())
+    draw_file_with_footer(path, panels, cols, &stamp.footer())
+}
+
+fn draw_file_with_footer(
+    path: &Path,
+    panels: &[Panel],
+    cols: usize,
+    footer: &str,
+) -> Result<(), CliError> {
+    draw::draw(path, panels, cols, footer)
         .map_err(|e| CliError { code: 1, message: format!("cannot draw {}: {e}", path.display()) })
 }
 
@@ -173,6 +201,66 @@ pub fn plots(args: &PlotsArgs) -> Result<(), CliError> {
     })?;
     let plan = Plan::new(args);
     let stamp = Stamp::now();
+    if args.only != Only::Gpu {
+        cpu_plots(args, &plan, &stamp)?;
+    }
+    if args.only != Only::Cpu {
+        gpu_plots(args, &stamp)?;
+    }
+    Ok(())
+}
+
+/// The GPU figures, from `--gpu-csv` or measured on the device here.
+fn gpu_plots(args: &PlotsArgs, stamp: &Stamp) -> Result<(), CliError> {
+    let read = |path: &PathBuf, flag: &str| {
+        std::fs::read_to_string(path)
+            .map_err(|e| CliError::input(flag, format!("cannot read {}: {e}", path.display())))
+    };
+    let ours = match &args.gpu_csv {
+        Some(path) => read(path, "--gpu-csv")?,
+        None if attn::cuda::available() => {
+            let lengths = if args.quick { vec![256, 512, 1024] } else { powers_of_two(512, 16_384) };
+            crate::gpu_bench::measure(&crate::gpu_bench::GpuBenchArgs {
+                seq: lengths,
+                batch: 1,
+                heads: 8,
+                head_dim: 64,
+                repeats: if args.quick { 2 } else { 5 },
+                csv: None,
+                smoke: false,
+            })?
+        }
+        None => {
+            println!(
+                "GPU plots: skipped — no CUDA device found here and no --gpu-csv given (run \
+                 `attn gpu-bench --csv FILE` on a GPU machine and pass it)."
+            );
+            return Ok(());
+        }
+    };
+    let (device, rows) = gpu::parse(&ours, "--gpu-csv")?;
+    let (sdpa, sdpa_text) = match &args.sdpa_csv {
+        Some(path) => {
+            let text = read(path, "--sdpa-csv")?;
+            (gpu::parse(&text, "--sdpa-csv")?.1, Some(text))
+        }
+        None => (Vec::new(), None),
+    };
+    let out = &args.out;
+    write_file(&out.join("gpu.csv"), &ours)?;
+    if let Some(text) = sdpa_text {
+        write_file(&out.join("sdpa-gpu.csv"), &text)?;
+    }
+    let device = device.split(';').next().unwrap_or("").trim_start_matches("attn gpu-bench on ");
+    let footer = format!("{device} · {} · {}", stamp.date, stamp.command);
+    gpu::draw(out, &rows, &sdpa, &footer)?;
+    println!("wrote {}/{{gpu-memory.svg,gpu-throughput.svg,gpu.csv}} ({device})", out.display());
+    Ok(())
+}
+
+/// The CPU sweeps and their figures.
+fn cpu_plots(args: &PlotsArgs, plan: &Plan, stamp: &Stamp) -> Result<(), CliError> {
+    let plan = plan;
     let cpu: Vec<&dyn Stage> = attn::cpu_stages();
 
     let jobs = plan.memory_lengths.len() * cpu.len()
@@ -278,10 +366,10 @@ pub fn plots(args: &PlotsArgs) -> Result<(), CliError> {
     bar.finish_and_clear();
 
     let out = &args.out;
-    write_memory(out, &plan, &runs, &stamp)?;
-    write_throughput(out, &plan, &runs, peak, &stamp)?;
-    write_traffic_vs_n(out, &plan, &traffic, &stamp)?;
-    write_traffic_vs_sram(out, &plan, &by_sram, &naive_at_sram_n, &stamp)?;
+    write_memory(out, plan, &runs, stamp)?;
+    write_throughput(out, plan, &runs, peak, stamp)?;
+    write_traffic_vs_n(out, plan, &traffic, stamp)?;
+    write_traffic_vs_sram(out, plan, &by_sram, &naive_at_sram_n, stamp)?;
 
     println!("wrote {}/{{{}}}", out.display(), FILES.join(","));
     println!("fp32 matmul peak {peak:.1} GFLOP/s on {}", stamp.machine);
@@ -291,7 +379,6 @@ pub fn plots(args: &PlotsArgs) -> Result<(), CliError> {
             slope.0, slope.1
         );
     }
-    println!("GPU plots: skipped — this build has no GPU stages yet (the attn-cuda runtime).");
     Ok(())
 }
 

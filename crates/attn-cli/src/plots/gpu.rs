@@ -1,0 +1,152 @@
+//! The GPU figures: device bytes and TFLOP/s of the GPU stages against n, beside PyTorch's
+//! `scaled_dot_product_attention` when its results (benches/compare/sdpa_gpu.py) are given.
+//! The numbers come from `attn gpu-bench` — measured here when a device is present, or read
+//! from the CSV it wrote on the GPU machine.
+
+use std::path::Path;
+
+use plotters::prelude::SeriesLabelPosition;
+use plotters::style::RGBColor;
+
+use super::draw::{Panel, Series, YAxis, stage_color};
+use crate::CliError;
+
+/// One row of an `attn gpu-bench` or `sdpa_gpu.py` CSV.
+#[derive(Debug, Clone)]
+pub struct GpuRow {
+    pub name: String,
+    pub causal: bool,
+    pub n: usize,
+    pub forward_tflops: f64,
+    pub backward_tflops: f64,
+    pub forward_bytes: f64,
+    pub backward_bytes: f64,
+}
+
+/// Reads the CSV text; returns its first comment line (which names the device) and the rows.
+pub fn parse(text: &str, what: &str) -> Result<(String, Vec<GpuRow>), CliError> {
+    let bad = |m: String| CliError::input(what, m);
+    let comment = text
+        .lines()
+        .find_map(|l| l.strip_prefix("# "))
+        .unwrap_or("")
+        .to_string();
+    let mut lines = text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty());
+    let header: Vec<&str> = lines.next().ok_or_else(|| bad("no header line".into()))?.split(',').collect();
+    let col = |name: &str| {
+        header.iter().position(|h| *h == name).ok_or_else(|| bad(format!("no column {name}")))
+    };
+    let cols = [
+        col("causal")?,
+        col("n")?,
+        col("forward_tflops")?,
+        col("backward_tflops")?,
+        col("forward_device_bytes")?,
+        col("backward_device_bytes")?,
+    ];
+    let mut rows = Vec::new();
+    for line in lines {
+        let cells: Vec<&str> = line.split(',').collect();
+        let num = |i: usize| -> Result<f64, CliError> {
+            cells
+                .get(i)
+                .and_then(|c| c.trim().parse::<f64>().ok())
+                .filter(|x| x.is_finite())
+                .ok_or_else(|| bad(format!("not a number in column {}: {line}", header[i])))
+        };
+        rows.push(GpuRow {
+            name: cells[0].to_string(),
+            causal: num(cols[0])? != 0.0,
+            n: num(cols[1])? as usize,
+            forward_tflops: num(cols[2])?,
+            backward_tflops: num(cols[3])?,
+            forward_bytes: num(cols[4])?,
+            backward_bytes: num(cols[5])?,
+        });
+    }
+    if rows.is_empty() {
+        return Err(bad("no data rows".into()));
+    }
+    Ok((comment, rows))
+}
+
+fn label(name: &str, pytorch: bool) -> String {
+    if pytorch { format!("PyTorch SDPA {name}") } else { format!("{name} (cuda)") }
+}
+
+fn color(name: &str, pytorch: bool) -> RGBColor {
+    match (pytorch, name) {
+        (true, "math") => RGBColor(148, 103, 189),
+        (true, _) => RGBColor(140, 86, 75),
+        (false, n) => stage_color(n),
+    }
+}
+
+/// Draws gpu-memory.svg and gpu-throughput.svg into `out`.
+pub fn draw(
+    out: &Path,
+    ours: &[GpuRow],
+    sdpa: &[GpuRow],
+    footer: &str,
+) -> Result<(), CliError> {
+    let groups = |rows: &[GpuRow]| {
+        let mut names: Vec<String> = Vec::new();
+        for r in rows {
+            if !names.contains(&r.name) {
+                names.push(r.name.clone());
+            }
+        }
+        names
+    };
+    let series = |rows: &[GpuRow], pytorch: bool, causal: bool, y: &dyn Fn(&GpuRow) -> f64| {
+        groups(rows)
+            .into_iter()
+            .map(|name| {
+                let pts = rows
+                    .iter()
+                    .filter(|r| r.name == name && r.causal == causal)
+                    .map(|r| (r.n as f64, y(r)))
+                    .collect();
+                let s = Series::solid(label(&name, pytorch), color(&name, pytorch), pts);
+                if pytorch { Series { dashed: true, ..s } } else { s }
+            })
+            .collect::<Vec<_>>()
+    };
+    let memory = |backward: bool| {
+        let y = move |r: &GpuRow| if backward { r.backward_bytes } else { r.forward_bytes };
+        let mut s = series(ours, false, false, &y);
+        s.extend(series(sdpa, true, false, &y));
+        Panel {
+            title: format!("{} — device bytes", if backward { "backward" } else { "forward" }),
+            x_desc: "sequence length n".into(),
+            y_desc: "device memory above the inputs".into(),
+            y_axis: YAxis::LogBytes,
+            series: s,
+            legend: SeriesLabelPosition::UpperLeft,
+        }
+    };
+    super::draw_file_with_footer(&out.join("gpu-memory.svg"), &[memory(false), memory(true)], 2, footer)?;
+    let speed = |backward: bool, causal: bool| {
+        let y = move |r: &GpuRow| if backward { r.backward_tflops } else { r.forward_tflops };
+        let mut s = series(ours, false, causal, &y);
+        s.extend(series(sdpa, true, causal, &y));
+        Panel {
+            title: format!(
+                "{} — {}",
+                if backward { "backward" } else { "forward" },
+                if causal { "causal" } else { "full attention" }
+            ),
+            x_desc: "sequence length n".into(),
+            y_desc: "TFLOP/s".into(),
+            y_axis: YAxis::Linear,
+            series: s,
+            legend: SeriesLabelPosition::UpperLeft,
+        }
+    };
+    super::draw_file_with_footer(
+        &out.join("gpu-throughput.svg"),
+        &[speed(false, false), speed(false, true), speed(true, false), speed(true, true)],
+        2,
+        footer,
+    )
+}
