@@ -50,10 +50,11 @@ pub fn forward_device(
     let l = gpu.zeros::<f32>(z * n_q)?;
     let m = gpu.upload(&vec![f32::NEG_INFINITY; z * n_q])?;
     // One window of every head: S_ij / P̃, Õ, m̃, ℓ̃.
-    let s = gpu.zeros::<f32>(z * q_chunk * k_chunk)?;
-    let o_c = gpu.zeros::<f32>(z * q_chunk * d)?;
-    let m_c = gpu.zeros::<f32>(z * q_chunk)?;
-    let l_c = gpu.zeros::<f32>(z * q_chunk)?;
+    // (each written by a product or chunk_softmax before it is read)
+    let s = gpu.uninit_f32(z * q_chunk * k_chunk)?;
+    let o_c = gpu.uninit_f32(z * q_chunk * d)?;
+    let m_c = gpu.uninit_f32(z * q_chunk)?;
+    let l_c = gpu.uninit_f32(z * q_chunk)?;
 
     for i0 in (0..n_q).step_by(q_chunk) {
         let rows = q_chunk.min(n_q - i0);

@@ -39,6 +39,7 @@ pub struct Gpu {
     stream: Arc<CudaStream>,
     name: String,
     arch: &'static str,
+    multiprocessors: usize,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
     live: AtomicUsize,
     peak: AtomicUsize,
@@ -87,12 +88,18 @@ impl Gpu {
         let (major, minor) = ctx.compute_capability().map_err(|e| e.to_string())?;
         let name = ctx.name().map_err(|e| e.to_string())?;
         let arch: &'static str = Box::leak(format!("sm_{major}{minor}").into_boxed_str());
+        let multiprocessors = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(|e| e.to_string())? as usize;
         let stream = ctx.default_stream();
         Ok(Gpu {
             ctx,
             stream,
             name,
             arch,
+            multiprocessors,
             modules: Mutex::new(HashMap::new()),
             live: AtomicUsize::new(0),
             peak: AtomicUsize::new(0),
@@ -107,6 +114,11 @@ impl Gpu {
     /// The architecture kernels are compiled for, e.g. "sm_90".
     pub fn arch(&self) -> &'static str {
         self.arch
+    }
+
+    /// The number of streaming multiprocessors (132 on an H100 SXM).
+    pub fn multiprocessors(&self) -> usize {
+        self.multiprocessors
     }
 
     /// The stream every launch goes to.
@@ -141,6 +153,15 @@ impl Gpu {
         let slice = self
             .stream
             .alloc_zeros::<T>(len.max(1))
+            .map_err(cuda_err(format!("allocating {len} elements")))?;
+        Ok(self.track(slice))
+    }
+
+    /// A buffer of `len` elements whose contents are undefined until a kernel writes them
+    /// (for workspaces that a product with `beta = 0` fills completely: no memset).
+    pub fn uninit_f32(&self, len: usize) -> Result<DeviceBuffer<f32>> {
+        // SAFETY: any bit pattern is a valid f32; callers write before they read.
+        let slice = unsafe { self.stream.alloc::<f32>(len.max(1)) }
             .map_err(cuda_err(format!("allocating {len} elements")))?;
         Ok(self.track(slice))
     }

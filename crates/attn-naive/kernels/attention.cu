@@ -23,58 +23,64 @@ __device__ __forceinline__ i64 matrix_offset(const Operand& o, int z, int zh) {
 }
 
 // ANCHOR: gemm
-#define TM 64
-#define TN 64
-#define TK 16
+// A thread block of 256 threads computes a BM x BN tile of C, (BM/16) x (BN/16) values per
+// thread (rows ty + 16a, columns tx + 16b), from 8-deep slices of A and B staged in shared
+// memory. Three tile shapes, chosen by the host for the matrix's shape.
+#define BK 8
 
-// 256 threads compute a 64 x 64 tile of C, 4 x 4 values each (rows ty + 16a, columns
-// tx + 16b), from 16-deep slices of A and B staged in shared memory.
-extern "C" __global__ void __launch_bounds__(256) gemm_batched(
-    int m, int n, int k, int zh, float alpha, Operand A, Operand B, float beta, Operand C) {
-    __shared__ float As[TK][TM + 4];
-    __shared__ float Bs[TK][TN + 4];
+template <int BM, int BN>
+__device__ __forceinline__ void gemm_tile(int m, int n, int k, int zh, float alpha,
+                                          const Operand& A, const Operand& B, float beta,
+                                          const Operand& C) {
+    constexpr int RM = BM / 16, RN = BN / 16;
+    __shared__ float As[BK][BM + 4];
+    __shared__ float Bs[BK][BN + 4];
     const int z = blockIdx.z;
-    const int row0 = blockIdx.y * TM, col0 = blockIdx.x * TN;
+    const int row0 = blockIdx.y * BM, col0 = blockIdx.x * BN;
     const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
     const float* a = (const float*)A.ptr + matrix_offset(A, z, zh);
     const float* b = (const float*)B.ptr + matrix_offset(B, z, zh);
     float* c = (float*)C.ptr + matrix_offset(C, z, zh);
 
-    float acc[4][4] = {};
-    for (int k0 = 0; k0 < k; k0 += TK) {
+    float acc[RM][RN] = {};
+    for (int k0 = 0; k0 < k; k0 += BK) {
         // Stage A[row0.., k0..] and B[k0.., col0..]; consecutive threads walk the operand's
         // unit-stride axis so that their loads coalesce.
-        for (int l = 0; l < 4; l++) {
-            int e = tid + 256 * l;
-            int r, kk;
-            if (A.cs == 1) { r = e / TK; kk = e % TK; } else { kk = e / TM; r = e % TM; }
+#pragma unroll
+        for (int l = 0; l < BM * BK / 256; l++) {
+            int e = tid + 256 * l, r, kk;
+            if (A.cs == 1) { r = e / BK; kk = e % BK; } else { kk = e / BM; r = e % BM; }
             int gr = row0 + r, gk = k0 + kk;
             As[kk][r] = (gr < m && gk < k) ? a[gr * A.rs + gk * A.cs] : 0.0f;
-            int cc;
-            if (B.cs == 1) { kk = e / TN; cc = e % TN; } else { cc = e / TK; kk = e % TK; }
-            int gc = col0 + cc;
-            gk = k0 + kk;
+        }
+#pragma unroll
+        for (int l = 0; l < BN * BK / 256; l++) {
+            int e = tid + 256 * l, cc, kk;
+            if (B.cs == 1) { kk = e / BN; cc = e % BN; } else { cc = e / BK; kk = e % BK; }
+            int gc = col0 + cc, gk = k0 + kk;
             Bs[kk][cc] = (gk < k && gc < n) ? b[gk * B.rs + gc * B.cs] : 0.0f;
         }
         __syncthreads();
 #pragma unroll
-        for (int kk = 0; kk < TK; kk++) {
-            float av[4], bv[4];
+        for (int kk = 0; kk < BK; kk++) {
+            float av[RM], bv[RN];
 #pragma unroll
-            for (int i = 0; i < 4; i++) av[i] = As[kk][ty + 16 * i];
+            for (int i = 0; i < RM; i++) av[i] = As[kk][ty + 16 * i];
 #pragma unroll
-            for (int j = 0; j < 4; j++) bv[j] = Bs[kk][tx + 16 * j];
+            for (int j = 0; j < RN; j++) bv[j] = Bs[kk][tx + 16 * j];
 #pragma unroll
-            for (int i = 0; i < 4; i++)
+            for (int i = 0; i < RM; i++)
 #pragma unroll
-                for (int j = 0; j < 4; j++) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+                for (int j = 0; j < RN; j++) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
         }
         __syncthreads();
     }
-    for (int i = 0; i < 4; i++) {
+#pragma unroll
+    for (int i = 0; i < RM; i++) {
         int r = row0 + ty + 16 * i;
         if (r >= m) continue;
-        for (int j = 0; j < 4; j++) {
+#pragma unroll
+        for (int j = 0; j < RN; j++) {
             int cc = col0 + tx + 16 * j;
             if (cc >= n) continue;
             float* p = c + r * C.rs + cc * C.cs;
@@ -82,6 +88,16 @@ extern "C" __global__ void __launch_bounds__(256) gemm_batched(
         }
     }
 }
+
+#define GEMM(BM, BN)                                                                      \
+    extern "C" __global__ void __launch_bounds__(256) gemm_##BM##x##BN(                   \
+        int m, int n, int k, int zh, float alpha, Operand A, Operand B, float beta,       \
+        Operand C) {                                                                      \
+        gemm_tile<BM, BN>(m, n, k, zh, alpha, A, B, beta, C);                             \
+    }
+GEMM(128, 128)
+GEMM(128, 64)
+GEMM(64, 64)
 // ANCHOR_END: gemm
 
 // ---------------------------------------------------------------------------------------

@@ -9,8 +9,9 @@
 //! gemm_batched    O = P V
 //! ```
 //!
-//! The products are our own tiled kernel (`gemm_batched` in `kernels/attention.cu`: 64×64
-//! tiles of C, 16-deep slices of A and B in shared memory, 4×4 values per thread), not
+//! The products are our own tiled kernel (`gemm_batched` in `kernels/attention.cu`: tiles of
+//! up to 128×128 values of C, 8-deep slices of A and B in shared memory, up to 8×8 values per
+//! thread), not
 //! cuBLAS: one kernel with arbitrary strides and a head-to-KV-head map covers every product
 //! of the forward and the backward (Q Kᵀ, P V, Pᵀ dO, dS K, dSᵀ Q) without copies or
 //! transposes, and a reader can see all of it.
@@ -215,7 +216,8 @@ impl DeviceProblem {
 #[derive(Debug)]
 pub struct Kernels {
     gpu: &'static Gpu,
-    gemm: CudaFunction,
+    /// `gemm_batched` with tiles of 128×128, 128×64 and 64×64 values of C.
+    gemm: [CudaFunction; 3],
     modify: CudaFunction,
     softmax: CudaFunction,
     chunk_softmax: CudaFunction,
@@ -252,7 +254,7 @@ impl Kernels {
         let f = |name: &str| gpu.function(MODULE, &[CONTRACT_HEADER, KERNELS], name);
         Ok(Self {
             gpu,
-            gemm: f("gemm_batched")?,
+            gemm: [f("gemm_128x128")?, f("gemm_128x64")?, f("gemm_64x64")?],
             modify: f("modify_scores")?,
             softmax: f("softmax_rows")?,
             chunk_softmax: f("chunk_softmax")?,
@@ -280,13 +282,23 @@ impl Kernels {
         beta: f32,
         c: Operand,
     ) -> Result<()> {
+        // The largest tile that still gives every multiprocessor two blocks.
+        let blocks = |bm: usize, bn: usize| m.div_ceil(bm) * n.div_ceil(bn) * z;
+        let enough = 2 * self.gpu.multiprocessors();
+        let (i, bm, bn) = if n > 64 && blocks(128, 128) >= enough {
+            (0, 128, 128)
+        } else if blocks(128, 64) >= enough {
+            (1, 128, 64)
+        } else {
+            (2, 64, 64)
+        };
         let cfg = LaunchConfig {
-            grid_dim: (blocks_for(n, 64), blocks_for(m, 64), z as u32),
+            grid_dim: (blocks_for(n, bn), blocks_for(m, bm), z as u32),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
         let (m, n, k, zh) = (m as i32, n as i32, k as i32, zh as i32);
-        launch!(self, self.gemm, cfg, "gemm_batched"; &m, &n, &k, &zh, &alpha, &a, &b, &beta, &c)
+        launch!(self, self.gemm[i], cfg, "gemm_batched"; &m, &n, &k, &zh, &alpha, &a, &b, &beta, &c)
     }
 
     /// Bias, mask and causal masking on a `[z, rows, cols]` window of scores.
@@ -467,7 +479,7 @@ pub fn forward_device(
     let Shape { batch, heads, kv_heads, n_q, n_k, head_dim: d } = dev.shape;
     let z = batch * heads;
     let group = heads / kv_heads;
-    let s = gpu.zeros::<f32>(z * n_q * n_k)?;
+    let s = gpu.uninit_f32(z * n_q * n_k)?; // every entry written by the first product
     let out = gpu.zeros::<f32>(z * n_q * d)?;
     let lse = gpu.zeros::<f32>(z * n_q)?;
     let s_op = Operand::rows(gpu.ptr(&s), heads, n_q, n_k, 0);
@@ -514,8 +526,9 @@ pub fn backward_windows(
     let dq = gpu.zeros::<f32>(z * n_q * d)?;
     let dk = gpu.zeros::<f32>(zk * n_k * d)?;
     let dv = gpu.zeros::<f32>(zk * n_k * d)?;
-    let p = gpu.zeros::<f32>(z * q_block * k_block)?;
-    let dp = gpu.zeros::<f32>(z * q_block * k_block)?;
+    // Windows of P and dP: each window is written by a product before it is read.
+    let p = gpu.uninit_f32(z * q_block * k_block)?;
+    let dp = gpu.uninit_f32(z * q_block * k_block)?;
     let ptr = |b: &DeviceBuffer<f32>| gpu.ptr(b);
 
     for i0 in (0..n_q).step_by(q_block) {

@@ -54,6 +54,23 @@ fn naive_gpu_at_realistic_sizes_with_gqa_cross_attention_and_masks() {
 }
 
 #[test]
+fn naive_gpu_large_tiles_match_the_cpu() {
+    // Enough heads and rows that the products take the 128×128 and 128×64 tiles.
+    if no_device() {
+        return;
+    }
+    let case = Case {
+        causal: true,
+        bias: BiasKind::PerKey,
+        dropout: Some(0.1),
+        ..Case::new(Shape::new(2, 32, 1100, 64).with_n_k(1000).with_kv_heads(8), 12)
+    };
+    check_against_stage(&NaiveCuda, &attn_flash2::Flash2Cpu, &case.build())
+        .unwrap()
+        .assert_within(2e-5, 2e-4, "large tiles");
+}
+
+#[test]
 fn naive_gpu_edge_cases() {
     if no_device() {
         return;
@@ -75,7 +92,9 @@ fn kernels_compile_with_nvrtc_for_the_h100() {
     for arch in ["sm_80", "sm_90"] {
         let ptx = attn_cuda::compile("attention", &sources, arch).unwrap().to_src();
         for kernel in [
-            "gemm_batched",
+            "gemm_128x128",
+            "gemm_128x64",
+            "gemm_64x64",
             "modify_scores",
             "softmax_rows",
             "chunk_softmax",

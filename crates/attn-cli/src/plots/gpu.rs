@@ -26,13 +26,10 @@ pub struct GpuRow {
 /// Reads the CSV text; returns its first comment line (which names the device) and the rows.
 pub fn parse(text: &str, what: &str) -> Result<(String, Vec<GpuRow>), CliError> {
     let bad = |m: String| CliError::input(what, m);
-    let comment = text
-        .lines()
-        .find_map(|l| l.strip_prefix("# "))
-        .unwrap_or("")
-        .to_string();
+    let comment = text.lines().find_map(|l| l.strip_prefix("# ")).unwrap_or("").to_string();
     let mut lines = text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty());
-    let header: Vec<&str> = lines.next().ok_or_else(|| bad("no header line".into()))?.split(',').collect();
+    let header: Vec<&str> =
+        lines.next().ok_or_else(|| bad("no header line".into()))?.split(',').collect();
     let col = |name: &str| {
         header.iter().position(|h| *h == name).ok_or_else(|| bad(format!("no column {name}")))
     };
@@ -83,12 +80,7 @@ fn color(name: &str, pytorch: bool) -> RGBColor {
 }
 
 /// Draws gpu-memory.svg and gpu-throughput.svg into `out`.
-pub fn draw(
-    out: &Path,
-    ours: &[GpuRow],
-    sdpa: &[GpuRow],
-    footer: &str,
-) -> Result<(), CliError> {
+pub fn draw(out: &Path, ours: &[GpuRow], sdpa: &[GpuRow], footer: &str) -> Result<(), CliError> {
     let groups = |rows: &[GpuRow]| {
         let mut names: Vec<String> = Vec::new();
         for r in rows {
@@ -125,7 +117,12 @@ pub fn draw(
             legend: SeriesLabelPosition::UpperLeft,
         }
     };
-    super::draw_file_with_footer(&out.join("gpu-memory.svg"), &[memory(false), memory(true)], 2, footer)?;
+    super::draw_file_with_footer(
+        &out.join("gpu-memory.svg"),
+        &[memory(false), memory(true)],
+        2,
+        footer,
+    )?;
     let speed = |backward: bool, causal: bool| {
         let y = move |r: &GpuRow| if backward { r.backward_tflops } else { r.forward_tflops };
         let mut s = series(ours, false, causal, &y);

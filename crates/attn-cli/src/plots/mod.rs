@@ -219,7 +219,8 @@ fn gpu_plots(args: &PlotsArgs, stamp: &Stamp) -> Result<(), CliError> {
     let ours = match &args.gpu_csv {
         Some(path) => read(path, "--gpu-csv")?,
         None if attn::cuda::available() => {
-            let lengths = if args.quick { vec![256, 512, 1024] } else { powers_of_two(512, 16_384) };
+            let lengths =
+                if args.quick { vec![256, 512, 1024] } else { powers_of_two(512, 16_384) };
             crate::gpu_bench::measure(&crate::gpu_bench::GpuBenchArgs {
                 seq: lengths,
                 batch: 1,
@@ -260,7 +261,6 @@ fn gpu_plots(args: &PlotsArgs, stamp: &Stamp) -> Result<(), CliError> {
 
 /// The CPU sweeps and their figures.
 fn cpu_plots(args: &PlotsArgs, plan: &Plan, stamp: &Stamp) -> Result<(), CliError> {
-    let plan = plan;
     let cpu: Vec<&dyn Stage> = attn::cpu_stages();
 
     let jobs = plan.memory_lengths.len() * cpu.len()
