@@ -65,9 +65,11 @@ fn naive_gpu_large_tiles_match_the_cpu() {
         dropout: Some(0.1),
         ..Case::new(Shape::new(2, 32, 1100, 64).with_n_k(1000).with_kv_heads(8), 12)
     };
-    check_against_stage(&NaiveCuda, &attn_flash2::Flash2Cpu, &case.build())
-        .unwrap()
-        .assert_within(2e-5, 2e-4, "large tiles");
+    check_against_stage(&NaiveCuda, &attn_flash2::Flash2Cpu, &case.build()).unwrap().assert_within(
+        2e-5,
+        2e-4,
+        "large tiles",
+    );
 }
 
 #[test]
