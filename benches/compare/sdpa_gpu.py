@@ -64,24 +64,32 @@ def main():
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--csv")
+    ap.add_argument("--paper", action="store_true",
+                    help="the FlashAttention-2 paper's setting: batch*n = 16384, hidden 2048, d in {64, 128}, efficient backend only")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     b, h, d = args.batch, args.heads, args.head_dim
     rows = ["backend,causal,batch,heads,n,head_dim,forward_ms,forward_tflops,backward_ms,backward_tflops,forward_device_bytes,backward_device_bytes"]
     print(f"torch {torch.__version__} on {torch.cuda.get_device_name()}, fp32, TF32 off")
-    for n in [int(x) for x in args.seq.split(",")]:
+    if args.paper:
+        shapes = [(16384 // n, 2048 // d, n, d) for d in (64, 128) for n in (512, 1024, 2048, 4096, 8192, 16384)]
+        backends = (("efficient", SDPBackend.EFFICIENT_ATTENTION),)
+    else:
+        shapes = [(b, h, int(x), d) for x in args.seq.split(",")]
+        backends = (("math", SDPBackend.MATH), ("efficient", SDPBackend.EFFICIENT_ATTENTION))
+    for (b, h, n, d) in shapes:
         for causal in (False, True):
-            for name, backend in (("math", SDPBackend.MATH), ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+            for name, backend in backends:
                 try:
                     fm, bm, (fp, bp) = measure(backend, b, h, n, d, causal, args.repeats)
                 except torch.OutOfMemoryError:
-                    print(f"{name:<10} causal={causal:d} n={n:>6}: out of memory")
+                    print(f"{name:<10} causal={causal:d} n={n:>6} d={d}: out of memory")
                     torch.cuda.empty_cache()
                     continue
                 ft = flops(b, h, n, d, causal) / fm / 1e9
                 bt = 2.5 * flops(b, h, n, d, causal) / bm / 1e9
-                print(f"{name:<10} causal={causal:d} n={n:>6}: fwd {fm:9.3f} ms {ft:6.2f} TF/s  bwd {bm:9.3f} ms {bt:6.2f} TF/s  fwd dev {fp/2**20:9.1f} MiB  bwd dev {bp/2**20:9.1f} MiB")
+                print(f"{name:<10} causal={causal:d} n={n:>6} d={d:<3}: fwd {fm:9.3f} ms {ft:6.2f} TF/s  bwd {bm:9.3f} ms {bt:6.2f} TF/s  fwd dev {fp/2**20:9.1f} MiB  bwd dev {bp/2**20:9.1f} MiB")
                 rows.append(f"{name},{int(causal)},{b},{h},{n},{d},{fm:.4f},{ft:.3f},{bm:.4f},{bt:.3f},{fp},{bp}")
                 torch.cuda.empty_cache()
     if args.csv:

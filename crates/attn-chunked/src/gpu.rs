@@ -18,10 +18,11 @@
 //! forward, and each window's P is recomputed ([`attn_naive::gpu::backward_windows`] with
 //! the chunk sizes).
 
-use attn_core::problem::Problem;
 use attn_core::{Device, Forward, Grads, Inputs, Options, Result, Shape, Stage};
-use attn_cuda::{DevicePeak, gpu};
-use attn_naive::gpu::{DeviceProblem, DeviceStats, Kernels, Operand, backward_windows};
+use attn_naive::gpu::{
+    DeviceProblem, DeviceStats, Kernels, Operand, backward_on_device, backward_windows,
+    forward_on_device,
+};
 use ndarray::ArrayView4;
 
 use crate::cpu::{NAME, chunk_sizes};
@@ -95,25 +96,9 @@ pub struct ChunkedCuda;
 
 /// The forward with uploads and downloads, and its device statistics.
 pub fn forward_with_stats(inputs: &Inputs<'_>, opts: &Options) -> Result<(Forward, DeviceStats)> {
-    let p = Problem::new(inputs, opts)?;
-    let gpu = gpu()?;
-    let chunks = chunk_sizes(&p.shape, opts);
-    let k = Kernels::new(gpu)?;
-    let dev = DeviceProblem::upload(gpu, &p)?;
-    let meter = DevicePeak::start(gpu);
-    let timer = attn_cuda::Timer::start(gpu)?;
-    let (out, lse) = forward_device(&k, &dev, chunks)?;
-    let kernel_ms = timer.stop(gpu)?;
-    let stats = DeviceStats { peak_bytes: meter.peak(gpu), kernel_ms };
-    let sh = p.shape;
-    Ok((
-        Forward {
-            out: gpu.download_array(&out, sh.q_dims())?,
-            lse: gpu.download_array(&lse, sh.lse_dims())?,
-            traffic: None,
-        },
-        stats,
-    ))
+    forward_on_device(inputs, opts, |gpu, dev| {
+        forward_device(&Kernels::new(gpu)?, dev, chunk_sizes(&dev.shape, opts))
+    })
 }
 
 /// The checkpointed backward with uploads and downloads, and its device statistics.
@@ -123,31 +108,10 @@ pub fn backward_with_stats(
     fwd: &Forward,
     d_out: ArrayView4<'_, f32>,
 ) -> Result<(Grads, DeviceStats)> {
-    let p = Problem::for_backward(inputs, opts, fwd, d_out)?;
-    let gpu = gpu()?;
-    let sh = p.shape;
-    let chunks = chunk_sizes(&sh, opts);
-    let k = Kernels::new(gpu)?;
-    let dev = DeviceProblem::upload(gpu, &p)?;
-    let (out, lse, d_o) = (
-        gpu.upload_array(fwd.out.view())?,
-        gpu.upload_array(fwd.lse.view())?,
-        gpu.upload_array(d_out)?,
-    );
-    let meter = DevicePeak::start(gpu);
-    let timer = attn_cuda::Timer::start(gpu)?;
-    let [dq, dk, dv] = backward_windows(&k, &dev, &out, &lse, &d_o, chunks)?;
-    let kernel_ms = timer.stop(gpu)?;
-    let stats = DeviceStats { peak_bytes: meter.peak(gpu), kernel_ms };
-    Ok((
-        Grads {
-            dq: gpu.download_array(&dq, sh.q_dims())?,
-            dk: gpu.download_array(&dk, sh.kv_dims())?,
-            dv: gpu.download_array(&dv, sh.kv_dims())?,
-            traffic: None,
-        },
-        stats,
-    ))
+    backward_on_device(inputs, opts, fwd, d_out, |gpu, dev, saved| {
+        let chunks = chunk_sizes(&dev.shape, opts);
+        backward_windows(&Kernels::new(gpu)?, dev, &saved.out, &saved.lse, &saved.d_out, chunks)
+    })
 }
 
 impl Stage for ChunkedCuda {

@@ -34,6 +34,13 @@ pub struct GpuBenchArgs {
     /// Write the numbers as CSV here.
     #[arg(long)]
     pub csv: Option<PathBuf>,
+    /// The FlashAttention-2 paper's setting instead of --seq/--batch/--heads/--head-dim:
+    /// batch · n = 16 384, hidden 2 048 (heads = 2 048 / d), d ∈ {64, 128}, n from 512 to 16 384.
+    #[arg(long)]
+    pub paper: bool,
+    /// Only these GPU stages (comma-separated; default: all).
+    #[arg(long, value_delimiter = ',')]
+    pub stages: Vec<String>,
     /// Run every kernel once on a small problem with masks, bias, causal, dropout and GQA,
     /// compare with the CPU, and exit (for compute-sanitizer).
     #[arg(long)]
@@ -44,14 +51,12 @@ type FwdFn = fn(&Inputs<'_>, &Options) -> Result<(Forward, DeviceStats)>;
 type BwdFn =
     fn(&Inputs<'_>, &Options, &Forward, ArrayView4<'_, f32>) -> Result<(Grads, DeviceStats)>;
 
-fn gpu_stages() -> [(&'static str, FwdFn, BwdFn); 2] {
+fn gpu_stages() -> [(&'static str, FwdFn, BwdFn); 3] {
+    use attn::{chunked::gpu as c, flash2::gpu as f, naive::gpu as n};
     [
-        ("naive", attn::naive::gpu::forward_with_stats, attn::naive::gpu::backward_with_stats),
-        (
-            "chunked",
-            attn::chunked::gpu::forward_with_stats,
-            attn::chunked::gpu::backward_with_stats,
-        ),
+        ("naive", n::forward_with_stats, n::backward_with_stats),
+        ("chunked", c::forward_with_stats, c::backward_with_stats),
+        ("flash2", f::forward_with_stats, f::backward_with_stats),
     ]
 }
 
@@ -87,10 +92,11 @@ pub fn measure(args: &GpuBenchArgs) -> Result<String, CliError> {
         "stage,causal,batch,heads,n,head_dim,forward_ms,forward_tflops,backward_ms,backward_tflops,forward_device_bytes,backward_device_bytes".to_string(),
     ];
     println!(
-        "{:<8} {:>6} {:>6} {:>10} {:>9} {:>10} {:>9} {:>12} {:>12}",
+        "{:<8} {:>6} {:>6} {:<4} {:>10} {:>9} {:>10} {:>9} {:>12} {:>12}",
         "stage",
         "causal",
         "n",
+        "d",
         "fwd ms",
         "fwd TF/s",
         "bwd ms",
@@ -98,14 +104,29 @@ pub fn measure(args: &GpuBenchArgs) -> Result<String, CliError> {
         "fwd device",
         "bwd device"
     );
-    for &n in &args.seq {
-        let shape = Shape::new(args.batch, args.heads, n, args.head_dim);
+    let shapes: Vec<Shape> = if args.paper {
+        [64, 128]
+            .into_iter()
+            .flat_map(|d| {
+                [512, 1024, 2048, 4096, 8192, 16_384]
+                    .into_iter()
+                    .map(move |n| Shape::new(16_384 / n, 2048 / d, n, d))
+            })
+            .collect()
+    } else {
+        args.seq.iter().map(|&n| Shape::new(args.batch, args.heads, n, args.head_dim)).collect()
+    };
+    for shape in shapes {
+        let n = shape.n_q;
         let (q, k, v) = attn::core::random::qkv(&shape, n as u64);
         let d_out = attn::core::random::normal(shape.q_dims(), 1);
         let inputs = Inputs::new(q.view(), k.view(), v.view());
         for causal in [false, true] {
             let opts = Options::default().causal(causal);
             for (name, fwd_fn, bwd_fn) in gpu_stages() {
+                if !args.stages.is_empty() && !args.stages.iter().any(|s| s == name) {
+                    continue;
+                }
                 let mut f_ms = Vec::new();
                 let mut b_ms = Vec::new();
                 let mut peaks = (0, 0);
@@ -130,7 +151,7 @@ pub fn measure(args: &GpuBenchArgs) -> Result<String, CliError> {
                     peaks = (fs.peak_bytes, bs.peak_bytes);
                 }
                 if let Some(why) = refused {
-                    println!("{name:<8} {causal:>6} {n:>6} refused: {why}");
+                    println!("{name:<8} {causal:>6} {n:>6} d={} refused: {why}", shape.head_dim);
                     continue;
                 }
                 // The first run compiles nothing (done before timing) but warms the caches.
@@ -143,16 +164,17 @@ pub fn measure(args: &GpuBenchArgs) -> Result<String, CliError> {
                 let ft = forward_flops(&shape, causal) / (fm * 1e-3) / 1e12;
                 let bt = backward_flops(&shape, causal) / (bm * 1e-3) / 1e12;
                 println!(
-                    "{name:<8} {causal:>6} {n:>6} {fm:>10.3} {ft:>9.2} {bm:>10.3} {bt:>9.2} {:>12} {:>12}",
+                    "{name:<8} {causal:>6} {n:>6} d{:<3} {fm:>10.3} {ft:>9.2} {bm:>10.3} {bt:>9.2} {:>12} {:>12}",
+                    shape.head_dim,
                     human_bytes(peaks.0),
                     human_bytes(peaks.1)
                 );
                 rows.push(format!(
                     "{name},{},{},{},{n},{},{fm:.4},{ft:.3},{bm:.4},{bt:.3},{},{}",
                     u8::from(causal),
-                    args.batch,
-                    args.heads,
-                    args.head_dim,
+                    shape.batch,
+                    shape.heads,
+                    shape.head_dim,
                     peaks.0,
                     peaks.1
                 ));

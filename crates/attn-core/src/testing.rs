@@ -245,11 +245,20 @@ pub mod edge_cases {
 
     /// Rows whose every key is removed give zeros, a −∞ log-sum-exp and zero gradients;
     /// rows that lose whole blocks (but not all keys) stay exact; nothing is NaN.
-    pub fn fully_masked_rows(stage: &dyn Stage, (q_block, k_block): (usize, usize)) {
+    pub fn fully_masked_rows(stage: &dyn Stage, blocks: (usize, usize)) {
+        fully_masked_rows_at(stage, blocks, 8);
+    }
+
+    /// [`fully_masked_rows`] at head dimension `head_dim` (for kernels built for a few).
+    pub fn fully_masked_rows_at(
+        stage: &dyn Stage,
+        (q_block, k_block): (usize, usize),
+        head_dim: usize,
+    ) {
         let case = Case {
             q_block: Some(q_block),
             k_block: Some(k_block),
-            ..Case::new(Shape::new(2, 2, 9, 8).with_n_k(7), 21)
+            ..Case::new(Shape::new(2, 2, 9, head_dim).with_n_k(7), 21)
         };
         let mut data = case.build();
         let mut mask = Array4::from_elem((2, 1, 9, 7), true);
@@ -271,13 +280,18 @@ pub mod edge_cases {
     }
 
     /// Scores of ±10⁴ give finite results and an accurate forward.
-    pub fn huge_logits(stage: &dyn Stage, (q_block, k_block): (usize, usize)) {
+    pub fn huge_logits(stage: &dyn Stage, blocks: (usize, usize)) {
+        huge_logits_at(stage, blocks, 16);
+    }
+
+    /// [`huge_logits`] at head dimension `head_dim`.
+    pub fn huge_logits_at(stage: &dyn Stage, (q_block, k_block): (usize, usize), head_dim: usize) {
         let case = Case {
-            scale: Some(1e4 / 16.0),
+            scale: Some(1e4 / head_dim as f32),
             causal: true,
             q_block: Some(q_block),
             k_block: Some(k_block),
-            ..Case::new(Shape::new(1, 2, 32, 16), 3)
+            ..Case::new(Shape::new(1, 2, 32, head_dim), 3)
         };
         let data = case.build();
         let inputs = data.inputs();
@@ -290,16 +304,22 @@ pub mod edge_cases {
     }
 
     /// Dropout removes exactly the weights `baseline` removes, whatever the tiling.
-    pub fn same_dropout_as(
+    pub fn same_dropout_as(stage: &dyn Stage, baseline: &dyn Stage, blocks: (usize, usize)) {
+        same_dropout_as_at(stage, baseline, blocks, 8);
+    }
+
+    /// [`same_dropout_as`] at head dimension `head_dim`.
+    pub fn same_dropout_as_at(
         stage: &dyn Stage,
         baseline: &dyn Stage,
         (q_block, k_block): (usize, usize),
+        head_dim: usize,
     ) {
         let case = Case {
             dropout: Some(0.5),
             q_block: Some(q_block),
             k_block: Some(k_block),
-            ..Case::new(Shape::new(2, 2, 20, 8).with_n_k(30), 4)
+            ..Case::new(Shape::new(2, 2, 20, head_dim).with_n_k(30), 4)
         };
         let check = check_against_stage(stage, baseline, &case.build()).unwrap();
         check.assert_within(2e-5, 2e-4, "dropout");

@@ -17,6 +17,8 @@
 //!
 //! Everything runs on the device's default stream, so kernels execute in launch order.
 
+pub use cudarc;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};

@@ -20,9 +20,11 @@
 //! `gemm` crate and a vectorised `exp`, both chosen at run time for the CPU at hand.
 
 pub mod cpu;
+pub mod gpu;
 pub mod kernels;
 
 pub use cpu::{DEFAULT_K_BLOCK, DEFAULT_Q_BLOCK, block_sizes};
+pub use gpu::Flash2Cuda;
 
 attn_core::cpu_stage!(
     /// FlashAttention-2 on the CPU, as a [`attn_core::Stage`].

@@ -618,22 +618,22 @@ fn refuse_if_too_large(gpu: &Gpu, opts: &Options, what: &'static str, needed: u6
     Ok(())
 }
 
-/// The forward through [`forward_device`], with the inputs uploaded first and the results
-/// downloaded after; also returns the device statistics.
-pub fn forward_with_stats(inputs: &Inputs<'_>, opts: &Options) -> Result<(Forward, DeviceStats)> {
+/// Device results of a forward: (O `[b, h, n_q, d]`, lse `[b, h, n_q]`).
+pub type DeviceForward = (DeviceBuffer<f32>, DeviceBuffer<f32>);
+
+/// What every GPU stage's forward does around its kernels: validate, upload, run `kernels`
+/// (timed with events, device bytes measured above the uploaded inputs), download.
+pub fn forward_on_device(
+    inputs: &Inputs<'_>,
+    opts: &Options,
+    kernels: impl FnOnce(&'static Gpu, &DeviceProblem) -> Result<DeviceForward>,
+) -> Result<(Forward, DeviceStats)> {
     let p = Problem::new(inputs, opts)?;
     let gpu = gpu()?;
-    refuse_if_too_large(
-        gpu,
-        opts,
-        "score matrices S/P in device memory",
-        forward_device_bytes(&p.shape),
-    )?;
-    let k = Kernels::new(gpu)?;
     let dev = DeviceProblem::upload(gpu, &p)?;
     let meter = DevicePeak::start(gpu);
     let timer = attn_cuda::Timer::start(gpu)?;
-    let (out, lse) = forward_device(&k, &dev)?;
+    let (out, lse) = kernels(gpu, &dev)?;
     let kernel_ms = timer.stop(gpu)?;
     let stats = DeviceStats { peak_bytes: meter.peak(gpu), kernel_ms };
     let sh = p.shape;
@@ -647,32 +647,35 @@ pub fn forward_with_stats(inputs: &Inputs<'_>, opts: &Options) -> Result<(Forwar
     ))
 }
 
-/// The backward through [`backward_windows`] with one window, uploads and downloads included.
-pub fn backward_with_stats(
+/// The saved forward results and the upstream gradient on the device: (O, lse, dO).
+#[derive(Debug)]
+pub struct DeviceSaved {
+    pub out: DeviceBuffer<f32>,
+    pub lse: DeviceBuffer<f32>,
+    pub d_out: DeviceBuffer<f32>,
+}
+
+/// What every GPU stage's backward does around its kernels (see [`forward_on_device`]);
+/// `kernels` returns dQ, dK, dV.
+pub fn backward_on_device(
     inputs: &Inputs<'_>,
     opts: &Options,
     fwd: &Forward,
     d_out: ArrayView4<'_, f32>,
+    kernels: impl FnOnce(&'static Gpu, &DeviceProblem, &DeviceSaved) -> Result<[DeviceBuffer<f32>; 3]>,
 ) -> Result<(Grads, DeviceStats)> {
     let p = Problem::for_backward(inputs, opts, fwd, d_out)?;
     let gpu = gpu()?;
     let sh = p.shape;
-    refuse_if_too_large(
-        gpu,
-        opts,
-        "matrices P and dP in device memory",
-        crate::backward_workspace_bytes(&sh),
-    )?;
-    let k = Kernels::new(gpu)?;
     let dev = DeviceProblem::upload(gpu, &p)?;
-    let (out, lse, d_o) = (
-        gpu.upload_array(fwd.out.view())?,
-        gpu.upload_array(fwd.lse.view())?,
-        gpu.upload_array(d_out)?,
-    );
+    let saved = DeviceSaved {
+        out: gpu.upload_array(fwd.out.view())?,
+        lse: gpu.upload_array(fwd.lse.view())?,
+        d_out: gpu.upload_array(d_out)?,
+    };
     let meter = DevicePeak::start(gpu);
     let timer = attn_cuda::Timer::start(gpu)?;
-    let [dq, dk, dv] = backward_windows(&k, &dev, &out, &lse, &d_o, (sh.n_q, sh.n_k))?;
+    let [dq, dk, dv] = kernels(gpu, &dev, &saved)?;
     let kernel_ms = timer.stop(gpu)?;
     let stats = DeviceStats { peak_bytes: meter.peak(gpu), kernel_ms };
     Ok((
@@ -684,6 +687,32 @@ pub fn backward_with_stats(
         },
         stats,
     ))
+}
+
+/// The forward through [`forward_device`], uploads and downloads included, with its device
+/// statistics; refused before anything is allocated when S would not fit.
+pub fn forward_with_stats(inputs: &Inputs<'_>, opts: &Options) -> Result<(Forward, DeviceStats)> {
+    forward_on_device(inputs, opts, |gpu, dev| {
+        let needed = forward_device_bytes(&dev.shape);
+        refuse_if_too_large(gpu, opts, "score matrices S/P in device memory", needed)?;
+        forward_device(&Kernels::new(gpu)?, dev)
+    })
+}
+
+/// The backward through [`backward_windows`] with one window, uploads and downloads included.
+pub fn backward_with_stats(
+    inputs: &Inputs<'_>,
+    opts: &Options,
+    fwd: &Forward,
+    d_out: ArrayView4<'_, f32>,
+) -> Result<(Grads, DeviceStats)> {
+    backward_on_device(inputs, opts, fwd, d_out, |gpu, dev, saved| {
+        let sh = dev.shape;
+        let needed = crate::backward_workspace_bytes(&sh);
+        refuse_if_too_large(gpu, opts, "matrices P and dP in device memory", needed)?;
+        let k = Kernels::new(gpu)?;
+        backward_windows(&k, dev, &saved.out, &saved.lse, &saved.d_out, (sh.n_q, sh.n_k))
+    })
 }
 
 impl Stage for NaiveCuda {

@@ -229,6 +229,8 @@ fn gpu_plots(args: &PlotsArgs, stamp: &Stamp) -> Result<(), CliError> {
                 repeats: if args.quick { 2 } else { 5 },
                 csv: None,
                 smoke: false,
+                paper: false,
+                stages: Vec::new(),
             })?
         }
         None => {

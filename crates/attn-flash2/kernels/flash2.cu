@@ -1,0 +1,366 @@
+// FlashAttention-2 as fused CUDA kernels, fp32 (version 1: shared-memory tiles, register
+// tiling 4 x 4 per thread). Tiles of BR = 64 query rows and BC = 64 keys; 256 threads as a
+// 16 x 16 grid (ty, tx): thread (ty, tx) owns score rows ty + 16a and columns tx + 16b of a
+// tile, and output rows ty + 16a, columns tx + 16b. The 16 threads of one ty are 16
+// consecutive lanes of a warp, so a row's max and sum are reduced with 4 shuffles.
+//
+// Layouts: Q, O, dO, dQ [b, h, n_q, D]; K, V, dK, dV [b, kv_heads, n_k, D]; lse, Dvec
+// [b, h, n_q]. Shared-memory rows are padded to D + 1 floats (odd stride: no bank conflicts
+// when 16 threads read 16 different rows).
+
+#define BR 64
+#define BC 64
+#define NT 256
+
+struct FlashArgs {
+    u64 q, k, v, o, lse, d_out, dvec, dq, dk, dv;  // float*
+    int n_q, n_k, heads, kv_heads;
+    float scale;
+    int pad_;
+};
+
+// Copies rows row0 .. row0 + ROWS of a [n, D] matrix into shared memory (zeros past n).
+template <int D, int ROWS>
+__device__ __forceinline__ void load_tile(float* dst, const float* src, int row0, int n) {
+    for (int e = threadIdx.x; e < ROWS * D; e += NT) {
+        int r = e / D, c = e % D;
+        dst[r * (D + 1) + c] = row0 + r < n ? src[(i64)(row0 + r) * D + c] : 0.0f;
+    }
+}
+
+// Whether every score of the tile (rows i0.., keys j0..) is plain scale * q.k: no bias, no
+// mask, no key past n_k and no causal limit inside it.
+__device__ __forceinline__ bool tile_plain(const ScoreMods& m, int i0, int j0) {
+    return !m.bias && !m.mask && j0 + BC <= m.n_k && (!m.causal || j0 + BC <= key_end(m, i0));
+}
+
+// The score of (i, j) from its dot product.
+__device__ __forceinline__ float score(const ScoreMods& m, bool plain, float scale, int b, int h,
+                                       int i, int j, float dot) {
+    if (plain) return scale * dot;
+    if (j >= m.n_k || i >= m.n_q) return NEG_INF;
+    return modify_score(m, b, h, i, j, scale * dot);
+}
+
+// Reduction over the 16 lanes of one row.
+__device__ __forceinline__ float row_max16(float x) {
+    for (int o = 8; o > 0; o /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+    return x;
+}
+__device__ __forceinline__ float row_sum16(float x) {
+    for (int o = 8; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+}
+
+// ---------------------------------------------------------------------------------------
+// ANCHOR: forward
+// Forward: one block per (query tile, batch*head). K_j, V_j stream through shared memory;
+// the running max m, sum l and the output O stay in registers; O is divided by l once at
+// the end and lse = m + log l is written once.
+template <int D>
+__device__ void flash_forward(const FlashArgs& a, const ScoreMods& mods, const Dropout& drop) {
+    extern __shared__ float smem[];
+    float* Qs = smem;                  // [BR][D + 1]
+    float* KVs = Qs + BR * (D + 1);    // [BC][D + 1]: K_j, then V_j
+    float* Ps = KVs + BC * (D + 1);    // [BR][BC + 1]
+    constexpr int RD = D / 16;
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    const int z = blockIdx.y, b = z / a.heads, h = z % a.heads;
+    const int kvh = h / (a.heads / a.kv_heads);
+    const int i0 = blockIdx.x * BR;
+    const float* q = (const float*)a.q + (i64)z * a.n_q * D;
+    const float* k = (const float*)a.k + ((i64)b * a.kv_heads + kvh) * a.n_k * D;
+    const float* v = (const float*)a.v + ((i64)b * a.kv_heads + kvh) * a.n_k * D;
+
+    load_tile<D, BR>(Qs, q, i0, a.n_q);
+    float m[4], l[4], o[4][RD];
+    u32 key[4];
+    for (int r = 0; r < 4; r++) {
+        m[r] = NEG_INF;
+        l[r] = 0.0f;
+        for (int c = 0; c < RD; c++) o[r][c] = 0.0f;
+        key[r] = drop.enabled ? row_key(drop.seed, b, h, i0 + ty + 16 * r) : 0u;
+    }
+    // Causal: key tiles at or past key_end(last row) are hidden from the whole tile.
+    const int last = min(i0 + BR, a.n_q) - 1;
+    const int j_end = key_end(mods, last);
+
+    for (int j0 = 0; j0 < j_end; j0 += BC) {
+        __syncthreads();  // the previous V_j and P are no longer read
+        load_tile<D, BC>(KVs, k, j0, a.n_k);
+        __syncthreads();
+        // S = Q_i K_j^T, 4 x 4 per thread
+        float s[4][4] = {};
+        for (int d = 0; d < D; d++) {
+            float qv[4], kv[4];
+            for (int r = 0; r < 4; r++) qv[r] = Qs[(ty + 16 * r) * (D + 1) + d];
+            for (int c = 0; c < 4; c++) kv[c] = KVs[(tx + 16 * c) * (D + 1) + d];
+            for (int r = 0; r < 4; r++)
+                for (int c = 0; c < 4; c++) s[r][c] = fmaf(qv[r], kv[c], s[r][c]);
+        }
+        const bool plain = tile_plain(mods, i0, j0);
+        for (int r = 0; r < 4; r++) {
+            const int i = i0 + ty + 16 * r;
+            float mx = NEG_INF;
+            for (int c = 0; c < 4; c++) {
+                s[r][c] = score(mods, plain, a.scale, b, h, i, j0 + tx + 16 * c, s[r][c]);
+                mx = fmaxf(mx, s[r][c]);
+            }
+            // online softmax: new max, rescale what was accumulated, add this tile
+            const float m_new = fmaxf(m[r], row_max16(mx));
+            const float alpha = m[r] == NEG_INF ? 0.0f : expf(m[r] - m_new);
+            float sum = 0.0f;
+            for (int c = 0; c < 4; c++) {
+                const int j = j0 + tx + 16 * c;
+                float p = s[r][c] == NEG_INF ? 0.0f : expf(s[r][c] - m_new);
+                sum += p;
+                if (drop.enabled) p *= dropout_factor(drop, key[r], j);
+                Ps[(ty + 16 * r) * (BC + 1) + tx + 16 * c] = p;
+            }
+            l[r] = alpha * l[r] + row_sum16(sum);
+            m[r] = m_new;
+            for (int c = 0; c < RD; c++) o[r][c] *= alpha;
+        }
+        __syncthreads();  // P complete, K_j no longer read
+        load_tile<D, BC>(KVs, v, j0, a.n_k);
+        __syncthreads();
+        // O += P V_j
+        for (int c2 = 0; c2 < BC; c2++) {
+            float pv[4], vv[RD];
+            for (int r = 0; r < 4; r++) pv[r] = Ps[(ty + 16 * r) * (BC + 1) + c2];
+            for (int c = 0; c < RD; c++) vv[c] = KVs[c2 * (D + 1) + tx + 16 * c];
+            for (int r = 0; r < 4; r++)
+                for (int c = 0; c < RD; c++) o[r][c] = fmaf(pv[r], vv[c], o[r][c]);
+        }
+    }
+    float* out = (float*)a.o + (i64)z * a.n_q * D;
+    float* lse = (float*)a.lse + (i64)z * a.n_q;
+    for (int r = 0; r < 4; r++) {
+        const int i = i0 + ty + 16 * r;
+        if (i >= a.n_q) continue;
+        const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+        for (int c = 0; c < RD; c++) out[(i64)i * D + tx + 16 * c] = o[r][c] * inv;
+        if (tx == 0) lse[i] = l[r] > 0.0f ? m[r] + logf(l[r]) : NEG_INF;
+    }
+}
+// ANCHOR_END: forward
+
+// ---------------------------------------------------------------------------------------
+// Backward (Algorithm 2 of the FlashAttention-2 paper, with dQ in its own pass).
+
+// D_i = rowsum(dO_i * O_i): one warp per row of [rows, d].
+extern "C" __global__ void flash2_dvec(FlashArgs a, i64 rows, int d) {
+    const i64 row = (i64)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (row >= rows) return;
+    const float* dout = (const float*)a.d_out + row * d;
+    const float* out = (const float*)a.o + row * d;
+    float acc = 0.0f;
+    for (int c = threadIdx.x % 32; c < d; c += 32) acc += dout[c] * out[c];
+    for (int o = 16; o > 0; o /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (threadIdx.x % 32 == 0) ((float*)a.dvec)[row] = acc;
+}
+
+// Recomputes, for the tile (rows i0.., keys j0..) held in shared memory, P (undropped) and
+// dS = P * (Z * dP - D) into the thread's registers; dP = dO V^T.
+template <int D>
+__device__ __forceinline__ void tile_p_ds(const FlashArgs& a, const ScoreMods& mods,
+                                          const Dropout& drop, int b, int h, int z, int i0,
+                                          int j0, const float* Qs, const float* dOs,
+                                          const float* Ks, const float* Vs, float p[4][4],
+                                          float ds[4][4]) {
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    float s[4][4] = {}, dp[4][4] = {};
+    for (int d = 0; d < D; d++) {
+        float qv[4], dov[4], kv[4], vv[4];
+        for (int r = 0; r < 4; r++) {
+            qv[r] = Qs[(ty + 16 * r) * (D + 1) + d];
+            dov[r] = dOs[(ty + 16 * r) * (D + 1) + d];
+        }
+        for (int c = 0; c < 4; c++) {
+            kv[c] = Ks[(tx + 16 * c) * (D + 1) + d];
+            vv[c] = Vs[(tx + 16 * c) * (D + 1) + d];
+        }
+        for (int r = 0; r < 4; r++)
+            for (int c = 0; c < 4; c++) {
+                s[r][c] = fmaf(qv[r], kv[c], s[r][c]);
+                dp[r][c] = fmaf(dov[r], vv[c], dp[r][c]);
+            }
+    }
+    const bool plain = tile_plain(mods, i0, j0);
+    const float* lse = (const float*)a.lse + (i64)z * a.n_q;
+    const float* dvec = (const float*)a.dvec + (i64)z * a.n_q;
+    for (int r = 0; r < 4; r++) {
+        const int i = i0 + ty + 16 * r;
+        const float L = i < a.n_q ? lse[i] : NEG_INF;
+        const float Di = i < a.n_q ? dvec[i] : 0.0f;
+        const u32 key = drop.enabled ? row_key(drop.seed, b, h, i) : 0u;
+        for (int c = 0; c < 4; c++) {
+            const int j = j0 + tx + 16 * c;
+            const float sc = score(mods, plain, a.scale, b, h, i, j, s[r][c]);
+            const float pr = (L == NEG_INF || sc == NEG_INF) ? 0.0f : expf(sc - L);
+            float g = dp[r][c];
+            if (drop.enabled) g *= dropout_factor(drop, key, j);
+            p[r][c] = pr;
+            ds[r][c] = pr * (g - Di);
+        }
+    }
+}
+
+// dK_j, dV_j: one block per (key tile, batch*head), looping over the query tiles that can
+// see it; dK and dV accumulate in registers. Written per query head into dk/dv (the host
+// sums the heads of a GQA group afterwards).
+template <int D>
+__device__ void flash_backward_kv(const FlashArgs& a, const ScoreMods& mods, const Dropout& drop) {
+    extern __shared__ float smem[];
+    float* Ks = smem;
+    float* Vs = Ks + BC * (D + 1);
+    float* Qs = Vs + BC * (D + 1);
+    float* dOs = Qs + BR * (D + 1);
+    float* Pt = dOs + BR * (D + 1);    // [BR][BC + 1]: P * Z
+    float* dSt = Pt + BR * (BC + 1);   // [BR][BC + 1]: dS
+    constexpr int RD = D / 16;
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    const int z = blockIdx.y, b = z / a.heads, h = z % a.heads;
+    const int kvh = h / (a.heads / a.kv_heads);
+    const int j0 = blockIdx.x * BC;
+    const float* q = (const float*)a.q + (i64)z * a.n_q * D;
+    const float* dout = (const float*)a.d_out + (i64)z * a.n_q * D;
+    const float* k = (const float*)a.k + ((i64)b * a.kv_heads + kvh) * a.n_k * D;
+    const float* v = (const float*)a.v + ((i64)b * a.kv_heads + kvh) * a.n_k * D;
+
+    load_tile<D, BC>(Ks, k, j0, a.n_k);
+    load_tile<D, BC>(Vs, v, j0, a.n_k);
+    float dk[4][RD] = {}, dv[4][RD] = {};  // rows (keys) ty + 16r, columns tx + 16c
+    // Causal: query i sees key j0 when j0 < key_end(i), i.e. i >= j0 + n_q - n_k.
+    int i_start = 0;
+    if (mods.causal) i_start = max(0, j0 + a.n_q - a.n_k) / BR * BR;
+    for (int i0 = i_start; i0 < a.n_q; i0 += BR) {
+        __syncthreads();
+        load_tile<D, BR>(Qs, q, i0, a.n_q);
+        load_tile<D, BR>(dOs, dout, i0, a.n_q);
+        __syncthreads();
+        float p[4][4], ds[4][4];
+        tile_p_ds<D>(a, mods, drop, b, h, z, i0, j0, Qs, dOs, Ks, Vs, p, ds);
+        for (int r = 0; r < 4; r++) {
+            const u32 key = drop.enabled ? row_key(drop.seed, b, h, i0 + ty + 16 * r) : 0u;
+            for (int c = 0; c < 4; c++) {
+                float pz = p[r][c];
+                if (drop.enabled) pz *= dropout_factor(drop, key, j0 + tx + 16 * c);
+                Pt[(ty + 16 * r) * (BC + 1) + tx + 16 * c] = pz;
+                dSt[(ty + 16 * r) * (BC + 1) + tx + 16 * c] = ds[r][c];
+            }
+        }
+        __syncthreads();
+        // dV_j += (P Z)^T dO_i,  dK_j += scale dS^T Q_i
+        for (int rr = 0; rr < BR; rr++) {
+            float pz[4], dsv[4], dov[RD], qv[RD];
+            for (int r = 0; r < 4; r++) {
+                pz[r] = Pt[rr * (BC + 1) + ty + 16 * r];
+                dsv[r] = dSt[rr * (BC + 1) + ty + 16 * r];
+            }
+            for (int c = 0; c < RD; c++) {
+                dov[c] = dOs[rr * (D + 1) + tx + 16 * c];
+                qv[c] = Qs[rr * (D + 1) + tx + 16 * c];
+            }
+            for (int r = 0; r < 4; r++)
+                for (int c = 0; c < RD; c++) {
+                    dv[r][c] = fmaf(pz[r], dov[c], dv[r][c]);
+                    dk[r][c] = fmaf(dsv[r], qv[c], dk[r][c]);
+                }
+        }
+    }
+    // per query head: [b, h, n_k, D]
+    float* dK = (float*)a.dk + (i64)z * a.n_k * D;
+    float* dV = (float*)a.dv + (i64)z * a.n_k * D;
+    for (int r = 0; r < 4; r++) {
+        const int j = j0 + ty + 16 * r;
+        if (j >= a.n_k) continue;
+        for (int c = 0; c < RD; c++) {
+            dK[(i64)j * D + tx + 16 * c] = a.scale * dk[r][c];
+            dV[(i64)j * D + tx + 16 * c] = dv[r][c];
+        }
+    }
+}
+
+// dQ_i: one block per (query tile, batch*head), looping over the key tiles it sees.
+template <int D>
+__device__ void flash_backward_q(const FlashArgs& a, const ScoreMods& mods, const Dropout& drop) {
+    extern __shared__ float smem[];
+    float* Qs = smem;
+    float* dOs = Qs + BR * (D + 1);
+    float* Ks = dOs + BR * (D + 1);
+    float* Vs = Ks + BC * (D + 1);
+    float* dSt = Vs + BC * (D + 1);    // [BR][BC + 1]
+    constexpr int RD = D / 16;
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    const int z = blockIdx.y, b = z / a.heads, h = z % a.heads;
+    const int kvh = h / (a.heads / a.kv_heads);
+    const int i0 = blockIdx.x * BR;
+    const float* q = (const float*)a.q + (i64)z * a.n_q * D;
+    const float* dout = (const float*)a.d_out + (i64)z * a.n_q * D;
+    const float* k = (const float*)a.k + ((i64)b * a.kv_heads + kvh) * a.n_k * D;
+    const float* v = (const float*)a.v + ((i64)b * a.kv_heads + kvh) * a.n_k * D;
+
+    load_tile<D, BR>(Qs, q, i0, a.n_q);
+    load_tile<D, BR>(dOs, dout, i0, a.n_q);
+    float dq[4][RD] = {};
+    const int last = min(i0 + BR, a.n_q) - 1;
+    const int j_end = key_end(mods, last);
+    for (int j0 = 0; j0 < j_end; j0 += BC) {
+        __syncthreads();
+        load_tile<D, BC>(Ks, k, j0, a.n_k);
+        load_tile<D, BC>(Vs, v, j0, a.n_k);
+        __syncthreads();
+        float p[4][4], ds[4][4];
+        tile_p_ds<D>(a, mods, drop, b, h, z, i0, j0, Qs, dOs, Ks, Vs, p, ds);
+        for (int r = 0; r < 4; r++)
+            for (int c = 0; c < 4; c++) dSt[(ty + 16 * r) * (BC + 1) + tx + 16 * c] = ds[r][c];
+        __syncthreads();
+        // dQ_i += scale dS K_j
+        for (int cc = 0; cc < BC; cc++) {
+            float dsv[4], kv[RD];
+            for (int r = 0; r < 4; r++) dsv[r] = dSt[(ty + 16 * r) * (BC + 1) + cc];
+            for (int c = 0; c < RD; c++) kv[c] = Ks[cc * (D + 1) + tx + 16 * c];
+            for (int r = 0; r < 4; r++)
+                for (int c = 0; c < RD; c++) dq[r][c] = fmaf(dsv[r], kv[c], dq[r][c]);
+        }
+    }
+    float* dQ = (float*)a.dq + (i64)z * a.n_q * D;
+    for (int r = 0; r < 4; r++) {
+        const int i = i0 + ty + 16 * r;
+        if (i >= a.n_q) continue;
+        for (int c = 0; c < RD; c++) dQ[(i64)i * D + tx + 16 * c] = a.scale * dq[r][c];
+    }
+}
+
+// Sums the per-query-head dK or dV [b, h, n_k, D] of each GQA group into [b, kv_heads, n_k, D].
+extern "C" __global__ void flash2_group_sum(const float* per_head, float* out, int heads,
+                                            int kv_heads, i64 per_head_elems, i64 total) {
+    const int group = heads / kv_heads;
+    for (i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x; e < total;
+         e += (i64)gridDim.x * blockDim.x) {
+        const i64 bk = e / per_head_elems, rest = e % per_head_elems;  // bk = b * kv_heads + kvh
+        const i64 first = (bk / kv_heads * heads + bk % kv_heads * group) * per_head_elems + rest;
+        float acc = 0.0f;
+        for (int g = 0; g < group; g++) acc += per_head[first + g * per_head_elems];
+        out[e] = acc;
+    }
+}
+
+#define FLASH_KERNELS(D)                                                                   \
+    extern "C" __global__ void __launch_bounds__(NT)                                      \
+        flash2_forward_d##D(FlashArgs a, ScoreMods m, Dropout dr) {                       \
+        flash_forward<D>(a, m, dr);                                                       \
+    }                                                                                      \
+    extern "C" __global__ void __launch_bounds__(NT)                                      \
+        flash2_backward_kv_d##D(FlashArgs a, ScoreMods m, Dropout dr) {                   \
+        flash_backward_kv<D>(a, m, dr);                                                   \
+    }                                                                                      \
+    extern "C" __global__ void __launch_bounds__(NT)                                      \
+        flash2_backward_q_d##D(FlashArgs a, ScoreMods m, Dropout dr) {                    \
+        flash_backward_q<D>(a, m, dr);                                                    \
+    }
+FLASH_KERNELS(32)
+FLASH_KERNELS(64)
+FLASH_KERNELS(96)
+FLASH_KERNELS(128)

@@ -1,0 +1,266 @@
+//! FlashAttention-2 on the GPU, fp32: one fused forward kernel and a fused backward
+//! (`kernels/flash2.cu`).
+//!
+//! - Forward: thread blocks over (query tile, batch·head); $K_j$, $V_j$ stream through shared
+//!   memory; the running max, sum and output stay in registers; normalisation is deferred
+//!   to the end and the log-sum-exp written once; causal tiles above the diagonal are never
+//!   visited.
+//! - Backward (Algorithm 2 of the paper): a small kernel for $D = \mathrm{rowsum}(dO \circ O)$,
+//!   a kernel over key tiles that accumulates $dK_j$, $dV_j$ in registers, and **dQ in a
+//!   separate pass** over query tiles (recomputing S and dP there) rather than by atomic
+//!   additions: two more tile products, but every gradient element is written by one thread
+//!   in a fixed order, so the results are bitwise reproducible, as on the CPU. With GQA the
+//!   key pass writes per query head and a last kernel sums each group.
+//!
+//! Head dimensions 32, 64, 96 and 128; others are refused with a clear error.
+
+use attn_core::{AttnError, Device, Forward, Grads, Inputs, Options, Result, Shape, Stage};
+use attn_cuda::cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+use attn_cuda::{
+    CONTRACT_HEADER, CudaFunction, DeviceBuffer, DeviceRepr, Gpu, LaunchConfig, PushKernelArg,
+    blocks_for, cuda_err,
+};
+use attn_naive::gpu::{
+    DeviceForward, DeviceProblem, DeviceSaved, DeviceStats, backward_on_device, forward_on_device,
+};
+use ndarray::ArrayView4;
+
+use crate::cpu::NAME;
+
+/// The fused kernels.
+pub const KERNELS: &str = include_str!("../kernels/flash2.cu");
+const MODULE: &str = "flash2";
+/// Query rows and keys per tile (`BR`, `BC` in flash2.cu).
+pub const TILE: usize = 64;
+/// The head dimensions the kernels are instantiated for.
+pub const HEAD_DIMS: [usize; 4] = [32, 64, 96, 128];
+
+/// `struct FlashArgs` in flash2.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct FlashArgs {
+    q: u64,
+    k: u64,
+    v: u64,
+    o: u64,
+    lse: u64,
+    d_out: u64,
+    dvec: u64,
+    dq: u64,
+    dk: u64,
+    dv: u64,
+    n_q: i32,
+    n_k: i32,
+    heads: i32,
+    kv_heads: i32,
+    scale: f32,
+    pad_: i32,
+}
+// SAFETY: plain old data, laid out as `struct FlashArgs` in flash2.cu.
+unsafe impl DeviceRepr for FlashArgs {}
+
+fn check_head_dim(d: usize) -> Result<()> {
+    if HEAD_DIMS.contains(&d) {
+        Ok(())
+    } else {
+        Err(AttnError::UnsupportedHeadDim {
+            stage: "flash2 (cuda)",
+            head_dim: d,
+            supported: "32, 64, 96, 128 (use the CPU stages, or pad the head dimension)".into(),
+        })
+    }
+}
+
+/// Shared-memory bytes of each kernel at head dimension `d` (rows padded to d + 1 floats).
+fn shared_bytes(kernel: &str, d: usize) -> u32 {
+    let (t, row, p) = (TILE, d + 1, TILE * (TILE + 1));
+    let floats = match kernel {
+        "forward" => 2 * t * row + p,
+        "backward_kv" => 4 * t * row + 2 * p,
+        _ => 4 * t * row + p, // backward_q
+    };
+    (4 * floats) as u32
+}
+
+fn kernel(gpu: &Gpu, name: &str, d: usize) -> Result<(CudaFunction, u32)> {
+    let f = gpu.function(MODULE, &[CONTRACT_HEADER, KERNELS], &format!("flash2_{name}_d{d}"))?;
+    let bytes = shared_bytes(name, d);
+    f.set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
+        .map_err(cuda_err(format!("asking for {bytes} B of shared memory")))?;
+    Ok((f, bytes))
+}
+
+fn args(gpu: &Gpu, dev: &DeviceProblem) -> FlashArgs {
+    let Shape { heads, kv_heads, n_q, n_k, .. } = dev.shape;
+    FlashArgs {
+        q: gpu.ptr(&dev.q),
+        k: gpu.ptr(&dev.k),
+        v: gpu.ptr(&dev.v),
+        n_q: n_q as i32,
+        n_k: n_k as i32,
+        heads: heads as i32,
+        kv_heads: kv_heads as i32,
+        scale: dev.scale,
+        ..FlashArgs::default()
+    }
+}
+
+fn launch(
+    gpu: &Gpu,
+    (f, smem): &(CudaFunction, u32),
+    grid: (u32, u32),
+    a: &FlashArgs,
+    dev: &DeviceProblem,
+    what: &str,
+) -> Result<()> {
+    let cfg = LaunchConfig {
+        grid_dim: (grid.0, grid.1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: *smem,
+    };
+    let mut b = gpu.stream().launch_builder(f);
+    b.arg(a).arg(&dev.mods).arg(&dev.dropout);
+    // SAFETY: (FlashArgs, ScoreMods, Dropout) is the kernel's parameter list, every pointer
+    // in them addresses a live buffer of the problem's shape, and the dynamic shared memory
+    // is what the kernel lays out for this head dimension.
+    unsafe { b.launch(cfg) }.map(|_| ()).map_err(cuda_err(what.to_string()))
+}
+
+// ANCHOR: forward_device
+/// The fused forward on uploaded tensors: (O, lse) on the device.
+pub fn forward_device(gpu: &'static Gpu, dev: &DeviceProblem) -> Result<DeviceForward> {
+    let Shape { batch, heads, n_q, head_dim: d, .. } = dev.shape;
+    check_head_dim(d)?;
+    let z = batch * heads;
+    let out = gpu.uninit_f32(z * n_q * d)?; // every row written by its query tile
+    let lse = gpu.uninit_f32(z * n_q)?;
+    let a = FlashArgs { o: gpu.ptr(&out), lse: gpu.ptr(&lse), ..args(gpu, dev) };
+    let grid = (blocks_for(n_q, TILE as u32), z as u32);
+    launch(gpu, &kernel(gpu, "forward", d)?, grid, &a, dev, "flash2_forward")?;
+    Ok((out, lse))
+}
+// ANCHOR_END: forward_device
+
+/// The fused backward on the device: dQ, dK, dV.
+pub fn backward_device(
+    gpu: &'static Gpu,
+    dev: &DeviceProblem,
+    saved: &DeviceSaved,
+) -> Result<[DeviceBuffer<f32>; 3]> {
+    let Shape { batch, heads, kv_heads, n_q, n_k, head_dim: d } = dev.shape;
+    check_head_dim(d)?;
+    let z = batch * heads;
+    let dvec = gpu.uninit_f32(z * n_q)?;
+    let dq = gpu.uninit_f32(z * n_q * d)?;
+    // dK, dV per query head; with GQA summed per group afterwards.
+    let dk_h = gpu.uninit_f32(z * n_k * d)?;
+    let dv_h = gpu.uninit_f32(z * n_k * d)?;
+    let a = FlashArgs {
+        o: gpu.ptr(&saved.out),
+        lse: gpu.ptr(&saved.lse),
+        d_out: gpu.ptr(&saved.d_out),
+        dvec: gpu.ptr(&dvec),
+        dq: gpu.ptr(&dq),
+        dk: gpu.ptr(&dk_h),
+        dv: gpu.ptr(&dv_h),
+        ..args(gpu, dev)
+    };
+    // D = rowsum(dO ∘ O)
+    let f = gpu.function(MODULE, &[CONTRACT_HEADER, KERNELS], "flash2_dvec")?;
+    let rows = (z * n_q) as i64;
+    let cfg = LaunchConfig {
+        grid_dim: (blocks_for(z * n_q, 8), 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (mut b, d32) = (gpu.stream().launch_builder(&f), d as i32);
+    b.arg(&a).arg(&rows).arg(&d32);
+    // SAFETY: (FlashArgs, rows, d) is flash2_dvec's parameter list; O, dO and D hold rows·d,
+    // rows·d and rows floats.
+    unsafe { b.launch(cfg) }.map_err(cuda_err("flash2_dvec"))?;
+    // dK, dV over key tiles; dQ over query tiles
+    launch(
+        gpu,
+        &kernel(gpu, "backward_kv", d)?,
+        (blocks_for(n_k, 64), z as u32),
+        &a,
+        dev,
+        "flash2_backward_kv",
+    )?;
+    launch(
+        gpu,
+        &kernel(gpu, "backward_q", d)?,
+        (blocks_for(n_q, 64), z as u32),
+        &a,
+        dev,
+        "flash2_backward_q",
+    )?;
+    if heads == kv_heads {
+        return Ok([dq, dk_h, dv_h]);
+    }
+    let sum = gpu.function(MODULE, &[CONTRACT_HEADER, KERNELS], "flash2_group_sum")?;
+    let per_head = (n_k * d) as i64;
+    let total = (batch * kv_heads * n_k * d) as i64;
+    let mut grads = Vec::new();
+    for per_q_head in [&dk_h, &dv_h] {
+        let out = gpu.uninit_f32(total as usize)?;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks_for(total as usize, 256).min(4096), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (src, dst, h, kvh) =
+            (gpu.ptr(per_q_head), gpu.ptr(&out), heads as i32, kv_heads as i32);
+        let mut b = gpu.stream().launch_builder(&sum);
+        b.arg(&src).arg(&dst).arg(&h).arg(&kvh).arg(&per_head).arg(&total);
+        // SAFETY: the source holds batch·heads·n_k·d floats, the destination `total`.
+        unsafe { b.launch(cfg) }.map_err(cuda_err("flash2_group_sum"))?;
+        grads.push(out);
+    }
+    let dv = grads.pop().expect("two sums");
+    let dk = grads.pop().expect("two sums");
+    Ok([dq, dk, dv])
+}
+
+/// The forward with uploads and downloads, and its device statistics.
+pub fn forward_with_stats(inputs: &Inputs<'_>, opts: &Options) -> Result<(Forward, DeviceStats)> {
+    forward_on_device(inputs, opts, forward_device)
+}
+
+/// The backward with uploads and downloads, and its device statistics.
+pub fn backward_with_stats(
+    inputs: &Inputs<'_>,
+    opts: &Options,
+    fwd: &Forward,
+    d_out: ArrayView4<'_, f32>,
+) -> Result<(Grads, DeviceStats)> {
+    backward_on_device(inputs, opts, fwd, d_out, backward_device)
+}
+
+/// FlashAttention-2 on the GPU, as a [`Stage`]: uploads, runs the fused kernels, downloads.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Flash2Cuda;
+
+impl Stage for Flash2Cuda {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn device(&self) -> Device {
+        Device::Cuda
+    }
+
+    fn forward(&self, inputs: &Inputs<'_>, opts: &Options) -> Result<Forward> {
+        forward_with_stats(inputs, opts).map(|(f, _)| f)
+    }
+
+    fn backward(
+        &self,
+        inputs: &Inputs<'_>,
+        opts: &Options,
+        fwd: &Forward,
+        d_out: ArrayView4<'_, f32>,
+    ) -> Result<Grads> {
+        backward_with_stats(inputs, opts, fwd, d_out).map(|(g, _)| g)
+    }
+}

@@ -1,0 +1,146 @@
+//! FlashAttention-2's fused CUDA kernels against the float64 reference and the CPU variant.
+//! Where no CUDA device is present each test says so and passes (the NVRTC compile check
+//! runs wherever libnvrtc loads).
+
+use attn_core::testing::strategies::{arb_case, config};
+use attn_core::testing::{
+    BiasKind, Case, MaskKind, check_against_reference, check_against_stage, edge_cases,
+};
+use attn_core::{AttnError, Inputs, Options, Shape, Stage};
+use attn_flash2::{Flash2Cpu, Flash2Cuda};
+use proptest::prelude::*;
+
+fn no_device() -> bool {
+    match attn_cuda::gpu() {
+        Ok(_) => false,
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            true
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(config(48))]
+
+    #[test]
+    fn flash2_gpu_matches_reference_and_cpu(
+        case in arb_case(150, false).prop_map(|mut c| {
+            c.shape.head_dim = attn_flash2::gpu::HEAD_DIMS[c.shape.head_dim % 4];
+            c
+        })
+    ) {
+        if no_device() {
+            return Ok(());
+        }
+        let data = case.build();
+        check_against_reference(&Flash2Cuda, &data, true).unwrap().assert_f32(&format!("{case:?}"));
+        check_against_stage(&Flash2Cuda, &Flash2Cpu, &data)
+            .unwrap()
+            .assert_within(2e-5, 2e-4, &format!("against the CPU: {case:?}"));
+    }
+}
+
+#[test]
+fn flash2_gpu_every_head_dim_with_gqa_cross_attention_masks_and_dropout() {
+    if no_device() {
+        return;
+    }
+    for (d, (n_q, n_k)) in [(32, (300, 700)), (64, (700, 300)), (96, (129, 513)), (128, (513, 129))]
+    {
+        let case = Case {
+            causal: true,
+            mask: MaskKind::KeyPadding,
+            bias: BiasKind::NegInf,
+            dropout: Some(0.15),
+            ..Case::new(Shape::new(2, 4, n_q, d).with_n_k(n_k).with_kv_heads(2), 3)
+        };
+        check_against_reference(&Flash2Cuda, &case.build(), true)
+            .unwrap()
+            .assert_f32(&format!("{case:?}"));
+    }
+}
+
+#[test]
+fn flash2_gpu_edge_cases() {
+    if no_device() {
+        return;
+    }
+    // The shared edge cases, at head dimensions the kernels are built for (the blocks are the
+    // kernel's own, 64 × 64; the options' blocks do not apply).
+    for d in [32, 128] {
+        edge_cases::fully_masked_rows_at(&Flash2Cuda, (1, 1), d);
+        edge_cases::huge_logits_at(&Flash2Cuda, (1, 1), d);
+        edge_cases::same_dropout_as_at(&Flash2Cuda, &Flash2Cpu, (7, 5), d);
+    }
+    // More query rows than keys under causal masking: the first rows see nothing.
+    let case = Case { causal: true, ..Case::new(Shape::new(1, 2, 70, 32).with_n_k(40), 5) };
+    check_against_reference(&Flash2Cuda, &case.build(), true)
+        .unwrap()
+        .assert_f32("n_q > n_k causal");
+}
+
+#[test]
+fn flash2_gpu_is_bitwise_reproducible() {
+    if no_device() {
+        return;
+    }
+    let case = Case {
+        causal: true,
+        dropout: Some(0.1),
+        ..Case::new(Shape::new(2, 8, 333, 64).with_kv_heads(2), 7)
+    };
+    let data = case.build();
+    let inputs = data.inputs();
+    let runs: Vec<_> = (0..3)
+        .map(|_| {
+            let f = Flash2Cuda.forward(&inputs, &data.opts).unwrap();
+            let g = Flash2Cuda.backward(&inputs, &data.opts, &f, data.d_out.view()).unwrap();
+            (f.out, g.dq, g.dk, g.dv)
+        })
+        .collect();
+    for r in &runs[1..] {
+        assert!(r.0 == runs[0].0 && r.1 == runs[0].1 && r.2 == runs[0].2 && r.3 == runs[0].3);
+    }
+}
+
+#[test]
+fn flash2_gpu_at_a_realistic_size_matches_the_cpu() {
+    if no_device() {
+        return;
+    }
+    let case = Case { causal: true, ..Case::new(Shape::new(1, 8, 2048, 64), 9) };
+    check_against_stage(&Flash2Cuda, &Flash2Cpu, &case.build())
+        .unwrap()
+        .assert_within(2e-5, 2e-4, "n = 2048");
+}
+
+#[test]
+fn flash2_gpu_refuses_other_head_dims_clearly() {
+    let shape = Shape::new(1, 1, 16, 48);
+    let (q, k, v) = attn_core::random::qkv(&shape, 1);
+    let inputs = Inputs::new(q.view(), k.view(), v.view());
+    match Flash2Cuda.forward(&inputs, &Options::default()) {
+        Err(AttnError::UnsupportedHeadDim { head_dim: 48, supported, .. }) => {
+            assert!(supported.contains("128"));
+        }
+        Err(AttnError::NoCudaDevice { reason }) => eprintln!("skipped: no CUDA device ({reason})"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn kernels_compile_with_nvrtc_for_the_h100() {
+    if !attn_cuda::nvrtc_available() {
+        eprintln!("skipped: libnvrtc not found");
+        return;
+    }
+    let sources = [attn_cuda::CONTRACT_HEADER, attn_flash2::gpu::KERNELS];
+    let ptx = attn_cuda::compile("flash2", &sources, "sm_90").unwrap().to_src();
+    for d in attn_flash2::gpu::HEAD_DIMS {
+        for k in ["forward", "backward_kv", "backward_q"] {
+            assert!(ptx.contains(&format!(".entry flash2_{k}_d{d}")), "no flash2_{k}_d{d}");
+        }
+    }
+    assert!(ptx.contains(".entry flash2_dvec") && ptx.contains(".entry flash2_group_sum"));
+}
