@@ -1,5 +1,6 @@
-// FlashAttention-2 as fused CUDA kernels, fp32 (version 1: shared-memory tiles, register
-// tiling 4 x 4 per thread). Tiles of BR = 64 query rows and BC = 64 keys; 256 threads as a
+// FlashAttention-2 as fused CUDA kernels, fp32. Forward version 1: shared-memory tiles,
+// register tiling 4 x 4 per thread; version 2 (below): the same with 16-byte shared-memory
+// reads. Tiles of BR = 64 query rows and BC = 64 keys; 256 threads as a
 // 16 x 16 grid (ty, tx): thread (ty, tx) owns score rows ty + 16a and columns tx + 16b of a
 // tile, and output rows ty + 16a, columns tx + 16b. The 16 threads of one ty are 16
 // consecutive lanes of a warp, so a row's max and sum are reduced with 4 shuffles.
@@ -146,6 +147,152 @@ __device__ void flash_forward(const FlashArgs& a, const ScoreMods& mods, const D
 // ANCHOR_END: forward
 
 // ---------------------------------------------------------------------------------------
+// ANCHOR: forward_v2
+// Forward, version 2: the same algorithm as version 1 with 16-byte shared-memory reads.
+// Rows of Q, K, V and P are padded to a multiple of 4 floats (D + 4), each thread reads 4
+// consecutive values of a row at once, and a thread owns D/16 *consecutive* output columns
+// (tx·D/16 ..), so that V and O move as float4 (float2 where D/16 is not a multiple of 4).
+// Per 4 steps of the dot products a warp now issues 12 shared-memory wavefronts for 64 FMAs
+// each thread, against 32 in version 1.
+template <int D>
+__device__ __forceinline__ void load_tile4(float* dst, const float* src, int row0, int n) {
+    constexpr int V4 = D / 4;
+    for (int e = threadIdx.x; e < 64 * V4; e += NT) {
+        int r = e / V4, c = (e % V4) * 4;
+        float4 x = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (row0 + r < n) x = *reinterpret_cast<const float4*>(src + (i64)(row0 + r) * D + c);
+        *reinterpret_cast<float4*>(dst + r * (D + 4) + c) = x;
+    }
+}
+
+template <int D>
+__device__ void flash_forward_v2(const FlashArgs& a, const ScoreMods& mods, const Dropout& drop) {
+    extern __shared__ float4 smem4[];
+    float* Qs = reinterpret_cast<float*>(smem4);  // [BR][D + 4]
+    float* KVs = Qs + BR * (D + 4);               // [BC][D + 4]: K_j, then V_j
+    float* Ps = KVs + BC * (D + 4);               // [BR][BC + 4]
+    constexpr int CW = D / 16;                    // output columns per thread
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    const int z = blockIdx.y, b = z / a.heads, h = z % a.heads;
+    const int kvh = h / (a.heads / a.kv_heads);
+    const int i0 = blockIdx.x * BR;
+    const float* q = (const float*)a.q + (i64)z * a.n_q * D;
+    const float* k = (const float*)a.k + ((i64)b * a.kv_heads + kvh) * a.n_k * D;
+    const float* v = (const float*)a.v + ((i64)b * a.kv_heads + kvh) * a.n_k * D;
+
+    load_tile4<D>(Qs, q, i0, a.n_q);
+    float m[4], l[4], o[4][CW];
+    u32 key[4];
+    for (int r = 0; r < 4; r++) {
+        m[r] = NEG_INF;
+        l[r] = 0.0f;
+        for (int c = 0; c < CW; c++) o[r][c] = 0.0f;
+        key[r] = drop.enabled ? row_key(drop.seed, b, h, i0 + ty + 16 * r) : 0u;
+    }
+    const int last = min(i0 + BR, a.n_q) - 1;
+    const int j_end = key_end(mods, last);
+
+    for (int j0 = 0; j0 < j_end; j0 += BC) {
+        __syncthreads();
+        load_tile4<D>(KVs, k, j0, a.n_k);
+        __syncthreads();
+        float s[4][4] = {};
+#pragma unroll 4
+        for (int d = 0; d < D; d += 4) {
+            float4 qv[4], kv[4];
+#pragma unroll
+            for (int r = 0; r < 4; r++)
+                qv[r] = *reinterpret_cast<const float4*>(Qs + (ty + 16 * r) * (D + 4) + d);
+#pragma unroll
+            for (int c = 0; c < 4; c++)
+                kv[c] = *reinterpret_cast<const float4*>(KVs + (tx + 16 * c) * (D + 4) + d);
+#pragma unroll
+            for (int r = 0; r < 4; r++)
+#pragma unroll
+                for (int c = 0; c < 4; c++) {
+                    s[r][c] = fmaf(qv[r].x, kv[c].x, s[r][c]);
+                    s[r][c] = fmaf(qv[r].y, kv[c].y, s[r][c]);
+                    s[r][c] = fmaf(qv[r].z, kv[c].z, s[r][c]);
+                    s[r][c] = fmaf(qv[r].w, kv[c].w, s[r][c]);
+                }
+        }
+        const bool plain = tile_plain(mods, i0, j0);
+#pragma unroll
+        for (int r = 0; r < 4; r++) {
+            const int i = i0 + ty + 16 * r;
+            float mx = NEG_INF;
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                s[r][c] = score(mods, plain, a.scale, b, h, i, j0 + tx + 16 * c, s[r][c]);
+                mx = fmaxf(mx, s[r][c]);
+            }
+            const float m_new = fmaxf(m[r], row_max16(mx));
+            const float alpha = m[r] == NEG_INF ? 0.0f : expf(m[r] - m_new);
+            float sum = 0.0f;
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                const int j = j0 + tx + 16 * c;
+                float p = s[r][c] == NEG_INF ? 0.0f : expf(s[r][c] - m_new);
+                sum += p;
+                if (drop.enabled) p *= dropout_factor(drop, key[r], j);
+                Ps[(ty + 16 * r) * (BC + 4) + tx + 16 * c] = p;
+            }
+            l[r] = alpha * l[r] + row_sum16(sum);
+            m[r] = m_new;
+#pragma unroll
+            for (int c = 0; c < CW; c++) o[r][c] *= alpha;
+        }
+        __syncthreads();
+        load_tile4<D>(KVs, v, j0, a.n_k);
+        __syncthreads();
+        // O += P V_j: 4 keys at a time, P as a broadcast float4, V rows as float4/float2
+#pragma unroll 2
+        for (int c2 = 0; c2 < BC; c2 += 4) {
+            float4 pv[4];
+#pragma unroll
+            for (int r = 0; r < 4; r++)
+                pv[r] = *reinterpret_cast<const float4*>(Ps + (ty + 16 * r) * (BC + 4) + c2);
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                float vv[CW];
+                const float* vrow = KVs + (c2 + u) * (D + 4) + tx * CW;
+                if constexpr (CW % 4 == 0) {
+#pragma unroll
+                    for (int c = 0; c < CW; c += 4) {
+                        float4 x = *reinterpret_cast<const float4*>(vrow + c);
+                        vv[c] = x.x; vv[c + 1] = x.y; vv[c + 2] = x.z; vv[c + 3] = x.w;
+                    }
+                } else {
+#pragma unroll
+                    for (int c = 0; c < CW; c += 2) {
+                        float2 x = *reinterpret_cast<const float2*>(vrow + c);
+                        vv[c] = x.x; vv[c + 1] = x.y;
+                    }
+                }
+#pragma unroll
+                for (int r = 0; r < 4; r++) {
+                    const float p = u == 0 ? pv[r].x : u == 1 ? pv[r].y : u == 2 ? pv[r].z : pv[r].w;
+#pragma unroll
+                    for (int c = 0; c < CW; c++) o[r][c] = fmaf(p, vv[c], o[r][c]);
+                }
+            }
+        }
+    }
+    float* out = (float*)a.o + (i64)z * a.n_q * D;
+    float* lse = (float*)a.lse + (i64)z * a.n_q;
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+        const int i = i0 + ty + 16 * r;
+        if (i >= a.n_q) continue;
+        const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+#pragma unroll
+        for (int c = 0; c < CW; c++) out[(i64)i * D + tx * CW + c] = o[r][c] * inv;
+        if (tx == 0) lse[i] = l[r] > 0.0f ? m[r] + logf(l[r]) : NEG_INF;
+    }
+}
+// ANCHOR_END: forward_v2
+
+// ---------------------------------------------------------------------------------------
 // Backward (Algorithm 2 of the FlashAttention-2 paper, with dQ in its own pass).
 
 // D_i = rowsum(dO_i * O_i): one warp per row of [rows, d].
@@ -160,8 +307,36 @@ extern "C" __global__ void flash2_dvec(FlashArgs a, i64 rows, int d) {
     if (threadIdx.x % 32 == 0) ((float*)a.dvec)[row] = acc;
 }
 
+// The backward kernels read shared memory as the forward's version 2 does: rows padded to
+// D + 4 floats, 16-byte reads, a thread owning D/16 consecutive gradient columns.
+#define ROW (D + 4)
+#define TROW (BC + 4)
+
+// Loads CW consecutive floats (float4s, or float2s when CW is not a multiple of 4).
+template <int CW>
+__device__ __forceinline__ void load_cols(float* dst, const float* src) {
+    if constexpr (CW % 4 == 0) {
+#pragma unroll
+        for (int c = 0; c < CW; c += 4) {
+            float4 x = *reinterpret_cast<const float4*>(src + c);
+            dst[c] = x.x; dst[c + 1] = x.y; dst[c + 2] = x.z; dst[c + 3] = x.w;
+        }
+    } else {
+#pragma unroll
+        for (int c = 0; c < CW; c += 2) {
+            float2 x = *reinterpret_cast<const float2*>(src + c);
+            dst[c] = x.x; dst[c + 1] = x.y;
+        }
+    }
+}
+
+__device__ __forceinline__ float lane(const float4& x, int u) {
+    return u == 0 ? x.x : u == 1 ? x.y : u == 2 ? x.z : x.w;
+}
+
 // Recomputes, for the tile (rows i0.., keys j0..) held in shared memory, P (undropped) and
-// dS = P * (Z * dP - D) into the thread's registers; dP = dO V^T.
+// dS = P * (Z * dP - D) into the thread's registers (rows ty + 16r, keys tx + 16c);
+// dP = dO V^T.
 template <int D>
 __device__ __forceinline__ void tile_p_ds(const FlashArgs& a, const ScoreMods& mods,
                                           const Dropout& drop, int b, int h, int z, int i0,
@@ -170,30 +345,43 @@ __device__ __forceinline__ void tile_p_ds(const FlashArgs& a, const ScoreMods& m
                                           float ds[4][4]) {
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
     float s[4][4] = {}, dp[4][4] = {};
-    for (int d = 0; d < D; d++) {
-        float qv[4], dov[4], kv[4], vv[4];
+#pragma unroll 2
+    for (int d = 0; d < D; d += 4) {
+        float4 qv[4], dov[4], kv[4], vv[4];
+#pragma unroll
         for (int r = 0; r < 4; r++) {
-            qv[r] = Qs[(ty + 16 * r) * (D + 1) + d];
-            dov[r] = dOs[(ty + 16 * r) * (D + 1) + d];
+            qv[r] = *reinterpret_cast<const float4*>(Qs + (ty + 16 * r) * ROW + d);
+            dov[r] = *reinterpret_cast<const float4*>(dOs + (ty + 16 * r) * ROW + d);
         }
+#pragma unroll
         for (int c = 0; c < 4; c++) {
-            kv[c] = Ks[(tx + 16 * c) * (D + 1) + d];
-            vv[c] = Vs[(tx + 16 * c) * (D + 1) + d];
+            kv[c] = *reinterpret_cast<const float4*>(Ks + (tx + 16 * c) * ROW + d);
+            vv[c] = *reinterpret_cast<const float4*>(Vs + (tx + 16 * c) * ROW + d);
         }
+#pragma unroll
         for (int r = 0; r < 4; r++)
+#pragma unroll
             for (int c = 0; c < 4; c++) {
-                s[r][c] = fmaf(qv[r], kv[c], s[r][c]);
-                dp[r][c] = fmaf(dov[r], vv[c], dp[r][c]);
+                s[r][c] = fmaf(qv[r].x, kv[c].x, s[r][c]);
+                s[r][c] = fmaf(qv[r].y, kv[c].y, s[r][c]);
+                s[r][c] = fmaf(qv[r].z, kv[c].z, s[r][c]);
+                s[r][c] = fmaf(qv[r].w, kv[c].w, s[r][c]);
+                dp[r][c] = fmaf(dov[r].x, vv[c].x, dp[r][c]);
+                dp[r][c] = fmaf(dov[r].y, vv[c].y, dp[r][c]);
+                dp[r][c] = fmaf(dov[r].z, vv[c].z, dp[r][c]);
+                dp[r][c] = fmaf(dov[r].w, vv[c].w, dp[r][c]);
             }
     }
     const bool plain = tile_plain(mods, i0, j0);
     const float* lse = (const float*)a.lse + (i64)z * a.n_q;
     const float* dvec = (const float*)a.dvec + (i64)z * a.n_q;
+#pragma unroll
     for (int r = 0; r < 4; r++) {
         const int i = i0 + ty + 16 * r;
         const float L = i < a.n_q ? lse[i] : NEG_INF;
         const float Di = i < a.n_q ? dvec[i] : 0.0f;
         const u32 key = drop.enabled ? row_key(drop.seed, b, h, i) : 0u;
+#pragma unroll
         for (int c = 0; c < 4; c++) {
             const int j = j0 + tx + 16 * c;
             const float sc = score(mods, plain, a.scale, b, h, i, j, s[r][c]);
@@ -207,18 +395,18 @@ __device__ __forceinline__ void tile_p_ds(const FlashArgs& a, const ScoreMods& m
 }
 
 // dK_j, dV_j: one block per (key tile, batch*head), looping over the query tiles that can
-// see it; dK and dV accumulate in registers. Written per query head into dk/dv (the host
-// sums the heads of a GQA group afterwards).
+// see it; dK and dV accumulate in registers (keys ty + 16r, columns tx*CW ..). Written per
+// query head into dk/dv (the host sums the heads of a GQA group afterwards).
 template <int D>
 __device__ void flash_backward_kv(const FlashArgs& a, const ScoreMods& mods, const Dropout& drop) {
-    extern __shared__ float smem[];
-    float* Ks = smem;
-    float* Vs = Ks + BC * (D + 1);
-    float* Qs = Vs + BC * (D + 1);
-    float* dOs = Qs + BR * (D + 1);
-    float* Pt = dOs + BR * (D + 1);    // [BR][BC + 1]: P * Z
-    float* dSt = Pt + BR * (BC + 1);   // [BR][BC + 1]: dS
-    constexpr int RD = D / 16;
+    extern __shared__ float4 smem4[];
+    float* Ks = reinterpret_cast<float*>(smem4);
+    float* Vs = Ks + BC * ROW;
+    float* Qs = Vs + BC * ROW;
+    float* dOs = Qs + BR * ROW;
+    float* PT = dOs + BR * ROW;       // [BC][BR + 4]: (P Z)^T
+    float* dST = PT + BC * TROW;      // [BC][BR + 4]: dS^T
+    constexpr int CW = D / 16;
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
     const int z = blockIdx.y, b = z / a.heads, h = z % a.heads;
     const int kvh = h / (a.heads / a.kv_heads);
@@ -228,56 +416,68 @@ __device__ void flash_backward_kv(const FlashArgs& a, const ScoreMods& mods, con
     const float* k = (const float*)a.k + ((i64)b * a.kv_heads + kvh) * a.n_k * D;
     const float* v = (const float*)a.v + ((i64)b * a.kv_heads + kvh) * a.n_k * D;
 
-    load_tile<D, BC>(Ks, k, j0, a.n_k);
-    load_tile<D, BC>(Vs, v, j0, a.n_k);
-    float dk[4][RD] = {}, dv[4][RD] = {};  // rows (keys) ty + 16r, columns tx + 16c
+    load_tile4<D>(Ks, k, j0, a.n_k);
+    load_tile4<D>(Vs, v, j0, a.n_k);
+    float dk[4][CW] = {}, dv[4][CW] = {};
     // Causal: query i sees key j0 when j0 < key_end(i), i.e. i >= j0 + n_q - n_k.
     int i_start = 0;
     if (mods.causal) i_start = max(0, j0 + a.n_q - a.n_k) / BR * BR;
     for (int i0 = i_start; i0 < a.n_q; i0 += BR) {
         __syncthreads();
-        load_tile<D, BR>(Qs, q, i0, a.n_q);
-        load_tile<D, BR>(dOs, dout, i0, a.n_q);
+        load_tile4<D>(Qs, q, i0, a.n_q);
+        load_tile4<D>(dOs, dout, i0, a.n_q);
         __syncthreads();
         float p[4][4], ds[4][4];
         tile_p_ds<D>(a, mods, drop, b, h, z, i0, j0, Qs, dOs, Ks, Vs, p, ds);
+#pragma unroll
         for (int r = 0; r < 4; r++) {
             const u32 key = drop.enabled ? row_key(drop.seed, b, h, i0 + ty + 16 * r) : 0u;
+#pragma unroll
             for (int c = 0; c < 4; c++) {
                 float pz = p[r][c];
                 if (drop.enabled) pz *= dropout_factor(drop, key, j0 + tx + 16 * c);
-                Pt[(ty + 16 * r) * (BC + 1) + tx + 16 * c] = pz;
-                dSt[(ty + 16 * r) * (BC + 1) + tx + 16 * c] = ds[r][c];
+                PT[(tx + 16 * c) * TROW + ty + 16 * r] = pz;
+                dST[(tx + 16 * c) * TROW + ty + 16 * r] = ds[r][c];
             }
         }
         __syncthreads();
-        // dV_j += (P Z)^T dO_i,  dK_j += scale dS^T Q_i
-        for (int rr = 0; rr < BR; rr++) {
-            float pz[4], dsv[4], dov[RD], qv[RD];
+        // dV_j += (P Z)^T dO_i,  dK_j += dS^T Q_i: four query rows at a time
+#pragma unroll 2
+        for (int rr = 0; rr < BR; rr += 4) {
+            float4 pz[4], dsv[4];
+#pragma unroll
             for (int r = 0; r < 4; r++) {
-                pz[r] = Pt[rr * (BC + 1) + ty + 16 * r];
-                dsv[r] = dSt[rr * (BC + 1) + ty + 16 * r];
+                pz[r] = *reinterpret_cast<const float4*>(PT + (ty + 16 * r) * TROW + rr);
+                dsv[r] = *reinterpret_cast<const float4*>(dST + (ty + 16 * r) * TROW + rr);
             }
-            for (int c = 0; c < RD; c++) {
-                dov[c] = dOs[rr * (D + 1) + tx + 16 * c];
-                qv[c] = Qs[rr * (D + 1) + tx + 16 * c];
-            }
-            for (int r = 0; r < 4; r++)
-                for (int c = 0; c < RD; c++) {
-                    dv[r][c] = fmaf(pz[r], dov[c], dv[r][c]);
-                    dk[r][c] = fmaf(dsv[r], qv[c], dk[r][c]);
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                float dov[CW], qv[CW];
+                load_cols<CW>(dov, dOs + (rr + u) * ROW + tx * CW);
+                load_cols<CW>(qv, Qs + (rr + u) * ROW + tx * CW);
+#pragma unroll
+                for (int r = 0; r < 4; r++) {
+                    const float pu = lane(pz[r], u), du = lane(dsv[r], u);
+#pragma unroll
+                    for (int c = 0; c < CW; c++) {
+                        dv[r][c] = fmaf(pu, dov[c], dv[r][c]);
+                        dk[r][c] = fmaf(du, qv[c], dk[r][c]);
+                    }
                 }
+            }
         }
     }
     // per query head: [b, h, n_k, D]
     float* dK = (float*)a.dk + (i64)z * a.n_k * D;
     float* dV = (float*)a.dv + (i64)z * a.n_k * D;
+#pragma unroll
     for (int r = 0; r < 4; r++) {
         const int j = j0 + ty + 16 * r;
         if (j >= a.n_k) continue;
-        for (int c = 0; c < RD; c++) {
-            dK[(i64)j * D + tx + 16 * c] = a.scale * dk[r][c];
-            dV[(i64)j * D + tx + 16 * c] = dv[r][c];
+#pragma unroll
+        for (int c = 0; c < CW; c++) {
+            dK[(i64)j * D + tx * CW + c] = a.scale * dk[r][c];
+            dV[(i64)j * D + tx * CW + c] = dv[r][c];
         }
     }
 }
@@ -285,13 +485,13 @@ __device__ void flash_backward_kv(const FlashArgs& a, const ScoreMods& mods, con
 // dQ_i: one block per (query tile, batch*head), looping over the key tiles it sees.
 template <int D>
 __device__ void flash_backward_q(const FlashArgs& a, const ScoreMods& mods, const Dropout& drop) {
-    extern __shared__ float smem[];
-    float* Qs = smem;
-    float* dOs = Qs + BR * (D + 1);
-    float* Ks = dOs + BR * (D + 1);
-    float* Vs = Ks + BC * (D + 1);
-    float* dSt = Vs + BC * (D + 1);    // [BR][BC + 1]
-    constexpr int RD = D / 16;
+    extern __shared__ float4 smem4[];
+    float* Qs = reinterpret_cast<float*>(smem4);
+    float* dOs = Qs + BR * ROW;
+    float* Ks = dOs + BR * ROW;
+    float* Vs = Ks + BC * ROW;
+    float* dSt = Vs + BC * ROW;        // [BR][BC + 4]
+    constexpr int CW = D / 16;
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
     const int z = blockIdx.y, b = z / a.heads, h = z % a.heads;
     const int kvh = h / (a.heads / a.kv_heads);
@@ -301,35 +501,50 @@ __device__ void flash_backward_q(const FlashArgs& a, const ScoreMods& mods, cons
     const float* k = (const float*)a.k + ((i64)b * a.kv_heads + kvh) * a.n_k * D;
     const float* v = (const float*)a.v + ((i64)b * a.kv_heads + kvh) * a.n_k * D;
 
-    load_tile<D, BR>(Qs, q, i0, a.n_q);
-    load_tile<D, BR>(dOs, dout, i0, a.n_q);
-    float dq[4][RD] = {};
+    load_tile4<D>(Qs, q, i0, a.n_q);
+    load_tile4<D>(dOs, dout, i0, a.n_q);
+    float dq[4][CW] = {};
     const int last = min(i0 + BR, a.n_q) - 1;
     const int j_end = key_end(mods, last);
     for (int j0 = 0; j0 < j_end; j0 += BC) {
         __syncthreads();
-        load_tile<D, BC>(Ks, k, j0, a.n_k);
-        load_tile<D, BC>(Vs, v, j0, a.n_k);
+        load_tile4<D>(Ks, k, j0, a.n_k);
+        load_tile4<D>(Vs, v, j0, a.n_k);
         __syncthreads();
         float p[4][4], ds[4][4];
         tile_p_ds<D>(a, mods, drop, b, h, z, i0, j0, Qs, dOs, Ks, Vs, p, ds);
+#pragma unroll
         for (int r = 0; r < 4; r++)
-            for (int c = 0; c < 4; c++) dSt[(ty + 16 * r) * (BC + 1) + tx + 16 * c] = ds[r][c];
+#pragma unroll
+            for (int c = 0; c < 4; c++) dSt[(ty + 16 * r) * TROW + tx + 16 * c] = ds[r][c];
         __syncthreads();
-        // dQ_i += scale dS K_j
-        for (int cc = 0; cc < BC; cc++) {
-            float dsv[4], kv[RD];
-            for (int r = 0; r < 4; r++) dsv[r] = dSt[(ty + 16 * r) * (BC + 1) + cc];
-            for (int c = 0; c < RD; c++) kv[c] = Ks[cc * (D + 1) + tx + 16 * c];
+        // dQ_i += dS K_j: four keys at a time
+#pragma unroll 2
+        for (int cc = 0; cc < BC; cc += 4) {
+            float4 dsv[4];
+#pragma unroll
             for (int r = 0; r < 4; r++)
-                for (int c = 0; c < RD; c++) dq[r][c] = fmaf(dsv[r], kv[c], dq[r][c]);
+                dsv[r] = *reinterpret_cast<const float4*>(dSt + (ty + 16 * r) * TROW + cc);
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                float kv[CW];
+                load_cols<CW>(kv, Ks + (cc + u) * ROW + tx * CW);
+#pragma unroll
+                for (int r = 0; r < 4; r++) {
+                    const float du = lane(dsv[r], u);
+#pragma unroll
+                    for (int c = 0; c < CW; c++) dq[r][c] = fmaf(du, kv[c], dq[r][c]);
+                }
+            }
         }
     }
     float* dQ = (float*)a.dq + (i64)z * a.n_q * D;
+#pragma unroll
     for (int r = 0; r < 4; r++) {
         const int i = i0 + ty + 16 * r;
         if (i >= a.n_q) continue;
-        for (int c = 0; c < RD; c++) dQ[(i64)i * D + tx + 16 * c] = a.scale * dq[r][c];
+#pragma unroll
+        for (int c = 0; c < CW; c++) dQ[(i64)i * D + tx * CW + c] = a.scale * dq[r][c];
     }
 }
 
@@ -349,8 +564,12 @@ extern "C" __global__ void flash2_group_sum(const float* per_head, float* out, i
 
 #define FLASH_KERNELS(D)                                                                   \
     extern "C" __global__ void __launch_bounds__(NT)                                      \
-        flash2_forward_d##D(FlashArgs a, ScoreMods m, Dropout dr) {                       \
+        flash2_forward_v1_d##D(FlashArgs a, ScoreMods m, Dropout dr) {                    \
         flash_forward<D>(a, m, dr);                                                       \
+    }                                                                                      \
+    extern "C" __global__ void __launch_bounds__(NT)                                      \
+        flash2_forward_v2_d##D(FlashArgs a, ScoreMods m, Dropout dr) {                    \
+        flash_forward_v2<D>(a, m, dr);                                                    \
     }                                                                                      \
     extern "C" __global__ void __launch_bounds__(NT)                                      \
         flash2_backward_kv_d##D(FlashArgs a, ScoreMods m, Dropout dr) {                   \

@@ -75,9 +75,10 @@ fn check_head_dim(d: usize) -> Result<()> {
 fn shared_bytes(kernel: &str, d: usize) -> u32 {
     let (t, row, p) = (TILE, d + 1, TILE * (TILE + 1));
     let floats = match kernel {
-        "forward" => 2 * t * row + p,
-        "backward_kv" => 4 * t * row + 2 * p,
-        _ => 4 * t * row + p, // backward_q
+        "forward_v1" => 2 * t * row + p,
+        "forward_v2" => 2 * t * (d + 4) + t * (t + 4),
+        "backward_kv" => 4 * t * (d + 4) + 2 * t * (t + 4),
+        _ => 4 * t * (d + 4) + t * (t + 4), // backward_q
     };
     (4 * floats) as u32
 }
@@ -126,9 +127,25 @@ fn launch(
     unsafe { b.launch(cfg) }.map(|_| ()).map_err(cuda_err(what.to_string()))
 }
 
-// ANCHOR: forward_device
-/// The fused forward on uploaded tensors: (O, lse) on the device.
+/// The forward kernels kept side by side (book chapter "FlashAttention on the GPU"):
+/// 1 — shared-memory tiles, 4×4 scores per thread; 2 — the same with 16-byte shared-memory
+/// reads and consecutive output columns per thread.
+pub const FORWARD_VERSIONS: [u32; 2] = [1, 2];
+/// The version the stage runs.
+pub const FORWARD_VERSION: u32 = 2;
+
+/// The fused forward on uploaded tensors: (O, lse) on the device, latest version.
 pub fn forward_device(gpu: &'static Gpu, dev: &DeviceProblem) -> Result<DeviceForward> {
+    forward_device_version(gpu, dev, FORWARD_VERSION)
+}
+
+// ANCHOR: forward_device
+/// The fused forward of kernel version `version` ([`FORWARD_VERSIONS`]).
+pub fn forward_device_version(
+    gpu: &'static Gpu,
+    dev: &DeviceProblem,
+    version: u32,
+) -> Result<DeviceForward> {
     let Shape { batch, heads, n_q, head_dim: d, .. } = dev.shape;
     check_head_dim(d)?;
     let z = batch * heads;
@@ -136,7 +153,8 @@ pub fn forward_device(gpu: &'static Gpu, dev: &DeviceProblem) -> Result<DeviceFo
     let lse = gpu.uninit_f32(z * n_q)?;
     let a = FlashArgs { o: gpu.ptr(&out), lse: gpu.ptr(&lse), ..args(gpu, dev) };
     let grid = (blocks_for(n_q, TILE as u32), z as u32);
-    launch(gpu, &kernel(gpu, "forward", d)?, grid, &a, dev, "flash2_forward")?;
+    let name = format!("forward_v{version}");
+    launch(gpu, &kernel(gpu, &name, d)?, grid, &a, dev, "flash2_forward")?;
     Ok((out, lse))
 }
 // ANCHOR_END: forward_device
@@ -225,6 +243,15 @@ pub fn backward_device(
 /// The forward with uploads and downloads, and its device statistics.
 pub fn forward_with_stats(inputs: &Inputs<'_>, opts: &Options) -> Result<(Forward, DeviceStats)> {
     forward_on_device(inputs, opts, forward_device)
+}
+
+/// [`forward_with_stats`] for forward kernel `version`.
+pub fn forward_version_with_stats(
+    inputs: &Inputs<'_>,
+    opts: &Options,
+    version: u32,
+) -> Result<(Forward, DeviceStats)> {
+    forward_on_device(inputs, opts, |gpu, dev| forward_device_version(gpu, dev, version))
 }
 
 /// The backward with uploads and downloads, and its device statistics.
