@@ -41,7 +41,7 @@ python3 "$here/sdpa_gpu.py" --seq "${SEQ:-1024,4096,16384}" --csv "$out/sdpa-gpu
 # 3b. FlashAttention-2 on the FlashAttention-2 paper's setting (batch·n = 16 384, hidden 2 048,
 #     d = 64 and 128), beside PyTorch's memory-efficient backend, in the same call.
 if [ -z "${SKIP_PAPER:-}" ]; then
-  "$here/bin/attn" gpu-bench --paper --stages flash2,flash2-v1 --csv "$out/flash2-paper.csv" > "$out/flash2-paper.log" 2>&1 || { note "gpu-bench --paper FAILED"; status=1; }
+  "$here/bin/attn" gpu-bench --paper --stages flash2,flash2-v2 --csv "$out/flash2-paper.csv" > "$out/flash2-paper.log" 2>&1 || { note "gpu-bench --paper FAILED"; status=1; }
   python3 "$here/sdpa_gpu.py" --paper --csv "$out/sdpa-paper.csv" > "$out/sdpa-paper.log" 2>&1 || { note "sdpa_gpu.py --paper FAILED"; status=1; }
 fi
 

@@ -51,17 +51,21 @@ type FwdFn = fn(&Inputs<'_>, &Options) -> Result<(Forward, DeviceStats)>;
 type BwdFn =
     fn(&Inputs<'_>, &Options, &Forward, ArrayView4<'_, f32>) -> Result<(Grads, DeviceStats)>;
 
-fn gpu_stages() -> [(&'static str, FwdFn, BwdFn); 4] {
+fn gpu_stages() -> [(&'static str, FwdFn, BwdFn); 5] {
     use attn::{chunked::gpu as c, flash2::gpu as f, naive::gpu as n};
     fn flash2_v1(i: &Inputs<'_>, o: &Options) -> Result<(Forward, DeviceStats)> {
         f::forward_version_with_stats(i, o, 1)
+    }
+    fn flash2_v2(i: &Inputs<'_>, o: &Options) -> Result<(Forward, DeviceStats)> {
+        f::forward_version_with_stats(i, o, 2)
     }
     [
         ("naive", n::forward_with_stats, n::backward_with_stats),
         ("chunked", c::forward_with_stats, c::backward_with_stats),
         ("flash2", f::forward_with_stats, f::backward_with_stats),
-        // The first forward kernel, kept for the book's version table (same backward).
+        // The earlier forward kernels, kept for the book's version table (same backward).
         ("flash2-v1", flash2_v1, f::backward_with_stats),
+        ("flash2-v2", flash2_v2, f::backward_with_stats),
     ]
 }
 

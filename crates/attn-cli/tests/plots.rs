@@ -114,7 +114,11 @@ fn gpu_figures_are_drawn_from_the_recorded_results() {
     }
     let (header, rows) = read_csv(&dir.join("gpu.csv"));
     assert_eq!(header[0], "stage");
-    assert_eq!(rows.len(), 24, "4 GPU stages (flash2 in two forward versions) x 2 masks x 3 lengths");
+    assert_eq!(
+        rows.len(),
+        24,
+        "4 GPU stages (flash2 in two forward versions) x 2 masks x 3 lengths"
+    );
     // A broken file is refused with the flag named.
     std::fs::write(dir.join("bad.csv"), "stage,n\nnaive,x\n").unwrap();
     let bad = Command::new(env!("CARGO_BIN_EXE_attn"))

@@ -548,6 +548,166 @@ __device__ void flash_backward_q(const FlashArgs& a, const ScoreMods& mods, cons
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// ANCHOR: forward_v3
+// Forward, version 3: version 2 with asynchronous tile loads. K_j and V_j go to separate
+// buffers through cp.async (sm_80+), issued together at the top of each step: the block
+// waits for K_j only, computes S while V_j is still arriving, and P reuses K_j's buffer.
+// Exponentials in base 2 (scores pre-multiplied by log2 e: one ex2 instruction each).
+// (Before sm_80 there is no cp.async: plain copies, and the waits do nothing.)
+__device__ __forceinline__ void cp_async16(float* dst, const float* src, bool valid) {
+#if __CUDA_ARCH__ >= 800
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    const int bytes = valid ? 16 : 0;  // 0: fill with zeros
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(bytes));
+#else
+    *reinterpret_cast<float4*>(dst) =
+        valid ? *reinterpret_cast<const float4*>(src) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+template <int D>
+__device__ __forceinline__ void load_tile_async(float* dst, const float* src, int row0, int n) {
+    constexpr int V4 = D / 4;
+    for (int e = threadIdx.x; e < 64 * V4; e += NT) {
+        const int r = e / V4, c = (e % V4) * 4;
+        const bool ok = row0 + r < n;
+        cp_async16(dst + r * (D + 4) + c, ok ? src + (i64)(row0 + r) * D + c : src, ok);
+    }
+}
+
+template <int D>
+__device__ void flash_forward_v3(const FlashArgs& a, const ScoreMods& mods, const Dropout& drop) {
+    extern __shared__ float4 smem4[];
+    float* Qs = reinterpret_cast<float*>(smem4);  // [BR][D + 4]
+    float* Ks = Qs + BR * (D + 4);                // [BC][D + 4]
+    float* Vs = Ks + BC * (D + 4);                // [BC][D + 4]
+    // P [BR][BC + 4] in K's buffer once S is computed (when it fits there).
+    float* Ps = D >= 64 ? Ks : Vs + BC * (D + 4);
+    constexpr int CW = D / 16;
+    constexpr float LOG2E = 1.4426950408889634f;
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    const int z = blockIdx.y, b = z / a.heads, h = z % a.heads;
+    const int kvh = h / (a.heads / a.kv_heads);
+    const int i0 = blockIdx.x * BR;
+    const float* q = (const float*)a.q + (i64)z * a.n_q * D;
+    const float* k = (const float*)a.k + ((i64)b * a.kv_heads + kvh) * a.n_k * D;
+    const float* v = (const float*)a.v + ((i64)b * a.kv_heads + kvh) * a.n_k * D;
+
+    load_tile4<D>(Qs, q, i0, a.n_q);
+    float m[4], l[4], o[4][CW];  // m in base-2 units: max of s * log2 e
+    u32 key[4];
+    for (int r = 0; r < 4; r++) {
+        m[r] = NEG_INF;
+        l[r] = 0.0f;
+        for (int c = 0; c < CW; c++) o[r][c] = 0.0f;
+        key[r] = drop.enabled ? row_key(drop.seed, b, h, i0 + ty + 16 * r) : 0u;
+    }
+    const int last = min(i0 + BR, a.n_q) - 1;
+    const int j_end = key_end(mods, last);
+
+    for (int j0 = 0; j0 < j_end; j0 += BC) {
+        __syncthreads();  // P (in K's buffer) and V_j of the last step are no longer read
+        load_tile_async<D>(Ks, k, j0, a.n_k);
+        cp_async_commit();
+        load_tile_async<D>(Vs, v, j0, a.n_k);
+        cp_async_commit();
+        cp_async_wait<1>();  // K_j has arrived (V_j may still be on its way)
+        __syncthreads();
+        float s[4][4] = {};
+#pragma unroll 4
+        for (int d = 0; d < D; d += 4) {
+            float4 qv[4], kv[4];
+#pragma unroll
+            for (int r = 0; r < 4; r++)
+                qv[r] = *reinterpret_cast<const float4*>(Qs + (ty + 16 * r) * (D + 4) + d);
+#pragma unroll
+            for (int c = 0; c < 4; c++)
+                kv[c] = *reinterpret_cast<const float4*>(Ks + (tx + 16 * c) * (D + 4) + d);
+#pragma unroll
+            for (int r = 0; r < 4; r++)
+#pragma unroll
+                for (int c = 0; c < 4; c++) {
+                    s[r][c] = fmaf(qv[r].x, kv[c].x, s[r][c]);
+                    s[r][c] = fmaf(qv[r].y, kv[c].y, s[r][c]);
+                    s[r][c] = fmaf(qv[r].z, kv[c].z, s[r][c]);
+                    s[r][c] = fmaf(qv[r].w, kv[c].w, s[r][c]);
+                }
+        }
+        if (D >= 64) __syncthreads();  // every thread is done with K_j before P overwrites it
+        const bool plain = tile_plain(mods, i0, j0);
+#pragma unroll
+        for (int r = 0; r < 4; r++) {
+            const int i = i0 + ty + 16 * r;
+            float mx = NEG_INF;
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                s[r][c] = score(mods, plain, a.scale, b, h, i, j0 + tx + 16 * c, s[r][c]) * LOG2E;
+                mx = fmaxf(mx, s[r][c]);
+            }
+            const float m_new = fmaxf(m[r], row_max16(mx));
+            const float alpha = m[r] == NEG_INF ? 0.0f : exp2f(m[r] - m_new);
+            float sum = 0.0f;
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                const int j = j0 + tx + 16 * c;
+                float p = s[r][c] == NEG_INF ? 0.0f : exp2f(s[r][c] - m_new);
+                sum += p;
+                if (drop.enabled) p *= dropout_factor(drop, key[r], j);
+                Ps[(ty + 16 * r) * (BC + 4) + tx + 16 * c] = p;
+            }
+            l[r] = alpha * l[r] + row_sum16(sum);
+            m[r] = m_new;
+#pragma unroll
+            for (int c = 0; c < CW; c++) o[r][c] *= alpha;
+        }
+        cp_async_wait<0>();  // V_j has arrived
+        __syncthreads();     // and P is complete
+#pragma unroll 2
+        for (int c2 = 0; c2 < BC; c2 += 4) {
+            float4 pv[4];
+#pragma unroll
+            for (int r = 0; r < 4; r++)
+                pv[r] = *reinterpret_cast<const float4*>(Ps + (ty + 16 * r) * (BC + 4) + c2);
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                float vv[CW];
+                load_cols<CW>(vv, Vs + (c2 + u) * (D + 4) + tx * CW);
+#pragma unroll
+                for (int r = 0; r < 4; r++) {
+                    const float p = lane(pv[r], u);
+#pragma unroll
+                    for (int c = 0; c < CW; c++) o[r][c] = fmaf(p, vv[c], o[r][c]);
+                }
+            }
+        }
+    }
+    float* out = (float*)a.o + (i64)z * a.n_q * D;
+    float* lse = (float*)a.lse + (i64)z * a.n_q;
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+        const int i = i0 + ty + 16 * r;
+        if (i >= a.n_q) continue;
+        const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+#pragma unroll
+        for (int c = 0; c < CW; c++) out[(i64)i * D + tx * CW + c] = o[r][c] * inv;
+        // lse = ln 2 · m + ln l
+        if (tx == 0) lse[i] = l[r] > 0.0f ? m[r] * 0.6931471805599453f + logf(l[r]) : NEG_INF;
+    }
+}
+// ANCHOR_END: forward_v3
+
 // Sums the per-query-head dK or dV [b, h, n_k, D] of each GQA group into [b, kv_heads, n_k, D].
 extern "C" __global__ void flash2_group_sum(const float* per_head, float* out, int heads,
                                             int kv_heads, i64 per_head_elems, i64 total) {
@@ -570,6 +730,10 @@ extern "C" __global__ void flash2_group_sum(const float* per_head, float* out, i
     extern "C" __global__ void __launch_bounds__(NT)                                      \
         flash2_forward_v2_d##D(FlashArgs a, ScoreMods m, Dropout dr) {                    \
         flash_forward_v2<D>(a, m, dr);                                                    \
+    }                                                                                      \
+    extern "C" __global__ void __launch_bounds__(NT)                                      \
+        flash2_forward_v3_d##D(FlashArgs a, ScoreMods m, Dropout dr) {                    \
+        flash_forward_v3<D>(a, m, dr);                                                    \
     }                                                                                      \
     extern "C" __global__ void __launch_bounds__(NT)                                      \
         flash2_backward_kv_d##D(FlashArgs a, ScoreMods m, Dropout dr) {                   \

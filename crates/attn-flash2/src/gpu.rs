@@ -77,6 +77,8 @@ fn shared_bytes(kernel: &str, d: usize) -> u32 {
     let floats = match kernel {
         "forward_v1" => 2 * t * row + p,
         "forward_v2" => 2 * t * (d + 4) + t * (t + 4),
+        // Q, K, V; P in K's buffer from d = 64 up, beside them below
+        "forward_v3" => 3 * t * (d + 4) + if d >= 64 { 0 } else { t * (t + 4) },
         "backward_kv" => 4 * t * (d + 4) + 2 * t * (t + 4),
         _ => 4 * t * (d + 4) + t * (t + 4), // backward_q
     };
@@ -129,10 +131,11 @@ fn launch(
 
 /// The forward kernels kept side by side (book chapter "FlashAttention on the GPU"):
 /// 1 — shared-memory tiles, 4×4 scores per thread; 2 — the same with 16-byte shared-memory
-/// reads and consecutive output columns per thread.
-pub const FORWARD_VERSIONS: [u32; 2] = [1, 2];
+/// reads and consecutive output columns per thread; 3 — asynchronous K/V loads (cp.async)
+/// overlapping the score computation, base-2 exponentials.
+pub const FORWARD_VERSIONS: [u32; 3] = [1, 2, 3];
 /// The version the stage runs.
-pub const FORWARD_VERSION: u32 = 2;
+pub const FORWARD_VERSION: u32 = 3;
 
 /// The fused forward on uploaded tensors: (O, lse) on the device, latest version.
 pub fn forward_device(gpu: &'static Gpu, dev: &DeviceProblem) -> Result<DeviceForward> {

@@ -167,9 +167,12 @@ fn kernels_compile_with_nvrtc_for_the_h100() {
         return;
     }
     let sources = [attn_cuda::CONTRACT_HEADER, attn_flash2::gpu::KERNELS];
+    // sm_75 has no cp.async: the kernels must still compile there (plain copies).
+    attn_cuda::compile("flash2", &sources, "sm_75").unwrap();
     let ptx = attn_cuda::compile("flash2", &sources, "sm_90").unwrap().to_src();
+    assert!(ptx.contains("cp.async"), "sm_90 should use cp.async");
     for d in attn_flash2::gpu::HEAD_DIMS {
-        for k in ["forward_v1", "forward_v2", "backward_kv", "backward_q"] {
+        for k in ["forward_v1", "forward_v2", "forward_v3", "backward_kv", "backward_q"] {
             assert!(ptx.contains(&format!(".entry flash2_{k}_d{d}")), "no flash2_{k}_d{d}");
         }
     }
