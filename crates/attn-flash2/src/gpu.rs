@@ -21,7 +21,8 @@ use attn_cuda::{
     blocks_for, cuda_err,
 };
 use attn_naive::gpu::{
-    DeviceForward, DeviceProblem, DeviceSaved, DeviceStats, backward_on_device, forward_on_device,
+    DeviceForward, DeviceProblem, DeviceSaved, DeviceStats, Kernels, TILES, backward_on_device,
+    forward_on_device,
 };
 use ndarray::ArrayView4;
 
@@ -86,7 +87,8 @@ fn shared_bytes(kernel: &str, d: usize) -> u32 {
 }
 
 fn kernel(gpu: &Gpu, name: &str, d: usize) -> Result<(CudaFunction, u32)> {
-    let f = gpu.function(MODULE, &[CONTRACT_HEADER, KERNELS], &format!("flash2_{name}_d{d}"))?;
+    let f =
+        gpu.function(MODULE, &[CONTRACT_HEADER, TILES, KERNELS], &format!("flash2_{name}_d{d}"))?;
     let bytes = shared_bytes(name, d);
     f.set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
         .map_err(cuda_err(format!("asking for {bytes} B of shared memory")))?;
@@ -187,7 +189,7 @@ pub fn backward_device(
         ..args(gpu, dev)
     };
     // D = rowsum(dO ∘ O)
-    let f = gpu.function(MODULE, &[CONTRACT_HEADER, KERNELS], "flash2_dvec")?;
+    let f = gpu.function(MODULE, &[CONTRACT_HEADER, TILES, KERNELS], "flash2_dvec")?;
     let rows = (z * n_q) as i64;
     let cfg = LaunchConfig {
         grid_dim: (blocks_for(z * n_q, 8), 1, 1),
@@ -219,27 +221,9 @@ pub fn backward_device(
     if heads == kv_heads {
         return Ok([dq, dk_h, dv_h]);
     }
-    let sum = gpu.function(MODULE, &[CONTRACT_HEADER, KERNELS], "flash2_group_sum")?;
-    let per_head = (n_k * d) as i64;
-    let total = (batch * kv_heads * n_k * d) as i64;
-    let mut grads = Vec::new();
-    for per_q_head in [&dk_h, &dv_h] {
-        let out = gpu.uninit_f32(total as usize)?;
-        let cfg = LaunchConfig {
-            grid_dim: (blocks_for(total as usize, 256).min(4096), 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let (src, dst, h, kvh) =
-            (gpu.ptr(per_q_head), gpu.ptr(&out), heads as i32, kv_heads as i32);
-        let mut b = gpu.stream().launch_builder(&sum);
-        b.arg(&src).arg(&dst).arg(&h).arg(&kvh).arg(&per_head).arg(&total);
-        // SAFETY: the source holds batch·heads·n_k·d floats, the destination `total`.
-        unsafe { b.launch(cfg) }.map_err(cuda_err("flash2_group_sum"))?;
-        grads.push(out);
-    }
-    let dv = grads.pop().expect("two sums");
-    let dk = grads.pop().expect("two sums");
+    let k = Kernels::new(gpu)?;
+    let dims = (batch, heads, kv_heads, n_k, d);
+    let (dk, dv) = (k.group_sum(&dk_h, dims)?, k.group_sum(&dv_h, dims)?);
     Ok([dq, dk, dv])
 }
 

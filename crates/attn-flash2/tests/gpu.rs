@@ -166,7 +166,7 @@ fn kernels_compile_with_nvrtc_for_the_h100() {
         eprintln!("skipped: libnvrtc not found");
         return;
     }
-    let sources = [attn_cuda::CONTRACT_HEADER, attn_flash2::gpu::KERNELS];
+    let sources = [attn_cuda::CONTRACT_HEADER, attn_naive::gpu::TILES, attn_flash2::gpu::KERNELS];
     // sm_75 has no cp.async: the kernels must still compile there (plain copies).
     attn_cuda::compile("flash2", &sources, "sm_75").unwrap();
     let ptx = attn_cuda::compile("flash2", &sources, "sm_90").unwrap().to_src();
@@ -176,5 +176,5 @@ fn kernels_compile_with_nvrtc_for_the_h100() {
             assert!(ptx.contains(&format!(".entry flash2_{k}_d{d}")), "no flash2_{k}_d{d}");
         }
     }
-    assert!(ptx.contains(".entry flash2_dvec") && ptx.contains(".entry flash2_group_sum"));
+    assert!(ptx.contains(".entry flash2_dvec"));
 }

@@ -265,3 +265,19 @@ extern "C" __global__ void ds_from_dp(const float* p, float* dp, const float* D,
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Sums the per-query-head dK or dV [b, h, n_k, D] of each GQA group into [b, kv_heads, n_k, D].
+extern "C" __global__ void group_sum(const float* per_head, float* out, int heads,
+                                            int kv_heads, i64 per_head_elems, i64 total) {
+    const int group = heads / kv_heads;
+    for (i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x; e < total;
+         e += (i64)gridDim.x * blockDim.x) {
+        const i64 bk = e / per_head_elems, rest = e % per_head_elems;  // bk = b * kv_heads + kvh
+        const i64 first = (bk / kv_heads * heads + bk % kv_heads * group) * per_head_elems + rest;
+        float acc = 0.0f;
+        for (int g = 0; g < group; g++) acc += per_head[first + g * per_head_elems];
+        out[e] = acc;
+    }
+}
+

@@ -32,6 +32,9 @@ use crate::cpu::{ADVICE, NAME};
 
 /// The kernels of the unfused GPU stages, shared with stage 2.
 pub const KERNELS: &str = include_str!("../kernels/attention.cu");
+/// Building blocks of the fused kernels (FlashAttention-1 and -2 on the GPU), to prepend
+/// after [`attn_cuda::CONTRACT_HEADER`].
+pub const TILES: &str = include_str!("../kernels/tiles.cuh");
 const MODULE: &str = "attention";
 
 /// One matrix operand of `gemm_batched`: matrix `z` starts at
@@ -227,6 +230,7 @@ pub struct Kernels {
     row_dot: CudaFunction,
     probs: CudaFunction,
     ds: CudaFunction,
+    group_sum: CudaFunction,
 }
 
 /// The launch shape of the element-wise window kernels: x over columns, y over rows (the
@@ -264,6 +268,7 @@ impl Kernels {
             row_dot: f("row_dot")?,
             probs: f("probs_from_lse")?,
             ds: f("ds_from_dp")?,
+            group_sum: f("group_sum")?,
         })
     }
 
@@ -453,6 +458,28 @@ impl Kernels {
             (heads as i32, i0 as i32, j0 as i32, rows as i32, cols as i32, n_q as i32);
         launch!(self, self.ds, window_grid(z, rows, cols), "ds_from_dp";
             &pp, &dpp, &ddp, d, &h, &i0, &j0, &r, &c, &n)
+    }
+}
+
+impl Kernels {
+    /// Sums per-query-head gradients `[b, heads, n_k, d]` over each GQA group into a new
+    /// `[b, kv_heads, n_k, d]` buffer (a fixed order: bitwise reproducible).
+    pub fn group_sum(
+        &self,
+        per_head: &DeviceBuffer<f32>,
+        (batch, heads, kv_heads, rows, d): (usize, usize, usize, usize, usize),
+    ) -> Result<DeviceBuffer<f32>> {
+        let total = batch * kv_heads * rows * d;
+        let out = self.gpu.uninit_f32(total)?;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks_for(total, 256).min(4096), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (src, dst) = (self.gpu.ptr(per_head), self.gpu.ptr(&out));
+        let (h, kvh, per, tot) = (heads as i32, kv_heads as i32, (rows * d) as i64, total as i64);
+        launch!(self, self.group_sum, cfg, "group_sum"; &src, &dst, &h, &kvh, &per, &tot)?;
+        Ok(out)
     }
 }
 

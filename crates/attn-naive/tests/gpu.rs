@@ -106,6 +106,7 @@ fn kernels_compile_with_nvrtc_for_the_h100() {
             "row_dot",
             "probs_from_lse",
             "ds_from_dp",
+            "group_sum",
         ] {
             assert!(ptx.contains(&format!(".entry {kernel}")), "{arch}: no kernel {kernel}");
         }
