@@ -13,7 +13,7 @@ grep -qxF "/$dir/" .git/info/exclude 2>/dev/null || echo "/$dir/" >> .git/info/e
 cargo build --release -p attn-cli
 cp target/release/attn "$dir/bin/attn"
 # The GPU test executables (one per crate's tests/gpu.rs), found from cargo's JSON messages.
-cargo test --release --no-run --message-format=json -p attn-naive -p attn-chunked -p attn-flash2 --test gpu \
+cargo test --release --no-run --message-format=json -p attn-naive -p attn-chunked -p attn-flash1 -p attn-flash2 --test gpu \
   | python3 -c '
 import json, sys, shutil
 for line in sys.stdin:

@@ -51,8 +51,8 @@ type FwdFn = fn(&Inputs<'_>, &Options) -> Result<(Forward, DeviceStats)>;
 type BwdFn =
     fn(&Inputs<'_>, &Options, &Forward, ArrayView4<'_, f32>) -> Result<(Grads, DeviceStats)>;
 
-fn gpu_stages() -> [(&'static str, FwdFn, BwdFn); 5] {
-    use attn::{chunked::gpu as c, flash2::gpu as f, naive::gpu as n};
+fn gpu_stages() -> [(&'static str, FwdFn, BwdFn); 6] {
+    use attn::{chunked::gpu as c, flash1::gpu as f1, flash2::gpu as f, naive::gpu as n};
     fn flash2_v1(i: &Inputs<'_>, o: &Options) -> Result<(Forward, DeviceStats)> {
         f::forward_version_with_stats(i, o, 1)
     }
@@ -62,6 +62,7 @@ fn gpu_stages() -> [(&'static str, FwdFn, BwdFn); 5] {
     [
         ("naive", n::forward_with_stats, n::backward_with_stats),
         ("chunked", c::forward_with_stats, c::backward_with_stats),
+        ("flash1", f1::forward_with_stats, f1::backward_with_stats),
         ("flash2", f::forward_with_stats, f::backward_with_stats),
         // The earlier forward kernels, kept for the book's version table (same backward).
         ("flash2-v1", flash2_v1, f::backward_with_stats),

@@ -161,7 +161,7 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
         CliError::input(
             "--device",
             format!(
-                "this build has no {device} variant of '{}' yet (GPU: naive, chunked, flash2); use --device cpu or another --algo",
+                "this build has no {device} variant of '{}' yet (GPU: naive, chunked, flash1, flash2); use --device cpu or another --algo",
                 args.algo
             ),
         )

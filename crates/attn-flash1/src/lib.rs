@@ -27,8 +27,10 @@
 //! turns the loops around to fix exactly that.
 
 pub mod cpu;
+pub mod gpu;
 
 pub use cpu::{DEFAULT_SRAM, block_sizes, forward_traffic_model};
+pub use gpu::Flash1Cuda;
 
 attn_core::cpu_stage!(
     /// FlashAttention-1 on the CPU, as a [`attn_core::Stage`].

@@ -15,14 +15,13 @@
 //! Head dimensions 32, 64, 96 and 128; others are refused with a clear error.
 
 use attn_core::{AttnError, Device, Forward, Grads, Inputs, Options, Result, Shape, Stage};
-use attn_cuda::cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
 use attn_cuda::{
-    CONTRACT_HEADER, CudaFunction, DeviceBuffer, DeviceRepr, Gpu, LaunchConfig, PushKernelArg,
-    blocks_for, cuda_err,
+    CONTRACT_HEADER, CudaFunction, DeviceBuffer, Gpu, LaunchConfig, PushKernelArg, blocks_for,
+    cuda_err,
 };
 use attn_naive::gpu::{
-    DeviceForward, DeviceProblem, DeviceSaved, DeviceStats, Kernels, TILES, backward_on_device,
-    forward_on_device,
+    DeviceForward, DeviceProblem, DeviceSaved, DeviceStats, FlashArgs, Kernels, TILES,
+    backward_on_device, forward_on_device, fused_kernel, launch_fused,
 };
 use ndarray::ArrayView4;
 
@@ -35,30 +34,6 @@ const MODULE: &str = "flash2";
 pub const TILE: usize = 64;
 /// The head dimensions the kernels are instantiated for.
 pub const HEAD_DIMS: [usize; 4] = [32, 64, 96, 128];
-
-/// `struct FlashArgs` in flash2.cu.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct FlashArgs {
-    q: u64,
-    k: u64,
-    v: u64,
-    o: u64,
-    lse: u64,
-    d_out: u64,
-    dvec: u64,
-    dq: u64,
-    dk: u64,
-    dv: u64,
-    n_q: i32,
-    n_k: i32,
-    heads: i32,
-    kv_heads: i32,
-    scale: f32,
-    pad_: i32,
-}
-// SAFETY: plain old data, laid out as `struct FlashArgs` in flash2.cu.
-unsafe impl DeviceRepr for FlashArgs {}
 
 fn check_head_dim(d: usize) -> Result<()> {
     if HEAD_DIMS.contains(&d) {
@@ -87,48 +62,8 @@ fn shared_bytes(kernel: &str, d: usize) -> u32 {
 }
 
 fn kernel(gpu: &Gpu, name: &str, d: usize) -> Result<(CudaFunction, u32)> {
-    let f =
-        gpu.function(MODULE, &[CONTRACT_HEADER, TILES, KERNELS], &format!("flash2_{name}_d{d}"))?;
-    let bytes = shared_bytes(name, d);
-    f.set_attribute(CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, bytes as i32)
-        .map_err(cuda_err(format!("asking for {bytes} B of shared memory")))?;
-    Ok((f, bytes))
-}
-
-fn args(gpu: &Gpu, dev: &DeviceProblem) -> FlashArgs {
-    let Shape { heads, kv_heads, n_q, n_k, .. } = dev.shape;
-    FlashArgs {
-        q: gpu.ptr(&dev.q),
-        k: gpu.ptr(&dev.k),
-        v: gpu.ptr(&dev.v),
-        n_q: n_q as i32,
-        n_k: n_k as i32,
-        heads: heads as i32,
-        kv_heads: kv_heads as i32,
-        scale: dev.scale,
-        ..FlashArgs::default()
-    }
-}
-
-fn launch(
-    gpu: &Gpu,
-    (f, smem): &(CudaFunction, u32),
-    grid: (u32, u32),
-    a: &FlashArgs,
-    dev: &DeviceProblem,
-    what: &str,
-) -> Result<()> {
-    let cfg = LaunchConfig {
-        grid_dim: (grid.0, grid.1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: *smem,
-    };
-    let mut b = gpu.stream().launch_builder(f);
-    b.arg(a).arg(&dev.mods).arg(&dev.dropout);
-    // SAFETY: (FlashArgs, ScoreMods, Dropout) is the kernel's parameter list, every pointer
-    // in them addresses a live buffer of the problem's shape, and the dynamic shared memory
-    // is what the kernel lays out for this head dimension.
-    unsafe { b.launch(cfg) }.map(|_| ()).map_err(cuda_err(what.to_string()))
+    let sources = [CONTRACT_HEADER, TILES, KERNELS];
+    fused_kernel(gpu, MODULE, &sources, &format!("flash2_{name}_d{d}"), shared_bytes(name, d))
 }
 
 /// The forward kernels kept side by side (book chapter "FlashAttention on the GPU"):
@@ -156,10 +91,10 @@ pub fn forward_device_version(
     let z = batch * heads;
     let out = gpu.uninit_f32(z * n_q * d)?; // every row written by its query tile
     let lse = gpu.uninit_f32(z * n_q)?;
-    let a = FlashArgs { o: gpu.ptr(&out), lse: gpu.ptr(&lse), ..args(gpu, dev) };
+    let a = FlashArgs { o: gpu.ptr(&out), lse: gpu.ptr(&lse), ..FlashArgs::of(gpu, dev) };
     let grid = (blocks_for(n_q, TILE as u32), z as u32);
     let name = format!("forward_v{version}");
-    launch(gpu, &kernel(gpu, &name, d)?, grid, &a, dev, "flash2_forward")?;
+    launch_fused(gpu, &kernel(gpu, &name, d)?, grid, &a, dev, "flash2_forward")?;
     Ok((out, lse))
 }
 // ANCHOR_END: forward_device
@@ -186,7 +121,7 @@ pub fn backward_device(
         dq: gpu.ptr(&dq),
         dk: gpu.ptr(&dk_h),
         dv: gpu.ptr(&dv_h),
-        ..args(gpu, dev)
+        ..FlashArgs::of(gpu, dev)
     };
     // D = rowsum(dO ∘ O)
     let f = gpu.function(MODULE, &[CONTRACT_HEADER, TILES, KERNELS], "flash2_dvec")?;
@@ -202,7 +137,7 @@ pub fn backward_device(
     // rows·d and rows floats.
     unsafe { b.launch(cfg) }.map_err(cuda_err("flash2_dvec"))?;
     // dK, dV over key tiles; dQ over query tiles
-    launch(
+    launch_fused(
         gpu,
         &kernel(gpu, "backward_kv", d)?,
         (blocks_for(n_k, 64), z as u32),
@@ -210,7 +145,7 @@ pub fn backward_device(
         dev,
         "flash2_backward_kv",
     )?;
-    launch(
+    launch_fused(
         gpu,
         &kernel(gpu, "backward_q", d)?,
         (blocks_for(n_q, 64), z as u32),

@@ -483,6 +483,87 @@ impl Kernels {
     }
 }
 
+/// The arguments of the fused kernels (`struct FlashArgs` in tiles.cuh): device pointers and
+/// sizes. Unused pointers stay 0.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FlashArgs {
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub o: u64,
+    pub lse: u64,
+    pub d_out: u64,
+    pub dvec: u64,
+    pub dq: u64,
+    pub dk: u64,
+    pub dv: u64,
+    pub n_q: i32,
+    pub n_k: i32,
+    pub heads: i32,
+    pub kv_heads: i32,
+    pub scale: f32,
+    pub pad_: i32,
+}
+// SAFETY: plain old data, laid out as `struct FlashArgs` in tiles.cuh.
+unsafe impl DeviceRepr for FlashArgs {}
+
+impl FlashArgs {
+    /// Q, K, V and the sizes of an uploaded problem.
+    pub fn of(gpu: &Gpu, dev: &DeviceProblem) -> Self {
+        let Shape { heads, kv_heads, n_q, n_k, .. } = dev.shape;
+        Self {
+            q: gpu.ptr(&dev.q),
+            k: gpu.ptr(&dev.k),
+            v: gpu.ptr(&dev.v),
+            n_q: n_q as i32,
+            n_k: n_k as i32,
+            heads: heads as i32,
+            kv_heads: kv_heads as i32,
+            scale: dev.scale,
+            ..Self::default()
+        }
+    }
+}
+
+/// A fused kernel `function` of `module` that uses `shared_bytes` of dynamic shared memory
+/// (more than the default 48 KiB is asked for explicitly).
+pub fn fused_kernel(
+    gpu: &Gpu,
+    module: &'static str,
+    sources: &[&str],
+    function: &str,
+    shared_bytes: u32,
+) -> Result<(CudaFunction, u32)> {
+    use attn_cuda::cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_SHARED;
+    let f = gpu.function(module, sources, function)?;
+    f.set_attribute(MAX_SHARED, shared_bytes as i32)
+        .map_err(cuda_err(format!("asking for {shared_bytes} B of shared memory")))?;
+    Ok((f, shared_bytes))
+}
+
+/// Launches a fused kernel `(FlashArgs, ScoreMods, Dropout)` with 256 threads per block.
+pub fn launch_fused(
+    gpu: &Gpu,
+    (f, smem): &(CudaFunction, u32),
+    grid: (u32, u32),
+    a: &FlashArgs,
+    dev: &DeviceProblem,
+    what: &str,
+) -> Result<()> {
+    let cfg = LaunchConfig {
+        grid_dim: (grid.0, grid.1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: *smem,
+    };
+    let mut b = gpu.stream().launch_builder(f);
+    b.arg(a).arg(&dev.mods).arg(&dev.dropout);
+    // SAFETY: (FlashArgs, ScoreMods, Dropout) is the fused kernels' parameter list; every
+    // pointer in them addresses a live buffer of the problem's shape, and `smem` is what the
+    // kernel lays out for its head dimension.
+    unsafe { b.launch(cfg) }.map(|_| ()).map_err(cuda_err(what.to_string()))
+}
+
 /// The device memory limit: the caller's, else what the driver reports free.
 pub fn device_memory_limit(gpu: &Gpu, opts: &Options) -> Result<u64> {
     Ok(match opts.memory_limit {

@@ -62,7 +62,12 @@ pub fn cpu_stages() -> Vec<&'static dyn Stage> {
 /// The GPU (CUDA) stages of this build. They are always compiled; running one where there
 /// is no CUDA device returns [`AttnError::NoCudaDevice`].
 pub fn gpu_stages() -> Vec<&'static dyn Stage> {
-    vec![&attn_naive::NaiveCuda, &attn_chunked::ChunkedCuda, &attn_flash2::Flash2Cuda]
+    vec![
+        &attn_naive::NaiveCuda,
+        &attn_chunked::ChunkedCuda,
+        &attn_flash1::Flash1Cuda,
+        &attn_flash2::Flash2Cuda,
+    ]
 }
 
 /// Every stage this build offers, CPU first, in the order of the story.

@@ -1,0 +1,244 @@
+// FlashAttention-1 as fused CUDA kernels, fp32, in the paper's loop order (Algorithms 1, 2
+// and 4 of Dao et al. 2022) as it ran on the A100: one thread block per (batch, head), the
+// OUTER loop over key/value tiles held in shared memory, the inner loop over query tiles,
+// and O, l, m read from and written back to device memory at every step. Tiles of 64 x 64
+// and the thread layout of tiles.cuh (thread (ty, tx): rows ty + 16r; keys tx + 16c;
+// output columns tx*D/16 ..).
+//
+// Pointers of FlashArgs used here: q, k, v; o (O), lse (l during the loop), dvec (m during
+// the loop, then D in the backward), d_out, dq, dk, dv.
+
+// ANCHOR: forward
+template <int D>
+__device__ void flash1_forward(const FlashArgs& a, const ScoreMods& mods, const Dropout& drop) {
+    extern __shared__ float4 smem4[];
+    float* Ks = reinterpret_cast<float*>(smem4);  // [BC][D + 4]
+    float* Vs = Ks + BC * (D + 4);                // [BC][D + 4]
+    float* Qs = Vs + BC * (D + 4);                // [BR][D + 4]
+    float* Ps = Qs + BR * (D + 4);                // [BR][BC + 4]
+    constexpr int CW = D / 16;
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    const int z = blockIdx.x, b = z / a.heads, h = z % a.heads;
+    const int kvh = h / (a.heads / a.kv_heads);
+    const float* q = (const float*)a.q + (i64)z * a.n_q * D;
+    const float* k = (const float*)a.k + ((i64)b * a.kv_heads + kvh) * a.n_k * D;
+    const float* v = (const float*)a.v + ((i64)b * a.kv_heads + kvh) * a.n_k * D;
+    float* O = (float*)a.o + (i64)z * a.n_q * D;     // in HBM, updated every step
+    float* L = (float*)a.lse + (i64)z * a.n_q;        // l_i in HBM
+    float* M = (float*)a.dvec + (i64)z * a.n_q;       // m_i in HBM
+
+    for (int j0 = 0; j0 < a.n_k; j0 += BC) {                     // line 5: outer loop, K_j, V_j
+        __syncthreads();
+        load_tile4<D>(Ks, k, j0, a.n_k);
+        load_tile4<D>(Vs, v, j0, a.n_k);
+        for (int i0 = 0; i0 < a.n_q; i0 += BR) {                 // line 7: inner loop, Q_i
+            const int last = min(i0 + BR, a.n_q) - 1;
+            if (j0 >= key_end(mods, last)) continue;              // causal: tile hidden
+            __syncthreads();
+            load_tile4<D>(Qs, q, i0, a.n_q);                      // line 8: Q_i, O_i, l_i, m_i
+            __syncthreads();
+            float s[4][4] = {};                                   // line 9: S_ij = tau Q_i K_j^T
+            for (int d = 0; d < D; d += 4) {
+                float4 qv[4], kv[4];
+#pragma unroll
+                for (int r = 0; r < 4; r++)
+                    qv[r] = *reinterpret_cast<const float4*>(Qs + (ty + 16 * r) * (D + 4) + d);
+#pragma unroll
+                for (int c = 0; c < 4; c++)
+                    kv[c] = *reinterpret_cast<const float4*>(Ks + (tx + 16 * c) * (D + 4) + d);
+#pragma unroll
+                for (int r = 0; r < 4; r++)
+#pragma unroll
+                    for (int c = 0; c < 4; c++)
+                        s[r][c] += qv[r].x * kv[c].x + qv[r].y * kv[c].y + qv[r].z * kv[c].z +
+                                   qv[r].w * kv[c].w;
+            }
+            const bool plain = tile_plain(mods, i0, j0);
+            float coef_old[4], coef_new[4], l_new[4], m_new[4];
+#pragma unroll
+            for (int r = 0; r < 4; r++) {
+                const int i = i0 + ty + 16 * r;
+                const u32 key = drop.enabled ? row_key(drop.seed, b, h, i) : 0u;
+                float mx = NEG_INF;
+#pragma unroll
+                for (int c = 0; c < 4; c++) {
+                    s[r][c] = score(mods, plain, a.scale, b, h, i, j0 + tx + 16 * c, s[r][c]);
+                    mx = fmaxf(mx, s[r][c]);
+                }
+                const float m_t = row_max16(mx);                  // line 10: m~, P~, l~
+                float sum = 0.0f;
+#pragma unroll
+                for (int c = 0; c < 4; c++) {
+                    float p = s[r][c] == NEG_INF ? 0.0f : expf(s[r][c] - m_t);
+                    sum += p;
+                    if (drop.enabled) p *= dropout_factor(drop, key, j0 + tx + 16 * c);
+                    Ps[(ty + 16 * r) * (BC + 4) + tx + 16 * c] = p;
+                }
+                const float l_t = row_sum16(sum);
+                const float m_i = i < a.n_q ? M[i] : NEG_INF;     // line 11: m_new, l_new
+                const float l_i = i < a.n_q ? L[i] : 0.0f;
+                const float m_n = fmaxf(m_i, m_t);
+                const float eo = m_i == NEG_INF ? 0.0f : expf(m_i - m_n);
+                const float en = m_t == NEG_INF ? 0.0f : expf(m_t - m_n);
+                l_new[r] = eo * l_i + en * l_t;
+                coef_old[r] = l_new[r] > 0.0f ? eo * l_i / l_new[r] : 0.0f;
+                coef_new[r] = l_new[r] > 0.0f ? en / l_new[r] : 0.0f;
+                m_new[r] = m_n;
+            }
+            __syncthreads();  // P~ complete; every lane has read l_i, m_i
+            // line 12: O_i = diag(l_new)^-1 (diag(l_i) e^{m_i - m_new} O_i + e^{m~ - m_new} P~ V_j)
+#pragma unroll
+            for (int r = 0; r < 4; r++) {
+                const int i = i0 + ty + 16 * r;
+                float acc[CW] = {};
+                for (int c2 = 0; c2 < BC; c2 += 4) {
+                    const float4 p =
+                        *reinterpret_cast<const float4*>(Ps + (ty + 16 * r) * (BC + 4) + c2);
+#pragma unroll
+                    for (int u = 0; u < 4; u++) {
+                        float vv[CW];
+                        load_cols<CW>(vv, Vs + (c2 + u) * (D + 4) + tx * CW);
+#pragma unroll
+                        for (int c = 0; c < CW; c++) acc[c] = fmaf(lane(p, u), vv[c], acc[c]);
+                    }
+                }
+                if (i >= a.n_q) continue;
+#pragma unroll
+                for (int c = 0; c < CW; c++) {
+                    float* o = O + (i64)i * D + tx * CW + c;
+                    *o = coef_old[r] * *o + coef_new[r] * acc[c];
+                }
+                if (tx == 0) {                                    // line 13: write l_i, m_i
+                    L[i] = l_new[r];
+                    M[i] = m_new[r];
+                }
+            }
+        }
+    }
+}
+// ANCHOR_END: forward
+
+// lse = m + ln l after the last step (-inf for a row that saw no key).
+extern "C" __global__ void flash1_lse(FlashArgs a, i64 rows) {
+    const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= rows) return;
+    const float l = ((const float*)a.lse)[i], m = ((const float*)a.dvec)[i];
+    ((float*)a.lse)[i] = l > 0.0f ? m + logf(l) : NEG_INF;
+}
+
+// Backward, Algorithm 4: one block per (batch, head); the outer loop over key tiles keeps
+// dK_j, dV_j in registers; the inner loop over query tiles adds tau dS K_j into dQ_i in HBM
+// (read, add, write: only this block touches this head's dQ). D = rowsum(dO o O) comes
+// precomputed in a.dvec. dK, dV per query head (summed per GQA group by the host).
+template <int D>
+__device__ void flash1_backward(const FlashArgs& a, const ScoreMods& mods, const Dropout& drop) {
+    extern __shared__ float4 smem4[];
+    float* Ks = reinterpret_cast<float*>(smem4);
+    float* Vs = Ks + BC * ROW;
+    float* Qs = Vs + BC * ROW;
+    float* dOs = Qs + BR * ROW;
+    float* PT = dOs + BR * ROW;   // [BC][BR + 4]: (P Z)^T
+    float* dST = PT + BC * TROW;  // [BC][BR + 4]: dS^T (also read row-wise for dQ)
+    constexpr int CW = D / 16;
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    const int z = blockIdx.x, b = z / a.heads, h = z % a.heads;
+    const int kvh = h / (a.heads / a.kv_heads);
+    const float* q = (const float*)a.q + (i64)z * a.n_q * D;
+    const float* dout = (const float*)a.d_out + (i64)z * a.n_q * D;
+    const float* k = (const float*)a.k + ((i64)b * a.kv_heads + kvh) * a.n_k * D;
+    const float* v = (const float*)a.v + ((i64)b * a.kv_heads + kvh) * a.n_k * D;
+    float* dQ = (float*)a.dq + (i64)z * a.n_q * D;
+
+    for (int j0 = 0; j0 < a.n_k; j0 += BC) {
+        __syncthreads();
+        load_tile4<D>(Ks, k, j0, a.n_k);
+        load_tile4<D>(Vs, v, j0, a.n_k);
+        float dk[4][CW] = {}, dv[4][CW] = {};
+        for (int i0 = 0; i0 < a.n_q; i0 += BR) {
+            const int last = min(i0 + BR, a.n_q) - 1;
+            if (j0 >= key_end(mods, last)) continue;
+            __syncthreads();
+            load_tile4<D>(Qs, q, i0, a.n_q);
+            load_tile4<D>(dOs, dout, i0, a.n_q);
+            __syncthreads();
+            float p[4][4], ds[4][4];
+            tile_p_ds<D>(a, mods, drop, b, h, z, i0, j0, Qs, dOs, Ks, Vs, p, ds);
+#pragma unroll
+            for (int r = 0; r < 4; r++) {
+                const u32 key = drop.enabled ? row_key(drop.seed, b, h, i0 + ty + 16 * r) : 0u;
+#pragma unroll
+                for (int c = 0; c < 4; c++) {
+                    float pz = p[r][c];
+                    if (drop.enabled) pz *= dropout_factor(drop, key, j0 + tx + 16 * c);
+                    PT[(tx + 16 * c) * TROW + ty + 16 * r] = pz;
+                    dST[(tx + 16 * c) * TROW + ty + 16 * r] = ds[r][c];
+                }
+            }
+            __syncthreads();
+            // dV_j += (P Z)^T dO_i, dK_j += dS^T Q_i
+            for (int rr = 0; rr < BR; rr += 4) {
+                float4 pz[4], dsv[4];
+#pragma unroll
+                for (int r = 0; r < 4; r++) {
+                    pz[r] = *reinterpret_cast<const float4*>(PT + (ty + 16 * r) * TROW + rr);
+                    dsv[r] = *reinterpret_cast<const float4*>(dST + (ty + 16 * r) * TROW + rr);
+                }
+#pragma unroll
+                for (int u = 0; u < 4; u++) {
+                    float dov[CW], qv[CW];
+                    load_cols<CW>(dov, dOs + (rr + u) * ROW + tx * CW);
+                    load_cols<CW>(qv, Qs + (rr + u) * ROW + tx * CW);
+#pragma unroll
+                    for (int r = 0; r < 4; r++)
+#pragma unroll
+                        for (int c = 0; c < CW; c++) {
+                            dv[r][c] = fmaf(lane(pz[r], u), dov[c], dv[r][c]);
+                            dk[r][c] = fmaf(lane(dsv[r], u), qv[c], dk[r][c]);
+                        }
+                }
+            }
+            // dQ_i += tau dS K_j, in HBM: rows ty + 16r, columns tx*CW ..
+#pragma unroll
+            for (int r = 0; r < 4; r++) {
+                const int i = i0 + ty + 16 * r;
+                float acc[CW] = {};
+                for (int cc = 0; cc < BC; cc++) {
+                    const float d_s = dST[cc * TROW + ty + 16 * r];
+                    float kv[CW];
+                    load_cols<CW>(kv, Ks + cc * ROW + tx * CW);
+#pragma unroll
+                    for (int c = 0; c < CW; c++) acc[c] = fmaf(d_s, kv[c], acc[c]);
+                }
+                if (i >= a.n_q) continue;
+#pragma unroll
+                for (int c = 0; c < CW; c++) dQ[(i64)i * D + tx * CW + c] += a.scale * acc[c];
+            }
+        }
+        float* dK = (float*)a.dk + (i64)z * a.n_k * D;
+        float* dV = (float*)a.dv + (i64)z * a.n_k * D;
+#pragma unroll
+        for (int r = 0; r < 4; r++) {
+            const int j = j0 + ty + 16 * r;
+            if (j >= a.n_k) continue;
+#pragma unroll
+            for (int c = 0; c < CW; c++) {
+                dK[(i64)j * D + tx * CW + c] = a.scale * dk[r][c];
+                dV[(i64)j * D + tx * CW + c] = dv[r][c];
+            }
+        }
+    }
+}
+
+#define FLASH1_KERNELS(D)                                                                  \
+    extern "C" __global__ void __launch_bounds__(NT)                                      \
+        flash1_forward_d##D(FlashArgs a, ScoreMods m, Dropout dr) {                       \
+        flash1_forward<D>(a, m, dr);                                                      \
+    }                                                                                      \
+    extern "C" __global__ void __launch_bounds__(NT)                                      \
+        flash1_backward_d##D(FlashArgs a, ScoreMods m, Dropout dr) {                      \
+        flash1_backward<D>(a, m, dr);                                                     \
+    }
+FLASH1_KERNELS(32)
+FLASH1_KERNELS(64)
+FLASH1_KERNELS(96)
+FLASH1_KERNELS(128)

@@ -1,0 +1,161 @@
+//! FlashAttention-1 on the GPU, fp32, in the paper's own loop order (`kernels/flash1.cu`):
+//! one thread block per (batch, head); the outer loop over key/value tiles held in shared
+//! memory, the inner loop over query tiles; O, ℓ and m read from and written back to device
+//! memory at every step (Algorithms 1 and 2). The backward is Algorithm 4: the outer loop over
+//! key tiles keeps dK_j, dV_j in registers, dQ_i is read, added to and written back in device
+//! memory. This is the algorithm as it ran on the A100, kept so that the reader can see what
+//! FlashAttention-2 changed: with one block per (batch, head), a problem of 8 heads occupies 8
+//! of the H100's 132 multiprocessors.
+//!
+//! Head dimensions 32, 64, 96 and 128.
+
+use attn_core::{AttnError, Device, Forward, Grads, Inputs, Options, Result, Shape, Stage};
+use attn_cuda::{
+    CONTRACT_HEADER, CudaFunction, DeviceBuffer, Gpu, LaunchConfig, PushKernelArg, blocks_for,
+    cuda_err,
+};
+use attn_naive::gpu::{
+    DeviceForward, DeviceProblem, DeviceSaved, DeviceStats, FlashArgs, Kernels, TILES,
+    backward_on_device, forward_on_device, fused_kernel, launch_fused,
+};
+use ndarray::ArrayView4;
+
+use crate::cpu::NAME;
+
+/// The fused kernels.
+pub const KERNELS: &str = include_str!("../kernels/flash1.cu");
+const MODULE: &str = "flash1";
+const TILE: usize = 64;
+/// The head dimensions the kernels are instantiated for.
+pub const HEAD_DIMS: [usize; 4] = [32, 64, 96, 128];
+
+fn check_head_dim(d: usize) -> Result<()> {
+    if HEAD_DIMS.contains(&d) {
+        return Ok(());
+    }
+    Err(AttnError::UnsupportedHeadDim {
+        stage: "flash1 (cuda)",
+        head_dim: d,
+        supported: "32, 64, 96, 128 (use the CPU stages, or pad the head dimension)".into(),
+    })
+}
+
+fn kernel(gpu: &Gpu, name: &str, d: usize) -> Result<(CudaFunction, u32)> {
+    let (t, row) = (TILE, d + 4);
+    let floats = match name {
+        "forward" => 3 * t * row + t * (t + 4), // K_j, V_j, Q_i, P
+        _ => 4 * t * row + 2 * t * (t + 4),     // K_j, V_j, Q_i, dO_i, Pᵀ, dSᵀ
+    };
+    let sources = [CONTRACT_HEADER, TILES, KERNELS];
+    fused_kernel(gpu, MODULE, &sources, &format!("flash1_{name}_d{d}"), (4 * floats) as u32)
+}
+
+// ANCHOR: forward_device
+/// The fused forward on uploaded tensors: (O, lse) on the device.
+pub fn forward_device(gpu: &'static Gpu, dev: &DeviceProblem) -> Result<DeviceForward> {
+    let Shape { batch, heads, n_q, head_dim: d, .. } = dev.shape;
+    check_head_dim(d)?;
+    let z = batch * heads;
+    // O, ℓ, m in device memory ("HBM"), initialised as in Algorithm 1, line 2.
+    let out = gpu.zeros::<f32>(z * n_q * d)?;
+    let l = gpu.zeros::<f32>(z * n_q)?;
+    let m = gpu.upload(&vec![f32::NEG_INFINITY; z * n_q])?;
+    let a = FlashArgs {
+        o: gpu.ptr(&out),
+        lse: gpu.ptr(&l),
+        dvec: gpu.ptr(&m),
+        ..FlashArgs::of(gpu, dev)
+    };
+    // One block per (batch, head): the paper's parallelism.
+    launch_fused(gpu, &kernel(gpu, "forward", d)?, (z as u32, 1), &a, dev, "flash1_forward")?;
+    // lse = m + ln ℓ, in ℓ's buffer.
+    let f = gpu.function(MODULE, &[CONTRACT_HEADER, TILES, KERNELS], "flash1_lse")?;
+    let rows = (z * n_q) as i64;
+    let cfg = LaunchConfig {
+        grid_dim: (blocks_for(z * n_q, 256), 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = gpu.stream().launch_builder(&f);
+    b.arg(&a).arg(&rows);
+    // SAFETY: (FlashArgs, rows) is flash1_lse's parameter list; ℓ and m hold `rows` floats.
+    unsafe { b.launch(cfg) }.map_err(cuda_err("flash1_lse"))?;
+    Ok((out, l))
+}
+// ANCHOR_END: forward_device
+
+/// The fused backward (Algorithm 4) on the device: dQ, dK, dV.
+pub fn backward_device(
+    gpu: &'static Gpu,
+    dev: &DeviceProblem,
+    saved: &DeviceSaved,
+) -> Result<[DeviceBuffer<f32>; 3]> {
+    let Shape { batch, heads, kv_heads, n_q, n_k, head_dim: d } = dev.shape;
+    check_head_dim(d)?;
+    let z = batch * heads;
+    let k = Kernels::new(gpu)?;
+    let dvec = gpu.uninit_f32(z * n_q)?;
+    k.row_dot(&saved.d_out, &saved.out, &dvec, (z * n_q, d))?; // D = rowsum(dO ∘ O)
+    let dq = gpu.zeros::<f32>(z * n_q * d)?; // accumulated in place
+    let dk_h = gpu.uninit_f32(z * n_k * d)?;
+    let dv_h = gpu.uninit_f32(z * n_k * d)?;
+    let a = FlashArgs {
+        o: gpu.ptr(&saved.out),
+        lse: gpu.ptr(&saved.lse),
+        d_out: gpu.ptr(&saved.d_out),
+        dvec: gpu.ptr(&dvec),
+        dq: gpu.ptr(&dq),
+        dk: gpu.ptr(&dk_h),
+        dv: gpu.ptr(&dv_h),
+        ..FlashArgs::of(gpu, dev)
+    };
+    launch_fused(gpu, &kernel(gpu, "backward", d)?, (z as u32, 1), &a, dev, "flash1_backward")?;
+    if heads == kv_heads {
+        return Ok([dq, dk_h, dv_h]);
+    }
+    let dims = (batch, heads, kv_heads, n_k, d);
+    Ok([dq, k.group_sum(&dk_h, dims)?, k.group_sum(&dv_h, dims)?])
+}
+
+/// The forward with uploads and downloads, and its device statistics.
+pub fn forward_with_stats(inputs: &Inputs<'_>, opts: &Options) -> Result<(Forward, DeviceStats)> {
+    forward_on_device(inputs, opts, forward_device)
+}
+
+/// The backward with uploads and downloads, and its device statistics.
+pub fn backward_with_stats(
+    inputs: &Inputs<'_>,
+    opts: &Options,
+    fwd: &Forward,
+    d_out: ArrayView4<'_, f32>,
+) -> Result<(Grads, DeviceStats)> {
+    backward_on_device(inputs, opts, fwd, d_out, backward_device)
+}
+
+/// FlashAttention-1 on the GPU, as a [`Stage`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Flash1Cuda;
+
+impl Stage for Flash1Cuda {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn device(&self) -> Device {
+        Device::Cuda
+    }
+
+    fn forward(&self, inputs: &Inputs<'_>, opts: &Options) -> Result<Forward> {
+        forward_with_stats(inputs, opts).map(|(f, _)| f)
+    }
+
+    fn backward(
+        &self,
+        inputs: &Inputs<'_>,
+        opts: &Options,
+        fwd: &Forward,
+        d_out: ArrayView4<'_, f32>,
+    ) -> Result<Grads> {
+        backward_with_stats(inputs, opts, fwd, d_out).map(|(g, _)| g)
+    }
+}
