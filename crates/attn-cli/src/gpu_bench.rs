@@ -51,7 +51,7 @@ type FwdFn = fn(&Inputs<'_>, &Options) -> Result<(Forward, DeviceStats)>;
 type BwdFn =
     fn(&Inputs<'_>, &Options, &Forward, ArrayView4<'_, f32>) -> Result<(Grads, DeviceStats)>;
 
-fn gpu_stages() -> [(&'static str, FwdFn, BwdFn); 6] {
+fn gpu_stages() -> [(&'static str, FwdFn, BwdFn); 7] {
     use attn::{chunked::gpu as c, flash1::gpu as f1, flash2::gpu as f, naive::gpu as n};
     fn flash2_v1(i: &Inputs<'_>, o: &Options) -> Result<(Forward, DeviceStats)> {
         f::forward_version_with_stats(i, o, 1)
@@ -67,6 +67,8 @@ fn gpu_stages() -> [(&'static str, FwdFn, BwdFn); 6] {
         // The earlier forward kernels, kept for the book's version table (same backward).
         ("flash2-v1", flash2_v1, f::backward_with_stats),
         ("flash2-v2", flash2_v2, f::backward_with_stats),
+        // dQ by atomic additions instead of the separate (reproducible) pass.
+        ("flash2-atomic-dq", f::forward_with_stats, f::backward_atomic_dq_with_stats),
     ]
 }
 

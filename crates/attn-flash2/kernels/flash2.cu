@@ -264,7 +264,7 @@ extern "C" __global__ void flash2_dvec(FlashArgs a, i64 rows, int d) {
 // dK_j, dV_j: one block per (key tile, batch*head), looping over the query tiles that can
 // see it; dK and dV accumulate in registers (keys ty + 16r, columns tx*CW ..). Written per
 // query head into dk/dv (the host sums the heads of a GQA group afterwards).
-template <int D>
+template <int D, bool ATOMIC_DQ>
 __device__ void flash_backward_kv(const FlashArgs& a, const ScoreMods& mods, const Dropout& drop) {
     extern __shared__ float4 smem4[];
     float* Ks = reinterpret_cast<float*>(smem4);
@@ -331,6 +331,26 @@ __device__ void flash_backward_kv(const FlashArgs& a, const ScoreMods& mods, con
                         dk[r][c] = fmaf(du, qv[c], dk[r][c]);
                     }
                 }
+            }
+        }
+        if constexpr (ATOMIC_DQ) {
+            // The paper's choice: dQ_i += tau dS K_j added into device memory from every key
+            // tile's block (floating-point additions in arrival order: not reproducible).
+            float* dQ = (float*)a.dq + (i64)z * a.n_q * D;
+#pragma unroll
+            for (int r = 0; r < 4; r++) {
+                const int i = i0 + ty + 16 * r;
+                float acc[CW] = {};
+                for (int cc = 0; cc < BC; cc++) {
+                    const float d_s = dST[cc * TROW + ty + 16 * r];
+                    float kv[CW];
+                    load_cols<CW>(kv, Ks + cc * ROW + tx * CW);
+#pragma unroll
+                    for (int c = 0; c < CW; c++) acc[c] = fmaf(d_s, kv[c], acc[c]);
+                }
+                if (i < a.n_q)
+#pragma unroll
+                    for (int c = 0; c < CW; c++) atomicAdd(dQ + (i64)i * D + tx * CW + c, a.scale * acc[c]);
             }
         }
     }
@@ -590,7 +610,11 @@ __device__ void flash_forward_v3(const FlashArgs& a, const ScoreMods& mods, cons
     }                                                                                      \
     extern "C" __global__ void __launch_bounds__(NT)                                      \
         flash2_backward_kv_d##D(FlashArgs a, ScoreMods m, Dropout dr) {                   \
-        flash_backward_kv<D>(a, m, dr);                                                   \
+        flash_backward_kv<D, false>(a, m, dr);                                            \
+    }                                                                                      \
+    extern "C" __global__ void __launch_bounds__(NT)                                      \
+        flash2_backward_kv_atomic_dq_d##D(FlashArgs a, ScoreMods m, Dropout dr) {         \
+        flash_backward_kv<D, true>(a, m, dr);                                             \
     }                                                                                      \
     extern "C" __global__ void __launch_bounds__(NT)                                      \
         flash2_backward_q_d##D(FlashArgs a, ScoreMods m, Dropout dr) {                    \

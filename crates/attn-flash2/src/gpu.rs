@@ -55,7 +55,7 @@ fn shared_bytes(kernel: &str, d: usize) -> u32 {
         "forward_v2" => 2 * t * (d + 4) + t * (t + 4),
         // Q, K, V; P in K's buffer from d = 64 up, beside them below
         "forward_v3" => 3 * t * (d + 4) + if d >= 64 { 0 } else { t * (t + 4) },
-        "backward_kv" => 4 * t * (d + 4) + 2 * t * (t + 4),
+        "backward_kv" | "backward_kv_atomic_dq" => 4 * t * (d + 4) + 2 * t * (t + 4),
         _ => 4 * t * (d + 4) + t * (t + 4), // backward_q
     };
     (4 * floats) as u32
@@ -105,11 +105,35 @@ pub fn backward_device(
     dev: &DeviceProblem,
     saved: &DeviceSaved,
 ) -> Result<[DeviceBuffer<f32>; 3]> {
+    backward_device_dq(gpu, dev, saved, DqMode::SeparatePass)
+}
+
+/// How the backward computes dQ.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DqMode {
+    /// A pass over query tiles that recomputes S and dP (7 tile products per tile pair):
+    /// bitwise reproducible. The stage's default.
+    SeparatePass,
+    /// Atomic additions from the key-tile pass, as in the FlashAttention-2 paper (5 tile
+    /// products): faster, but the order of the additions varies from run to run.
+    Atomic,
+}
+
+/// The fused backward with dQ computed as `mode` says.
+pub fn backward_device_dq(
+    gpu: &'static Gpu,
+    dev: &DeviceProblem,
+    saved: &DeviceSaved,
+    mode: DqMode,
+) -> Result<[DeviceBuffer<f32>; 3]> {
     let Shape { batch, heads, kv_heads, n_q, n_k, head_dim: d } = dev.shape;
     check_head_dim(d)?;
     let z = batch * heads;
     let dvec = gpu.uninit_f32(z * n_q)?;
-    let dq = gpu.uninit_f32(z * n_q * d)?;
+    let dq = match mode {
+        DqMode::SeparatePass => gpu.uninit_f32(z * n_q * d)?,
+        DqMode::Atomic => gpu.zeros::<f32>(z * n_q * d)?,
+    };
     // dK, dV per query head; with GQA summed per group afterwards.
     let dk_h = gpu.uninit_f32(z * n_k * d)?;
     let dv_h = gpu.uninit_f32(z * n_k * d)?;
@@ -137,22 +161,25 @@ pub fn backward_device(
     // rows·d and rows floats.
     unsafe { b.launch(cfg) }.map_err(cuda_err("flash2_dvec"))?;
     // dK, dV over key tiles; dQ over query tiles
+    let kv = if mode == DqMode::Atomic { "backward_kv_atomic_dq" } else { "backward_kv" };
     launch_fused(
         gpu,
-        &kernel(gpu, "backward_kv", d)?,
+        &kernel(gpu, kv, d)?,
         (blocks_for(n_k, 64), z as u32),
         &a,
         dev,
         "flash2_backward_kv",
     )?;
-    launch_fused(
-        gpu,
-        &kernel(gpu, "backward_q", d)?,
-        (blocks_for(n_q, 64), z as u32),
-        &a,
-        dev,
-        "flash2_backward_q",
-    )?;
+    if mode == DqMode::SeparatePass {
+        launch_fused(
+            gpu,
+            &kernel(gpu, "backward_q", d)?,
+            (blocks_for(n_q, 64), z as u32),
+            &a,
+            dev,
+            "flash2_backward_q",
+        )?;
+    }
     if heads == kv_heads {
         return Ok([dq, dk_h, dv_h]);
     }
@@ -174,6 +201,19 @@ pub fn forward_version_with_stats(
     version: u32,
 ) -> Result<(Forward, DeviceStats)> {
     forward_on_device(inputs, opts, |gpu, dev| forward_device_version(gpu, dev, version))
+}
+
+/// The backward with dQ by atomic additions ([`DqMode::Atomic`]), uploads and downloads
+/// included.
+pub fn backward_atomic_dq_with_stats(
+    inputs: &Inputs<'_>,
+    opts: &Options,
+    fwd: &Forward,
+    d_out: ArrayView4<'_, f32>,
+) -> Result<(Grads, DeviceStats)> {
+    backward_on_device(inputs, opts, fwd, d_out, |gpu, dev, saved| {
+        backward_device_dq(gpu, dev, saved, DqMode::Atomic)
+    })
 }
 
 /// The backward with uploads and downloads, and its device statistics.

@@ -73,6 +73,41 @@ fn every_forward_version_matches_the_reference() {
 }
 
 #[test]
+fn atomic_dq_backward_matches_the_reference() {
+    if no_device() {
+        return;
+    }
+    for d in attn_flash2::gpu::HEAD_DIMS {
+        let case = Case {
+            causal: true,
+            mask: MaskKind::KeyPadding,
+            dropout: Some(0.1),
+            ..Case::new(Shape::new(2, 4, 300, d).with_n_k(200).with_kv_heads(2), 6)
+        };
+        let data = case.build();
+        let inputs = data.inputs();
+        let fwd = Flash2Cuda.forward(&inputs, &data.opts).unwrap();
+        let (g, _) = attn_flash2::gpu::backward_atomic_dq_with_stats(
+            &inputs,
+            &data.opts,
+            &fwd,
+            data.d_out.view(),
+        )
+        .unwrap();
+        let r = attn_core::reference::RefProblem::from_inputs(&inputs, &data.opts).unwrap();
+        let d_out = data.d_out.mapv(f64::from);
+        let (rg, m) = (r.backward(&d_out), r.backward_magnitudes(&d_out));
+        for (got, want, mag) in
+            [(&g.dq, &rg.dq, &m.dq), (&g.dk, &rg.dk, &m.dk), (&g.dv, &rg.dv, &m.dv)]
+        {
+            let e =
+                attn_core::metrics::compare_floored(got.view(), want.view(), mag.view()).normwise;
+            assert!(e <= 1e-4, "d {d}: {e:.2e}");
+        }
+    }
+}
+
+#[test]
 fn flash2_gpu_every_head_dim_with_gqa_cross_attention_masks_and_dropout() {
     if no_device() {
         return;
