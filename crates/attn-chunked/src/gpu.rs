@@ -18,7 +18,7 @@
 //! forward, and each window's P is recomputed ([`attn_naive::gpu::backward_windows`] with
 //! the chunk sizes).
 
-use attn_core::{Device, Forward, Grads, Inputs, Options, Result, Shape, Stage};
+use attn_core::{Forward, Grads, Inputs, Options, Result, Shape};
 use attn_naive::gpu::{
     DeviceProblem, DeviceStats, Kernels, Operand, backward_on_device, backward_windows,
     forward_on_device,
@@ -90,10 +90,6 @@ pub fn forward_device(
 }
 // ANCHOR_END: forward_device
 
-/// Chunked attention on the GPU, as a [`Stage`]: uploads, runs, downloads.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ChunkedCuda;
-
 /// The forward with uploads and downloads, and its device statistics.
 pub fn forward_with_stats(inputs: &Inputs<'_>, opts: &Options) -> Result<(Forward, DeviceStats)> {
     forward_on_device(inputs, opts, |gpu, dev| {
@@ -114,26 +110,8 @@ pub fn backward_with_stats(
     })
 }
 
-impl Stage for ChunkedCuda {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    fn device(&self) -> Device {
-        Device::Cuda
-    }
-
-    fn forward(&self, inputs: &Inputs<'_>, opts: &Options) -> Result<Forward> {
-        forward_with_stats(inputs, opts).map(|(f, _)| f)
-    }
-
-    fn backward(
-        &self,
-        inputs: &Inputs<'_>,
-        opts: &Options,
-        fwd: &Forward,
-        d_out: ArrayView4<'_, f32>,
-    ) -> Result<Grads> {
-        backward_with_stats(inputs, opts, fwd, d_out).map(|(g, _)| g)
-    }
-}
+attn_core::cuda_stage!(
+    /// Chunked attention on the GPU, as a [`Stage`]: uploads, runs, downloads.
+    ChunkedCuda,
+    self
+);

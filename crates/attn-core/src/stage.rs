@@ -81,21 +81,46 @@ pub trait Stage: Sync {
 #[macro_export]
 macro_rules! cpu_stage {
     ($(#[$meta:meta])* $ty:ident, $module:ident) => {
+        $crate::__stage!($(#[$meta])* $ty, Cpu, $module::NAME, $module::forward, $module::backward,);
+    };
+}
+
+/// Declares a unit struct that is a CUDA [`Stage`] whose module `$module` has `NAME`,
+/// `forward_with_stats(inputs, opts)` and `backward_with_stats(inputs, opts, fwd, d_out)`
+/// returning the results with their device statistics (dropped here).
+#[macro_export]
+macro_rules! cuda_stage {
+    ($(#[$meta:meta])* $ty:ident, $module:ident) => {
+        $crate::__stage!(
+            $(#[$meta])* $ty,
+            Cuda,
+            $module::NAME,
+            $module::forward_with_stats,
+            $module::backward_with_stats,
+            .map(|(results, _stats)| results)
+        );
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __stage {
+    ($(#[$meta:meta])* $ty:ident, $device:ident, $name:path, $fwd:path, $bwd:path, $($unwrap:tt)*) => {
         $(#[$meta])*
         #[derive(Clone, Copy, Debug, Default)]
         pub struct $ty;
 
         impl $crate::Stage for $ty {
             fn name(&self) -> &'static str {
-                $module::NAME
+                $name
             }
 
             fn device(&self) -> $crate::Device {
-                $crate::Device::Cpu
+                $crate::Device::$device
             }
 
             fn forward(&self, inputs: &$crate::Inputs<'_>, opts: &$crate::Options) -> $crate::Result<$crate::Forward> {
-                $module::forward(inputs, opts)
+                $fwd(inputs, opts) $($unwrap)*
             }
 
             fn backward(
@@ -105,7 +130,7 @@ macro_rules! cpu_stage {
                 fwd: &$crate::Forward,
                 d_out: $crate::ndarray::ArrayView4<'_, f32>,
             ) -> $crate::Result<$crate::Grads> {
-                $module::backward(inputs, opts, fwd, d_out)
+                $bwd(inputs, opts, fwd, d_out) $($unwrap)*
             }
         }
     };

@@ -9,7 +9,7 @@
 //!
 //! Head dimensions 32, 64, 96 and 128.
 
-use attn_core::{AttnError, Device, Forward, Grads, Inputs, Options, Result, Shape, Stage};
+use attn_core::{AttnError, Forward, Grads, Inputs, Options, Result, Shape};
 use attn_cuda::{
     CONTRACT_HEADER, CudaFunction, DeviceBuffer, Gpu, LaunchConfig, PushKernelArg, blocks_for,
     cuda_err,
@@ -132,30 +132,8 @@ pub fn backward_with_stats(
     backward_on_device(inputs, opts, fwd, d_out, backward_device)
 }
 
-/// FlashAttention-1 on the GPU, as a [`Stage`].
-#[derive(Clone, Copy, Debug, Default)]
-pub struct Flash1Cuda;
-
-impl Stage for Flash1Cuda {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    fn device(&self) -> Device {
-        Device::Cuda
-    }
-
-    fn forward(&self, inputs: &Inputs<'_>, opts: &Options) -> Result<Forward> {
-        forward_with_stats(inputs, opts).map(|(f, _)| f)
-    }
-
-    fn backward(
-        &self,
-        inputs: &Inputs<'_>,
-        opts: &Options,
-        fwd: &Forward,
-        d_out: ArrayView4<'_, f32>,
-    ) -> Result<Grads> {
-        backward_with_stats(inputs, opts, fwd, d_out).map(|(g, _)| g)
-    }
-}
+attn_core::cuda_stage!(
+    /// FlashAttention-1 on the GPU, as a [`Stage`].
+    Flash1Cuda,
+    self
+);

@@ -21,7 +21,7 @@
 //! one window covering the whole matrix ([`backward_windows`]).
 
 use attn_core::problem::Problem;
-use attn_core::{AttnError, Device, Forward, Grads, Inputs, Options, Result, Shape, Stage};
+use attn_core::{AttnError, Forward, Grads, Inputs, Options, Result, Shape};
 use attn_cuda::{
     CONTRACT_HEADER, CudaFunction, DeviceBuffer, DevicePeak, DeviceRepr, Gpu, LaunchConfig,
     PushKernelArg, blocks_for, cuda_err, gpu,
@@ -700,10 +700,6 @@ pub fn backward_windows(
 }
 // ANCHOR_END: backward_windows
 
-/// Naive attention on the GPU, as a [`Stage`]: uploads, runs, downloads.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct NaiveCuda;
-
 /// What a GPU stage reports besides its results: device bytes it allocated above the
 /// uploaded inputs, and device milliseconds of its kernels.
 #[derive(Clone, Copy, Debug, Default)]
@@ -823,26 +819,8 @@ pub fn backward_with_stats(
     })
 }
 
-impl Stage for NaiveCuda {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-
-    fn device(&self) -> Device {
-        Device::Cuda
-    }
-
-    fn forward(&self, inputs: &Inputs<'_>, opts: &Options) -> Result<Forward> {
-        forward_with_stats(inputs, opts).map(|(f, _)| f)
-    }
-
-    fn backward(
-        &self,
-        inputs: &Inputs<'_>,
-        opts: &Options,
-        fwd: &Forward,
-        d_out: ArrayView4<'_, f32>,
-    ) -> Result<Grads> {
-        backward_with_stats(inputs, opts, fwd, d_out).map(|(g, _)| g)
-    }
-}
+attn_core::cuda_stage!(
+    /// Naive attention on the GPU, as a [`Stage`]: uploads, runs, downloads.
+    NaiveCuda,
+    self
+);
