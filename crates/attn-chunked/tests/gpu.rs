@@ -5,40 +5,28 @@
 use attn_chunked::{ChunkedCpu, ChunkedCuda};
 use attn_core::testing::strategies::{arb_case, config};
 use attn_core::testing::{
-    BiasKind, Case, MaskKind, check_against_reference, check_against_stage, edge_cases,
+    BiasKind, Case, MaskKind, assert_matches_reference_and, check_against_reference, edge_cases,
 };
 use attn_core::{Inputs, Options, Shape};
+use attn_cuda::skip_without_device;
 use proptest::prelude::*;
-
-fn no_device() -> bool {
-    match attn_cuda::gpu() {
-        Ok(_) => false,
-        Err(e) => {
-            eprintln!("skipped: {e}");
-            true
-        }
-    }
-}
 
 proptest! {
     #![proptest_config(config(48))]
 
     #[test]
     fn chunked_gpu_matches_reference_and_cpu(case in arb_case(70, true)) {
-        if no_device() {
+        if skip_without_device() {
             return Ok(());
         }
         let data = case.build();
-        check_against_reference(&ChunkedCuda, &data, true).unwrap().assert_f32(&format!("{case:?}"));
-        check_against_stage(&ChunkedCuda, &ChunkedCpu, &data)
-            .unwrap()
-            .assert_within(2e-5, 2e-4, &format!("against the CPU: {case:?}"));
+        assert_matches_reference_and(&ChunkedCuda, &ChunkedCpu, &data, &format!("{case:?}"));
     }
 }
 
 #[test]
 fn chunked_gpu_with_many_chunks_gqa_cross_attention_and_masks() {
-    if no_device() {
+    if skip_without_device() {
         return;
     }
     for (n_q, n_k, d, blocks) in
@@ -61,7 +49,7 @@ fn chunked_gpu_with_many_chunks_gqa_cross_attention_and_masks() {
 
 #[test]
 fn chunked_gpu_edge_cases() {
-    if no_device() {
+    if skip_without_device() {
         return;
     }
     for blocks in [(1, 1), (2, 3), (7, 4)] {
@@ -73,7 +61,7 @@ fn chunked_gpu_edge_cases() {
 
 #[test]
 fn chunked_gpu_device_memory_is_linear_where_naive_is_quadratic() {
-    if no_device() {
+    if skip_without_device() {
         return;
     }
     let peak = |n: usize| {

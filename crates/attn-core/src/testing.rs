@@ -234,6 +234,23 @@ pub fn check_against_stage(
     })
 }
 
+/// Asserts that `stage` matches the float64 reference within the f32 tolerances and
+/// `baseline` (another stage, e.g. the CPU variant of a GPU stage) within 2e-5 forward and
+/// 2e-4 backward, forward and backward, on `data`.
+pub fn assert_matches_reference_and(
+    stage: &dyn Stage,
+    baseline: &dyn Stage,
+    data: &CaseData,
+    what: &str,
+) {
+    check_against_reference(stage, data, true).unwrap().assert_f32(what);
+    check_against_stage(stage, baseline, data).unwrap().assert_within(
+        2e-5,
+        2e-4,
+        &format!("against {} ({}): {what}", baseline.name(), baseline.device()),
+    );
+}
+
 /// The edge cases every tiled stage must get right, as claims a stage's tests call with the
 /// stage (and the block sizes that exercise its tiling).
 pub mod edge_cases {

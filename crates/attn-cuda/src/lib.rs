@@ -61,6 +61,17 @@ pub fn available() -> bool {
     gpu().is_ok()
 }
 
+/// For tests that need a device: true, after printing `skipped: <why>`, where there is none.
+pub fn skip_without_device() -> bool {
+    match gpu() {
+        Ok(_) => false,
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            true
+        }
+    }
+}
+
 /// Maps a driver or NVRTC error into the contract's error type.
 pub fn cuda_err(
     context: impl Into<String>,

@@ -4,21 +4,12 @@
 
 use attn_core::testing::strategies::{arb_case, config};
 use attn_core::testing::{
-    BiasKind, Case, MaskKind, check_against_reference, check_against_stage, edge_cases,
+    BiasKind, Case, MaskKind, assert_matches_reference_and, check_against_reference, edge_cases,
 };
 use attn_core::{AttnError, Inputs, Options, Shape, Stage};
+use attn_cuda::skip_without_device;
 use attn_flash1::{Flash1Cpu, Flash1Cuda};
 use proptest::prelude::*;
-
-fn no_device() -> bool {
-    match attn_cuda::gpu() {
-        Ok(_) => false,
-        Err(e) => {
-            eprintln!("skipped: {e}");
-            true
-        }
-    }
-}
 
 proptest! {
     #![proptest_config(config(32))]
@@ -30,20 +21,17 @@ proptest! {
             c
         })
     ) {
-        if no_device() {
+        if skip_without_device() {
             return Ok(());
         }
         let data = case.build();
-        check_against_reference(&Flash1Cuda, &data, true).unwrap().assert_f32(&format!("{case:?}"));
-        check_against_stage(&Flash1Cuda, &Flash1Cpu, &data)
-            .unwrap()
-            .assert_within(2e-5, 2e-4, &format!("against the CPU: {case:?}"));
+        assert_matches_reference_and(&Flash1Cuda, &Flash1Cpu, &data, &format!("{case:?}"));
     }
 }
 
 #[test]
 fn flash1_gpu_every_head_dim_with_gqa_cross_attention_masks_and_dropout() {
-    if no_device() {
+    if skip_without_device() {
         return;
     }
     for (d, (n_q, n_k)) in [(32, (300, 700)), (64, (700, 300)), (96, (129, 513)), (128, (513, 129))]
@@ -63,7 +51,7 @@ fn flash1_gpu_every_head_dim_with_gqa_cross_attention_masks_and_dropout() {
 
 #[test]
 fn flash1_gpu_edge_cases() {
-    if no_device() {
+    if skip_without_device() {
         return;
     }
     for d in [32, 128] {

@@ -4,21 +4,13 @@
 
 use attn_core::testing::strategies::{arb_case, config};
 use attn_core::testing::{
-    BiasKind, Case, MaskKind, check_against_reference, check_against_stage, edge_cases,
+    BiasKind, Case, MaskKind, assert_matches_reference_and, check_against_reference,
+    check_against_stage, edge_cases,
 };
 use attn_core::{AttnError, Inputs, Options, Shape, Stage};
+use attn_cuda::skip_without_device;
 use attn_flash2::{Flash2Cpu, Flash2Cuda};
 use proptest::prelude::*;
-
-fn no_device() -> bool {
-    match attn_cuda::gpu() {
-        Ok(_) => false,
-        Err(e) => {
-            eprintln!("skipped: {e}");
-            true
-        }
-    }
-}
 
 proptest! {
     #![proptest_config(config(48))]
@@ -30,20 +22,17 @@ proptest! {
             c
         })
     ) {
-        if no_device() {
+        if skip_without_device() {
             return Ok(());
         }
         let data = case.build();
-        check_against_reference(&Flash2Cuda, &data, true).unwrap().assert_f32(&format!("{case:?}"));
-        check_against_stage(&Flash2Cuda, &Flash2Cpu, &data)
-            .unwrap()
-            .assert_within(2e-5, 2e-4, &format!("against the CPU: {case:?}"));
+        assert_matches_reference_and(&Flash2Cuda, &Flash2Cpu, &data, &format!("{case:?}"));
     }
 }
 
 #[test]
 fn every_forward_version_matches_the_reference() {
-    if no_device() {
+    if skip_without_device() {
         return;
     }
     for version in attn_flash2::gpu::FORWARD_VERSIONS {
@@ -74,7 +63,7 @@ fn every_forward_version_matches_the_reference() {
 
 #[test]
 fn atomic_dq_backward_matches_the_reference() {
-    if no_device() {
+    if skip_without_device() {
         return;
     }
     for d in attn_flash2::gpu::HEAD_DIMS {
@@ -109,7 +98,7 @@ fn atomic_dq_backward_matches_the_reference() {
 
 #[test]
 fn flash2_gpu_every_head_dim_with_gqa_cross_attention_masks_and_dropout() {
-    if no_device() {
+    if skip_without_device() {
         return;
     }
     for (d, (n_q, n_k)) in [(32, (300, 700)), (64, (700, 300)), (96, (129, 513)), (128, (513, 129))]
@@ -129,7 +118,7 @@ fn flash2_gpu_every_head_dim_with_gqa_cross_attention_masks_and_dropout() {
 
 #[test]
 fn flash2_gpu_edge_cases() {
-    if no_device() {
+    if skip_without_device() {
         return;
     }
     // The shared edge cases, at head dimensions the kernels are built for (the blocks are the
@@ -148,7 +137,7 @@ fn flash2_gpu_edge_cases() {
 
 #[test]
 fn flash2_gpu_is_bitwise_reproducible() {
-    if no_device() {
+    if skip_without_device() {
         return;
     }
     let case = Case {
@@ -172,7 +161,7 @@ fn flash2_gpu_is_bitwise_reproducible() {
 
 #[test]
 fn flash2_gpu_at_a_realistic_size_matches_the_cpu() {
-    if no_device() {
+    if skip_without_device() {
         return;
     }
     let case = Case { causal: true, ..Case::new(Shape::new(1, 8, 2048, 64), 9) };

@@ -3,41 +3,30 @@
 
 use attn_core::testing::strategies::{arb_case, config};
 use attn_core::testing::{
-    BiasKind, Case, MaskKind, check_against_reference, check_against_stage, edge_cases,
+    BiasKind, Case, MaskKind, assert_matches_reference_and, check_against_reference,
+    check_against_stage, edge_cases,
 };
 use attn_core::{AttnError, Options, Shape, Stage};
+use attn_cuda::skip_without_device;
 use attn_naive::{NaiveCpu, NaiveCuda};
 use proptest::prelude::*;
-
-fn no_device() -> bool {
-    match attn_cuda::gpu() {
-        Ok(_) => false,
-        Err(e) => {
-            eprintln!("skipped: {e}");
-            true
-        }
-    }
-}
 
 proptest! {
     #![proptest_config(config(48))]
 
     #[test]
     fn naive_gpu_matches_reference_and_cpu(case in arb_case(70, false)) {
-        if no_device() {
+        if skip_without_device() {
             return Ok(());
         }
         let data = case.build();
-        check_against_reference(&NaiveCuda, &data, true).unwrap().assert_f32(&format!("{case:?}"));
-        check_against_stage(&NaiveCuda, &NaiveCpu, &data)
-            .unwrap()
-            .assert_within(2e-5, 2e-4, &format!("against the CPU: {case:?}"));
+        assert_matches_reference_and(&NaiveCuda, &NaiveCpu, &data, &format!("{case:?}"));
     }
 }
 
 #[test]
 fn naive_gpu_at_realistic_sizes_with_gqa_cross_attention_and_masks() {
-    if no_device() {
+    if skip_without_device() {
         return;
     }
     for (n_q, n_k, d) in [(300, 700, 64), (700, 300, 128), (513, 513, 32), (200, 200, 96)] {
@@ -56,7 +45,7 @@ fn naive_gpu_at_realistic_sizes_with_gqa_cross_attention_and_masks() {
 #[test]
 fn naive_gpu_large_tiles_match_the_cpu() {
     // Enough heads and rows that the products take the 128×128 and 128×64 tiles.
-    if no_device() {
+    if skip_without_device() {
         return;
     }
     let case = Case {
@@ -74,7 +63,7 @@ fn naive_gpu_large_tiles_match_the_cpu() {
 
 #[test]
 fn naive_gpu_edge_cases() {
-    if no_device() {
+    if skip_without_device() {
         return;
     }
     edge_cases::fully_masked_rows(&NaiveCuda, (1, 1));
