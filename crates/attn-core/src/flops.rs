@@ -12,7 +12,7 @@ pub fn visible_pairs(n_q: usize, n_k: usize, causal: bool) -> u64 {
     if !causal {
         return n_q as u64 * n_k as u64;
     }
-    (0..n_q as u64).map(|i| (i + 1 + n_k as u64).saturating_sub(n_q as u64).min(n_k as u64)).sum()
+    (0..n_q).map(|i| crate::shape::key_end(n_q, n_k, causal, i) as u64).sum()
 }
 
 /// Forward FLOPs: `4 · b · h · d · visible pairs`.

@@ -298,18 +298,11 @@ pub struct Head<'a> {
 }
 
 impl Head<'_> {
-    // ANCHOR: key_end
-    /// Causal masking lets query `i` see the keys `0 .. key_end(i)`: key `j` is hidden when
-    /// `j > i + (n_k − n_q)` (bottom-right alignment). Without causal masking, all `n_k`.
+    /// The keys query `i` of this head sees: `0 .. key_end(i)` ([`crate::shape::key_end`]).
     #[inline]
     pub fn key_end(&self, i: usize) -> usize {
-        if self.causal {
-            (i + 1 + self.n_k).saturating_sub(self.n_q).min(self.n_k)
-        } else {
-            self.n_k
-        }
+        crate::shape::key_end(self.n_q, self.n_k, self.causal, i)
     }
-    // ANCHOR_END: key_end
 
     /// True when causal masking hides every key `j ≥ j0` from every query `i < i_end`, so a
     /// tiled stage can skip the whole tile.

@@ -69,6 +69,12 @@ impl Shape {
         h / self.group()
     }
 
+    /// The keys query `i` sees: `0 .. key_end(…)` ([`key_end`]).
+    #[inline]
+    pub fn key_end(&self, causal: bool, i: usize) -> usize {
+        key_end(self.n_q, self.n_k, causal, i)
+    }
+
     /// Number of score entries `b·h·n_q·n_k`.
     pub fn score_elems(&self) -> u64 {
         (self.batch * self.heads) as u64 * self.n_q as u64 * self.n_k as u64
@@ -88,3 +94,13 @@ impl std::fmt::Display for Shape {
         Ok(())
     }
 }
+
+// ANCHOR: key_end
+/// Causal masking lets query `i` see the keys `0 .. key_end(i)`: key `j` is hidden when
+/// `j > i + (n_k − n_q)` (bottom-right alignment). Without causal masking, all `n_k`. Every
+/// stage, CPU and GPU, and the FLOP count use this one rule.
+#[inline]
+pub fn key_end(n_q: usize, n_k: usize, causal: bool, i: usize) -> usize {
+    if causal { (i + 1 + n_k).saturating_sub(n_q).min(n_k) } else { n_k }
+}
+// ANCHOR_END: key_end

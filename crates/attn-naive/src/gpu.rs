@@ -200,18 +200,13 @@ impl DeviceProblem {
 
     /// Query rows `i0 .. i_end` see no key at or after `j0` (a window causal masking hides).
     pub fn window_hidden(&self, i_end: usize, j0: usize) -> bool {
-        let Shape { n_q, n_k, .. } = self.shape;
-        let key_end = |i: usize| {
-            if self.causal { (i + 1 + n_k).saturating_sub(n_q).min(n_k) } else { n_k }
-        };
-        i_end == 0 || j0 >= key_end(i_end - 1)
+        i_end == 0 || j0 >= self.shape.key_end(self.causal, i_end - 1)
     }
 
     /// Whether a window's scores need `modify_scores`: a bias or mask, or causal masking
     /// that reaches into it.
     pub fn window_needs_mods(&self, i0: usize, j0: usize, cols: usize) -> bool {
-        let Shape { n_q, n_k, .. } = self.shape;
-        self.has_mods || (self.causal && j0 + cols > (i0 + 1 + n_k).saturating_sub(n_q))
+        self.has_mods || (self.causal && j0 + cols > self.shape.key_end(true, i0))
     }
 }
 
