@@ -37,22 +37,8 @@ __device__ void flash1_forward(const FlashArgs& a, const ScoreMods& mods, const 
             __syncthreads();
             load_tile4<D>(Qs, q, i0, a.n_q);                      // line 8: Q_i, O_i, l_i, m_i
             __syncthreads();
-            float s[4][4] = {};                                   // line 9: S_ij = tau Q_i K_j^T
-            for (int d = 0; d < D; d += 4) {
-                float4 qv[4], kv[4];
-#pragma unroll
-                for (int r = 0; r < 4; r++)
-                    qv[r] = *reinterpret_cast<const float4*>(Qs + (ty + 16 * r) * (D + 4) + d);
-#pragma unroll
-                for (int c = 0; c < 4; c++)
-                    kv[c] = *reinterpret_cast<const float4*>(Ks + (tx + 16 * c) * (D + 4) + d);
-#pragma unroll
-                for (int r = 0; r < 4; r++)
-#pragma unroll
-                    for (int c = 0; c < 4; c++)
-                        s[r][c] += qv[r].x * kv[c].x + qv[r].y * kv[c].y + qv[r].z * kv[c].z +
-                                   qv[r].w * kv[c].w;
-            }
+            float s[4][4];                                        // line 9: S_ij = tau Q_i K_j^T
+            scores_4x4<D>(Qs, Ks, s);
             const bool plain = tile_plain(mods, i0, j0);
             float coef_old[4], coef_new[4], l_new[4], m_new[4];
 #pragma unroll
@@ -72,7 +58,7 @@ __device__ void flash1_forward(const FlashArgs& a, const ScoreMods& mods, const 
                     float p = s[r][c] == NEG_INF ? 0.0f : expf(s[r][c] - m_t);
                     sum += p;
                     if (drop.enabled) p *= dropout_factor(drop, key, j0 + tx + 16 * c);
-                    Ps[(ty + 16 * r) * (BC + 4) + tx + 16 * c] = p;
+                    Ps[(ty + 16 * r) * TROW + tx + 16 * c] = p;
                 }
                 const float l_t = row_sum16(sum);
                 const float m_i = i < a.n_q ? M[i] : NEG_INF;     // line 11: m_new, l_new
@@ -87,26 +73,16 @@ __device__ void flash1_forward(const FlashArgs& a, const ScoreMods& mods, const 
             }
             __syncthreads();  // P~ complete; every lane has read l_i, m_i
             // line 12: O_i = diag(l_new)^-1 (diag(l_i) e^{m_i - m_new} O_i + e^{m~ - m_new} P~ V_j)
+            float acc[4][CW] = {};
+            accumulate_pv<D>(Ps, Vs, acc);                        // P~ V_j
 #pragma unroll
             for (int r = 0; r < 4; r++) {
                 const int i = i0 + ty + 16 * r;
-                float acc[CW] = {};
-                for (int c2 = 0; c2 < BC; c2 += 4) {
-                    const float4 p =
-                        *reinterpret_cast<const float4*>(Ps + (ty + 16 * r) * (BC + 4) + c2);
-#pragma unroll
-                    for (int u = 0; u < 4; u++) {
-                        float vv[CW];
-                        load_cols<CW>(vv, Vs + (c2 + u) * (D + 4) + tx * CW);
-#pragma unroll
-                        for (int c = 0; c < CW; c++) acc[c] = fmaf(lane(p, u), vv[c], acc[c]);
-                    }
-                }
                 if (i >= a.n_q) continue;
 #pragma unroll
                 for (int c = 0; c < CW; c++) {
                     float* o = O + (i64)i * D + tx * CW + c;
-                    *o = coef_old[r] * *o + coef_new[r] * acc[c];
+                    *o = coef_old[r] * *o + coef_new[r] * acc[r][c];
                 }
                 if (tx == 0) {                                    // line 13: write l_i, m_i
                     L[i] = l_new[r];
@@ -163,69 +139,21 @@ __device__ void flash1_backward(const FlashArgs& a, const ScoreMods& mods, const
             __syncthreads();
             float p[4][4], ds[4][4];
             tile_p_ds<D>(a, mods, drop, b, h, z, i0, j0, Qs, dOs, Ks, Vs, p, ds);
-#pragma unroll
-            for (int r = 0; r < 4; r++) {
-                const u32 key = drop.enabled ? row_key(drop.seed, b, h, i0 + ty + 16 * r) : 0u;
-#pragma unroll
-                for (int c = 0; c < 4; c++) {
-                    float pz = p[r][c];
-                    if (drop.enabled) pz *= dropout_factor(drop, key, j0 + tx + 16 * c);
-                    PT[(tx + 16 * c) * TROW + ty + 16 * r] = pz;
-                    dST[(tx + 16 * c) * TROW + ty + 16 * r] = ds[r][c];
-                }
-            }
+            store_pz_ds_transposed(drop, b, h, i0, j0, p, ds, PT, dST);
             __syncthreads();
-            // dV_j += (P Z)^T dO_i, dK_j += dS^T Q_i
-            for (int rr = 0; rr < BR; rr += 4) {
-                float4 pz[4], dsv[4];
-#pragma unroll
-                for (int r = 0; r < 4; r++) {
-                    pz[r] = *reinterpret_cast<const float4*>(PT + (ty + 16 * r) * TROW + rr);
-                    dsv[r] = *reinterpret_cast<const float4*>(dST + (ty + 16 * r) * TROW + rr);
-                }
-#pragma unroll
-                for (int u = 0; u < 4; u++) {
-                    float dov[CW], qv[CW];
-                    load_cols<CW>(dov, dOs + (rr + u) * ROW + tx * CW);
-                    load_cols<CW>(qv, Qs + (rr + u) * ROW + tx * CW);
-#pragma unroll
-                    for (int r = 0; r < 4; r++)
-#pragma unroll
-                        for (int c = 0; c < CW; c++) {
-                            dv[r][c] = fmaf(lane(pz[r], u), dov[c], dv[r][c]);
-                            dk[r][c] = fmaf(lane(dsv[r], u), qv[c], dk[r][c]);
-                        }
-                }
-            }
+            accumulate_dk_dv<D>(PT, dST, dOs, Qs, dk, dv);  // dV_j += (P Z)^T dO_i, dK_j += dS^T Q_i
             // dQ_i += tau dS K_j, in HBM: rows ty + 16r, columns tx*CW ..
 #pragma unroll
             for (int r = 0; r < 4; r++) {
                 const int i = i0 + ty + 16 * r;
-                float acc[CW] = {};
-                for (int cc = 0; cc < BC; cc++) {
-                    const float d_s = dST[cc * TROW + ty + 16 * r];
-                    float kv[CW];
-                    load_cols<CW>(kv, Ks + cc * ROW + tx * CW);
-#pragma unroll
-                    for (int c = 0; c < CW; c++) acc[c] = fmaf(d_s, kv[c], acc[c]);
-                }
+                float acc[CW];
+                ds_times_k<D>(dST, Ks, r, acc);
                 if (i >= a.n_q) continue;
 #pragma unroll
                 for (int c = 0; c < CW; c++) dQ[(i64)i * D + tx * CW + c] += a.scale * acc[c];
             }
         }
-        float* dK = (float*)a.dk + (i64)z * a.n_k * D;
-        float* dV = (float*)a.dv + (i64)z * a.n_k * D;
-#pragma unroll
-        for (int r = 0; r < 4; r++) {
-            const int j = j0 + ty + 16 * r;
-            if (j >= a.n_k) continue;
-#pragma unroll
-            for (int c = 0; c < CW; c++) {
-                dK[(i64)j * D + tx * CW + c] = a.scale * dk[r][c];
-                dV[(i64)j * D + tx * CW + c] = dv[r][c];
-            }
-        }
+        store_dk_dv<D>(a, z, j0, dk, dv);
     }
 }
 

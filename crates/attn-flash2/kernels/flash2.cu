@@ -123,10 +123,10 @@ template <int D>
 __device__ void flash_forward_v2(const FlashArgs& a, const ScoreMods& mods, const Dropout& drop) {
     extern __shared__ float4 smem4[];
     float* Qs = reinterpret_cast<float*>(smem4);  // [BR][D + 4]
-    float* KVs = Qs + BR * (D + 4);               // [BC][D + 4]: K_j, then V_j
-    float* Ps = KVs + BC * (D + 4);               // [BR][BC + 4]
+    float* KVs = Qs + BR * ROW;                   // [BC][D + 4]: K_j, then V_j
+    float* Ps = KVs + BC * ROW;                   // [BR][BC + 4]
     constexpr int CW = D / 16;                    // output columns per thread
-    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    const int ty = threadIdx.x / 16;
     const int z = blockIdx.y, b = z / a.heads, h = z % a.heads;
     const int kvh = h / (a.heads / a.kv_heads);
     const int i0 = blockIdx.x * BR;
@@ -150,99 +150,15 @@ __device__ void flash_forward_v2(const FlashArgs& a, const ScoreMods& mods, cons
         __syncthreads();
         load_tile4<D>(KVs, k, j0, a.n_k);
         __syncthreads();
-        float s[4][4] = {};
-#pragma unroll 4
-        for (int d = 0; d < D; d += 4) {
-            float4 qv[4], kv[4];
-#pragma unroll
-            for (int r = 0; r < 4; r++)
-                qv[r] = *reinterpret_cast<const float4*>(Qs + (ty + 16 * r) * (D + 4) + d);
-#pragma unroll
-            for (int c = 0; c < 4; c++)
-                kv[c] = *reinterpret_cast<const float4*>(KVs + (tx + 16 * c) * (D + 4) + d);
-#pragma unroll
-            for (int r = 0; r < 4; r++)
-#pragma unroll
-                for (int c = 0; c < 4; c++) {
-                    s[r][c] = fmaf(qv[r].x, kv[c].x, s[r][c]);
-                    s[r][c] = fmaf(qv[r].y, kv[c].y, s[r][c]);
-                    s[r][c] = fmaf(qv[r].z, kv[c].z, s[r][c]);
-                    s[r][c] = fmaf(qv[r].w, kv[c].w, s[r][c]);
-                }
-        }
-        const bool plain = tile_plain(mods, i0, j0);
-#pragma unroll
-        for (int r = 0; r < 4; r++) {
-            const int i = i0 + ty + 16 * r;
-            float mx = NEG_INF;
-#pragma unroll
-            for (int c = 0; c < 4; c++) {
-                s[r][c] = score(mods, plain, a.scale, b, h, i, j0 + tx + 16 * c, s[r][c]);
-                mx = fmaxf(mx, s[r][c]);
-            }
-            const float m_new = fmaxf(m[r], row_max16(mx));
-            const float alpha = m[r] == NEG_INF ? 0.0f : expf(m[r] - m_new);
-            float sum = 0.0f;
-#pragma unroll
-            for (int c = 0; c < 4; c++) {
-                const int j = j0 + tx + 16 * c;
-                float p = s[r][c] == NEG_INF ? 0.0f : expf(s[r][c] - m_new);
-                sum += p;
-                if (drop.enabled) p *= dropout_factor(drop, key[r], j);
-                Ps[(ty + 16 * r) * (BC + 4) + tx + 16 * c] = p;
-            }
-            l[r] = alpha * l[r] + row_sum16(sum);
-            m[r] = m_new;
-#pragma unroll
-            for (int c = 0; c < CW; c++) o[r][c] *= alpha;
-        }
+        float s[4][4];
+        scores_4x4<D>(Qs, KVs, s);
+        online_softmax_step<D, false>(a, mods, drop, b, h, i0, j0, s, m, l, o, key, Ps);
         __syncthreads();
         load_tile4<D>(KVs, v, j0, a.n_k);
         __syncthreads();
-        // O += P V_j: 4 keys at a time, P as a broadcast float4, V rows as float4/float2
-#pragma unroll 2
-        for (int c2 = 0; c2 < BC; c2 += 4) {
-            float4 pv[4];
-#pragma unroll
-            for (int r = 0; r < 4; r++)
-                pv[r] = *reinterpret_cast<const float4*>(Ps + (ty + 16 * r) * (BC + 4) + c2);
-#pragma unroll
-            for (int u = 0; u < 4; u++) {
-                float vv[CW];
-                const float* vrow = KVs + (c2 + u) * (D + 4) + tx * CW;
-                if constexpr (CW % 4 == 0) {
-#pragma unroll
-                    for (int c = 0; c < CW; c += 4) {
-                        float4 x = *reinterpret_cast<const float4*>(vrow + c);
-                        vv[c] = x.x; vv[c + 1] = x.y; vv[c + 2] = x.z; vv[c + 3] = x.w;
-                    }
-                } else {
-#pragma unroll
-                    for (int c = 0; c < CW; c += 2) {
-                        float2 x = *reinterpret_cast<const float2*>(vrow + c);
-                        vv[c] = x.x; vv[c + 1] = x.y;
-                    }
-                }
-#pragma unroll
-                for (int r = 0; r < 4; r++) {
-                    const float p = u == 0 ? pv[r].x : u == 1 ? pv[r].y : u == 2 ? pv[r].z : pv[r].w;
-#pragma unroll
-                    for (int c = 0; c < CW; c++) o[r][c] = fmaf(p, vv[c], o[r][c]);
-                }
-            }
-        }
+        accumulate_pv<D>(Ps, KVs, o);  // O += P V_j
     }
-    float* out = (float*)a.o + (i64)z * a.n_q * D;
-    float* lse = (float*)a.lse + (i64)z * a.n_q;
-#pragma unroll
-    for (int r = 0; r < 4; r++) {
-        const int i = i0 + ty + 16 * r;
-        if (i >= a.n_q) continue;
-        const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
-#pragma unroll
-        for (int c = 0; c < CW; c++) out[(i64)i * D + tx * CW + c] = o[r][c] * inv;
-        if (tx == 0) lse[i] = l[r] > 0.0f ? m[r] + logf(l[r]) : NEG_INF;
-    }
+    write_forward_rows<D, false>(a, z, i0, m, l, o);
 }
 // ANCHOR_END: forward_v2
 
@@ -296,43 +212,9 @@ __device__ void flash_backward_kv(const FlashArgs& a, const ScoreMods& mods, con
         __syncthreads();
         float p[4][4], ds[4][4];
         tile_p_ds<D>(a, mods, drop, b, h, z, i0, j0, Qs, dOs, Ks, Vs, p, ds);
-#pragma unroll
-        for (int r = 0; r < 4; r++) {
-            const u32 key = drop.enabled ? row_key(drop.seed, b, h, i0 + ty + 16 * r) : 0u;
-#pragma unroll
-            for (int c = 0; c < 4; c++) {
-                float pz = p[r][c];
-                if (drop.enabled) pz *= dropout_factor(drop, key, j0 + tx + 16 * c);
-                PT[(tx + 16 * c) * TROW + ty + 16 * r] = pz;
-                dST[(tx + 16 * c) * TROW + ty + 16 * r] = ds[r][c];
-            }
-        }
+        store_pz_ds_transposed(drop, b, h, i0, j0, p, ds, PT, dST);
         __syncthreads();
-        // dV_j += (P Z)^T dO_i,  dK_j += dS^T Q_i: four query rows at a time
-#pragma unroll 2
-        for (int rr = 0; rr < BR; rr += 4) {
-            float4 pz[4], dsv[4];
-#pragma unroll
-            for (int r = 0; r < 4; r++) {
-                pz[r] = *reinterpret_cast<const float4*>(PT + (ty + 16 * r) * TROW + rr);
-                dsv[r] = *reinterpret_cast<const float4*>(dST + (ty + 16 * r) * TROW + rr);
-            }
-#pragma unroll
-            for (int u = 0; u < 4; u++) {
-                float dov[CW], qv[CW];
-                load_cols<CW>(dov, dOs + (rr + u) * ROW + tx * CW);
-                load_cols<CW>(qv, Qs + (rr + u) * ROW + tx * CW);
-#pragma unroll
-                for (int r = 0; r < 4; r++) {
-                    const float pu = lane(pz[r], u), du = lane(dsv[r], u);
-#pragma unroll
-                    for (int c = 0; c < CW; c++) {
-                        dv[r][c] = fmaf(pu, dov[c], dv[r][c]);
-                        dk[r][c] = fmaf(du, qv[c], dk[r][c]);
-                    }
-                }
-            }
-        }
+        accumulate_dk_dv<D>(PT, dST, dOs, Qs, dk, dv);  // dV_j += (P Z)^T dO_i, dK_j += dS^T Q_i
         if constexpr (ATOMIC_DQ) {
             // The paper's choice: dQ_i += tau dS K_j added into device memory from every key
             // tile's block (floating-point additions in arrival order: not reproducible).
@@ -340,33 +222,15 @@ __device__ void flash_backward_kv(const FlashArgs& a, const ScoreMods& mods, con
 #pragma unroll
             for (int r = 0; r < 4; r++) {
                 const int i = i0 + ty + 16 * r;
-                float acc[CW] = {};
-                for (int cc = 0; cc < BC; cc++) {
-                    const float d_s = dST[cc * TROW + ty + 16 * r];
-                    float kv[CW];
-                    load_cols<CW>(kv, Ks + cc * ROW + tx * CW);
-#pragma unroll
-                    for (int c = 0; c < CW; c++) acc[c] = fmaf(d_s, kv[c], acc[c]);
-                }
+                float acc[CW];
+                ds_times_k<D>(dST, Ks, r, acc);
                 if (i < a.n_q)
 #pragma unroll
                     for (int c = 0; c < CW; c++) atomicAdd(dQ + (i64)i * D + tx * CW + c, a.scale * acc[c]);
             }
         }
     }
-    // per query head: [b, h, n_k, D]
-    float* dK = (float*)a.dk + (i64)z * a.n_k * D;
-    float* dV = (float*)a.dv + (i64)z * a.n_k * D;
-#pragma unroll
-    for (int r = 0; r < 4; r++) {
-        const int j = j0 + ty + 16 * r;
-        if (j >= a.n_k) continue;
-#pragma unroll
-        for (int c = 0; c < CW; c++) {
-            dK[(i64)j * D + tx * CW + c] = a.scale * dk[r][c];
-            dV[(i64)j * D + tx * CW + c] = dv[r][c];
-        }
-    }
+    store_dk_dv<D>(a, z, j0, dk, dv);  // per query head: [b, h, n_k, D]
 }
 
 // dQ_i: one block per (query tile, batch*head), looping over the key tiles it sees.
@@ -478,13 +342,12 @@ template <int D>
 __device__ void flash_forward_v3(const FlashArgs& a, const ScoreMods& mods, const Dropout& drop) {
     extern __shared__ float4 smem4[];
     float* Qs = reinterpret_cast<float*>(smem4);  // [BR][D + 4]
-    float* Ks = Qs + BR * (D + 4);                // [BC][D + 4]
-    float* Vs = Ks + BC * (D + 4);                // [BC][D + 4]
+    float* Ks = Qs + BR * ROW;                    // [BC][D + 4]
+    float* Vs = Ks + BC * ROW;                    // [BC][D + 4]
     // P [BR][BC + 4] in K's buffer once S is computed (when it fits there).
-    float* Ps = D >= 64 ? Ks : Vs + BC * (D + 4);
+    float* Ps = D >= 64 ? Ks : Vs + BC * ROW;
     constexpr int CW = D / 16;
-    constexpr float LOG2E = 1.4426950408889634f;
-    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    const int ty = threadIdx.x / 16;
     const int z = blockIdx.y, b = z / a.heads, h = z % a.heads;
     const int kvh = h / (a.heads / a.kv_heads);
     const int i0 = blockIdx.x * BR;
@@ -512,86 +375,15 @@ __device__ void flash_forward_v3(const FlashArgs& a, const ScoreMods& mods, cons
         cp_async_commit();
         cp_async_wait<1>();  // K_j has arrived (V_j may still be on its way)
         __syncthreads();
-        float s[4][4] = {};
-#pragma unroll 4
-        for (int d = 0; d < D; d += 4) {
-            float4 qv[4], kv[4];
-#pragma unroll
-            for (int r = 0; r < 4; r++)
-                qv[r] = *reinterpret_cast<const float4*>(Qs + (ty + 16 * r) * (D + 4) + d);
-#pragma unroll
-            for (int c = 0; c < 4; c++)
-                kv[c] = *reinterpret_cast<const float4*>(Ks + (tx + 16 * c) * (D + 4) + d);
-#pragma unroll
-            for (int r = 0; r < 4; r++)
-#pragma unroll
-                for (int c = 0; c < 4; c++) {
-                    s[r][c] = fmaf(qv[r].x, kv[c].x, s[r][c]);
-                    s[r][c] = fmaf(qv[r].y, kv[c].y, s[r][c]);
-                    s[r][c] = fmaf(qv[r].z, kv[c].z, s[r][c]);
-                    s[r][c] = fmaf(qv[r].w, kv[c].w, s[r][c]);
-                }
-        }
+        float s[4][4];
+        scores_4x4<D>(Qs, Ks, s);
         if (D >= 64) __syncthreads();  // every thread is done with K_j before P overwrites it
-        const bool plain = tile_plain(mods, i0, j0);
-#pragma unroll
-        for (int r = 0; r < 4; r++) {
-            const int i = i0 + ty + 16 * r;
-            float mx = NEG_INF;
-#pragma unroll
-            for (int c = 0; c < 4; c++) {
-                s[r][c] = score(mods, plain, a.scale, b, h, i, j0 + tx + 16 * c, s[r][c]) * LOG2E;
-                mx = fmaxf(mx, s[r][c]);
-            }
-            const float m_new = fmaxf(m[r], row_max16(mx));
-            const float alpha = m[r] == NEG_INF ? 0.0f : exp2f(m[r] - m_new);
-            float sum = 0.0f;
-#pragma unroll
-            for (int c = 0; c < 4; c++) {
-                const int j = j0 + tx + 16 * c;
-                float p = s[r][c] == NEG_INF ? 0.0f : exp2f(s[r][c] - m_new);
-                sum += p;
-                if (drop.enabled) p *= dropout_factor(drop, key[r], j);
-                Ps[(ty + 16 * r) * (BC + 4) + tx + 16 * c] = p;
-            }
-            l[r] = alpha * l[r] + row_sum16(sum);
-            m[r] = m_new;
-#pragma unroll
-            for (int c = 0; c < CW; c++) o[r][c] *= alpha;
-        }
+        online_softmax_step<D, true>(a, mods, drop, b, h, i0, j0, s, m, l, o, key, Ps);
         cp_async_wait<0>();  // V_j has arrived
         __syncthreads();     // and P is complete
-#pragma unroll 2
-        for (int c2 = 0; c2 < BC; c2 += 4) {
-            float4 pv[4];
-#pragma unroll
-            for (int r = 0; r < 4; r++)
-                pv[r] = *reinterpret_cast<const float4*>(Ps + (ty + 16 * r) * (BC + 4) + c2);
-#pragma unroll
-            for (int u = 0; u < 4; u++) {
-                float vv[CW];
-                load_cols<CW>(vv, Vs + (c2 + u) * (D + 4) + tx * CW);
-#pragma unroll
-                for (int r = 0; r < 4; r++) {
-                    const float p = lane(pv[r], u);
-#pragma unroll
-                    for (int c = 0; c < CW; c++) o[r][c] = fmaf(p, vv[c], o[r][c]);
-                }
-            }
-        }
+        accumulate_pv<D>(Ps, Vs, o);
     }
-    float* out = (float*)a.o + (i64)z * a.n_q * D;
-    float* lse = (float*)a.lse + (i64)z * a.n_q;
-#pragma unroll
-    for (int r = 0; r < 4; r++) {
-        const int i = i0 + ty + 16 * r;
-        if (i >= a.n_q) continue;
-        const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
-#pragma unroll
-        for (int c = 0; c < CW; c++) out[(i64)i * D + tx * CW + c] = o[r][c] * inv;
-        // lse = ln 2 · m + ln l
-        if (tx == 0) lse[i] = l[r] > 0.0f ? m[r] * 0.6931471805599453f + logf(l[r]) : NEG_INF;
-    }
+    write_forward_rows<D, true>(a, z, i0, m, l, o);  // lse = ln 2 · m + ln l
 }
 // ANCHOR_END: forward_v3
 

@@ -136,3 +136,212 @@ __device__ __forceinline__ void tile_p_ds(const FlashArgs& a, const ScoreMods& m
     }
 }
 
+
+// ---------------------------------------------------------------------------------------
+// The steps the fused kernels share (16-byte shared-memory reads, rows padded to D + 4).
+
+// S = Q_i K_j^T for the thread's 4 x 4 scores: rows ty + 16r of Qs, keys tx + 16c of Ks.
+template <int D>
+__device__ __forceinline__ void scores_4x4(const float* Qs, const float* Ks, float s[4][4]) {
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+    for (int r = 0; r < 4; r++)
+#pragma unroll
+        for (int c = 0; c < 4; c++) s[r][c] = 0.0f;
+#pragma unroll 4
+    for (int d = 0; d < D; d += 4) {
+        float4 qv[4], kv[4];
+#pragma unroll
+        for (int r = 0; r < 4; r++) qv[r] = *reinterpret_cast<const float4*>(Qs + (ty + 16 * r) * ROW + d);
+#pragma unroll
+        for (int c = 0; c < 4; c++) kv[c] = *reinterpret_cast<const float4*>(Ks + (tx + 16 * c) * ROW + d);
+#pragma unroll
+        for (int r = 0; r < 4; r++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                s[r][c] = fmaf(qv[r].x, kv[c].x, s[r][c]);
+                s[r][c] = fmaf(qv[r].y, kv[c].y, s[r][c]);
+                s[r][c] = fmaf(qv[r].z, kv[c].z, s[r][c]);
+                s[r][c] = fmaf(qv[r].w, kv[c].w, s[r][c]);
+            }
+    }
+}
+
+// acc[r][.] += P[ty + 16r][.] V_j[., tx*CW ..] over the tile's BC keys, 4 keys at a time
+// (P rows padded to BC + 4, read as broadcast float4s).
+template <int D>
+__device__ __forceinline__ void accumulate_pv(const float* Ps, const float* Vs, float acc[4][D / 16]) {
+    constexpr int CW = D / 16;
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll 2
+    for (int c2 = 0; c2 < BC; c2 += 4) {
+        float4 pv[4];
+#pragma unroll
+        for (int r = 0; r < 4; r++) pv[r] = *reinterpret_cast<const float4*>(Ps + (ty + 16 * r) * TROW + c2);
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            float vv[CW];
+            load_cols<CW>(vv, Vs + (c2 + u) * ROW + tx * CW);
+#pragma unroll
+            for (int r = 0; r < 4; r++) {
+                const float p = lane(pv[r], u);
+#pragma unroll
+                for (int c = 0; c < CW; c++) acc[r][c] = fmaf(p, vv[c], acc[r][c]);
+            }
+        }
+    }
+}
+
+// FlashAttention-2's online-softmax step on the thread's scores of tile (i0.., j0..): the
+// scores are modified (bias, masks, causal), the running max m and sum l updated, O
+// rescaled, and P~ = exp(S - m) (times the dropout factors) written to Ps. BASE2: scores
+// and m in units of log2 e, exponentials by exp2 (one instruction); else natural units.
+template <int D, bool BASE2>
+__device__ __forceinline__ void online_softmax_step(const FlashArgs& a, const ScoreMods& mods,
+                                                    const Dropout& drop, int b, int h, int i0,
+                                                    int j0, float s[4][4], float m[4],
+                                                    float l[4], float o[4][D / 16],
+                                                    const u32 key[4], float* Ps) {
+    constexpr float LOG2E = 1.4426950408889634f;
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    const bool plain = tile_plain(mods, i0, j0);
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+        const int i = i0 + ty + 16 * r;
+        float mx = NEG_INF;
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+            s[r][c] = score(mods, plain, a.scale, b, h, i, j0 + tx + 16 * c, s[r][c]);
+            if (BASE2) s[r][c] *= LOG2E;
+            mx = fmaxf(mx, s[r][c]);
+        }
+        const float m_new = fmaxf(m[r], row_max16(mx));
+        const float alpha =
+            m[r] == NEG_INF ? 0.0f : (BASE2 ? exp2f(m[r] - m_new) : expf(m[r] - m_new));
+        float sum = 0.0f;
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+            float p = s[r][c] == NEG_INF ? 0.0f
+                                         : (BASE2 ? exp2f(s[r][c] - m_new) : expf(s[r][c] - m_new));
+            sum += p;
+            if (drop.enabled) p *= dropout_factor(drop, key[r], j0 + tx + 16 * c);
+            Ps[(ty + 16 * r) * TROW + tx + 16 * c] = p;
+        }
+        l[r] = alpha * l[r] + row_sum16(sum);
+        m[r] = m_new;
+#pragma unroll
+        for (int c = 0; c < D / 16; c++) o[r][c] *= alpha;
+    }
+}
+
+// The end of a forward: O = O / l and lse = m + ln l (m in units of log2 e when BASE2) for
+// the thread's rows; a row that saw no key gets O = 0, lse = -inf.
+template <int D, bool BASE2>
+__device__ __forceinline__ void write_forward_rows(const FlashArgs& a, int z, int i0,
+                                                   const float m[4], const float l[4],
+                                                   const float o[4][D / 16]) {
+    constexpr int CW = D / 16;
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    float* out = (float*)a.o + (i64)z * a.n_q * D;
+    float* lse = (float*)a.lse + (i64)z * a.n_q;
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+        const int i = i0 + ty + 16 * r;
+        if (i >= a.n_q) continue;
+        const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+#pragma unroll
+        for (int c = 0; c < CW; c++) out[(i64)i * D + tx * CW + c] = o[r][c] * inv;
+        const float mr = BASE2 ? m[r] * 0.6931471805599453f : m[r];
+        if (tx == 0) lse[i] = l[r] > 0.0f ? mr + logf(l[r]) : NEG_INF;
+    }
+}
+
+// Writes the thread's (P o Z)^T and dS^T of tile (i0.., j0..) into [BC][BR + 4] tiles.
+__device__ __forceinline__ void store_pz_ds_transposed(const Dropout& drop, int b, int h, int i0,
+                                                       int j0, const float p[4][4],
+                                                       const float ds[4][4], float* PT,
+                                                       float* dST) {
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+        const u32 key = drop.enabled ? row_key(drop.seed, b, h, i0 + ty + 16 * r) : 0u;
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+            float pz = p[r][c];
+            if (drop.enabled) pz *= dropout_factor(drop, key, j0 + tx + 16 * c);
+            PT[(tx + 16 * c) * TROW + ty + 16 * r] = pz;
+            dST[(tx + 16 * c) * TROW + ty + 16 * r] = ds[r][c];
+        }
+    }
+}
+
+// dV_j += (P Z)^T dO_i and dK_j += dS^T Q_i (unscaled) for the thread's keys ty + 16r and
+// columns tx*CW .., four query rows at a time.
+template <int D>
+__device__ __forceinline__ void accumulate_dk_dv(const float* PT, const float* dST,
+                                                 const float* dOs, const float* Qs,
+                                                 float dk[4][D / 16], float dv[4][D / 16]) {
+    constexpr int CW = D / 16;
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll 2
+    for (int rr = 0; rr < BR; rr += 4) {
+        float4 pz[4], dsv[4];
+#pragma unroll
+        for (int r = 0; r < 4; r++) {
+            pz[r] = *reinterpret_cast<const float4*>(PT + (ty + 16 * r) * TROW + rr);
+            dsv[r] = *reinterpret_cast<const float4*>(dST + (ty + 16 * r) * TROW + rr);
+        }
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            float dov[CW], qv[CW];
+            load_cols<CW>(dov, dOs + (rr + u) * ROW + tx * CW);
+            load_cols<CW>(qv, Qs + (rr + u) * ROW + tx * CW);
+#pragma unroll
+            for (int r = 0; r < 4; r++) {
+                const float pu = lane(pz[r], u), du = lane(dsv[r], u);
+#pragma unroll
+                for (int c = 0; c < CW; c++) {
+                    dv[r][c] = fmaf(pu, dov[c], dv[r][c]);
+                    dk[r][c] = fmaf(du, qv[c], dk[r][c]);
+                }
+            }
+        }
+    }
+}
+
+// acc = dS[ty + 16r][.] K_j[., tx*CW ..] over the tile's keys (dS^T as stored above), for
+// the dQ of query row ty + 16r.
+template <int D>
+__device__ __forceinline__ void ds_times_k(const float* dST, const float* Ks, int r, float acc[D / 16]) {
+    constexpr int CW = D / 16;
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+    for (int c = 0; c < CW; c++) acc[c] = 0.0f;
+    for (int cc = 0; cc < BC; cc++) {
+        const float d_s = dST[cc * TROW + ty + 16 * r];
+        float kv[CW];
+        load_cols<CW>(kv, Ks + cc * ROW + tx * CW);
+#pragma unroll
+        for (int c = 0; c < CW; c++) acc[c] = fmaf(d_s, kv[c], acc[c]);
+    }
+}
+
+// Writes the thread's dK_j (times the scale) and dV_j rows into per-query-head [.., n_k, D].
+template <int D>
+__device__ __forceinline__ void store_dk_dv(const FlashArgs& a, int z, int j0,
+                                            const float dk[4][D / 16], const float dv[4][D / 16]) {
+    constexpr int CW = D / 16;
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    float* dK = (float*)a.dk + (i64)z * a.n_k * D;
+    float* dV = (float*)a.dv + (i64)z * a.n_k * D;
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+        const int j = j0 + ty + 16 * r;
+        if (j >= a.n_k) continue;
+#pragma unroll
+        for (int c = 0; c < CW; c++) {
+            dK[(i64)j * D + tx * CW + c] = a.scale * dk[r][c];
+            dV[(i64)j * D + tx * CW + c] = dv[r][c];
+        }
+    }
+}
