@@ -357,6 +357,11 @@ pub fn compile(module: &str, sources: &[&str], arch: &'static str) -> Result<cud
     })
 }
 
+/// A launch of `grid_dim` blocks of `threads` threads, no dynamic shared memory.
+pub fn grid(grid_dim: (u32, u32, u32), threads: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim, block_dim: (threads, 1, 1), shared_mem_bytes: 0 }
+}
+
 /// Grid size for `n` items in blocks of `block` threads.
 pub fn blocks_for(n: usize, block: u32) -> u32 {
     n.div_ceil(block as usize).max(1) as u32

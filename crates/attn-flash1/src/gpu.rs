@@ -11,8 +11,7 @@
 
 use attn_core::{AttnError, Forward, Grads, Inputs, Options, Result, Shape};
 use attn_cuda::{
-    CONTRACT_HEADER, CudaFunction, DeviceBuffer, Gpu, LaunchConfig, PushKernelArg, blocks_for,
-    cuda_err,
+    CONTRACT_HEADER, CudaFunction, DeviceBuffer, Gpu, PushKernelArg, blocks_for, cuda_err, grid,
 };
 use attn_naive::gpu::{
     DeviceForward, DeviceProblem, DeviceSaved, DeviceStats, FlashArgs, Kernels, TILES,
@@ -71,11 +70,7 @@ pub fn forward_device(gpu: &'static Gpu, dev: &DeviceProblem) -> Result<DeviceFo
     // lse = m + ln ℓ, in ℓ's buffer.
     let f = gpu.function(MODULE, &[CONTRACT_HEADER, TILES, KERNELS], "flash1_lse")?;
     let rows = (z * n_q) as i64;
-    let cfg = LaunchConfig {
-        grid_dim: (blocks_for(z * n_q, 256), 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = grid((blocks_for(z * n_q, 256), 1, 1), 256);
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(&a).arg(&rows);
     // SAFETY: (FlashArgs, rows) is flash1_lse's parameter list; ℓ and m hold `rows` floats.

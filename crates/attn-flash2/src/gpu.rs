@@ -16,8 +16,7 @@
 
 use attn_core::{AttnError, Forward, Grads, Inputs, Options, Result, Shape};
 use attn_cuda::{
-    CONTRACT_HEADER, CudaFunction, DeviceBuffer, Gpu, LaunchConfig, PushKernelArg, blocks_for,
-    cuda_err,
+    CONTRACT_HEADER, CudaFunction, DeviceBuffer, Gpu, PushKernelArg, blocks_for, cuda_err, grid,
 };
 use attn_naive::gpu::{
     DeviceForward, DeviceProblem, DeviceSaved, DeviceStats, FlashArgs, Kernels, TILES,
@@ -150,11 +149,7 @@ pub fn backward_device_dq(
     // D = rowsum(dO ∘ O)
     let f = gpu.function(MODULE, &[CONTRACT_HEADER, TILES, KERNELS], "flash2_dvec")?;
     let rows = (z * n_q) as i64;
-    let cfg = LaunchConfig {
-        grid_dim: (blocks_for(z * n_q, 8), 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = grid((blocks_for(z * n_q, 8), 1, 1), 256);
     let (mut b, d32) = (gpu.stream().launch_builder(&f), d as i32);
     b.arg(&a).arg(&rows).arg(&d32);
     // SAFETY: (FlashArgs, rows, d) is flash2_dvec's parameter list; O, dO and D hold rows·d,

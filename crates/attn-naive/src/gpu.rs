@@ -24,7 +24,7 @@ use attn_core::problem::Problem;
 use attn_core::{AttnError, Forward, Grads, Inputs, Options, Result, Shape};
 use attn_cuda::{
     CONTRACT_HEADER, CudaFunction, DeviceBuffer, DevicePeak, DeviceRepr, Gpu, LaunchConfig,
-    PushKernelArg, blocks_for, cuda_err, gpu,
+    PushKernelArg, blocks_for, cuda_err, gpu, grid,
 };
 use ndarray::ArrayView4;
 
@@ -231,11 +231,7 @@ pub struct Kernels {
 /// The launch shape of the element-wise window kernels: x over columns, y over rows (the
 /// kernels loop when rows exceed the grid), z over heads.
 fn window_grid(z: usize, rows: usize, cols: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (blocks_for(cols, 256).min(64), rows.min(65_535) as u32, z as u32),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    }
+    grid((blocks_for(cols, 256).min(64), rows.min(65_535) as u32, z as u32), 256)
 }
 
 macro_rules! launch {
@@ -292,11 +288,7 @@ impl Kernels {
         } else {
             (2, 64, 64)
         };
-        let cfg = LaunchConfig {
-            grid_dim: (blocks_for(n, bn), blocks_for(m, bm), z as u32),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = grid((blocks_for(n, bn), blocks_for(m, bm), z as u32), 256);
         let (m, n, k, zh) = (m as i32, n as i32, k as i32, zh as i32);
         launch!(self, self.gemm[i], cfg, "gemm_batched"; &m, &n, &k, &zh, &alpha, &a, &b, &beta, &c)
     }
@@ -322,11 +314,7 @@ impl Kernels {
         z: usize,
         (rows, cols): (usize, usize),
     ) -> Result<()> {
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, z as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = grid((rows as u32, z as u32, 1), 256);
         let (sp, lp, r, c) = (self.gpu.ptr(s), self.gpu.ptr(lse), rows as i32, cols as i32);
         launch!(self, self.softmax, cfg, "softmax_rows"; &sp, &lp, &r, &c)
     }
@@ -340,11 +328,7 @@ impl Kernels {
         z: usize,
         (rows, cols): (usize, usize),
     ) -> Result<()> {
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, z as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = grid((rows as u32, z as u32, 1), 256);
         let g = self.gpu;
         let (sp, mp, lp, r, c) = (g.ptr(s), g.ptr(m_c), g.ptr(l_c), rows as i32, cols as i32);
         launch!(self, self.chunk_softmax, cfg, "chunk_softmax"; &sp, &mp, &lp, &r, &c)
@@ -373,11 +357,7 @@ impl Kernels {
         z: usize,
         (i0, rows, n_q, d): (usize, usize, usize, usize),
     ) -> Result<()> {
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, z as u32, 1),
-            block_dim: (64, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = grid((rows as u32, z as u32, 1), 64);
         let g = self.gpu;
         let ptrs = [g.ptr(m), g.ptr(l), g.ptr(o), g.ptr(m_c), g.ptr(l_c), g.ptr(o_c)];
         let (i0, r, n, d) = (i0 as i32, rows as i32, n_q as i32, d as i32);
@@ -394,11 +374,7 @@ impl Kernels {
         z: usize,
         (n_q, d): (usize, usize),
     ) -> Result<()> {
-        let cfg = LaunchConfig {
-            grid_dim: (n_q as u32, z as u32, 1),
-            block_dim: (64, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = grid((n_q as u32, z as u32, 1), 64);
         let g = self.gpu;
         let (op, lp, mp, llp, d) = (g.ptr(o), g.ptr(lse), g.ptr(m), g.ptr(l), d as i32);
         launch!(self, self.finish, cfg, "finish_rows"; &op, &lp, &mp, &llp, &d)
@@ -412,11 +388,7 @@ impl Kernels {
         dd: &DeviceBuffer<f32>,
         (rows, d): (usize, usize),
     ) -> Result<()> {
-        let cfg = LaunchConfig {
-            grid_dim: (blocks_for(rows, 8), 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = grid((blocks_for(rows, 8), 1, 1), 256);
         let g = self.gpu;
         let (a, b, c, r, d) = (g.ptr(d_out), g.ptr(out), g.ptr(dd), rows as i64, d as i32);
         launch!(self, self.row_dot, cfg, "row_dot"; &a, &b, &c, &r, &d)
@@ -466,11 +438,7 @@ impl Kernels {
     ) -> Result<DeviceBuffer<f32>> {
         let total = batch * kv_heads * rows * d;
         let out = self.gpu.uninit_f32(total)?;
-        let cfg = LaunchConfig {
-            grid_dim: (blocks_for(total, 256).min(4096), 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = grid((blocks_for(total, 256).min(4096), 1, 1), 256);
         let (src, dst) = (self.gpu.ptr(per_head), self.gpu.ptr(&out));
         let (h, kvh, per, tot) = (heads as i32, kv_heads as i32, (rows * d) as i64, total as i64);
         launch!(self, self.group_sum, cfg, "group_sum"; &src, &dst, &h, &kvh, &per, &tot)?;
