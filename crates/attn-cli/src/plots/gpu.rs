@@ -128,11 +128,7 @@ pub fn draw(out: &Path, ours: &[GpuRow], sdpa: &[GpuRow], footer: &str) -> Resul
         let mut s = series(ours, false, causal, &y);
         s.extend(series(sdpa, true, causal, &y));
         Panel {
-            title: format!(
-                "{} — {}",
-                if backward { "backward" } else { "forward" },
-                if causal { "causal" } else { "full attention" }
-            ),
+            title: super::pass_title(backward, causal),
             x_desc: "sequence length n".into(),
             y_desc: "TFLOP/s".into(),
             y_axis: YAxis::Linear,

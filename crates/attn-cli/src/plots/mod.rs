@@ -409,11 +409,7 @@ pub fn log_log_slope(points: &[(f64, f64)]) -> f64 {
 /// Per stage: the memory slopes (forward, forward + backward) fitted on the three largest
 /// measured n of the causal sweep.
 fn memory_slopes(runs: &[RunPoint]) -> Vec<(&'static str, (f64, f64))> {
-    let mut names: Vec<&'static str> = runs.iter().map(|r| r.stage).collect();
-    names.dedup();
-    names.sort_unstable();
-    names.dedup();
-    names
+    stage_names(runs.iter().map(|r| r.stage))
         .into_iter()
         .map(|name| {
             let measured = |both: bool| {
@@ -562,11 +558,7 @@ fn write_throughput(
             vec![(x_min, peak), (x_max, peak)],
         ));
         Panel {
-            title: format!(
-                "{} — {}",
-                if backward { "backward" } else { "forward" },
-                if causal { "causal" } else { "full attention" }
-            ),
+            title: pass_title(backward, causal),
             x_desc: "sequence length n".into(),
             y_desc: "GFLOP/s".into(),
             y_axis: YAxis::Linear,
@@ -579,6 +571,34 @@ fn write_throughput(
         &[panel(false, false), panel(false, true), panel(true, false), panel(true, true)],
         2,
         stamp,
+    )
+}
+
+/// One line per stage of the bytes moved (forward or backward) against `x` of each point.
+fn traffic_series(
+    points: &[TrafficPoint],
+    backward: bool,
+    x: impl Fn(&TrafficPoint) -> f64,
+) -> Vec<Series> {
+    stage_names(points.iter().map(|p| p.stage))
+        .into_iter()
+        .map(|name| {
+            let pts = points
+                .iter()
+                .filter(|p| p.stage == name)
+                .map(|p| (x(p), (if backward { p.backward_bytes } else { p.forward_bytes }) as f64))
+                .collect();
+            Series::solid(name, stage_color(name), pts)
+        })
+        .collect()
+}
+
+/// "forward — full attention", "backward — causal", …
+fn pass_title(backward: bool, causal: bool) -> String {
+    format!(
+        "{} — {}",
+        if backward { "backward" } else { "forward" },
+        if causal { "causal" } else { "full attention" }
     )
 }
 
@@ -630,17 +650,7 @@ fn write_traffic_vs_n(
     write_file(&out.join("traffic-vs-n.csv"), &csv)?;
 
     let panel = |backward: bool| {
-        let mut series = Vec::new();
-        for name in stage_names(points.iter().map(|p| p.stage)) {
-            let pts = points
-                .iter()
-                .filter(|p| p.stage == name)
-                .map(|p| {
-                    (p.n as f64, (if backward { p.backward_bytes } else { p.forward_bytes }) as f64)
-                })
-                .collect();
-            series.push(Series::solid(name, stage_color(name), pts));
-        }
+        let mut series = traffic_series(points, backward, |p| p.n as f64);
         let ns: Vec<f64> = plan.traffic_lengths.iter().map(|&n| n as f64).collect();
         let n_max = ns[ns.len() - 1];
         let measured_at = |stage: &str| {
@@ -710,18 +720,7 @@ fn write_traffic_vs_sram(
 
     let ms: Vec<f64> = plan.srams.iter().map(|&m| m as f64).collect();
     let panel = |backward: bool| {
-        let mut series = Vec::new();
-        for name in stage_names(points.iter().map(|p| p.stage)) {
-            let pts = points
-                .iter()
-                .filter(|p| p.stage == name)
-                .map(|p| {
-                    let bytes = if backward { p.backward_bytes } else { p.forward_bytes };
-                    (p.sram.unwrap_or(0) as f64, bytes as f64)
-                })
-                .collect();
-            series.push(Series::solid(name, stage_color(name), pts));
-        }
+        let mut series = traffic_series(points, backward, |p| p.sram.unwrap_or(0) as f64);
         let naive_bytes =
             (if backward { naive.backward_bytes } else { naive.forward_bytes }) as f64;
         series.push(Series::dashed(
