@@ -21,11 +21,9 @@ pub fn backward_workspace_bytes(shape: &Shape) -> u64 {
     2 * 4 * shape.score_elems()
 }
 
-/// The forward's traffic for one head, pass by pass, as the paper's standard attention
-/// (its Algorithm 0) moves whole matrices between passes: S = QKᵀ (read Q, K; write S), the
-/// bias/mask pass if any (read S and the mask/bias; write S), the softmax (read S; write P
-/// and the log-sum-exp), dropout if any (read P; write P), O = PV (read P, V; write O).
-pub fn forward_traffic(head: &Head<'_>, head_dim: usize) -> Traffic {
+/// The passes that make S, in the forward and again in the backward: S = QKᵀ (read Q, K;
+/// write S), then the bias/mask pass if any (read S and the mask/bias; write S).
+fn scores_traffic(head: &Head<'_>, head_dim: usize) -> Traffic {
     let (n_q, n_k, d) = (head.n_q, head.n_k, head_dim);
     let nn = n_q * n_k;
     let mut t = Traffic::default();
@@ -36,6 +34,17 @@ pub fn forward_traffic(head: &Head<'_>, head_dim: usize) -> Traffic {
         t.read_bytes(nn * head.score_mod_bytes());
         t.write_f32(nn);
     }
+    t
+}
+
+/// The forward's traffic for one head, pass by pass, as the paper's standard attention
+/// (its Algorithm 0) moves whole matrices between passes: S = QKᵀ (read Q, K; write S), the
+/// bias/mask pass if any (read S and the mask/bias; write S), the softmax (read S; write P
+/// and the log-sum-exp), dropout if any (read P; write P), O = PV (read P, V; write O).
+pub fn forward_traffic(head: &Head<'_>, head_dim: usize) -> Traffic {
+    let (n_q, n_k, d) = (head.n_q, head.n_k, head_dim);
+    let nn = n_q * n_k;
+    let mut t = scores_traffic(head, head_dim);
     t.read_f32(nn);
     t.write_f32(nn + n_q);
     if head.has_dropout() {
@@ -54,14 +63,7 @@ pub fn forward_traffic(head: &Head<'_>, head_dim: usize) -> Traffic {
 pub fn backward_traffic(head: &Head<'_>, head_dim: usize) -> Traffic {
     let (n_q, n_k, d) = (head.n_q, head.n_k, head_dim);
     let nn = n_q * n_k;
-    let mut t = Traffic::default();
-    t.read_f32(n_q * d + n_k * d);
-    t.write_f32(nn);
-    if head.score_mod_bytes() > 0 {
-        t.read_f32(nn);
-        t.read_bytes(nn * head.score_mod_bytes());
-        t.write_f32(nn);
-    }
+    let mut t = scores_traffic(head, head_dim);
     t.read_f32(nn + n_q);
     t.write_f32(nn);
     t.read_f32(n_q * d + n_k * d);
