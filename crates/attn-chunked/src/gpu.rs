@@ -27,14 +27,6 @@ use ndarray::ArrayView4;
 
 use crate::cpu::{NAME, chunk_sizes};
 
-/// Device bytes of the forward besides its outputs: one window of scores, one chunk of
-/// partial outputs and their statistics, and the running m, ℓ.
-pub fn forward_device_bytes(shape: &Shape, (q_chunk, k_chunk): (usize, usize)) -> u64 {
-    let z = (shape.batch * shape.heads) as u64;
-    let (q, k, d) = (q_chunk as u64, k_chunk as u64, shape.head_dim as u64);
-    4 * z * (q * k + q * d + 2 * q + 2 * shape.n_q as u64)
-}
-
 // ANCHOR: forward_device
 /// The forward on uploaded tensors: (O, lse) on the device.
 pub fn forward_device(

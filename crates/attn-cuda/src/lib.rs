@@ -269,11 +269,6 @@ impl<T> DeviceBuffer<T> {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
-
-    /// The cudarc slice, for launches that take it directly.
-    pub fn slice(&self) -> &CudaSlice<T> {
-        &self.slice
-    }
 }
 
 impl<T> Drop for DeviceBuffer<T> {

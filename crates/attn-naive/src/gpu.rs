@@ -535,11 +535,6 @@ pub fn device_memory_limit(gpu: &Gpu, opts: &Options) -> Result<u64> {
     })
 }
 
-/// Bytes of the forward's device workspace: S/P for every head.
-pub fn forward_device_bytes(shape: &Shape) -> u64 {
-    crate::forward_workspace_bytes(shape)
-}
-
 // ANCHOR: forward_device
 /// The forward on uploaded tensors: (O `[b, h, n_q, d]`, lse `[b, h, n_q]`) on the device.
 pub fn forward_device(
@@ -760,7 +755,7 @@ pub fn backward_on_device(
 /// statistics; refused before anything is allocated when S would not fit.
 pub fn forward_with_stats(inputs: &Inputs<'_>, opts: &Options) -> Result<(Forward, DeviceStats)> {
     forward_on_device(inputs, opts, |gpu, dev| {
-        let needed = forward_device_bytes(&dev.shape);
+        let needed = crate::forward_workspace_bytes(&dev.shape);
         refuse_if_too_large(gpu, opts, "score matrices S/P in device memory", needed)?;
         forward_device(&Kernels::new(gpu)?, dev)
     })
