@@ -9,13 +9,14 @@
 //!
 //! Head dimensions 32, 64, 96 and 128.
 
-use attn_core::{AttnError, Forward, Grads, Inputs, Options, Result, Shape};
+use attn_core::{Forward, Grads, Inputs, Options, Result, Shape};
 use attn_cuda::{
     CONTRACT_HEADER, CudaFunction, DeviceBuffer, Gpu, PushKernelArg, blocks_for, cuda_err, grid,
 };
+pub use attn_naive::gpu::HEAD_DIMS;
 use attn_naive::gpu::{
     DeviceForward, DeviceProblem, DeviceSaved, DeviceStats, FlashArgs, Kernels, TILES,
-    backward_on_device, forward_on_device, fused_kernel, launch_fused,
+    backward_on_device, check_head_dim, forward_on_device, fused_kernel, launch_fused,
 };
 use ndarray::ArrayView4;
 
@@ -25,19 +26,6 @@ use crate::cpu::NAME;
 pub const KERNELS: &str = include_str!("../kernels/flash1.cu");
 const MODULE: &str = "flash1";
 const TILE: usize = 64;
-/// The head dimensions the kernels are instantiated for.
-pub const HEAD_DIMS: [usize; 4] = [32, 64, 96, 128];
-
-fn check_head_dim(d: usize) -> Result<()> {
-    if HEAD_DIMS.contains(&d) {
-        return Ok(());
-    }
-    Err(AttnError::UnsupportedHeadDim {
-        stage: "flash1 (cuda)",
-        head_dim: d,
-        supported: "32, 64, 96, 128 (use the CPU stages, or pad the head dimension)".into(),
-    })
-}
 
 fn kernel(gpu: &Gpu, name: &str, d: usize) -> Result<(CudaFunction, u32)> {
     let (t, row) = (TILE, d + 4);
@@ -53,7 +41,7 @@ fn kernel(gpu: &Gpu, name: &str, d: usize) -> Result<(CudaFunction, u32)> {
 /// The fused forward on uploaded tensors: (O, lse) on the device.
 pub fn forward_device(gpu: &'static Gpu, dev: &DeviceProblem) -> Result<DeviceForward> {
     let Shape { batch, heads, n_q, head_dim: d, .. } = dev.shape;
-    check_head_dim(d)?;
+    check_head_dim("flash1 (cuda)", d)?;
     let z = batch * heads;
     // O, ℓ, m in device memory ("HBM"), initialised as in Algorithm 1, line 2.
     let out = gpu.zeros::<f32>(z * n_q * d)?;
@@ -86,7 +74,7 @@ pub fn backward_device(
     saved: &DeviceSaved,
 ) -> Result<[DeviceBuffer<f32>; 3]> {
     let Shape { batch, heads, kv_heads, n_q, n_k, head_dim: d } = dev.shape;
-    check_head_dim(d)?;
+    check_head_dim("flash1 (cuda)", d)?;
     let z = batch * heads;
     let k = Kernels::new(gpu)?;
     let dvec = gpu.uninit_f32(z * n_q)?;

@@ -165,17 +165,7 @@ __device__ void flash_forward_v2(const FlashArgs& a, const ScoreMods& mods, cons
 // ---------------------------------------------------------------------------------------
 // Backward (Algorithm 2 of the FlashAttention-2 paper, with dQ in its own pass).
 
-// D_i = rowsum(dO_i * O_i): one warp per row of [rows, d].
-extern "C" __global__ void flash2_dvec(FlashArgs a, i64 rows, int d) {
-    const i64 row = (i64)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-    if (row >= rows) return;
-    const float* dout = (const float*)a.d_out + row * d;
-    const float* out = (const float*)a.o + row * d;
-    float acc = 0.0f;
-    for (int c = threadIdx.x % 32; c < d; c += 32) acc += dout[c] * out[c];
-    for (int o = 16; o > 0; o /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-    if (threadIdx.x % 32 == 0) ((float*)a.dvec)[row] = acc;
-}
+// (D_i = rowsum(dO_i * O_i) comes from attention.cu's row_dot, shared with stages 1-3.)
 
 // dK_j, dV_j: one block per (key tile, batch*head), looping over the query tiles that can
 // see it; dK and dV accumulate in registers (keys ty + 16r, columns tx*CW ..). Written per

@@ -14,13 +14,12 @@
 //!
 //! Head dimensions 32, 64, 96 and 128; others are refused with a clear error.
 
-use attn_core::{AttnError, Forward, Grads, Inputs, Options, Result, Shape};
-use attn_cuda::{
-    CONTRACT_HEADER, CudaFunction, DeviceBuffer, Gpu, PushKernelArg, blocks_for, cuda_err, grid,
-};
+use attn_core::{Forward, Grads, Inputs, Options, Result, Shape};
+use attn_cuda::{CONTRACT_HEADER, CudaFunction, DeviceBuffer, Gpu, blocks_for};
+pub use attn_naive::gpu::HEAD_DIMS;
 use attn_naive::gpu::{
     DeviceForward, DeviceProblem, DeviceSaved, DeviceStats, FlashArgs, Kernels, TILES,
-    backward_on_device, forward_on_device, fused_kernel, launch_fused,
+    backward_on_device, check_head_dim, forward_on_device, fused_kernel, launch_fused,
 };
 use ndarray::ArrayView4;
 
@@ -31,20 +30,6 @@ pub const KERNELS: &str = include_str!("../kernels/flash2.cu");
 const MODULE: &str = "flash2";
 /// Query rows and keys per tile (`BR`, `BC` in flash2.cu).
 pub const TILE: usize = 64;
-/// The head dimensions the kernels are instantiated for.
-pub const HEAD_DIMS: [usize; 4] = [32, 64, 96, 128];
-
-fn check_head_dim(d: usize) -> Result<()> {
-    if HEAD_DIMS.contains(&d) {
-        Ok(())
-    } else {
-        Err(AttnError::UnsupportedHeadDim {
-            stage: "flash2 (cuda)",
-            head_dim: d,
-            supported: "32, 64, 96, 128 (use the CPU stages, or pad the head dimension)".into(),
-        })
-    }
-}
 
 /// Shared-memory bytes of each kernel at head dimension `d` (rows padded to d + 1 floats).
 fn shared_bytes(kernel: &str, d: usize) -> u32 {
@@ -86,7 +71,7 @@ pub fn forward_device_version(
     version: u32,
 ) -> Result<DeviceForward> {
     let Shape { batch, heads, n_q, head_dim: d, .. } = dev.shape;
-    check_head_dim(d)?;
+    check_head_dim("flash2 (cuda)", d)?;
     let z = batch * heads;
     let out = gpu.uninit_f32(z * n_q * d)?; // every row written by its query tile
     let lse = gpu.uninit_f32(z * n_q)?;
@@ -126,7 +111,7 @@ pub fn backward_device_dq(
     mode: DqMode,
 ) -> Result<[DeviceBuffer<f32>; 3]> {
     let Shape { batch, heads, kv_heads, n_q, n_k, head_dim: d } = dev.shape;
-    check_head_dim(d)?;
+    check_head_dim("flash2 (cuda)", d)?;
     let z = batch * heads;
     let dvec = gpu.uninit_f32(z * n_q)?;
     let dq = match mode {
@@ -146,15 +131,8 @@ pub fn backward_device_dq(
         dv: gpu.ptr(&dv_h),
         ..FlashArgs::of(gpu, dev)
     };
-    // D = rowsum(dO ∘ O)
-    let f = gpu.function(MODULE, &[CONTRACT_HEADER, TILES, KERNELS], "flash2_dvec")?;
-    let rows = (z * n_q) as i64;
-    let cfg = grid((blocks_for(z * n_q, 8), 1, 1), 256);
-    let (mut b, d32) = (gpu.stream().launch_builder(&f), d as i32);
-    b.arg(&a).arg(&rows).arg(&d32);
-    // SAFETY: (FlashArgs, rows, d) is flash2_dvec's parameter list; O, dO and D hold rows·d,
-    // rows·d and rows floats.
-    unsafe { b.launch(cfg) }.map_err(cuda_err("flash2_dvec"))?;
+    let k = Kernels::new(gpu)?;
+    k.row_dot(&saved.d_out, &saved.out, &dvec, (z * n_q, d))?; // D = rowsum(dO ∘ O)
     // dK, dV over key tiles; dQ over query tiles
     let kv = if mode == DqMode::Atomic { "backward_kv_atomic_dq" } else { "backward_kv" };
     launch_fused(
@@ -178,7 +156,6 @@ pub fn backward_device_dq(
     if heads == kv_heads {
         return Ok([dq, dk_h, dv_h]);
     }
-    let k = Kernels::new(gpu)?;
     let dims = (batch, heads, kv_heads, n_k, d);
     let (dk, dv) = (k.group_sum(&dk_h, dims)?, k.group_sum(&dv_h, dims)?);
     Ok([dq, dk, dv])

@@ -76,70 +76,6 @@ __device__ __forceinline__ float lane(const float4& x, int u) {
     return u == 0 ? x.x : u == 1 ? x.y : u == 2 ? x.z : x.w;
 }
 
-// Recomputes, for the tile (rows i0.., keys j0..) held in shared memory, P (undropped) and
-// dS = P * (Z * dP - D) into the thread's registers (rows ty + 16r, keys tx + 16c);
-// dP = dO V^T.
-template <int D>
-__device__ __forceinline__ void tile_p_ds(const FlashArgs& a, const ScoreMods& mods,
-                                          const Dropout& drop, int b, int h, int z, int i0,
-                                          int j0, const float* Qs, const float* dOs,
-                                          const float* Ks, const float* Vs, float p[4][4],
-                                          float ds[4][4]) {
-    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-    float s[4][4] = {}, dp[4][4] = {};
-#pragma unroll 2
-    for (int d = 0; d < D; d += 4) {
-        float4 qv[4], dov[4], kv[4], vv[4];
-#pragma unroll
-        for (int r = 0; r < 4; r++) {
-            qv[r] = *reinterpret_cast<const float4*>(Qs + (ty + 16 * r) * ROW + d);
-            dov[r] = *reinterpret_cast<const float4*>(dOs + (ty + 16 * r) * ROW + d);
-        }
-#pragma unroll
-        for (int c = 0; c < 4; c++) {
-            kv[c] = *reinterpret_cast<const float4*>(Ks + (tx + 16 * c) * ROW + d);
-            vv[c] = *reinterpret_cast<const float4*>(Vs + (tx + 16 * c) * ROW + d);
-        }
-#pragma unroll
-        for (int r = 0; r < 4; r++)
-#pragma unroll
-            for (int c = 0; c < 4; c++) {
-                s[r][c] = fmaf(qv[r].x, kv[c].x, s[r][c]);
-                s[r][c] = fmaf(qv[r].y, kv[c].y, s[r][c]);
-                s[r][c] = fmaf(qv[r].z, kv[c].z, s[r][c]);
-                s[r][c] = fmaf(qv[r].w, kv[c].w, s[r][c]);
-                dp[r][c] = fmaf(dov[r].x, vv[c].x, dp[r][c]);
-                dp[r][c] = fmaf(dov[r].y, vv[c].y, dp[r][c]);
-                dp[r][c] = fmaf(dov[r].z, vv[c].z, dp[r][c]);
-                dp[r][c] = fmaf(dov[r].w, vv[c].w, dp[r][c]);
-            }
-    }
-    const bool plain = tile_plain(mods, i0, j0);
-    const float* lse = (const float*)a.lse + (i64)z * a.n_q;
-    const float* dvec = (const float*)a.dvec + (i64)z * a.n_q;
-#pragma unroll
-    for (int r = 0; r < 4; r++) {
-        const int i = i0 + ty + 16 * r;
-        const float L = i < a.n_q ? lse[i] : NEG_INF;
-        const float Di = i < a.n_q ? dvec[i] : 0.0f;
-        const u32 key = drop.enabled ? row_key(drop.seed, b, h, i) : 0u;
-#pragma unroll
-        for (int c = 0; c < 4; c++) {
-            const int j = j0 + tx + 16 * c;
-            const float sc = score(mods, plain, a.scale, b, h, i, j, s[r][c]);
-            const float pr = (L == NEG_INF || sc == NEG_INF) ? 0.0f : expf(sc - L);
-            float g = dp[r][c];
-            if (drop.enabled) g *= dropout_factor(drop, key, j);
-            p[r][c] = pr;
-            ds[r][c] = pr * (g - Di);
-        }
-    }
-}
-
-
-// ---------------------------------------------------------------------------------------
-// The steps the fused kernels share (16-byte shared-memory reads, rows padded to D + 4).
-
 // S = Q_i K_j^T for the thread's 4 x 4 scores: rows ty + 16r of Qs, keys tx + 16c of Ks.
 template <int D>
 __device__ __forceinline__ void scores_4x4(const float* Qs, const float* Ks, float s[4][4]) {
@@ -166,6 +102,45 @@ __device__ __forceinline__ void scores_4x4(const float* Qs, const float* Ks, flo
             }
     }
 }
+
+// Recomputes, for the tile (rows i0.., keys j0..) held in shared memory, P (undropped) and
+// dS = P * (Z * dP - D) into the thread's registers (rows ty + 16r, keys tx + 16c);
+// dP = dO V^T.
+template <int D>
+__device__ __forceinline__ void tile_p_ds(const FlashArgs& a, const ScoreMods& mods,
+                                          const Dropout& drop, int b, int h, int z, int i0,
+                                          int j0, const float* Qs, const float* dOs,
+                                          const float* Ks, const float* Vs, float p[4][4],
+                                          float ds[4][4]) {
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    float s[4][4], dp[4][4];
+    scores_4x4<D>(Qs, Ks, s);   // S = Q_i K_j^T
+    scores_4x4<D>(dOs, Vs, dp); // dP = dO_i V_j^T
+    const bool plain = tile_plain(mods, i0, j0);
+    const float* lse = (const float*)a.lse + (i64)z * a.n_q;
+    const float* dvec = (const float*)a.dvec + (i64)z * a.n_q;
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+        const int i = i0 + ty + 16 * r;
+        const float L = i < a.n_q ? lse[i] : NEG_INF;
+        const float Di = i < a.n_q ? dvec[i] : 0.0f;
+        const u32 key = drop.enabled ? row_key(drop.seed, b, h, i) : 0u;
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+            const int j = j0 + tx + 16 * c;
+            const float sc = score(mods, plain, a.scale, b, h, i, j, s[r][c]);
+            const float pr = (L == NEG_INF || sc == NEG_INF) ? 0.0f : expf(sc - L);
+            float g = dp[r][c];
+            if (drop.enabled) g *= dropout_factor(drop, key, j);
+            p[r][c] = pr;
+            ds[r][c] = pr * (g - Di);
+        }
+    }
+}
+
+
+// ---------------------------------------------------------------------------------------
+// The steps the fused kernels share (16-byte shared-memory reads, rows padded to D + 4).
 
 // acc[r][.] += P[ty + 16r][.] V_j[., tx*CW ..] over the tile's BC keys, 4 keys at a time
 // (P rows padded to BC + 4, read as broadcast float4s).

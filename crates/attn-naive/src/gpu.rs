@@ -489,6 +489,22 @@ impl FlashArgs {
     }
 }
 
+/// The head dimensions the fused kernels (tiles.cuh and the flash stages) are built for.
+pub const HEAD_DIMS: [usize; 4] = [32, 64, 96, 128];
+
+/// Refuses a head dimension the fused kernels of `stage` are not built for, naming those
+/// they are.
+pub fn check_head_dim(stage: &'static str, d: usize) -> Result<()> {
+    if HEAD_DIMS.contains(&d) {
+        return Ok(());
+    }
+    Err(AttnError::UnsupportedHeadDim {
+        stage,
+        head_dim: d,
+        supported: "32, 64, 96, 128 (use the CPU stages, or pad the head dimension)".into(),
+    })
+}
+
 /// A fused kernel `function` of `module` that uses `shared_bytes` of dynamic shared memory
 /// (more than the default 48 KiB is asked for explicitly).
 pub fn fused_kernel(
