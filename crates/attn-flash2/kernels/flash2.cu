@@ -41,12 +41,7 @@ __device__ void flash_forward(const FlashArgs& a, const ScoreMods& mods, const D
     load_tile<D, BR>(Qs, q, i0, a.n_q);
     float m[4], l[4], o[4][RD];
     u32 key[4];
-    for (int r = 0; r < 4; r++) {
-        m[r] = NEG_INF;
-        l[r] = 0.0f;
-        for (int c = 0; c < RD; c++) o[r][c] = 0.0f;
-        key[r] = drop.enabled ? row_key(drop.seed, b, h, i0 + ty + 16 * r) : 0u;
-    }
+    start_rows<D>(drop, b, h, i0, m, l, o, key);  // m = -inf, l = 0, O = 0, dropout row keys
     // Causal: key tiles at or past key_end(last row) are hidden from the whole tile.
     const int last = min(i0 + BR, a.n_q) - 1;
     const int j_end = key_end(mods, last);
@@ -126,7 +121,6 @@ __device__ void flash_forward_v2(const FlashArgs& a, const ScoreMods& mods, cons
     float* KVs = Qs + BR * ROW;                   // [BC][D + 4]: K_j, then V_j
     float* Ps = KVs + BC * ROW;                   // [BR][BC + 4]
     constexpr int CW = D / 16;                    // output columns per thread
-    const int ty = threadIdx.x / 16;
     const int z = blockIdx.y, b = z / a.heads, h = z % a.heads;
     const int kvh = h / (a.heads / a.kv_heads);
     const int i0 = blockIdx.x * BR;
@@ -137,12 +131,7 @@ __device__ void flash_forward_v2(const FlashArgs& a, const ScoreMods& mods, cons
     load_tile4<D>(Qs, q, i0, a.n_q);
     float m[4], l[4], o[4][CW];
     u32 key[4];
-    for (int r = 0; r < 4; r++) {
-        m[r] = NEG_INF;
-        l[r] = 0.0f;
-        for (int c = 0; c < CW; c++) o[r][c] = 0.0f;
-        key[r] = drop.enabled ? row_key(drop.seed, b, h, i0 + ty + 16 * r) : 0u;
-    }
+    start_rows<D>(drop, b, h, i0, m, l, o, key);  // m = -inf, l = 0, O = 0, dropout row keys
     const int last = min(i0 + BR, a.n_q) - 1;
     const int j_end = key_end(mods, last);
 
@@ -337,7 +326,6 @@ __device__ void flash_forward_v3(const FlashArgs& a, const ScoreMods& mods, cons
     // P [BR][BC + 4] in K's buffer once S is computed (when it fits there).
     float* Ps = D >= 64 ? Ks : Vs + BC * ROW;
     constexpr int CW = D / 16;
-    const int ty = threadIdx.x / 16;
     const int z = blockIdx.y, b = z / a.heads, h = z % a.heads;
     const int kvh = h / (a.heads / a.kv_heads);
     const int i0 = blockIdx.x * BR;
@@ -348,12 +336,7 @@ __device__ void flash_forward_v3(const FlashArgs& a, const ScoreMods& mods, cons
     load_tile4<D>(Qs, q, i0, a.n_q);
     float m[4], l[4], o[4][CW];  // m in base-2 units: max of s * log2 e
     u32 key[4];
-    for (int r = 0; r < 4; r++) {
-        m[r] = NEG_INF;
-        l[r] = 0.0f;
-        for (int c = 0; c < CW; c++) o[r][c] = 0.0f;
-        key[r] = drop.enabled ? row_key(drop.seed, b, h, i0 + ty + 16 * r) : 0u;
-    }
+    start_rows<D>(drop, b, h, i0, m, l, o, key);  // m = -inf, l = 0, O = 0, dropout row keys
     const int last = min(i0 + BR, a.n_q) - 1;
     const int j_end = key_end(mods, last);
 

@@ -76,6 +76,22 @@ __device__ __forceinline__ float lane(const float4& x, int u) {
     return u == 0 ? x.x : u == 1 ? x.y : u == 2 ? x.z : x.w;
 }
 
+// The running statistics of the thread's rows before the first key tile: m = -inf, l = 0,
+// O = 0, and each row's dropout key.
+template <int D>
+__device__ __forceinline__ void start_rows(const Dropout& drop, int b, int h, int i0, float m[4],
+                                           float l[4], float o[4][D / 16], u32 key[4]) {
+    const int ty = threadIdx.x / 16;
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+        m[r] = NEG_INF;
+        l[r] = 0.0f;
+#pragma unroll
+        for (int c = 0; c < D / 16; c++) o[r][c] = 0.0f;
+        key[r] = drop.enabled ? row_key(drop.seed, b, h, i0 + ty + 16 * r) : 0u;
+    }
+}
+
 // S = Q_i K_j^T for the thread's 4 x 4 scores: rows ty + 16r of Qs, keys tx + 16c of Ks.
 template <int D>
 __device__ __forceinline__ void scores_4x4(const float* Qs, const float* Ks, float s[4][4]) {
