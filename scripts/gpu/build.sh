@@ -24,5 +24,5 @@ for line in sys.stdin:
         print("test executable:", crate)
 ' "$dir"
 strip "$dir"/bin/*
-cp scripts/gpu/run.sh benches/compare/sdpa_gpu.py "$dir/"
+cp scripts/gpu/run.sh scripts/gpu/profile.sh benches/compare/sdpa_gpu.py "$dir/"
 du -sh "$dir"

@@ -67,6 +67,10 @@ pub struct RunArgs {
     /// machine's available memory.
     #[arg(long)]
     pub memory_limit: Option<String>,
+    /// Bitwise-reproducible gradients (the CUDA flash2 backward then computes dQ in a
+    /// separate pass instead of by atomic additions; slower).
+    #[arg(long)]
+    pub deterministic: bool,
     /// Where to write the output, float32 .npy [batch, heads, n_q, head_dim].
     #[arg(long)]
     pub out: PathBuf,
@@ -197,6 +201,7 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
         q_block: args.q_block,
         k_block: args.k_block,
         memory_limit,
+        deterministic: args.deterministic,
     };
 
     // Reserve every output first: a bad path fails before any work is done.

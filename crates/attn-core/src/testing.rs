@@ -98,6 +98,7 @@ impl Case {
             k_block: self.k_block,
             sram: None,
             memory_limit: None,
+            deterministic: false,
         };
         CaseData { q, k, v, mask2, mask4, bias, d_out, opts }
     }

@@ -81,7 +81,7 @@ __device__ void flash1_forward(const FlashArgs& a, const ScoreMods& mods, const 
                 if (i >= a.n_q) continue;
 #pragma unroll
                 for (int c = 0; c < CW; c++) {
-                    float* o = O + (i64)i * D + tx * CW + c;
+                    float* o = O + (i64)i * D + thread_col<D>(tx, c);
                     *o = coef_old[r] * *o + coef_new[r] * acc[r][c];
                 }
                 if (tx == 0) {                                    // line 13: write l_i, m_i
@@ -150,7 +150,7 @@ __device__ void flash1_backward(const FlashArgs& a, const ScoreMods& mods, const
                 ds_times_k<D>(dST, Ks, r, acc);
                 if (i >= a.n_q) continue;
 #pragma unroll
-                for (int c = 0; c < CW; c++) dQ[(i64)i * D + tx * CW + c] += a.scale * acc[c];
+                for (int c = 0; c < CW; c++) dQ[(i64)i * D + thread_col<D>(tx, c)] += a.scale * acc[c];
             }
         }
         store_dk_dv<D>(a, z, j0, dk, dv);

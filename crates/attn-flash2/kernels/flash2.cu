@@ -145,9 +145,9 @@ __device__ void flash_forward_v2(const FlashArgs& a, const ScoreMods& mods, cons
         __syncthreads();
         load_tile4<D>(KVs, v, j0, a.n_k);
         __syncthreads();
-        accumulate_pv<D>(Ps, KVs, o);  // O += P V_j
+        accumulate_pv<D, false>(Ps, KVs, o);  // O += P V_j
     }
-    write_forward_rows<D, false>(a, z, i0, m, l, o);
+    write_forward_rows<D, false, false>(a, z, i0, m, l, o);
 }
 // ANCHOR_END: forward_v2
 
@@ -205,7 +205,7 @@ __device__ void flash_backward_kv(const FlashArgs& a, const ScoreMods& mods, con
                 ds_times_k<D>(dST, Ks, r, acc);
                 if (i < a.n_q)
 #pragma unroll
-                    for (int c = 0; c < CW; c++) atomicAdd(dQ + (i64)i * D + tx * CW + c, a.scale * acc[c]);
+                    for (int c = 0; c < CW; c++) atomicAdd(dQ + (i64)i * D + thread_col<D>(tx, c), a.scale * acc[c]);
             }
         }
     }
@@ -258,7 +258,7 @@ __device__ void flash_backward_q(const FlashArgs& a, const ScoreMods& mods, cons
 #pragma unroll
             for (int u = 0; u < 4; u++) {
                 float kv[CW];
-                load_cols<CW>(kv, Ks + (cc + u) * ROW + tx * CW);
+                load_thread_cols<D>(kv, Ks + (cc + u) * ROW, tx);
 #pragma unroll
                 for (int r = 0; r < 4; r++) {
                     const float du = lane(dsv[r], u);
@@ -274,7 +274,7 @@ __device__ void flash_backward_q(const FlashArgs& a, const ScoreMods& mods, cons
         const int i = i0 + ty + 16 * r;
         if (i >= a.n_q) continue;
 #pragma unroll
-        for (int c = 0; c < CW; c++) dQ[(i64)i * D + tx * CW + c] = a.scale * dq[r][c];
+        for (int c = 0; c < CW; c++) dQ[(i64)i * D + thread_col<D>(tx, c)] = a.scale * dq[r][c];
     }
 }
 
@@ -317,7 +317,7 @@ __device__ __forceinline__ void load_tile_async(float* dst, const float* src, in
     }
 }
 
-template <int D>
+template <int D, bool SPREAD>
 __device__ void flash_forward_v3(const FlashArgs& a, const ScoreMods& mods, const Dropout& drop) {
     extern __shared__ float4 smem4[];
     float* Qs = reinterpret_cast<float*>(smem4);  // [BR][D + 4]
@@ -354,11 +354,29 @@ __device__ void flash_forward_v3(const FlashArgs& a, const ScoreMods& mods, cons
         online_softmax_step<D, true>(a, mods, drop, b, h, i0, j0, s, m, l, o, key, Ps);
         cp_async_wait<0>();  // V_j has arrived
         __syncthreads();     // and P is complete
-        accumulate_pv<D>(Ps, Vs, o);
+        accumulate_pv<D, SPREAD>(Ps, Vs, o);
     }
-    write_forward_rows<D, true>(a, z, i0, m, l, o);  // lse = ln 2 · m + ln l
+    write_forward_rows<D, true, SPREAD>(a, z, i0, m, l, o);  // lse = ln 2 · m + ln l
 }
 // ANCHOR_END: forward_v3
+
+// ANCHOR: forward_v4
+// Forward, version 4: version 3's code, compiled for two resident blocks per SM
+// (__launch_bounds__(NT, 2): at most 128 registers a thread). At D = 128 version 3 takes
+// 172 registers, so 256 threads use 44 K of the SM's 64 K registers and only one block
+// (8 warps) fits, although its 101 KiB of shared memory would allow two. Capped at 128
+// registers it spills 32 bytes a thread (to L1) and two blocks, 16 warps, share the SM:
+// twice the warps to hide shared-memory and exponential latencies. At D <= 64 version 3
+// already fits in 128 registers, so the two are the same code there.
+// ANCHOR_END: forward_v4
+
+// ANCHOR: forward_v5
+// Forward, version 5: version 4 with the output columns of a thread spread in float4 chunks
+// 64 apart (thread_col in tiles.cuh). Since version 2 a thread owned D/16 consecutive
+// columns; at D = 128 that is 8 floats, so the 16 lanes of a row read V_j 32 bytes apart
+// and every read of V_j was a 4-way bank conflict. Nsight Compute put the shared-memory
+// pipe at 84 % busy in version 4, the kernel's limit. Only D = 128 changes.
+// ANCHOR_END: forward_v5
 
 #define FLASH_KERNELS(D)                                                                   \
     extern "C" __global__ void __launch_bounds__(NT)                                      \
@@ -371,7 +389,15 @@ __device__ void flash_forward_v3(const FlashArgs& a, const ScoreMods& mods, cons
     }                                                                                      \
     extern "C" __global__ void __launch_bounds__(NT)                                      \
         flash2_forward_v3_d##D(FlashArgs a, ScoreMods m, Dropout dr) {                    \
-        flash_forward_v3<D>(a, m, dr);                                                    \
+        flash_forward_v3<D, false>(a, m, dr);                                                    \
+    }                                                                                      \
+    extern "C" __global__ void __launch_bounds__(NT, 2)                                   \
+        flash2_forward_v4_d##D(FlashArgs a, ScoreMods m, Dropout dr) {                    \
+        flash_forward_v3<D, false>(a, m, dr);                                             \
+    }                                                                                      \
+    extern "C" __global__ void __launch_bounds__(NT, 2)                                   \
+        flash2_forward_v5_d##D(FlashArgs a, ScoreMods m, Dropout dr) {                    \
+        flash_forward_v3<D, true>(a, m, dr);                                              \
     }                                                                                      \
     extern "C" __global__ void __launch_bounds__(NT)                                      \
         flash2_backward_kv_d##D(FlashArgs a, ScoreMods m, Dropout dr) {                   \

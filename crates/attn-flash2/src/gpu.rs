@@ -6,11 +6,12 @@
 //!   to the end and the log-sum-exp written once; causal tiles above the diagonal are never
 //!   visited.
 //! - Backward (Algorithm 2 of the paper): a small kernel for $D = \mathrm{rowsum}(dO \circ O)$,
-//!   a kernel over key tiles that accumulates $dK_j$, $dV_j$ in registers, and **dQ in a
-//!   separate pass** over query tiles (recomputing S and dP there) rather than by atomic
-//!   additions: two more tile products, but every gradient element is written by one thread
-//!   in a fixed order, so the results are bitwise reproducible, as on the CPU. With GQA the
-//!   key pass writes per query head and a last kernel sums each group.
+//!   a kernel over key tiles that accumulates $dK_j$, $dV_j$ in registers and, as in the
+//!   paper, adds $dQ_i$ into device memory with **atomic additions**. With
+//!   [`Options::deterministic`] dQ comes instead from a separate pass over query tiles
+//!   (recomputing S and dP there): two more tile products, but every gradient element is
+//!   written by one thread in a fixed order, so the results are bitwise reproducible, as on
+//!   the CPU. With GQA the key pass writes per query head and a last kernel sums each group.
 //!
 //! Head dimensions 32, 64, 96 and 128; others are refused with a clear error.
 
@@ -38,7 +39,9 @@ fn shared_bytes(kernel: &str, d: usize) -> u32 {
         "forward_v1" => 2 * t * row + p,
         "forward_v2" => 2 * t * (d + 4) + t * (t + 4),
         // Q, K, V; P in K's buffer from d = 64 up, beside them below
-        "forward_v3" => 3 * t * (d + 4) + if d >= 64 { 0 } else { t * (t + 4) },
+        "forward_v3" | "forward_v4" | "forward_v5" => {
+            3 * t * (d + 4) + if d >= 64 { 0 } else { t * (t + 4) }
+        }
         "backward_kv" | "backward_kv_atomic_dq" => 4 * t * (d + 4) + 2 * t * (t + 4),
         _ => 4 * t * (d + 4) + t * (t + 4), // backward_q
     };
@@ -53,10 +56,13 @@ fn kernel(gpu: &Gpu, name: &str, d: usize) -> Result<(CudaFunction, u32)> {
 /// The forward kernels kept side by side (book chapter "FlashAttention on the GPU"):
 /// 1 — shared-memory tiles, 4×4 scores per thread; 2 — the same with 16-byte shared-memory
 /// reads and consecutive output columns per thread; 3 — asynchronous K/V loads (cp.async)
-/// overlapping the score computation, base-2 exponentials.
-pub const FORWARD_VERSIONS: [u32; 3] = [1, 2, 3];
+/// overlapping the score computation, base-2 exponentials; 4 — version 3 capped at 128
+/// registers a thread, so that two blocks share an SM at d = 96 and 128; 5 — version 4 with
+/// each thread's output columns spread in float4 chunks (no shared-memory bank conflicts
+/// at d = 128).
+pub const FORWARD_VERSIONS: [u32; 5] = [1, 2, 3, 4, 5];
 /// The version the stage runs.
-pub const FORWARD_VERSION: u32 = 3;
+pub const FORWARD_VERSION: u32 = 5;
 
 /// The fused forward on uploaded tensors: (O, lse) on the device, latest version.
 pub fn forward_device(gpu: &'static Gpu, dev: &DeviceProblem) -> Result<DeviceForward> {
@@ -83,24 +89,32 @@ pub fn forward_device_version(
 }
 // ANCHOR_END: forward_device
 
-/// The fused backward on the device: dQ, dK, dV.
+/// The fused backward on the device: dQ, dK, dV, dQ by atomic additions ([`DqMode::Atomic`]).
 pub fn backward_device(
     gpu: &'static Gpu,
     dev: &DeviceProblem,
     saved: &DeviceSaved,
 ) -> Result<[DeviceBuffer<f32>; 3]> {
-    backward_device_dq(gpu, dev, saved, DqMode::SeparatePass)
+    backward_device_dq(gpu, dev, saved, DqMode::Atomic)
 }
 
 /// How the backward computes dQ.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DqMode {
     /// A pass over query tiles that recomputes S and dP (7 tile products per tile pair):
-    /// bitwise reproducible. The stage's default.
+    /// bitwise reproducible. What the stage runs with [`Options::deterministic`].
     SeparatePass,
     /// Atomic additions from the key-tile pass, as in the FlashAttention-2 paper (5 tile
-    /// products): faster, but the order of the additions varies from run to run.
+    /// products): faster, but the order of the additions varies from run to run. The
+    /// stage's default.
     Atomic,
+}
+
+impl DqMode {
+    /// The mode `opts` asks for.
+    pub fn of(opts: &Options) -> Self {
+        if opts.deterministic { DqMode::SeparatePass } else { DqMode::Atomic }
+    }
 }
 
 /// The fused backward with dQ computed as `mode` says.
@@ -175,27 +189,31 @@ pub fn forward_version_with_stats(
     forward_on_device(inputs, opts, |gpu, dev| forward_device_version(gpu, dev, version))
 }
 
-/// The backward with dQ by atomic additions ([`DqMode::Atomic`]), uploads and downloads
-/// included.
-pub fn backward_atomic_dq_with_stats(
-    inputs: &Inputs<'_>,
-    opts: &Options,
-    fwd: &Forward,
-    d_out: ArrayView4<'_, f32>,
-) -> Result<(Grads, DeviceStats)> {
-    backward_on_device(inputs, opts, fwd, d_out, |gpu, dev, saved| {
-        backward_device_dq(gpu, dev, saved, DqMode::Atomic)
-    })
-}
-
-/// The backward with uploads and downloads, and its device statistics.
+/// The backward with uploads and downloads, and its device statistics; dQ as
+/// [`DqMode::of`] `opts` says.
 pub fn backward_with_stats(
     inputs: &Inputs<'_>,
     opts: &Options,
     fwd: &Forward,
     d_out: ArrayView4<'_, f32>,
 ) -> Result<(Grads, DeviceStats)> {
-    backward_on_device(inputs, opts, fwd, d_out, backward_device)
+    let mode = DqMode::of(opts);
+    backward_on_device(inputs, opts, fwd, d_out, |gpu, dev, saved| {
+        backward_device_dq(gpu, dev, saved, mode)
+    })
+}
+
+/// The backward with dQ in the separate, reproducible pass ([`DqMode::SeparatePass`]),
+/// whatever `opts` says.
+pub fn backward_dq_pass_with_stats(
+    inputs: &Inputs<'_>,
+    opts: &Options,
+    fwd: &Forward,
+    d_out: ArrayView4<'_, f32>,
+) -> Result<(Grads, DeviceStats)> {
+    backward_on_device(inputs, opts, fwd, d_out, |gpu, dev, saved| {
+        backward_device_dq(gpu, dev, saved, DqMode::SeparatePass)
+    })
 }
 
 attn_core::cuda_stage!(

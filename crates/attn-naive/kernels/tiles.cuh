@@ -72,6 +72,36 @@ __device__ __forceinline__ void load_cols(float* dst, const float* src) {
     }
 }
 
+// The thread's CW = D/16 columns of a row (of O, V, dO, Q, K, dK, dV, dQ). Consecutive
+// columns (tx*CW ..) let a thread read them as float4s, but at CW = 8 (D = 128) the 16 lanes
+// of a row then read 32 bytes apart: four lanes on the same banks, a 4-way bank conflict
+// on every read. SPREAD: float4 chunks 64 columns apart (tx*4 + 64k + e), so 16 lanes read
+// 256 consecutive bytes, conflict-free. The two agree when CW is 4 or not a multiple of 4
+// (D = 32, 64, 96).
+template <int D, bool SPREAD>
+__host__ __device__ constexpr bool spread_cols() { return SPREAD && (D / 16) % 4 == 0 && D / 16 > 4; }
+
+template <int D, bool SPREAD = true>
+__device__ __forceinline__ int thread_col(int tx, int c) {
+    if constexpr (spread_cols<D, SPREAD>()) return (c / 4) * 64 + tx * 4 + c % 4;
+    else return tx * (D / 16) + c;
+}
+
+// Loads the thread's columns of one shared-memory row.
+template <int D, bool SPREAD = true>
+__device__ __forceinline__ void load_thread_cols(float* dst, const float* row, int tx) {
+    constexpr int CW = D / 16;
+    if constexpr (spread_cols<D, SPREAD>()) {
+#pragma unroll
+        for (int k = 0; k < CW / 4; k++) {
+            float4 x = *reinterpret_cast<const float4*>(row + 64 * k + tx * 4);
+            dst[4 * k] = x.x; dst[4 * k + 1] = x.y; dst[4 * k + 2] = x.z; dst[4 * k + 3] = x.w;
+        }
+    } else {
+        load_cols<CW>(dst, row + tx * CW);
+    }
+}
+
 __device__ __forceinline__ float lane(const float4& x, int u) {
     return u == 0 ? x.x : u == 1 ? x.y : u == 2 ? x.z : x.w;
 }
@@ -160,7 +190,7 @@ __device__ __forceinline__ void tile_p_ds(const FlashArgs& a, const ScoreMods& m
 
 // acc[r][.] += P[ty + 16r][.] V_j[., tx*CW ..] over the tile's BC keys, 4 keys at a time
 // (P rows padded to BC + 4, read as broadcast float4s).
-template <int D>
+template <int D, bool SPREAD = true>
 __device__ __forceinline__ void accumulate_pv(const float* Ps, const float* Vs, float acc[4][D / 16]) {
     constexpr int CW = D / 16;
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
@@ -172,7 +202,7 @@ __device__ __forceinline__ void accumulate_pv(const float* Ps, const float* Vs, 
 #pragma unroll
         for (int u = 0; u < 4; u++) {
             float vv[CW];
-            load_cols<CW>(vv, Vs + (c2 + u) * ROW + tx * CW);
+            load_thread_cols<D, SPREAD>(vv, Vs + (c2 + u) * ROW, tx);
 #pragma unroll
             for (int r = 0; r < 4; r++) {
                 const float p = lane(pv[r], u);
@@ -227,7 +257,7 @@ __device__ __forceinline__ void online_softmax_step(const FlashArgs& a, const Sc
 
 // The end of a forward: O = O / l and lse = m + ln l (m in units of log2 e when BASE2) for
 // the thread's rows; a row that saw no key gets O = 0, lse = -inf.
-template <int D, bool BASE2>
+template <int D, bool BASE2, bool SPREAD = true>
 __device__ __forceinline__ void write_forward_rows(const FlashArgs& a, int z, int i0,
                                                    const float m[4], const float l[4],
                                                    const float o[4][D / 16]) {
@@ -241,7 +271,7 @@ __device__ __forceinline__ void write_forward_rows(const FlashArgs& a, int z, in
         if (i >= a.n_q) continue;
         const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
 #pragma unroll
-        for (int c = 0; c < CW; c++) out[(i64)i * D + tx * CW + c] = o[r][c] * inv;
+        for (int c = 0; c < CW; c++) out[(i64)i * D + thread_col<D, SPREAD>(tx, c)] = o[r][c] * inv;
         const float mr = BASE2 ? m[r] * 0.6931471805599453f : m[r];
         if (tx == 0) lse[i] = l[r] > 0.0f ? mr + logf(l[r]) : NEG_INF;
     }
@@ -285,8 +315,8 @@ __device__ __forceinline__ void accumulate_dk_dv(const float* PT, const float* d
 #pragma unroll
         for (int u = 0; u < 4; u++) {
             float dov[CW], qv[CW];
-            load_cols<CW>(dov, dOs + (rr + u) * ROW + tx * CW);
-            load_cols<CW>(qv, Qs + (rr + u) * ROW + tx * CW);
+            load_thread_cols<D>(dov, dOs + (rr + u) * ROW, tx);
+            load_thread_cols<D>(qv, Qs + (rr + u) * ROW, tx);
 #pragma unroll
             for (int r = 0; r < 4; r++) {
                 const float pu = lane(pz[r], u), du = lane(dsv[r], u);
@@ -311,7 +341,7 @@ __device__ __forceinline__ void ds_times_k(const float* dST, const float* Ks, in
     for (int cc = 0; cc < BC; cc++) {
         const float d_s = dST[cc * TROW + ty + 16 * r];
         float kv[CW];
-        load_cols<CW>(kv, Ks + cc * ROW + tx * CW);
+        load_thread_cols<D>(kv, Ks + cc * ROW, tx);
 #pragma unroll
         for (int c = 0; c < CW; c++) acc[c] = fmaf(d_s, kv[c], acc[c]);
     }
@@ -331,8 +361,8 @@ __device__ __forceinline__ void store_dk_dv(const FlashArgs& a, int z, int j0,
         if (j >= a.n_k) continue;
 #pragma unroll
         for (int c = 0; c < CW; c++) {
-            dK[(i64)j * D + tx * CW + c] = a.scale * dk[r][c];
-            dV[(i64)j * D + tx * CW + c] = dv[r][c];
+            dK[(i64)j * D + thread_col<D>(tx, c)] = a.scale * dk[r][c];
+            dV[(i64)j * D + thread_col<D>(tx, c)] = dv[r][c];
         }
     }
 }
