@@ -192,11 +192,6 @@ fn kernels_compile_with_nvrtc_for_the_h100() {
     // sm_75 has no cp.async: the kernels must still compile there (plain copies).
     attn_cuda::compile("flash2", &sources, "sm_75").unwrap();
     let ptx = attn_cuda::compile("flash2", &sources, "sm_90").unwrap().to_src();
-    // For the register report without a device: ATTN_PTX_DIR=dir, then `ptxas -v` on it
-    // (scripts/gpu/resources.sh).
-    if let Ok(dir) = std::env::var("ATTN_PTX_DIR") {
-        std::fs::write(std::path::Path::new(&dir).join("flash2.ptx"), &ptx).unwrap();
-    }
     assert!(ptx.contains("cp.async"), "sm_90 should use cp.async");
     for d in attn_flash2::gpu::HEAD_DIMS {
         for k in [
