@@ -90,6 +90,7 @@ fn merge(summaries: &[Summary], mut out: ArrayViewMut2<'_, f32>, mut lse: ArrayV
                 o.scaled_add(factor, &values);
             });
     }
+    // ANCHOR: finish
     Zip::from(out.rows_mut()).and(&mut lse).and(&global_max).and(&denominator).for_each(
         |mut o, lse, &m, &den| {
             if m == f32::NEG_INFINITY {
@@ -100,6 +101,7 @@ fn merge(summaries: &[Summary], mut out: ArrayViewMut2<'_, f32>, mut lse: ArrayV
             }
         },
     );
+    // ANCHOR_END: finish
 }
 // ANCHOR_END: merge
 

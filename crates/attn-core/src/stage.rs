@@ -48,6 +48,7 @@ pub struct Grads {
     pub traffic: Option<Traffic>,
 }
 
+// ANCHOR: stage
 /// One attention algorithm on one device: forward and backward under the common contract.
 pub trait Stage: Sync {
     /// Short name, as the CLI's `--algo` spells it (`naive`, `chunked`, …).
@@ -68,6 +69,7 @@ pub trait Stage: Sync {
         d_out: ArrayView4<'_, f32>,
     ) -> Result<Grads>;
 }
+// ANCHOR_END: stage
 
 /// Declares a unit struct that is a CPU [`Stage`] whose module `$module` has `NAME`,
 /// `forward(inputs, opts)` and `backward(inputs, opts, fwd, d_out)`.

@@ -63,6 +63,7 @@ pub fn run_point(
         backward_s: f64::NAN,
     };
     let (predicted_fwd, predicted_both) = naive_prediction(shape);
+    // ANCHOR: measure_one
     let meter = PeakMeter::start();
     let t = Instant::now();
     let fwd = match stage.forward(inputs, opts) {
@@ -92,6 +93,7 @@ pub fn run_point(
     let t_bwd = t.elapsed().as_secs_f64();
     point.both_bytes = meter.peak();
     drop(fwd);
+    // ANCHOR_END: measure_one
 
     // More timed runs where one was quick (the first run also pays for first-touch pages).
     let extra = if t_fwd + t_bwd < min_seconds {
