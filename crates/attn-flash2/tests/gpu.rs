@@ -200,6 +200,7 @@ fn kernels_compile_with_nvrtc_for_the_h100() {
             "forward_v3",
             "forward_v4",
             "forward_v5",
+            "forward_v6",
             "backward_kv",
             "backward_q",
         ] {

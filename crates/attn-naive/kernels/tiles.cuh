@@ -38,10 +38,10 @@ __device__ __forceinline__ float row_sum16(float x) {
     return x;
 }
 
-template <int D>
+template <int D, int ROWS = 64>
 __device__ __forceinline__ void load_tile4(float* dst, const float* src, int row0, int n) {
     constexpr int V4 = D / 4;
-    for (int e = threadIdx.x; e < 64 * V4; e += NT) {
+    for (int e = threadIdx.x; e < ROWS * V4; e += NT) {
         int r = e / V4, c = (e % V4) * 4;
         float4 x = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         if (row0 + r < n) x = *reinterpret_cast<const float4*>(src + (i64)(row0 + r) * D + c);
@@ -107,13 +107,13 @@ __device__ __forceinline__ float lane(const float4& x, int u) {
 }
 
 // The running statistics of the thread's rows before the first key tile: m = -inf, l = 0,
-// O = 0, and each row's dropout key.
-template <int D>
-__device__ __forceinline__ void start_rows(const Dropout& drop, int b, int h, int i0, float m[4],
-                                           float l[4], float o[4][D / 16], u32 key[4]) {
+// O = 0, and each row's dropout key (R rows a thread: ty + 16r).
+template <int D, int R = 4>
+__device__ __forceinline__ void start_rows(const Dropout& drop, int b, int h, int i0, float* m,
+                                           float* l, float (*o)[D / 16], u32* key) {
     const int ty = threadIdx.x / 16;
 #pragma unroll
-    for (int r = 0; r < 4; r++) {
+    for (int r = 0; r < R; r++) {
         m[r] = NEG_INF;
         l[r] = 0.0f;
 #pragma unroll
@@ -122,23 +122,24 @@ __device__ __forceinline__ void start_rows(const Dropout& drop, int b, int h, in
     }
 }
 
-// S = Q_i K_j^T for the thread's 4 x 4 scores: rows ty + 16r of Qs, keys tx + 16c of Ks.
-template <int D>
-__device__ __forceinline__ void scores_4x4(const float* Qs, const float* Ks, float s[4][4]) {
+// S = Q_i K_j^T for the thread's R x 4 scores (4 x 4 unless said): rows ty + 16r of Qs,
+// keys tx + 16c of Ks.
+template <int D, int R = 4>
+__device__ __forceinline__ void scores_4x4(const float* Qs, const float* Ks, float (*s)[4]) {
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
 #pragma unroll
-    for (int r = 0; r < 4; r++)
+    for (int r = 0; r < R; r++)
 #pragma unroll
         for (int c = 0; c < 4; c++) s[r][c] = 0.0f;
 #pragma unroll 4
     for (int d = 0; d < D; d += 4) {
-        float4 qv[4], kv[4];
+        float4 qv[R], kv[4];
 #pragma unroll
-        for (int r = 0; r < 4; r++) qv[r] = *reinterpret_cast<const float4*>(Qs + (ty + 16 * r) * ROW + d);
+        for (int r = 0; r < R; r++) qv[r] = *reinterpret_cast<const float4*>(Qs + (ty + 16 * r) * ROW + d);
 #pragma unroll
         for (int c = 0; c < 4; c++) kv[c] = *reinterpret_cast<const float4*>(Ks + (tx + 16 * c) * ROW + d);
 #pragma unroll
-        for (int r = 0; r < 4; r++)
+        for (int r = 0; r < R; r++)
 #pragma unroll
             for (int c = 0; c < 4; c++) {
                 s[r][c] = fmaf(qv[r].x, kv[c].x, s[r][c]);
@@ -190,21 +191,21 @@ __device__ __forceinline__ void tile_p_ds(const FlashArgs& a, const ScoreMods& m
 
 // acc[r][.] += P[ty + 16r][.] V_j[., tx*CW ..] over the tile's BC keys, 4 keys at a time
 // (P rows padded to BC + 4, read as broadcast float4s).
-template <int D, bool SPREAD = true>
-__device__ __forceinline__ void accumulate_pv(const float* Ps, const float* Vs, float acc[4][D / 16]) {
+template <int D, bool SPREAD = true, int R = 4>
+__device__ __forceinline__ void accumulate_pv(const float* Ps, const float* Vs, float (*acc)[D / 16]) {
     constexpr int CW = D / 16;
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
 #pragma unroll 2
     for (int c2 = 0; c2 < BC; c2 += 4) {
-        float4 pv[4];
+        float4 pv[R];
 #pragma unroll
-        for (int r = 0; r < 4; r++) pv[r] = *reinterpret_cast<const float4*>(Ps + (ty + 16 * r) * TROW + c2);
+        for (int r = 0; r < R; r++) pv[r] = *reinterpret_cast<const float4*>(Ps + (ty + 16 * r) * TROW + c2);
 #pragma unroll
         for (int u = 0; u < 4; u++) {
             float vv[CW];
             load_thread_cols<D, SPREAD>(vv, Vs + (c2 + u) * ROW, tx);
 #pragma unroll
-            for (int r = 0; r < 4; r++) {
+            for (int r = 0; r < R; r++) {
                 const float p = lane(pv[r], u);
 #pragma unroll
                 for (int c = 0; c < CW; c++) acc[r][c] = fmaf(p, vv[c], acc[r][c]);
@@ -217,17 +218,17 @@ __device__ __forceinline__ void accumulate_pv(const float* Ps, const float* Vs, 
 // scores are modified (bias, masks, causal), the running max m and sum l updated, O
 // rescaled, and P~ = exp(S - m) (times the dropout factors) written to Ps. BASE2: scores
 // and m in units of log2 e, exponentials by exp2 (one instruction); else natural units.
-template <int D, bool BASE2>
+template <int D, bool BASE2, int R = 4>
 __device__ __forceinline__ void online_softmax_step(const FlashArgs& a, const ScoreMods& mods,
                                                     const Dropout& drop, int b, int h, int i0,
-                                                    int j0, float s[4][4], float m[4],
-                                                    float l[4], float o[4][D / 16],
-                                                    const u32 key[4], float* Ps) {
+                                                    int j0, float (*s)[4], float* m,
+                                                    float* l, float (*o)[D / 16],
+                                                    const u32* key, float* Ps) {
     constexpr float LOG2E = 1.4426950408889634f;
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
     const bool plain = tile_plain(mods, i0, j0);
 #pragma unroll
-    for (int r = 0; r < 4; r++) {
+    for (int r = 0; r < R; r++) {
         const int i = i0 + ty + 16 * r;
         float mx = NEG_INF;
 #pragma unroll
@@ -257,16 +258,16 @@ __device__ __forceinline__ void online_softmax_step(const FlashArgs& a, const Sc
 
 // The end of a forward: O = O / l and lse = m + ln l (m in units of log2 e when BASE2) for
 // the thread's rows; a row that saw no key gets O = 0, lse = -inf.
-template <int D, bool BASE2, bool SPREAD = true>
+template <int D, bool BASE2, bool SPREAD = true, int R = 4>
 __device__ __forceinline__ void write_forward_rows(const FlashArgs& a, int z, int i0,
-                                                   const float m[4], const float l[4],
-                                                   const float o[4][D / 16]) {
+                                                   const float* m, const float* l,
+                                                   const float (*o)[D / 16]) {
     constexpr int CW = D / 16;
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
     float* out = (float*)a.o + (i64)z * a.n_q * D;
     float* lse = (float*)a.lse + (i64)z * a.n_q;
 #pragma unroll
-    for (int r = 0; r < 4; r++) {
+    for (int r = 0; r < R; r++) {
         const int i = i0 + ty + 16 * r;
         if (i >= a.n_q) continue;
         const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
