@@ -145,6 +145,8 @@ fn run_matches_the_reference_with_causal_cross_attention_gqa_and_key_padding() {
     for algo in STAGES {
         run_case("cross-gqa", algo, &case, None, None);
     }
+    // --deterministic is accepted by every stage (it changes only the CUDA flash2 backward).
+    run_case("cross-gqa-det", &["--algo", "flash2", "--deterministic"], &case, None, None);
 }
 
 #[test]
