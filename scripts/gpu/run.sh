@@ -37,7 +37,7 @@ done
 # 3. Timings: ours, then PyTorch on the same shapes, in the same call (SKIP_SEQ=1: only
 #    the paper setting below).
 if [ -z "${SKIP_SEQ:-}" ]; then
-  "$here/bin/attn" gpu-bench --seq "${SEQ:-1024,4096,16384}" --csv "$out/attn-gpu.csv" > "$out/attn-gpu.log" 2>&1 || { note "gpu-bench FAILED"; status=1; }
+  "$here/bin/attn" gpu-bench --seq "${SEQ:-1024,4096,16384}" --stages "${SEQ_STAGES:-naive,chunked,flash1,flash2}" --csv "$out/attn-gpu.csv" > "$out/attn-gpu.log" 2>&1 || { note "gpu-bench FAILED"; status=1; }
   python3 "$here/sdpa_gpu.py" --seq "${SEQ:-1024,4096,16384}" --csv "$out/sdpa-gpu.csv" > "$out/sdpa-gpu.log" 2>&1 || { note "sdpa_gpu.py FAILED"; status=1; }
 fi
 
