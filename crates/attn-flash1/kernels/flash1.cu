@@ -18,11 +18,7 @@ __device__ void flash1_forward(const FlashArgs& a, const ScoreMods& mods, const 
     float* Ps = Qs + BR * (D + 4);                // [BR][BC + 4]
     constexpr int CW = D / 16;
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-    const int z = blockIdx.x, b = z / a.heads, h = z % a.heads;
-    const int kvh = h / (a.heads / a.kv_heads);
-    const float* q = (const float*)a.q + (i64)z * a.n_q * D;
-    const float* k = (const float*)a.k + ((i64)b * a.kv_heads + kvh) * a.n_k * D;
-    const float* v = (const float*)a.v + ((i64)b * a.kv_heads + kvh) * a.n_k * D;
+    const auto [z, b, h, q, dout, k, v] = block_head<D>(a, blockIdx.x);  // one block per head
     float* O = (float*)a.o + (i64)z * a.n_q * D;     // in HBM, updated every step
     float* L = (float*)a.lse + (i64)z * a.n_q;        // l_i in HBM
     float* M = (float*)a.dvec + (i64)z * a.n_q;       // m_i in HBM
@@ -38,7 +34,7 @@ __device__ void flash1_forward(const FlashArgs& a, const ScoreMods& mods, const 
             load_tile4<D>(Qs, q, i0, a.n_q);                      // line 8: Q_i, O_i, l_i, m_i
             __syncthreads();
             float s[4][4];                                        // line 9: S_ij = tau Q_i K_j^T
-            scores_4x4<D>(Qs, Ks, s);
+            tile_scores<D>(Qs, Ks, s);
             const bool plain = tile_plain(mods, i0, j0);
             float coef_old[4], coef_new[4], l_new[4], m_new[4];
 #pragma unroll
@@ -117,12 +113,7 @@ __device__ void flash1_backward(const FlashArgs& a, const ScoreMods& mods, const
     float* dST = PT + BC * TROW;  // [BC][BR + 4]: dS^T (also read row-wise for dQ)
     constexpr int CW = D / 16;
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-    const int z = blockIdx.x, b = z / a.heads, h = z % a.heads;
-    const int kvh = h / (a.heads / a.kv_heads);
-    const float* q = (const float*)a.q + (i64)z * a.n_q * D;
-    const float* dout = (const float*)a.d_out + (i64)z * a.n_q * D;
-    const float* k = (const float*)a.k + ((i64)b * a.kv_heads + kvh) * a.n_k * D;
-    const float* v = (const float*)a.v + ((i64)b * a.kv_heads + kvh) * a.n_k * D;
+    const auto [z, b, h, q, dout, k, v] = block_head<D>(a, blockIdx.x);  // one block per head
     float* dQ = (float*)a.dq + (i64)z * a.n_q * D;
 
     for (int j0 = 0; j0 < a.n_k; j0 += BC) {

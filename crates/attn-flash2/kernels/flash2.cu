@@ -31,12 +31,8 @@ __device__ void flash_forward(const FlashArgs& a, const ScoreMods& mods, const D
     float* Ps = KVs + BC * (D + 1);    // [BR][BC + 1]
     constexpr int RD = D / 16;
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-    const int z = blockIdx.y, b = z / a.heads, h = z % a.heads;
-    const int kvh = h / (a.heads / a.kv_heads);
+    const auto [z, b, h, q, dout, k, v] = block_head<D>(a, blockIdx.y);
     const int i0 = blockIdx.x * BR;
-    const float* q = (const float*)a.q + (i64)z * a.n_q * D;
-    const float* k = (const float*)a.k + ((i64)b * a.kv_heads + kvh) * a.n_k * D;
-    const float* v = (const float*)a.v + ((i64)b * a.kv_heads + kvh) * a.n_k * D;
 
     load_tile<D, BR>(Qs, q, i0, a.n_q);
     float m[4], l[4], o[4][RD];
@@ -121,12 +117,8 @@ __device__ void flash_forward_v2(const FlashArgs& a, const ScoreMods& mods, cons
     float* KVs = Qs + BR * ROW;                   // [BC][D + 4]: K_j, then V_j
     float* Ps = KVs + BC * ROW;                   // [BR][BC + 4]
     constexpr int CW = D / 16;                    // output columns per thread
-    const int z = blockIdx.y, b = z / a.heads, h = z % a.heads;
-    const int kvh = h / (a.heads / a.kv_heads);
+    const auto [z, b, h, q, dout, k, v] = block_head<D>(a, blockIdx.y);
     const int i0 = blockIdx.x * BR;
-    const float* q = (const float*)a.q + (i64)z * a.n_q * D;
-    const float* k = (const float*)a.k + ((i64)b * a.kv_heads + kvh) * a.n_k * D;
-    const float* v = (const float*)a.v + ((i64)b * a.kv_heads + kvh) * a.n_k * D;
 
     load_tile4<D>(Qs, q, i0, a.n_q);
     float m[4], l[4], o[4][CW];
@@ -140,7 +132,7 @@ __device__ void flash_forward_v2(const FlashArgs& a, const ScoreMods& mods, cons
         load_tile4<D>(KVs, k, j0, a.n_k);
         __syncthreads();
         float s[4][4];
-        scores_4x4<D>(Qs, KVs, s);
+        tile_scores<D>(Qs, KVs, s);
         online_softmax_step<D, false>(a, mods, drop, b, h, i0, j0, s, m, l, o, key, Ps);
         __syncthreads();
         load_tile4<D>(KVs, v, j0, a.n_k);
@@ -170,13 +162,8 @@ __device__ void flash_backward_kv(const FlashArgs& a, const ScoreMods& mods, con
     float* dST = PT + BC * TROW;      // [BC][BR + 4]: dS^T
     constexpr int CW = D / 16;
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-    const int z = blockIdx.y, b = z / a.heads, h = z % a.heads;
-    const int kvh = h / (a.heads / a.kv_heads);
+    const auto [z, b, h, q, dout, k, v] = block_head<D>(a, blockIdx.y);
     const int j0 = blockIdx.x * BC;
-    const float* q = (const float*)a.q + (i64)z * a.n_q * D;
-    const float* dout = (const float*)a.d_out + (i64)z * a.n_q * D;
-    const float* k = (const float*)a.k + ((i64)b * a.kv_heads + kvh) * a.n_k * D;
-    const float* v = (const float*)a.v + ((i64)b * a.kv_heads + kvh) * a.n_k * D;
 
     load_tile4<D>(Ks, k, j0, a.n_k);
     load_tile4<D>(Vs, v, j0, a.n_k);
@@ -223,13 +210,8 @@ __device__ void flash_backward_q(const FlashArgs& a, const ScoreMods& mods, cons
     float* dSt = Vs + BC * ROW;        // [BR][BC + 4]
     constexpr int CW = D / 16;
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-    const int z = blockIdx.y, b = z / a.heads, h = z % a.heads;
-    const int kvh = h / (a.heads / a.kv_heads);
+    const auto [z, b, h, q, dout, k, v] = block_head<D>(a, blockIdx.y);
     const int i0 = blockIdx.x * BR;
-    const float* q = (const float*)a.q + (i64)z * a.n_q * D;
-    const float* dout = (const float*)a.d_out + (i64)z * a.n_q * D;
-    const float* k = (const float*)a.k + ((i64)b * a.kv_heads + kvh) * a.n_k * D;
-    const float* v = (const float*)a.v + ((i64)b * a.kv_heads + kvh) * a.n_k * D;
 
     load_tile4<D>(Qs, q, i0, a.n_q);
     load_tile4<D>(dOs, dout, i0, a.n_q);
@@ -317,46 +299,44 @@ __device__ __forceinline__ void load_tile_async(float* dst, const float* src, in
     }
 }
 
-template <int D, bool SPREAD>
+// R: rows a thread (ty + 16r), so a block takes 16R query rows; 4 up to version 5, 8 in
+// version 6 (below). P goes in K_j's buffer when it fits there (R = 4, D >= 64).
+template <int D, bool SPREAD, int R>
 __device__ void flash_forward_v3(const FlashArgs& a, const ScoreMods& mods, const Dropout& drop) {
+    constexpr int ROWS = 16 * R, CW = D / 16;
+    constexpr bool P_IN_K = R == 4 && D >= 64;
     extern __shared__ float4 smem4[];
-    float* Qs = reinterpret_cast<float*>(smem4);  // [BR][D + 4]
-    float* Ks = Qs + BR * ROW;                    // [BC][D + 4]
+    float* Qs = reinterpret_cast<float*>(smem4);  // [ROWS][D + 4]
+    float* Ks = Qs + ROWS * ROW;                  // [BC][D + 4]
     float* Vs = Ks + BC * ROW;                    // [BC][D + 4]
-    // P [BR][BC + 4] in K's buffer once S is computed (when it fits there).
-    float* Ps = D >= 64 ? Ks : Vs + BC * ROW;
-    constexpr int CW = D / 16;
-    const int z = blockIdx.y, b = z / a.heads, h = z % a.heads;
-    const int kvh = h / (a.heads / a.kv_heads);
-    const int i0 = blockIdx.x * BR;
-    const float* q = (const float*)a.q + (i64)z * a.n_q * D;
-    const float* k = (const float*)a.k + ((i64)b * a.kv_heads + kvh) * a.n_k * D;
-    const float* v = (const float*)a.v + ((i64)b * a.kv_heads + kvh) * a.n_k * D;
+    float* Ps = P_IN_K ? Ks : Vs + BC * ROW;      // [ROWS][BC + 4], once S is computed
+    const auto [z, b, h, q, dout, k, v] = block_head<D>(a, blockIdx.y);
+    const int i0 = blockIdx.x * ROWS;
 
-    load_tile4<D>(Qs, q, i0, a.n_q);
-    float m[4], l[4], o[4][CW];  // m in base-2 units: max of s * log2 e
-    u32 key[4];
-    start_rows<D>(drop, b, h, i0, m, l, o, key);  // m = -inf, l = 0, O = 0, dropout row keys
-    const int last = min(i0 + BR, a.n_q) - 1;
+    load_tile4<D, ROWS>(Qs, q, i0, a.n_q);
+    float m[R], l[R], o[R][CW];  // m in base-2 units: max of s * log2 e
+    u32 key[R];
+    start_rows<D, R>(drop, b, h, i0, m, l, o, key);  // m = -inf, l = 0, O = 0, dropout keys
+    const int last = min(i0 + ROWS, a.n_q) - 1;
     const int j_end = key_end(mods, last);
 
     for (int j0 = 0; j0 < j_end; j0 += BC) {
-        __syncthreads();  // P (in K's buffer) and V_j of the last step are no longer read
+        __syncthreads();  // P and V_j of the last step are no longer read
         load_tile_async<D>(Ks, k, j0, a.n_k);
         cp_async_commit();
         load_tile_async<D>(Vs, v, j0, a.n_k);
         cp_async_commit();
         cp_async_wait<1>();  // K_j has arrived (V_j may still be on its way)
         __syncthreads();
-        float s[4][4];
-        scores_4x4<D>(Qs, Ks, s);
-        if (D >= 64) __syncthreads();  // every thread is done with K_j before P overwrites it
-        online_softmax_step<D, true>(a, mods, drop, b, h, i0, j0, s, m, l, o, key, Ps);
+        float s[R][4];
+        tile_scores<D, R>(Qs, Ks, s);
+        if (P_IN_K) __syncthreads();  // every thread is done with K_j before P overwrites it
+        online_softmax_step<D, true, R>(a, mods, drop, b, h, i0, j0, s, m, l, o, key, Ps);
         cp_async_wait<0>();  // V_j has arrived
         __syncthreads();     // and P is complete
-        accumulate_pv<D, SPREAD>(Ps, Vs, o);
+        accumulate_pv<D, SPREAD, R>(Ps, Vs, o);
     }
-    write_forward_rows<D, true, SPREAD>(a, z, i0, m, l, o);  // lse = ln 2 · m + ln l
+    write_forward_rows<D, true, SPREAD, R>(a, z, i0, m, l, o);  // lse = ln 2 · m + ln l
 }
 // ANCHOR_END: forward_v3
 
@@ -386,85 +366,46 @@ __device__ void flash_forward_v3(const FlashArgs& a, const ScoreMods& mods, cons
 // a thread (version 5: 12 for 64), and 24 for 256 in P V_j (version 5: 20 for 128). The
 // price: 64 accumulators of O a thread at D = 128 and 170 KiB of shared memory, so one
 // block of 8 warps per SM — the FMAs in flight come from each thread's longer rows instead.
-// P has its own buffer (128 rows no longer fit in K_j's).
-template <int D>
-__device__ void flash_forward_v6(const FlashArgs& a, const ScoreMods& mods, const Dropout& drop) {
-    constexpr int R = 8, ROWS = 16 * R;
-    extern __shared__ float4 smem4[];
-    float* Qs = reinterpret_cast<float*>(smem4);  // [ROWS][D + 4]
-    float* Ks = Qs + ROWS * ROW;                  // [BC][D + 4]
-    float* Vs = Ks + BC * ROW;                    // [BC][D + 4]
-    float* Ps = Vs + BC * ROW;                    // [ROWS][BC + 4]
-    constexpr int CW = D / 16;
-    const int z = blockIdx.y, b = z / a.heads, h = z % a.heads;
-    const int kvh = h / (a.heads / a.kv_heads);
-    const int i0 = blockIdx.x * ROWS;
-    const float* q = (const float*)a.q + (i64)z * a.n_q * D;
-    const float* k = (const float*)a.k + ((i64)b * a.kv_heads + kvh) * a.n_k * D;
-    const float* v = (const float*)a.v + ((i64)b * a.kv_heads + kvh) * a.n_k * D;
-
-    load_tile4<D, ROWS>(Qs, q, i0, a.n_q);
-    float m[R], l[R], o[R][CW];  // m in base-2 units
-    u32 key[R];
-    start_rows<D, R>(drop, b, h, i0, m, l, o, key);
-    const int last = min(i0 + ROWS, a.n_q) - 1;
-    const int j_end = key_end(mods, last);
-
-    for (int j0 = 0; j0 < j_end; j0 += BC) {
-        __syncthreads();  // K_j, V_j and P of the last step are no longer read
-        load_tile_async<D>(Ks, k, j0, a.n_k);
-        cp_async_commit();
-        load_tile_async<D>(Vs, v, j0, a.n_k);
-        cp_async_commit();
-        cp_async_wait<1>();  // K_j has arrived
-        __syncthreads();
-        float s[R][4];
-        scores_4x4<D, R>(Qs, Ks, s);
-        online_softmax_step<D, true, R>(a, mods, drop, b, h, i0, j0, s, m, l, o, key, Ps);
-        cp_async_wait<0>();  // V_j has arrived
-        __syncthreads();     // and P is complete
-        accumulate_pv<D, true, R>(Ps, Vs, o);
-    }
-    write_forward_rows<D, true, true, R>(a, z, i0, m, l, o);
-}
+// P has its own buffer (128 rows no longer fit in K_j's). The same code as version 3 with
+// R = 8 (flash_forward_v3 above).
 // ANCHOR_END: forward_v6
 
 #define FLASH_KERNELS(D)                                                                   \
-    extern "C" __global__ void __launch_bounds__(NT)                                      \
-        flash2_forward_v1_d##D(FlashArgs a, ScoreMods m, Dropout dr) {                    \
-        flash_forward<D>(a, m, dr);                                                       \
+    extern "C" __global__ void __launch_bounds__(NT)                                       \
+        flash2_forward_v1_d##D(FlashArgs a, ScoreMods m, Dropout dr) {                     \
+        flash_forward<D>(a, m, dr);                                                        \
     }                                                                                      \
-    extern "C" __global__ void __launch_bounds__(NT)                                      \
-        flash2_forward_v2_d##D(FlashArgs a, ScoreMods m, Dropout dr) {                    \
-        flash_forward_v2<D>(a, m, dr);                                                    \
+    extern "C" __global__ void __launch_bounds__(NT)                                       \
+        flash2_forward_v2_d##D(FlashArgs a, ScoreMods m, Dropout dr) {                     \
+        flash_forward_v2<D>(a, m, dr);                                                     \
     }                                                                                      \
-    extern "C" __global__ void __launch_bounds__(NT)                                      \
-        flash2_forward_v3_d##D(FlashArgs a, ScoreMods m, Dropout dr) {                    \
-        flash_forward_v3<D, false>(a, m, dr);                                                    \
+    extern "C" __global__ void __launch_bounds__(NT)                                       \
+        flash2_forward_v3_d##D(FlashArgs a, ScoreMods m, Dropout dr) {                     \
+        flash_forward_v3<D, false, 4>(a, m, dr);                                           \
     }                                                                                      \
-    extern "C" __global__ void __launch_bounds__(NT, 2)                                   \
-        flash2_forward_v4_d##D(FlashArgs a, ScoreMods m, Dropout dr) {                    \
-        flash_forward_v3<D, false>(a, m, dr);                                             \
+    extern "C" __global__ void __launch_bounds__(NT, 2)                                    \
+        flash2_forward_v4_d##D(FlashArgs a, ScoreMods m, Dropout dr) {                     \
+        flash_forward_v3<D, false, 4>(a, m, dr);                                           \
     }                                                                                      \
-    extern "C" __global__ void __launch_bounds__(NT, 2)                                   \
-        flash2_forward_v5_d##D(FlashArgs a, ScoreMods m, Dropout dr) {                    \
-        flash_forward_v3<D, true>(a, m, dr);                                              \
+    extern "C" __global__ void __launch_bounds__(NT, 2)                                    \
+        flash2_forward_v5_d##D(FlashArgs a, ScoreMods m, Dropout dr) {                     \
+        flash_forward_v3<D, true, 4>(a, m, dr);                                            \
     }                                                                                      \
-    extern "C" __global__ void __launch_bounds__(NT)                                      \
-        flash2_forward_v6_d##D(FlashArgs a, ScoreMods m, Dropout dr) {                    \
-        flash_forward_v6<D>(a, m, dr);                                                    \
+    extern "C" __global__ void __launch_bounds__(NT)                                       \
+        flash2_forward_v6_d##D(FlashArgs a, ScoreMods m, Dropout dr) {                     \
+        flash_forward_v3<D, true, 8>(a, m, dr);                                            \
     }                                                                                      \
-    extern "C" __global__ void __launch_bounds__(NT)                                      \
-        flash2_backward_kv_d##D(FlashArgs a, ScoreMods m, Dropout dr) {                   \
-        flash_backward_kv<D, false>(a, m, dr);                                            \
+    extern "C" __global__ void __launch_bounds__(NT)                                       \
+        flash2_backward_kv_d##D(FlashArgs a, ScoreMods m, Dropout dr) {                    \
+        flash_backward_kv<D, false>(a, m, dr);                                             \
     }                                                                                      \
-    extern "C" __global__ void __launch_bounds__(NT)                                      \
-        flash2_backward_kv_atomic_dq_d##D(FlashArgs a, ScoreMods m, Dropout dr) {         \
-        flash_backward_kv<D, true>(a, m, dr);                                             \
+    extern "C" __global__ void __launch_bounds__(NT)                                       \
+        flash2_backward_kv_atomic_dq_d##D(FlashArgs a, ScoreMods m, Dropout dr) {          \
+        flash_backward_kv<D, true>(a, m, dr);                                              \
     }                                                                                      \
-    extern "C" __global__ void __launch_bounds__(NT)                                      \
-        flash2_backward_q_d##D(FlashArgs a, ScoreMods m, Dropout dr) {                    \
-        flash_backward_q<D>(a, m, dr);                                                    \
+    extern "C" __global__ void __launch_bounds__(NT)                                       \
+        flash2_backward_q_d##D(FlashArgs a, ScoreMods m, Dropout dr) {                     \
+        flash_backward_q<D>(a, m, dr);                                                     \
     }
 FLASH_KERNELS(32)
 FLASH_KERNELS(64)

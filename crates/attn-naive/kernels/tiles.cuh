@@ -14,6 +14,23 @@ struct FlashArgs {
     int pad_;
 };
 
+// The (batch, head) a block works on — z = b * heads + h, from the grid — and where the
+// rows of its head start: Q and dO per query head, K and V per key/value head (with
+// grouped-query attention, query head h reads key/value head h / (heads / kv_heads)).
+struct BlockHead {
+    int z, b, h;
+    const float *q, *d_out, *k, *v;
+};
+
+template <int D>
+__device__ __forceinline__ BlockHead block_head(const FlashArgs& a, int z) {
+    const int b = z / a.heads, h = z % a.heads;
+    const i64 kv = ((i64)b * a.kv_heads + h / (a.heads / a.kv_heads)) * a.n_k * D;
+    return {z, b, h, (const float*)a.q + (i64)z * a.n_q * D,
+            (const float*)a.d_out + (i64)z * a.n_q * D, (const float*)a.k + kv,
+            (const float*)a.v + kv};
+}
+
 // Whether every score of the tile (rows i0.., keys j0..) is plain scale * q.k: no bias, no
 // mask, no key past n_k and no causal limit inside it.
 __device__ __forceinline__ bool tile_plain(const ScoreMods& m, int i0, int j0) {
@@ -54,24 +71,6 @@ __device__ __forceinline__ void load_tile4(float* dst, const float* src, int row
 #define ROW (D + 4)
 #define TROW (BC + 4)
 
-// Loads CW consecutive floats (float4s, or float2s when CW is not a multiple of 4).
-template <int CW>
-__device__ __forceinline__ void load_cols(float* dst, const float* src) {
-    if constexpr (CW % 4 == 0) {
-#pragma unroll
-        for (int c = 0; c < CW; c += 4) {
-            float4 x = *reinterpret_cast<const float4*>(src + c);
-            dst[c] = x.x; dst[c + 1] = x.y; dst[c + 2] = x.z; dst[c + 3] = x.w;
-        }
-    } else {
-#pragma unroll
-        for (int c = 0; c < CW; c += 2) {
-            float2 x = *reinterpret_cast<const float2*>(src + c);
-            dst[c] = x.x; dst[c + 1] = x.y;
-        }
-    }
-}
-
 // The thread's CW = D/16 columns of a row (of O, V, dO, Q, K, dK, dV, dQ). Consecutive
 // columns (tx*CW ..) let a thread read them as float4s, but at CW = 8 (D = 128) the 16 lanes
 // of a row then read 32 bytes apart: four lanes on the same banks, a 4-way bank conflict
@@ -87,18 +86,23 @@ __device__ __forceinline__ int thread_col(int tx, int c) {
     else return tx * (D / 16) + c;
 }
 
-// Loads the thread's columns of one shared-memory row.
+// Loads the thread's columns of one shared-memory row: float4s where CW is a multiple of 4
+// (each 4 consecutive columns), float2s otherwise.
 template <int D, bool SPREAD = true>
 __device__ __forceinline__ void load_thread_cols(float* dst, const float* row, int tx) {
     constexpr int CW = D / 16;
-    if constexpr (spread_cols<D, SPREAD>()) {
+    if constexpr (CW % 4 == 0) {
 #pragma unroll
-        for (int k = 0; k < CW / 4; k++) {
-            float4 x = *reinterpret_cast<const float4*>(row + 64 * k + tx * 4);
-            dst[4 * k] = x.x; dst[4 * k + 1] = x.y; dst[4 * k + 2] = x.z; dst[4 * k + 3] = x.w;
+        for (int c = 0; c < CW; c += 4) {
+            float4 x = *reinterpret_cast<const float4*>(row + thread_col<D, SPREAD>(tx, c));
+            dst[c] = x.x; dst[c + 1] = x.y; dst[c + 2] = x.z; dst[c + 3] = x.w;
         }
     } else {
-        load_cols<CW>(dst, row + tx * CW);
+#pragma unroll
+        for (int c = 0; c < CW; c += 2) {
+            float2 x = *reinterpret_cast<const float2*>(row + tx * CW + c);
+            dst[c] = x.x; dst[c + 1] = x.y;
+        }
     }
 }
 
@@ -125,7 +129,7 @@ __device__ __forceinline__ void start_rows(const Dropout& drop, int b, int h, in
 // S = Q_i K_j^T for the thread's R x 4 scores (4 x 4 unless said): rows ty + 16r of Qs,
 // keys tx + 16c of Ks.
 template <int D, int R = 4>
-__device__ __forceinline__ void scores_4x4(const float* Qs, const float* Ks, float (*s)[4]) {
+__device__ __forceinline__ void tile_scores(const float* Qs, const float* Ks, float (*s)[4]) {
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
 #pragma unroll
     for (int r = 0; r < R; r++)
@@ -161,8 +165,8 @@ __device__ __forceinline__ void tile_p_ds(const FlashArgs& a, const ScoreMods& m
                                           float ds[4][4]) {
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
     float s[4][4], dp[4][4];
-    scores_4x4<D>(Qs, Ks, s);   // S = Q_i K_j^T
-    scores_4x4<D>(dOs, Vs, dp); // dP = dO_i V_j^T
+    tile_scores<D>(Qs, Ks, s);   // S = Q_i K_j^T
+    tile_scores<D>(dOs, Vs, dp); // dP = dO_i V_j^T
     const bool plain = tile_plain(mods, i0, j0);
     const float* lse = (const float*)a.lse + (i64)z * a.n_q;
     const float* dvec = (const float*)a.dvec + (i64)z * a.n_q;
