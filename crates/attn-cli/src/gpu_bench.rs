@@ -53,20 +53,18 @@ type BwdFn =
 
 fn gpu_stages() -> [(&'static str, FwdFn, BwdFn); 10] {
     use attn::{chunked::gpu as c, flash1::gpu as f1, flash2::gpu as f, naive::gpu as n};
-    fn flash2_v1(i: &Inputs<'_>, o: &Options) -> Result<(Forward, DeviceStats)> {
-        f::forward_version_with_stats(i, o, 1)
+    /// Forward kernel version `V` instead of the default.
+    fn flash2_v<const V: u32>(i: &Inputs<'_>, o: &Options) -> Result<(Forward, DeviceStats)> {
+        f::forward_version_with_stats(i, o, V)
     }
-    fn flash2_v2(i: &Inputs<'_>, o: &Options) -> Result<(Forward, DeviceStats)> {
-        f::forward_version_with_stats(i, o, 2)
-    }
-    fn flash2_v3(i: &Inputs<'_>, o: &Options) -> Result<(Forward, DeviceStats)> {
-        f::forward_version_with_stats(i, o, 3)
-    }
-    fn flash2_v4(i: &Inputs<'_>, o: &Options) -> Result<(Forward, DeviceStats)> {
-        f::forward_version_with_stats(i, o, 4)
-    }
-    fn flash2_v6(i: &Inputs<'_>, o: &Options) -> Result<(Forward, DeviceStats)> {
-        f::forward_version_with_stats(i, o, 6)
+    /// dQ in the separate (reproducible) pass instead of by atomic additions.
+    fn dq_pass(
+        i: &Inputs<'_>,
+        o: &Options,
+        fwd: &Forward,
+        d_out: ArrayView4<'_, f32>,
+    ) -> Result<(Grads, DeviceStats)> {
+        f::backward_with_stats(i, &o.clone().deterministic(true), fwd, d_out)
     }
     [
         ("naive", n::forward_with_stats, n::backward_with_stats),
@@ -74,14 +72,13 @@ fn gpu_stages() -> [(&'static str, FwdFn, BwdFn); 10] {
         ("flash1", f1::forward_with_stats, f1::backward_with_stats),
         ("flash2", f::forward_with_stats, f::backward_with_stats),
         // The earlier forward kernels, kept for the book's version table (same backward).
-        ("flash2-v1", flash2_v1, f::backward_with_stats),
-        ("flash2-v2", flash2_v2, f::backward_with_stats),
-        ("flash2-v3", flash2_v3, f::backward_with_stats),
-        ("flash2-v4", flash2_v4, f::backward_with_stats),
+        ("flash2-v1", flash2_v::<1>, f::backward_with_stats),
+        ("flash2-v2", flash2_v::<2>, f::backward_with_stats),
+        ("flash2-v3", flash2_v::<3>, f::backward_with_stats),
+        ("flash2-v4", flash2_v::<4>, f::backward_with_stats),
         // Written after the last H100 run, not yet the default (notes/gpu.md).
-        ("flash2-v6", flash2_v6, f::backward_with_stats),
-        // dQ in the separate (reproducible) pass instead of by atomic additions.
-        ("flash2-dq-pass", f::forward_with_stats, f::backward_dq_pass_with_stats),
+        ("flash2-v6", flash2_v::<6>, f::backward_with_stats),
+        ("flash2-dq-pass", f::forward_with_stats, dq_pass),
     ]
 }
 

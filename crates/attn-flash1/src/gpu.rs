@@ -15,7 +15,7 @@ use attn_cuda::{
 };
 pub use attn_naive::gpu::HEAD_DIMS;
 use attn_naive::gpu::{
-    DeviceForward, DeviceProblem, DeviceSaved, DeviceStats, FlashArgs, Kernels, TILES,
+    DeviceForward, DeviceProblem, DeviceSaved, DeviceStats, FlashArgs, FusedBackward, TILES,
     backward_on_device, check_head_dim, forward_on_device, fused_kernel, launch_fused,
 };
 use ndarray::ArrayView4;
@@ -73,31 +73,13 @@ pub fn backward_device(
     dev: &DeviceProblem,
     saved: &DeviceSaved,
 ) -> Result<[DeviceBuffer<f32>; 3]> {
-    let Shape { batch, heads, kv_heads, n_q, n_k, head_dim: d } = dev.shape;
+    let Shape { batch, heads, head_dim: d, .. } = dev.shape;
     check_head_dim("flash1 (cuda)", d)?;
-    let z = batch * heads;
-    let k = Kernels::new(gpu)?;
-    let dvec = gpu.uninit_f32(z * n_q)?;
-    k.row_dot(&saved.d_out, &saved.out, &dvec, (z * n_q, d))?; // D = rowsum(dO ∘ O)
-    let dq = gpu.zeros::<f32>(z * n_q * d)?; // accumulated in place
-    let dk_h = gpu.uninit_f32(z * n_k * d)?;
-    let dv_h = gpu.uninit_f32(z * n_k * d)?;
-    let a = FlashArgs {
-        o: gpu.ptr(&saved.out),
-        lse: gpu.ptr(&saved.lse),
-        d_out: gpu.ptr(&saved.d_out),
-        dvec: gpu.ptr(&dvec),
-        dq: gpu.ptr(&dq),
-        dk: gpu.ptr(&dk_h),
-        dv: gpu.ptr(&dv_h),
-        ..FlashArgs::of(gpu, dev)
-    };
-    launch_fused(gpu, &kernel(gpu, "backward", d)?, (z as u32, 1), &a, dev, "flash1_backward")?;
-    if heads == kv_heads {
-        return Ok([dq, dk_h, dv_h]);
-    }
-    let dims = (batch, heads, kv_heads, n_k, d);
-    Ok([dq, k.group_sum(&dk_h, dims)?, k.group_sum(&dv_h, dims)?])
+    // dQ is read, added to and written back for every key tile: it starts at zero.
+    let bwd = FusedBackward::new(gpu, dev, saved, true)?;
+    let z = (batch * heads) as u32;
+    launch_fused(gpu, &kernel(gpu, "backward", d)?, (z, 1), &bwd.args, dev, "flash1_backward")?;
+    bwd.finish(dev)
 }
 
 /// The forward with uploads and downloads, and its device statistics.

@@ -19,7 +19,7 @@ use attn_core::{Forward, Grads, Inputs, Options, Result, Shape};
 use attn_cuda::{CONTRACT_HEADER, CudaFunction, DeviceBuffer, Gpu, blocks_for};
 pub use attn_naive::gpu::HEAD_DIMS;
 use attn_naive::gpu::{
-    DeviceForward, DeviceProblem, DeviceSaved, DeviceStats, FlashArgs, Kernels, TILES,
+    DeviceForward, DeviceProblem, DeviceSaved, DeviceStats, FlashArgs, FusedBackward, TILES,
     backward_on_device, check_head_dim, forward_on_device, fused_kernel, launch_fused,
 };
 use ndarray::ArrayView4;
@@ -129,55 +129,20 @@ pub fn backward_device_dq(
     saved: &DeviceSaved,
     mode: DqMode,
 ) -> Result<[DeviceBuffer<f32>; 3]> {
-    let Shape { batch, heads, kv_heads, n_q, n_k, head_dim: d } = dev.shape;
+    let Shape { batch, heads, n_q, n_k, head_dim: d, .. } = dev.shape;
     check_head_dim("flash2 (cuda)", d)?;
-    let z = batch * heads;
-    let dvec = gpu.uninit_f32(z * n_q)?;
-    let dq = match mode {
-        DqMode::SeparatePass => gpu.uninit_f32(z * n_q * d)?,
-        DqMode::Atomic => gpu.zeros::<f32>(z * n_q * d)?,
-    };
-    // dK, dV per query head; with GQA summed per group afterwards.
-    let dk_h = gpu.uninit_f32(z * n_k * d)?;
-    let dv_h = gpu.uninit_f32(z * n_k * d)?;
-    let a = FlashArgs {
-        o: gpu.ptr(&saved.out),
-        lse: gpu.ptr(&saved.lse),
-        d_out: gpu.ptr(&saved.d_out),
-        dvec: gpu.ptr(&dvec),
-        dq: gpu.ptr(&dq),
-        dk: gpu.ptr(&dk_h),
-        dv: gpu.ptr(&dv_h),
-        ..FlashArgs::of(gpu, dev)
-    };
-    let k = Kernels::new(gpu)?;
-    k.row_dot(&saved.d_out, &saved.out, &dvec, (z * n_q, d))?; // D = rowsum(dO ∘ O)
-    // dK, dV over key tiles; dQ over query tiles
+    let z = (batch * heads) as u32;
+    // Atomics add into dQ (zeroed); the separate pass writes each element once.
+    let bwd = FusedBackward::new(gpu, dev, saved, mode == DqMode::Atomic)?;
+    // dK, dV over key tiles (with dQ by atomics, or else dQ over query tiles after)
     let kv = if mode == DqMode::Atomic { "backward_kv_atomic_dq" } else { "backward_kv" };
-    launch_fused(
-        gpu,
-        &kernel(gpu, kv, d)?,
-        (blocks_for(n_k, 64), z as u32),
-        &a,
-        dev,
-        "flash2_backward_kv",
-    )?;
+    let (kv_grid, q_grid) = ((blocks_for(n_k, TILE as u32), z), (blocks_for(n_q, TILE as u32), z));
+    launch_fused(gpu, &kernel(gpu, kv, d)?, kv_grid, &bwd.args, dev, "flash2_backward_kv")?;
     if mode == DqMode::SeparatePass {
-        launch_fused(
-            gpu,
-            &kernel(gpu, "backward_q", d)?,
-            (blocks_for(n_q, 64), z as u32),
-            &a,
-            dev,
-            "flash2_backward_q",
-        )?;
+        let q = kernel(gpu, "backward_q", d)?;
+        launch_fused(gpu, &q, q_grid, &bwd.args, dev, "flash2_backward_q")?;
     }
-    if heads == kv_heads {
-        return Ok([dq, dk_h, dv_h]);
-    }
-    let dims = (batch, heads, kv_heads, n_k, d);
-    let (dk, dv) = (k.group_sum(&dk_h, dims)?, k.group_sum(&dv_h, dims)?);
-    Ok([dq, dk, dv])
+    bwd.finish(dev)
 }
 
 /// The forward with uploads and downloads, and its device statistics.
@@ -205,19 +170,6 @@ pub fn backward_with_stats(
     let mode = DqMode::of(opts);
     backward_on_device(inputs, opts, fwd, d_out, |gpu, dev, saved| {
         backward_device_dq(gpu, dev, saved, mode)
-    })
-}
-
-/// The backward with dQ in the separate, reproducible pass ([`DqMode::SeparatePass`]),
-/// whatever `opts` says.
-pub fn backward_dq_pass_with_stats(
-    inputs: &Inputs<'_>,
-    opts: &Options,
-    fwd: &Forward,
-    d_out: ArrayView4<'_, f32>,
-) -> Result<(Grads, DeviceStats)> {
-    backward_on_device(inputs, opts, fwd, d_out, |gpu, dev, saved| {
-        backward_device_dq(gpu, dev, saved, DqMode::SeparatePass)
     })
 }
 

@@ -489,6 +489,66 @@ impl FlashArgs {
     }
 }
 
+/// What a fused backward (FlashAttention-1 or -2) works on: D = rowsum(dO ∘ O) computed,
+/// dQ (zeroed when the kernels add into it), dK and dV per *query* head, and the kernels'
+/// arguments pointing at all of them. [`FusedBackward::finish`] sums dK and dV over each GQA
+/// group.
+#[derive(Debug)]
+pub struct FusedBackward {
+    pub args: FlashArgs,
+    pub dq: DeviceBuffer<f32>,
+    pub dk_h: DeviceBuffer<f32>,
+    pub dv_h: DeviceBuffer<f32>,
+    /// D, one number per query row.
+    pub dvec: DeviceBuffer<f32>,
+    kernels: Kernels,
+}
+
+impl FusedBackward {
+    /// Allocates the gradients and computes D; `zero_dq` where the kernels accumulate into dQ
+    /// (in place or by atomics) rather than write every element once.
+    pub fn new(
+        gpu: &'static Gpu,
+        dev: &DeviceProblem,
+        saved: &DeviceSaved,
+        zero_dq: bool,
+    ) -> Result<Self> {
+        let Shape { batch, heads, n_q, n_k, head_dim: d, .. } = dev.shape;
+        let z = batch * heads;
+        let kernels = Kernels::new(gpu)?;
+        let dvec = gpu.uninit_f32(z * n_q)?;
+        kernels.row_dot(&saved.d_out, &saved.out, &dvec, (z * n_q, d))?; // D = rowsum(dO ∘ O)
+        let dq =
+            if zero_dq { gpu.zeros::<f32>(z * n_q * d)? } else { gpu.uninit_f32(z * n_q * d)? };
+        let dk_h = gpu.uninit_f32(z * n_k * d)?;
+        let dv_h = gpu.uninit_f32(z * n_k * d)?;
+        let args = FlashArgs {
+            o: gpu.ptr(&saved.out),
+            lse: gpu.ptr(&saved.lse),
+            d_out: gpu.ptr(&saved.d_out),
+            dvec: gpu.ptr(&dvec),
+            dq: gpu.ptr(&dq),
+            dk: gpu.ptr(&dk_h),
+            dv: gpu.ptr(&dv_h),
+            ..FlashArgs::of(gpu, dev)
+        };
+        Ok(Self { args, dq, dk_h, dv_h, dvec, kernels })
+    }
+
+    /// dQ, dK, dV, with dK and dV summed over each group of query heads sharing a key/value
+    /// head (a fixed order: reproducible).
+    pub fn finish(self, dev: &DeviceProblem) -> Result<[DeviceBuffer<f32>; 3]> {
+        let Shape { batch, heads, kv_heads, n_k, head_dim: d, .. } = dev.shape;
+        if heads == kv_heads {
+            return Ok([self.dq, self.dk_h, self.dv_h]);
+        }
+        let dims = (batch, heads, kv_heads, n_k, d);
+        let (dk, dv) =
+            (self.kernels.group_sum(&self.dk_h, dims)?, self.kernels.group_sum(&self.dv_h, dims)?);
+        Ok([self.dq, dk, dv])
+    }
+}
+
 /// The head dimensions the fused kernels (tiles.cuh and the flash stages) are built for.
 pub const HEAD_DIMS: [usize; 4] = [32, 64, 96, 128];
 
