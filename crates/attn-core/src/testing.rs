@@ -344,6 +344,69 @@ pub mod edge_cases {
     }
 }
 
+/// The checks every fused GPU kernel stage shares (FlashAttention-1 and -2 on the GPU): their
+/// kernels are built for a few head dimensions and their tiles are their own, so the
+/// options' block sizes do not apply.
+pub mod fused {
+    use super::{BiasKind, Case, MaskKind, check_against_reference, edge_cases};
+    use crate::error::AttnError;
+    use crate::options::{Inputs, Options};
+    use crate::shape::Shape;
+    use crate::stage::Stage;
+
+    /// At each of `head_dims`, one problem with the whole contract at once — grouped-query
+    /// attention (4 query heads over 2 key/value heads), cross attention with more and with
+    /// fewer queries than keys, `mask`, a bias holding −∞, causal and dropout 0.15 — against
+    /// the float64 reference at the f32 tolerances.
+    pub fn whole_contract_at_head_dims(stage: &dyn Stage, mask: MaskKind, head_dims: &[usize]) {
+        const LENGTHS: [(usize, usize); 4] = [(300, 700), (700, 300), (129, 513), (513, 129)];
+        for (i, &d) in head_dims.iter().enumerate() {
+            let (n_q, n_k) = LENGTHS[i % LENGTHS.len()];
+            let case = Case {
+                causal: true,
+                mask,
+                bias: BiasKind::NegInf,
+                dropout: Some(0.15),
+                ..Case::new(Shape::new(2, 4, n_q, d).with_n_k(n_k).with_kv_heads(2), 3)
+            };
+            check_against_reference(stage, &case.build(), true)
+                .unwrap()
+                .assert_f32(&format!("{case:?}"));
+        }
+    }
+
+    /// The shared edge cases at the smallest and the largest of `head_dims` (fully masked
+    /// rows, logits of 10⁴, the dropout of `baseline`), and more query rows than keys under
+    /// causal masking, where the first rows see nothing.
+    pub fn edge_cases_at(stage: &dyn Stage, baseline: &dyn Stage, head_dims: &[usize]) {
+        let (lo, hi) = (head_dims[0], head_dims[head_dims.len() - 1]);
+        for d in [lo, hi] {
+            edge_cases::fully_masked_rows_at(stage, (1, 1), d);
+            edge_cases::huge_logits_at(stage, (1, 1), d);
+            edge_cases::same_dropout_as_at(stage, baseline, (7, 5), d);
+        }
+        let case = Case { causal: true, ..Case::new(Shape::new(1, 2, 70, lo).with_n_k(40), 5) };
+        check_against_reference(stage, &case.build(), true).unwrap().assert_f32("n_q > n_k causal");
+    }
+
+    /// A head dimension the kernels are not built for (48) is refused with an error that
+    /// names the supported ones, up to 128 — checked before any device is needed, so where
+    /// there is none the test says so and passes.
+    pub fn refuses_other_head_dims(stage: &dyn Stage) {
+        let shape = Shape::new(1, 1, 16, 48);
+        let (q, k, v) = crate::random::qkv(&shape, 1);
+        match stage.forward(&Inputs::new(q.view(), k.view(), v.view()), &Options::default()) {
+            Err(AttnError::UnsupportedHeadDim { head_dim: 48, supported, .. }) => {
+                assert!(supported.contains("128"), "{supported}");
+            }
+            Err(AttnError::NoCudaDevice { reason }) => {
+                eprintln!("skipped: no CUDA device ({reason})")
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+}
+
 /// Random configurations for proptest, the same for every stage.
 #[cfg(feature = "proptest")]
 pub mod strategies {

@@ -3,10 +3,7 @@
 //! passes (the NVRTC compile check runs wherever libnvrtc loads).
 
 use attn_core::testing::strategies::{arb_case, config};
-use attn_core::testing::{
-    BiasKind, Case, MaskKind, assert_matches_reference_and, check_against_reference, edge_cases,
-};
-use attn_core::{AttnError, Inputs, Options, Shape, Stage};
+use attn_core::testing::{MaskKind, assert_matches_reference_and, fused};
 use attn_cuda::skip_without_device;
 use attn_flash1::{Flash1Cpu, Flash1Cuda};
 use proptest::prelude::*;
@@ -34,19 +31,7 @@ fn flash1_gpu_every_head_dim_with_gqa_cross_attention_masks_and_dropout() {
     if skip_without_device() {
         return;
     }
-    for (d, (n_q, n_k)) in [(32, (300, 700)), (64, (700, 300)), (96, (129, 513)), (128, (513, 129))]
-    {
-        let case = Case {
-            causal: true,
-            mask: MaskKind::Full,
-            bias: BiasKind::NegInf,
-            dropout: Some(0.15),
-            ..Case::new(Shape::new(2, 4, n_q, d).with_n_k(n_k).with_kv_heads(2), 3)
-        };
-        check_against_reference(&Flash1Cuda, &case.build(), true)
-            .unwrap()
-            .assert_f32(&format!("{case:?}"));
-    }
+    fused::whole_contract_at_head_dims(&Flash1Cuda, MaskKind::Full, &attn_flash1::gpu::HEAD_DIMS);
 }
 
 #[test]
@@ -54,27 +39,12 @@ fn flash1_gpu_edge_cases() {
     if skip_without_device() {
         return;
     }
-    for d in [32, 128] {
-        edge_cases::fully_masked_rows_at(&Flash1Cuda, (1, 1), d);
-        edge_cases::huge_logits_at(&Flash1Cuda, (1, 1), d);
-        edge_cases::same_dropout_as_at(&Flash1Cuda, &Flash1Cpu, (7, 5), d);
-    }
-    let case = Case { causal: true, ..Case::new(Shape::new(1, 2, 70, 32).with_n_k(40), 5) };
-    check_against_reference(&Flash1Cuda, &case.build(), true)
-        .unwrap()
-        .assert_f32("n_q > n_k causal");
+    fused::edge_cases_at(&Flash1Cuda, &Flash1Cpu, &attn_flash1::gpu::HEAD_DIMS);
 }
 
 #[test]
 fn flash1_gpu_refuses_other_head_dims_clearly() {
-    let shape = Shape::new(1, 1, 16, 48);
-    let (q, k, v) = attn_core::random::qkv(&shape, 1);
-    let inputs = Inputs::new(q.view(), k.view(), v.view());
-    match Flash1Cuda.forward(&inputs, &Options::default()) {
-        Err(AttnError::UnsupportedHeadDim { head_dim: 48, .. }) => {}
-        Err(AttnError::NoCudaDevice { reason }) => eprintln!("skipped: no CUDA device ({reason})"),
-        other => panic!("expected a refusal, got {other:?}"),
-    }
+    fused::refuses_other_head_dims(&Flash1Cuda);
 }
 
 #[test]

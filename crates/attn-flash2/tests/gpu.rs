@@ -4,10 +4,9 @@
 
 use attn_core::testing::strategies::{arb_case, config};
 use attn_core::testing::{
-    BiasKind, Case, MaskKind, assert_matches_reference_and, check_against_reference,
-    check_against_stage, edge_cases,
+    BiasKind, Case, MaskKind, assert_matches_reference_and, check_against_stage, fused,
 };
-use attn_core::{AttnError, Inputs, Options, Shape, Stage};
+use attn_core::{Shape, Stage};
 use attn_cuda::skip_without_device;
 use attn_flash2::{Flash2Cpu, Flash2Cuda};
 use proptest::prelude::*;
@@ -98,19 +97,11 @@ fn flash2_gpu_every_head_dim_with_gqa_cross_attention_masks_and_dropout() {
     if skip_without_device() {
         return;
     }
-    for (d, (n_q, n_k)) in [(32, (300, 700)), (64, (700, 300)), (96, (129, 513)), (128, (513, 129))]
-    {
-        let case = Case {
-            causal: true,
-            mask: MaskKind::KeyPadding,
-            bias: BiasKind::NegInf,
-            dropout: Some(0.15),
-            ..Case::new(Shape::new(2, 4, n_q, d).with_n_k(n_k).with_kv_heads(2), 3)
-        };
-        check_against_reference(&Flash2Cuda, &case.build(), true)
-            .unwrap()
-            .assert_f32(&format!("{case:?}"));
-    }
+    fused::whole_contract_at_head_dims(
+        &Flash2Cuda,
+        MaskKind::KeyPadding,
+        &attn_flash2::gpu::HEAD_DIMS,
+    );
 }
 
 #[test]
@@ -118,18 +109,7 @@ fn flash2_gpu_edge_cases() {
     if skip_without_device() {
         return;
     }
-    // The shared edge cases, at head dimensions the kernels are built for (the blocks are the
-    // kernel's own, 64 × 64; the options' blocks do not apply).
-    for d in [32, 128] {
-        edge_cases::fully_masked_rows_at(&Flash2Cuda, (1, 1), d);
-        edge_cases::huge_logits_at(&Flash2Cuda, (1, 1), d);
-        edge_cases::same_dropout_as_at(&Flash2Cuda, &Flash2Cpu, (7, 5), d);
-    }
-    // More query rows than keys under causal masking: the first rows see nothing.
-    let case = Case { causal: true, ..Case::new(Shape::new(1, 2, 70, 32).with_n_k(40), 5) };
-    check_against_reference(&Flash2Cuda, &case.build(), true)
-        .unwrap()
-        .assert_f32("n_q > n_k causal");
+    fused::edge_cases_at(&Flash2Cuda, &Flash2Cpu, &attn_flash2::gpu::HEAD_DIMS);
 }
 
 #[test]
@@ -170,16 +150,7 @@ fn flash2_gpu_at_a_realistic_size_matches_the_cpu() {
 
 #[test]
 fn flash2_gpu_refuses_other_head_dims_clearly() {
-    let shape = Shape::new(1, 1, 16, 48);
-    let (q, k, v) = attn_core::random::qkv(&shape, 1);
-    let inputs = Inputs::new(q.view(), k.view(), v.view());
-    match Flash2Cuda.forward(&inputs, &Options::default()) {
-        Err(AttnError::UnsupportedHeadDim { head_dim: 48, supported, .. }) => {
-            assert!(supported.contains("128"));
-        }
-        Err(AttnError::NoCudaDevice { reason }) => eprintln!("skipped: no CUDA device ({reason})"),
-        other => panic!("expected a refusal, got {other:?}"),
-    }
+    fused::refuses_other_head_dims(&Flash2Cuda);
 }
 
 #[test]
