@@ -5,6 +5,8 @@
 use std::path::Path;
 use std::process::Command;
 
+use attn::core::memory::log_log_slope;
+
 /// The rows of a CSV written by `attn plots`: (header, rows), comment lines skipped.
 fn read_csv(path: &Path) -> (Vec<String>, Vec<Vec<String>>) {
     let text = std::fs::read_to_string(path).unwrap();
@@ -12,16 +14,6 @@ fn read_csv(path: &Path) -> (Vec<String>, Vec<Vec<String>>) {
     let header = lines.next().unwrap().split(',').map(String::from).collect();
     let rows = lines.map(|l| l.split(',').map(String::from).collect()).collect();
     (header, rows)
-}
-
-fn slope(points: &[(f64, f64)]) -> f64 {
-    let k = points.len() as f64;
-    let logs: Vec<(f64, f64)> = points.iter().map(|&(x, y)| (x.ln(), y.ln())).collect();
-    let mx = logs.iter().map(|p| p.0).sum::<f64>() / k;
-    let my = logs.iter().map(|p| p.1).sum::<f64>() / k;
-    let sxy: f64 = logs.iter().map(|(x, y)| (x - mx) * (y - my)).sum();
-    let sxx: f64 = logs.iter().map(|(x, _)| (x - mx) * (x - mx)).sum();
-    sxy / sxx
 }
 
 #[test]
@@ -75,7 +67,7 @@ fn quick_plots_write_every_file_with_the_expected_slopes() {
                 .map(|r| (r[col("n")].parse().unwrap(), r[col(bytes)].parse().unwrap()))
                 .collect();
             assert_eq!(pts.len(), 4, "{stage}: {pts:?}");
-            let s = slope(&pts[pts.len() - 3..]);
+            let s = log_log_slope(&pts[pts.len() - 3..]);
             assert!((lo..=hi).contains(&s), "{stage} {bytes}: slope {s:.2} not in {lo}..{hi}");
         }
     }

@@ -125,6 +125,18 @@ impl PeakMeter {
     }
 }
 
+/// The least-squares slope of log y against log x: the exponent of a power law, 2 for memory
+/// that grows as n², 1 for memory that grows as n (how the plots, their test and the
+/// notebooks read a growth rate off measured points).
+pub fn log_log_slope(points: &[(f64, f64)]) -> f64 {
+    let logs: Vec<(f64, f64)> = points.iter().map(|&(x, y)| (x.ln(), y.ln())).collect();
+    let k = logs.len() as f64;
+    let (mx, my) = logs.iter().fold((0.0, 0.0), |(a, b), (x, y)| (a + x / k, b + y / k));
+    let sxy: f64 = logs.iter().map(|(x, y)| (x - mx) * (y - my)).sum();
+    let sxx: f64 = logs.iter().map(|(x, _)| (x - mx) * (x - mx)).sum();
+    sxy / sxx
+}
+
 /// The machine's available memory in bytes (`MemAvailable` in /proc/meminfo), if known.
 pub fn available_memory() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -172,6 +184,14 @@ pub fn human_bytes(bytes: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn log_log_slope_reads_the_exponent() {
+        let squares: Vec<(f64, f64)> = [1.0, 2.0, 4.0, 8.0].map(|x| (x, 3.0 * x * x)).to_vec();
+        assert!((super::log_log_slope(&squares) - 2.0).abs() < 1e-12);
+        let linear: Vec<(f64, f64)> = [1.0, 2.0, 4.0].map(|x| (x, 5.0 * x)).to_vec();
+        assert!((super::log_log_slope(&linear) - 1.0).abs() < 1e-12);
+    }
     use super::*;
 
     #[test]

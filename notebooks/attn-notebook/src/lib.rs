@@ -1,7 +1,7 @@
 //! What the notebooks in `notebooks/` share, so that each notebook shows attention and not
 //! plumbing: charts drawn as SVG that the evcxr Jupyter kernel shows inline ([`Figure`]),
-//! the peak memory a call adds to the process ([`peak_rss`]), the slope of a log-log line
-//! ([`loglog_slope`]) and the rows of the project's measurement CSVs ([`read_csv`]).
+//! the peak memory a call adds to the process ([`peak_rss`]) and the rows of the project's
+//! measurement CSVs ([`read_csv`]). (Log-log slopes: `attn::core::memory::log_log_slope`.)
 
 use std::collections::HashMap;
 use std::error::Error;
@@ -157,16 +157,6 @@ fn high_water_mark() -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// The least-squares slope of log y against log x: 2 for y ∝ x², 1 for y ∝ x.
-pub fn loglog_slope(points: &[(f64, f64)]) -> f64 {
-    let p: Vec<(f64, f64)> = points.iter().map(|&(x, y)| (x.ln(), y.ln())).collect();
-    let n = p.len() as f64;
-    let (mx, my) = (p.iter().map(|q| q.0).sum::<f64>() / n, p.iter().map(|q| q.1).sum::<f64>() / n);
-    let cov: f64 = p.iter().map(|q| (q.0 - mx) * (q.1 - my)).sum();
-    let var: f64 = p.iter().map(|q| (q.0 - mx).powi(2)).sum();
-    cov / var
-}
-
 /// The rows of one of the project's measurement CSVs (`#` lines are comments, the first
 /// other line the header), each as column name → text.
 pub fn read_csv(path: &str) -> std::io::Result<Vec<HashMap<String, String>>> {
@@ -201,14 +191,6 @@ mod tests {
         let f = heatmap("s", m.view());
         assert!(f.svg().matches("<rect").count() >= 6);
         assert_eq!(f.svg().matches("fill=\"#AAAAAA\"").count(), 1);
-    }
-
-    #[test]
-    fn slopes_of_powers() {
-        let p2: Vec<(f64, f64)> = [1.0, 2.0, 4.0, 8.0].iter().map(|&x| (x, 3.0 * x * x)).collect();
-        assert!((loglog_slope(&p2) - 2.0).abs() < 1e-12);
-        let p1: Vec<(f64, f64)> = [1.0, 2.0, 4.0].iter().map(|&x| (x, 5.0 * x)).collect();
-        assert!((loglog_slope(&p1) - 1.0).abs() < 1e-12);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use attn::core::flops::{backward_flops, forward_flops};
-use attn::core::memory::human_bytes;
+use attn::core::memory::{human_bytes, log_log_slope};
 use attn::{Inputs, Options, Shape, Stage};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -395,16 +395,6 @@ pub const FILES: [&str; 8] = [
     "traffic-vs-sram.svg",
     "traffic-vs-sram.csv",
 ];
-
-/// The least-squares slope of log(y) against log(x).
-pub fn log_log_slope(points: &[(f64, f64)]) -> f64 {
-    let logs: Vec<(f64, f64)> = points.iter().map(|&(x, y)| (x.ln(), y.ln())).collect();
-    let k = logs.len() as f64;
-    let (mx, my) = logs.iter().fold((0.0, 0.0), |(a, b), (x, y)| (a + x / k, b + y / k));
-    let sxy: f64 = logs.iter().map(|(x, y)| (x - mx) * (y - my)).sum();
-    let sxx: f64 = logs.iter().map(|(x, _)| (x - mx) * (x - mx)).sum();
-    sxy / sxx
-}
 
 /// Per stage: the memory slopes (forward, forward + backward) fitted on the three largest
 /// measured n of the causal sweep.
