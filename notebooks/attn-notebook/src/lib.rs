@@ -1,5 +1,6 @@
 //! What the notebooks in `notebooks/` share, so that each notebook shows attention and not
-//! plumbing: charts drawn as SVG that the evcxr Jupyter kernel shows inline ([`Figure`]),
+//! plumbing: charts that the evcxr Jupyter kernel shows inline ([`Figure`], plotters' evcxr
+//! support),
 //! the peak memory a call adds to the process ([`peak_rss`]) and the rows of the project's
 //! measurement CSVs ([`read_csv`]). (Log-log slopes: `attn::core::memory::log_log_slope`.)
 
@@ -9,33 +10,19 @@ use std::error::Error;
 use ndarray::ArrayView2;
 use plotters::prelude::*;
 
-/// An SVG chart. In an evcxr notebook, a cell that ends with a `Figure` shows it inline.
-#[derive(Clone, Debug)]
-pub struct Figure(pub String);
+/// An SVG chart: plotters' evcxr wrapper, which a notebook cell shows inline when it ends
+/// with one (its `Debug` text is what the kernel displays).
+pub use plotters::evcxr::SVGWrapper as Figure;
 
-impl Figure {
-    /// evcxr's display hook: prints the SVG between its content markers.
-    pub fn evcxr_display(&self) {
-        println!("EVCXR_BEGIN_CONTENT image/svg+xml\n{}\nEVCXR_END_CONTENT", self.0);
-    }
-
-    /// The SVG text.
-    pub fn svg(&self) -> &str {
-        &self.0
-    }
-}
-
+/// A chart of `size` pixels on a white background, drawn by `f`.
 fn draw(
     size: (u32, u32),
     f: impl FnOnce(DrawingArea<SVGBackend<'_>, plotters::coord::Shift>) -> Result<(), Box<dyn Error>>,
 ) -> Figure {
-    let mut svg = String::new();
-    {
-        let root = SVGBackend::with_string(&mut svg, size).into_drawing_area();
-        root.fill(&WHITE).expect("fill");
-        f(root).expect("drawing a chart");
-    }
-    Figure(svg)
+    plotters::evcxr::evcxr_figure(size, |root| {
+        root.fill(&WHITE)?;
+        f(root)
+    })
 }
 
 /// A line chart of named series of (x, y) points, each axis linear or logarithmic.
@@ -179,18 +166,19 @@ mod tests {
         let lin: Vec<(f64, f64)> = (1..6).map(|i| (i as f64, i as f64)).collect();
         for log in [(false, false), (true, true)] {
             let f = lines("t", ("x", "y"), log, &[("square", sq.clone()), ("linear", lin.clone())]);
-            assert!(f.svg().starts_with("<svg"));
-            assert!(f.svg().contains("square") && f.svg().contains("linear"), "{log:?}");
-            assert_eq!(f.svg().matches("<circle").count(), 10);
+            let svg = format!("{f:?}");
+            assert!(svg.contains("<svg"));
+            assert!(svg.contains("square") && svg.contains("linear"), "{log:?}");
+            assert_eq!(svg.matches("<circle").count(), 10);
         }
     }
 
     #[test]
     fn a_heatmap_has_one_cell_per_entry_and_grey_for_minus_infinity() {
         let m = ndarray::arr2(&[[0.0, 1.0, f64::NEG_INFINITY], [2.0, 3.0, 4.0]]);
-        let f = heatmap("s", m.view());
-        assert!(f.svg().matches("<rect").count() >= 6);
-        assert_eq!(f.svg().matches("fill=\"#AAAAAA\"").count(), 1);
+        let svg = format!("{:?}", heatmap("s", m.view()));
+        assert!(svg.matches("<rect").count() >= 6);
+        assert_eq!(svg.matches("fill=\"#AAAAAA\"").count(), 1);
     }
 
     #[test]
