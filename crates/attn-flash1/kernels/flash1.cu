@@ -113,7 +113,8 @@ __device__ void flash1_backward(const FlashArgs& a, const ScoreMods& mods, const
     float* dST = PT + BC * TROW;  // [BC][BR + 4]: dS^T (also read row-wise for dQ)
     constexpr int CW = D / 16;
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-    const auto [z, b, h, q, dout, k, v] = block_head<D>(a, blockIdx.x);  // one block per head
+    const BlockHead hd = block_head<D>(a, blockIdx.x);  // one block per head
+    const auto [z, b, h, q, dout, k, v] = hd;
     float* dQ = (float*)a.dq + (i64)z * a.n_q * D;
 
     for (int j0 = 0; j0 < a.n_k; j0 += BC) {
@@ -124,15 +125,7 @@ __device__ void flash1_backward(const FlashArgs& a, const ScoreMods& mods, const
         for (int i0 = 0; i0 < a.n_q; i0 += BR) {
             const int last = min(i0 + BR, a.n_q) - 1;
             if (j0 >= key_end(mods, last)) continue;
-            __syncthreads();
-            load_tile4<D>(Qs, q, i0, a.n_q);
-            load_tile4<D>(dOs, dout, i0, a.n_q);
-            __syncthreads();
-            float p[4][4], ds[4][4];
-            tile_p_ds<D>(a, mods, drop, b, h, z, i0, j0, Qs, dOs, Ks, Vs, p, ds);
-            store_pz_ds_transposed(drop, b, h, i0, j0, p, ds, PT, dST);
-            __syncthreads();
-            accumulate_dk_dv<D>(PT, dST, dOs, Qs, dk, dv);  // dV_j += (P Z)^T dO_i, dK_j += dS^T Q_i
+            backward_step<D>(a, mods, drop, hd, i0, j0, Qs, dOs, Ks, Vs, PT, dST, dk, dv);
             // dQ_i += tau dS K_j, in HBM: rows ty + 16r, columns tx*CW ..
 #pragma unroll
             for (int r = 0; r < 4; r++) {

@@ -162,7 +162,8 @@ __device__ void flash_backward_kv(const FlashArgs& a, const ScoreMods& mods, con
     float* dST = PT + BC * TROW;      // [BC][BR + 4]: dS^T
     constexpr int CW = D / 16;
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-    const auto [z, b, h, q, dout, k, v] = block_head<D>(a, blockIdx.y);
+    const BlockHead hd = block_head<D>(a, blockIdx.y);
+    const auto [z, b, h, q, dout, k, v] = hd;
     const int j0 = blockIdx.x * BC;
 
     load_tile4<D>(Ks, k, j0, a.n_k);
@@ -172,15 +173,7 @@ __device__ void flash_backward_kv(const FlashArgs& a, const ScoreMods& mods, con
     int i_start = 0;
     if (mods.causal) i_start = max(0, j0 + a.n_q - a.n_k) / BR * BR;
     for (int i0 = i_start; i0 < a.n_q; i0 += BR) {
-        __syncthreads();
-        load_tile4<D>(Qs, q, i0, a.n_q);
-        load_tile4<D>(dOs, dout, i0, a.n_q);
-        __syncthreads();
-        float p[4][4], ds[4][4];
-        tile_p_ds<D>(a, mods, drop, b, h, z, i0, j0, Qs, dOs, Ks, Vs, p, ds);
-        store_pz_ds_transposed(drop, b, h, i0, j0, p, ds, PT, dST);
-        __syncthreads();
-        accumulate_dk_dv<D>(PT, dST, dOs, Qs, dk, dv);  // dV_j += (P Z)^T dO_i, dK_j += dS^T Q_i
+        backward_step<D>(a, mods, drop, hd, i0, j0, Qs, dOs, Ks, Vs, PT, dST, dk, dv);
         if constexpr (ATOMIC_DQ) {
             // The paper's choice: dQ_i += tau dS K_j added into device memory from every key
             // tile's block (floating-point additions in arrival order: not reproducible).

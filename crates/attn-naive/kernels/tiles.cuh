@@ -335,6 +335,27 @@ __device__ __forceinline__ void accumulate_dk_dv(const float* PT, const float* d
     }
 }
 
+// One (query tile i0, key tile j0) step of a backward that holds K_j, V_j and accumulates
+// dK_j, dV_j (FlashAttention-1's Algorithm 4, FlashAttention-2's key-tile kernel): Q_i and
+// dO_i into shared memory, P and dS recomputed, (P Z)^T and dS^T stored, then
+// dV_j += (P Z)^T dO_i and dK_j += dS^T Q_i. dS^T stays in dST for the caller's dQ.
+template <int D>
+__device__ __forceinline__ void backward_step(const FlashArgs& a, const ScoreMods& mods,
+                                              const Dropout& drop, const BlockHead& hd, int i0,
+                                              int j0, float* Qs, float* dOs, const float* Ks,
+                                              const float* Vs, float* PT, float* dST,
+                                              float (*dk)[D / 16], float (*dv)[D / 16]) {
+    __syncthreads();  // the previous step's tiles are no longer read
+    load_tile4<D>(Qs, hd.q, i0, a.n_q);
+    load_tile4<D>(dOs, hd.d_out, i0, a.n_q);
+    __syncthreads();
+    float p[4][4], ds[4][4];
+    tile_p_ds<D>(a, mods, drop, hd.b, hd.h, hd.z, i0, j0, Qs, dOs, Ks, Vs, p, ds);
+    store_pz_ds_transposed(drop, hd.b, hd.h, i0, j0, p, ds, PT, dST);
+    __syncthreads();
+    accumulate_dk_dv<D>(PT, dST, dOs, Qs, dk, dv);  // dV_j += (P Z)^T dO_i, dK_j += dS^T Q_i
+}
+
 // acc = dS[ty + 16r][.] K_j[., tx*CW ..] over the tile's keys (dS^T as stored above), for
 // the dQ of query row ty + 16r.
 template <int D>
