@@ -44,6 +44,8 @@ fn shared_bytes(kernel: &str, d: usize) -> u32 {
         }
         // Q with 128 rows, K, V, and P [128][BC + 4] in its own buffer
         "forward_v6" => 4 * t * (d + 4) + 2 * t * (t + 4),
+        // version 6 with a second K buffer
+        "forward_v7" => 5 * t * (d + 4) + 2 * t * (t + 4),
         "backward_kv" | "backward_kv_atomic_dq" => 4 * t * (d + 4) + 2 * t * (t + 4),
         _ => 4 * t * (d + 4) + t * (t + 4), // backward_q
     };
@@ -62,15 +64,20 @@ fn kernel(gpu: &Gpu, name: &str, d: usize) -> Result<(CudaFunction, u32)> {
 /// registers a thread, so that two blocks share an SM at d = 96 and 128; 5 — version 4 with
 /// each thread's output columns spread in float4 chunks (no shared-memory bank conflicts
 /// at d = 128); 6 — version 5 with 128 query rows a block, 8 rows of scores and of O a
-/// thread (twice the FMAs per shared-memory read; written after the last H100 run, not yet
-/// measured, so not the default).
-pub const FORWARD_VERSIONS: [u32; 6] = [1, 2, 3, 4, 5, 6];
-/// The version the stage runs.
-pub const FORWARD_VERSION: u32 = 5;
+/// thread (twice the FMAs per shared-memory read); 7 — version 6 with K_{j+1} prefetched into
+/// a second buffer during step j.
+pub const FORWARD_VERSIONS: [u32; 7] = [1, 2, 3, 4, 5, 6, 7];
 
-/// The fused forward on uploaded tensors: (O, lse) on the device, latest version.
+/// The version the stage runs at head dimension `d`: the fastest measured on the H100 on the
+/// paper setting (notes/gpu.md) — 7 at d = 128 (+5–8 % over 5), 5 elsewhere (at d = 64,
+/// 128 rows a block cost 3–18 %; d = 32 and 96 were not measured with 6 or 7).
+pub fn forward_version(d: usize) -> u32 {
+    if d == 128 { 7 } else { 5 }
+}
+
+/// The fused forward on uploaded tensors: (O, lse) on the device, the default version.
 pub fn forward_device(gpu: &'static Gpu, dev: &DeviceProblem) -> Result<DeviceForward> {
-    forward_device_version(gpu, dev, FORWARD_VERSION)
+    forward_device_version(gpu, dev, forward_version(dev.shape.head_dim))
 }
 
 // ANCHOR: forward_device

@@ -172,6 +172,7 @@ fn kernels_compile_with_nvrtc_for_the_h100() {
             "forward_v4",
             "forward_v5",
             "forward_v6",
+            "forward_v7",
             "backward_kv",
             "backward_q",
         ] {
