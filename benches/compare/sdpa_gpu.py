@@ -2,9 +2,11 @@
 """PyTorch's scaled_dot_product_attention on the GPU, on the shapes `attn gpu-bench` uses:
 device time (CUDA events, median) and device bytes allocated above the inputs, forward and
 backward, for the math backend (it materialises S like stage 1) and the memory-efficient
-backend, fp32. Writes a CSV beside the table it prints.
+backend, fp32. Writes a CSV beside the table it prints. With --dtype bf16 or f16: the flash
+backend (FlashAttention-2) and the cuDNN backend instead, the rivals of the tensor-core stage.
 
     python3 sdpa_gpu.py --seq 1024,4096,16384 --csv sdpa.csv
+    python3 sdpa_gpu.py --paper --dtype bf16 --csv sdpa-bf16.csv
 """
 import argparse
 
@@ -18,9 +20,9 @@ def flops(b, h, n, d, causal):
     return 4.0 * b * h * d * pairs
 
 
-def measure(backend, b, h, n, d, causal, repeats):
-    q, k, v = (torch.randn(b, h, n, d, device="cuda", requires_grad=True) for _ in range(3))
-    d_out = torch.randn(b, h, n, d, device="cuda")
+def measure(backend, b, h, n, d, causal, repeats, dtype=torch.float32):
+    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    d_out = torch.randn(b, h, n, d, device="cuda", dtype=dtype)
     torch.cuda.synchronize()
 
     def fwd():
@@ -64,6 +66,8 @@ def main():
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--csv")
+    ap.add_argument("--dtype", default="f32", choices=("f32", "bf16", "f16"),
+                    help="bf16/f16: the flash and cuDNN backends instead of math/efficient")
     ap.add_argument("--paper", action="store_true",
                     help="the FlashAttention-2 paper's setting: batch*n = 16384, hidden 2048, d in {64, 128}, efficient backend only")
     args = ap.parse_args()
@@ -71,20 +75,26 @@ def main():
     torch.backends.cudnn.allow_tf32 = False
     b, h, d = args.batch, args.heads, args.head_dim
     rows = ["backend,causal,batch,heads,n,head_dim,forward_ms,forward_tflops,backward_ms,backward_tflops,forward_device_bytes,backward_device_bytes"]
-    print(f"torch {torch.__version__} on {torch.cuda.get_device_name()}, fp32, TF32 off")
-    if args.paper:
-        shapes = [(16384 // n, 2048 // d, n, d) for d in (64, 128) for n in (512, 1024, 2048, 4096, 8192, 16384)]
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[args.dtype]
+    what = "fp32, TF32 off" if args.dtype == "f32" else args.dtype
+    print(f"torch {torch.__version__} on {torch.cuda.get_device_name()}, {what}")
+    if args.dtype != "f32":
+        backends = (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION))
+    elif args.paper:
         backends = (("efficient", SDPBackend.EFFICIENT_ATTENTION),)
     else:
-        shapes = [(b, h, int(x), d) for x in args.seq.split(",")]
         backends = (("math", SDPBackend.MATH), ("efficient", SDPBackend.EFFICIENT_ATTENTION))
+    if args.paper:
+        shapes = [(16384 // n, 2048 // d, n, d) for d in (64, 128) for n in (512, 1024, 2048, 4096, 8192, 16384)]
+    else:
+        shapes = [(b, h, int(x), d) for x in args.seq.split(",")]
     for (b, h, n, d) in shapes:
         for causal in (False, True):
             for name, backend in backends:
                 try:
-                    fm, bm, (fp, bp) = measure(backend, b, h, n, d, causal, args.repeats)
-                except torch.OutOfMemoryError:
-                    print(f"{name:<10} causal={causal:d} n={n:>6} d={d}: out of memory")
+                    fm, bm, (fp, bp) = measure(backend, b, h, n, d, causal, args.repeats, dtype)
+                except RuntimeError as e:  # out of memory, or a backend that refuses the shape
+                    print(f"{name:<10} causal={causal:d} n={n:>6} d={d}: {str(e).splitlines()[0][:100]}")
                     torch.cuda.empty_cache()
                     continue
                 ft = flops(b, h, n, d, causal) / fm / 1e9
@@ -94,7 +104,7 @@ def main():
                 torch.cuda.empty_cache()
     if args.csv:
         with open(args.csv, "w") as f:
-            f.write(f"# torch {torch.__version__} scaled_dot_product_attention on {torch.cuda.get_device_name()}, fp32, TF32 off; device time (CUDA events), median of {args.repeats}\n")
+            f.write(f"# torch {torch.__version__} scaled_dot_product_attention on {torch.cuda.get_device_name()}, {what}; device time (CUDA events), median of {args.repeats}\n")
             f.write("\n".join(rows) + "\n")
 
 

@@ -51,8 +51,16 @@ type FwdFn = fn(&Inputs<'_>, &Options) -> Result<(Forward, DeviceStats)>;
 type BwdFn =
     fn(&Inputs<'_>, &Options, &Forward, ArrayView4<'_, f32>) -> Result<(Grads, DeviceStats)>;
 
-fn gpu_stages() -> [(&'static str, FwdFn, BwdFn); 12] {
+fn gpu_stages() -> [(&'static str, FwdFn, Option<BwdFn>); 14] {
+    use attn::flash2::tc;
     use attn::{chunked::gpu as c, flash1::gpu as f1, flash2::gpu as f, naive::gpu as n};
+    /// The tensor-core forward `V` on inputs rounded to `T`.
+    fn tc_v<T: tc::TcFloat, const V: u32>(
+        i: &Inputs<'_>,
+        o: &Options,
+    ) -> Result<(Forward, DeviceStats)> {
+        tc::forward_rounded::<T>(i, o, V)
+    }
     /// Forward kernel version `V` instead of the default.
     fn flash2_v<const V: u32>(i: &Inputs<'_>, o: &Options) -> Result<(Forward, DeviceStats)> {
         f::forward_version_with_stats(i, o, V)
@@ -67,20 +75,23 @@ fn gpu_stages() -> [(&'static str, FwdFn, BwdFn); 12] {
         f::backward_with_stats(i, &o.clone().deterministic(true), fwd, d_out)
     }
     [
-        ("naive", n::forward_with_stats, n::backward_with_stats),
-        ("chunked", c::forward_with_stats, c::backward_with_stats),
-        ("flash1", f1::forward_with_stats, f1::backward_with_stats),
-        ("flash2", f::forward_with_stats, f::backward_with_stats),
+        ("naive", n::forward_with_stats, Some(n::backward_with_stats)),
+        ("chunked", c::forward_with_stats, Some(c::backward_with_stats)),
+        ("flash1", f1::forward_with_stats, Some(f1::backward_with_stats)),
+        ("flash2", f::forward_with_stats, Some(f::backward_with_stats)),
         // Every forward kernel version, kept for the book's version table (same backward;
         // `flash2` runs version 5 or 7 by head dimension).
-        ("flash2-v1", flash2_v::<1>, f::backward_with_stats),
-        ("flash2-v2", flash2_v::<2>, f::backward_with_stats),
-        ("flash2-v3", flash2_v::<3>, f::backward_with_stats),
-        ("flash2-v4", flash2_v::<4>, f::backward_with_stats),
-        ("flash2-v5", flash2_v::<5>, f::backward_with_stats),
-        ("flash2-v6", flash2_v::<6>, f::backward_with_stats),
-        ("flash2-v7", flash2_v::<7>, f::backward_with_stats),
-        ("flash2-dq-pass", f::forward_with_stats, dq_pass),
+        ("flash2-v1", flash2_v::<1>, Some(f::backward_with_stats)),
+        ("flash2-v2", flash2_v::<2>, Some(f::backward_with_stats)),
+        ("flash2-v3", flash2_v::<3>, Some(f::backward_with_stats)),
+        ("flash2-v4", flash2_v::<4>, Some(f::backward_with_stats)),
+        ("flash2-v5", flash2_v::<5>, Some(f::backward_with_stats)),
+        ("flash2-v6", flash2_v::<6>, Some(f::backward_with_stats)),
+        ("flash2-v7", flash2_v::<7>, Some(f::backward_with_stats)),
+        ("flash2-dq-pass", f::forward_with_stats, Some(dq_pass)),
+        // Tensor cores, inputs rounded to bf16 / fp16 (forward only so far).
+        ("flash2-bf16", tc_v::<attn::flash2::tc::bf16, { tc::TC_FORWARD_VERSION }>, None),
+        ("flash2-f16", tc_v::<attn::flash2::tc::f16, { tc::TC_FORWARD_VERSION }>, None),
     ]
 }
 
@@ -163,9 +174,11 @@ pub fn measure(args: &GpuBenchArgs) -> Result<String, CliError> {
                             break;
                         }
                     };
-                    let (_, bs) = match bwd_fn(&inputs, &opts, &fwd, d_out.view()) {
-                        Ok(r) => r,
-                        Err(e) => {
+                    // A stage without a backward gets NaN there (printed and written as NaN).
+                    let bs = match bwd_fn.map(|b| b(&inputs, &opts, &fwd, d_out.view())) {
+                        None => DeviceStats { peak_bytes: 0, kernel_ms: f64::NAN },
+                        Some(Ok((_, bs))) => bs,
+                        Some(Err(e)) => {
                             refused = Some(e.to_string());
                             break;
                         }
@@ -230,7 +243,53 @@ fn smoke(stages: &[String]) -> Result<(), CliError> {
     if worst.is_nan() || worst > 1e-3 {
         return Err(fail(format!("smoke run disagrees with the CPU: worst error {worst:.2e}")));
     }
+    let mut worst_tc: f64 = 0.0;
+    for d in attn::flash2::tc::TC_HEAD_DIMS {
+        worst_tc = worse(worst_tc, smoke_tc(d, stages)?);
+    }
+    if worst_tc.is_nan() || worst_tc > 1e-2 {
+        return Err(fail(format!(
+            "smoke run of the tensor-core stages disagrees with the CPU: worst error {worst_tc:.2e}"
+        )));
+    }
     Ok(())
+}
+
+/// The tensor-core stages once at head dimension `d` (causal, GQA, a full mask with a fully
+/// masked row, bias; no dropout), against CPU flash2 on the same rounded inputs.
+fn smoke_tc(d: usize, stages: &[String]) -> Result<f64, CliError> {
+    use attn::flash2::tc;
+    let shape = Shape::new(2, 4, 70, d).with_n_k(90).with_kv_heads(2);
+    let (q, k, v) = attn::core::random::qkv(&shape, 3);
+    let mut mask = Array4::from_elem((2, 1, 70, 90), true);
+    mask.slice_mut(ndarray::s![1, 0, 5, ..]).fill(false);
+    mask[[0, 0, 3, 7]] = false;
+    let bias: Array4<f32> = attn::core::random::normal((1, 4, 70, 90), 5);
+    let mut worst: f64 = 0.0;
+    for (name, fwd_fn, bwd_fn) in gpu_stages() {
+        if bwd_fn.is_some() || !selected(stages, name) {
+            continue;
+        }
+        // Rounded as the stage rounds them (bf16 or fp16), widened for the CPU.
+        let round = |a: &Array4<f32>| {
+            if name.contains("bf16") {
+                tc::widen(tc::round::<tc::bf16, _>(a.view()).view())
+            } else {
+                tc::widen(tc::round::<tc::f16, _>(a.view()).view())
+            }
+        };
+        let (qr, kr, vr) = (round(&q), round(&k), round(&v));
+        let inputs = Inputs::new(qr.view(), kr.view(), vr.view())
+            .with_mask(Mask::Full(mask.view()))
+            .with_bias(bias.view());
+        let opts = Options::default().causal(true);
+        let want = attn::flash2::Flash2Cpu.forward(&inputs, &opts).map_err(fail)?;
+        let (fwd, _) = fwd_fn(&inputs, &opts).map_err(fail)?;
+        let err = compare(fwd.out.view(), want.out.mapv(f64::from).view()).normwise;
+        println!("smoke {name} d={d}: out {err:.1e} (vs CPU flash2 on the rounded inputs)");
+        worst = worse(worst, err);
+    }
+    Ok(worst)
 }
 
 /// Whether `name` is among the stages asked for (all when none are named).
@@ -261,9 +320,10 @@ fn smoke_at(d: usize, stages: &[String]) -> Result<f64, CliError> {
     let want_g = cpu.backward(&inputs, &opts, &want, d_out.view()).map_err(fail)?;
     let mut worst: f64 = 0.0;
     for (name, fwd_fn, bwd_fn) in gpu_stages() {
-        if !selected(stages, name) {
+        // The tensor-core stages (no dropout, no backward yet) have their own smoke run.
+        let Some(bwd_fn) = bwd_fn.filter(|_| selected(stages, name)) else {
             continue;
-        }
+        };
         let (fwd, _) = fwd_fn(&inputs, &opts).map_err(fail)?;
         let (g, _) = bwd_fn(&inputs, &opts, &fwd, d_out.view()).map_err(fail)?;
         let errs = [

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use attn::core::memory::parse_bytes;
+use attn::flash2::tc;
 use attn::{AttnError, Device, Inputs, Mask, Options, Stage};
 use clap::{Args, ValueEnum};
 use ndarray::{Array2, Array4, Ix2};
@@ -15,6 +16,16 @@ use crate::npy::{Outputs, read_bhnd, read_bool, read_f32, to_rank4};
 pub enum DeviceArg {
     Cpu,
     Cuda,
+}
+
+/// The element type the stage computes in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DtypeArg {
+    F32,
+    /// bfloat16 on the tensor cores (flash2 on cuda; forward only so far).
+    Bf16,
+    /// float16 on the tensor cores (flash2 on cuda; forward only so far).
+    F16,
 }
 
 #[derive(Debug, Args)]
@@ -71,6 +82,11 @@ pub struct RunArgs {
     /// separate pass instead of by atomic additions; slower).
     #[arg(long)]
     pub deterministic: bool,
+    /// Element type: f32, or bf16 / f16 on the tensor cores (--device cuda --algo flash2).
+    /// The .npy files stay float32: q, k, v are rounded to the type, O is written widened
+    /// (exactly) to float32, and --check compares with the reference on the rounded inputs.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: DtypeArg,
     /// Where to write the output, float32 .npy [batch, heads, n_q, head_dim].
     #[arg(long)]
     pub out: PathBuf,
@@ -124,6 +140,10 @@ fn flag_of(e: &AttnError) -> &'static str {
         | AttnError::NoCudaDevice { .. }
         | AttnError::Cuda { .. } => "--device",
         AttnError::WorkspaceTooLarge { .. } => "--algo",
+        AttnError::Unsupported { what, .. } => match *what {
+            "dropout" => "--dropout",
+            _ => "--dtype",
+        },
     }
 }
 
@@ -216,9 +236,29 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
         }
     }
 
-    let q = read_bhnd("--q", &args.q)?;
-    let k = read_bhnd("--k", &args.k)?;
-    let v = read_bhnd("--v", &args.v)?;
+    if args.dtype != DtypeArg::F32 {
+        if device != Device::Cuda || args.algo != "flash2" {
+            return Err(CliError::input(
+                "--dtype",
+                "bf16 and f16 run on the tensor cores: use --device cuda --algo flash2, or --dtype f32",
+            ));
+        }
+        if args.grad_out.is_some() {
+            return Err(CliError::input(
+                "--dtype",
+                "the tensor-core backward is not built yet: drop --grad-out, or use --dtype f32",
+            ));
+        }
+    }
+    // bf16 / f16: every later step (the stage, the reference of --check) sees the rounded values.
+    let rounded = |a: Array4<f32>| match args.dtype {
+        DtypeArg::F32 => a,
+        DtypeArg::Bf16 => tc::widen(tc::round::<tc::bf16, _>(a.view()).view()),
+        DtypeArg::F16 => tc::widen(tc::round::<tc::f16, _>(a.view()).view()),
+    };
+    let q = rounded(read_bhnd("--q", &args.q)?);
+    let k = rounded(read_bhnd("--k", &args.k)?);
+    let v = rounded(read_bhnd("--v", &args.v)?);
     let mask = args.mask.as_deref().map(read_mask).transpose()?;
     let bias = args
         .bias
@@ -245,7 +285,13 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
     }
 
     let start = Instant::now();
-    let fwd = stage.forward(&inputs, &opts).map_err(lib_error)?;
+    let version = tc::TC_FORWARD_VERSION;
+    let fwd = match args.dtype {
+        DtypeArg::F32 => stage.forward(&inputs, &opts),
+        DtypeArg::Bf16 => tc::forward_rounded::<tc::bf16>(&inputs, &opts, version).map(|f| f.0),
+        DtypeArg::F16 => tc::forward_rounded::<tc::f16>(&inputs, &opts, version).map(|f| f.0),
+    }
+    .map_err(lib_error)?;
     let fwd_time = start.elapsed();
     let grads = match &d_out {
         Some(d_out) => {
@@ -257,9 +303,10 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
     };
 
     let mut summary = format!(
-        "{} {}: {} causal={} forward {:.3} ms",
+        "{} {} {}: {} causal={} forward {:.3} ms",
         stage.name(),
         stage.device(),
+        args.dtype.to_possible_value().expect("no skipped variants").get_name(),
         attn::Shape::from_dims(q.dim(), k.dim()),
         opts.causal,
         fwd_time.as_secs_f64() * 1e3

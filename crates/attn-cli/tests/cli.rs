@@ -330,6 +330,9 @@ fn bad_inputs_exit_2_with_one_line_naming_the_flag_and_write_nothing() {
         write_npy(d.join("do.npy"), &Array4::<f32>::zeros((1, 2, 8, 4))).unwrap();
         a.extend(["--grad-out".into(), s(&d.join("do.npy")).into()]);
     });
+    // bf16 / f16 run only on the tensor cores (CUDA flash2).
+    assert_rejected("dtype-cpu", "--dtype", |_, a| a.extend(["--dtype".into(), "bf16".into()]));
+    assert_rejected("dtype-bad", "--dtype", |_, a| a.extend(["--dtype".into(), "f8".into()]));
     assert_rejected("out-dir-missing", "--out", |d, a| {
         set(a, "--out", s(&d.join("no/such/dir/o.npy")))
     });

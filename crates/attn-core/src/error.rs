@@ -56,6 +56,11 @@ pub enum AttnError {
     #[error("{stage} does not support head_dim {head_dim}; supported: {supported}")]
     UnsupportedHeadDim { stage: &'static str, head_dim: usize, supported: String },
 
+    /// An option or input a stage does not implement (e.g. dropout in the tensor-core
+    /// kernels), with what to do instead.
+    #[error("{stage} does not support {what}; {advice}")]
+    Unsupported { stage: &'static str, what: &'static str, advice: &'static str },
+
     /// A device this build has no stage for.
     #[error("device {device} is not available in this build: use the CPU")]
     UnsupportedDevice { device: String },

@@ -173,10 +173,21 @@ impl Gpu {
     /// A buffer of `len` elements whose contents are undefined until a kernel writes them
     /// (for workspaces that a product with `beta = 0` fills completely: no memset).
     pub fn uninit_f32(&self, len: usize) -> Result<DeviceBuffer<f32>> {
-        // SAFETY: any bit pattern is a valid f32; callers write before they read.
-        let slice = unsafe { self.stream.alloc::<f32>(len.max(1)) }
+        self.uninit(len)
+    }
+
+    /// [`Gpu::uninit_f32`] for any plain element type (e.g. `u16` holding bf16 bits).
+    pub fn uninit<T: DeviceRepr>(&self, len: usize) -> Result<DeviceBuffer<T>> {
+        // SAFETY: the element types used here (f32, u16) accept any bit pattern; callers
+        // write before they read.
+        let slice = unsafe { self.stream.alloc::<T>(len.max(1)) }
             .map_err(cuda_err(format!("allocating {len} elements")))?;
         Ok(self.track(slice))
+    }
+
+    /// The compute capability as one number: 90 for sm_90, 100 for sm_100.
+    pub fn compute_capability(&self) -> u32 {
+        self.arch.trim_start_matches("sm_").parse().unwrap_or(0)
     }
 
     /// A copy of `host` on the device.

@@ -22,6 +22,7 @@
 pub mod cpu;
 pub mod gpu;
 pub mod kernels;
+pub mod tc;
 
 pub use cpu::{DEFAULT_K_BLOCK, DEFAULT_Q_BLOCK, block_sizes};
 pub use gpu::Flash2Cuda;

@@ -180,3 +180,150 @@ fn kernels_compile_with_nvrtc_for_the_h100() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Tensor cores (bf16 / fp16): against the float64 reference on the same rounded inputs.
+
+use attn_flash2::tc::{self, HalfInputs, TcFloat, bf16, f16};
+
+/// O and lse of the tensor-core forward (`version`) against the float64 reference computed
+/// on the rounded inputs: (normwise error of O, largest |lse error| over rows that see a key).
+fn tc_errors<T: TcFloat>(case: &Case, version: u32) -> (f64, f64) {
+    let data = case.build();
+    let inputs = data.inputs();
+    let (q, k, v) =
+        (tc::round::<T, _>(inputs.q), tc::round::<T, _>(inputs.k), tc::round::<T, _>(inputs.v));
+    let half =
+        HalfInputs { q: q.view(), k: k.view(), v: v.view(), mask: inputs.mask, bias: inputs.bias };
+    let (fwd, _) = tc::forward_version_with_stats(&half, &data.opts, version).unwrap();
+    let (q32, k32, v32) = (tc::widen(q.view()), tc::widen(k.view()), tc::widen(v.view()));
+    let rounded = attn_core::Inputs { q: q32.view(), k: k32.view(), v: v32.view(), ..inputs };
+    let reference =
+        attn_core::reference::RefProblem::from_inputs(&rounded, &data.opts).unwrap().forward();
+    let out = tc::widen(fwd.out.view());
+    let err = attn_core::metrics::compare(out.view(), reference.out.view()).normwise;
+    let mut lse_err: f64 = 0.0;
+    for (x, r) in fwd.lse.iter().zip(reference.lse.iter()) {
+        if r.is_finite() {
+            lse_err = lse_err.max((f64::from(*x) - r).abs());
+        } else {
+            assert!(*x == f32::NEG_INFINITY, "a row that sees no key has lse {x}, not -inf");
+        }
+    }
+    (err, lse_err)
+}
+
+fn tc_cases(d: usize) -> Vec<Case> {
+    let mut cases = Vec::new();
+    for (i, (b, h, kvh, n_q, n_k)) in
+        [(1, 2, 2, 64, 64), (2, 4, 2, 200, 150), (1, 4, 1, 37, 300), (2, 2, 2, 129, 65)]
+            .into_iter()
+            .enumerate()
+    {
+        for (j, (causal, mask, bias)) in [
+            (false, MaskKind::None, BiasKind::None),
+            (true, MaskKind::None, BiasKind::None),
+            (false, MaskKind::KeyPadding, BiasKind::PerKey),
+            (true, MaskKind::Full, BiasKind::None),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let shape = Shape::new(b, h, n_q, d).with_n_k(n_k).with_kv_heads(kvh);
+            cases.push(Case { causal, mask, bias, ..Case::new(shape, (10 * i + j) as u64) });
+        }
+    }
+    cases
+}
+
+#[test]
+fn tensor_core_forward_matches_the_reference_on_rounded_inputs() {
+    if skip_without_device() {
+        return;
+    }
+    for version in tc::TC_FORWARD_VERSIONS {
+        for d in tc::TC_HEAD_DIMS {
+            for case in tc_cases(d) {
+                for (dtype, (err, lse_err)) in [
+                    ("bf16", tc_errors::<bf16>(&case, version)),
+                    ("f16", tc_errors::<f16>(&case, version)),
+                ] {
+                    // bf16 keeps 8 bits of mantissa: P rounded to bf16 before P V costs ~2⁻⁹
+                    // relative; fp16 keeps 11.
+                    let bound = if dtype == "bf16" { 1e-2 } else { 2e-3 };
+                    assert!(
+                        err <= bound && lse_err <= 1e-2,
+                        "v{version} {dtype} {case:?}: O error {err:.2e}, lse error {lse_err:.2e}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn tensor_core_forward_gives_fully_masked_rows_zero_and_minus_infinity() {
+    if skip_without_device() {
+        return;
+    }
+    let shape = Shape::new(2, 2, 70, 64).with_n_k(90);
+    let data = Case::new(shape, 7).build();
+    let mut mask = ndarray::Array2::from_elem((2, 90), true);
+    mask.row_mut(1).fill(false); // batch entry 1 sees no key at all
+    let (q, k, v) = (
+        tc::round::<bf16, _>(data.q.view()),
+        tc::round::<bf16, _>(data.k.view()),
+        tc::round::<bf16, _>(data.v.view()),
+    );
+    let half = HalfInputs::new(q.view(), k.view(), v.view())
+        .with_mask(attn_core::Mask::KeyPadding(mask.view()));
+    let fwd = tc::forward(&half, &data.opts).unwrap();
+    let masked = fwd.out.slice(ndarray::s![1, .., .., ..]);
+    assert_eq!(masked.iter().filter(|x| x.to_f32() != 0.0).count(), 0);
+    assert!(fwd.lse.slice(ndarray::s![1, .., ..]).iter().all(|x| *x == f32::NEG_INFINITY));
+    assert!(fwd.lse.slice(ndarray::s![0, .., ..]).iter().all(|x| x.is_finite()));
+}
+
+#[test]
+fn tensor_core_forward_refuses_what_it_does_not_do() {
+    // Validation comes before the device: these run everywhere.
+    let case = Case { dropout: Some(0.1), ..Case::new(Shape::new(1, 2, 16, 64), 1) };
+    let data = case.build();
+    let q = tc::round::<bf16, _>(data.q.view());
+    let half = HalfInputs::new(q.view(), q.view(), q.view());
+    let err = tc::forward(&half, &data.opts).unwrap_err().to_string();
+    assert!(err.contains("dropout") && err.contains("--dtype f32"), "{err}");
+
+    let data = Case::new(Shape::new(1, 2, 16, 96), 1).build();
+    let q = tc::round::<f16, _>(data.q.view());
+    let half = HalfInputs::new(q.view(), q.view(), q.view());
+    let err = tc::forward(&half, &data.opts).unwrap_err().to_string();
+    assert!(err.contains("head_dim 96") && err.contains("64, 128"), "{err}");
+
+    let k = tc::round::<f16, _>(data.k.slice(ndarray::s![.., .., .., ..32]));
+    let half = HalfInputs::new(q.view(), k.view(), k.view());
+    let err = tc::forward(&half, &data.opts).unwrap_err().to_string();
+    assert!(err.contains("k must be"), "{err}");
+}
+
+#[test]
+fn tensor_core_kernels_compile_with_nvrtc_for_the_h100() {
+    if !attn_cuda::nvrtc_available() {
+        eprintln!("skipped: libnvrtc not found");
+        return;
+    }
+    let sources = [attn_cuda::CONTRACT_HEADER, attn_naive::gpu::TILES, tc::KERNELS];
+    let ptx = attn_cuda::compile("flash2_tc", &sources, "sm_90").unwrap().to_src();
+    for dtype in ["bf16", "f16"] {
+        assert!(
+            ptx.contains(&format!("mma.sync.aligned.m16n8k16.row.col.f32.{dtype}.{dtype}.f32"))
+        );
+        for version in tc::TC_FORWARD_VERSIONS {
+            for d in tc::TC_HEAD_DIMS {
+                let name = format!(".entry flash2_tc_forward_v{version}_{dtype}_d{d}");
+                assert!(ptx.contains(&name), "no {name}");
+            }
+        }
+    }
+    attn_cuda::compile("flash2_tc", &sources, "sm_80").unwrap();
+}

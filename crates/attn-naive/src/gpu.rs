@@ -151,19 +151,19 @@ fn broadcast_strides(dims: &[usize]) -> [i64; 4] {
     strides
 }
 
-impl DeviceProblem {
-    /// Uploads Q, K, V, the mask (as bytes) and the bias of a validated problem.
+/// What modifies the scores of a validated problem, in device memory: the bias, the mask (as
+/// bytes), the kernels' argument that points at them, and the dropout parameters.
+#[derive(Debug)]
+pub struct ScoreInputs {
+    pub mods: ScoreMods,
+    pub dropout: DropoutArg,
+    pub bias: Option<DeviceBuffer<f32>>,
+    pub mask: Option<DeviceBuffer<u8>>,
+}
+
+impl ScoreInputs {
     pub fn upload(gpu: &Gpu, p: &Problem<'_>) -> Result<Self> {
         let sh = p.shape;
-        if sh.batch * sh.heads > 65_535 {
-            return Err(AttnError::Cuda {
-                context: "planning the launch".into(),
-                message: format!(
-                    "batch × heads = {} exceeds the 65 535 heads one launch can cover; split the batch",
-                    sh.batch * sh.heads
-                ),
-            });
-        }
         let bias = p.bias.map(|b| gpu.upload_array(b)).transpose()?;
         let mask = p.mask.map(|m| gpu.upload_array(m.mapv(u8::from).view())).transpose()?;
         let mods = ScoreMods {
@@ -183,6 +183,24 @@ impl DeviceProblem {
             enabled: 1,
             pad_: 0,
         });
+        Ok(Self { mods, dropout, bias, mask })
+    }
+}
+
+impl DeviceProblem {
+    /// Uploads Q, K, V, the mask (as bytes) and the bias of a validated problem.
+    pub fn upload(gpu: &Gpu, p: &Problem<'_>) -> Result<Self> {
+        let sh = p.shape;
+        if sh.batch * sh.heads > 65_535 {
+            return Err(AttnError::Cuda {
+                context: "planning the launch".into(),
+                message: format!(
+                    "batch × heads = {} exceeds the 65 535 heads one launch can cover; split the batch",
+                    sh.batch * sh.heads
+                ),
+            });
+        }
+        let ScoreInputs { mods, dropout, bias, mask } = ScoreInputs::upload(gpu, p)?;
         Ok(Self {
             shape: sh,
             scale: p.scale,
@@ -474,16 +492,23 @@ unsafe impl DeviceRepr for FlashArgs {}
 impl FlashArgs {
     /// Q, K, V and the sizes of an uploaded problem.
     pub fn of(gpu: &Gpu, dev: &DeviceProblem) -> Self {
-        let Shape { heads, kv_heads, n_q, n_k, .. } = dev.shape;
         Self {
             q: gpu.ptr(&dev.q),
             k: gpu.ptr(&dev.k),
             v: gpu.ptr(&dev.v),
+            ..Self::new(&dev.shape, dev.scale)
+        }
+    }
+
+    /// The sizes and scale of a problem, every pointer 0.
+    pub fn new(shape: &Shape, scale: f32) -> Self {
+        let Shape { heads, kv_heads, n_q, n_k, .. } = *shape;
+        Self {
             n_q: n_q as i32,
             n_k: n_k as i32,
             heads: heads as i32,
             kv_heads: kv_heads as i32,
-            scale: dev.scale,
+            scale,
             ..Self::default()
         }
     }

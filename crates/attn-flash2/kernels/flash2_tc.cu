@@ -1,0 +1,206 @@
+// FlashAttention-2 on the tensor cores: bf16 or fp16 inputs and outputs, f32 accumulation,
+// warp-level mma.sync.m16n8k16 through inline PTX (sm_80 and later). Prepended: contract.cuh
+// (ScoreMods, key_end, modify_score) and tiles.cuh (FlashArgs, tile_plain, score).
+//
+// The loop is the fp32 kernel's (flash2.cu): a block owns a tile of query rows, K_j and V_j
+// stream through shared memory, m, l and O stay in registers. What changes is who computes
+// what: a warp owns 16 query rows, and one mma instruction multiplies a 16 x 16 tile of A by
+// a 16 x 8 tile of B into a 16 x 8 tile of f32 accumulators spread over the warp's 32 lanes.
+//
+// The fragments of m16n8k16 (lane = 4 g + t: g = lane / 4 is the "group", t = lane % 4):
+//   A (16 x 16, 4 registers of two 16-bit values): a0 = A[g][2t, 2t+1], a1 = A[g+8][2t, 2t+1],
+//                                                   a2 = A[g][2t+8, 2t+9], a3 = A[g+8][2t+8, 2t+9]
+//   B (16 x 8, 2 registers):                       b0 = B[2t, 2t+1][g],  b1 = B[2t+8, 2t+9][g]
+//   C (16 x 8, 4 floats):                          c0, c1 = C[g][2t, 2t+1], c2, c3 = C[g+8][2t, 2t+1]
+// A lane therefore holds, of every 16 x 8 block of scores, two keys of row g and the same two
+// keys of row g + 8. The four lanes t = 0..3 of a group hold a whole row of the block: the
+// row's max and sum are 2 shuffles away, not 4 as in the fp32 kernel. And the accumulators
+// of S for keys 16kk .. 16kk + 15 (two C blocks) are exactly the A fragment of P for the
+// k-step kk of P V_j, once rounded to 16 bits: P never leaves the registers.
+
+#define TC_BR 64   // query rows a block: 4 warps x 16
+#define TC_BC 64   // keys a tile
+#define TC_NT 128  // threads a block
+typedef unsigned short u16;
+
+// Two floats rounded to one register of two bf16 (or fp16) values, lo in the low half.
+template <bool BF16>
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+    u32 r;
+    if (BF16) asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    else asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// c += A B for one 16 x 16 x 8 step (fragments as above), f32 accumulators.
+template <bool BF16>
+__device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {
+    if (BF16)
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+            "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    else
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+            "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two consecutive 16-bit values of shared memory as one register.
+__device__ __forceinline__ u32 ld2(const u16* p) { return *reinterpret_cast<const u32*>(p); }
+
+// Rows row0 .. row0 + ROWS - 1 of a [n][D] 16-bit tensor into shared memory, rows padded to
+// D + 8 values (so that the 8 groups of a warp reading 8 rows hit 8 different bank sets);
+// rows past n are zeros. 16 bytes a thread and step.
+template <int D, int ROWS>
+__device__ __forceinline__ void load_tile16(u16* dst, const u16* src, int row0, int n) {
+    constexpr int C8 = D / 8;
+    for (int e = threadIdx.x; e < ROWS * C8; e += TC_NT) {
+        const int r = e / C8, c = (e % C8) * 8;
+        uint4 x = make_uint4(0u, 0u, 0u, 0u);
+        if (row0 + r < n) x = *reinterpret_cast<const uint4*>(src + (i64)(row0 + r) * D + c);
+        *reinterpret_cast<uint4*>(dst + r * (D + 8) + c) = x;
+    }
+}
+
+// ANCHOR: tc_forward_v1
+// Tensor-core forward, version 1: the first mma kernel. Plain 16-byte loads of Q_i, K_j, V_j
+// into shared memory, fragments read from there with 32-bit loads (Q once, into registers;
+// K_j every tile), V_j's B fragments assembled from two 16-bit loads each (V_j is stored
+// row-major, but B wants two consecutive *keys* of one column in a register).
+template <int D, bool BF16>
+__device__ void tc_forward_v1(const FlashArgs& a, const ScoreMods& mods) {
+    constexpr int S = D + 8;  // shared-memory row stride, in 16-bit values
+    constexpr float LOG2E = 1.4426950408889634f;
+    extern __shared__ uint4 smem_tc[];
+    u16* Qs = reinterpret_cast<u16*>(smem_tc);  // [BR][S]
+    u16* Ks = Qs + TC_BR * S;                    // [BC][S]
+    u16* Vs = Ks + TC_BC * S;                    // [BC][S]
+    const int z = blockIdx.y, b = z / a.heads, h = z % a.heads;
+    const i64 kv = ((i64)b * a.kv_heads + h / (a.heads / a.kv_heads)) * a.n_k * D;
+    const u16* q = (const u16*)a.q + (i64)z * a.n_q * D;
+    const u16 *k = (const u16*)a.k + kv, *v = (const u16*)a.v + kv;
+    const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+    const int i0 = blockIdx.x * TC_BR;
+    const int rows[2] = {i0 + warp * 16 + g, i0 + warp * 16 + g + 8};  // the lane's two rows
+
+    load_tile16<D, TC_BR>(Qs, q, i0, a.n_q);
+    __syncthreads();
+    u32 qf[D / 16][4];  // Q_i's A fragments for the warp's 16 rows, one per 16 columns of d
+    const u16* qw = Qs + warp * 16 * S;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) {
+        qf[kk][0] = ld2(qw + g * S + 16 * kk + 2 * t);
+        qf[kk][1] = ld2(qw + (g + 8) * S + 16 * kk + 2 * t);
+        qf[kk][2] = ld2(qw + g * S + 16 * kk + 2 * t + 8);
+        qf[kk][3] = ld2(qw + (g + 8) * S + 16 * kk + 2 * t + 8);
+    }
+    float o[D / 8][4];                  // O_i: the lane's 2 rows x 2 columns of each 8
+    float m[2] = {NEG_INF, NEG_INF};    // running max, base-2 units (scores times log2 e)
+    float l[2] = {0.0f, 0.0f};          // the lane's part of the running sum (summed at the end)
+#pragma unroll
+    for (int c = 0; c < D / 8; c++) o[c][0] = o[c][1] = o[c][2] = o[c][3] = 0.0f;
+    const int j_end = key_end(mods, min(i0 + TC_BR, a.n_q) - 1);
+
+    for (int j0 = 0; j0 < j_end; j0 += TC_BC) {
+        __syncthreads();  // every warp is done with K_j-1, V_j-1
+        load_tile16<D, TC_BC>(Ks, k, j0, a.n_k);
+        load_tile16<D, TC_BC>(Vs, v, j0, a.n_k);
+        __syncthreads();
+
+        // S = Q_i K_j^T: the warp's 16 rows x 64 keys, 8 blocks of 8 keys. B = K_j^T, so
+        // B[kd][n] = K_j[n][kd]: two consecutive d of one key row, one 32-bit load.
+        float s[TC_BC / 8][4];
+#pragma unroll
+        for (int nb = 0; nb < TC_BC / 8; nb++) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++)
+#pragma unroll
+            for (int nb = 0; nb < TC_BC / 8; nb++) {
+                const u16* kr = Ks + (8 * nb + g) * S + 16 * kk + 2 * t;
+                mma16816<BF16>(s[nb], qf[kk], ld2(kr), ld2(kr + 8));
+            }
+
+        // The online softmax on the accumulators: scale, bias, masks (score), m, P~ = 2^(s - m).
+        const bool plain = tile_plain(mods, i0, j0);
+        float mx[2] = {NEG_INF, NEG_INF};
+#pragma unroll
+        for (int nb = 0; nb < TC_BC / 8; nb++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int j = j0 + 8 * nb + 2 * t + (e & 1);
+                s[nb][e] = score(mods, plain, a.scale, b, h, rows[e / 2], j, s[nb][e]) * LOG2E;
+                mx[e / 2] = fmaxf(mx[e / 2], s[nb][e]);
+            }
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            // the row's max over its 4 lanes
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+            const float m_new = fmaxf(m[r], mx[r]);
+            const float alpha = m[r] == NEG_INF ? 0.0f : exp2f(m[r] - m_new);
+            m[r] = m_new;
+            l[r] *= alpha;
+#pragma unroll
+            for (int c = 0; c < D / 8; c++) {
+                o[c][2 * r] *= alpha;
+                o[c][2 * r + 1] *= alpha;
+            }
+        }
+#pragma unroll
+        for (int nb = 0; nb < TC_BC / 8; nb++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const float p = s[nb][e] == NEG_INF ? 0.0f : exp2f(s[nb][e] - m[e / 2]);
+                l[e / 2] += p;
+                s[nb][e] = p;
+            }
+
+        // O_i += P~ V_j: k-step kk covers keys 16kk..16kk+15, whose scores are the C blocks
+        // 2kk and 2kk+1 — in A's layout already. B = V_j: b0 = V_j[2t, 2t+1][col], two rows.
+#pragma unroll
+        for (int kk = 0; kk < TC_BC / 16; kk++) {
+            const u32 pa[4] = {pack2<BF16>(s[2 * kk][0], s[2 * kk][1]),
+                               pack2<BF16>(s[2 * kk][2], s[2 * kk][3]),
+                               pack2<BF16>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                               pack2<BF16>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+            for (int c = 0; c < D / 8; c++) {
+                const u16* vc = Vs + (16 * kk + 2 * t) * S + 8 * c + g;
+                const u32 b0 = (u32)vc[0] | (u32)vc[S] << 16;
+                const u32 b1 = (u32)vc[8 * S] | (u32)vc[9 * S] << 16;
+                mma16816<BF16>(o[c], pa, b0, b1);
+            }
+        }
+    }
+
+    // O = O / l (l summed over the row's 4 lanes), rounded to 16 bits; lse = ln 2 · m + ln l.
+    u16* out = (u16*)a.o + (i64)z * a.n_q * D;
+    float* lse = (float*)a.lse + (i64)z * a.n_q;
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+        if (rows[r] >= a.n_q) continue;
+        const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+#pragma unroll
+        for (int c = 0; c < D / 8; c++)
+            *reinterpret_cast<u32*>(out + (i64)rows[r] * D + 8 * c + 2 * t) =
+                pack2<BF16>(o[c][2 * r] * inv, o[c][2 * r + 1] * inv);
+        if (t == 0) lse[rows[r]] = l[r] > 0.0f ? m[r] * 0.6931471805599453f + logf(l[r]) : NEG_INF;
+    }
+}
+// ANCHOR_END: tc_forward_v1
+
+#define TC_KERNELS(D, T, BF16)                                                              \
+    extern "C" __global__ void __launch_bounds__(TC_NT)                                     \
+        flash2_tc_forward_v1_##T##_d##D(FlashArgs a, ScoreMods m) {                         \
+        tc_forward_v1<D, BF16>(a, m);                                                       \
+    }
+TC_KERNELS(64, bf16, true)
+TC_KERNELS(128, bf16, true)
+TC_KERNELS(64, f16, false)
+TC_KERNELS(128, f16, false)

@@ -1,0 +1,252 @@
+//! FlashAttention-2 on the tensor cores (`kernels/flash2_tc.cu`): bf16 or fp16 Q, K, V and O,
+//! f32 accumulation and softmax statistics, warp-level `mma.sync.m16n8k16` (sm_80 and later).
+//!
+//! The same contract as every stage — cross attention, GQA, causal (bottom-right), key-padding
+//! and full masks, bias, fully masked rows (O = 0, lse = −∞) — except dropout, which the
+//! tensor-core kernels refuse. Head dimensions 64 and 128.
+//!
+//! The inputs are the [`half`] crate's [`bf16`] or [`f16`] ([`HalfInputs`]); [`round`] makes
+//! them from f32 arrays. Accuracy is that of the rounded inputs: compare with the float64
+//! reference computed on the *same rounded values* (DESIGN.md: ≤ 1e-2 normwise forward).
+
+use attn_core::problem::Problem;
+use attn_core::{AttnError, Inputs, Mask, Options, Result, Shape};
+use attn_cuda::{CONTRACT_HEADER, CudaFunction, DeviceBuffer, Gpu, LaunchConfig, PushKernelArg};
+use attn_cuda::{blocks_for, cuda_err, gpu};
+pub use half::{bf16, f16};
+use ndarray::{Array, Array3, Array4, ArrayView4, Dimension};
+
+use attn_cuda::DevicePeak;
+use attn_naive::gpu::{DeviceStats, FlashArgs, ScoreInputs, TILES, fused_kernel};
+
+/// The tensor-core kernels.
+pub const KERNELS: &str = include_str!("../kernels/flash2_tc.cu");
+const MODULE: &str = "flash2_tc";
+const STAGE: &str = "flash2 (tensor cores)";
+/// Head dimensions the tensor-core kernels are compiled for.
+pub const TC_HEAD_DIMS: [usize; 2] = [64, 128];
+/// The forward kernels kept side by side (book chapter "Tensor cores"): 1 — the first mma
+/// kernel, fragments read with 32-bit (and for V, 16-bit) shared-memory loads.
+pub const TC_FORWARD_VERSIONS: [u32; 1] = [1];
+/// The version the stage runs.
+pub const TC_FORWARD_VERSION: u32 = 1;
+/// Query rows a block (`TC_BR`) and keys a tile (`TC_BC`) in flash2_tc.cu.
+const ROWS: usize = 64;
+const KEYS: usize = 64;
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for half::bf16 {}
+    impl Sealed for half::f16 {}
+}
+
+/// A 16-bit float the tensor-core kernels take: [`bf16`] or [`f16`].
+pub trait TcFloat:
+    sealed::Sealed + Copy + Default + Send + Sync + std::fmt::Debug + 'static
+{
+    /// "bf16" or "f16": the kernels' suffix and the CLI's `--dtype`.
+    const NAME: &'static str;
+    fn from_f32(x: f32) -> Self;
+    fn to_f32(self) -> f32;
+    fn to_bits(self) -> u16;
+    fn from_bits(bits: u16) -> Self;
+}
+
+macro_rules! tc_float {
+    ($t:ty, $name:literal) => {
+        impl TcFloat for $t {
+            const NAME: &'static str = $name;
+            fn from_f32(x: f32) -> Self {
+                <$t>::from_f32(x)
+            }
+            fn to_f32(self) -> f32 {
+                <$t>::to_f32(self)
+            }
+            fn to_bits(self) -> u16 {
+                <$t>::to_bits(self)
+            }
+            fn from_bits(bits: u16) -> Self {
+                <$t>::from_bits(bits)
+            }
+        }
+    };
+}
+tc_float!(bf16, "bf16");
+tc_float!(f16, "f16");
+
+/// An f32 array rounded to `T` (round to nearest even).
+pub fn round<T: TcFloat, D: Dimension>(a: ndarray::ArrayView<'_, f32, D>) -> Array<T, D> {
+    a.mapv(T::from_f32)
+}
+
+/// A `T` array widened to f32 (exact).
+pub fn widen<T: TcFloat, D: Dimension>(a: ndarray::ArrayView<'_, T, D>) -> Array<f32, D> {
+    a.mapv(T::to_f32)
+}
+
+/// The tensors of one call in 16 bits; mask and bias as in [`Inputs`] (the bias stays f32).
+#[derive(Clone, Copy, Debug)]
+pub struct HalfInputs<'a, T> {
+    /// `[batch, heads, n_q, head_dim]`
+    pub q: ArrayView4<'a, T>,
+    /// `[batch, kv_heads, n_k, head_dim]`
+    pub k: ArrayView4<'a, T>,
+    /// `[batch, kv_heads, n_k, head_dim]`
+    pub v: ArrayView4<'a, T>,
+    pub mask: Option<Mask<'a>>,
+    pub bias: Option<ArrayView4<'a, f32>>,
+}
+
+impl<'a, T: TcFloat> HalfInputs<'a, T> {
+    pub fn new(q: ArrayView4<'a, T>, k: ArrayView4<'a, T>, v: ArrayView4<'a, T>) -> Self {
+        Self { q, k, v, mask: None, bias: None }
+    }
+    pub fn with_mask(self, mask: Mask<'a>) -> Self {
+        Self { mask: Some(mask), ..self }
+    }
+    pub fn with_bias(self, bias: ArrayView4<'a, f32>) -> Self {
+        Self { bias: Some(bias), ..self }
+    }
+}
+
+/// The forward's results: O in `T`, the log-sum-exp of each row in f32 (`[b, h, n_q]`).
+#[derive(Debug)]
+pub struct HalfForward<T> {
+    pub out: Array4<T>,
+    pub lse: Array3<f32>,
+}
+
+/// The tensor-core forward, default version.
+pub fn forward<T: TcFloat>(inputs: &HalfInputs<'_, T>, opts: &Options) -> Result<HalfForward<T>> {
+    forward_version_with_stats(inputs, opts, TC_FORWARD_VERSION).map(|(f, _)| f)
+}
+
+/// Validates a 16-bit call with the checks every stage makes ([`Problem::new`] on
+/// zero-strided f32 stand-ins of the same shapes), then the tensor cores' own limits.
+fn validate<'a, T: TcFloat>(
+    inputs: &HalfInputs<'a, T>,
+    opts: &Options,
+    zero: &'a [f32; 1],
+) -> Result<Problem<'a>> {
+    use ndarray::ShapeBuilder;
+    let stand_in = |a: &ArrayView4<'_, T>| {
+        ArrayView4::from_shape(a.raw_dim().strides(ndarray::Ix4(0, 0, 0, 0)), &zero[..])
+            .expect("zero strides address the one element")
+    };
+    let f32_inputs = Inputs {
+        q: stand_in(&inputs.q),
+        k: stand_in(&inputs.k),
+        v: stand_in(&inputs.v),
+        mask: inputs.mask,
+        bias: inputs.bias,
+    };
+    let p = Problem::new(&f32_inputs, opts)?;
+    if !TC_HEAD_DIMS.contains(&p.shape.head_dim) {
+        return Err(AttnError::UnsupportedHeadDim {
+            stage: STAGE,
+            head_dim: p.shape.head_dim,
+            supported: "64, 128 (use --dtype f32 for 32 and 96, or pad the head dimension)".into(),
+        });
+    }
+    if p.dropout.is_some() {
+        return Err(AttnError::Unsupported {
+            stage: STAGE,
+            what: "dropout",
+            advice: "set the dropout probability to 0, or use --dtype f32",
+        });
+    }
+    Ok(p)
+}
+
+/// The tensor-core forward of kernel `version` ([`TC_FORWARD_VERSIONS`]), with the kernel's
+/// device time and the device memory it needed beyond the uploaded inputs.
+pub fn forward_version_with_stats<T: TcFloat>(
+    inputs: &HalfInputs<'_, T>,
+    opts: &Options,
+    version: u32,
+) -> Result<(HalfForward<T>, DeviceStats)> {
+    static ZERO: [f32; 1] = [0.0];
+    let p = validate(inputs, opts, &ZERO)?;
+    let gpu = gpu()?;
+    if gpu.compute_capability() < 80 {
+        return Err(AttnError::Unsupported {
+            stage: STAGE,
+            what: "GPUs before sm_80 (no bf16 mma.sync)",
+            advice: "use --dtype f32 on this GPU",
+        });
+    }
+    let Shape { batch, heads, n_q, head_dim: d, .. } = p.shape;
+    let upload = |a: &ArrayView4<'_, T>| gpu.upload_array(a.mapv(T::to_bits).view());
+    let (q, k, v) = (upload(&inputs.q)?, upload(&inputs.k)?, upload(&inputs.v)?);
+    let score = ScoreInputs::upload(gpu, &p)?;
+    let meter = DevicePeak::start(gpu);
+    let timer = attn_cuda::Timer::start(gpu)?;
+    let z = batch * heads;
+    let out: DeviceBuffer<u16> = gpu.uninit(z * n_q * d)?;
+    let lse = gpu.uninit_f32(z * n_q)?;
+    let args = FlashArgs {
+        q: gpu.ptr(&q),
+        k: gpu.ptr(&k),
+        v: gpu.ptr(&v),
+        o: gpu.ptr(&out),
+        lse: gpu.ptr(&lse),
+        ..FlashArgs::new(&p.shape, p.scale)
+    };
+    let f = kernel::<T>(gpu, version, d)?;
+    let cfg = LaunchConfig {
+        grid_dim: (blocks_for(n_q, ROWS as u32), z as u32, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: f.1,
+    };
+    let mut b = gpu.stream().launch_builder(&f.0);
+    b.arg(&args).arg(&score.mods);
+    // SAFETY: (FlashArgs, ScoreMods) is the tensor-core kernels' parameter list; q, k, v, o
+    // hold 16-bit values of the validated shapes, lse z·n_q floats, and the mask and bias
+    // buffers behind `mods` live in `score` until after the launch completes.
+    unsafe { b.launch(cfg) }.map_err(cuda_err("flash2_tc_forward"))?;
+    let kernel_ms = timer.stop(gpu)?;
+    let stats = DeviceStats { peak_bytes: meter.peak(gpu), kernel_ms };
+    let bits: Array4<u16> = gpu.download_array(&out, p.shape.q_dims())?;
+    let forward = HalfForward {
+        out: bits.mapv(T::from_bits),
+        lse: gpu.download_array(&lse, p.shape.lse_dims())?,
+    };
+    Ok((forward, stats))
+}
+
+/// Shared-memory bytes of the forward at head dimension `d`: Q_i, K_j and V_j, 16-bit, rows
+/// padded to d + 8.
+fn shared_bytes(d: usize) -> u32 {
+    (2 * (ROWS + 2 * KEYS) * (d + 8)) as u32
+}
+
+fn kernel<T: TcFloat>(gpu: &Gpu, version: u32, d: usize) -> Result<(CudaFunction, u32)> {
+    if !TC_FORWARD_VERSIONS.contains(&version) {
+        return Err(AttnError::Cuda {
+            context: "choosing the tensor-core kernel".into(),
+            message: format!("no forward version {version}; there are {TC_FORWARD_VERSIONS:?}"),
+        });
+    }
+    let sources = [CONTRACT_HEADER, TILES, KERNELS];
+    let name = format!("flash2_tc_forward_v{version}_{}_d{d}", T::NAME);
+    fused_kernel(gpu, MODULE, &sources, &name, shared_bytes(d))
+}
+
+/// [`forward_version_with_stats`] on f32 inputs: Q, K, V rounded to `T` first (on the host,
+/// not timed), O widened back to f32. The benches and `attn run --dtype` use it.
+pub fn forward_rounded<T: TcFloat>(
+    inputs: &Inputs<'_>,
+    opts: &Options,
+    version: u32,
+) -> Result<(attn_core::Forward, DeviceStats)> {
+    let (q, k, v) = (round::<T, _>(inputs.q), round::<T, _>(inputs.k), round::<T, _>(inputs.v));
+    // (ndarray's views are invariant in their lifetime: reborrow the mask and bias to ours.)
+    let mask = inputs.mask.map(|m| match m {
+        Mask::KeyPadding(a) => Mask::KeyPadding(a.reborrow()),
+        Mask::Full(a) => Mask::Full(a.reborrow()),
+    });
+    let bias = inputs.bias.map(|b| b.reborrow());
+    let half = HalfInputs { q: q.view(), k: k.view(), v: v.view(), mask, bias };
+    let (f, stats) = forward_version_with_stats(&half, opts, version)?;
+    Ok((attn_core::Forward { out: widen(f.out.view()), lse: f.lse, traffic: None }, stats))
+}
