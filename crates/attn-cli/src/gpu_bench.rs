@@ -51,7 +51,7 @@ type FwdFn = fn(&Inputs<'_>, &Options) -> Result<(Forward, DeviceStats)>;
 type BwdFn =
     fn(&Inputs<'_>, &Options, &Forward, ArrayView4<'_, f32>) -> Result<(Grads, DeviceStats)>;
 
-fn gpu_stages() -> [(&'static str, FwdFn, Option<BwdFn>); 14] {
+fn gpu_stages() -> [(&'static str, FwdFn, Option<BwdFn>); 17] {
     use attn::flash2::tc;
     use attn::{chunked::gpu as c, flash1::gpu as f1, flash2::gpu as f, naive::gpu as n};
     /// The tensor-core forward `V` on inputs rounded to `T`.
@@ -92,6 +92,9 @@ fn gpu_stages() -> [(&'static str, FwdFn, Option<BwdFn>); 14] {
         // Tensor cores, inputs rounded to bf16 / fp16 (forward only so far).
         ("flash2-bf16", tc_v::<attn::flash2::tc::bf16, { tc::TC_FORWARD_VERSION }>, None),
         ("flash2-f16", tc_v::<attn::flash2::tc::f16, { tc::TC_FORWARD_VERSION }>, None),
+        ("flash2-bf16-v1", tc_v::<attn::flash2::tc::bf16, 1>, None),
+        ("flash2-bf16-v2", tc_v::<attn::flash2::tc::bf16, 2>, None),
+        ("flash2-bf16-v3", tc_v::<attn::flash2::tc::bf16, 3>, None),
     ]
 }
 

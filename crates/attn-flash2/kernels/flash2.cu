@@ -259,29 +259,8 @@ __device__ void flash_backward_q(const FlashArgs& a, const ScoreMods& mods, cons
 // buffers through cp.async (sm_80+), issued together at the top of each step: the block
 // waits for K_j only, computes S while V_j is still arriving, and P reuses K_j's buffer.
 // Exponentials in base 2 (scores pre-multiplied by log2 e: one ex2 instruction each).
-// (Before sm_80 there is no cp.async: plain copies, and the waits do nothing.)
-__device__ __forceinline__ void cp_async16(float* dst, const float* src, bool valid) {
-#if __CUDA_ARCH__ >= 800
-    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
-    const int bytes = valid ? 16 : 0;  // 0: fill with zeros
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(bytes));
-#else
-    *reinterpret_cast<float4*>(dst) =
-        valid ? *reinterpret_cast<const float4*>(src) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-#endif
-}
-__device__ __forceinline__ void cp_async_commit() {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.commit_group;\n" ::);
-#endif
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-#if __CUDA_ARCH__ >= 800
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-#endif
-}
-
+// (Before sm_80 there is no cp.async: plain copies, and the waits do nothing; cp_async16 and
+// the waits are in tiles.cuh.)
 template <int D>
 __device__ __forceinline__ void load_tile_async(float* dst, const float* src, int row0, int n) {
     constexpr int V4 = D / 4;

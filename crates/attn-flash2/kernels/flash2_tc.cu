@@ -66,118 +66,109 @@ __device__ __forceinline__ void load_tile16(u16* dst, const u16* src, int row0, 
     }
 }
 
-// ANCHOR: tc_forward_v1
-// Tensor-core forward, version 1: the first mma kernel. Plain 16-byte loads of Q_i, K_j, V_j
-// into shared memory, fragments read from there with 32-bit loads (Q once, into registers;
-// K_j every tile), V_j's B fragments assembled from two 16-bit loads each (V_j is stored
-// row-major, but B wants two consecutive *keys* of one column in a register).
-template <int D, bool BF16>
-__device__ void tc_forward_v1(const FlashArgs& a, const ScoreMods& mods) {
-    constexpr int S = D + 8;  // shared-memory row stride, in 16-bit values
-    constexpr float LOG2E = 1.4426950408889634f;
-    extern __shared__ uint4 smem_tc[];
-    u16* Qs = reinterpret_cast<u16*>(smem_tc);  // [BR][S]
-    u16* Ks = Qs + TC_BR * S;                    // [BC][S]
-    u16* Vs = Ks + TC_BC * S;                    // [BC][S]
+// ldmatrix: four 8 x 8 matrices of 16-bit values from shared memory, one per register; lanes
+// 8i .. 8i + 7 give the addresses of matrix i's 8 rows (16 bytes each). Lane 4g + t receives
+// row g, columns 2t and 2t + 1 of each — an mma fragment. With .trans, of the transposed
+// matrix: row 2t and 2t + 1, column g.
+__device__ __forceinline__ void ldsm_x4(u32* r, const u16* p) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+__device__ __forceinline__ void ldsm_x4_trans(u32* r, const u16* p) {
+    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
+// [tile_async] load_tile16 through cp.async: the copies are only issued here.
+template <int D, int ROWS>
+__device__ __forceinline__ void load_tile16_async(u16* dst, const u16* src, int row0, int n) {
+    constexpr int C8 = D / 8;
+    for (int e = threadIdx.x; e < ROWS * C8; e += TC_NT) {
+        const int r = e / C8, c = (e % C8) * 8;
+        const bool ok = row0 + r < n;
+        cp_async16(dst + r * (D + 8) + c, ok ? src + (i64)(row0 + r) * D + c : src, ok);
+    }
+}
+
+// The (batch, head) of the block and where its Q, K, V rows start (16-bit values; with GQA,
+// query head h reads key/value head h / (heads / kv_heads)).
+struct TcHead {
+    int z, b, h;
+    const u16 *q, *k, *v;
+};
+template <int D>
+__device__ __forceinline__ TcHead tc_head(const FlashArgs& a) {
     const int z = blockIdx.y, b = z / a.heads, h = z % a.heads;
     const i64 kv = ((i64)b * a.kv_heads + h / (a.heads / a.kv_heads)) * a.n_k * D;
-    const u16* q = (const u16*)a.q + (i64)z * a.n_q * D;
-    const u16 *k = (const u16*)a.k + kv, *v = (const u16*)a.v + kv;
-    const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
-    const int i0 = blockIdx.x * TC_BR;
-    const int rows[2] = {i0 + warp * 16 + g, i0 + warp * 16 + g + 8};  // the lane's two rows
+    return {z, b, h, (const u16*)a.q + (i64)z * a.n_q * D, (const u16*)a.k + kv,
+            (const u16*)a.v + kv};
+}
 
-    load_tile16<D, TC_BR>(Qs, q, i0, a.n_q);
-    __syncthreads();
-    u32 qf[D / 16][4];  // Q_i's A fragments for the warp's 16 rows, one per 16 columns of d
-    const u16* qw = Qs + warp * 16 * S;
+// The online softmax on the accumulators of S (the warp's 16 rows x 64 keys of tile j0; the
+// lane's rows are rows[0], rows[1]): scale, bias and masks (score), the new running max m
+// (base-2 units), O and the lane's part of l rescaled, and s replaced by P~ = 2^(s - m).
+template <int D>
+__device__ __forceinline__ void tc_softmax_step(const FlashArgs& a, const ScoreMods& mods,
+                                                const TcHead& hd, int i0, int j0,
+                                                const int* rows, float (*s)[4], float* m,
+                                                float* l, float (*o)[4]) {
+    constexpr float LOG2E = 1.4426950408889634f;
+    const int t = threadIdx.x % 4;
+    const bool plain = tile_plain(mods, i0, j0);
+    float mx[2] = {NEG_INF, NEG_INF};
 #pragma unroll
-    for (int kk = 0; kk < D / 16; kk++) {
-        qf[kk][0] = ld2(qw + g * S + 16 * kk + 2 * t);
-        qf[kk][1] = ld2(qw + (g + 8) * S + 16 * kk + 2 * t);
-        qf[kk][2] = ld2(qw + g * S + 16 * kk + 2 * t + 8);
-        qf[kk][3] = ld2(qw + (g + 8) * S + 16 * kk + 2 * t + 8);
-    }
-    float o[D / 8][4];                  // O_i: the lane's 2 rows x 2 columns of each 8
-    float m[2] = {NEG_INF, NEG_INF};    // running max, base-2 units (scores times log2 e)
-    float l[2] = {0.0f, 0.0f};          // the lane's part of the running sum (summed at the end)
+    for (int nb = 0; nb < TC_BC / 8; nb++)
 #pragma unroll
-    for (int c = 0; c < D / 8; c++) o[c][0] = o[c][1] = o[c][2] = o[c][3] = 0.0f;
-    const int j_end = key_end(mods, min(i0 + TC_BR, a.n_q) - 1);
-
-    for (int j0 = 0; j0 < j_end; j0 += TC_BC) {
-        __syncthreads();  // every warp is done with K_j-1, V_j-1
-        load_tile16<D, TC_BC>(Ks, k, j0, a.n_k);
-        load_tile16<D, TC_BC>(Vs, v, j0, a.n_k);
-        __syncthreads();
-
-        // S = Q_i K_j^T: the warp's 16 rows x 64 keys, 8 blocks of 8 keys. B = K_j^T, so
-        // B[kd][n] = K_j[n][kd]: two consecutive d of one key row, one 32-bit load.
-        float s[TC_BC / 8][4];
-#pragma unroll
-        for (int nb = 0; nb < TC_BC / 8; nb++) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.0f;
-#pragma unroll
-        for (int kk = 0; kk < D / 16; kk++)
-#pragma unroll
-            for (int nb = 0; nb < TC_BC / 8; nb++) {
-                const u16* kr = Ks + (8 * nb + g) * S + 16 * kk + 2 * t;
-                mma16816<BF16>(s[nb], qf[kk], ld2(kr), ld2(kr + 8));
-            }
-
-        // The online softmax on the accumulators: scale, bias, masks (score), m, P~ = 2^(s - m).
-        const bool plain = tile_plain(mods, i0, j0);
-        float mx[2] = {NEG_INF, NEG_INF};
-#pragma unroll
-        for (int nb = 0; nb < TC_BC / 8; nb++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int j = j0 + 8 * nb + 2 * t + (e & 1);
-                s[nb][e] = score(mods, plain, a.scale, b, h, rows[e / 2], j, s[nb][e]) * LOG2E;
-                mx[e / 2] = fmaxf(mx[e / 2], s[nb][e]);
-            }
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-            // the row's max over its 4 lanes
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-            mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-            const float m_new = fmaxf(m[r], mx[r]);
-            const float alpha = m[r] == NEG_INF ? 0.0f : exp2f(m[r] - m_new);
-            m[r] = m_new;
-            l[r] *= alpha;
-#pragma unroll
-            for (int c = 0; c < D / 8; c++) {
-                o[c][2 * r] *= alpha;
-                o[c][2 * r + 1] *= alpha;
-            }
+        for (int e = 0; e < 4; e++) {
+            const int j = j0 + 8 * nb + 2 * t + (e & 1);
+            s[nb][e] = score(mods, plain, a.scale, hd.b, hd.h, rows[e / 2], j, s[nb][e]) * LOG2E;
+            mx[e / 2] = fmaxf(mx[e / 2], s[nb][e]);
         }
 #pragma unroll
-        for (int nb = 0; nb < TC_BC / 8; nb++)
+    for (int r = 0; r < 2; r++) {
+        // the row's max over its 4 lanes
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+        const float m_new = fmaxf(m[r], mx[r]);
+        const float alpha = m[r] == NEG_INF ? 0.0f : exp2f(m[r] - m_new);
+        m[r] = m_new;
+        l[r] *= alpha;
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const float p = s[nb][e] == NEG_INF ? 0.0f : exp2f(s[nb][e] - m[e / 2]);
-                l[e / 2] += p;
-                s[nb][e] = p;
-            }
-
-        // O_i += P~ V_j: k-step kk covers keys 16kk..16kk+15, whose scores are the C blocks
-        // 2kk and 2kk+1 — in A's layout already. B = V_j: b0 = V_j[2t, 2t+1][col], two rows.
-#pragma unroll
-        for (int kk = 0; kk < TC_BC / 16; kk++) {
-            const u32 pa[4] = {pack2<BF16>(s[2 * kk][0], s[2 * kk][1]),
-                               pack2<BF16>(s[2 * kk][2], s[2 * kk][3]),
-                               pack2<BF16>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                               pack2<BF16>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-#pragma unroll
-            for (int c = 0; c < D / 8; c++) {
-                const u16* vc = Vs + (16 * kk + 2 * t) * S + 8 * c + g;
-                const u32 b0 = (u32)vc[0] | (u32)vc[S] << 16;
-                const u32 b1 = (u32)vc[8 * S] | (u32)vc[9 * S] << 16;
-                mma16816<BF16>(o[c], pa, b0, b1);
-            }
+        for (int c = 0; c < D / 8; c++) {
+            o[c][2 * r] *= alpha;
+            o[c][2 * r + 1] *= alpha;
         }
     }
+#pragma unroll
+    for (int nb = 0; nb < TC_BC / 8; nb++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const float p = s[nb][e] == NEG_INF ? 0.0f : exp2f(s[nb][e] - m[e / 2]);
+            l[e / 2] += p;
+            s[nb][e] = p;
+        }
+}
 
-    // O = O / l (l summed over the row's 4 lanes), rounded to 16 bits; lse = ln 2 · m + ln l.
+// The A fragments of P~ for keys 16kk .. 16kk + 15: the accumulators of S's blocks 2kk and
+// 2kk + 1, rounded to 16 bits.
+template <bool BF16>
+__device__ __forceinline__ void p_fragment(const float (*s)[4], int kk, u32* pa) {
+    pa[0] = pack2<BF16>(s[2 * kk][0], s[2 * kk][1]);
+    pa[1] = pack2<BF16>(s[2 * kk][2], s[2 * kk][3]);
+    pa[2] = pack2<BF16>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+    pa[3] = pack2<BF16>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+}
+
+// The end: O = O / l (l summed over the row's 4 lanes), rounded to 16 bits; lse = ln 2 · m + ln l;
+// a row that saw no key gets O = 0, lse = -inf.
+template <int D, bool BF16>
+__device__ __forceinline__ void tc_write_rows(const FlashArgs& a, int z, const int* rows,
+                                              const float* m, float* l, const float (*o)[4]) {
+    const int t = threadIdx.x % 4;
     u16* out = (u16*)a.o + (i64)z * a.n_q * D;
     float* lse = (float*)a.lse + (i64)z * a.n_q;
 #pragma unroll
@@ -193,12 +184,187 @@ __device__ void tc_forward_v1(const FlashArgs& a, const ScoreMods& mods) {
         if (t == 0) lse[rows[r]] = l[r] > 0.0f ? m[r] * 0.6931471805599453f + logf(l[r]) : NEG_INF;
     }
 }
+
+// ANCHOR: tc_forward_v1
+// Tensor-core forward, version 1: the first mma kernel. Plain 16-byte loads of Q_i, K_j, V_j
+// into shared memory, fragments read from there with 32-bit loads (Q once, into registers;
+// K_j every tile), V_j's B fragments assembled from two 16-bit loads each (V_j is stored
+// row-major, but B wants two consecutive *keys* of one column in a register).
+template <int D, bool BF16>
+__device__ void tc_forward_v1(const FlashArgs& a, const ScoreMods& mods) {
+    constexpr int S = D + 8;  // shared-memory row stride, in 16-bit values
+    extern __shared__ uint4 smem_tc[];
+    u16* Qs = reinterpret_cast<u16*>(smem_tc);  // [BR][S]
+    u16* Ks = Qs + TC_BR * S;                    // [BC][S]
+    u16* Vs = Ks + TC_BC * S;                    // [BC][S]
+    const TcHead hd = tc_head<D>(a);
+    const int warp = threadIdx.x / 32, g = threadIdx.x % 32 / 4, t = threadIdx.x % 4;
+    const int i0 = blockIdx.x * TC_BR;
+    const int rows[2] = {i0 + warp * 16 + g, i0 + warp * 16 + g + 8};  // the lane's two rows
+
+    load_tile16<D, TC_BR>(Qs, hd.q, i0, a.n_q);
+    __syncthreads();
+    u32 qf[D / 16][4];  // Q_i's A fragments for the warp's 16 rows, one per 16 columns of d
+    const u16* qw = Qs + warp * 16 * S;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) {
+        qf[kk][0] = ld2(qw + g * S + 16 * kk + 2 * t);
+        qf[kk][1] = ld2(qw + (g + 8) * S + 16 * kk + 2 * t);
+        qf[kk][2] = ld2(qw + g * S + 16 * kk + 2 * t + 8);
+        qf[kk][3] = ld2(qw + (g + 8) * S + 16 * kk + 2 * t + 8);
+    }
+    float o[D / 8][4];                // O_i: the lane's 2 rows x 2 columns of each 8
+    float m[2] = {NEG_INF, NEG_INF};  // running max, base-2 units (scores times log2 e)
+    float l[2] = {0.0f, 0.0f};        // the lane's part of the running sum (summed at the end)
+#pragma unroll
+    for (int c = 0; c < D / 8; c++) o[c][0] = o[c][1] = o[c][2] = o[c][3] = 0.0f;
+    const int j_end = key_end(mods, min(i0 + TC_BR, a.n_q) - 1);
+
+    for (int j0 = 0; j0 < j_end; j0 += TC_BC) {
+        __syncthreads();  // every warp is done with K_j-1, V_j-1
+        load_tile16<D, TC_BC>(Ks, hd.k, j0, a.n_k);
+        load_tile16<D, TC_BC>(Vs, hd.v, j0, a.n_k);
+        __syncthreads();
+
+        // S = Q_i K_j^T: the warp's 16 rows x 64 keys, 8 blocks of 8 keys. B = K_j^T, so
+        // B[kd][n] = K_j[n][kd]: two consecutive d of one key row, one 32-bit load.
+        float s[TC_BC / 8][4];
+#pragma unroll
+        for (int nb = 0; nb < TC_BC / 8; nb++) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++)
+#pragma unroll
+            for (int nb = 0; nb < TC_BC / 8; nb++) {
+                const u16* kr = Ks + (8 * nb + g) * S + 16 * kk + 2 * t;
+                mma16816<BF16>(s[nb], qf[kk], ld2(kr), ld2(kr + 8));
+            }
+
+        tc_softmax_step<D>(a, mods, hd, i0, j0, rows, s, m, l, o);
+
+        // O_i += P~ V_j: k-step kk covers keys 16kk..16kk+15, whose scores are the C blocks
+        // 2kk and 2kk+1 — in A's layout already. B = V_j: b0 = V_j[2t, 2t+1][col], two rows.
+#pragma unroll
+        for (int kk = 0; kk < TC_BC / 16; kk++) {
+            u32 pa[4];
+            p_fragment<BF16>(s, kk, pa);
+#pragma unroll
+            for (int c = 0; c < D / 8; c++) {
+                const u16* vc = Vs + (16 * kk + 2 * t) * S + 8 * c + g;
+                const u32 b0 = (u32)vc[0] | (u32)vc[S] << 16;
+                const u32 b1 = (u32)vc[8 * S] | (u32)vc[9 * S] << 16;
+                mma16816<BF16>(o[c], pa, b0, b1);
+            }
+        }
+    }
+    tc_write_rows<D, BF16>(a, hd.z, rows, m, l, o);
+}
 // ANCHOR_END: tc_forward_v1
+
+// ANCHOR: tc_forward_v2
+// Tensor-core forward, versions 2 and 3. Version 2: every fragment by ldmatrix — one
+// instruction gives a lane its part of four 8 x 8 matrices, so Q_i's four A registers, or
+// K_j's B registers for two blocks of 8 keys, are one instruction instead of four 32-bit
+// loads; and ldmatrix.trans delivers V_j's B fragments straight from the row-major tile
+// (version 1 needed four 16-bit loads and two shifts per 16 x 8 block).
+// Version 3 (PIPE): K_j+1 and V_j+1 are copied by cp.async into a second pair of buffers
+// while tile j is computed; the block waits at the top of a step only for what it asked for
+// a whole step earlier.
+template <int D, bool BF16, bool PIPE>
+__device__ void tc_forward_v2(const FlashArgs& a, const ScoreMods& mods) {
+    constexpr int S = D + 8, KV = TC_BC * S;  // row stride; one K or V buffer
+    extern __shared__ uint4 smem_tc[];
+    u16* Qs = reinterpret_cast<u16*>(smem_tc);  // [BR][S]
+    u16* Kb = Qs + TC_BR * S;                    // [2 if PIPE][BC][S]
+    u16* Vb = Kb + (PIPE ? 2 : 1) * KV;          // [2 if PIPE][BC][S]
+    const TcHead hd = tc_head<D>(a);
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4;
+    const int i0 = blockIdx.x * TC_BR;
+    const int rows[2] = {i0 + warp * 16 + g, i0 + warp * 16 + g + 8};
+    // ldmatrix addressing: lane gives row lane % 8 of matrix lane / 8.
+    const int mr = lane % 8, mi = lane / 8;
+    const int j_end = key_end(mods, min(i0 + TC_BR, a.n_q) - 1);
+
+    if (PIPE && j_end > 0) {  // K_0, V_0 on their way while Q_i is loaded
+        load_tile16_async<D, TC_BC>(Kb, hd.k, 0, a.n_k);
+        load_tile16_async<D, TC_BC>(Vb, hd.v, 0, a.n_k);
+        cp_async_commit();
+    }
+    load_tile16<D, TC_BR>(Qs, hd.q, i0, a.n_q);
+    __syncthreads();
+    u32 qf[D / 16][4];  // matrices: rows 0-7 / 8-15 (mi % 2) x columns 0-7 / 8-15 (mi / 2)
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++)
+        ldsm_x4(qf[kk], Qs + (warp * 16 + mr + 8 * (mi % 2)) * S + 16 * kk + 8 * (mi / 2));
+    float o[D / 8][4];
+    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int c = 0; c < D / 8; c++) o[c][0] = o[c][1] = o[c][2] = o[c][3] = 0.0f;
+
+    for (int j0 = 0, step = 0; j0 < j_end; j0 += TC_BC, step++) {
+        const u16* Ks = Kb + (PIPE ? (step % 2) * KV : 0);
+        const u16* Vs = Vb + (PIPE ? (step % 2) * KV : 0);
+        __syncthreads();  // every warp is done with the tiles of step - 1
+        if (PIPE) {
+            if (j0 + TC_BC < j_end) {  // K_j+1, V_j+1 into the buffers step - 1 used
+                load_tile16_async<D, TC_BC>(Kb + ((step + 1) % 2) * KV, hd.k, j0 + TC_BC, a.n_k);
+                load_tile16_async<D, TC_BC>(Vb + ((step + 1) % 2) * KV, hd.v, j0 + TC_BC, a.n_k);
+            }
+            cp_async_commit();   // (empty after the last tile: the count stays right)
+            cp_async_wait<1>();  // K_j, V_j have arrived
+        } else {
+            load_tile16<D, TC_BC>(Kb, hd.k, j0, a.n_k);
+            load_tile16<D, TC_BC>(Vb, hd.v, j0, a.n_k);
+        }
+        __syncthreads();
+
+        // S = Q_i K_j^T. One ldmatrix: keys 8nb..8nb+15 (mi / 2) x d 16kk.. (mi % 2): the
+        // B registers of blocks nb and nb + 1.
+        float s[TC_BC / 8][4];
+#pragma unroll
+        for (int nb = 0; nb < TC_BC / 8; nb++) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++)
+#pragma unroll
+            for (int nb = 0; nb < TC_BC / 8; nb += 2) {
+                u32 kb[4];
+                ldsm_x4(kb, Ks + (8 * nb + 8 * (mi / 2) + mr) * S + 16 * kk + 8 * (mi % 2));
+                mma16816<BF16>(s[nb], qf[kk], kb[0], kb[1]);
+                mma16816<BF16>(s[nb + 1], qf[kk], kb[2], kb[3]);
+            }
+
+        tc_softmax_step<D>(a, mods, hd, i0, j0, rows, s, m, l, o);
+
+        // O_i += P~ V_j. One ldmatrix.trans: keys 16kk.. (mi % 2 picks the upper 8) x
+        // columns 8c..8c+15 (mi / 2): the B registers of column blocks c and c + 1.
+#pragma unroll
+        for (int kk = 0; kk < TC_BC / 16; kk++) {
+            u32 pa[4];
+            p_fragment<BF16>(s, kk, pa);
+#pragma unroll
+            for (int c = 0; c < D / 8; c += 2) {
+                u32 vb[4];
+                ldsm_x4_trans(vb, Vs + (16 * kk + 8 * (mi % 2) + mr) * S + 8 * c + 8 * (mi / 2));
+                mma16816<BF16>(o[c], pa, vb[0], vb[1]);
+                mma16816<BF16>(o[c + 1], pa, vb[2], vb[3]);
+            }
+        }
+    }
+    tc_write_rows<D, BF16>(a, hd.z, rows, m, l, o);
+}
+// ANCHOR_END: tc_forward_v2
 
 #define TC_KERNELS(D, T, BF16)                                                              \
     extern "C" __global__ void __launch_bounds__(TC_NT)                                     \
         flash2_tc_forward_v1_##T##_d##D(FlashArgs a, ScoreMods m) {                         \
         tc_forward_v1<D, BF16>(a, m);                                                       \
+    }                                                                                       \
+    extern "C" __global__ void __launch_bounds__(TC_NT)                                     \
+        flash2_tc_forward_v2_##T##_d##D(FlashArgs a, ScoreMods m) {                         \
+        tc_forward_v2<D, BF16, false>(a, m);                                                \
+    }                                                                                       \
+    extern "C" __global__ void __launch_bounds__(TC_NT)                                     \
+        flash2_tc_forward_v3_##T##_d##D(FlashArgs a, ScoreMods m) {                         \
+        tc_forward_v2<D, BF16, true>(a, m);                                                 \
     }
 TC_KERNELS(64, bf16, true)
 TC_KERNELS(128, bf16, true)

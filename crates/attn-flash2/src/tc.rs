@@ -26,8 +26,10 @@ const STAGE: &str = "flash2 (tensor cores)";
 /// Head dimensions the tensor-core kernels are compiled for.
 pub const TC_HEAD_DIMS: [usize; 2] = [64, 128];
 /// The forward kernels kept side by side (book chapter "Tensor cores"): 1 — the first mma
-/// kernel, fragments read with 32-bit (and for V, 16-bit) shared-memory loads.
-pub const TC_FORWARD_VERSIONS: [u32; 1] = [1];
+/// kernel, fragments read with 32-bit (and for V, 16-bit) shared-memory loads; 2 — every
+/// fragment by `ldmatrix` (`.trans` for V); 3 — version 2 with K_{j+1}, V_{j+1} copied by
+/// `cp.async` into second buffers while tile j is computed.
+pub const TC_FORWARD_VERSIONS: [u32; 3] = [1, 2, 3];
 /// The version the stage runs.
 pub const TC_FORWARD_VERSION: u32 = 1;
 /// Query rows a block (`TC_BR`) and keys a tile (`TC_BC`) in flash2_tc.cu.
@@ -214,10 +216,11 @@ pub fn forward_version_with_stats<T: TcFloat>(
     Ok((forward, stats))
 }
 
-/// Shared-memory bytes of the forward at head dimension `d`: Q_i, K_j and V_j, 16-bit, rows
-/// padded to d + 8.
-fn shared_bytes(d: usize) -> u32 {
-    (2 * (ROWS + 2 * KEYS) * (d + 8)) as u32
+/// Shared-memory bytes of forward `version` at head dimension `d`: Q_i, K_j and V_j (two of
+/// each from version 3), 16-bit, rows padded to d + 8.
+fn shared_bytes(version: u32, d: usize) -> u32 {
+    let kv_buffers = if version >= 3 { 4 } else { 2 };
+    (2 * (ROWS + kv_buffers * KEYS) * (d + 8)) as u32
 }
 
 fn kernel<T: TcFloat>(gpu: &Gpu, version: u32, d: usize) -> Result<(CudaFunction, u32)> {
@@ -229,7 +232,7 @@ fn kernel<T: TcFloat>(gpu: &Gpu, version: u32, d: usize) -> Result<(CudaFunction
     }
     let sources = [CONTRACT_HEADER, TILES, KERNELS];
     let name = format!("flash2_tc_forward_v{version}_{}_d{d}", T::NAME);
-    fused_kernel(gpu, MODULE, &sources, &name, shared_bytes(d))
+    fused_kernel(gpu, MODULE, &sources, &name, shared_bytes(version, d))
 }
 
 /// [`forward_version_with_stats`] on f32 inputs: Q, K, V rounded to `T` first (on the host,

@@ -45,6 +45,31 @@ __device__ __forceinline__ float score(const ScoreMods& m, bool plain, float sca
     return modify_score(m, b, h, i, j, scale * dot);
 }
 
+// 16 bytes from global to shared memory without passing through registers (cp.async, sm_80+;
+// valid = false fills zeros), and the group commit / wait around it. Before sm_80: a plain
+// copy, and the waits do nothing.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+#if __CUDA_ARCH__ >= 800
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    const int bytes = valid ? 16 : 0;  // 0: fill with zeros
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(bytes));
+#else
+    *reinterpret_cast<uint4*>(dst) =
+        valid ? *reinterpret_cast<const uint4*>(src) : make_uint4(0u, 0u, 0u, 0u);
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
 // Reduction over the 16 lanes of one row.
 __device__ __forceinline__ float row_max16(float x) {
     for (int o = 8; o > 0; o /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
