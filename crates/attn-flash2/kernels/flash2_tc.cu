@@ -111,7 +111,11 @@ __device__ __forceinline__ TcHead tc_head(const FlashArgs& a) {
 // The online softmax on the accumulators of S (the warp's 16 rows x 64 keys of tile j0; the
 // lane's rows are rows[0], rows[1]): scale, bias and masks (score), the new running max m
 // (base-2 units), O and the lane's part of l rescaled, and s replaced by P~ = 2^(s - m).
-template <int D>
+// FAST (version 5): on a plain tile (no mask, bias or causal edge: every score finite) one
+// multiply by scale · log2 e and no -inf tests; and O is rescaled only when some row of the
+// warp saw its max grow (alpha != 1) — after the first tiles a row's max rarely moves, and
+// the D/2 multiplies a lane spends on it are as many instructions as the tile's mma.
+template <int D, bool FAST = false>
 __device__ __forceinline__ void tc_softmax_step(const FlashArgs& a, const ScoreMods& mods,
                                                 const TcHead& hd, int i0, int j0,
                                                 const int* rows, float (*s)[4], float* m,
@@ -120,34 +124,52 @@ __device__ __forceinline__ void tc_softmax_step(const FlashArgs& a, const ScoreM
     const int t = threadIdx.x % 4;
     const bool plain = tile_plain(mods, i0, j0);
     float mx[2] = {NEG_INF, NEG_INF};
+    if (FAST && plain) {
+        const float scale2 = a.scale * LOG2E;
 #pragma unroll
-    for (int nb = 0; nb < TC_BC / 8; nb++)
+        for (int nb = 0; nb < TC_BC / 8; nb++)
 #pragma unroll
-        for (int e = 0; e < 4; e++) {
-            const int j = j0 + 8 * nb + 2 * t + (e & 1);
-            s[nb][e] = score(mods, plain, a.scale, hd.b, hd.h, rows[e / 2], j, s[nb][e]) * LOG2E;
-            mx[e / 2] = fmaxf(mx[e / 2], s[nb][e]);
-        }
+            for (int e = 0; e < 4; e++) {
+                s[nb][e] *= scale2;
+                mx[e / 2] = fmaxf(mx[e / 2], s[nb][e]);
+            }
+    } else {
+#pragma unroll
+        for (int nb = 0; nb < TC_BC / 8; nb++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int j = j0 + 8 * nb + 2 * t + (e & 1);
+                s[nb][e] = score(mods, plain, a.scale, hd.b, hd.h, rows[e / 2], j, s[nb][e]) * LOG2E;
+                mx[e / 2] = fmaxf(mx[e / 2], s[nb][e]);
+            }
+    }
+    float alpha[2];
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         // the row's max over its 4 lanes
         mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
         mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
         const float m_new = fmaxf(m[r], mx[r]);
-        const float alpha = m[r] == NEG_INF ? 0.0f : exp2f(m[r] - m_new);
+        alpha[r] = m[r] == NEG_INF ? 0.0f : exp2f(m[r] - m_new);
         m[r] = m_new;
-        l[r] *= alpha;
+        l[r] *= alpha[r];
+    }
+    if (!FAST || __any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
 #pragma unroll
         for (int c = 0; c < D / 8; c++) {
-            o[c][2 * r] *= alpha;
-            o[c][2 * r + 1] *= alpha;
+            o[c][0] *= alpha[0];
+            o[c][1] *= alpha[0];
+            o[c][2] *= alpha[1];
+            o[c][3] *= alpha[1];
         }
     }
 #pragma unroll
     for (int nb = 0; nb < TC_BC / 8; nb++)
 #pragma unroll
         for (int e = 0; e < 4; e++) {
-            const float p = s[nb][e] == NEG_INF ? 0.0f : exp2f(s[nb][e] - m[e / 2]);
+            const float p = (FAST && plain)          ? exp2f(s[nb][e] - m[e / 2])
+                            : s[nb][e] == NEG_INF ? 0.0f
+                                                  : exp2f(s[nb][e] - m[e / 2]);
             l[e / 2] += p;
             s[nb][e] = p;
         }
@@ -353,6 +375,117 @@ __device__ void tc_forward_v2(const FlashArgs& a, const ScoreMods& mods) {
 }
 // ANCHOR_END: tc_forward_v2
 
+// ANCHOR: tc_forward_v4
+// Tensor-core forward, version 4: version 3 with 32 query rows a warp (two 16-row m-tiles,
+// 128 a block). Every K_j and V_j fragment a warp reads from shared memory now feeds two
+// mma instructions instead of one, halving the shared-memory bytes per FLOP of both
+// products; Q_i's fragments no longer fit in registers beside 2 x 64 accumulators of O
+// (D = 128), so they are read again (ldmatrix) at every tile, as FlashAttention-2 does.
+template <int D, bool BF16, bool FAST>
+__device__ void tc_forward_v4(const FlashArgs& a, const ScoreMods& mods) {
+    constexpr int S = D + 8, KV = TC_BC * S, QR = 2 * TC_BR;  // QR: query rows a block
+    extern __shared__ uint4 smem_tc[];
+    u16* Qs = reinterpret_cast<u16*>(smem_tc);  // [QR][S]
+    u16* Kb = Qs + QR * S;                       // [2][BC][S]
+    u16* Vb = Kb + 2 * KV;                       // [2][BC][S]
+    const TcHead hd = tc_head<D>(a);
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4;
+    const int i0 = blockIdx.x * QR;
+    // m-tile mt of the warp: rows i0 + 64 mt + 16 warp .. + 15; the lane's rows g and g + 8
+    int rows[2][2];
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++) {
+        rows[mt][0] = i0 + 64 * mt + 16 * warp + g;
+        rows[mt][1] = rows[mt][0] + 8;
+    }
+    const int mr = lane % 8, mi = lane / 8;
+    const int j_end = key_end(mods, min(i0 + QR, a.n_q) - 1);
+
+    if (j_end > 0) {
+        load_tile16_async<D, TC_BC>(Kb, hd.k, 0, a.n_k);
+        load_tile16_async<D, TC_BC>(Vb, hd.v, 0, a.n_k);
+    }
+    load_tile16_async<D, QR>(Qs, hd.q, i0, a.n_q);
+    cp_async_commit();
+    float o[2][D / 8][4];
+    float m[2][2], l[2][2];
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++) {
+        m[mt][0] = m[mt][1] = NEG_INF;
+        l[mt][0] = l[mt][1] = 0.0f;
+#pragma unroll
+        for (int c = 0; c < D / 8; c++) o[mt][c][0] = o[mt][c][1] = o[mt][c][2] = o[mt][c][3] = 0.0f;
+    }
+
+    for (int j0 = 0, step = 0; j0 < j_end; j0 += TC_BC, step++) {
+        const u16* Ks = Kb + (step % 2) * KV;
+        const u16* Vs = Vb + (step % 2) * KV;
+        __syncthreads();  // every warp is done with the tiles of step - 1
+        if (j0 + TC_BC < j_end) {
+            load_tile16_async<D, TC_BC>(Kb + ((step + 1) % 2) * KV, hd.k, j0 + TC_BC, a.n_k);
+            load_tile16_async<D, TC_BC>(Vb + ((step + 1) % 2) * KV, hd.v, j0 + TC_BC, a.n_k);
+        }
+        cp_async_commit();
+        cp_async_wait<1>();  // K_j, V_j (and at step 0, Q_i) have arrived
+        __syncthreads();
+
+        float s[2][TC_BC / 8][4];
+#pragma unroll
+        for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+            for (int nb = 0; nb < TC_BC / 8; nb++)
+                s[mt][nb][0] = s[mt][nb][1] = s[mt][nb][2] = s[mt][nb][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            u32 qf[2][4];
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++)
+                ldsm_x4(qf[mt], Qs + (64 * mt + 16 * warp + mr + 8 * (mi % 2)) * S + 16 * kk + 8 * (mi / 2));
+#pragma unroll
+            for (int nb = 0; nb < TC_BC / 8; nb += 2) {
+                u32 kb[4];
+                ldsm_x4(kb, Ks + (8 * nb + 8 * (mi / 2) + mr) * S + 16 * kk + 8 * (mi % 2));
+#pragma unroll
+                for (int mt = 0; mt < 2; mt++) {
+                    mma16816<BF16>(s[mt][nb], qf[mt], kb[0], kb[1]);
+                    mma16816<BF16>(s[mt][nb + 1], qf[mt], kb[2], kb[3]);
+                }
+            }
+        }
+#pragma unroll
+        for (int mt = 0; mt < 2; mt++)
+            tc_softmax_step<D, FAST>(a, mods, hd, i0 + 64 * mt, j0, rows[mt], s[mt], m[mt], l[mt],
+                                     o[mt]);
+
+#pragma unroll
+        for (int kk = 0; kk < TC_BC / 16; kk++) {
+            u32 pa[2][4];
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++) p_fragment<BF16>(s[mt], kk, pa[mt]);
+#pragma unroll
+            for (int c = 0; c < D / 8; c += 2) {
+                u32 vb[4];
+                ldsm_x4_trans(vb, Vs + (16 * kk + 8 * (mi % 2) + mr) * S + 8 * c + 8 * (mi / 2));
+#pragma unroll
+                for (int mt = 0; mt < 2; mt++) {
+                    mma16816<BF16>(o[mt][c], pa[mt], vb[0], vb[1]);
+                    mma16816<BF16>(o[mt][c + 1], pa[mt], vb[2], vb[3]);
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();  // (nothing is left in flight when the block ends)
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++) tc_write_rows<D, BF16>(a, hd.z, rows[mt], m[mt], l[mt], o[mt]);
+}
+// ANCHOR_END: tc_forward_v4
+
+// ANCHOR: tc_forward_v5
+// Tensor-core forward, version 5: version 4 with the FAST softmax step (tc_softmax_step
+// above): fewer instructions between the two products on plain tiles, and O rescaled only
+// when a row's max grew.
+// ANCHOR_END: tc_forward_v5
+
 #define TC_KERNELS(D, T, BF16)                                                              \
     extern "C" __global__ void __launch_bounds__(TC_NT)                                     \
         flash2_tc_forward_v1_##T##_d##D(FlashArgs a, ScoreMods m) {                         \
@@ -365,6 +498,14 @@ __device__ void tc_forward_v2(const FlashArgs& a, const ScoreMods& mods) {
     extern "C" __global__ void __launch_bounds__(TC_NT)                                     \
         flash2_tc_forward_v3_##T##_d##D(FlashArgs a, ScoreMods m) {                         \
         tc_forward_v2<D, BF16, true>(a, m);                                                 \
+    }                                                                                       \
+    extern "C" __global__ void __launch_bounds__(TC_NT)                                     \
+        flash2_tc_forward_v4_##T##_d##D(FlashArgs a, ScoreMods m) {                         \
+        tc_forward_v4<D, BF16, false>(a, m);                                                \
+    }                                                                                       \
+    extern "C" __global__ void __launch_bounds__(TC_NT)                                     \
+        flash2_tc_forward_v5_##T##_d##D(FlashArgs a, ScoreMods m) {                         \
+        tc_forward_v4<D, BF16, true>(a, m);                                                 \
     }
 TC_KERNELS(64, bf16, true)
 TC_KERNELS(128, bf16, true)

@@ -28,8 +28,10 @@ pub const TC_HEAD_DIMS: [usize; 2] = [64, 128];
 /// The forward kernels kept side by side (book chapter "Tensor cores"): 1 — the first mma
 /// kernel, fragments read with 32-bit (and for V, 16-bit) shared-memory loads; 2 — every
 /// fragment by `ldmatrix` (`.trans` for V); 3 — version 2 with K_{j+1}, V_{j+1} copied by
-/// `cp.async` into second buffers while tile j is computed.
-pub const TC_FORWARD_VERSIONS: [u32; 3] = [1, 2, 3];
+/// `cp.async` into second buffers while tile j is computed; 4 — version 3 with 32 query rows
+/// a warp (128 a block), so that each K/V fragment read feeds two mma; 5 — version 4 with a
+/// leaner softmax step (one multiply on plain tiles, O rescaled only when a max grew).
+pub const TC_FORWARD_VERSIONS: [u32; 5] = [1, 2, 3, 4, 5];
 /// The version the stage runs.
 pub const TC_FORWARD_VERSION: u32 = 1;
 /// Query rows a block (`TC_BR`) and keys a tile (`TC_BC`) in flash2_tc.cu.
@@ -196,7 +198,7 @@ pub fn forward_version_with_stats<T: TcFloat>(
     };
     let f = kernel::<T>(gpu, version, d)?;
     let cfg = LaunchConfig {
-        grid_dim: (blocks_for(n_q, ROWS as u32), z as u32, 1),
+        grid_dim: (blocks_for(n_q, block_rows(version) as u32), z as u32, 1),
         block_dim: (128, 1, 1),
         shared_mem_bytes: f.1,
     };
@@ -216,11 +218,16 @@ pub fn forward_version_with_stats<T: TcFloat>(
     Ok((forward, stats))
 }
 
+/// Query rows a block of forward `version` (`TC_BR`, twice that from version 4).
+fn block_rows(version: u32) -> usize {
+    if version >= 4 { 2 * ROWS } else { ROWS }
+}
+
 /// Shared-memory bytes of forward `version` at head dimension `d`: Q_i, K_j and V_j (two of
 /// each from version 3), 16-bit, rows padded to d + 8.
 fn shared_bytes(version: u32, d: usize) -> u32 {
     let kv_buffers = if version >= 3 { 4 } else { 2 };
-    (2 * (ROWS + kv_buffers * KEYS) * (d + 8)) as u32
+    (2 * (block_rows(version) + kv_buffers * KEYS) * (d + 8)) as u32
 }
 
 fn kernel<T: TcFloat>(gpu: &Gpu, version: u32, d: usize) -> Result<(CudaFunction, u32)> {
