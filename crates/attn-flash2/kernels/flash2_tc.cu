@@ -291,7 +291,7 @@ __device__ void tc_forward_v1(const FlashArgs& a, const ScoreMods& mods) {
 // Version 3 (PIPE): K_j+1 and V_j+1 are copied by cp.async into a second pair of buffers
 // while tile j is computed; the block waits at the top of a step only for what it asked for
 // a whole step earlier.
-template <int D, bool BF16, bool PIPE>
+template <int D, bool BF16, bool PIPE, bool FAST = false>
 __device__ void tc_forward_v2(const FlashArgs& a, const ScoreMods& mods) {
     constexpr int S = D + 8, KV = TC_BC * S;  // row stride; one K or V buffer
     extern __shared__ uint4 smem_tc[];
@@ -354,7 +354,7 @@ __device__ void tc_forward_v2(const FlashArgs& a, const ScoreMods& mods) {
                 mma16816<BF16>(s[nb + 1], qf[kk], kb[2], kb[3]);
             }
 
-        tc_softmax_step<D>(a, mods, hd, i0, j0, rows, s, m, l, o);
+        tc_softmax_step<D, FAST>(a, mods, hd, i0, j0, rows, s, m, l, o);
 
         // O_i += P~ V_j. One ldmatrix.trans: keys 16kk.. (mi % 2 picks the upper 8) x
         // columns 8c..8c+15 (mi / 2): the B registers of column blocks c and c + 1.
@@ -486,6 +486,12 @@ __device__ void tc_forward_v4(const FlashArgs& a, const ScoreMods& mods) {
 // when a row's max grew.
 // ANCHOR_END: tc_forward_v5
 
+// ANCHOR: tc_forward_v6
+// Tensor-core forward, version 6: version 3 (16 rows a warp, Q_i's fragments in registers)
+// with version 5's softmax step — which of version 5's two changes did the work, per head
+// dimension.
+// ANCHOR_END: tc_forward_v6
+
 #define TC_KERNELS(D, T, BF16)                                                              \
     extern "C" __global__ void __launch_bounds__(TC_NT)                                     \
         flash2_tc_forward_v1_##T##_d##D(FlashArgs a, ScoreMods m) {                         \
@@ -506,6 +512,10 @@ __device__ void tc_forward_v4(const FlashArgs& a, const ScoreMods& mods) {
     extern "C" __global__ void __launch_bounds__(TC_NT)                                     \
         flash2_tc_forward_v5_##T##_d##D(FlashArgs a, ScoreMods m) {                         \
         tc_forward_v4<D, BF16, true>(a, m);                                                 \
+    }                                                                                       \
+    extern "C" __global__ void __launch_bounds__(TC_NT)                                     \
+        flash2_tc_forward_v6_##T##_d##D(FlashArgs a, ScoreMods m) {                         \
+        tc_forward_v2<D, BF16, true, true>(a, m);                                           \
     }
 TC_KERNELS(64, bf16, true)
 TC_KERNELS(128, bf16, true)

@@ -30,8 +30,9 @@ pub const TC_HEAD_DIMS: [usize; 2] = [64, 128];
 /// fragment by `ldmatrix` (`.trans` for V); 3 — version 2 with K_{j+1}, V_{j+1} copied by
 /// `cp.async` into second buffers while tile j is computed; 4 — version 3 with 32 query rows
 /// a warp (128 a block), so that each K/V fragment read feeds two mma; 5 — version 4 with a
-/// leaner softmax step (one multiply on plain tiles, O rescaled only when a max grew).
-pub const TC_FORWARD_VERSIONS: [u32; 5] = [1, 2, 3, 4, 5];
+/// leaner softmax step (one multiply on plain tiles, O rescaled only when a max grew); 6 —
+/// version 3 (16 rows a warp) with version 5's softmax step.
+pub const TC_FORWARD_VERSIONS: [u32; 6] = [1, 2, 3, 4, 5, 6];
 /// The version the stage runs.
 pub const TC_FORWARD_VERSION: u32 = 1;
 /// Query rows a block (`TC_BR`) and keys a tile (`TC_BC`) in flash2_tc.cu.
@@ -218,9 +219,9 @@ pub fn forward_version_with_stats<T: TcFloat>(
     Ok((forward, stats))
 }
 
-/// Query rows a block of forward `version` (`TC_BR`, twice that from version 4).
+/// Query rows a block of forward `version` (`TC_BR`, twice that in versions 4 and 5).
 fn block_rows(version: u32) -> usize {
-    if version >= 4 { 2 * ROWS } else { ROWS }
+    if matches!(version, 4 | 5) { 2 * ROWS } else { ROWS }
 }
 
 /// Shared-memory bytes of forward `version` at head dimension `d`: Q_i, K_j and V_j (two of
