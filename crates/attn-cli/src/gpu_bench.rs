@@ -120,15 +120,13 @@ pub fn gpu_bench(args: &GpuBenchArgs) -> Result<(), CliError> {
     if args.smoke {
         return smoke(&args.stages);
     }
-    let csv = measure(args)?;
-    if let Some(path) = &args.csv {
-        std::fs::write(path, csv).map_err(fail)?;
-    }
+    measure(args)?; // writes --csv as it goes
     Ok(())
 }
 
 /// Times every GPU stage at every n of `args`, printing a table as it goes; returns the CSV
-/// (a comment line naming the device, a header, one row per stage, causal flag and n).
+/// (a comment line naming the device, a header, one row per stage, causal flag and n) and
+/// writes it to `--csv`, if given, after every row.
 pub fn measure(args: &GpuBenchArgs) -> Result<String, CliError> {
     let gpu = attn::cuda::gpu().map_err(|e| CliError::input("--device", e))?;
     let mut rows = vec![
@@ -223,20 +221,29 @@ pub fn measure(args: &GpuBenchArgs) -> Result<String, CliError> {
                     peaks.0,
                     peaks.1
                 ));
+                // Rewritten after every row: a run cut off by a time limit keeps what it measured.
+                if let Some(path) = &args.csv {
+                    std::fs::write(path, csv_text(gpu, args, &rows)).map_err(fail)?;
+                }
             }
         }
     }
+    Ok(csv_text(gpu, args, &rows))
+}
+
+/// The CSV of `rows`: a comment line naming the device, then the rows (the header first).
+fn csv_text(gpu: &attn::cuda::Gpu, args: &GpuBenchArgs, rows: &[String]) -> String {
     let mut csv = format!(
         "# attn gpu-bench on {} ({}); device time of the kernels (CUDA events), median of {} runs; device bytes above the uploaded inputs\n",
         gpu.name(),
         gpu.arch(),
         args.repeats
     );
-    for r in &rows {
+    for r in rows {
         csv.push_str(r);
         csv.push('\n');
     }
-    Ok(csv)
+    csv
 }
 
 /// Every kernel on a small problem that exercises the whole contract, checked against the
