@@ -23,6 +23,7 @@
 #define TC_NT 128  // threads a block
 typedef unsigned short u16;
 
+// ANCHOR: tc_mma
 // Two floats rounded to one register of two bf16 (or fp16) values, lo in the low half.
 template <bool BF16>
 __device__ __forceinline__ u32 pack2(float lo, float hi) {
@@ -49,6 +50,8 @@ __device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1)
             : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// ANCHOR_END: tc_mma
+
 // Two consecutive 16-bit values of shared memory as one register.
 __device__ __forceinline__ u32 ld2(const u16* p) { return *reinterpret_cast<const u32*>(p); }
 
@@ -66,6 +69,7 @@ __device__ __forceinline__ void load_tile16(u16* dst, const u16* src, int row0, 
     }
 }
 
+// ANCHOR: tc_ldmatrix
 // ldmatrix: four 8 x 8 matrices of 16-bit values from shared memory, one per register; lanes
 // 8i .. 8i + 7 give the addresses of matrix i's 8 rows (16 bytes each). Lane 4g + t receives
 // row g, columns 2t and 2t + 1 of each — an mma fragment. With .trans, of the transposed
@@ -82,6 +86,8 @@ __device__ __forceinline__ void ldsm_x4_trans(u32* r, const u16* p) {
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(a));
 }
+
+// ANCHOR_END: tc_ldmatrix
 
 // [tile_async] load_tile16 through cp.async: the copies are only issued here.
 template <int D, int ROWS>
@@ -108,6 +114,7 @@ __device__ __forceinline__ TcHead tc_head(const FlashArgs& a) {
             (const u16*)a.v + kv};
 }
 
+// ANCHOR: tc_softmax
 // The online softmax on the accumulators of S (the warp's 16 rows x 64 keys of tile j0; the
 // lane's rows are rows[0], rows[1]): scale, bias and masks (score), the new running max m
 // (base-2 units), O and the lane's part of l rescaled, and s replaced by P~ = 2^(s - m).
@@ -175,6 +182,9 @@ __device__ __forceinline__ void tc_softmax_step(const FlashArgs& a, const ScoreM
         }
 }
 
+// ANCHOR_END: tc_softmax
+
+// ANCHOR: tc_p_fragment
 // The A fragments of P~ for keys 16kk .. 16kk + 15: the accumulators of S's blocks 2kk and
 // 2kk + 1, rounded to 16 bits.
 template <bool BF16>
@@ -184,6 +194,8 @@ __device__ __forceinline__ void p_fragment(const float (*s)[4], int kk, u32* pa)
     pa[2] = pack2<BF16>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
     pa[3] = pack2<BF16>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
 }
+
+// ANCHOR_END: tc_p_fragment
 
 // The end: O = O / l (l summed over the row's 4 lanes), rounded to 16 bits; lse = ln 2 · m + ln l;
 // a row that saw no key gets O = 0, lse = -inf.
