@@ -114,6 +114,13 @@ __device__ __forceinline__ TcHead tc_head(const FlashArgs& a) {
             (const u16*)a.v + kv};
 }
 
+// N accumulator fragments (4 floats each) set to zero.
+template <int N>
+__device__ __forceinline__ void zero_frags(float (*x)[4]) {
+#pragma unroll
+    for (int i = 0; i < N; i++) x[i][0] = x[i][1] = x[i][2] = x[i][3] = 0.0f;
+}
+
 // ANCHOR: tc_softmax
 // The online softmax on the accumulators of S (the warp's 16 rows x 64 keys of tile j0; the
 // lane's rows are rows[0], rows[1]): scale, bias and masks (score), the new running max m
@@ -250,8 +257,7 @@ __device__ void tc_forward_v1(const FlashArgs& a, const ScoreMods& mods) {
     float o[D / 8][4];                // O_i: the lane's 2 rows x 2 columns of each 8
     float m[2] = {NEG_INF, NEG_INF};  // running max, base-2 units (scores times log2 e)
     float l[2] = {0.0f, 0.0f};        // the lane's part of the running sum (summed at the end)
-#pragma unroll
-    for (int c = 0; c < D / 8; c++) o[c][0] = o[c][1] = o[c][2] = o[c][3] = 0.0f;
+    zero_frags<D / 8>(o);
     const int j_end = key_end(mods, min(i0 + TC_BR, a.n_q) - 1);
 
     for (int j0 = 0; j0 < j_end; j0 += TC_BC) {
@@ -263,8 +269,7 @@ __device__ void tc_forward_v1(const FlashArgs& a, const ScoreMods& mods) {
         // S = Q_i K_j^T: the warp's 16 rows x 64 keys, 8 blocks of 8 keys. B = K_j^T, so
         // B[kd][n] = K_j[n][kd]: two consecutive d of one key row, one 32-bit load.
         float s[TC_BC / 8][4];
-#pragma unroll
-        for (int nb = 0; nb < TC_BC / 8; nb++) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.0f;
+        zero_frags<TC_BC / 8>(s);
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk++)
 #pragma unroll
@@ -331,8 +336,7 @@ __device__ void tc_forward_v2(const FlashArgs& a, const ScoreMods& mods) {
         ldsm_x4(qf[kk], Qs + (warp * 16 + mr + 8 * (mi % 2)) * S + 16 * kk + 8 * (mi / 2));
     float o[D / 8][4];
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
-#pragma unroll
-    for (int c = 0; c < D / 8; c++) o[c][0] = o[c][1] = o[c][2] = o[c][3] = 0.0f;
+    zero_frags<D / 8>(o);
 
     for (int j0 = 0, step = 0; j0 < j_end; j0 += TC_BC, step++) {
         const u16* Ks = Kb + (PIPE ? (step % 2) * KV : 0);
@@ -354,8 +358,7 @@ __device__ void tc_forward_v2(const FlashArgs& a, const ScoreMods& mods) {
         // S = Q_i K_j^T. One ldmatrix: keys 8nb..8nb+15 (mi / 2) x d 16kk.. (mi % 2): the
         // B registers of blocks nb and nb + 1.
         float s[TC_BC / 8][4];
-#pragma unroll
-        for (int nb = 0; nb < TC_BC / 8; nb++) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.0f;
+        zero_frags<TC_BC / 8>(s);
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk++)
 #pragma unroll
@@ -425,8 +428,7 @@ __device__ void tc_forward_v4(const FlashArgs& a, const ScoreMods& mods) {
     for (int mt = 0; mt < 2; mt++) {
         m[mt][0] = m[mt][1] = NEG_INF;
         l[mt][0] = l[mt][1] = 0.0f;
-#pragma unroll
-        for (int c = 0; c < D / 8; c++) o[mt][c][0] = o[mt][c][1] = o[mt][c][2] = o[mt][c][3] = 0.0f;
+        zero_frags<D / 8>(o[mt]);
     }
 
     for (int j0 = 0, step = 0; j0 < j_end; j0 += TC_BC, step++) {
@@ -442,11 +444,8 @@ __device__ void tc_forward_v4(const FlashArgs& a, const ScoreMods& mods) {
         __syncthreads();
 
         float s[2][TC_BC / 8][4];
-#pragma unroll
-        for (int mt = 0; mt < 2; mt++)
-#pragma unroll
-            for (int nb = 0; nb < TC_BC / 8; nb++)
-                s[mt][nb][0] = s[mt][nb][1] = s[mt][nb][2] = s[mt][nb][3] = 0.0f;
+        zero_frags<TC_BC / 8>(s[0]);
+        zero_frags<TC_BC / 8>(s[1]);
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk++) {
             u32 qf[2][4];
