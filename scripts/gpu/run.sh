@@ -48,6 +48,15 @@ if [ -z "${SKIP_PAPER:-}" ]; then
   python3 "$here/sdpa_gpu.py" --paper --csv "$out/sdpa-paper.csv" > "$out/sdpa-paper.log" 2>&1 || { note "sdpa_gpu.py --paper FAILED"; status=1; }
 fi
 
+# 3c. The tensor-core (bf16 / fp16) stages on the paper setting beside PyTorch's flash and
+#     cuDNN backends, in the same call (SKIP_TC=1 skips; TC_STAGES picks the stages).
+if [ -z "${SKIP_TC:-}" ]; then
+  "$here/bin/attn" gpu-bench --paper --stages "${TC_STAGES:-flash2-bf16,flash2-f16}" --csv "$out/tc-paper.csv" > "$out/tc-paper.log" 2>&1 || { note "gpu-bench --paper (tensor cores) FAILED"; status=1; }
+  for dt in bf16 f16; do
+    python3 "$here/sdpa_gpu.py" --paper --dtype "$dt" --csv "$out/sdpa-$dt-paper.csv" > "$out/sdpa-$dt-paper.log" 2>&1 || { note "sdpa_gpu.py --dtype $dt FAILED"; status=1; }
+  done
+fi
+
 # 4. The GPU figures from those two files (the same command draws them on any machine),
 #    and the live path of `attn plots` (measures on this device), small sizes.
 if [ -z "${SKIP_SEQ:-}" ]; then
@@ -59,6 +68,10 @@ fi
 if [ -f "$out/flash2-paper.log" ]; then
   echo; echo "== FlashAttention-2 paper setting: ours =="; cat "$out/flash2-paper.log"
   echo; echo "== FlashAttention-2 paper setting: PyTorch efficient =="; cat "$out/sdpa-paper.log"
+fi
+if [ -f "$out/tc-paper.log" ]; then
+  echo; echo "== tensor cores, paper setting: ours =="; cat "$out/tc-paper.log"
+  echo; echo "== tensor cores: PyTorch flash / cuDNN (bf16) =="; cat "$out/sdpa-bf16-paper.log"
 fi
 echo; echo "== summary =="; printf '%s\n' "${summary[@]}"
 exit $status

@@ -246,7 +246,7 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
         if args.grad_out.is_some() {
             return Err(CliError::input(
                 "--dtype",
-                "the tensor-core backward is not built yet: drop --grad-out, or use --dtype f32",
+                "the tensor-core backward is not validated on a GPU yet: drop --grad-out, or use --dtype f32",
             ));
         }
     }

@@ -532,3 +532,234 @@ TC_KERNELS(64, bf16, true)
 TC_KERNELS(128, bf16, true)
 TC_KERNELS(64, f16, false)
 TC_KERNELS(128, f16, false)
+
+// ---------------------------------------------------------------------------------------
+// The backward (FlashAttention-2's Algorithm 2 on the tensor cores). Written after the last
+// GPU run of its session: compiled (NVRTC, ptxas) but not yet run on a GPU.
+
+// One 16-bit value widened to f32.
+template <bool BF16>
+__device__ __forceinline__ float widen16(u16 x) {
+    if (BF16) return __uint_as_float((u32)x << 16);
+    float r;
+    asm("cvt.f32.f16 %0, %1;\n" : "=f"(r) : "h"(x));
+    return r;
+}
+
+// D_i = rowsum(dO_i * O_i) in f32 from 16-bit dO and O, one warp per row of [rows, d].
+template <bool BF16>
+__device__ void tc_row_dot(const u16* d_out, const u16* out, float* D, i64 rows, int d) {
+    const i64 row = (i64)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (row >= rows) return;
+    float acc = 0.0f;
+    for (int c = threadIdx.x % 32; c < d; c += 32)
+        acc += widen16<BF16>(d_out[row * d + c]) * widen16<BF16>(out[row * d + c]);
+    for (int o = 16; o > 0; o /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (threadIdx.x % 32 == 0) D[row] = acc;
+}
+
+// out[bk, e] = sum over the GQA group of bk of per_head[.., e], rounded to 16 bits: dK and dV
+// from the per-query-head f32 sums ([b, heads, n_k, D] -> [b, kv_heads, n_k, D]); with
+// heads == kv_heads, the plain rounding of dQ's f32 accumulator.
+template <bool BF16>
+__device__ void tc_group_sum(const float* per_head, u16* out, int heads, int kv_heads,
+                             i64 per_head_elems, i64 total) {
+    const int group = heads / kv_heads;
+    for (i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x; e < total;
+         e += (i64)gridDim.x * blockDim.x) {
+        const i64 bk = e / per_head_elems, rest = e % per_head_elems;
+        const i64 first = (bk / kv_heads * heads + bk % kv_heads * group) * per_head_elems + rest;
+        float acc = 0.0f;
+        for (int g = 0; g < group; g++) acc += per_head[first + g * per_head_elems];
+        out[e] = (u16)(pack2<BF16>(acc, 0.0f) & 0xffffu);
+    }
+}
+
+// ANCHOR: tc_backward_v1
+// Tensor-core backward, version 1. A block owns a key tile K_j, V_j (64 keys, 16 a warp) and
+// walks the query tiles that can see it; the warp's dK_j, dV_j stay in registers. Per query
+// tile, with the warp's accumulators holding *transposed* tiles (rows = the warp's 16 keys,
+// columns = the tile's 64 queries), so that P^T and dS^T are A fragments as they stand:
+//   S^T = K_j Q_i^T,  P^T = exp(S^T - lse),  dV_j += P^T dO_i,
+//   dP^T = V_j dO_i^T, dS^T = P^T o (dP^T - D),  dK_j += dS^T Q_i,
+// and dQ_i += dS K_j, which needs dS with rows = queries: dS^T goes through shared memory
+// (16-bit) and comes back by ldmatrix.trans; the warp's 16 query rows of dQ are added to an
+// f32 accumulator in device memory with atomics (other key tiles add to the same rows).
+template <int D, bool BF16>
+__device__ void tc_backward_v1(const FlashArgs& a, const ScoreMods& mods) {
+    constexpr int S = D + 8, SP = TC_BR + 8;  // row strides: d-rows, dS^T rows
+    constexpr float LOG2E = 1.4426950408889634f;
+    extern __shared__ uint4 smem_tc[];
+    u16* Ks = reinterpret_cast<u16*>(smem_tc);  // [BC][S]
+    u16* Vs = Ks + TC_BC * S;                    // [BC][S]
+    u16* Qs = Vs + TC_BC * S;                    // [BR][S]
+    u16* dOs = Qs + TC_BR * S;                   // [BR][S]
+    u16* dSs = dOs + TC_BR * S;                  // [BC][SP]: dS^T, keys x queries
+    float* Ls = reinterpret_cast<float*>(dSs + TC_BC * SP);  // [BR] lse of the tile's rows
+    float* Ds = Ls + TC_BR;                                  // [BR] D of the tile's rows
+    const TcHead hd = tc_head<D>(a);
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+    const int mr = lane % 8, mi = lane / 8;
+    const int j0 = blockIdx.x * TC_BC;
+    const u16* d_out = (const u16*)a.d_out + (i64)hd.z * a.n_q * D;
+    const float* lse = (const float*)a.lse + (i64)hd.z * a.n_q;
+    const float* dvec = (const float*)a.dvec + (i64)hd.z * a.n_q;
+    float* dq = (float*)a.dq + (i64)hd.z * a.n_q * D;
+    const int keys[2] = {j0 + 16 * warp + g, j0 + 16 * warp + g + 8};  // the lane's two keys
+
+    load_tile16<D, TC_BC>(Ks, hd.k, j0, a.n_k);
+    load_tile16<D, TC_BC>(Vs, hd.v, j0, a.n_k);
+    float dk[D / 8][4], dv[D / 8][4];
+    zero_frags<D / 8>(dk);
+    zero_frags<D / 8>(dv);
+    // the first query row that sees key j0 (causal: i >= j - (n_k - n_q)), on a tile boundary
+    const int i_first = mods.causal ? max(0, j0 - (a.n_k - a.n_q)) / TC_BR * TC_BR : 0;
+
+    for (int i0 = i_first; i0 < a.n_q; i0 += TC_BR) {
+        __syncthreads();  // every warp is done with Q_i-1, dO_i-1, dS^T
+        load_tile16<D, TC_BR>(Qs, hd.q, i0, a.n_q);
+        load_tile16<D, TC_BR>(dOs, d_out, i0, a.n_q);
+        for (int r = threadIdx.x; r < TC_BR; r += TC_NT) {
+            const bool ok = i0 + r < a.n_q;
+            Ls[r] = ok ? lse[i0 + r] : NEG_INF;
+            Ds[r] = ok ? dvec[i0 + r] : 0.0f;
+        }
+        __syncthreads();
+
+        // S^T = K_j Q_i^T and dP^T = V_j dO_i^T: A = the warp's 16 rows of K_j (V_j),
+        // B[kd][n] = Q_i[n][kd] (dO_i): the forward's K_j addressing.
+        float st[TC_BR / 8][4], dpt[TC_BR / 8][4];
+        zero_frags<TC_BR / 8>(st);
+        zero_frags<TC_BR / 8>(dpt);
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            u32 ka[4], va[4];
+            ldsm_x4(ka, Ks + (16 * warp + mr + 8 * (mi % 2)) * S + 16 * kk + 8 * (mi / 2));
+            ldsm_x4(va, Vs + (16 * warp + mr + 8 * (mi % 2)) * S + 16 * kk + 8 * (mi / 2));
+#pragma unroll
+            for (int nb = 0; nb < TC_BR / 8; nb += 2) {
+                u32 qb[4], ob[4];
+                ldsm_x4(qb, Qs + (8 * nb + 8 * (mi / 2) + mr) * S + 16 * kk + 8 * (mi % 2));
+                ldsm_x4(ob, dOs + (8 * nb + 8 * (mi / 2) + mr) * S + 16 * kk + 8 * (mi % 2));
+                mma16816<BF16>(st[nb], ka, qb[0], qb[1]);
+                mma16816<BF16>(st[nb + 1], ka, qb[2], qb[3]);
+                mma16816<BF16>(dpt[nb], va, ob[0], ob[1]);
+                mma16816<BF16>(dpt[nb + 1], va, ob[2], ob[3]);
+            }
+        }
+
+        // P^T = exp(S^T - lse) and dS^T = P^T o (dP^T - D), on the accumulators: the lane's
+        // elements are keys keys[e / 2], queries i0 + 8nb + 2t + (e & 1).
+        const bool plain = tile_plain(mods, i0, j0);
+#pragma unroll
+        for (int nb = 0; nb < TC_BR / 8; nb++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int qi = 8 * nb + 2 * t + (e & 1);
+                const float sc = score(mods, plain, a.scale, hd.b, hd.h, i0 + qi, keys[e / 2], st[nb][e]);
+                const float L = Ls[qi];
+                const float p = (sc == NEG_INF || L == NEG_INF) ? 0.0f : exp2f((sc - L) * LOG2E);
+                st[nb][e] = p;
+                dpt[nb][e] = p * (dpt[nb][e] - Ds[qi]);
+            }
+
+        // dV_j += P^T dO_i and dK_j += dS^T Q_i: k-steps over 16 queries; B[kq][n] =
+        // dO_i[kq][n] (Q_i): the forward's V_j addressing (ldmatrix.trans).
+#pragma unroll
+        for (int kq = 0; kq < TC_BR / 16; kq++) {
+            u32 pa[4], sa[4];
+            p_fragment<BF16>(st, kq, pa);
+            p_fragment<BF16>(dpt, kq, sa);
+#pragma unroll
+            for (int c = 0; c < D / 8; c += 2) {
+                u32 ob[4], qb[4];
+                ldsm_x4_trans(ob, dOs + (16 * kq + 8 * (mi % 2) + mr) * S + 8 * c + 8 * (mi / 2));
+                ldsm_x4_trans(qb, Qs + (16 * kq + 8 * (mi % 2) + mr) * S + 8 * c + 8 * (mi / 2));
+                mma16816<BF16>(dv[c], pa, ob[0], ob[1]);
+                mma16816<BF16>(dv[c + 1], pa, ob[2], ob[3]);
+                mma16816<BF16>(dk[c], sa, qb[0], qb[1]);
+                mma16816<BF16>(dk[c + 1], sa, qb[2], qb[3]);
+            }
+        }
+
+        // dS^T to shared memory (16-bit): rows = keys, columns = queries.
+#pragma unroll
+        for (int nb = 0; nb < TC_BR / 8; nb++) {
+            u16* row0 = dSs + (16 * warp + g) * SP + 8 * nb + 2 * t;
+            *reinterpret_cast<u32*>(row0) = pack2<BF16>(dpt[nb][0], dpt[nb][1]);
+            *reinterpret_cast<u32*>(row0 + 8 * SP) = pack2<BF16>(dpt[nb][2], dpt[nb][3]);
+        }
+        __syncthreads();
+
+        // dQ_i (the warp's 16 query rows) += dS K_j: A[q][key] = dS^T[key][q] (ldmatrix.trans
+        // of the stored dS^T), B[key][n] = K_j[key][n] (ldmatrix.trans, as V_j in the forward).
+        float dqa[D / 8][4];
+        zero_frags<D / 8>(dqa);
+#pragma unroll
+        for (int kk = 0; kk < TC_BC / 16; kk++) {
+            u32 da[4];
+            ldsm_x4_trans(da, dSs + (16 * kk + 8 * (mi / 2) + mr) * SP + 16 * warp + 8 * (mi % 2));
+#pragma unroll
+            for (int c = 0; c < D / 8; c += 2) {
+                u32 kb[4];
+                ldsm_x4_trans(kb, Ks + (16 * kk + 8 * (mi % 2) + mr) * S + 8 * c + 8 * (mi / 2));
+                mma16816<BF16>(dqa[c], da, kb[0], kb[1]);
+                mma16816<BF16>(dqa[c + 1], da, kb[2], kb[3]);
+            }
+        }
+        const int qrows[2] = {i0 + 16 * warp + g, i0 + 16 * warp + g + 8};
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            if (qrows[r] >= a.n_q) continue;
+#pragma unroll
+            for (int c = 0; c < D / 8; c++) {
+                atomicAdd(dq + (i64)qrows[r] * D + 8 * c + 2 * t, a.scale * dqa[c][2 * r]);
+                atomicAdd(dq + (i64)qrows[r] * D + 8 * c + 2 * t + 1, a.scale * dqa[c][2 * r + 1]);
+            }
+        }
+    }
+
+    // dK_j (times the scale) and dV_j of the warp's keys, f32, per query head (the GQA group
+    // sum and the rounding to 16 bits follow in tc_group_sum).
+    float* dk_h = (float*)a.dk + (i64)hd.z * a.n_k * D;
+    float* dv_h = (float*)a.dv + (i64)hd.z * a.n_k * D;
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        if (keys[r] >= a.n_k) continue;
+#pragma unroll
+        for (int c = 0; c < D / 8; c++) {
+            const i64 at = (i64)keys[r] * D + 8 * c + 2 * t;
+            *reinterpret_cast<float2*>(dk_h + at) =
+                make_float2(a.scale * dk[c][2 * r], a.scale * dk[c][2 * r + 1]);
+            *reinterpret_cast<float2*>(dv_h + at) = make_float2(dv[c][2 * r], dv[c][2 * r + 1]);
+        }
+    }
+}
+// ANCHOR_END: tc_backward_v1
+
+#define TC_BACKWARD_KERNELS(D, T, BF16)                                                     \
+    extern "C" __global__ void __launch_bounds__(TC_NT)                                     \
+        flash2_tc_backward_v1_##T##_d##D(FlashArgs a, ScoreMods m) {                        \
+        tc_backward_v1<D, BF16>(a, m);                                                      \
+    }
+TC_BACKWARD_KERNELS(64, bf16, true)
+TC_BACKWARD_KERNELS(128, bf16, true)
+TC_BACKWARD_KERNELS(64, f16, false)
+TC_BACKWARD_KERNELS(128, f16, false)
+
+extern "C" __global__ void tc_row_dot_bf16(const u16* d_out, const u16* out, float* D, i64 rows,
+                                           int d) {
+    tc_row_dot<true>(d_out, out, D, rows, d);
+}
+extern "C" __global__ void tc_row_dot_f16(const u16* d_out, const u16* out, float* D, i64 rows,
+                                          int d) {
+    tc_row_dot<false>(d_out, out, D, rows, d);
+}
+extern "C" __global__ void tc_group_sum_bf16(const float* per_head, u16* out, int heads,
+                                             int kv_heads, i64 per_head_elems, i64 total) {
+    tc_group_sum<true>(per_head, out, heads, kv_heads, per_head_elems, total);
+}
+extern "C" __global__ void tc_group_sum_f16(const float* per_head, u16* out, int heads,
+                                            int kv_heads, i64 per_head_elems, i64 total) {
+    tc_group_sum<false>(per_head, out, heads, kv_heads, per_head_elems, total);
+}

@@ -174,13 +174,7 @@ pub fn forward_version_with_stats<T: TcFloat>(
     static ZERO: [f32; 1] = [0.0];
     let p = validate(inputs, opts, &ZERO)?;
     let gpu = gpu()?;
-    if gpu.compute_capability() < 80 {
-        return Err(AttnError::Unsupported {
-            stage: STAGE,
-            what: "GPUs before sm_80 (no bf16 mma.sync)",
-            advice: "use --dtype f32 on this GPU",
-        });
-    }
+    check_architecture(gpu)?;
     let Shape { batch, heads, n_q, head_dim: d, .. } = p.shape;
     let upload = |a: &ArrayView4<'_, T>| gpu.upload_array(a.mapv(T::to_bits).view());
     let (q, k, v) = (upload(&inputs.q)?, upload(&inputs.k)?, upload(&inputs.v)?);
@@ -225,6 +219,18 @@ fn block_rows(version: u32) -> usize {
     if matches!(version, 4 | 5) { 2 * ROWS } else { ROWS }
 }
 
+/// The tensor-core kernels need sm_80 or later (bf16 mma.sync, cp.async).
+fn check_architecture(gpu: &Gpu) -> Result<()> {
+    if gpu.compute_capability() < 80 {
+        return Err(AttnError::Unsupported {
+            stage: STAGE,
+            what: "GPUs before sm_80 (no bf16 mma.sync)",
+            advice: "use --dtype f32 on this GPU",
+        });
+    }
+    Ok(())
+}
+
 /// Shared-memory bytes of forward `version` at head dimension `d`: Q_i, K_j and V_j (two of
 /// each from version 3), 16-bit, rows padded to d + 8.
 fn shared_bytes(version: u32, d: usize) -> u32 {
@@ -261,4 +267,184 @@ pub fn forward_rounded<T: TcFloat>(
     let half = HalfInputs { q: q.view(), k: k.view(), v: v.view(), mask, bias };
     let (f, stats) = forward_version_with_stats(&half, opts, version)?;
     Ok((attn_core::Forward { out: widen(f.out.view()), lse: f.lse, traffic: None }, stats))
+}
+
+/// The gradients of a 16-bit call, rounded to `T`: dQ like q, dK and dV like k and v.
+#[derive(Debug)]
+pub struct HalfGrads<T> {
+    pub dq: Array4<T>,
+    pub dk: Array4<T>,
+    pub dv: Array4<T>,
+}
+
+/// The backward kernels kept side by side: 1 — one block per 64-key tile, S^T, P^T, dP^T,
+/// dS^T on the accumulators, dQ through shared memory and f32 atomics. Written after the
+/// last GPU run of its session: validated by the GPU tests only once a device runs them.
+pub const TC_BACKWARD_VERSIONS: [u32; 1] = [1];
+/// The backward version the stage runs.
+pub const TC_BACKWARD_VERSION: u32 = 1;
+
+/// The tensor-core backward: dQ, dK, dV from the inputs, the forward's O and lse, and dO.
+pub fn backward<T: TcFloat>(
+    inputs: &HalfInputs<'_, T>,
+    opts: &Options,
+    fwd: &HalfForward<T>,
+    d_out: ArrayView4<'_, T>,
+) -> Result<HalfGrads<T>> {
+    backward_version_with_stats(inputs, opts, fwd, d_out, TC_BACKWARD_VERSION).map(|(g, _)| g)
+}
+
+/// [`backward`] of kernel `version`, with the device time of its kernels (D, the key-tile
+/// kernel, the group sums) and the device memory they needed beyond the uploaded tensors.
+pub fn backward_version_with_stats<T: TcFloat>(
+    inputs: &HalfInputs<'_, T>,
+    opts: &Options,
+    fwd: &HalfForward<T>,
+    d_out: ArrayView4<'_, T>,
+    version: u32,
+) -> Result<(HalfGrads<T>, DeviceStats)> {
+    static ZERO: [f32; 1] = [0.0];
+    let p = validate(inputs, opts, &ZERO)?;
+    let sh = p.shape;
+    for (arg, got, want) in [
+        ("d_out", d_out.shape().to_vec(), sh.q_dims()),
+        ("out", fwd.out.shape().to_vec(), sh.q_dims()),
+    ] {
+        if got[..] != [want.0, want.1, want.2, want.3] {
+            return Err(AttnError::ShapeMismatch {
+                arg,
+                got,
+                expected: format!("the shape of q, {:?}", [want.0, want.1, want.2, want.3]),
+            });
+        }
+    }
+    if !TC_BACKWARD_VERSIONS.contains(&version) {
+        return Err(AttnError::Cuda {
+            context: "choosing the tensor-core kernel".into(),
+            message: format!("no backward version {version}; there are {TC_BACKWARD_VERSIONS:?}"),
+        });
+    }
+    let gpu = gpu()?;
+    check_architecture(gpu)?;
+    let Shape { batch, heads, kv_heads, n_q, n_k, head_dim: d, .. } = sh;
+    let upload = |a: ArrayView4<'_, T>| gpu.upload_array(a.mapv(T::to_bits).view());
+    let (q, k, v) = (upload(inputs.q)?, upload(inputs.k)?, upload(inputs.v)?);
+    let (o, d_o) = (upload(fwd.out.view())?, upload(d_out)?);
+    let lse = gpu.upload_array(fwd.lse.view())?;
+    let score = ScoreInputs::upload(gpu, &p)?;
+    let meter = DevicePeak::start(gpu);
+    let timer = attn_cuda::Timer::start(gpu)?;
+    let z = batch * heads;
+    let dvec = gpu.uninit_f32(z * n_q)?;
+    let dq_acc = gpu.zeros::<f32>(z * n_q * d)?; // the key tiles add into it
+    let dk_h = gpu.uninit_f32(z * n_k * d)?; // every key row written by its tile
+    let dv_h = gpu.uninit_f32(z * n_k * d)?;
+    let function = |name: &str| {
+        gpu.function(MODULE, &[CONTRACT_HEADER, TILES, KERNELS], &format!("{name}_{}", T::NAME))
+    };
+    macro_rules! launch {
+        ($f:expr, $cfg:expr, $what:expr; $($arg:expr),*) => {{
+            let mut b = gpu.stream().launch_builder($f);
+            $( b.arg($arg); )*
+            // SAFETY: each use below passes the kernel's parameter list in flash2_tc.cu, with
+            // pointers to live buffers of the sizes the kernel indexes.
+            unsafe { b.launch($cfg) }.map(|_| ()).map_err(cuda_err($what))
+        }};
+    }
+    // D = rowsum(dO ∘ O), one warp per row.
+    let (rows, dd) = ((z * n_q) as i64, d as i32);
+    let (dp, op, vp) = (gpu.ptr(&d_o), gpu.ptr(&o), gpu.ptr(&dvec));
+    let cfg = LaunchConfig {
+        grid_dim: (blocks_for(z * n_q, 8), 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let row_dot = function("tc_row_dot")?;
+    launch!(&row_dot, cfg, "tc_row_dot"; &dp, &op, &vp, &rows, &dd)?;
+    // dK, dV per query head and dQ's f32 accumulator, one block per key tile and head.
+    let args = FlashArgs {
+        q: gpu.ptr(&q),
+        k: gpu.ptr(&k),
+        v: gpu.ptr(&v),
+        o: gpu.ptr(&o),
+        lse: gpu.ptr(&lse),
+        d_out: dp,
+        dvec: vp,
+        dq: gpu.ptr(&dq_acc),
+        dk: gpu.ptr(&dk_h),
+        dv: gpu.ptr(&dv_h),
+        ..FlashArgs::new(&sh, p.scale)
+    };
+    let name = format!("flash2_tc_backward_v{version}_{}_d{d}", T::NAME);
+    let sources = [CONTRACT_HEADER, TILES, KERNELS];
+    let (f, smem) = fused_kernel(gpu, MODULE, &sources, &name, backward_shared_bytes(d))?;
+    let cfg = LaunchConfig {
+        grid_dim: (blocks_for(n_k, KEYS as u32), z as u32, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: smem,
+    };
+    launch!(&f, cfg, "flash2_tc_backward"; &args, &score.mods)?;
+    // dQ rounded; dK, dV summed over each GQA group and rounded.
+    let group_sum = function("tc_group_sum")?;
+    let round_sum = |src: &DeviceBuffer<f32>, (heads, kv_heads, rows): (usize, usize, usize)| {
+        let total = batch * kv_heads * rows * d;
+        let out: DeviceBuffer<u16> = gpu.uninit(total)?;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks_for(total, 256).min(4096), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (s, o) = (gpu.ptr(src), gpu.ptr(&out));
+        let (h, kvh, per, tot) = (heads as i32, kv_heads as i32, (rows * d) as i64, total as i64);
+        launch!(&group_sum, cfg, "tc_group_sum"; &s, &o, &h, &kvh, &per, &tot)?;
+        Ok::<_, AttnError>(out)
+    };
+    let dq = round_sum(&dq_acc, (heads, heads, n_q))?;
+    let dk = round_sum(&dk_h, (heads, kv_heads, n_k))?;
+    let dv = round_sum(&dv_h, (heads, kv_heads, n_k))?;
+    let kernel_ms = timer.stop(gpu)?;
+    let stats = DeviceStats { peak_bytes: meter.peak(gpu), kernel_ms };
+    let down = |b: &DeviceBuffer<u16>, dims: (usize, usize, usize, usize)| {
+        gpu.download_array(b, dims).map(|a: Array4<u16>| a.mapv(T::from_bits))
+    };
+    let grads = HalfGrads {
+        dq: down(&dq, sh.q_dims())?,
+        dk: down(&dk, sh.kv_dims())?,
+        dv: down(&dv, sh.kv_dims())?,
+    };
+    Ok((grads, stats))
+}
+
+/// Shared-memory bytes of the backward at head dimension `d`: K_j, V_j, Q_i, dO_i (16-bit,
+/// rows padded to d + 8), dS^T (64 x 72), lse and D of the query tile.
+fn backward_shared_bytes(d: usize) -> u32 {
+    (2 * 4 * KEYS * (d + 8) + 2 * KEYS * (ROWS + 8) + 4 * 2 * ROWS) as u32
+}
+
+/// [`backward_version_with_stats`] on f32 arrays (inputs, O and dO rounded to `T` on the
+/// host, gradients widened): the benches' and the smoke run's entry.
+pub fn backward_rounded<T: TcFloat>(
+    inputs: &Inputs<'_>,
+    opts: &Options,
+    fwd: &attn_core::Forward,
+    d_out: ArrayView4<'_, f32>,
+    version: u32,
+) -> Result<(attn_core::Grads, DeviceStats)> {
+    let (q, k, v) = (round::<T, _>(inputs.q), round::<T, _>(inputs.k), round::<T, _>(inputs.v));
+    let mask = inputs.mask.map(|m| match m {
+        Mask::KeyPadding(a) => Mask::KeyPadding(a.reborrow()),
+        Mask::Full(a) => Mask::Full(a.reborrow()),
+    });
+    let bias = inputs.bias.map(|b| b.reborrow());
+    let half = HalfInputs { q: q.view(), k: k.view(), v: v.view(), mask, bias };
+    let hf = HalfForward { out: round::<T, _>(fwd.out.view()), lse: fwd.lse.clone() };
+    let d_o = round::<T, _>(d_out);
+    let (g, stats) = backward_version_with_stats(&half, opts, &hf, d_o.view(), version)?;
+    let grads = attn_core::Grads {
+        dq: widen(g.dq.view()),
+        dk: widen(g.dk.view()),
+        dv: widen(g.dv.view()),
+        traffic: None,
+    };
+    Ok((grads, stats))
 }

@@ -261,6 +261,49 @@ fn tensor_core_forward_matches_the_reference_on_rounded_inputs() {
     }
 }
 
+/// dQ, dK, dV of the tensor-core backward (`version`, after the default forward) against the
+/// float64 reference on the rounded inputs and rounded dO: the worst normwise error.
+fn tc_backward_error<T: TcFloat>(case: &Case, version: u32) -> f64 {
+    let data = case.build();
+    let inputs = data.inputs();
+    let (q, k, v) =
+        (tc::round::<T, _>(inputs.q), tc::round::<T, _>(inputs.k), tc::round::<T, _>(inputs.v));
+    let d_out = tc::round::<T, _>(data.d_out.view());
+    let half =
+        HalfInputs { q: q.view(), k: k.view(), v: v.view(), mask: inputs.mask, bias: inputs.bias };
+    let fwd = tc::forward(&half, &data.opts).unwrap();
+    let (g, _) =
+        tc::backward_version_with_stats(&half, &data.opts, &fwd, d_out.view(), version).unwrap();
+    let (q32, k32, v32) = (tc::widen(q.view()), tc::widen(k.view()), tc::widen(v.view()));
+    let rounded = attn_core::Inputs { q: q32.view(), k: k32.view(), v: v32.view(), ..inputs };
+    let reference = attn_core::reference::RefProblem::from_inputs(&rounded, &data.opts).unwrap();
+    let rg = reference.backward(&tc::widen(d_out.view()).mapv(f64::from));
+    [(&g.dq, &rg.dq), (&g.dk, &rg.dk), (&g.dv, &rg.dv)]
+        .into_iter()
+        .map(|(x, r)| attn_core::metrics::compare(tc::widen(x.view()).view(), r.view()).normwise)
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn tensor_core_backward_matches_the_reference_on_rounded_inputs() {
+    if skip_without_device() {
+        return;
+    }
+    for version in tc::TC_BACKWARD_VERSIONS {
+        for d in tc::TC_HEAD_DIMS {
+            for case in tc_cases(d) {
+                for (dtype, err) in [
+                    ("bf16", tc_backward_error::<bf16>(&case, version)),
+                    ("f16", tc_backward_error::<f16>(&case, version)),
+                ] {
+                    // DESIGN.md: <= 2e-2 for 16-bit operands (dS is rounded before its products).
+                    assert!(err <= 2e-2, "backward v{version} {dtype} {case:?}: error {err:.2e}");
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn tensor_core_forward_gives_fully_masked_rows_zero_and_minus_infinity() {
     if skip_without_device() {
@@ -304,6 +347,15 @@ fn tensor_core_forward_refuses_what_it_does_not_do() {
     let half = HalfInputs::new(q.view(), k.view(), k.view());
     let err = tc::forward(&half, &data.opts).unwrap_err().to_string();
     assert!(err.contains("k must be"), "{err}");
+
+    // The backward checks dO against q before touching a device.
+    let data = Case::new(Shape::new(1, 2, 16, 64), 1).build();
+    let q = tc::round::<bf16, _>(data.q.view());
+    let half = HalfInputs::new(q.view(), q.view(), q.view());
+    let fwd = tc::HalfForward { out: q.clone(), lse: ndarray::Array3::zeros((1, 2, 16)) };
+    let short = q.slice(ndarray::s![.., .., ..8, ..]);
+    let err = tc::backward(&half, &data.opts, &fwd, short).unwrap_err().to_string();
+    assert!(err.contains("d_out") && err.contains("[1, 2, 16, 64]"), "{err}");
 }
 
 #[test]
@@ -323,6 +375,15 @@ fn tensor_core_kernels_compile_with_nvrtc_for_the_h100() {
                 let name = format!(".entry flash2_tc_forward_v{version}_{dtype}_d{d}");
                 assert!(ptx.contains(&name), "no {name}");
             }
+        }
+    }
+    for dtype in ["bf16", "f16"] {
+        for d in tc::TC_HEAD_DIMS {
+            let name = format!(".entry flash2_tc_backward_v1_{dtype}_d{d}");
+            assert!(ptx.contains(&name), "no {name}");
+        }
+        for k in ["tc_row_dot", "tc_group_sum"] {
+            assert!(ptx.contains(&format!(".entry {k}_{dtype}")), "no {k}_{dtype}");
         }
     }
     attn_cuda::compile("flash2_tc", &sources, "sm_80").unwrap();
