@@ -51,7 +51,7 @@ type FwdFn = fn(&Inputs<'_>, &Options) -> Result<(Forward, DeviceStats)>;
 type BwdFn =
     fn(&Inputs<'_>, &Options, &Forward, ArrayView4<'_, f32>) -> Result<(Grads, DeviceStats)>;
 
-fn gpu_stages() -> [(&'static str, FwdFn, Option<BwdFn>); 22] {
+fn gpu_stages() -> [(&'static str, FwdFn, Option<BwdFn>); 23] {
     use attn::flash2::tc;
     use attn::{chunked::gpu as c, flash1::gpu as f1, flash2::gpu as f, naive::gpu as n};
     /// The tensor-core forward `V` on inputs rounded to `T`.
@@ -116,6 +116,7 @@ fn gpu_stages() -> [(&'static str, FwdFn, Option<BwdFn>); 22] {
         ("flash2-bf16-v4", tc_v::<attn::flash2::tc::bf16, 4>, None),
         ("flash2-bf16-v5", tc_v::<attn::flash2::tc::bf16, 5>, None),
         ("flash2-bf16-v6", tc_v::<attn::flash2::tc::bf16, 6>, None),
+        ("flash2-bf16-v7", tc_v::<attn::flash2::tc::bf16, 7>, None),
         ("flash2-f16-v5", tc_v::<attn::flash2::tc::f16, 5>, None),
         ("flash2-f16-v6", tc_v::<attn::flash2::tc::f16, 6>, None),
     ]

@@ -129,19 +129,19 @@ __device__ __forceinline__ void zero_frags(float (*x)[4]) {
 // multiply by scale · log2 e and no -inf tests; and O is rescaled only when some row of the
 // warp saw its max grow (alpha != 1) — after the first tiles a row's max rarely moves, and
 // the D/2 multiplies a lane spends on it are as many instructions as the tile's mma.
-template <int D, bool FAST = false>
+template <int D, bool FAST = false, int KB = TC_BC>
 __device__ __forceinline__ void tc_softmax_step(const FlashArgs& a, const ScoreMods& mods,
                                                 const TcHead& hd, int i0, int j0,
                                                 const int* rows, float (*s)[4], float* m,
                                                 float* l, float (*o)[4]) {
     constexpr float LOG2E = 1.4426950408889634f;
     const int t = threadIdx.x % 4;
-    const bool plain = tile_plain(mods, i0, j0);
+    const bool plain = tile_plain(mods, i0, j0, KB);
     float mx[2] = {NEG_INF, NEG_INF};
     if (FAST && plain) {
         const float scale2 = a.scale * LOG2E;
 #pragma unroll
-        for (int nb = 0; nb < TC_BC / 8; nb++)
+        for (int nb = 0; nb < KB / 8; nb++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 s[nb][e] *= scale2;
@@ -149,7 +149,7 @@ __device__ __forceinline__ void tc_softmax_step(const FlashArgs& a, const ScoreM
             }
     } else {
 #pragma unroll
-        for (int nb = 0; nb < TC_BC / 8; nb++)
+        for (int nb = 0; nb < KB / 8; nb++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int j = j0 + 8 * nb + 2 * t + (e & 1);
@@ -178,7 +178,7 @@ __device__ __forceinline__ void tc_softmax_step(const FlashArgs& a, const ScoreM
         }
     }
 #pragma unroll
-    for (int nb = 0; nb < TC_BC / 8; nb++)
+    for (int nb = 0; nb < KB / 8; nb++)
 #pragma unroll
         for (int e = 0; e < 4; e++) {
             const float p = (FAST && plain)          ? exp2f(s[nb][e] - m[e / 2])
@@ -308,9 +308,9 @@ __device__ void tc_forward_v1(const FlashArgs& a, const ScoreMods& mods) {
 // Version 3 (PIPE): K_j+1 and V_j+1 are copied by cp.async into a second pair of buffers
 // while tile j is computed; the block waits at the top of a step only for what it asked for
 // a whole step earlier.
-template <int D, bool BF16, bool PIPE, bool FAST = false>
+template <int D, bool BF16, bool PIPE, bool FAST = false, int KB = TC_BC>
 __device__ void tc_forward_v2(const FlashArgs& a, const ScoreMods& mods) {
-    constexpr int S = D + 8, KV = TC_BC * S;  // row stride; one K or V buffer
+    constexpr int S = D + 8, KV = KB * S;  // row stride; one K or V buffer
     extern __shared__ uint4 smem_tc[];
     u16* Qs = reinterpret_cast<u16*>(smem_tc);  // [BR][S]
     u16* Kb = Qs + TC_BR * S;                    // [2 if PIPE][BC][S]
@@ -324,8 +324,8 @@ __device__ void tc_forward_v2(const FlashArgs& a, const ScoreMods& mods) {
     const int j_end = key_end(mods, min(i0 + TC_BR, a.n_q) - 1);
 
     if (PIPE && j_end > 0) {  // K_0, V_0 on their way while Q_i is loaded
-        load_tile16_async<D, TC_BC>(Kb, hd.k, 0, a.n_k);
-        load_tile16_async<D, TC_BC>(Vb, hd.v, 0, a.n_k);
+        load_tile16_async<D, KB>(Kb, hd.k, 0, a.n_k);
+        load_tile16_async<D, KB>(Vb, hd.v, 0, a.n_k);
         cp_async_commit();
     }
     load_tile16<D, TC_BR>(Qs, hd.q, i0, a.n_q);
@@ -338,43 +338,43 @@ __device__ void tc_forward_v2(const FlashArgs& a, const ScoreMods& mods) {
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
     zero_frags<D / 8>(o);
 
-    for (int j0 = 0, step = 0; j0 < j_end; j0 += TC_BC, step++) {
+    for (int j0 = 0, step = 0; j0 < j_end; j0 += KB, step++) {
         const u16* Ks = Kb + (PIPE ? (step % 2) * KV : 0);
         const u16* Vs = Vb + (PIPE ? (step % 2) * KV : 0);
         __syncthreads();  // every warp is done with the tiles of step - 1
         if (PIPE) {
-            if (j0 + TC_BC < j_end) {  // K_j+1, V_j+1 into the buffers step - 1 used
-                load_tile16_async<D, TC_BC>(Kb + ((step + 1) % 2) * KV, hd.k, j0 + TC_BC, a.n_k);
-                load_tile16_async<D, TC_BC>(Vb + ((step + 1) % 2) * KV, hd.v, j0 + TC_BC, a.n_k);
+            if (j0 + KB < j_end) {  // K_j+1, V_j+1 into the buffers step - 1 used
+                load_tile16_async<D, KB>(Kb + ((step + 1) % 2) * KV, hd.k, j0 + KB, a.n_k);
+                load_tile16_async<D, KB>(Vb + ((step + 1) % 2) * KV, hd.v, j0 + KB, a.n_k);
             }
             cp_async_commit();   // (empty after the last tile: the count stays right)
             cp_async_wait<1>();  // K_j, V_j have arrived
         } else {
-            load_tile16<D, TC_BC>(Kb, hd.k, j0, a.n_k);
-            load_tile16<D, TC_BC>(Vb, hd.v, j0, a.n_k);
+            load_tile16<D, KB>(Kb, hd.k, j0, a.n_k);
+            load_tile16<D, KB>(Vb, hd.v, j0, a.n_k);
         }
         __syncthreads();
 
         // S = Q_i K_j^T. One ldmatrix: keys 8nb..8nb+15 (mi / 2) x d 16kk.. (mi % 2): the
         // B registers of blocks nb and nb + 1.
-        float s[TC_BC / 8][4];
-        zero_frags<TC_BC / 8>(s);
+        float s[KB / 8][4];
+        zero_frags<KB / 8>(s);
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk++)
 #pragma unroll
-            for (int nb = 0; nb < TC_BC / 8; nb += 2) {
+            for (int nb = 0; nb < KB / 8; nb += 2) {
                 u32 kb[4];
                 ldsm_x4(kb, Ks + (8 * nb + 8 * (mi / 2) + mr) * S + 16 * kk + 8 * (mi % 2));
                 mma16816<BF16>(s[nb], qf[kk], kb[0], kb[1]);
                 mma16816<BF16>(s[nb + 1], qf[kk], kb[2], kb[3]);
             }
 
-        tc_softmax_step<D, FAST>(a, mods, hd, i0, j0, rows, s, m, l, o);
+        tc_softmax_step<D, FAST, KB>(a, mods, hd, i0, j0, rows, s, m, l, o);
 
         // O_i += P~ V_j. One ldmatrix.trans: keys 16kk.. (mi % 2 picks the upper 8) x
         // columns 8c..8c+15 (mi / 2): the B registers of column blocks c and c + 1.
 #pragma unroll
-        for (int kk = 0; kk < TC_BC / 16; kk++) {
+        for (int kk = 0; kk < KB / 16; kk++) {
             u32 pa[4];
             p_fragment<BF16>(s, kk, pa);
 #pragma unroll
@@ -503,6 +503,14 @@ __device__ void tc_forward_v4(const FlashArgs& a, const ScoreMods& mods) {
 // dimension.
 // ANCHOR_END: tc_forward_v6
 
+// ANCHOR: tc_forward_v7
+// Tensor-core forward, version 7: version 6 with 128-key tiles (KB). At d = 64 a tile's mma
+// work halves with d but its other work does not — the two __syncthreads, the loads' issue,
+// the max and sum shuffles, the rescale test — so twice the keys a tile halve that overhead
+// per FLOP (FlashAttention-2 uses 128-key tiles at d = 64). Written after the session's last
+// GPU run: validated and timed only by the next one.
+// ANCHOR_END: tc_forward_v7
+
 #define TC_KERNELS(D, T, BF16)                                                              \
     extern "C" __global__ void __launch_bounds__(TC_NT)                                     \
         flash2_tc_forward_v1_##T##_d##D(FlashArgs a, ScoreMods m) {                         \
@@ -527,6 +535,10 @@ __device__ void tc_forward_v4(const FlashArgs& a, const ScoreMods& mods) {
     extern "C" __global__ void __launch_bounds__(TC_NT)                                     \
         flash2_tc_forward_v6_##T##_d##D(FlashArgs a, ScoreMods m) {                         \
         tc_forward_v2<D, BF16, true, true>(a, m);                                           \
+    }                                                                                       \
+    extern "C" __global__ void __launch_bounds__(TC_NT)                                     \
+        flash2_tc_forward_v7_##T##_d##D(FlashArgs a, ScoreMods m) {                         \
+        tc_forward_v2<D, BF16, true, true, 2 * TC_BC>(a, m);                                \
     }
 TC_KERNELS(64, bf16, true)
 TC_KERNELS(128, bf16, true)

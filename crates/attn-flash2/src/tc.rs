@@ -31,8 +31,9 @@ pub const TC_HEAD_DIMS: [usize; 2] = [64, 128];
 /// `cp.async` into second buffers while tile j is computed; 4 — version 3 with 32 query rows
 /// a warp (128 a block), so that each K/V fragment read feeds two mma; 5 — version 4 with a
 /// leaner softmax step (one multiply on plain tiles, O rescaled only when a max grew); 6 —
-/// version 3 (16 rows a warp) with version 5's softmax step.
-pub const TC_FORWARD_VERSIONS: [u32; 6] = [1, 2, 3, 4, 5, 6];
+/// version 3 (16 rows a warp) with version 5's softmax step; 7 — version 6 with 128-key
+/// tiles (written after the session's last GPU run: validated and timed by the next).
+pub const TC_FORWARD_VERSIONS: [u32; 7] = [1, 2, 3, 4, 5, 6, 7];
 /// The version the stage runs: the fastest measured on the paper setting (H100 and H200,
 /// notes/tensor-cores.md) at both head dimensions, except on short causal rows at d = 64.
 pub const TC_FORWARD_VERSION: u32 = 5;
@@ -232,10 +233,11 @@ fn check_architecture(gpu: &Gpu) -> Result<()> {
 }
 
 /// Shared-memory bytes of forward `version` at head dimension `d`: Q_i, K_j and V_j (two of
-/// each from version 3), 16-bit, rows padded to d + 8.
+/// each from version 3; 128-key tiles in version 7), 16-bit, rows padded to d + 8.
 fn shared_bytes(version: u32, d: usize) -> u32 {
     let kv_buffers = if version >= 3 { 4 } else { 2 };
-    (2 * (block_rows(version) + kv_buffers * KEYS) * (d + 8)) as u32
+    let keys = if version == 7 { 2 * KEYS } else { KEYS }; // keys a tile
+    (2 * (block_rows(version) + kv_buffers * keys) * (d + 8)) as u32
 }
 
 fn kernel<T: TcFloat>(gpu: &Gpu, version: u32, d: usize) -> Result<(CudaFunction, u32)> {

@@ -31,10 +31,10 @@ __device__ __forceinline__ BlockHead block_head(const FlashArgs& a, int z) {
             (const float*)a.v + kv};
 }
 
-// Whether every score of the tile (rows i0.., keys j0..) is plain scale * q.k: no bias, no
-// mask, no key past n_k and no causal limit inside it.
-__device__ __forceinline__ bool tile_plain(const ScoreMods& m, int i0, int j0) {
-    return !m.bias && !m.mask && j0 + BC <= m.n_k && (!m.causal || j0 + BC <= key_end(m, i0));
+// Whether every score of the tile (rows i0.., keys j0 .. j0 + keys - 1) is plain scale * q.k:
+// no bias, no mask, no key past n_k and no causal limit inside it.
+__device__ __forceinline__ bool tile_plain(const ScoreMods& m, int i0, int j0, int keys = BC) {
+    return !m.bias && !m.mask && j0 + keys <= m.n_k && (!m.causal || j0 + keys <= key_end(m, i0));
 }
 
 // The score of (i, j) from its dot product.
