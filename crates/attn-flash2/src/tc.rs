@@ -130,14 +130,11 @@ pub fn forward<T: TcFloat>(inputs: &HalfInputs<'_, T>, opts: &Options) -> Result
 
 /// Validates a 16-bit call with the checks every stage makes ([`Problem::new`] on
 /// zero-strided f32 stand-ins of the same shapes), then the tensor cores' own limits.
-fn validate<'a, T: TcFloat>(
-    inputs: &HalfInputs<'a, T>,
-    opts: &Options,
-    zero: &'a [f32; 1],
-) -> Result<Problem<'a>> {
+fn validate<'a, T: TcFloat>(inputs: &HalfInputs<'a, T>, opts: &Options) -> Result<Problem<'a>> {
+    static ZERO: [f32; 1] = [0.0];
     use ndarray::ShapeBuilder;
     let stand_in = |a: &ArrayView4<'_, T>| {
-        ArrayView4::from_shape(a.raw_dim().strides(ndarray::Ix4(0, 0, 0, 0)), &zero[..])
+        ArrayView4::from_shape(a.raw_dim().strides(ndarray::Ix4(0, 0, 0, 0)), &ZERO[..])
             .expect("zero strides address the one element")
     };
     let f32_inputs = Inputs {
@@ -172,8 +169,7 @@ pub fn forward_version_with_stats<T: TcFloat>(
     opts: &Options,
     version: u32,
 ) -> Result<(HalfForward<T>, DeviceStats)> {
-    static ZERO: [f32; 1] = [0.0];
-    let p = validate(inputs, opts, &ZERO)?;
+    let p = validate(inputs, opts)?;
     let gpu = gpu()?;
     check_architecture(gpu)?;
     let Shape { batch, heads, n_q, head_dim: d, .. } = p.shape;
@@ -252,6 +248,30 @@ fn kernel<T: TcFloat>(gpu: &Gpu, version: u32, d: usize) -> Result<(CudaFunction
     fused_kernel(gpu, MODULE, &sources, &name, shared_bytes(version, d))
 }
 
+/// Q, K, V of an f32 call rounded to `T`.
+struct Rounded<T> {
+    q: Array4<T>,
+    k: Array4<T>,
+    v: Array4<T>,
+}
+
+impl<T: TcFloat> Rounded<T> {
+    fn of(inputs: &Inputs<'_>) -> Self {
+        Self { q: round(inputs.q), k: round(inputs.k), v: round(inputs.v) }
+    }
+
+    /// The 16-bit call: the rounded tensors with the f32 call's mask and bias.
+    fn inputs<'a, 'b: 'a>(&'a self, f32_inputs: &Inputs<'b>) -> HalfInputs<'a, T> {
+        // (ndarray's views are invariant in their lifetime: reborrow the mask and bias to ours.)
+        let mask = f32_inputs.mask.map(|m| match m {
+            Mask::KeyPadding(a) => Mask::KeyPadding(a.reborrow()),
+            Mask::Full(a) => Mask::Full(a.reborrow()),
+        });
+        let bias = f32_inputs.bias.map(|b| b.reborrow());
+        HalfInputs { q: self.q.view(), k: self.k.view(), v: self.v.view(), mask, bias }
+    }
+}
+
 /// [`forward_version_with_stats`] on f32 inputs: Q, K, V rounded to `T` first (on the host,
 /// not timed), O widened back to f32. The benches and `attn run --dtype` use it.
 pub fn forward_rounded<T: TcFloat>(
@@ -259,15 +279,8 @@ pub fn forward_rounded<T: TcFloat>(
     opts: &Options,
     version: u32,
 ) -> Result<(attn_core::Forward, DeviceStats)> {
-    let (q, k, v) = (round::<T, _>(inputs.q), round::<T, _>(inputs.k), round::<T, _>(inputs.v));
-    // (ndarray's views are invariant in their lifetime: reborrow the mask and bias to ours.)
-    let mask = inputs.mask.map(|m| match m {
-        Mask::KeyPadding(a) => Mask::KeyPadding(a.reborrow()),
-        Mask::Full(a) => Mask::Full(a.reborrow()),
-    });
-    let bias = inputs.bias.map(|b| b.reborrow());
-    let half = HalfInputs { q: q.view(), k: k.view(), v: v.view(), mask, bias };
-    let (f, stats) = forward_version_with_stats(&half, opts, version)?;
+    let rounded = Rounded::<T>::of(inputs);
+    let (f, stats) = forward_version_with_stats(&rounded.inputs(inputs), opts, version)?;
     Ok((attn_core::Forward { out: widen(f.out.view()), lse: f.lse, traffic: None }, stats))
 }
 
@@ -305,8 +318,7 @@ pub fn backward_version_with_stats<T: TcFloat>(
     d_out: ArrayView4<'_, T>,
     version: u32,
 ) -> Result<(HalfGrads<T>, DeviceStats)> {
-    static ZERO: [f32; 1] = [0.0];
-    let p = validate(inputs, opts, &ZERO)?;
+    let p = validate(inputs, opts)?;
     let sh = p.shape;
     for (arg, got, want) in [
         ("d_out", d_out.shape().to_vec(), sh.q_dims()),
@@ -432,13 +444,8 @@ pub fn backward_rounded<T: TcFloat>(
     d_out: ArrayView4<'_, f32>,
     version: u32,
 ) -> Result<(attn_core::Grads, DeviceStats)> {
-    let (q, k, v) = (round::<T, _>(inputs.q), round::<T, _>(inputs.k), round::<T, _>(inputs.v));
-    let mask = inputs.mask.map(|m| match m {
-        Mask::KeyPadding(a) => Mask::KeyPadding(a.reborrow()),
-        Mask::Full(a) => Mask::Full(a.reborrow()),
-    });
-    let bias = inputs.bias.map(|b| b.reborrow());
-    let half = HalfInputs { q: q.view(), k: k.view(), v: v.view(), mask, bias };
+    let rounded = Rounded::<T>::of(inputs);
+    let half = rounded.inputs(inputs);
     let hf = HalfForward { out: round::<T, _>(fwd.out.view()), lse: fwd.lse.clone() };
     let d_o = round::<T, _>(d_out);
     let (g, stats) = backward_version_with_stats(&half, opts, &hf, d_o.view(), version)?;
