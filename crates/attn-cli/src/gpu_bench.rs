@@ -51,7 +51,7 @@ type FwdFn = fn(&Inputs<'_>, &Options) -> Result<(Forward, DeviceStats)>;
 type BwdFn =
     fn(&Inputs<'_>, &Options, &Forward, ArrayView4<'_, f32>) -> Result<(Grads, DeviceStats)>;
 
-fn gpu_stages() -> [(&'static str, FwdFn, Option<BwdFn>); 23] {
+fn gpu_stages() -> [(&'static str, FwdFn, Option<BwdFn>); 24] {
     use attn::flash2::tc;
     use attn::{chunked::gpu as c, flash1::gpu as f1, flash2::gpu as f, naive::gpu as n};
     /// The tensor-core forward `V` on inputs rounded to `T`.
@@ -109,6 +109,12 @@ fn gpu_stages() -> [(&'static str, FwdFn, Option<BwdFn>); 23] {
             "flash2-f16",
             tc_v::<tc::f16, { tc::TC_FORWARD_VERSION }>,
             Some(tc_b::<tc::f16, { tc::TC_BACKWARD_VERSION }>),
+        ),
+        // The second backward version beside the default forward.
+        (
+            "flash2-bf16-bwd2",
+            tc_v::<tc::bf16, { tc::TC_FORWARD_VERSION }>,
+            Some(tc_b::<tc::bf16, 2>),
         ),
         ("flash2-bf16-v1", tc_v::<attn::flash2::tc::bf16, 1>, None),
         ("flash2-bf16-v2", tc_v::<attn::flash2::tc::bf16, 2>, None),

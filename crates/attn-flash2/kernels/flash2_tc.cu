@@ -597,16 +597,19 @@ __device__ void tc_group_sum(const float* per_head, u16* out, int heads, int kv_
 // and dQ_i += dS K_j, which needs dS with rows = queries: dS^T goes through shared memory
 // (16-bit) and comes back by ldmatrix.trans; the warp's 16 query rows of dQ are added to an
 // f32 accumulator in device memory with atomics (other key tiles add to the same rows).
-template <int D, bool BF16>
+// PIPE (version 2): Q_i+1 and dO_i+1 are copied by cp.async into second buffers while
+// query tile i is computed, as K_j+1, V_j+1 in the forward's version 3.
+template <int D, bool BF16, bool PIPE = false>
 __device__ void tc_backward_v1(const FlashArgs& a, const ScoreMods& mods) {
     constexpr int S = D + 8, SP = TC_BR + 8;  // row strides: d-rows, dS^T rows
+    constexpr int QT = TC_BR * S, NB = PIPE ? 2 : 1;  // one Q or dO buffer; buffers of each
     constexpr float LOG2E = 1.4426950408889634f;
     extern __shared__ uint4 smem_tc[];
     u16* Ks = reinterpret_cast<u16*>(smem_tc);  // [BC][S]
     u16* Vs = Ks + TC_BC * S;                    // [BC][S]
-    u16* Qs = Vs + TC_BC * S;                    // [BR][S]
-    u16* dOs = Qs + TC_BR * S;                   // [BR][S]
-    u16* dSs = dOs + TC_BR * S;                  // [BC][SP]: dS^T, keys x queries
+    u16* Qb = Vs + TC_BC * S;                    // [NB][BR][S]
+    u16* dOb = Qb + NB * QT;                     // [NB][BR][S]
+    u16* dSs = dOb + NB * QT;                    // [BC][SP]: dS^T, keys x queries
     float* Ls = reinterpret_cast<float*>(dSs + TC_BC * SP);  // [BR] lse of the tile's rows
     float* Ds = Ls + TC_BR;                                  // [BR] D of the tile's rows
     const TcHead hd = tc_head<D>(a);
@@ -627,10 +630,26 @@ __device__ void tc_backward_v1(const FlashArgs& a, const ScoreMods& mods) {
     // the first query row that sees key j0 (causal: i >= j - (n_k - n_q)), on a tile boundary
     const int i_first = mods.causal ? max(0, j0 - (a.n_k - a.n_q)) / TC_BR * TC_BR : 0;
 
-    for (int i0 = i_first; i0 < a.n_q; i0 += TC_BR) {
-        __syncthreads();  // every warp is done with Q_i-1, dO_i-1, dS^T
-        load_tile16<D, TC_BR>(Qs, hd.q, i0, a.n_q);
-        load_tile16<D, TC_BR>(dOs, d_out, i0, a.n_q);
+    if (PIPE && i_first < a.n_q) {
+        load_tile16_async<D, TC_BR>(Qb, hd.q, i_first, a.n_q);
+        load_tile16_async<D, TC_BR>(dOb, d_out, i_first, a.n_q);
+        cp_async_commit();
+    }
+    for (int i0 = i_first, step = 0; i0 < a.n_q; i0 += TC_BR, step++) {
+        const u16* Qs = Qb + (PIPE ? (step % 2) * QT : 0);
+        const u16* dOs = dOb + (PIPE ? (step % 2) * QT : 0);
+        __syncthreads();  // every warp is done with Q_i-1, dO_i-1, dS^T, lse, D
+        if (PIPE) {
+            if (i0 + TC_BR < a.n_q) {  // Q_i+1, dO_i+1 into the buffers step - 1 used
+                load_tile16_async<D, TC_BR>(Qb + ((step + 1) % 2) * QT, hd.q, i0 + TC_BR, a.n_q);
+                load_tile16_async<D, TC_BR>(dOb + ((step + 1) % 2) * QT, d_out, i0 + TC_BR, a.n_q);
+            }
+            cp_async_commit();
+            cp_async_wait<1>();  // Q_i, dO_i have arrived
+        } else {
+            load_tile16<D, TC_BR>(Qb, hd.q, i0, a.n_q);
+            load_tile16<D, TC_BR>(dOb, d_out, i0, a.n_q);
+        }
         for (int r = threadIdx.x; r < TC_BR; r += TC_NT) {
             const bool ok = i0 + r < a.n_q;
             Ls[r] = ok ? lse[i0 + r] : NEG_INF;
@@ -731,6 +750,8 @@ __device__ void tc_backward_v1(const FlashArgs& a, const ScoreMods& mods) {
         }
     }
 
+    cp_async_wait<0>();  // (nothing is left in flight when the block ends)
+
     // dK_j (times the scale) and dV_j of the warp's keys, f32, per query head (the GQA group
     // sum and the rounding to 16 bits follow in tc_group_sum).
     float* dk_h = (float*)a.dk + (i64)hd.z * a.n_k * D;
@@ -752,7 +773,11 @@ __device__ void tc_backward_v1(const FlashArgs& a, const ScoreMods& mods) {
 #define TC_BACKWARD_KERNELS(D, T, BF16)                                                     \
     extern "C" __global__ void __launch_bounds__(TC_NT)                                     \
         flash2_tc_backward_v1_##T##_d##D(FlashArgs a, ScoreMods m) {                        \
-        tc_backward_v1<D, BF16>(a, m);                                                      \
+        tc_backward_v1<D, BF16, false>(a, m);                                               \
+    }                                                                                       \
+    extern "C" __global__ void __launch_bounds__(TC_NT)                                     \
+        flash2_tc_backward_v2_##T##_d##D(FlashArgs a, ScoreMods m) {                        \
+        tc_backward_v1<D, BF16, true>(a, m);                                                \
     }
 TC_BACKWARD_KERNELS(64, bf16, true)
 TC_BACKWARD_KERNELS(128, bf16, true)

@@ -293,9 +293,10 @@ pub struct HalfGrads<T> {
 }
 
 /// The backward kernels kept side by side: 1 — one block per 64-key tile, S^T, P^T, dP^T,
-/// dS^T on the accumulators, dQ through shared memory and f32 atomics. Written after the
-/// last GPU run of its session: validated by the GPU tests only once a device runs them.
-pub const TC_BACKWARD_VERSIONS: [u32; 1] = [1];
+/// dS^T on the accumulators, dQ through shared memory and f32 atomics; 2 — version 1 with
+/// Q_{i+1}, dO_{i+1} copied by `cp.async` during tile i. Both written after the last GPU run
+/// of their session: validated by the GPU tests only once a device runs them.
+pub const TC_BACKWARD_VERSIONS: [u32; 2] = [1, 2];
 /// The backward version the stage runs.
 pub const TC_BACKWARD_VERSION: u32 = 1;
 
@@ -391,7 +392,7 @@ pub fn backward_version_with_stats<T: TcFloat>(
     };
     let name = format!("flash2_tc_backward_v{version}_{}_d{d}", T::NAME);
     let sources = [CONTRACT_HEADER, TILES, KERNELS];
-    let (f, smem) = fused_kernel(gpu, MODULE, &sources, &name, backward_shared_bytes(d))?;
+    let (f, smem) = fused_kernel(gpu, MODULE, &sources, &name, backward_shared_bytes(version, d))?;
     let cfg = LaunchConfig {
         grid_dim: (blocks_for(n_k, KEYS as u32), z as u32, 1),
         block_dim: (128, 1, 1),
@@ -429,10 +430,13 @@ pub fn backward_version_with_stats<T: TcFloat>(
     Ok((grads, stats))
 }
 
-/// Shared-memory bytes of the backward at head dimension `d`: K_j, V_j, Q_i, dO_i (16-bit,
-/// rows padded to d + 8), dS^T (64 x 72), lse and D of the query tile.
-fn backward_shared_bytes(d: usize) -> u32 {
-    (2 * 4 * KEYS * (d + 8) + 2 * KEYS * (ROWS + 8) + 4 * 2 * ROWS) as u32
+/// Shared-memory bytes of backward `version` at head dimension `d`: K_j, V_j, Q_i, dO_i
+/// (16-bit, rows padded to d + 8; two Q_i and dO_i from version 2), dS^T (64 x 72), lse and
+/// D of the query tile.
+fn backward_shared_bytes(version: u32, d: usize) -> u32 {
+    let q_buffers = if version >= 2 { 2 } else { 1 };
+    let tiles = 2 * KEYS + 2 * q_buffers * ROWS;
+    (2 * tiles * (d + 8) + 2 * KEYS * (ROWS + 8) + 4 * 2 * ROWS) as u32
 }
 
 /// [`backward_version_with_stats`] on f32 arrays (inputs, O and dO rounded to `T` on the

@@ -378,9 +378,11 @@ fn tensor_core_kernels_compile_with_nvrtc_for_the_h100() {
         }
     }
     for dtype in ["bf16", "f16"] {
-        for d in tc::TC_HEAD_DIMS {
-            let name = format!(".entry flash2_tc_backward_v1_{dtype}_d{d}");
-            assert!(ptx.contains(&name), "no {name}");
+        for version in tc::TC_BACKWARD_VERSIONS {
+            for d in tc::TC_HEAD_DIMS {
+                let name = format!(".entry flash2_tc_backward_v{version}_{dtype}_d{d}");
+                assert!(ptx.contains(&name), "no {name}");
+            }
         }
         for k in ["tc_row_dot", "tc_group_sum"] {
             assert!(ptx.contains(&format!(".entry {k}_{dtype}")), "no {k}_{dtype}");
