@@ -8,6 +8,18 @@
 //! The inputs are the [`half`] crate's [`bf16`] or [`f16`] ([`HalfInputs`]); [`round`] makes
 //! them from f32 arrays. Accuracy is that of the rounded inputs: compare with the float64
 //! reference computed on the *same rounded values* (DESIGN.md: ≤ 1e-2 normwise forward).
+//!
+//! ```no_run
+//! use attn_core::{Options, Shape};
+//! use attn_flash2::tc::{self, HalfInputs, bf16};
+//!
+//! let shape = Shape::new(4, 16, 4096, 128).with_kv_heads(4); // GQA: 4 key/value heads
+//! let (q, k, v) = attn_core::random::qkv(&shape, 0);
+//! let (q, k, v) = (tc::round::<bf16, _>(q.view()), tc::round(k.view()), tc::round(v.view()));
+//! let inputs = HalfInputs::new(q.view(), k.view(), v.view());
+//! let fwd = tc::forward(&inputs, &Options::default().causal(true))?; // O in bf16, lse in f32
+//! # Ok::<(), attn_core::AttnError>(())
+//! ```
 
 use attn_core::problem::Problem;
 use attn_core::{AttnError, Inputs, Mask, Options, Result, Shape};
