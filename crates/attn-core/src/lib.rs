@@ -43,7 +43,7 @@ pub use ndarray;
 pub use dropout::{Dropout, DropoutParams};
 pub use error::{AttnError, Result};
 pub use options::{Inputs, Mask, Options};
-pub use problem::{Head, Problem, check_d_out, check_saved};
+pub use problem::{Element, Head, Problem, check_d_out, check_saved, check_values};
 pub use shape::Shape;
 pub use stage::{Device, Forward, Grads, Stage};
 pub use traffic::{Traffic, TrafficCounter};

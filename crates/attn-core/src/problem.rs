@@ -57,14 +57,20 @@ fn check_broadcast(arg: &'static str, got: &[usize], full: [usize; 4]) -> Result
     }
 }
 
+/// An element type whose values the checks read as f32: f32 itself, or a 16-bit float (the
+/// tensor-core stage's bf16 / f16 from the `half` crate).
+pub trait Element: Copy + Into<f32> + Send + Sync {}
+impl<E: Copy + Into<f32> + Send + Sync> Element for E {}
+
 /// One parallel pass over the rows (last axis) of a 4-D tensor: whether every element is
 /// finite, and the largest squared row norm (accumulated in f64).
-fn scan_rows(t: &ArrayView4<'_, f32>) -> (bool, f64) {
+fn scan_rows<E: Element>(t: &ArrayView4<'_, E>) -> (bool, f64) {
     Zip::from(t.lanes(Axis(3))).par_fold(
         || (true, 0.0f64),
         |(ok, m), lane| {
             let (mut finite, mut norm2) = (true, 0.0f64);
             for &x in lane {
+                let x: f32 = x.into();
                 finite &= x.is_finite();
                 norm2 += (x as f64) * (x as f64);
             }
@@ -76,12 +82,12 @@ fn scan_rows(t: &ArrayView4<'_, f32>) -> (bool, f64) {
 
 /// Index of the first element that fails `ok`, if any (called only once a scan has found
 /// one, to name it).
-fn first_bad<D: Dimension>(
-    a: &ndarray::ArrayView<'_, f32, D>,
+fn first_bad<E: Element, D: Dimension>(
+    a: &ndarray::ArrayView<'_, E, D>,
     ok: impl Fn(f32) -> bool + Sync,
 ) -> Option<(Vec<usize>, f32)> {
     // `iter` walks in logical (row-major) order, so the position unravels over the shape.
-    let (mut flat, value) = a.iter().enumerate().find(|(_, x)| !ok(**x)).map(|(i, &x)| (i, x))?;
+    let (mut flat, value) = a.iter().map(|&x| x.into()).enumerate().find(|&(_, x)| !ok(x))?;
     let mut index = vec![0; a.ndim()];
     for (axis, &len) in a.shape().iter().enumerate().rev() {
         index[axis] = flat % len;
@@ -93,6 +99,16 @@ fn first_bad<D: Dimension>(
 impl<'a> Problem<'a> {
     /// Validates `inputs` and `opts` against the contract (DESIGN.md) and resolves defaults.
     pub fn new(inputs: &Inputs<'a>, opts: &Options) -> Result<Self> {
+        let p = Self::shapes_only(inputs, opts)?;
+        check_values(inputs.q, inputs.k, inputs.v, inputs.bias, p.scale)?;
+        Ok(p)
+    }
+
+    /// [`Problem::new`] without reading the values of q, k, v and the bias: shapes, masks,
+    /// options. For a caller whose tensors have another element type (the tensor cores'
+    /// bf16 / f16): it passes stand-ins of the right shapes here and its own tensors to
+    /// [`check_values`].
+    pub fn shapes_only(inputs: &Inputs<'a>, opts: &Options) -> Result<Self> {
         let (q, k, v) = (inputs.q, inputs.k, inputs.v);
         if q.is_empty() {
             return Err(AttnError::EmptyAxis { arg: "q", shape: dims(&q) });
@@ -162,30 +178,6 @@ impl<'a> Problem<'a> {
         }
         if opts.sram == Some(0) {
             return Err(AttnError::ZeroBlockSize { arg: "sram" });
-        }
-
-        let mut max_norms = [0.0f64; 3];
-        for (i, (arg, t)) in [("q", q), ("k", k), ("v", v)].into_iter().enumerate() {
-            let (finite, max_norm2) = scan_rows(&t);
-            if !finite && let Some((index, value)) = first_bad(&t, f32::is_finite) {
-                return Err(AttnError::NonFinite { arg, index, value });
-            }
-            max_norms[i] = max_norm2.sqrt();
-        }
-        if let Some(b) = inputs.bias
-            && let Some((index, value)) = first_bad(&b, |x| !x.is_nan() && x != f32::INFINITY)
-        {
-            return Err(AttnError::InvalidBias { index, value });
-        }
-
-        // Cauchy–Schwarz bounds every score and every partial sum of its dot product, so
-        // below this bound no score can overflow, whatever the order of summation.
-        let max_bias = inputs.bias.map_or(0.0, |b| {
-            b.iter().filter(|x| x.is_finite()).fold(0.0f64, |m, &x| m.max((x as f64).abs()))
-        });
-        let bound = (scale as f64).abs() * max_norms[0] * max_norms[1] + max_bias;
-        if bound > SCORE_LIMIT {
-            return Err(AttnError::ScoreOverflow { bound });
         }
 
         Ok(Self {
@@ -372,8 +364,44 @@ impl Head<'_> {
     }
 }
 
+/// The checks on the values of a call's operands: q, k, v finite, a bias without NaN or
+/// +∞, and no score that could overflow f32 (bounded by Cauchy–Schwarz from the largest row
+/// norms of q and k, the scale and the largest finite bias).
+pub fn check_values<E: Element>(
+    q: ArrayView4<'_, E>,
+    k: ArrayView4<'_, E>,
+    v: ArrayView4<'_, E>,
+    bias: Option<ArrayView4<'_, f32>>,
+    scale: f32,
+) -> Result<()> {
+    let mut max_norms = [0.0f64; 3];
+    for (i, (arg, t)) in [("q", q), ("k", k), ("v", v)].into_iter().enumerate() {
+        let (finite, max_norm2) = scan_rows(&t);
+        if !finite && let Some((index, value)) = first_bad(&t, f32::is_finite) {
+            return Err(AttnError::NonFinite { arg, index, value });
+        }
+        max_norms[i] = max_norm2.sqrt();
+    }
+    if let Some(b) = bias
+        && let Some((index, value)) = first_bad(&b, |x| !x.is_nan() && x != f32::INFINITY)
+    {
+        return Err(AttnError::InvalidBias { index, value });
+    }
+
+    // Cauchy–Schwarz bounds every score and every partial sum of its dot product, so
+    // below this bound no score can overflow, whatever the order of summation.
+    let max_bias = bias.map_or(0.0, |b| {
+        b.iter().filter(|x| x.is_finite()).fold(0.0f64, |m, &x| m.max((x as f64).abs()))
+    });
+    let bound = (scale as f64).abs() * max_norms[0] * max_norms[1] + max_bias;
+    if bound > SCORE_LIMIT {
+        return Err(AttnError::ScoreOverflow { bound });
+    }
+    Ok(())
+}
+
 /// Checks the upstream gradient of a backward call: `[b, h, n_q, d]`, finite.
-pub fn check_d_out(shape: &Shape, d_out: ArrayView4<'_, f32>) -> Result<()> {
+pub fn check_d_out<E: Element>(shape: &Shape, d_out: ArrayView4<'_, E>) -> Result<()> {
     let (b, h, n, d) = shape.q_dims();
     if d_out.dim() != (b, h, n, d) {
         return Err(AttnError::ShapeMismatch {
@@ -392,9 +420,9 @@ pub fn check_d_out(shape: &Shape, d_out: ArrayView4<'_, f32>) -> Result<()> {
 
 /// Checks what a backward call gets back from the forward: the output `[b, h, n_q, d]`
 /// and the log-sum-exp `[b, h, n_q]`.
-pub fn check_saved(
+pub fn check_saved<E: Element>(
     shape: &Shape,
-    out: ArrayView4<'_, f32>,
+    out: ArrayView4<'_, E>,
     lse: ndarray::ArrayView3<'_, f32>,
 ) -> Result<()> {
     let (b, h, n, d) = shape.q_dims();

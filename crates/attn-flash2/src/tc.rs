@@ -22,8 +22,10 @@
 //! ```
 
 use attn_core::problem::Problem;
-use attn_core::{AttnError, Inputs, Mask, Options, Result, Shape};
-use attn_cuda::{CONTRACT_HEADER, CudaFunction, DeviceBuffer, Gpu, LaunchConfig, PushKernelArg};
+use attn_core::{AttnError, Element, Inputs, Mask, Options, Result, Shape};
+use attn_core::{check_d_out, check_saved, check_values};
+use attn_cuda::PushKernelArg;
+use attn_cuda::{CONTRACT_HEADER, CudaFunction, DeviceBuffer, DeviceRepr, Gpu, LaunchConfig};
 use attn_cuda::{blocks_for, cuda_err, gpu};
 pub use half::{bf16, f16};
 use ndarray::{Array, Array3, Array4, ArrayView4, Dimension};
@@ -59,39 +61,28 @@ mod sealed {
     impl Sealed for half::f16 {}
 }
 
-/// A 16-bit float the tensor-core kernels take: [`bf16`] or [`f16`].
+/// A 16-bit float the tensor-core kernels take: [`bf16`] or [`f16`] (uploaded as they are:
+/// the kernels read the same bits).
 pub trait TcFloat:
-    sealed::Sealed + Copy + Default + Send + Sync + std::fmt::Debug + 'static
+    sealed::Sealed + Element + DeviceRepr + Default + std::fmt::Debug + 'static
 {
     /// "bf16" or "f16": the kernels' suffix and the CLI's `--dtype`.
     const NAME: &'static str;
+    /// Rounded to nearest even.
     fn from_f32(x: f32) -> Self;
-    fn to_f32(self) -> f32;
-    fn to_bits(self) -> u16;
-    fn from_bits(bits: u16) -> Self;
 }
-
-macro_rules! tc_float {
-    ($t:ty, $name:literal) => {
-        impl TcFloat for $t {
-            const NAME: &'static str = $name;
-            fn from_f32(x: f32) -> Self {
-                <$t>::from_f32(x)
-            }
-            fn to_f32(self) -> f32 {
-                <$t>::to_f32(self)
-            }
-            fn to_bits(self) -> u16 {
-                <$t>::to_bits(self)
-            }
-            fn from_bits(bits: u16) -> Self {
-                <$t>::from_bits(bits)
-            }
-        }
-    };
+impl TcFloat for bf16 {
+    const NAME: &'static str = "bf16";
+    fn from_f32(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
 }
-tc_float!(bf16, "bf16");
-tc_float!(f16, "f16");
+impl TcFloat for f16 {
+    const NAME: &'static str = "f16";
+    fn from_f32(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+}
 
 /// An f32 array rounded to `T` (round to nearest even).
 pub fn round<T: TcFloat, D: Dimension>(a: ndarray::ArrayView<'_, f32, D>) -> Array<T, D> {
@@ -100,7 +91,7 @@ pub fn round<T: TcFloat, D: Dimension>(a: ndarray::ArrayView<'_, f32, D>) -> Arr
 
 /// A `T` array widened to f32 (exact).
 pub fn widen<T: TcFloat, D: Dimension>(a: ndarray::ArrayView<'_, T, D>) -> Array<f32, D> {
-    a.mapv(T::to_f32)
+    a.mapv(Into::into)
 }
 
 /// The tensors of one call in 16 bits; mask and bias as in [`Inputs`] (the bias stays f32).
@@ -140,8 +131,10 @@ pub fn forward<T: TcFloat>(inputs: &HalfInputs<'_, T>, opts: &Options) -> Result
     forward_version_with_stats(inputs, opts, TC_FORWARD_VERSION).map(|(f, _)| f)
 }
 
-/// Validates a 16-bit call with the checks every stage makes ([`Problem::new`] on
-/// zero-strided f32 stand-ins of the same shapes), then the tensor cores' own limits.
+/// Validates a 16-bit call with the checks every stage makes — the shapes, masks and options
+/// by [`Problem::shapes_only`] on zero-strided f32 stand-ins of the same shapes, the values
+/// of q, k, v and the bias by [`check_values`] on the 16-bit tensors themselves — then the
+/// tensor cores' own limits.
 fn validate<'a, T: TcFloat>(inputs: &HalfInputs<'a, T>, opts: &Options) -> Result<Problem<'a>> {
     static ZERO: [f32; 1] = [0.0];
     use ndarray::ShapeBuilder;
@@ -156,7 +149,8 @@ fn validate<'a, T: TcFloat>(inputs: &HalfInputs<'a, T>, opts: &Options) -> Resul
         mask: inputs.mask,
         bias: inputs.bias,
     };
-    let p = Problem::new(&f32_inputs, opts)?;
+    let p = Problem::shapes_only(&f32_inputs, opts)?;
+    check_values(inputs.q, inputs.k, inputs.v, inputs.bias, p.scale)?;
     if !TC_HEAD_DIMS.contains(&p.shape.head_dim) {
         return Err(AttnError::UnsupportedHeadDim {
             stage: STAGE,
@@ -185,13 +179,13 @@ pub fn forward_version_with_stats<T: TcFloat>(
     let gpu = gpu()?;
     check_architecture(gpu)?;
     let Shape { batch, heads, n_q, head_dim: d, .. } = p.shape;
-    let upload = |a: &ArrayView4<'_, T>| gpu.upload_array(a.mapv(T::to_bits).view());
-    let (q, k, v) = (upload(&inputs.q)?, upload(&inputs.k)?, upload(&inputs.v)?);
+    let (q, k, v) =
+        (gpu.upload_array(inputs.q)?, gpu.upload_array(inputs.k)?, gpu.upload_array(inputs.v)?);
     let score = ScoreInputs::upload(gpu, &p)?;
     let meter = DevicePeak::start(gpu);
     let timer = attn_cuda::Timer::start(gpu)?;
     let z = batch * heads;
-    let out: DeviceBuffer<u16> = gpu.uninit(z * n_q * d)?;
+    let out: DeviceBuffer<T> = gpu.uninit(z * n_q * d)?;
     let lse = gpu.uninit_f32(z * n_q)?;
     let args = FlashArgs {
         q: gpu.ptr(&q),
@@ -201,26 +195,56 @@ pub fn forward_version_with_stats<T: TcFloat>(
         lse: gpu.ptr(&lse),
         ..FlashArgs::new(&p.shape, p.scale)
     };
-    let f = kernel::<T>(gpu, version, d)?;
-    let cfg = LaunchConfig {
-        grid_dim: (blocks_for(n_q, block_rows(version) as u32), z as u32, 1),
-        block_dim: (128, 1, 1),
-        shared_mem_bytes: f.1,
-    };
-    let mut b = gpu.stream().launch_builder(&f.0);
-    b.arg(&args).arg(&score.mods);
-    // SAFETY: (FlashArgs, ScoreMods) is the tensor-core kernels' parameter list; q, k, v, o
-    // hold 16-bit values of the validated shapes, lse z·n_q floats, and the mask and bias
-    // buffers behind `mods` live in `score` until after the launch completes.
-    unsafe { b.launch(cfg) }.map_err(cuda_err("flash2_tc_forward"))?;
+    check_version("forward", version, &TC_FORWARD_VERSIONS)?;
+    let name = format!("flash2_tc_forward_v{version}_{}_d{d}", T::NAME);
+    let f = fused_kernel(gpu, MODULE, &SOURCES, &name, shared_bytes(version, d))?;
+    let grid = (blocks_for(n_q, block_rows(version) as u32), z as u32);
+    launch_blocks(gpu, &f, grid, &args, &score, "flash2_tc_forward")?;
     let kernel_ms = timer.stop(gpu)?;
     let stats = DeviceStats { peak_bytes: meter.peak(gpu), kernel_ms };
-    let bits: Array4<u16> = gpu.download_array(&out, p.shape.q_dims())?;
     let forward = HalfForward {
-        out: bits.mapv(T::from_bits),
+        out: gpu.download_array(&out, p.shape.q_dims())?,
         lse: gpu.download_array(&lse, p.shape.lse_dims())?,
     };
     Ok((forward, stats))
+}
+
+/// The module's sources, as NVRTC compiles them.
+const SOURCES: [&str; 3] = [CONTRACT_HEADER, TILES, KERNELS];
+
+/// Refuses a kernel version that does not exist.
+fn check_version(kind: &str, version: u32, versions: &[u32]) -> Result<()> {
+    if versions.contains(&version) {
+        return Ok(());
+    }
+    Err(AttnError::Cuda {
+        context: "choosing the tensor-core kernel".into(),
+        message: format!("no {kind} version {version}; there are {versions:?}"),
+    })
+}
+
+/// Launches a forward or backward kernel `(FlashArgs, ScoreMods)`: 128 threads a block,
+/// `grid` = (query or key tiles, batch · heads).
+fn launch_blocks(
+    gpu: &Gpu,
+    (f, smem): &(CudaFunction, u32),
+    grid: (u32, u32),
+    args: &FlashArgs,
+    score: &ScoreInputs,
+    what: &str,
+) -> Result<()> {
+    let cfg = LaunchConfig {
+        grid_dim: (grid.0, grid.1, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: *smem,
+    };
+    let mut b = gpu.stream().launch_builder(f);
+    b.arg(args).arg(&score.mods);
+    // SAFETY: (FlashArgs, ScoreMods) is the tensor-core kernels' parameter list; every
+    // pointer in `args` addresses a live buffer of the validated shapes (16-bit tensors,
+    // f32 statistics and accumulators), and the mask and bias behind `mods` live in
+    // `score` until after the launch completes (one stream).
+    unsafe { b.launch(cfg) }.map(|_| ()).map_err(cuda_err(what.to_string()))
 }
 
 /// Query rows a block of forward `version` (`TC_BR`, twice that in versions 4 and 5).
@@ -246,18 +270,6 @@ fn shared_bytes(version: u32, d: usize) -> u32 {
     let kv_buffers = if version >= 3 { 4 } else { 2 };
     let keys = if version == 7 { 2 * KEYS } else { KEYS }; // keys a tile
     (2 * (block_rows(version) + kv_buffers * keys) * (d + 8)) as u32
-}
-
-fn kernel<T: TcFloat>(gpu: &Gpu, version: u32, d: usize) -> Result<(CudaFunction, u32)> {
-    if !TC_FORWARD_VERSIONS.contains(&version) {
-        return Err(AttnError::Cuda {
-            context: "choosing the tensor-core kernel".into(),
-            message: format!("no forward version {version}; there are {TC_FORWARD_VERSIONS:?}"),
-        });
-    }
-    let sources = [CONTRACT_HEADER, TILES, KERNELS];
-    let name = format!("flash2_tc_forward_v{version}_{}_d{d}", T::NAME);
-    fused_kernel(gpu, MODULE, &sources, &name, shared_bytes(version, d))
 }
 
 /// Q, K, V of an f32 call rounded to `T`.
@@ -333,30 +345,15 @@ pub fn backward_version_with_stats<T: TcFloat>(
 ) -> Result<(HalfGrads<T>, DeviceStats)> {
     let p = validate(inputs, opts)?;
     let sh = p.shape;
-    for (arg, got, want) in [
-        ("d_out", d_out.shape().to_vec(), sh.q_dims()),
-        ("out", fwd.out.shape().to_vec(), sh.q_dims()),
-    ] {
-        if got[..] != [want.0, want.1, want.2, want.3] {
-            return Err(AttnError::ShapeMismatch {
-                arg,
-                got,
-                expected: format!("the shape of q, {:?}", [want.0, want.1, want.2, want.3]),
-            });
-        }
-    }
-    if !TC_BACKWARD_VERSIONS.contains(&version) {
-        return Err(AttnError::Cuda {
-            context: "choosing the tensor-core kernel".into(),
-            message: format!("no backward version {version}; there are {TC_BACKWARD_VERSIONS:?}"),
-        });
-    }
+    check_saved(&sh, fwd.out.view(), fwd.lse.view())?;
+    check_d_out(&sh, d_out)?;
+    check_version("backward", version, &TC_BACKWARD_VERSIONS)?;
     let gpu = gpu()?;
     check_architecture(gpu)?;
     let Shape { batch, heads, kv_heads, n_q, n_k, head_dim: d, .. } = sh;
-    let upload = |a: ArrayView4<'_, T>| gpu.upload_array(a.mapv(T::to_bits).view());
-    let (q, k, v) = (upload(inputs.q)?, upload(inputs.k)?, upload(inputs.v)?);
-    let (o, d_o) = (upload(fwd.out.view())?, upload(d_out)?);
+    let (q, k, v) =
+        (gpu.upload_array(inputs.q)?, gpu.upload_array(inputs.k)?, gpu.upload_array(inputs.v)?);
+    let (o, d_o) = (gpu.upload_array(fwd.out.view())?, gpu.upload_array(d_out)?);
     let lse = gpu.upload_array(fwd.lse.view())?;
     let score = ScoreInputs::upload(gpu, &p)?;
     let meter = DevicePeak::start(gpu);
@@ -366,9 +363,7 @@ pub fn backward_version_with_stats<T: TcFloat>(
     let dq_acc = gpu.zeros::<f32>(z * n_q * d)?; // the key tiles add into it
     let dk_h = gpu.uninit_f32(z * n_k * d)?; // every key row written by its tile
     let dv_h = gpu.uninit_f32(z * n_k * d)?;
-    let function = |name: &str| {
-        gpu.function(MODULE, &[CONTRACT_HEADER, TILES, KERNELS], &format!("{name}_{}", T::NAME))
-    };
+    let function = |name: &str| gpu.function(MODULE, &SOURCES, &format!("{name}_{}", T::NAME));
     macro_rules! launch {
         ($f:expr, $cfg:expr, $what:expr; $($arg:expr),*) => {{
             let mut b = gpu.stream().launch_builder($f);
@@ -403,19 +398,14 @@ pub fn backward_version_with_stats<T: TcFloat>(
         ..FlashArgs::new(&sh, p.scale)
     };
     let name = format!("flash2_tc_backward_v{version}_{}_d{d}", T::NAME);
-    let sources = [CONTRACT_HEADER, TILES, KERNELS];
-    let (f, smem) = fused_kernel(gpu, MODULE, &sources, &name, backward_shared_bytes(version, d))?;
-    let cfg = LaunchConfig {
-        grid_dim: (blocks_for(n_k, KEYS as u32), z as u32, 1),
-        block_dim: (128, 1, 1),
-        shared_mem_bytes: smem,
-    };
-    launch!(&f, cfg, "flash2_tc_backward"; &args, &score.mods)?;
+    let f = fused_kernel(gpu, MODULE, &SOURCES, &name, backward_shared_bytes(version, d))?;
+    let grid = (blocks_for(n_k, KEYS as u32), z as u32);
+    launch_blocks(gpu, &f, grid, &args, &score, "flash2_tc_backward")?;
     // dQ rounded; dK, dV summed over each GQA group and rounded.
     let group_sum = function("tc_group_sum")?;
     let round_sum = |src: &DeviceBuffer<f32>, (heads, kv_heads, rows): (usize, usize, usize)| {
         let total = batch * kv_heads * rows * d;
-        let out: DeviceBuffer<u16> = gpu.uninit(total)?;
+        let out: DeviceBuffer<T> = gpu.uninit(total)?;
         let cfg = LaunchConfig {
             grid_dim: (blocks_for(total, 256).min(4096), 1, 1),
             block_dim: (256, 1, 1),
@@ -431,13 +421,10 @@ pub fn backward_version_with_stats<T: TcFloat>(
     let dv = round_sum(&dv_h, (heads, kv_heads, n_k))?;
     let kernel_ms = timer.stop(gpu)?;
     let stats = DeviceStats { peak_bytes: meter.peak(gpu), kernel_ms };
-    let down = |b: &DeviceBuffer<u16>, dims: (usize, usize, usize, usize)| {
-        gpu.download_array(b, dims).map(|a: Array4<u16>| a.mapv(T::from_bits))
-    };
     let grads = HalfGrads {
-        dq: down(&dq, sh.q_dims())?,
-        dk: down(&dk, sh.kv_dims())?,
-        dv: down(&dv, sh.kv_dims())?,
+        dq: gpu.download_array(&dq, sh.q_dims())?,
+        dk: gpu.download_array(&dk, sh.kv_dims())?,
+        dv: gpu.download_array(&dv, sh.kv_dims())?,
     };
     Ok((grads, stats))
 }

@@ -348,6 +348,14 @@ fn tensor_core_forward_refuses_what_it_does_not_do() {
     let err = tc::forward(&half, &data.opts).unwrap_err().to_string();
     assert!(err.contains("k must be"), "{err}");
 
+    // The values are checked on the 16-bit tensors themselves, as every stage checks its own.
+    let data = Case::new(Shape::new(1, 2, 16, 64), 1).build();
+    let mut q = tc::round::<bf16, _>(data.q.view());
+    q[[0, 1, 3, 5]] = bf16::NAN;
+    let half = HalfInputs::new(q.view(), q.view(), q.view());
+    let err = tc::forward(&half, &data.opts).unwrap_err().to_string();
+    assert!(err.contains("q holds NaN at index [0, 1, 3, 5]"), "{err}");
+
     // The backward checks dO against q before touching a device.
     let data = Case::new(Shape::new(1, 2, 16, 64), 1).build();
     let q = tc::round::<bf16, _>(data.q.view());
