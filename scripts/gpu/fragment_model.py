@@ -30,6 +30,19 @@ def ldsm(arr, rows, cols, trans=False):
             out[:, i, j] = m.T[G, 2 * T + j] if trans else m[G, 2 * T + j]
     return out
 
+# The kernel's four fragment reads (frag_a, frag_b2, frag_b2_trans, frag_a_trans).
+def frag_a(t, r0, c0):
+    return ldsm(t, r0 + MR + 8 * (MI % 2), c0 + 8 * (MI // 2))
+
+def frag_b2(t, n0, k0):
+    return ldsm(t, n0 + 8 * (MI // 2) + MR, k0 + 8 * (MI % 2))
+
+def frag_b2_trans(t, k0, n0):
+    return ldsm(t, k0 + 8 * (MI % 2) + MR, n0 + 8 * (MI // 2), trans=True)
+
+def frag_a_trans(t, k0, m0):
+    return ldsm(t, k0 + 8 * (MI // 2) + MR, m0 + 8 * (MI % 2), trans=True)
+
 def mma(c, a, b0, b1):
     A = np.zeros((16, 16)); B = np.zeros((16, 8))
     for j in range(2):
@@ -66,11 +79,11 @@ def backward_block(Q, K, V, dO, lse, Dv, scale, j0, causal, n_q, n_k):
         for w in range(4):
             st = [np.zeros((32, 4)) for _ in range(BR // 8)]; dpt = [np.zeros((32, 4)) for _ in range(BR // 8)]
             for kk in range(D // 16):
-                ka = ldsm(Ks, 16 * w + MR + 8 * (MI % 2), 16 * kk + 8 * (MI // 2))
-                va = ldsm(Vs, 16 * w + MR + 8 * (MI % 2), 16 * kk + 8 * (MI // 2))
+                ka = frag_a(Ks, 16 * w, 16 * kk)
+                va = frag_a(Vs, 16 * w, 16 * kk)
                 for nb in range(0, BR // 8, 2):
-                    qb = ldsm(Qs, 8 * nb + 8 * (MI // 2) + MR, 16 * kk + 8 * (MI % 2))
-                    ob = ldsm(dOs, 8 * nb + 8 * (MI // 2) + MR, 16 * kk + 8 * (MI % 2))
+                    qb = frag_b2(Qs, 8 * nb, 16 * kk)
+                    ob = frag_b2(dOs, 8 * nb, 16 * kk)
                     mma(st[nb], ka, qb[:, 0], qb[:, 1]); mma(st[nb + 1], ka, qb[:, 2], qb[:, 3])
                     mma(dpt[nb], va, ob[:, 0], ob[:, 1]); mma(dpt[nb + 1], va, ob[:, 2], ob[:, 3])
             keys = [j0 + 16 * w + G, j0 + 16 * w + G + 8]
@@ -90,8 +103,8 @@ def backward_block(Q, K, V, dO, lse, Dv, scale, j0, causal, n_q, n_k):
             for kq in range(BR // 16):
                 pa = p_fragment(st, kq); sa = p_fragment(dpt, kq)
                 for c in range(0, D // 8, 2):
-                    ob = ldsm(dOs, 16 * kq + 8 * (MI % 2) + MR, 8 * c + 8 * (MI // 2), trans=True)
-                    qb = ldsm(Qs, 16 * kq + 8 * (MI % 2) + MR, 8 * c + 8 * (MI // 2), trans=True)
+                    ob = frag_b2_trans(dOs, 16 * kq, 8 * c)
+                    qb = frag_b2_trans(Qs, 16 * kq, 8 * c)
                     mma(dv[w][c], pa, ob[:, 0], ob[:, 1]); mma(dv[w][c + 1], pa, ob[:, 2], ob[:, 3])
                     mma(dk[w][c], sa, qb[:, 0], qb[:, 1]); mma(dk[w][c + 1], sa, qb[:, 2], qb[:, 3])
             for nb in range(BR // 8):
@@ -101,9 +114,9 @@ def backward_block(Q, K, V, dO, lse, Dv, scale, j0, causal, n_q, n_k):
         for w in range(4):  # after __syncthreads
             dqa = [np.zeros((32, 4)) for _ in range(D // 8)]
             for kk in range(BC // 16):
-                da = ldsm(dSs, 16 * kk + 8 * (MI // 2) + MR, 16 * w + 8 * (MI % 2), trans=True)
+                da = frag_a_trans(dSs, 16 * kk, 16 * w)
                 for c in range(0, D // 8, 2):
-                    kb = ldsm(Ks, 16 * kk + 8 * (MI % 2) + MR, 8 * c + 8 * (MI // 2), trans=True)
+                    kb = frag_b2_trans(Ks, 16 * kk, 8 * c)
                     mma(dqa[c], da, kb[:, 0], kb[:, 1]); mma(dqa[c + 1], da, kb[:, 2], kb[:, 3])
             for r in range(2):
                 rows = i0 + 16 * w + G + 8 * r

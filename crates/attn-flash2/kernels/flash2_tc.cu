@@ -87,6 +87,32 @@ __device__ __forceinline__ void ldsm_x4_trans(u32* r, const u16* p) {
                  : "r"(a));
 }
 
+
+// The four fragment reads of the kernels, from a row-major 16-bit tile t (row stride ts), in
+// ldmatrix's lane addressing (lane, 0..31, gives row lane % 8 of matrix lane / 8):
+// the A fragment of t's 16 x 16 block at (r0, c0) — matrices: rows +0 / +8, then columns +0 / +8;
+__device__ __forceinline__ void frag_a(u32* r, const u16* t, int ts, int r0, int c0, int lane) {
+    const int mr = lane % 8, mi = lane / 8;
+    ldsm_x4(r, t + (r0 + mr + 8 * (mi % 2)) * ts + c0 + 8 * (mi / 2));
+}
+// the B fragments of B = t^T (t is [n][k], as K_j) for blocks n0 and n0 + 8 at k-step k0:
+// b0, b1 of block n0 in r[0], r[1], of block n0 + 8 in r[2], r[3];
+__device__ __forceinline__ void frag_b2(u32* r, const u16* t, int ts, int n0, int k0, int lane) {
+    const int mr = lane % 8, mi = lane / 8;
+    ldsm_x4(r, t + (n0 + 8 * (mi / 2) + mr) * ts + k0 + 8 * (mi % 2));
+}
+// the same for B = t (t is [k][n], as V_j), by ldmatrix.trans;
+__device__ __forceinline__ void frag_b2_trans(u32* r, const u16* t, int ts, int k0, int n0,
+                                              int lane) {
+    const int mr = lane % 8, mi = lane / 8;
+    ldsm_x4_trans(r, t + (k0 + 8 * (mi % 2) + mr) * ts + n0 + 8 * (mi / 2));
+}
+// the A fragment of A = t^T (t is [k][m], as dS^T) for rows m0.. at k-step k0, by .trans.
+__device__ __forceinline__ void frag_a_trans(u32* r, const u16* t, int ts, int k0, int m0,
+                                             int lane) {
+    const int mr = lane % 8, mi = lane / 8;
+    ldsm_x4_trans(r, t + (k0 + 8 * (mi / 2) + mr) * ts + m0 + 8 * (mi % 2));
+}
 // ANCHOR_END: tc_ldmatrix
 
 // [tile_async] load_tile16 through cp.async: the copies are only issued here.
@@ -319,8 +345,6 @@ __device__ void tc_forward_v2(const FlashArgs& a, const ScoreMods& mods) {
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4;
     const int i0 = blockIdx.x * TC_BR;
     const int rows[2] = {i0 + warp * 16 + g, i0 + warp * 16 + g + 8};
-    // ldmatrix addressing: lane gives row lane % 8 of matrix lane / 8.
-    const int mr = lane % 8, mi = lane / 8;
     const int j_end = key_end(mods, min(i0 + TC_BR, a.n_q) - 1);
 
     if (PIPE && j_end > 0) {  // K_0, V_0 on their way while Q_i is loaded
@@ -330,10 +354,10 @@ __device__ void tc_forward_v2(const FlashArgs& a, const ScoreMods& mods) {
     }
     load_tile16<D, TC_BR>(Qs, hd.q, i0, a.n_q);
     __syncthreads();
-    u32 qf[D / 16][4];  // matrices: rows 0-7 / 8-15 (mi % 2) x columns 0-7 / 8-15 (mi / 2)
+    u32 qf[D / 16][4];  // Q_i's A fragments for the warp's 16 rows, one per 16 columns of d
 #pragma unroll
     for (int kk = 0; kk < D / 16; kk++)
-        ldsm_x4(qf[kk], Qs + (warp * 16 + mr + 8 * (mi % 2)) * S + 16 * kk + 8 * (mi / 2));
+        frag_a(qf[kk], Qs, S, warp * 16, 16 * kk, lane);
     float o[D / 8][4];
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
     zero_frags<D / 8>(o);
@@ -355,8 +379,7 @@ __device__ void tc_forward_v2(const FlashArgs& a, const ScoreMods& mods) {
         }
         __syncthreads();
 
-        // S = Q_i K_j^T. One ldmatrix: keys 8nb..8nb+15 (mi / 2) x d 16kk.. (mi % 2): the
-        // B registers of blocks nb and nb + 1.
+        // S = Q_i K_j^T. One ldmatrix: the B registers of key blocks nb and nb + 1.
         float s[KB / 8][4];
         zero_frags<KB / 8>(s);
 #pragma unroll
@@ -364,15 +387,14 @@ __device__ void tc_forward_v2(const FlashArgs& a, const ScoreMods& mods) {
 #pragma unroll
             for (int nb = 0; nb < KB / 8; nb += 2) {
                 u32 kb[4];
-                ldsm_x4(kb, Ks + (8 * nb + 8 * (mi / 2) + mr) * S + 16 * kk + 8 * (mi % 2));
+                frag_b2(kb, Ks, S, 8 * nb, 16 * kk, lane);
                 mma16816<BF16>(s[nb], qf[kk], kb[0], kb[1]);
                 mma16816<BF16>(s[nb + 1], qf[kk], kb[2], kb[3]);
             }
 
         tc_softmax_step<D, FAST, KB>(a, mods, hd, i0, j0, rows, s, m, l, o);
 
-        // O_i += P~ V_j. One ldmatrix.trans: keys 16kk.. (mi % 2 picks the upper 8) x
-        // columns 8c..8c+15 (mi / 2): the B registers of column blocks c and c + 1.
+        // O_i += P~ V_j. One ldmatrix.trans: the B registers of column blocks c and c + 1.
 #pragma unroll
         for (int kk = 0; kk < KB / 16; kk++) {
             u32 pa[4];
@@ -380,7 +402,7 @@ __device__ void tc_forward_v2(const FlashArgs& a, const ScoreMods& mods) {
 #pragma unroll
             for (int c = 0; c < D / 8; c += 2) {
                 u32 vb[4];
-                ldsm_x4_trans(vb, Vs + (16 * kk + 8 * (mi % 2) + mr) * S + 8 * c + 8 * (mi / 2));
+                frag_b2_trans(vb, Vs, S, 16 * kk, 8 * c, lane);
                 mma16816<BF16>(o[c], pa, vb[0], vb[1]);
                 mma16816<BF16>(o[c + 1], pa, vb[2], vb[3]);
             }
@@ -413,7 +435,6 @@ __device__ void tc_forward_v4(const FlashArgs& a, const ScoreMods& mods) {
         rows[mt][0] = i0 + 64 * mt + 16 * warp + g;
         rows[mt][1] = rows[mt][0] + 8;
     }
-    const int mr = lane % 8, mi = lane / 8;
     const int j_end = key_end(mods, min(i0 + QR, a.n_q) - 1);
 
     if (j_end > 0) {
@@ -451,11 +472,11 @@ __device__ void tc_forward_v4(const FlashArgs& a, const ScoreMods& mods) {
             u32 qf[2][4];
 #pragma unroll
             for (int mt = 0; mt < 2; mt++)
-                ldsm_x4(qf[mt], Qs + (64 * mt + 16 * warp + mr + 8 * (mi % 2)) * S + 16 * kk + 8 * (mi / 2));
+                frag_a(qf[mt], Qs, S, 64 * mt + 16 * warp, 16 * kk, lane);
 #pragma unroll
             for (int nb = 0; nb < TC_BC / 8; nb += 2) {
                 u32 kb[4];
-                ldsm_x4(kb, Ks + (8 * nb + 8 * (mi / 2) + mr) * S + 16 * kk + 8 * (mi % 2));
+                frag_b2(kb, Ks, S, 8 * nb, 16 * kk, lane);
 #pragma unroll
                 for (int mt = 0; mt < 2; mt++) {
                     mma16816<BF16>(s[mt][nb], qf[mt], kb[0], kb[1]);
@@ -476,7 +497,7 @@ __device__ void tc_forward_v4(const FlashArgs& a, const ScoreMods& mods) {
 #pragma unroll
             for (int c = 0; c < D / 8; c += 2) {
                 u32 vb[4];
-                ldsm_x4_trans(vb, Vs + (16 * kk + 8 * (mi % 2) + mr) * S + 8 * c + 8 * (mi / 2));
+                frag_b2_trans(vb, Vs, S, 16 * kk, 8 * c, lane);
 #pragma unroll
                 for (int mt = 0; mt < 2; mt++) {
                     mma16816<BF16>(o[mt][c], pa[mt], vb[0], vb[1]);
@@ -614,7 +635,6 @@ __device__ void tc_backward_v1(const FlashArgs& a, const ScoreMods& mods) {
     float* Ds = Ls + TC_BR;                                  // [BR] D of the tile's rows
     const TcHead hd = tc_head<D>(a);
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
-    const int mr = lane % 8, mi = lane / 8;
     const int j0 = blockIdx.x * TC_BC;
     const u16* d_out = (const u16*)a.d_out + (i64)hd.z * a.n_q * D;
     const float* lse = (const float*)a.lse + (i64)hd.z * a.n_q;
@@ -665,13 +685,13 @@ __device__ void tc_backward_v1(const FlashArgs& a, const ScoreMods& mods) {
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk++) {
             u32 ka[4], va[4];
-            ldsm_x4(ka, Ks + (16 * warp + mr + 8 * (mi % 2)) * S + 16 * kk + 8 * (mi / 2));
-            ldsm_x4(va, Vs + (16 * warp + mr + 8 * (mi % 2)) * S + 16 * kk + 8 * (mi / 2));
+            frag_a(ka, Ks, S, 16 * warp, 16 * kk, lane);
+            frag_a(va, Vs, S, 16 * warp, 16 * kk, lane);
 #pragma unroll
             for (int nb = 0; nb < TC_BR / 8; nb += 2) {
                 u32 qb[4], ob[4];
-                ldsm_x4(qb, Qs + (8 * nb + 8 * (mi / 2) + mr) * S + 16 * kk + 8 * (mi % 2));
-                ldsm_x4(ob, dOs + (8 * nb + 8 * (mi / 2) + mr) * S + 16 * kk + 8 * (mi % 2));
+                frag_b2(qb, Qs, S, 8 * nb, 16 * kk, lane);
+                frag_b2(ob, dOs, S, 8 * nb, 16 * kk, lane);
                 mma16816<BF16>(st[nb], ka, qb[0], qb[1]);
                 mma16816<BF16>(st[nb + 1], ka, qb[2], qb[3]);
                 mma16816<BF16>(dpt[nb], va, ob[0], ob[1]);
@@ -687,7 +707,8 @@ __device__ void tc_backward_v1(const FlashArgs& a, const ScoreMods& mods) {
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int qi = 8 * nb + 2 * t + (e & 1);
-                const float sc = score(mods, plain, a.scale, hd.b, hd.h, i0 + qi, keys[e / 2], st[nb][e]);
+                const float sc =
+                    score(mods, plain, a.scale, hd.b, hd.h, i0 + qi, keys[e / 2], st[nb][e]);
                 const float L = Ls[qi];
                 const float p = (sc == NEG_INF || L == NEG_INF) ? 0.0f : exp2f((sc - L) * LOG2E);
                 st[nb][e] = p;
@@ -704,8 +725,8 @@ __device__ void tc_backward_v1(const FlashArgs& a, const ScoreMods& mods) {
 #pragma unroll
             for (int c = 0; c < D / 8; c += 2) {
                 u32 ob[4], qb[4];
-                ldsm_x4_trans(ob, dOs + (16 * kq + 8 * (mi % 2) + mr) * S + 8 * c + 8 * (mi / 2));
-                ldsm_x4_trans(qb, Qs + (16 * kq + 8 * (mi % 2) + mr) * S + 8 * c + 8 * (mi / 2));
+                frag_b2_trans(ob, dOs, S, 16 * kq, 8 * c, lane);
+                frag_b2_trans(qb, Qs, S, 16 * kq, 8 * c, lane);
                 mma16816<BF16>(dv[c], pa, ob[0], ob[1]);
                 mma16816<BF16>(dv[c + 1], pa, ob[2], ob[3]);
                 mma16816<BF16>(dk[c], sa, qb[0], qb[1]);
@@ -729,11 +750,11 @@ __device__ void tc_backward_v1(const FlashArgs& a, const ScoreMods& mods) {
 #pragma unroll
         for (int kk = 0; kk < TC_BC / 16; kk++) {
             u32 da[4];
-            ldsm_x4_trans(da, dSs + (16 * kk + 8 * (mi / 2) + mr) * SP + 16 * warp + 8 * (mi % 2));
+            frag_a_trans(da, dSs, SP, 16 * kk, 16 * warp, lane);
 #pragma unroll
             for (int c = 0; c < D / 8; c += 2) {
                 u32 kb[4];
-                ldsm_x4_trans(kb, Ks + (16 * kk + 8 * (mi % 2) + mr) * S + 8 * c + 8 * (mi / 2));
+                frag_b2_trans(kb, Ks, S, 16 * kk, 8 * c, lane);
                 mma16816<BF16>(dqa[c], da, kb[0], kb[1]);
                 mma16816<BF16>(dqa[c + 1], da, kb[2], kb[3]);
             }
