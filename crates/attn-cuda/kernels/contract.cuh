@@ -80,3 +80,36 @@ __device__ __forceinline__ float modify_score(const ScoreMods& m, int b, int h, 
     if (j >= key_end(m, i)) s = NEG_INF;
     return s;
 }
+
+// ---------------------------------------------------------------------------------------
+// Two small steps of every backward, for any element type.
+
+// D_i = rowsum(dO_i * O_i) over the rows of [rows, d], one warp a row (blocks of whole
+// warps); `widen` reads an element as f32 (the identity for f32, 16-bit floats widened).
+template <class T, class Widen>
+__device__ __forceinline__ void row_dot_rows(const T* d_out, const T* out, float* D, i64 rows,
+                                             int d, Widen widen) {
+    const i64 row = (i64)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (row >= rows) return;
+    float acc = 0.0f;
+    for (int c = threadIdx.x % 32; c < d; c += 32)
+        acc += widen(d_out[row * d + c]) * widen(out[row * d + c]);
+    for (int o = 16; o > 0; o /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (threadIdx.x % 32 == 0) D[row] = acc;
+}
+
+// Sums the per-query-head dK or dV [b, heads, n_k, D] of each GQA group into
+// [b, kv_heads, n_k, D]; store(e, sum) writes element e of the result (f32, or rounded).
+template <class Store>
+__device__ __forceinline__ void group_sum_rows(const float* per_head, int heads, int kv_heads,
+                                               i64 per_head_elems, i64 total, Store store) {
+    const int group = heads / kv_heads;
+    for (i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x; e < total;
+         e += (i64)gridDim.x * blockDim.x) {
+        const i64 bk = e / per_head_elems, rest = e % per_head_elems;  // bk = b * kv_heads + kvh
+        const i64 first = (bk / kv_heads * heads + bk % kv_heads * group) * per_head_elems + rest;
+        float acc = 0.0f;
+        for (int g = 0; g < group; g++) acc += per_head[first + g * per_head_elems];
+        store(e, acc);
+    }
+}

@@ -579,35 +579,6 @@ __device__ __forceinline__ float widen16(u16 x) {
     return r;
 }
 
-// D_i = rowsum(dO_i * O_i) in f32 from 16-bit dO and O, one warp per row of [rows, d].
-template <bool BF16>
-__device__ void tc_row_dot(const u16* d_out, const u16* out, float* D, i64 rows, int d) {
-    const i64 row = (i64)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-    if (row >= rows) return;
-    float acc = 0.0f;
-    for (int c = threadIdx.x % 32; c < d; c += 32)
-        acc += widen16<BF16>(d_out[row * d + c]) * widen16<BF16>(out[row * d + c]);
-    for (int o = 16; o > 0; o /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-    if (threadIdx.x % 32 == 0) D[row] = acc;
-}
-
-// out[bk, e] = sum over the GQA group of bk of per_head[.., e], rounded to 16 bits: dK and dV
-// from the per-query-head f32 sums ([b, heads, n_k, D] -> [b, kv_heads, n_k, D]); with
-// heads == kv_heads, the plain rounding of dQ's f32 accumulator.
-template <bool BF16>
-__device__ void tc_group_sum(const float* per_head, u16* out, int heads, int kv_heads,
-                             i64 per_head_elems, i64 total) {
-    const int group = heads / kv_heads;
-    for (i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x; e < total;
-         e += (i64)gridDim.x * blockDim.x) {
-        const i64 bk = e / per_head_elems, rest = e % per_head_elems;
-        const i64 first = (bk / kv_heads * heads + bk % kv_heads * group) * per_head_elems + rest;
-        float acc = 0.0f;
-        for (int g = 0; g < group; g++) acc += per_head[first + g * per_head_elems];
-        out[e] = (u16)(pack2<BF16>(acc, 0.0f) & 0xffffu);
-    }
-}
-
 // ANCHOR: tc_backward_v1
 // Tensor-core backward, version 1. A block owns a key tile K_j, V_j (64 keys, 16 a warp) and
 // walks the query tiles that can see it; the warp's dK_j, dV_j stay in registers. Per query
@@ -805,19 +776,20 @@ TC_BACKWARD_KERNELS(128, bf16, true)
 TC_BACKWARD_KERNELS(64, f16, false)
 TC_BACKWARD_KERNELS(128, f16, false)
 
-extern "C" __global__ void tc_row_dot_bf16(const u16* d_out, const u16* out, float* D, i64 rows,
-                                           int d) {
-    tc_row_dot<true>(d_out, out, D, rows, d);
-}
-extern "C" __global__ void tc_row_dot_f16(const u16* d_out, const u16* out, float* D, i64 rows,
-                                          int d) {
-    tc_row_dot<false>(d_out, out, D, rows, d);
-}
-extern "C" __global__ void tc_group_sum_bf16(const float* per_head, u16* out, int heads,
-                                             int kv_heads, i64 per_head_elems, i64 total) {
-    tc_group_sum<true>(per_head, out, heads, kv_heads, per_head_elems, total);
-}
-extern "C" __global__ void tc_group_sum_f16(const float* per_head, u16* out, int heads,
-                                            int kv_heads, i64 per_head_elems, i64 total) {
-    tc_group_sum<false>(per_head, out, heads, kv_heads, per_head_elems, total);
-}
+// D = rowsum(dO o O) from 16-bit dO and O, and the GQA group sums of dK, dV (or dQ's f32
+// accumulator, heads == kv_heads) rounded to 16 bits: contract.cuh's steps with a 16-bit
+// read and a 16-bit store.
+#define TC_SMALL_KERNELS(T, BF16)                                                           \
+    extern "C" __global__ void tc_row_dot_##T(const u16* d_out, const u16* out, float* D,  \
+                                              i64 rows, int d) {                            \
+        row_dot_rows(d_out, out, D, rows, d, [](u16 x) { return widen16<BF16>(x); });       \
+    }                                                                                       \
+    extern "C" __global__ void tc_group_sum_##T(const float* per_head, u16* out, int heads, \
+                                                int kv_heads, i64 per_head_elems,           \
+                                                i64 total) {                                \
+        group_sum_rows(per_head, heads, kv_heads, per_head_elems, total, [=](i64 e, float s) { \
+            out[e] = (u16)(pack2<BF16>(s, 0.0f) & 0xffffu);                                 \
+        });                                                                                 \
+    }
+TC_SMALL_KERNELS(bf16, true)
+TC_SMALL_KERNELS(f16, false)

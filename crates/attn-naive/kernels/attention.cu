@@ -230,12 +230,7 @@ extern "C" __global__ void finish_rows(float* o, float* lse, const float* m, con
 // D_i = rowsum(dO_i * O_i), one warp per row of [Z * n_q, d].
 extern "C" __global__ void row_dot(const float* d_out, const float* out, float* D, i64 rows,
                                    int d) {
-    const i64 row = (i64)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-    if (row >= rows) return;
-    float acc = 0.0f;
-    for (int c = threadIdx.x % 32; c < d; c += 32) acc += d_out[row * d + c] * out[row * d + c];
-    for (int o = 16; o > 0; o /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-    if (threadIdx.x % 32 == 0) D[row] = acc;
+    row_dot_rows(d_out, out, D, rows, d, [](float x) { return x; });
 }
 
 // P = exp(S - lse) on a window of modified scores, in place; lse is [Z, n_q].
@@ -268,16 +263,9 @@ extern "C" __global__ void ds_from_dp(const float* p, float* dp, const float* D,
 
 // ---------------------------------------------------------------------------------------
 // Sums the per-query-head dK or dV [b, h, n_k, D] of each GQA group into [b, kv_heads, n_k, D].
-extern "C" __global__ void group_sum(const float* per_head, float* out, int heads,
-                                            int kv_heads, i64 per_head_elems, i64 total) {
-    const int group = heads / kv_heads;
-    for (i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x; e < total;
-         e += (i64)gridDim.x * blockDim.x) {
-        const i64 bk = e / per_head_elems, rest = e % per_head_elems;  // bk = b * kv_heads + kvh
-        const i64 first = (bk / kv_heads * heads + bk % kv_heads * group) * per_head_elems + rest;
-        float acc = 0.0f;
-        for (int g = 0; g < group; g++) acc += per_head[first + g * per_head_elems];
-        out[e] = acc;
-    }
+extern "C" __global__ void group_sum(const float* per_head, float* out, int heads, int kv_heads,
+                                     i64 per_head_elems, i64 total) {
+    group_sum_rows(per_head, heads, kv_heads, per_head_elems, total,
+                   [=](i64 e, float sum) { out[e] = sum; });
 }
 
