@@ -13,6 +13,7 @@ use clap::Args;
 use ndarray::{Array4, ArrayView4};
 
 use crate::CliError;
+use crate::run::DtypeArg;
 
 #[derive(Debug, Args)]
 pub struct GpuBenchArgs {
@@ -51,7 +52,21 @@ type FwdFn = fn(&Inputs<'_>, &Options) -> Result<(Forward, DeviceStats)>;
 type BwdFn =
     fn(&Inputs<'_>, &Options, &Forward, ArrayView4<'_, f32>) -> Result<(Grads, DeviceStats)>;
 
-fn gpu_stages() -> [(&'static str, FwdFn, Option<BwdFn>); 24] {
+/// A GPU stage `gpu-bench` times: its name, the element type it computes in, its forward
+/// and (where there is one) its backward, each on f32 inputs (the 16-bit stages round them).
+struct GpuStage {
+    name: &'static str,
+    dtype: DtypeArg,
+    fwd: FwdFn,
+    bwd: Option<BwdFn>,
+}
+
+/// An f32 stage.
+const fn f32_stage(name: &'static str, fwd: FwdFn, bwd: BwdFn) -> GpuStage {
+    GpuStage { name, dtype: DtypeArg::F32, fwd, bwd: Some(bwd) }
+}
+
+fn gpu_stages() -> Vec<GpuStage> {
     use attn::flash2::tc;
     use attn::{chunked::gpu as c, flash1::gpu as f1, flash2::gpu as f, naive::gpu as n};
     /// The tensor-core forward `V` on inputs rounded to `T`.
@@ -83,48 +98,46 @@ fn gpu_stages() -> [(&'static str, FwdFn, Option<BwdFn>); 24] {
     ) -> Result<(Grads, DeviceStats)> {
         f::backward_with_stats(i, &o.clone().deterministic(true), fwd, d_out)
     }
-    [
-        ("naive", n::forward_with_stats, Some(n::backward_with_stats)),
-        ("chunked", c::forward_with_stats, Some(c::backward_with_stats)),
-        ("flash1", f1::forward_with_stats, Some(f1::backward_with_stats)),
-        ("flash2", f::forward_with_stats, Some(f::backward_with_stats)),
+    use DtypeArg::{Bf16, F16};
+    // A tensor-core stage.
+    let tc_stage = |name, dtype, fwd, bwd| GpuStage { name, dtype, fwd, bwd };
+    let (fwd_bf16, fwd_f16) =
+        (tc_v::<tc::bf16, { tc::TC_FORWARD_VERSION }>, tc_v::<tc::f16, { tc::TC_FORWARD_VERSION }>);
+    vec![
+        f32_stage("naive", n::forward_with_stats, n::backward_with_stats),
+        f32_stage("chunked", c::forward_with_stats, c::backward_with_stats),
+        f32_stage("flash1", f1::forward_with_stats, f1::backward_with_stats),
+        f32_stage("flash2", f::forward_with_stats, f::backward_with_stats),
         // Every forward kernel version, kept for the book's version table (same backward;
         // `flash2` runs version 5 or 7 by head dimension).
-        ("flash2-v1", flash2_v::<1>, Some(f::backward_with_stats)),
-        ("flash2-v2", flash2_v::<2>, Some(f::backward_with_stats)),
-        ("flash2-v3", flash2_v::<3>, Some(f::backward_with_stats)),
-        ("flash2-v4", flash2_v::<4>, Some(f::backward_with_stats)),
-        ("flash2-v5", flash2_v::<5>, Some(f::backward_with_stats)),
-        ("flash2-v6", flash2_v::<6>, Some(f::backward_with_stats)),
-        ("flash2-v7", flash2_v::<7>, Some(f::backward_with_stats)),
-        ("flash2-dq-pass", f::forward_with_stats, Some(dq_pass)),
-        // Tensor cores, inputs rounded to bf16 / fp16; the numbered forward versions without
-        // a backward (it is the same for all of them).
-        (
+        f32_stage("flash2-v1", flash2_v::<1>, f::backward_with_stats),
+        f32_stage("flash2-v2", flash2_v::<2>, f::backward_with_stats),
+        f32_stage("flash2-v3", flash2_v::<3>, f::backward_with_stats),
+        f32_stage("flash2-v4", flash2_v::<4>, f::backward_with_stats),
+        f32_stage("flash2-v5", flash2_v::<5>, f::backward_with_stats),
+        f32_stage("flash2-v6", flash2_v::<6>, f::backward_with_stats),
+        f32_stage("flash2-v7", flash2_v::<7>, f::backward_with_stats),
+        f32_stage("flash2-dq-pass", f::forward_with_stats, dq_pass),
+        // Tensor cores, inputs rounded to bf16 / fp16: the default versions, the second
+        // backward version, and the numbered forward versions without a backward (it is the
+        // same for all of them).
+        tc_stage(
             "flash2-bf16",
-            tc_v::<tc::bf16, { tc::TC_FORWARD_VERSION }>,
+            Bf16,
+            fwd_bf16,
             Some(tc_b::<tc::bf16, { tc::TC_BACKWARD_VERSION }>),
         ),
-        (
-            "flash2-f16",
-            tc_v::<tc::f16, { tc::TC_FORWARD_VERSION }>,
-            Some(tc_b::<tc::f16, { tc::TC_BACKWARD_VERSION }>),
-        ),
-        // The second backward version beside the default forward.
-        (
-            "flash2-bf16-bwd2",
-            tc_v::<tc::bf16, { tc::TC_FORWARD_VERSION }>,
-            Some(tc_b::<tc::bf16, 2>),
-        ),
-        ("flash2-bf16-v1", tc_v::<attn::flash2::tc::bf16, 1>, None),
-        ("flash2-bf16-v2", tc_v::<attn::flash2::tc::bf16, 2>, None),
-        ("flash2-bf16-v3", tc_v::<attn::flash2::tc::bf16, 3>, None),
-        ("flash2-bf16-v4", tc_v::<attn::flash2::tc::bf16, 4>, None),
-        ("flash2-bf16-v5", tc_v::<attn::flash2::tc::bf16, 5>, None),
-        ("flash2-bf16-v6", tc_v::<attn::flash2::tc::bf16, 6>, None),
-        ("flash2-bf16-v7", tc_v::<attn::flash2::tc::bf16, 7>, None),
-        ("flash2-f16-v5", tc_v::<attn::flash2::tc::f16, 5>, None),
-        ("flash2-f16-v6", tc_v::<attn::flash2::tc::f16, 6>, None),
+        tc_stage("flash2-f16", F16, fwd_f16, Some(tc_b::<tc::f16, { tc::TC_BACKWARD_VERSION }>)),
+        tc_stage("flash2-bf16-bwd2", Bf16, fwd_bf16, Some(tc_b::<tc::bf16, 2>)),
+        tc_stage("flash2-bf16-v1", Bf16, tc_v::<tc::bf16, 1>, None),
+        tc_stage("flash2-bf16-v2", Bf16, tc_v::<tc::bf16, 2>, None),
+        tc_stage("flash2-bf16-v3", Bf16, tc_v::<tc::bf16, 3>, None),
+        tc_stage("flash2-bf16-v4", Bf16, tc_v::<tc::bf16, 4>, None),
+        tc_stage("flash2-bf16-v5", Bf16, tc_v::<tc::bf16, 5>, None),
+        tc_stage("flash2-bf16-v6", Bf16, tc_v::<tc::bf16, 6>, None),
+        tc_stage("flash2-bf16-v7", Bf16, tc_v::<tc::bf16, 7>, None),
+        tc_stage("flash2-f16-v5", F16, tc_v::<tc::f16, 5>, None),
+        tc_stage("flash2-f16-v6", F16, tc_v::<tc::f16, 6>, None),
     ]
 }
 
@@ -189,7 +202,7 @@ pub fn measure(args: &GpuBenchArgs) -> Result<String, CliError> {
         let inputs = Inputs::new(q.view(), k.view(), v.view());
         for causal in [false, true] {
             let opts = Options::default().causal(causal);
-            for (name, fwd_fn, bwd_fn) in gpu_stages() {
+            for GpuStage { name, fwd: fwd_fn, bwd: bwd_fn, .. } in gpu_stages() {
                 if !selected(&args.stages, name) {
                     continue;
                 }
@@ -299,26 +312,14 @@ fn smoke(stages: &[String]) -> Result<(), CliError> {
 /// masked row, bias; no dropout), against CPU flash2 on the same rounded inputs: the worst
 /// error as a multiple of its bound (1e-2 for O, 2e-2 for the gradients).
 fn smoke_tc(d: usize, stages: &[String]) -> Result<f64, CliError> {
-    use attn::flash2::tc;
-    let shape = Shape::new(2, 4, 70, d).with_n_k(90).with_kv_heads(2);
-    let (q, k, v) = attn::core::random::qkv(&shape, 3);
-    let mut mask = Array4::from_elem((2, 1, 70, 90), true);
-    mask.slice_mut(ndarray::s![1, 0, 5, ..]).fill(false);
-    mask[[0, 0, 3, 7]] = false;
-    let bias: Array4<f32> = attn::core::random::normal((1, 4, 70, 90), 5);
+    let SmokeProblem { shape, q, k, v, mask, bias } = SmokeProblem::new(d);
     let mut worst: f64 = 0.0;
-    for (name, fwd_fn, bwd_fn) in gpu_stages() {
-        if !tensor_cores(name) || !selected(stages, name) {
+    for GpuStage { name, dtype, fwd: fwd_fn, bwd: bwd_fn } in gpu_stages() {
+        if dtype == DtypeArg::F32 || !selected(stages, name) {
             continue;
         }
         // Rounded as the stage rounds them (bf16 or fp16), widened for the CPU.
-        let round = |a: &Array4<f32>| {
-            if name.contains("bf16") {
-                tc::widen(tc::round::<tc::bf16, _>(a.view()).view())
-            } else {
-                tc::widen(tc::round::<tc::f16, _>(a.view()).view())
-            }
-        };
+        let round = |a: &Array4<f32>| dtype.round(a.clone());
         let (qr, kr, vr) = (round(&q), round(&k), round(&v));
         let inputs = Inputs::new(qr.view(), kr.view(), vr.view())
             .with_mask(Mask::Full(mask.view()))
@@ -347,9 +348,27 @@ fn smoke_tc(d: usize, stages: &[String]) -> Result<f64, CliError> {
     Ok(worst)
 }
 
-/// Whether `name` is a tensor-core (bf16 / fp16) stage.
-fn tensor_cores(name: &str) -> bool {
-    name.contains("16")
+/// The smoke runs' problem at head dimension `d`: cross attention with GQA (4 query heads, 2
+/// key/value heads), a full mask with one fully masked row, a per-head bias.
+struct SmokeProblem {
+    shape: Shape,
+    q: Array4<f32>,
+    k: Array4<f32>,
+    v: Array4<f32>,
+    mask: Array4<bool>,
+    bias: Array4<f32>,
+}
+
+impl SmokeProblem {
+    fn new(d: usize) -> Self {
+        let shape = Shape::new(2, 4, 70, d).with_n_k(90).with_kv_heads(2);
+        let (q, k, v) = attn::core::random::qkv(&shape, 3);
+        let mut mask = Array4::from_elem((2, 1, 70, 90), true);
+        mask.slice_mut(ndarray::s![1, 0, 5, ..]).fill(false);
+        mask[[0, 0, 3, 7]] = false;
+        let bias = attn::core::random::normal((1, 4, 70, 90), 5);
+        Self { shape, q, k, v, mask, bias }
+    }
 }
 
 /// Whether `name` is among the stages asked for (all when none are named).
@@ -364,13 +383,8 @@ fn worse(a: f64, b: f64) -> f64 {
 
 /// Every GPU stage once at head dimension `d`; the worst normwise error against CPU flash2.
 fn smoke_at(d: usize, stages: &[String]) -> Result<f64, CliError> {
-    let shape = Shape::new(2, 4, 70, d).with_n_k(90).with_kv_heads(2);
-    let (q, k, v) = attn::core::random::qkv(&shape, 3);
+    let SmokeProblem { shape, q, k, v, mask, bias } = SmokeProblem::new(d);
     let d_out = attn::core::random::normal(shape.q_dims(), 4);
-    let mut mask = Array4::from_elem((2, 1, 70, 90), true);
-    mask.slice_mut(ndarray::s![1, 0, 5, ..]).fill(false);
-    mask[[0, 0, 3, 7]] = false;
-    let bias: Array4<f32> = attn::core::random::normal((1, 4, 70, 90), 5);
     let inputs = Inputs::new(q.view(), k.view(), v.view())
         .with_mask(Mask::Full(mask.view()))
         .with_bias(bias.view());
@@ -379,9 +393,10 @@ fn smoke_at(d: usize, stages: &[String]) -> Result<f64, CliError> {
     let want = cpu.forward(&inputs, &opts).map_err(fail)?;
     let want_g = cpu.backward(&inputs, &opts, &want, d_out.view()).map_err(fail)?;
     let mut worst: f64 = 0.0;
-    for (name, fwd_fn, bwd_fn) in gpu_stages() {
+    for GpuStage { name, dtype, fwd: fwd_fn, bwd: bwd_fn } in gpu_stages() {
         // The tensor-core stages (no dropout, head dims 64 and 128) have their own smoke run.
-        let Some(bwd_fn) = bwd_fn.filter(|_| selected(stages, name) && !tensor_cores(name)) else {
+        let Some(bwd_fn) = bwd_fn.filter(|_| selected(stages, name) && dtype == DtypeArg::F32)
+        else {
             continue;
         };
         let (fwd, _) = fwd_fn(&inputs, &opts).map_err(fail)?;

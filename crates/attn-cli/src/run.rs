@@ -28,6 +28,17 @@ pub enum DtypeArg {
     F16,
 }
 
+impl DtypeArg {
+    /// `a` as this type holds it: rounded to bf16 / fp16 and widened back (exactly) to f32.
+    pub fn round(self, a: Array4<f32>) -> Array4<f32> {
+        match self {
+            DtypeArg::F32 => a,
+            DtypeArg::Bf16 => tc::widen(tc::round::<tc::bf16, _>(a.view()).view()),
+            DtypeArg::F16 => tc::widen(tc::round::<tc::f16, _>(a.view()).view()),
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// The stage to run (default: the fastest, flash2).
@@ -251,14 +262,9 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
         }
     }
     // bf16 / f16: every later step (the stage, the reference of --check) sees the rounded values.
-    let rounded = |a: Array4<f32>| match args.dtype {
-        DtypeArg::F32 => a,
-        DtypeArg::Bf16 => tc::widen(tc::round::<tc::bf16, _>(a.view()).view()),
-        DtypeArg::F16 => tc::widen(tc::round::<tc::f16, _>(a.view()).view()),
-    };
-    let q = rounded(read_bhnd("--q", &args.q)?);
-    let k = rounded(read_bhnd("--k", &args.k)?);
-    let v = rounded(read_bhnd("--v", &args.v)?);
+    let q = args.dtype.round(read_bhnd("--q", &args.q)?);
+    let k = args.dtype.round(read_bhnd("--k", &args.k)?);
+    let v = args.dtype.round(read_bhnd("--v", &args.v)?);
     let mask = args.mask.as_deref().map(read_mask).transpose()?;
     let bias = args
         .bias
