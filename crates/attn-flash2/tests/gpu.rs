@@ -186,20 +186,47 @@ fn kernels_compile_with_nvrtc_for_the_h100() {
 
 use attn_flash2::tc::{self, HalfInputs, TcFloat, bf16, f16};
 
+/// A case with Q, K, V rounded to `T`, and the float64 reference on those rounded values.
+struct RoundedCase<T> {
+    data: attn_core::testing::CaseData,
+    q: ndarray::Array4<T>,
+    k: ndarray::Array4<T>,
+    v: ndarray::Array4<T>,
+    reference: attn_core::reference::RefProblem,
+}
+
+impl<T: TcFloat> RoundedCase<T> {
+    fn new(case: &Case) -> Self {
+        let data = case.build();
+        let (q, k, v) =
+            (tc::round(data.q.view()), tc::round(data.k.view()), tc::round(data.v.view()));
+        let (q32, k32, v32) = (tc::widen(q.view()), tc::widen(k.view()), tc::widen(v.view()));
+        let rounded =
+            attn_core::Inputs { q: q32.view(), k: k32.view(), v: v32.view(), ..data.inputs() };
+        let reference =
+            attn_core::reference::RefProblem::from_inputs(&rounded, &data.opts).unwrap();
+        Self { data, q, k, v, reference }
+    }
+
+    /// The 16-bit call: the rounded tensors with the case's mask and bias.
+    fn half(&self) -> HalfInputs<'_, T> {
+        let i = self.data.inputs();
+        HalfInputs {
+            q: self.q.view(),
+            k: self.k.view(),
+            v: self.v.view(),
+            mask: i.mask,
+            bias: i.bias,
+        }
+    }
+}
+
 /// O and lse of the tensor-core forward (`version`) against the float64 reference computed
 /// on the rounded inputs: (normwise error of O, largest |lse error| over rows that see a key).
 fn tc_errors<T: TcFloat>(case: &Case, version: u32) -> (f64, f64) {
-    let data = case.build();
-    let inputs = data.inputs();
-    let (q, k, v) =
-        (tc::round::<T, _>(inputs.q), tc::round::<T, _>(inputs.k), tc::round::<T, _>(inputs.v));
-    let half =
-        HalfInputs { q: q.view(), k: k.view(), v: v.view(), mask: inputs.mask, bias: inputs.bias };
-    let (fwd, _) = tc::forward_version_with_stats(&half, &data.opts, version).unwrap();
-    let (q32, k32, v32) = (tc::widen(q.view()), tc::widen(k.view()), tc::widen(v.view()));
-    let rounded = attn_core::Inputs { q: q32.view(), k: k32.view(), v: v32.view(), ..inputs };
-    let reference =
-        attn_core::reference::RefProblem::from_inputs(&rounded, &data.opts).unwrap().forward();
+    let rc = RoundedCase::<T>::new(case);
+    let (fwd, _) = tc::forward_version_with_stats(&rc.half(), &rc.data.opts, version).unwrap();
+    let reference = rc.reference.forward();
     let out = tc::widen(fwd.out.view());
     let err = attn_core::metrics::compare(out.view(), reference.out.view()).normwise;
     let mut lse_err: f64 = 0.0;
@@ -264,20 +291,13 @@ fn tensor_core_forward_matches_the_reference_on_rounded_inputs() {
 /// dQ, dK, dV of the tensor-core backward (`version`, after the default forward) against the
 /// float64 reference on the rounded inputs and rounded dO: the worst normwise error.
 fn tc_backward_error<T: TcFloat>(case: &Case, version: u32) -> f64 {
-    let data = case.build();
-    let inputs = data.inputs();
-    let (q, k, v) =
-        (tc::round::<T, _>(inputs.q), tc::round::<T, _>(inputs.k), tc::round::<T, _>(inputs.v));
-    let d_out = tc::round::<T, _>(data.d_out.view());
-    let half =
-        HalfInputs { q: q.view(), k: k.view(), v: v.view(), mask: inputs.mask, bias: inputs.bias };
-    let fwd = tc::forward(&half, &data.opts).unwrap();
+    let rc = RoundedCase::<T>::new(case);
+    let d_out = tc::round::<T, _>(rc.data.d_out.view());
+    let fwd = tc::forward(&rc.half(), &rc.data.opts).unwrap();
     let (g, _) =
-        tc::backward_version_with_stats(&half, &data.opts, &fwd, d_out.view(), version).unwrap();
-    let (q32, k32, v32) = (tc::widen(q.view()), tc::widen(k.view()), tc::widen(v.view()));
-    let rounded = attn_core::Inputs { q: q32.view(), k: k32.view(), v: v32.view(), ..inputs };
-    let reference = attn_core::reference::RefProblem::from_inputs(&rounded, &data.opts).unwrap();
-    let rg = reference.backward(&tc::widen(d_out.view()).mapv(f64::from));
+        tc::backward_version_with_stats(&rc.half(), &rc.data.opts, &fwd, d_out.view(), version)
+            .unwrap();
+    let rg = rc.reference.backward(&tc::widen(d_out.view()).mapv(f64::from));
     [(&g.dq, &rg.dq), (&g.dk, &rg.dk), (&g.dv, &rg.dv)]
         .into_iter()
         .map(|(x, r)| attn_core::metrics::compare(tc::widen(x.view()).view(), r.view()).normwise)
