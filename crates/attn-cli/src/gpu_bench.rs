@@ -39,6 +39,12 @@ pub struct GpuBenchArgs {
     /// batch · n = 16 384, hidden 2 048 (heads = 2 048 / d), d ∈ {64, 128}, n from 512 to 16 384.
     #[arg(long)]
     pub paper: bool,
+    /// With --paper: only these n (comma-separated; default: all six).
+    #[arg(long, value_delimiter = ',', requires = "paper")]
+    pub paper_n: Vec<usize>,
+    /// With --paper: only these head dimensions (default: 64 and 128).
+    #[arg(long, value_delimiter = ',', requires = "paper")]
+    pub paper_d: Vec<usize>,
     /// Only these GPU stages (comma-separated; default: all).
     #[arg(long, value_delimiter = ',')]
     pub stages: Vec<String>,
@@ -118,9 +124,9 @@ fn gpu_stages() -> Vec<GpuStage> {
         f32_stage("flash2-v6", flash2_v::<6>, f::backward_with_stats),
         f32_stage("flash2-v7", flash2_v::<7>, f::backward_with_stats),
         f32_stage("flash2-dq-pass", f::forward_with_stats, dq_pass),
-        // Tensor cores, inputs rounded to bf16 / fp16: the default versions, the second
-        // backward version, and the numbered forward versions without a backward (it is the
-        // same for all of them).
+        // Tensor cores, inputs rounded to bf16 / fp16: the default versions, the numbered
+        // backward versions (after the default forward), and the numbered forward versions
+        // without a backward.
         tc_stage(
             "flash2-bf16",
             Bf16,
@@ -128,7 +134,13 @@ fn gpu_stages() -> Vec<GpuStage> {
             Some(tc_b::<tc::bf16, { tc::TC_BACKWARD_VERSION }>),
         ),
         tc_stage("flash2-f16", F16, fwd_f16, Some(tc_b::<tc::f16, { tc::TC_BACKWARD_VERSION }>)),
+        tc_stage("flash2-bf16-bwd1", Bf16, fwd_bf16, Some(tc_b::<tc::bf16, 1>)),
         tc_stage("flash2-bf16-bwd2", Bf16, fwd_bf16, Some(tc_b::<tc::bf16, 2>)),
+        tc_stage("flash2-bf16-bwd3", Bf16, fwd_bf16, Some(tc_b::<tc::bf16, 3>)),
+        tc_stage("flash2-bf16-bwd4", Bf16, fwd_bf16, Some(tc_b::<tc::bf16, 4>)),
+        tc_stage("flash2-bf16-bwd5", Bf16, fwd_bf16, Some(tc_b::<tc::bf16, 5>)),
+        tc_stage("flash2-bf16-bwd6", Bf16, fwd_bf16, Some(tc_b::<tc::bf16, 6>)),
+        tc_stage("flash2-f16-bwd6", F16, fwd_f16, Some(tc_b::<tc::f16, 6>)),
         tc_stage("flash2-bf16-v1", Bf16, tc_v::<tc::bf16, 1>, None),
         tc_stage("flash2-bf16-v2", Bf16, tc_v::<tc::bf16, 2>, None),
         tc_stage("flash2-bf16-v3", Bf16, tc_v::<tc::bf16, 3>, None),
@@ -136,8 +148,13 @@ fn gpu_stages() -> Vec<GpuStage> {
         tc_stage("flash2-bf16-v5", Bf16, tc_v::<tc::bf16, 5>, None),
         tc_stage("flash2-bf16-v6", Bf16, tc_v::<tc::bf16, 6>, None),
         tc_stage("flash2-bf16-v7", Bf16, tc_v::<tc::bf16, 7>, None),
+        tc_stage("flash2-bf16-v8", Bf16, tc_v::<tc::bf16, 8>, None),
+        tc_stage("flash2-bf16-v9", Bf16, tc_v::<tc::bf16, 9>, None),
+        tc_stage("flash2-bf16-v10", Bf16, tc_v::<tc::bf16, 10>, None),
         tc_stage("flash2-f16-v5", F16, tc_v::<tc::f16, 5>, None),
         tc_stage("flash2-f16-v6", F16, tc_v::<tc::f16, 6>, None),
+        tc_stage("flash2-f16-v8", F16, tc_v::<tc::f16, 8>, None),
+        tc_stage("flash2-f16-v10", F16, tc_v::<tc::f16, 10>, None),
     ]
 }
 
@@ -184,11 +201,14 @@ pub fn measure(args: &GpuBenchArgs) -> Result<String, CliError> {
         "bwd device"
     );
     let shapes: Vec<Shape> = if args.paper {
+        let picked = |list: &[usize], x: usize| list.is_empty() || list.contains(&x);
         [64, 128]
             .into_iter()
+            .filter(|&d| picked(&args.paper_d, d))
             .flat_map(|d| {
                 [512, 1024, 2048, 4096, 8192, 16_384]
                     .into_iter()
+                    .filter(|&n| picked(&args.paper_n, n))
                     .map(move |n| Shape::new(16_384 / n, 2048 / d, n, d))
             })
             .collect()

@@ -247,19 +247,11 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
         }
     }
 
-    if args.dtype != DtypeArg::F32 {
-        if device != Device::Cuda || args.algo != "flash2" {
-            return Err(CliError::input(
-                "--dtype",
-                "bf16 and f16 run on the tensor cores: use --device cuda --algo flash2, or --dtype f32",
-            ));
-        }
-        if args.grad_out.is_some() {
-            return Err(CliError::input(
-                "--dtype",
-                "the tensor-core backward is not validated on a GPU yet: drop --grad-out, or use --dtype f32",
-            ));
-        }
+    if args.dtype != DtypeArg::F32 && (device != Device::Cuda || args.algo != "flash2") {
+        return Err(CliError::input(
+            "--dtype",
+            "bf16 and f16 run on the tensor cores: use --device cuda --algo flash2, or --dtype f32",
+        ));
     }
     // bf16 / f16: every later step (the stage, the reference of --check) sees the rounded values.
     let q = args.dtype.round(read_bhnd("--q", &args.q)?);
@@ -278,7 +270,11 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
             )
         })
         .transpose()?;
-    let d_out = args.grad_out.as_deref().map(|p| read_bhnd("--grad-out", p)).transpose()?;
+    let d_out = args
+        .grad_out
+        .as_deref()
+        .map(|p| read_bhnd("--grad-out", p).map(|d| args.dtype.round(d)))
+        .transpose()?;
 
     let mut inputs = Inputs::new(q.view(), k.view(), v.view());
     match &mask {
@@ -302,7 +298,20 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
     let grads = match &d_out {
         Some(d_out) => {
             let start = Instant::now();
-            let g = stage.backward(&inputs, &opts, &fwd, d_out.view()).map_err(lib_error)?;
+            let version = tc::TC_BACKWARD_VERSION;
+            let d_out = d_out.view();
+            let g = match args.dtype {
+                DtypeArg::F32 => stage.backward(&inputs, &opts, &fwd, d_out),
+                DtypeArg::Bf16 => {
+                    tc::backward_rounded::<tc::bf16>(&inputs, &opts, &fwd, d_out, version)
+                        .map(|g| g.0)
+                }
+                DtypeArg::F16 => {
+                    tc::backward_rounded::<tc::f16>(&inputs, &opts, &fwd, d_out, version)
+                        .map(|g| g.0)
+                }
+            }
+            .map_err(lib_error)?;
             Some((g, start.elapsed()))
         }
         None => None,

@@ -104,6 +104,12 @@ template <class Store>
 __device__ __forceinline__ void group_sum_rows(const float* per_head, int heads, int kv_heads,
                                                i64 per_head_elems, i64 total, Store store) {
     const int group = heads / kv_heads;
+    if (group == 1) {  // no group: element e is element e (no 64-bit divisions)
+        for (i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x; e < total;
+             e += (i64)gridDim.x * blockDim.x)
+            store(e, per_head[e]);
+        return;
+    }
     for (i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x; e < total;
          e += (i64)gridDim.x * blockDim.x) {
         const i64 bk = e / per_head_elems, rest = e % per_head_elems;  // bk = b * kv_heads + kvh

@@ -42,7 +42,7 @@ pub struct Gpu {
     name: String,
     arch: &'static str,
     multiprocessors: usize,
-    modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    modules: Mutex<HashMap<String, Arc<CudaModule>>>,
     live: AtomicUsize,
     peak: AtomicUsize,
 }
@@ -148,13 +148,38 @@ impl Gpu {
         sources: &[&str],
         function: &str,
     ) -> Result<CudaFunction> {
+        self.function_of(module.to_string(), module, sources, &[], function)
+    }
+
+    /// [`Gpu::function`] for a module of many large kernels (the tensor-core versions): it is
+    /// compiled with `ONLY_KERNEL` defined as `function`'s name, and a kernel written with
+    /// the module's guard (see flash2_tc.cu's `TC_KERNEL`) compiles only when it is that
+    /// one — seconds for one kernel instead of minutes for all of them. Cached per kernel.
+    pub fn function_alone(
+        &self,
+        module: &'static str,
+        sources: &[&str],
+        function: &str,
+    ) -> Result<CudaFunction> {
+        let define = format!("-DONLY_KERNEL=\"{function}\"");
+        self.function_of(format!("{module}/{function}"), module, sources, &[define], function)
+    }
+
+    fn function_of(
+        &self,
+        key: String,
+        module: &str,
+        sources: &[&str],
+        options: &[String],
+        function: &str,
+    ) -> Result<CudaFunction> {
         let mut modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
-        let m = match modules.get(module) {
+        let m = match modules.get(&key) {
             Some(m) => m.clone(),
             None => {
-                let ptx = compile(module, sources, self.arch)?;
-                let m = self.ctx.load_module(ptx).map_err(cuda_err(format!("loading {module}")))?;
-                modules.insert(module, m.clone());
+                let ptx = compile_with(module, sources, self.arch, options)?;
+                let m = self.ctx.load_module(ptx).map_err(cuda_err(format!("loading {key}")))?;
+                modules.insert(key, m.clone());
                 m
             }
         };
@@ -346,6 +371,16 @@ pub fn nvrtc_available() -> bool {
 /// Compiles CUDA source (the `sources` concatenated) to PTX for `arch` (e.g. "sm_90") with
 /// NVRTC. Needs libnvrtc but no device, so kernels can be checked on any machine that has it.
 pub fn compile(module: &str, sources: &[&str], arch: &'static str) -> Result<cudarc::nvrtc::Ptx> {
+    compile_with(module, sources, arch, &[])
+}
+
+/// [`compile`] with extra NVRTC options (e.g. `-DNAME=VALUE`).
+pub fn compile_with(
+    module: &str,
+    sources: &[&str],
+    arch: &'static str,
+    options: &[String],
+) -> Result<cudarc::nvrtc::Ptx> {
     if !nvrtc_available() {
         return Err(AttnError::NoCudaDevice {
             reason: "the CUDA runtime compiler (libnvrtc) is not installed".into(),
@@ -353,7 +388,10 @@ pub fn compile(module: &str, sources: &[&str], arch: &'static str) -> Result<cud
     }
     let opts = CompileOptions {
         arch: Some(arch),
-        options: vec!["--std=c++17".into(), "--generate-line-info".into()],
+        options: ["--std=c++17".to_string(), "--generate-line-info".to_string()]
+            .into_iter()
+            .chain(options.iter().cloned())
+            .collect(),
         name: Some(format!("{module}.cu")),
         ..Default::default()
     };

@@ -58,10 +58,10 @@ __device__ __forceinline__ u32 ld2(const u16* p) { return *reinterpret_cast<cons
 // Rows row0 .. row0 + ROWS - 1 of a [n][D] 16-bit tensor into shared memory, rows padded to
 // D + 8 values (so that the 8 groups of a warp reading 8 rows hit 8 different bank sets);
 // rows past n are zeros. 16 bytes a thread and step.
-template <int D, int ROWS>
+template <int D, int ROWS, int THREADS = TC_NT>
 __device__ __forceinline__ void load_tile16(u16* dst, const u16* src, int row0, int n) {
     constexpr int C8 = D / 8;
-    for (int e = threadIdx.x; e < ROWS * C8; e += TC_NT) {
+    for (int e = threadIdx.x; e < ROWS * C8; e += THREADS) {
         const int r = e / C8, c = (e % C8) * 8;
         uint4 x = make_uint4(0u, 0u, 0u, 0u);
         if (row0 + r < n) x = *reinterpret_cast<const uint4*>(src + (i64)(row0 + r) * D + c);
@@ -116,10 +116,10 @@ __device__ __forceinline__ void frag_a_trans(u32* r, const u16* t, int ts, int k
 // ANCHOR_END: tc_ldmatrix
 
 // [tile_async] load_tile16 through cp.async: the copies are only issued here.
-template <int D, int ROWS>
+template <int D, int ROWS, int THREADS = TC_NT>
 __device__ __forceinline__ void load_tile16_async(u16* dst, const u16* src, int row0, int n) {
     constexpr int C8 = D / 8;
-    for (int e = threadIdx.x; e < ROWS * C8; e += TC_NT) {
+    for (int e = threadIdx.x; e < ROWS * C8; e += THREADS) {
         const int r = e / C8, c = (e % C8) * 8;
         const bool ok = row0 + r < n;
         cp_async16(dst + r * (D + 8) + c, ok ? src + (i64)(row0 + r) * D + c : src, ok);
@@ -147,15 +147,29 @@ __device__ __forceinline__ void zero_frags(float (*x)[4]) {
     for (int i = 0; i < N; i++) x[i][0] = x[i][1] = x[i][2] = x[i][3] = 0.0f;
 }
 
+// 2^x by the hardware's approximation alone (MUFU.EX2), results below 2^-126 flushed to zero.
+// exp2f compiles to that plus a test and two predicated multiplies that keep those tiny
+// results as denormals: three instructions more per score, for values far below a bf16
+// P~'s last bit beside the row's max (2^0).
+__device__ __forceinline__ float ex2_ftz(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
 // ANCHOR: tc_softmax
 // The online softmax on the accumulators of S (the warp's 16 rows x 64 keys of tile j0; the
 // lane's rows are rows[0], rows[1]): scale, bias and masks (score), the new running max m
 // (base-2 units), O and the lane's part of l rescaled, and s replaced by P~ = 2^(s - m).
-// FAST (version 5): on a plain tile (no mask, bias or causal edge: every score finite) one
-// multiply by scale · log2 e and no -inf tests; and O is rescaled only when some row of the
-// warp saw its max grow (alpha != 1) — after the first tiles a row's max rarely moves, and
-// the D/2 multiplies a lane spends on it are as many instructions as the tile's mma.
-template <int D, bool FAST = false, int KB = TC_BC>
+// FAST >= 1 (version 5): on a plain tile (no mask, bias or causal edge: every score finite)
+// one multiply by scale · log2 e and no -inf tests; and O is rescaled only when some row of
+// the warp saw its max grow (alpha != 1) — after the first tiles a row's max rarely moves,
+// and the D/2 multiplies a lane spends on it are as many instructions as the tile's mma.
+// FAST = 2 (version 8): on a plain tile the max is taken of the raw dot products (times
+// |scale| log2 e after the shuffles) and scale · log2 e folds into P~ = 2^(s · scale log2 e
+// - m), one FMA; the exponential is ex2_ftz. Per score: max, FMA, exp2, add — 4
+// instructions, not 8.
+template <int D, int FAST = 0, int KB = TC_BC>
 __device__ __forceinline__ void tc_softmax_step(const FlashArgs& a, const ScoreMods& mods,
                                                 const TcHead& hd, int i0, int j0,
                                                 const int* rows, float (*s)[4], float* m,
@@ -163,9 +177,22 @@ __device__ __forceinline__ void tc_softmax_step(const FlashArgs& a, const ScoreM
     constexpr float LOG2E = 1.4426950408889634f;
     const int t = threadIdx.x % 4;
     const bool plain = tile_plain(mods, i0, j0, KB);
+    const bool fold = FAST >= 2 && plain;
+    const float scale2 = a.scale * LOG2E;
     float mx[2] = {NEG_INF, NEG_INF};
-    if (FAST && plain) {
-        const float scale2 = a.scale * LOG2E;
+    if (fold) {  // the max of s (of -s if scale < 0: then the max of scale · s is at its min)
+        if (a.scale > 0.0f) {
+#pragma unroll
+            for (int nb = 0; nb < KB / 8; nb++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) mx[e / 2] = fmaxf(mx[e / 2], s[nb][e]);
+        } else {
+#pragma unroll
+            for (int nb = 0; nb < KB / 8; nb++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) mx[e / 2] = fmaxf(mx[e / 2], -s[nb][e]);
+        }
+    } else if (FAST && plain) {
 #pragma unroll
         for (int nb = 0; nb < KB / 8; nb++)
 #pragma unroll
@@ -189,6 +216,7 @@ __device__ __forceinline__ void tc_softmax_step(const FlashArgs& a, const ScoreM
         // the row's max over its 4 lanes
         mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
         mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+        if (fold) mx[r] *= fabsf(scale2);
         const float m_new = fmaxf(m[r], mx[r]);
         alpha[r] = m[r] == NEG_INF ? 0.0f : exp2f(m[r] - m_new);
         m[r] = m_new;
@@ -207,7 +235,8 @@ __device__ __forceinline__ void tc_softmax_step(const FlashArgs& a, const ScoreM
     for (int nb = 0; nb < KB / 8; nb++)
 #pragma unroll
         for (int e = 0; e < 4; e++) {
-            const float p = (FAST && plain)          ? exp2f(s[nb][e] - m[e / 2])
+            const float p = fold                     ? ex2_ftz(fmaf(s[nb][e], scale2, -m[e / 2]))
+                            : (FAST && plain)     ? exp2f(s[nb][e] - m[e / 2])
                             : s[nb][e] == NEG_INF ? 0.0f
                                                   : exp2f(s[nb][e] - m[e / 2]);
             l[e / 2] += p;
@@ -334,7 +363,7 @@ __device__ void tc_forward_v1(const FlashArgs& a, const ScoreMods& mods) {
 // Version 3 (PIPE): K_j+1 and V_j+1 are copied by cp.async into a second pair of buffers
 // while tile j is computed; the block waits at the top of a step only for what it asked for
 // a whole step earlier.
-template <int D, bool BF16, bool PIPE, bool FAST = false, int KB = TC_BC>
+template <int D, bool BF16, bool PIPE, int FAST = 0, int KB = TC_BC>
 __device__ void tc_forward_v2(const FlashArgs& a, const ScoreMods& mods) {
     constexpr int S = D + 8, KV = KB * S;  // row stride; one K or V buffer
     extern __shared__ uint4 smem_tc[];
@@ -412,15 +441,104 @@ __device__ void tc_forward_v2(const FlashArgs& a, const ScoreMods& mods) {
 }
 // ANCHOR_END: tc_forward_v2
 
+// ANCHOR: tc_forward_v10
+// Tensor-core forward, version 10: version 6's tiling (16 rows a warp, Q_i's fragments in
+// registers) with the products software-pipelined inside the warp. S_j+1 = Q_i K_j+1^T is
+// issued *before* the softmax of S_j: mma.sync only blocks when its accumulators are read,
+// so the tensor cores work on S_j+1 while the same warp spends the exp2 unit and the FP
+// pipes on P~_j — at d = 64 the exponentials alone take as many cycles as the mma of a tile.
+// K_j+2 and V_j+1 are in flight meanwhile (two buffers of each suffice: K_j+2 takes the
+// buffer K_j left at step j - 1, V_j+1 the one V_j-1 left). The two score tiles trade roles
+// every step; the loop is unrolled by two so that each stays in registers.
+template <int D, bool BF16>
+__device__ void tc_forward_v10(const FlashArgs& a, const ScoreMods& mods) {
+    constexpr int S = D + 8, KV = TC_BC * S;  // row stride; one K or V buffer
+    extern __shared__ uint4 smem_tc[];
+    u16* Qs = reinterpret_cast<u16*>(smem_tc);  // [BR][S]
+    u16* Kb = Qs + TC_BR * S;                    // [2][BC][S]
+    u16* Vb = Kb + 2 * KV;                       // [2][BC][S]
+    const TcHead hd = tc_head<D>(a);
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4;
+    const int i0 = blockIdx.x * TC_BR;
+    const int rows[2] = {i0 + warp * 16 + g, i0 + warp * 16 + g + 8};
+    const int tiles = (key_end(mods, min(i0 + TC_BR, a.n_q) - 1) + TC_BC - 1) / TC_BC;
+    float o[D / 8][4];
+    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
+    zero_frags<D / 8>(o);
+
+    if (tiles > 0) {
+        load_tile16_async<D, TC_BR>(Qs, hd.q, i0, a.n_q);
+        load_tile16_async<D, TC_BC>(Kb, hd.k, 0, a.n_k);
+        cp_async_commit();  // Q_i, K_0
+        if (tiles > 1) load_tile16_async<D, TC_BC>(Kb + KV, hd.k, TC_BC, a.n_k);
+        load_tile16_async<D, TC_BC>(Vb, hd.v, 0, a.n_k);
+        cp_async_commit();  // K_1, V_0
+        cp_async_wait<1>();
+        __syncthreads();
+    }
+    u32 qf[D / 16][4];  // (read only when there is a tile: Q_i is loaded only then)
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++)
+        if (tiles > 0) frag_a(qf[kk], Qs, S, warp * 16, 16 * kk, lane);
+    // s = Q_i K^T for the K tile in buffer Ks
+    auto scores = [&](float (*s)[4], const u16* Ks) {
+        zero_frags<TC_BC / 8>(s);
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++)
+#pragma unroll
+            for (int nb = 0; nb < TC_BC / 8; nb += 2) {
+                u32 kb[4];
+                frag_b2(kb, Ks, S, 8 * nb, 16 * kk, lane);
+                mma16816<BF16>(s[nb], qf[kk], kb[0], kb[1]);
+                mma16816<BF16>(s[nb + 1], qf[kk], kb[2], kb[3]);
+            }
+    };
+    // Step t: s_now holds S_t; S_t+1 goes into s_next.
+    auto step = [&](int t, float (*s_now)[4], float (*s_next)[4]) {
+        const int buf = t % 2;
+        __syncthreads();  // every warp is done with step t - 1
+        if (t + 2 < tiles) load_tile16_async<D, TC_BC>(Kb + buf * KV, hd.k, (t + 2) * TC_BC, a.n_k);
+        if (t + 1 < tiles)
+            load_tile16_async<D, TC_BC>(Vb + (1 - buf) * KV, hd.v, (t + 1) * TC_BC, a.n_k);
+        cp_async_commit();
+        cp_async_wait<1>();  // K_t+1, V_t have arrived
+        __syncthreads();
+        if (t + 1 < tiles) scores(s_next, Kb + (1 - buf) * KV);  // issued, not waited for
+        tc_softmax_step<D, 2>(a, mods, hd, i0, t * TC_BC, rows, s_now, m, l, o);
+        const u16* Vs = Vb + buf * KV;
+#pragma unroll
+        for (int kk = 0; kk < TC_BC / 16; kk++) {
+            u32 pa[4];
+            p_fragment<BF16>(s_now, kk, pa);
+#pragma unroll
+            for (int c = 0; c < D / 8; c += 2) {
+                u32 vb[4];
+                frag_b2_trans(vb, Vs, S, 16 * kk, 8 * c, lane);
+                mma16816<BF16>(o[c], pa, vb[0], vb[1]);
+                mma16816<BF16>(o[c + 1], pa, vb[2], vb[3]);
+            }
+        }
+    };
+    float sa[TC_BC / 8][4], sb[TC_BC / 8][4];
+    if (tiles > 0) scores(sa, Kb);
+    for (int t = 0; t < tiles; t += 2) {
+        step(t, sa, sb);
+        if (t + 1 < tiles) step(t + 1, sb, sa);
+    }
+    cp_async_wait<0>();  // (nothing is left in flight when the block ends)
+    tc_write_rows<D, BF16>(a, hd.z, rows, m, l, o);
+}
+// ANCHOR_END: tc_forward_v10
+
 // ANCHOR: tc_forward_v4
 // Tensor-core forward, version 4: version 3 with 32 query rows a warp (two 16-row m-tiles,
 // 128 a block). Every K_j and V_j fragment a warp reads from shared memory now feeds two
 // mma instructions instead of one, halving the shared-memory bytes per FLOP of both
 // products; Q_i's fragments no longer fit in registers beside 2 x 64 accumulators of O
 // (D = 128), so they are read again (ldmatrix) at every tile, as FlashAttention-2 does.
-template <int D, bool BF16, bool FAST>
+template <int D, bool BF16, int FAST, int KB = TC_BC>
 __device__ void tc_forward_v4(const FlashArgs& a, const ScoreMods& mods) {
-    constexpr int S = D + 8, KV = TC_BC * S, QR = 2 * TC_BR;  // QR: query rows a block
+    constexpr int S = D + 8, KV = KB * S, QR = 2 * TC_BR;  // QR: query rows a block
     extern __shared__ uint4 smem_tc[];
     u16* Qs = reinterpret_cast<u16*>(smem_tc);  // [QR][S]
     u16* Kb = Qs + QR * S;                       // [2][BC][S]
@@ -438,8 +556,8 @@ __device__ void tc_forward_v4(const FlashArgs& a, const ScoreMods& mods) {
     const int j_end = key_end(mods, min(i0 + QR, a.n_q) - 1);
 
     if (j_end > 0) {
-        load_tile16_async<D, TC_BC>(Kb, hd.k, 0, a.n_k);
-        load_tile16_async<D, TC_BC>(Vb, hd.v, 0, a.n_k);
+        load_tile16_async<D, KB>(Kb, hd.k, 0, a.n_k);
+        load_tile16_async<D, KB>(Vb, hd.v, 0, a.n_k);
     }
     load_tile16_async<D, QR>(Qs, hd.q, i0, a.n_q);
     cp_async_commit();
@@ -452,21 +570,21 @@ __device__ void tc_forward_v4(const FlashArgs& a, const ScoreMods& mods) {
         zero_frags<D / 8>(o[mt]);
     }
 
-    for (int j0 = 0, step = 0; j0 < j_end; j0 += TC_BC, step++) {
+    for (int j0 = 0, step = 0; j0 < j_end; j0 += KB, step++) {
         const u16* Ks = Kb + (step % 2) * KV;
         const u16* Vs = Vb + (step % 2) * KV;
         __syncthreads();  // every warp is done with the tiles of step - 1
-        if (j0 + TC_BC < j_end) {
-            load_tile16_async<D, TC_BC>(Kb + ((step + 1) % 2) * KV, hd.k, j0 + TC_BC, a.n_k);
-            load_tile16_async<D, TC_BC>(Vb + ((step + 1) % 2) * KV, hd.v, j0 + TC_BC, a.n_k);
+        if (j0 + KB < j_end) {
+            load_tile16_async<D, KB>(Kb + ((step + 1) % 2) * KV, hd.k, j0 + KB, a.n_k);
+            load_tile16_async<D, KB>(Vb + ((step + 1) % 2) * KV, hd.v, j0 + KB, a.n_k);
         }
         cp_async_commit();
         cp_async_wait<1>();  // K_j, V_j (and at step 0, Q_i) have arrived
         __syncthreads();
 
-        float s[2][TC_BC / 8][4];
-        zero_frags<TC_BC / 8>(s[0]);
-        zero_frags<TC_BC / 8>(s[1]);
+        float s[2][KB / 8][4];
+        zero_frags<KB / 8>(s[0]);
+        zero_frags<KB / 8>(s[1]);
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk++) {
             u32 qf[2][4];
@@ -474,7 +592,7 @@ __device__ void tc_forward_v4(const FlashArgs& a, const ScoreMods& mods) {
             for (int mt = 0; mt < 2; mt++)
                 frag_a(qf[mt], Qs, S, 64 * mt + 16 * warp, 16 * kk, lane);
 #pragma unroll
-            for (int nb = 0; nb < TC_BC / 8; nb += 2) {
+            for (int nb = 0; nb < KB / 8; nb += 2) {
                 u32 kb[4];
                 frag_b2(kb, Ks, S, 8 * nb, 16 * kk, lane);
 #pragma unroll
@@ -486,11 +604,11 @@ __device__ void tc_forward_v4(const FlashArgs& a, const ScoreMods& mods) {
         }
 #pragma unroll
         for (int mt = 0; mt < 2; mt++)
-            tc_softmax_step<D, FAST>(a, mods, hd, i0 + 64 * mt, j0, rows[mt], s[mt], m[mt], l[mt],
+            tc_softmax_step<D, FAST, KB>(a, mods, hd, i0 + 64 * mt, j0, rows[mt], s[mt], m[mt], l[mt],
                                      o[mt]);
 
 #pragma unroll
-        for (int kk = 0; kk < TC_BC / 16; kk++) {
+        for (int kk = 0; kk < KB / 16; kk++) {
             u32 pa[2][4];
 #pragma unroll
             for (int mt = 0; mt < 2; mt++) p_fragment<BF16>(s[mt], kk, pa[mt]);
@@ -524,6 +642,13 @@ __device__ void tc_forward_v4(const FlashArgs& a, const ScoreMods& mods) {
 // dimension.
 // ANCHOR_END: tc_forward_v6
 
+// ANCHOR: tc_forward_v8
+// Tensor-core forward, version 8: version 5 with the softmax step's FAST = 2 — on a plain
+// tile the scale folds into the exponent's FMA and the exponential is the bare MUFU.EX2
+// (ex2_ftz): 4 instructions a score instead of 8, which matters most at d = 64, where a
+// score costs half as many mma instructions as at d = 128.
+// ANCHOR_END: tc_forward_v8
+
 // ANCHOR: tc_forward_v7
 // Tensor-core forward, version 7: version 6 with 128-key tiles (KB). At d = 64 a tile's mma
 // work halves with d but its other work does not — the two __syncthreads, the loads' issue,
@@ -532,43 +657,47 @@ __device__ void tc_forward_v4(const FlashArgs& a, const ScoreMods& mods) {
 // GPU run: validated and timed only by the next one.
 // ANCHOR_END: tc_forward_v7
 
-#define TC_KERNELS(D, T, BF16)                                                              \
-    extern "C" __global__ void __launch_bounds__(TC_NT)                                     \
-        flash2_tc_forward_v1_##T##_d##D(FlashArgs a, ScoreMods m) {                         \
-        tc_forward_v1<D, BF16>(a, m);                                                       \
-    }                                                                                       \
-    extern "C" __global__ void __launch_bounds__(TC_NT)                                     \
-        flash2_tc_forward_v2_##T##_d##D(FlashArgs a, ScoreMods m) {                         \
-        tc_forward_v2<D, BF16, false>(a, m);                                                \
-    }                                                                                       \
-    extern "C" __global__ void __launch_bounds__(TC_NT)                                     \
-        flash2_tc_forward_v3_##T##_d##D(FlashArgs a, ScoreMods m) {                         \
-        tc_forward_v2<D, BF16, true>(a, m);                                                 \
-    }                                                                                       \
-    extern "C" __global__ void __launch_bounds__(TC_NT)                                     \
-        flash2_tc_forward_v4_##T##_d##D(FlashArgs a, ScoreMods m) {                         \
-        tc_forward_v4<D, BF16, false>(a, m);                                                \
-    }                                                                                       \
-    extern "C" __global__ void __launch_bounds__(TC_NT)                                     \
-        flash2_tc_forward_v5_##T##_d##D(FlashArgs a, ScoreMods m) {                         \
-        tc_forward_v4<D, BF16, true>(a, m);                                                 \
-    }                                                                                       \
-    extern "C" __global__ void __launch_bounds__(TC_NT)                                     \
-        flash2_tc_forward_v6_##T##_d##D(FlashArgs a, ScoreMods m) {                         \
-        tc_forward_v2<D, BF16, true, true>(a, m);                                           \
-    }                                                                                       \
-    extern "C" __global__ void __launch_bounds__(TC_NT)                                     \
-        flash2_tc_forward_v7_##T##_d##D(FlashArgs a, ScoreMods m) {                         \
-        tc_forward_v2<D, BF16, true, true, 2 * TC_BC>(a, m);                                \
+// Each kernel of the module through TC_KERNEL: compiled only when ONLY_KERNEL (a define the
+// host sets, attn_cuda's Gpu::function_alone) is unset or names it; otherwise its body is
+// empty — the call sits in a discarded `if constexpr` branch of a template, so the device
+// function it names is never instantiated. NVRTC and the driver then compile one kernel in
+// seconds, not the module's forty-odd in minutes.
+__host__ __device__ constexpr bool tc_same(const char* x, const char* y) {
+    return *x == *y && (*x == '\0' || tc_same(x + 1, y + 1));
+}
+#ifdef ONLY_KERNEL
+#define TC_WANTED(NAME) tc_same(#NAME, ONLY_KERNEL)
+#else
+#define TC_WANTED(NAME) true
+#endif
+#define TC_KERNEL(NAME, THREADS, CALL)                                                       \
+    template <bool ON, class Args>                                                           \
+    __device__ __forceinline__ void NAME##_body(const Args& a, const ScoreMods& m) {         \
+        if constexpr (ON) CALL(a, m);                                                        \
+    }                                                                                        \
+    extern "C" __global__ void __launch_bounds__(THREADS) NAME(FlashArgs a, ScoreMods m) {   \
+        NAME##_body<TC_WANTED(NAME)>(a, m);                                                  \
     }
+
+#define TC_KERNELS(D, T, BF16)                                                              \
+    TC_KERNEL(flash2_tc_forward_v1_##T##_d##D, TC_NT, (tc_forward_v1<D, BF16>))             \
+    TC_KERNEL(flash2_tc_forward_v2_##T##_d##D, TC_NT, (tc_forward_v2<D, BF16, false>))      \
+    TC_KERNEL(flash2_tc_forward_v3_##T##_d##D, TC_NT, (tc_forward_v2<D, BF16, true>))       \
+    TC_KERNEL(flash2_tc_forward_v4_##T##_d##D, TC_NT, (tc_forward_v4<D, BF16, 0>))          \
+    TC_KERNEL(flash2_tc_forward_v5_##T##_d##D, TC_NT, (tc_forward_v4<D, BF16, 1>))          \
+    TC_KERNEL(flash2_tc_forward_v6_##T##_d##D, TC_NT, (tc_forward_v2<D, BF16, true, 1>))    \
+    TC_KERNEL(flash2_tc_forward_v7_##T##_d##D, TC_NT,                                       \
+              (tc_forward_v2<D, BF16, true, 1, 2 * TC_BC>))                                 \
+    TC_KERNEL(flash2_tc_forward_v8_##T##_d##D, TC_NT, (tc_forward_v4<D, BF16, 2>))          \
+    TC_KERNEL(flash2_tc_forward_v9_##T##_d##D, TC_NT, (tc_forward_v4<D, BF16, 2, 2 * TC_BC>)) \
+    TC_KERNEL(flash2_tc_forward_v10_##T##_d##D, TC_NT, (tc_forward_v10<D, BF16>))
 TC_KERNELS(64, bf16, true)
 TC_KERNELS(128, bf16, true)
 TC_KERNELS(64, f16, false)
 TC_KERNELS(128, f16, false)
 
 // ---------------------------------------------------------------------------------------
-// The backward (FlashAttention-2's Algorithm 2 on the tensor cores). Written after the last
-// GPU run of its session: compiled (NVRTC, ptxas) but not yet run on a GPU.
+// The backward (FlashAttention-2's Algorithm 2 on the tensor cores).
 
 // One 16-bit value widened to f32.
 template <bool BF16>
@@ -579,72 +708,156 @@ __device__ __forceinline__ float widen16(u16 x) {
     return r;
 }
 
+// Two adjacent floats added to device memory: one vector reduction on sm_90
+// (red.global.add.v2.f32), two scalar ones before.
+__device__ __forceinline__ void red_add2(float* p, float x, float y) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(x), "f"(y) : "memory");
+#else
+    atomicAdd(p, x);
+    atomicAdd(p + 1, y);
+#endif
+}
+
 // ANCHOR: tc_backward_v1
-// Tensor-core backward, version 1. A block owns a key tile K_j, V_j (64 keys, 16 a warp) and
-// walks the query tiles that can see it; the warp's dK_j, dV_j stay in registers. Per query
-// tile, with the warp's accumulators holding *transposed* tiles (rows = the warp's 16 keys,
-// columns = the tile's 64 queries), so that P^T and dS^T are A fragments as they stand:
+// Tensor-core backward. A block owns a key tile K_j, V_j (16 keys a warp) and walks the query
+// tiles that can see it; the warp's dK_j, dV_j stay in registers. Per query tile, with the
+// warp's accumulators holding *transposed* tiles (rows = the warp's 16 keys, columns = the
+// tile's 64 queries), so that P^T and dS^T are A fragments as they stand:
 //   S^T = K_j Q_i^T,  P^T = exp(S^T - lse),  dV_j += P^T dO_i,
 //   dP^T = V_j dO_i^T, dS^T = P^T o (dP^T - D),  dK_j += dS^T Q_i,
 // and dQ_i += dS K_j, which needs dS with rows = queries: dS^T goes through shared memory
-// (16-bit) and comes back by ldmatrix.trans; the warp's 16 query rows of dQ are added to an
-// f32 accumulator in device memory with atomics (other key tiles add to the same rows).
-// PIPE (version 2): Q_i+1 and dO_i+1 are copied by cp.async into second buffers while
-// query tile i is computed, as K_j+1, V_j+1 in the forward's version 3.
-template <int D, bool BF16, bool PIPE = false>
+// (16-bit) and comes back by ldmatrix.trans; each 16 query rows of dQ are added to an f32
+// accumulator in device memory with atomics (other key tiles add to the same rows).
+// Version 1: 4 warps, 64 keys. PIPE (version 2): Q_i+1 and dO_i+1 are copied by cp.async
+// into second buffers while query tile i is computed, as K_j+1, V_j+1 in the forward's
+// version 3. LEAN (version 3): lse and D of tile i+1 read into registers during tile i (they
+// were the loop's one wait on device memory), lse kept in base-2 units so that P^T costs one
+// FMA and one exp2 on a plain tile, and dQ added two floats per atomic (red.v2 on sm_90).
+// KW (version 4: 8): warps a block, 16 keys each — 128 keys share each Q_i, dO_i read, and dQ
+// gets half as many atomics (one per key tile); the KW/4 warps of 16 query rows split dQ's
+// columns. DEFER (version 5): dQ_i is computed after the next tile's first barrier, beside
+// the copies of Q_i+2, dO_i+2, instead of behind a barrier of its own: two barriers a tile.
+// LEAN = 2 (version 6, with the better of 4 and 8 warps per head dimension): P^T's
+// exponential is ex2_ftz (the forward's version 8), one instruction instead of four.
+template <int D, bool BF16, bool PIPE = false, int LEAN = 0, int KW = 4, bool DEFER = false>
 __device__ void tc_backward_v1(const FlashArgs& a, const ScoreMods& mods) {
-    constexpr int S = D + 8, SP = TC_BR + 8;  // row strides: d-rows, dS^T rows
+    constexpr int THREADS = 32 * KW, BK = 16 * KW;  // threads, keys a block
+    constexpr int S = D + 8, SP = TC_BR + 8;   // row strides: d-rows, dS^T rows
     constexpr int QT = TC_BR * S, NB = PIPE ? 2 : 1;  // one Q or dO buffer; buffers of each
+    constexpr int DC = D * 4 / KW;                    // dQ columns a warp
     constexpr float LOG2E = 1.4426950408889634f;
     extern __shared__ uint4 smem_tc[];
-    u16* Ks = reinterpret_cast<u16*>(smem_tc);  // [BC][S]
-    u16* Vs = Ks + TC_BC * S;                    // [BC][S]
-    u16* Qb = Vs + TC_BC * S;                    // [NB][BR][S]
+    u16* Ks = reinterpret_cast<u16*>(smem_tc);  // [BK][S]
+    u16* Vs = Ks + BK * S;                       // [BK][S]
+    u16* Qb = Vs + BK * S;                       // [NB][BR][S]
     u16* dOb = Qb + NB * QT;                     // [NB][BR][S]
-    u16* dSs = dOb + NB * QT;                    // [BC][SP]: dS^T, keys x queries
-    float* Ls = reinterpret_cast<float*>(dSs + TC_BC * SP);  // [BR] lse of the tile's rows
-    float* Ds = Ls + TC_BR;                                  // [BR] D of the tile's rows
+    u16* dSs = dOb + NB * QT;                    // [BK][SP]: dS^T, keys x queries
+    float* Ls = reinterpret_cast<float*>(dSs + BK * SP);  // [BR] lse of the tile's rows
+    float* Ds = Ls + TC_BR;                               // [BR] D of the tile's rows
     const TcHead hd = tc_head<D>(a);
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
-    const int j0 = blockIdx.x * TC_BC;
+    const int j0 = blockIdx.x * BK;
     const u16* d_out = (const u16*)a.d_out + (i64)hd.z * a.n_q * D;
     const float* lse = (const float*)a.lse + (i64)hd.z * a.n_q;
     const float* dvec = (const float*)a.dvec + (i64)hd.z * a.n_q;
     float* dq = (float*)a.dq + (i64)hd.z * a.n_q * D;
     const int keys[2] = {j0 + 16 * warp + g, j0 + 16 * warp + g + 8};  // the lane's two keys
 
-    load_tile16<D, TC_BC>(Ks, hd.k, j0, a.n_k);
-    load_tile16<D, TC_BC>(Vs, hd.v, j0, a.n_k);
+    load_tile16<D, BK, THREADS>(Ks, hd.k, j0, a.n_k);
+    load_tile16<D, BK, THREADS>(Vs, hd.v, j0, a.n_k);
     float dk[D / 8][4], dv[D / 8][4];
     zero_frags<D / 8>(dk);
     zero_frags<D / 8>(dv);
     // the first query row that sees key j0 (causal: i >= j - (n_k - n_q)), on a tile boundary
     const int i_first = mods.causal ? max(0, j0 - (a.n_k - a.n_q)) / TC_BR * TC_BR : 0;
+    // LEAN: lse and D of query row i0 + threadIdx.x, read one tile ahead
+    float next_l = NEG_INF, next_d = 0.0f;
+    auto fetch_stats = [&](int i0) {
+        const int i = i0 + threadIdx.x;
+        const bool ok = threadIdx.x < TC_BR && i < a.n_q;
+        next_l = ok ? lse[i] : NEG_INF;
+        next_d = ok ? dvec[i] : 0.0f;
+    };
+    if (LEAN) fetch_stats(i_first);
 
     if (PIPE && i_first < a.n_q) {
-        load_tile16_async<D, TC_BR>(Qb, hd.q, i_first, a.n_q);
-        load_tile16_async<D, TC_BR>(dOb, d_out, i_first, a.n_q);
+        load_tile16_async<D, TC_BR, THREADS>(Qb, hd.q, i_first, a.n_q);
+        load_tile16_async<D, TC_BR, THREADS>(dOb, d_out, i_first, a.n_q);
         cp_async_commit();
     }
-    for (int i0 = i_first, step = 0; i0 < a.n_q; i0 += TC_BR, step++) {
-        const u16* Qs = Qb + (PIPE ? (step % 2) * QT : 0);
-        const u16* dOs = dOb + (PIPE ? (step % 2) * QT : 0);
-        __syncthreads();  // every warp is done with Q_i-1, dO_i-1, dS^T, lse, D
+    // dQ_i += dS K_j for the warp's 16 query rows (16 (warp % 4)) and DC columns
+    // (DC (warp / 4)), from dS^T in shared memory: A[q][key] = dS^T[key][q] (ldmatrix.trans),
+    // B[key][n] = K_j[key][n] (ldmatrix.trans, as V_j in the forward); added to the f32
+    // accumulator in device memory.
+    auto dq_step = [&](int i0) {
+        const int qr = 16 * (warp % 4), qc = DC * (warp / 4);
+        float dqa[DC / 8][4];
+        zero_frags<DC / 8>(dqa);
+#pragma unroll
+        for (int kk = 0; kk < BK / 16; kk++) {
+            u32 da[4];
+            frag_a_trans(da, dSs, SP, 16 * kk, qr, lane);
+#pragma unroll
+            for (int c = 0; c < DC / 8; c += 2) {
+                u32 kb[4];
+                frag_b2_trans(kb, Ks, S, 16 * kk, qc + 8 * c, lane);
+                mma16816<BF16>(dqa[c], da, kb[0], kb[1]);
+                mma16816<BF16>(dqa[c + 1], da, kb[2], kb[3]);
+            }
+        }
+        const int qrows[2] = {i0 + qr + g, i0 + qr + g + 8};
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            if (qrows[r] >= a.n_q) continue;
+            float* row = dq + (i64)qrows[r] * D + qc + 2 * t;
+#pragma unroll
+            for (int c = 0; c < DC / 8; c++) {
+                if (LEAN) {
+                    red_add2(row + 8 * c, a.scale * dqa[c][2 * r], a.scale * dqa[c][2 * r + 1]);
+                } else {
+                    atomicAdd(row + 8 * c, a.scale * dqa[c][2 * r]);
+                    atomicAdd(row + 8 * c + 1, a.scale * dqa[c][2 * r + 1]);
+                }
+            }
+        }
+    };
+
+    for (int i0 = i_first; i0 < a.n_q; i0 += TC_BR) {
+        const int buf = PIPE ? ((i0 - i_first) / TC_BR) % 2 : 0;  // this tile's Q, dO buffer
+        const u16* Qs = Qb + buf * QT;
+        const u16* dOs = dOb + buf * QT;
+        // every warp is done with Q_i-1, dO_i-1, lse, D and (but in DEFER) dS^T; (DEFER:) dS^T of
+        // tile i-1 is whole
+        __syncthreads();
         if (PIPE) {
-            if (i0 + TC_BR < a.n_q) {  // Q_i+1, dO_i+1 into the buffers step - 1 used
-                load_tile16_async<D, TC_BR>(Qb + ((step + 1) % 2) * QT, hd.q, i0 + TC_BR, a.n_q);
-                load_tile16_async<D, TC_BR>(dOb + ((step + 1) % 2) * QT, d_out, i0 + TC_BR, a.n_q);
+            if (i0 + TC_BR < a.n_q) {  // Q_i+1, dO_i+1 into the buffers tile i - 1 used
+                load_tile16_async<D, TC_BR, THREADS>(Qb + (1 - buf) * QT, hd.q, i0 + TC_BR,
+                                                     a.n_q);
+                load_tile16_async<D, TC_BR, THREADS>(dOb + (1 - buf) * QT, d_out, i0 + TC_BR,
+                                                     a.n_q);
             }
             cp_async_commit();
+            if (DEFER && i0 > i_first) dq_step(i0 - TC_BR);  // while the copies fly
             cp_async_wait<1>();  // Q_i, dO_i have arrived
         } else {
-            load_tile16<D, TC_BR>(Qb, hd.q, i0, a.n_q);
-            load_tile16<D, TC_BR>(dOb, d_out, i0, a.n_q);
+            load_tile16<D, TC_BR, THREADS>(Qb, hd.q, i0, a.n_q);
+            load_tile16<D, TC_BR, THREADS>(dOb, d_out, i0, a.n_q);
         }
-        for (int r = threadIdx.x; r < TC_BR; r += TC_NT) {
-            const bool ok = i0 + r < a.n_q;
-            Ls[r] = ok ? lse[i0 + r] : NEG_INF;
-            Ds[r] = ok ? dvec[i0 + r] : 0.0f;
+        if (LEAN) {
+            // lse in base-2 units; a row that saw no key (lse = -inf) gets +inf, so that
+            // 2^(s - lse) is 0 without a test
+            if (threadIdx.x < TC_BR) {
+                Ls[threadIdx.x] = next_l == NEG_INF ? -NEG_INF : next_l * LOG2E;
+                Ds[threadIdx.x] = next_d;
+            }
+            if (i0 + TC_BR < a.n_q) fetch_stats(i0 + TC_BR);
+        } else {
+            for (int r = threadIdx.x; r < TC_BR; r += THREADS) {
+                const bool ok = i0 + r < a.n_q;
+                Ls[r] = ok ? lse[i0 + r] : NEG_INF;
+                Ds[r] = ok ? dvec[i0 + r] : 0.0f;
+            }
         }
         __syncthreads();
 
@@ -672,19 +885,40 @@ __device__ void tc_backward_v1(const FlashArgs& a, const ScoreMods& mods) {
 
         // P^T = exp(S^T - lse) and dS^T = P^T o (dP^T - D), on the accumulators: the lane's
         // elements are keys keys[e / 2], queries i0 + 8nb + 2t + (e & 1).
-        const bool plain = tile_plain(mods, i0, j0);
+        const bool plain = tile_plain(mods, i0, j0, BK);
+        if (LEAN) {
+            const float scale2 = a.scale * LOG2E;
 #pragma unroll
-        for (int nb = 0; nb < TC_BR / 8; nb++)
+            for (int nb = 0; nb < TC_BR / 8; nb++) {
+                const float2 L = *reinterpret_cast<const float2*>(Ls + 8 * nb + 2 * t);
+                const float2 Dr = *reinterpret_cast<const float2*>(Ds + 8 * nb + 2 * t);
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int qi = 8 * nb + 2 * t + (e & 1);
-                const float sc =
-                    score(mods, plain, a.scale, hd.b, hd.h, i0 + qi, keys[e / 2], st[nb][e]);
-                const float L = Ls[qi];
-                const float p = (sc == NEG_INF || L == NEG_INF) ? 0.0f : exp2f((sc - L) * LOG2E);
-                st[nb][e] = p;
-                dpt[nb][e] = p * (dpt[nb][e] - Ds[qi]);
+                for (int e = 0; e < 4; e++) {
+                    const int qi = 8 * nb + 2 * t + (e & 1);
+                    const float x = plain ? st[nb][e] * scale2
+                                          : score(mods, false, a.scale, hd.b, hd.h, i0 + qi,
+                                                  keys[e / 2], st[nb][e]) * LOG2E;
+                    const float y = x - ((e & 1) ? L.y : L.x);
+                    const float p = LEAN >= 2 ? ex2_ftz(y) : exp2f(y);
+                    st[nb][e] = p;
+                    dpt[nb][e] = p * (dpt[nb][e] - ((e & 1) ? Dr.y : Dr.x));
+                }
             }
+        } else {
+#pragma unroll
+            for (int nb = 0; nb < TC_BR / 8; nb++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int qi = 8 * nb + 2 * t + (e & 1);
+                    const float sc =
+                        score(mods, plain, a.scale, hd.b, hd.h, i0 + qi, keys[e / 2], st[nb][e]);
+                    const float L = Ls[qi];
+                    const float p =
+                        (sc == NEG_INF || L == NEG_INF) ? 0.0f : exp2f((sc - L) * LOG2E);
+                    st[nb][e] = p;
+                    dpt[nb][e] = p * (dpt[nb][e] - Ds[qi]);
+                }
+        }
 
         // dV_j += P^T dO_i and dK_j += dS^T Q_i: k-steps over 16 queries; B[kq][n] =
         // dO_i[kq][n] (Q_i): the forward's V_j addressing (ldmatrix.trans).
@@ -712,65 +946,52 @@ __device__ void tc_backward_v1(const FlashArgs& a, const ScoreMods& mods) {
             *reinterpret_cast<u32*>(row0) = pack2<BF16>(dpt[nb][0], dpt[nb][1]);
             *reinterpret_cast<u32*>(row0 + 8 * SP) = pack2<BF16>(dpt[nb][2], dpt[nb][3]);
         }
+        if (!DEFER) {
+            __syncthreads();  // dS^T is whole
+            dq_step(i0);
+        }
+    }
+    if (DEFER && i_first < a.n_q) {  // the last tile's dQ
         __syncthreads();
-
-        // dQ_i (the warp's 16 query rows) += dS K_j: A[q][key] = dS^T[key][q] (ldmatrix.trans
-        // of the stored dS^T), B[key][n] = K_j[key][n] (ldmatrix.trans, as V_j in the forward).
-        float dqa[D / 8][4];
-        zero_frags<D / 8>(dqa);
-#pragma unroll
-        for (int kk = 0; kk < TC_BC / 16; kk++) {
-            u32 da[4];
-            frag_a_trans(da, dSs, SP, 16 * kk, 16 * warp, lane);
-#pragma unroll
-            for (int c = 0; c < D / 8; c += 2) {
-                u32 kb[4];
-                frag_b2_trans(kb, Ks, S, 16 * kk, 8 * c, lane);
-                mma16816<BF16>(dqa[c], da, kb[0], kb[1]);
-                mma16816<BF16>(dqa[c + 1], da, kb[2], kb[3]);
-            }
-        }
-        const int qrows[2] = {i0 + 16 * warp + g, i0 + 16 * warp + g + 8};
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-            if (qrows[r] >= a.n_q) continue;
-#pragma unroll
-            for (int c = 0; c < D / 8; c++) {
-                atomicAdd(dq + (i64)qrows[r] * D + 8 * c + 2 * t, a.scale * dqa[c][2 * r]);
-                atomicAdd(dq + (i64)qrows[r] * D + 8 * c + 2 * t + 1, a.scale * dqa[c][2 * r + 1]);
-            }
-        }
+        dq_step(i_first + (a.n_q - 1 - i_first) / TC_BR * TC_BR);
     }
 
     cp_async_wait<0>();  // (nothing is left in flight when the block ends)
 
-    // dK_j (times the scale) and dV_j of the warp's keys, f32, per query head (the GQA group
-    // sum and the rounding to 16 bits follow in tc_group_sum).
-    float* dk_h = (float*)a.dk + (i64)hd.z * a.n_k * D;
-    float* dv_h = (float*)a.dv + (i64)hd.z * a.n_k * D;
+    // dK_j (times the scale) and dV_j of the warp's keys. LEAN without GQA (each query head
+    // has its own K, V head): rounded to 16 bits here, the gradients as they are returned.
+    // Otherwise f32 per query head (the GQA group sum and the rounding follow in tc_group_sum).
+    const bool final16 = LEAN && a.heads == a.kv_heads;
 #pragma unroll
     for (int r = 0; r < 2; r++) {
         if (keys[r] >= a.n_k) continue;
 #pragma unroll
         for (int c = 0; c < D / 8; c++) {
-            const i64 at = (i64)keys[r] * D + 8 * c + 2 * t;
-            *reinterpret_cast<float2*>(dk_h + at) =
-                make_float2(a.scale * dk[c][2 * r], a.scale * dk[c][2 * r + 1]);
-            *reinterpret_cast<float2*>(dv_h + at) = make_float2(dv[c][2 * r], dv[c][2 * r + 1]);
+            const i64 at = ((i64)hd.z * a.n_k + keys[r]) * D + 8 * c + 2 * t;
+            const float k0 = a.scale * dk[c][2 * r], k1 = a.scale * dk[c][2 * r + 1];
+            if (final16) {
+                *reinterpret_cast<u32*>((u16*)a.dk + at) = pack2<BF16>(k0, k1);
+                *reinterpret_cast<u32*>((u16*)a.dv + at) = pack2<BF16>(dv[c][2 * r], dv[c][2 * r + 1]);
+            } else {
+                *reinterpret_cast<float2*>((float*)a.dk + at) = make_float2(k0, k1);
+                *reinterpret_cast<float2*>((float*)a.dv + at) =
+                    make_float2(dv[c][2 * r], dv[c][2 * r + 1]);
+            }
         }
     }
 }
 // ANCHOR_END: tc_backward_v1
 
 #define TC_BACKWARD_KERNELS(D, T, BF16)                                                     \
-    extern "C" __global__ void __launch_bounds__(TC_NT)                                     \
-        flash2_tc_backward_v1_##T##_d##D(FlashArgs a, ScoreMods m) {                        \
-        tc_backward_v1<D, BF16, false>(a, m);                                               \
-    }                                                                                       \
-    extern "C" __global__ void __launch_bounds__(TC_NT)                                     \
-        flash2_tc_backward_v2_##T##_d##D(FlashArgs a, ScoreMods m) {                        \
-        tc_backward_v1<D, BF16, true>(a, m);                                                \
-    }
+    TC_KERNEL(flash2_tc_backward_v1_##T##_d##D, TC_NT, (tc_backward_v1<D, BF16, false>))    \
+    TC_KERNEL(flash2_tc_backward_v2_##T##_d##D, TC_NT, (tc_backward_v1<D, BF16, true>))     \
+    TC_KERNEL(flash2_tc_backward_v3_##T##_d##D, TC_NT, (tc_backward_v1<D, BF16, true, 1>))  \
+    TC_KERNEL(flash2_tc_backward_v4_##T##_d##D, 2 * TC_NT,                                  \
+              (tc_backward_v1<D, BF16, true, 1, 8>))                                        \
+    TC_KERNEL(flash2_tc_backward_v5_##T##_d##D, 2 * TC_NT,                                  \
+              (tc_backward_v1<D, BF16, true, 1, 8, true>))                                  \
+    TC_KERNEL(flash2_tc_backward_v6_##T##_d##D, D == 64 ? TC_NT : 2 * TC_NT,                \
+              (tc_backward_v1<D, BF16, true, 2, D == 64 ? 4 : 8>))
 TC_BACKWARD_KERNELS(64, bf16, true)
 TC_BACKWARD_KERNELS(128, bf16, true)
 TC_BACKWARD_KERNELS(64, f16, false)

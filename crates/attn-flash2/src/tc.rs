@@ -31,7 +31,7 @@ pub use half::{bf16, f16};
 use ndarray::{Array, Array3, Array4, ArrayView4, Dimension};
 
 use attn_cuda::DevicePeak;
-use attn_naive::gpu::{DeviceStats, FlashArgs, ScoreInputs, TILES, fused_kernel};
+use attn_naive::gpu::{DeviceStats, FlashArgs, ScoreInputs, TILES, with_shared_bytes};
 
 /// The tensor-core kernels.
 pub const KERNELS: &str = include_str!("../kernels/flash2_tc.cu");
@@ -46,8 +46,10 @@ pub const TC_HEAD_DIMS: [usize; 2] = [64, 128];
 /// a warp (128 a block), so that each K/V fragment read feeds two mma; 5 — version 4 with a
 /// leaner softmax step (one multiply on plain tiles, O rescaled only when a max grew); 6 —
 /// version 3 (16 rows a warp) with version 5's softmax step; 7 — version 6 with 128-key
-/// tiles (written after the session's last GPU run: validated and timed by the next).
-pub const TC_FORWARD_VERSIONS: [u32; 7] = [1, 2, 3, 4, 5, 6, 7];
+/// tiles; 8 — version 5 with the scale folded into the exponent's FMA and the bare hardware
+/// exp2 (`ex2.approx.ftz`) on plain tiles; 9 — version 8 with 128-key tiles; 10 — version
+/// 6's tiling with S_{j+1} issued before the softmax of S_j (software-pipelined in the warp).
+pub const TC_FORWARD_VERSIONS: [u32; 10] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10];
 /// The version the stage runs: the fastest measured on the paper setting (H100 and H200,
 /// notes/tensor-cores.md) at both head dimensions, except on short causal rows at d = 64.
 pub const TC_FORWARD_VERSION: u32 = 5;
@@ -197,9 +199,10 @@ pub fn forward_version_with_stats<T: TcFloat>(
     };
     check_version("forward", version, &TC_FORWARD_VERSIONS)?;
     let name = format!("flash2_tc_forward_v{version}_{}_d{d}", T::NAME);
-    let f = fused_kernel(gpu, MODULE, &SOURCES, &name, shared_bytes(version, d))?;
+    let f =
+        with_shared_bytes(gpu.function_alone(MODULE, &SOURCES, &name)?, shared_bytes(version, d))?;
     let grid = (blocks_for(n_q, block_rows(version) as u32), z as u32);
-    launch_blocks(gpu, &f, grid, &args, &score, "flash2_tc_forward")?;
+    launch_blocks(gpu, &f, grid, 128, &args, &score, "flash2_tc_forward")?;
     let kernel_ms = timer.stop(gpu)?;
     let stats = DeviceStats { peak_bytes: meter.peak(gpu), kernel_ms };
     let forward = HalfForward {
@@ -223,19 +226,20 @@ fn check_version(kind: &str, version: u32, versions: &[u32]) -> Result<()> {
     })
 }
 
-/// Launches a forward or backward kernel `(FlashArgs, ScoreMods)`: 128 threads a block,
+/// Launches a forward or backward kernel `(FlashArgs, ScoreMods)`: `threads` a block,
 /// `grid` = (query or key tiles, batch · heads).
 fn launch_blocks(
     gpu: &Gpu,
     (f, smem): &(CudaFunction, u32),
     grid: (u32, u32),
+    threads: u32,
     args: &FlashArgs,
     score: &ScoreInputs,
     what: &str,
 ) -> Result<()> {
     let cfg = LaunchConfig {
         grid_dim: (grid.0, grid.1, 1),
-        block_dim: (128, 1, 1),
+        block_dim: (threads, 1, 1),
         shared_mem_bytes: *smem,
     };
     let mut b = gpu.stream().launch_builder(f);
@@ -249,7 +253,7 @@ fn launch_blocks(
 
 /// Query rows a block of forward `version` (`TC_BR`, twice that in versions 4 and 5).
 fn block_rows(version: u32) -> usize {
-    if matches!(version, 4 | 5) { 2 * ROWS } else { ROWS }
+    if matches!(version, 4 | 5 | 8 | 9) { 2 * ROWS } else { ROWS }
 }
 
 /// The tensor-core kernels need sm_80 or later (bf16 mma.sync, cp.async).
@@ -265,10 +269,10 @@ fn check_architecture(gpu: &Gpu) -> Result<()> {
 }
 
 /// Shared-memory bytes of forward `version` at head dimension `d`: Q_i, K_j and V_j (two of
-/// each from version 3; 128-key tiles in version 7), 16-bit, rows padded to d + 8.
+/// each from version 3; 128-key tiles in versions 7 and 9), 16-bit, rows padded to d + 8.
 fn shared_bytes(version: u32, d: usize) -> u32 {
     let kv_buffers = if version >= 3 { 4 } else { 2 };
-    let keys = if version == 7 { 2 * KEYS } else { KEYS }; // keys a tile
+    let keys = if matches!(version, 7 | 9) { 2 * KEYS } else { KEYS }; // keys a tile
     (2 * (block_rows(version) + kv_buffers * keys) * (d + 8)) as u32
 }
 
@@ -318,11 +322,16 @@ pub struct HalfGrads<T> {
 
 /// The backward kernels kept side by side: 1 — one block per 64-key tile, S^T, P^T, dP^T,
 /// dS^T on the accumulators, dQ through shared memory and f32 atomics; 2 — version 1 with
-/// Q_{i+1}, dO_{i+1} copied by `cp.async` during tile i. Both written after the last GPU run
-/// of their session: validated by the GPU tests only once a device runs them.
-pub const TC_BACKWARD_VERSIONS: [u32; 2] = [1, 2];
-/// The backward version the stage runs.
-pub const TC_BACKWARD_VERSION: u32 = 1;
+/// Q_{i+1}, dO_{i+1} copied by `cp.async` during tile i; 3 — version 2 with lse and D read a
+/// tile ahead, P^T by one FMA and exp2, two floats an atomic (sm_90); 4 — version 3 with
+/// 128 keys a block over 8 warps (half the dQ atomics, twice the use of each Q_i, dO_i read);
+/// 5 — version 4 with dQ_i computed after tile i+1's first barrier (two barriers a tile, not
+/// three); 6 — version 3 at d = 64, version 4 at d = 128, with the bare hardware exp2
+/// (`ex2.approx.ftz`).
+pub const TC_BACKWARD_VERSIONS: [u32; 6] = [1, 2, 3, 4, 5, 6];
+/// The backward version the stage runs: the fastest measured on the paper setting (H100,
+/// notes/tensor-cores.md), by a few per cent over versions 3 and 4 it combines.
+pub const TC_BACKWARD_VERSION: u32 = 6;
 
 /// The tensor-core backward: dQ, dK, dV from the inputs, the forward's O and lse, and dO.
 pub fn backward<T: TcFloat>(
@@ -361,9 +370,20 @@ pub fn backward_version_with_stats<T: TcFloat>(
     let z = batch * heads;
     let dvec = gpu.uninit_f32(z * n_q)?;
     let dq_acc = gpu.zeros::<f32>(z * n_q * d)?; // the key tiles add into it
-    let dk_h = gpu.uninit_f32(z * n_k * d)?; // every key row written by its tile
-    let dv_h = gpu.uninit_f32(z * n_k * d)?;
-    let function = |name: &str| gpu.function(MODULE, &SOURCES, &format!("{name}_{}", T::NAME));
+    // dK, dV: rounded to T by the key-tile kernel itself from version 3 when each query head
+    // has its own K, V head; else f32 per query head, summed over the group and rounded after.
+    // Every key row is written by its tile.
+    let kv = if version >= 3 && heads == kv_heads {
+        KvGrads::Rounded(gpu.uninit(z * n_k * d)?, gpu.uninit(z * n_k * d)?)
+    } else {
+        KvGrads::PerHead(gpu.uninit_f32(z * n_k * d)?, gpu.uninit_f32(z * n_k * d)?)
+    };
+    let (dk_ptr, dv_ptr) = match &kv {
+        KvGrads::Rounded(dk, dv) => (gpu.ptr(dk), gpu.ptr(dv)),
+        KvGrads::PerHead(dk, dv) => (gpu.ptr(dk), gpu.ptr(dv)),
+    };
+    let function =
+        |name: &str| gpu.function_alone(MODULE, &SOURCES, &format!("{name}_{}", T::NAME));
     macro_rules! launch {
         ($f:expr, $cfg:expr, $what:expr; $($arg:expr),*) => {{
             let mut b = gpu.stream().launch_builder($f);
@@ -393,14 +413,16 @@ pub fn backward_version_with_stats<T: TcFloat>(
         d_out: dp,
         dvec: vp,
         dq: gpu.ptr(&dq_acc),
-        dk: gpu.ptr(&dk_h),
-        dv: gpu.ptr(&dv_h),
+        dk: dk_ptr,
+        dv: dv_ptr,
         ..FlashArgs::new(&sh, p.scale)
     };
     let name = format!("flash2_tc_backward_v{version}_{}_d{d}", T::NAME);
-    let f = fused_kernel(gpu, MODULE, &SOURCES, &name, backward_shared_bytes(version, d))?;
-    let grid = (blocks_for(n_k, KEYS as u32), z as u32);
-    launch_blocks(gpu, &f, grid, &args, &score, "flash2_tc_backward")?;
+    let f = gpu.function_alone(MODULE, &SOURCES, &name)?;
+    let f = with_shared_bytes(f, backward_shared_bytes(version, d))?;
+    let keys = backward_keys(version, d);
+    let grid = (blocks_for(n_k, keys as u32), z as u32);
+    launch_blocks(gpu, &f, grid, (2 * keys) as u32, &args, &score, "flash2_tc_backward")?;
     // dQ rounded; dK, dV summed over each GQA group and rounded.
     let group_sum = function("tc_group_sum")?;
     let round_sum = |src: &DeviceBuffer<f32>, (heads, kv_heads, rows): (usize, usize, usize)| {
@@ -417,8 +439,12 @@ pub fn backward_version_with_stats<T: TcFloat>(
         Ok::<_, AttnError>(out)
     };
     let dq = round_sum(&dq_acc, (heads, heads, n_q))?;
-    let dk = round_sum(&dk_h, (heads, kv_heads, n_k))?;
-    let dv = round_sum(&dv_h, (heads, kv_heads, n_k))?;
+    let (dk, dv) = match kv {
+        KvGrads::Rounded(dk, dv) => (dk, dv),
+        KvGrads::PerHead(dk_h, dv_h) => {
+            (round_sum(&dk_h, (heads, kv_heads, n_k))?, round_sum(&dv_h, (heads, kv_heads, n_k))?)
+        }
+    };
     let kernel_ms = timer.stop(gpu)?;
     let stats = DeviceStats { peak_bytes: meter.peak(gpu), kernel_ms };
     let grads = HalfGrads {
@@ -429,13 +455,28 @@ pub fn backward_version_with_stats<T: TcFloat>(
     Ok((grads, stats))
 }
 
+/// dK and dV as the backward's key-tile kernel writes them.
+enum KvGrads<T> {
+    /// Rounded to `T`: the returned gradients (no GQA group to sum over).
+    Rounded(DeviceBuffer<T>, DeviceBuffer<T>),
+    /// f32 per query head, for `tc_group_sum`.
+    PerHead(DeviceBuffer<f32>, DeviceBuffer<f32>),
+}
+
+/// Keys a block of backward `version` at head dimension `d` (16 a warp: 4 warps, 8 in
+/// versions 4 and 5 and in version 6 at d = 128).
+fn backward_keys(version: u32, d: usize) -> usize {
+    if matches!(version, 4 | 5) || (version == 6 && d == 128) { 2 * KEYS } else { KEYS }
+}
+
 /// Shared-memory bytes of backward `version` at head dimension `d`: K_j, V_j, Q_i, dO_i
-/// (16-bit, rows padded to d + 8; two Q_i and dO_i from version 2), dS^T (64 x 72), lse and
-/// D of the query tile.
+/// (16-bit, rows padded to d + 8; two Q_i and dO_i from version 2), dS^T (keys x 72), lse
+/// and D of the query tile.
 fn backward_shared_bytes(version: u32, d: usize) -> u32 {
     let q_buffers = if version >= 2 { 2 } else { 1 };
-    let tiles = 2 * KEYS + 2 * q_buffers * ROWS;
-    (2 * tiles * (d + 8) + 2 * KEYS * (ROWS + 8) + 4 * 2 * ROWS) as u32
+    let keys = backward_keys(version, d);
+    let tiles = 2 * keys + 2 * q_buffers * ROWS;
+    (2 * tiles * (d + 8) + 2 * keys * (ROWS + 8) + 4 * 2 * ROWS) as u32
 }
 
 /// [`backward_version_with_stats`] on f32 arrays (inputs, O and dO rounded to `T` on the

@@ -417,4 +417,23 @@ fn tensor_core_kernels_compile_with_nvrtc_for_the_h100() {
         }
     }
     attn_cuda::compile("flash2_tc", &sources, "sm_80").unwrap();
+
+    // With ONLY_KERNEL (how the stage compiles a kernel it launches), that kernel alone has a
+    // body: one kernel's worth of mma instructions, every other entry empty.
+    let mmas = |ptx: &str| ptx.matches("mma.sync.aligned").count();
+    let one = |name: &str| {
+        let define = format!("-DONLY_KERNEL=\"{name}\"");
+        attn_cuda::compile_with("flash2_tc", &sources, "sm_90", &[define]).unwrap().to_src()
+    };
+    let v5 = one("flash2_tc_forward_v5_bf16_d64");
+    let v1 = one("flash2_tc_forward_v1_bf16_d64");
+    let bwd = one("flash2_tc_backward_v6_f16_d128");
+    assert!(v5.contains(".entry flash2_tc_forward_v9_f16_d128"), "the other entries stay");
+    assert!(v1.contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"));
+    assert!(bwd.contains("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"));
+    assert!(!bwd.contains(".bf16.bf16"), "a bf16 kernel was compiled beside the f16 one");
+    // version 1 at d = 64, a warp's tile: S (16 x 64, k = 64) and P V (16 x 64, k = 64), each
+    // 64 / 8 blocks of 8 columns times 64 / 16 k-steps of one m16n8k16
+    assert_eq!(mmas(&v1), 2 * (64 / 8) * (64 / 16));
+    assert!(mmas(&v5) < mmas(&ptx) / 20, "{} of {} mma", mmas(&v5), mmas(&ptx));
 }

@@ -599,8 +599,13 @@ pub fn fused_kernel(
     function: &str,
     shared_bytes: u32,
 ) -> Result<(CudaFunction, u32)> {
+    with_shared_bytes(gpu.function(module, sources, function)?, shared_bytes)
+}
+
+/// `f` allowed `shared_bytes` of dynamic shared memory (more than the default 48 KiB is
+/// asked for explicitly).
+pub fn with_shared_bytes(f: CudaFunction, shared_bytes: u32) -> Result<(CudaFunction, u32)> {
     use attn_cuda::cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_SHARED;
-    let f = gpu.function(module, sources, function)?;
     f.set_attribute(MAX_SHARED, shared_bytes as i32)
         .map_err(cuda_err(format!("asking for {shared_bytes} B of shared memory")))?;
     Ok((f, shared_bytes))

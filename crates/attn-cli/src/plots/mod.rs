@@ -230,6 +230,8 @@ fn gpu_plots(args: &PlotsArgs, stamp: &Stamp) -> Result<(), CliError> {
                 csv: None,
                 smoke: false,
                 paper: false,
+                paper_n: Vec::new(),
+                paper_d: Vec::new(),
                 stages: Vec::new(),
             })?
         }
