@@ -354,6 +354,46 @@ __device__ void tc_forward_v1(const FlashArgs& a, const ScoreMods& mods) {
 }
 // ANCHOR_END: tc_forward_v1
 
+// ANCHOR: tc_products
+// The two products of a tile for a warp's 16 query rows (versions 2, 3, 6, 7, 10).
+// S = Q_i K_j^T over KB keys: Q_i's A fragments in registers (qf, one per 16 columns of d);
+// one ldmatrix gives the B registers of key blocks nb and nb + 1.
+template <int D, bool BF16, int KB>
+__device__ __forceinline__ void tc_scores(float (*s)[4], const u32 (*qf)[4], const u16* Ks,
+                                          int lane) {
+    constexpr int S = D + 8;
+    zero_frags<KB / 8>(s);
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++)
+#pragma unroll
+        for (int nb = 0; nb < KB / 8; nb += 2) {
+            u32 kb[4];
+            frag_b2(kb, Ks, S, 8 * nb, 16 * kk, lane);
+            mma16816<BF16>(s[nb], qf[kk], kb[0], kb[1]);
+            mma16816<BF16>(s[nb + 1], qf[kk], kb[2], kb[3]);
+        }
+}
+// O_i += P~ V_j: P~'s A fragments straight from S's accumulators; one ldmatrix.trans gives
+// the B registers of column blocks c and c + 1.
+template <int D, bool BF16, int KB>
+__device__ __forceinline__ void tc_pv(float (*o)[4], const float (*s)[4], const u16* Vs,
+                                      int lane) {
+    constexpr int S = D + 8;
+#pragma unroll
+    for (int kk = 0; kk < KB / 16; kk++) {
+        u32 pa[4];
+        p_fragment<BF16>(s, kk, pa);
+#pragma unroll
+        for (int c = 0; c < D / 8; c += 2) {
+            u32 vb[4];
+            frag_b2_trans(vb, Vs, S, 16 * kk, 8 * c, lane);
+            mma16816<BF16>(o[c], pa, vb[0], vb[1]);
+            mma16816<BF16>(o[c + 1], pa, vb[2], vb[3]);
+        }
+    }
+}
+// ANCHOR_END: tc_products
+
 // ANCHOR: tc_forward_v2
 // Tensor-core forward, versions 2 and 3. Version 2: every fragment by ldmatrix — one
 // instruction gives a lane its part of four 8 x 8 matrices, so Q_i's four A registers, or
@@ -408,34 +448,10 @@ __device__ void tc_forward_v2(const FlashArgs& a, const ScoreMods& mods) {
         }
         __syncthreads();
 
-        // S = Q_i K_j^T. One ldmatrix: the B registers of key blocks nb and nb + 1.
         float s[KB / 8][4];
-        zero_frags<KB / 8>(s);
-#pragma unroll
-        for (int kk = 0; kk < D / 16; kk++)
-#pragma unroll
-            for (int nb = 0; nb < KB / 8; nb += 2) {
-                u32 kb[4];
-                frag_b2(kb, Ks, S, 8 * nb, 16 * kk, lane);
-                mma16816<BF16>(s[nb], qf[kk], kb[0], kb[1]);
-                mma16816<BF16>(s[nb + 1], qf[kk], kb[2], kb[3]);
-            }
-
+        tc_scores<D, BF16, KB>(s, qf, Ks, lane);  // S = Q_i K_j^T
         tc_softmax_step<D, FAST, KB>(a, mods, hd, i0, j0, rows, s, m, l, o);
-
-        // O_i += P~ V_j. One ldmatrix.trans: the B registers of column blocks c and c + 1.
-#pragma unroll
-        for (int kk = 0; kk < KB / 16; kk++) {
-            u32 pa[4];
-            p_fragment<BF16>(s, kk, pa);
-#pragma unroll
-            for (int c = 0; c < D / 8; c += 2) {
-                u32 vb[4];
-                frag_b2_trans(vb, Vs, S, 16 * kk, 8 * c, lane);
-                mma16816<BF16>(o[c], pa, vb[0], vb[1]);
-                mma16816<BF16>(o[c + 1], pa, vb[2], vb[3]);
-            }
-        }
+        tc_pv<D, BF16, KB>(o, s, Vs, lane);  // O_i += P~ V_j
     }
     tc_write_rows<D, BF16>(a, hd.z, rows, m, l, o);
 }
@@ -480,19 +496,6 @@ __device__ void tc_forward_v10(const FlashArgs& a, const ScoreMods& mods) {
 #pragma unroll
     for (int kk = 0; kk < D / 16; kk++)
         if (tiles > 0) frag_a(qf[kk], Qs, S, warp * 16, 16 * kk, lane);
-    // s = Q_i K^T for the K tile in buffer Ks
-    auto scores = [&](float (*s)[4], const u16* Ks) {
-        zero_frags<TC_BC / 8>(s);
-#pragma unroll
-        for (int kk = 0; kk < D / 16; kk++)
-#pragma unroll
-            for (int nb = 0; nb < TC_BC / 8; nb += 2) {
-                u32 kb[4];
-                frag_b2(kb, Ks, S, 8 * nb, 16 * kk, lane);
-                mma16816<BF16>(s[nb], qf[kk], kb[0], kb[1]);
-                mma16816<BF16>(s[nb + 1], qf[kk], kb[2], kb[3]);
-            }
-    };
     // Step t: s_now holds S_t; S_t+1 goes into s_next.
     auto step = [&](int t, float (*s_now)[4], float (*s_next)[4]) {
         const int buf = t % 2;
@@ -503,24 +506,13 @@ __device__ void tc_forward_v10(const FlashArgs& a, const ScoreMods& mods) {
         cp_async_commit();
         cp_async_wait<1>();  // K_t+1, V_t have arrived
         __syncthreads();
-        if (t + 1 < tiles) scores(s_next, Kb + (1 - buf) * KV);  // issued, not waited for
+        if (t + 1 < tiles)  // S_t+1, issued and not waited for
+            tc_scores<D, BF16, TC_BC>(s_next, qf, Kb + (1 - buf) * KV, lane);
         tc_softmax_step<D, 2>(a, mods, hd, i0, t * TC_BC, rows, s_now, m, l, o);
-        const u16* Vs = Vb + buf * KV;
-#pragma unroll
-        for (int kk = 0; kk < TC_BC / 16; kk++) {
-            u32 pa[4];
-            p_fragment<BF16>(s_now, kk, pa);
-#pragma unroll
-            for (int c = 0; c < D / 8; c += 2) {
-                u32 vb[4];
-                frag_b2_trans(vb, Vs, S, 16 * kk, 8 * c, lane);
-                mma16816<BF16>(o[c], pa, vb[0], vb[1]);
-                mma16816<BF16>(o[c + 1], pa, vb[2], vb[3]);
-            }
-        }
+        tc_pv<D, BF16, TC_BC>(o, s_now, Vb + buf * KV, lane);
     };
     float sa[TC_BC / 8][4], sb[TC_BC / 8][4];
-    if (tiles > 0) scores(sa, Kb);
+    if (tiles > 0) tc_scores<D, BF16, TC_BC>(sa, qf, Kb, lane);
     for (int t = 0; t < tiles; t += 2) {
         step(t, sa, sb);
         if (t + 1 < tiles) step(t + 1, sb, sa);
