@@ -32,6 +32,7 @@ use ndarray::{Array, Array3, Array4, ArrayView4, Dimension};
 
 use attn_cuda::DevicePeak;
 use attn_naive::gpu::{DeviceStats, FlashArgs, ScoreInputs, TILES, with_shared_bytes};
+use attn_naive::gpu::{launch_group_sum, launch_row_dot};
 
 /// The tensor-core kernels.
 pub const KERNELS: &str = include_str!("../kernels/flash2_tc.cu");
@@ -387,25 +388,8 @@ pub fn backward_version_with_stats<T: TcFloat>(
     };
     let function =
         |name: &str| gpu.function_alone(MODULE, &SOURCES, &format!("{name}_{}", T::NAME));
-    macro_rules! launch {
-        ($f:expr, $cfg:expr, $what:expr; $($arg:expr),*) => {{
-            let mut b = gpu.stream().launch_builder($f);
-            $( b.arg($arg); )*
-            // SAFETY: each use below passes the kernel's parameter list in flash2_tc.cu, with
-            // pointers to live buffers of the sizes the kernel indexes.
-            unsafe { b.launch($cfg) }.map(|_| ()).map_err(cuda_err($what))
-        }};
-    }
     // D = rowsum(dO ∘ O), one warp per row.
-    let (rows, dd) = ((z * n_q) as i64, d as i32);
-    let (dp, op, vp) = (gpu.ptr(&d_o), gpu.ptr(&o), gpu.ptr(&dvec));
-    let cfg = LaunchConfig {
-        grid_dim: (blocks_for(z * n_q, 8), 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let row_dot = function("tc_row_dot")?;
-    launch!(&row_dot, cfg, "tc_row_dot"; &dp, &op, &vp, &rows, &dd)?;
+    launch_row_dot(gpu, &function("tc_row_dot")?, &d_o, &o, &dvec, (z * n_q, d))?;
     // dK, dV per query head and dQ's f32 accumulator, one block per key tile and head.
     let args = FlashArgs {
         q: gpu.ptr(&q),
@@ -413,8 +397,8 @@ pub fn backward_version_with_stats<T: TcFloat>(
         v: gpu.ptr(&v),
         o: gpu.ptr(&o),
         lse: gpu.ptr(&lse),
-        d_out: dp,
-        dvec: vp,
+        d_out: gpu.ptr(&d_o),
+        dvec: gpu.ptr(&dvec),
         dq: gpu.ptr(&dq_acc),
         dk: dk_ptr,
         dv: dv_ptr,
@@ -428,24 +412,14 @@ pub fn backward_version_with_stats<T: TcFloat>(
     launch_blocks(gpu, &f, grid, (2 * keys) as u32, &args, &score, "flash2_tc_backward")?;
     // dQ rounded; dK, dV summed over each GQA group and rounded.
     let group_sum = function("tc_group_sum")?;
-    let round_sum = |src: &DeviceBuffer<f32>, (heads, kv_heads, rows): (usize, usize, usize)| {
-        let total = batch * kv_heads * rows * d;
-        let out: DeviceBuffer<T> = gpu.uninit(total)?;
-        let cfg = LaunchConfig {
-            grid_dim: (blocks_for(total, 256).min(4096), 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let (s, o) = (gpu.ptr(src), gpu.ptr(&out));
-        let (h, kvh, per, tot) = (heads as i32, kv_heads as i32, (rows * d) as i64, total as i64);
-        launch!(&group_sum, cfg, "tc_group_sum"; &s, &o, &h, &kvh, &per, &tot)?;
-        Ok::<_, AttnError>(out)
+    let round_sum = |src: &DeviceBuffer<f32>, (kv_heads, rows): (usize, usize)| {
+        launch_group_sum::<T>(gpu, &group_sum, src, (batch, heads, kv_heads, rows, d))
     };
-    let dq = round_sum(&dq_acc, (heads, heads, n_q))?;
+    let dq = round_sum(&dq_acc, (heads, n_q))?;
     let (dk, dv) = match kv {
         KvGrads::Rounded(dk, dv) => (dk, dv),
         KvGrads::PerHead(dk_h, dv_h) => {
-            (round_sum(&dk_h, (heads, kv_heads, n_k))?, round_sum(&dv_h, (heads, kv_heads, n_k))?)
+            (round_sum(&dk_h, (kv_heads, n_k))?, round_sum(&dv_h, (kv_heads, n_k))?)
         }
     };
     let kernel_ms = timer.stop(gpu)?;

@@ -404,12 +404,9 @@ impl Kernels {
         d_out: &DeviceBuffer<f32>,
         out: &DeviceBuffer<f32>,
         dd: &DeviceBuffer<f32>,
-        (rows, d): (usize, usize),
+        rows_d: (usize, usize),
     ) -> Result<()> {
-        let cfg = grid((blocks_for(rows, 8), 1, 1), 256);
-        let g = self.gpu;
-        let (a, b, c, r, d) = (g.ptr(d_out), g.ptr(out), g.ptr(dd), rows as i64, d as i32);
-        launch!(self, self.row_dot, cfg, "row_dot"; &a, &b, &c, &r, &d)
+        launch_row_dot(self.gpu, &self.row_dot, d_out, out, dd, rows_d)
     }
 
     /// P = exp(S − lse) on a window, in place.
@@ -452,16 +449,54 @@ impl Kernels {
     pub fn group_sum(
         &self,
         per_head: &DeviceBuffer<f32>,
-        (batch, heads, kv_heads, rows, d): (usize, usize, usize, usize, usize),
+        dims: (usize, usize, usize, usize, usize),
     ) -> Result<DeviceBuffer<f32>> {
-        let total = batch * kv_heads * rows * d;
-        let out = self.gpu.uninit_f32(total)?;
-        let cfg = grid((blocks_for(total, 256).min(4096), 1, 1), 256);
-        let (src, dst) = (self.gpu.ptr(per_head), self.gpu.ptr(&out));
-        let (h, kvh, per, tot) = (heads as i32, kv_heads as i32, (rows * d) as i64, total as i64);
-        launch!(self, self.group_sum, cfg, "group_sum"; &src, &dst, &h, &kvh, &per, &tot)?;
-        Ok(out)
+        launch_group_sum(self.gpu, &self.group_sum, per_head, dims)
     }
+}
+
+/// Launches `f`, a kernel of contract.cuh's `row_dot_rows` `(d_out, out, D, rows, d)`:
+/// D = rowsum(dO ∘ O) over `rows` rows of length `d`, one warp a row; dO and O of any element
+/// type the kernel reads (f32 here, bf16 / fp16 on the tensor cores).
+pub fn launch_row_dot<T>(
+    gpu: &Gpu,
+    f: &CudaFunction,
+    d_out: &DeviceBuffer<T>,
+    out: &DeviceBuffer<T>,
+    dd: &DeviceBuffer<f32>,
+    (rows, d): (usize, usize),
+) -> Result<()> {
+    let cfg = grid((blocks_for(rows, 8), 1, 1), 256);
+    let (a, b, c, r, d) = (gpu.ptr(d_out), gpu.ptr(out), gpu.ptr(dd), rows as i64, d as i32);
+    let mut l = gpu.stream().launch_builder(f);
+    l.arg(&a).arg(&b).arg(&c).arg(&r).arg(&d);
+    // SAFETY: (d_out, out, D, rows, d) is the parameter list of every row_dot_rows kernel;
+    // d_out and out hold rows · d elements of the type f reads, D rows floats.
+    unsafe { l.launch(cfg) }.map(|_| ()).map_err(cuda_err("row_dot"))
+}
+
+/// Launches `f`, a kernel of contract.cuh's `group_sum_rows`
+/// `(per_head, out, heads, kv_heads, per_head_elems, total)`: per-query-head gradients
+/// `[b, heads, rows, d]` summed over each GQA group into a new `[b, kv_heads, rows, d]` buffer
+/// of the type `f` stores (f32 here, rounded to bf16 / fp16 on the tensor cores), in a fixed
+/// order (bitwise reproducible).
+pub fn launch_group_sum<T: DeviceRepr>(
+    gpu: &Gpu,
+    f: &CudaFunction,
+    per_head: &DeviceBuffer<f32>,
+    (batch, heads, kv_heads, rows, d): (usize, usize, usize, usize, usize),
+) -> Result<DeviceBuffer<T>> {
+    let total = batch * kv_heads * rows * d;
+    let out: DeviceBuffer<T> = gpu.uninit(total)?;
+    let cfg = grid((blocks_for(total, 256).min(4096), 1, 1), 256);
+    let (src, dst) = (gpu.ptr(per_head), gpu.ptr(&out));
+    let (h, kvh, per, tot) = (heads as i32, kv_heads as i32, (rows * d) as i64, total as i64);
+    let mut l = gpu.stream().launch_builder(f);
+    l.arg(&src).arg(&dst).arg(&h).arg(&kvh).arg(&per).arg(&tot);
+    // SAFETY: the parameter list of every group_sum_rows kernel; per_head holds
+    // batch · heads · rows · d floats, out the total elements of T it stores.
+    unsafe { l.launch(cfg) }.map(|_| ()).map_err(cuda_err("group_sum"))?;
+    Ok(out)
 }
 
 /// The arguments of the fused kernels (`struct FlashArgs` in tiles.cuh): device pointers and
