@@ -148,7 +148,7 @@ impl Gpu {
         sources: &[&str],
         function: &str,
     ) -> Result<CudaFunction> {
-        self.function_of(module.to_string(), module, sources, &[], function)
+        self.function_of(module, module, sources, &[], function)
     }
 
     /// [`Gpu::function`] for a module of many large kernels (the tensor-core versions): it is
@@ -162,24 +162,26 @@ impl Gpu {
         function: &str,
     ) -> Result<CudaFunction> {
         let define = format!("-DONLY_KERNEL=\"{function}\"");
-        self.function_of(format!("{module}/{function}"), module, sources, &[define], function)
+        self.function_of(&format!("{module}/{function}"), module, sources, &[define], function)
     }
 
+    /// Kernel `function` of the module cached under `key`, compiled from `sources` with
+    /// `options` the first time.
     fn function_of(
         &self,
-        key: String,
+        key: &str,
         module: &str,
         sources: &[&str],
         options: &[String],
         function: &str,
     ) -> Result<CudaFunction> {
         let mut modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
-        let m = match modules.get(&key) {
+        let m = match modules.get(key) {
             Some(m) => m.clone(),
             None => {
                 let ptx = compile_with(module, sources, self.arch, options)?;
                 let m = self.ctx.load_module(ptx).map_err(cuda_err(format!("loading {key}")))?;
-                modules.insert(key, m.clone());
+                modules.insert(key.to_string(), m.clone());
                 m
             }
         };
