@@ -169,7 +169,7 @@ __device__ __forceinline__ float ex2_ftz(float x) {
 // |scale| log2 e after the shuffles) and scale · log2 e folds into P~ = 2^(s · scale log2 e
 // - m), one FMA; the exponential is ex2_ftz. Per score: max, FMA, exp2, add — 4
 // instructions, not 8.
-template <int D, int FAST = 0, int KB = TC_BC>
+template <int D, int FAST = 0, int KB = TC_BC, bool MODS = true>
 __device__ __forceinline__ void tc_softmax_step(const FlashArgs& a, const ScoreMods& mods,
                                                 const TcHead& hd, int i0, int j0,
                                                 const int* rows, float (*s)[4], float* m,
@@ -198,6 +198,16 @@ __device__ __forceinline__ void tc_softmax_step(const FlashArgs& a, const ScoreM
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 s[nb][e] *= scale2;
+                mx[e / 2] = fmaxf(mx[e / 2], s[nb][e]);
+            }
+    } else if (!MODS) {  // no mask or bias: only the causal diagonal or the keys' end cut
+        const int lim[2] = {key_end(mods, rows[0]), key_end(mods, rows[1])};
+#pragma unroll
+        for (int nb = 0; nb < KB / 8; nb++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int j = j0 + 8 * nb + 2 * t + (e & 1);
+                s[nb][e] = j < lim[e / 2] ? s[nb][e] * scale2 : NEG_INF;
                 mx[e / 2] = fmaxf(mx[e / 2], s[nb][e]);
             }
     } else {
@@ -622,6 +632,114 @@ __device__ void tc_forward_v4(const FlashArgs& a, const ScoreMods& mods) {
 }
 // ANCHOR_END: tc_forward_v4
 
+// ANCHOR: tc_forward_v11
+// Tensor-core forward, versions 11-13: version 8 (32 rows a warp, the folded exp2) with
+// what FlashAttention-2 does around the loop rather than in it.
+// - Two kernels a version: without a mask or bias (MODS = false) the only tiles that are
+//   not plain are the causal diagonal and the keys' end, where a score is cut by one
+//   comparison with the row's key_end; the general path (bias and mask pointers, strides,
+//   64-bit index arithmetic per score) is compiled only into the _mods kernel. Registers
+//   are allocated for the worst path of a kernel, so the common call stops paying for it.
+// - One barrier a tile, not two: a thread waits for its own copies of K_j, V_j, then the
+//   barrier both publishes every thread's copies and tells that every warp is done with
+//   tile j - 1 — whose buffers K_j+1, V_j+1 then go into.
+// - Causal: the blocks with the most tiles (the last query rows) are launched first, so
+//   the short ones fill the end of the grid instead of one long block running alone.
+// Version 11: 64-key tiles; 12: 128-key tiles (FlashAttention-2's d = 64 tiling); 13:
+// version 11 compiled for 3 blocks a SM (at most 168 registers: 12 warps, not 8, to hide
+// one warp's exp2 phase behind another's mma).
+template <int D, bool BF16, bool MODS, int KB>
+__device__ void tc_forward_v11(const FlashArgs& a, const ScoreMods& mods) {
+    constexpr int S = D + 8, KV = KB * S, QR = 2 * TC_BR;  // QR: query rows a block
+    extern __shared__ uint4 smem_tc[];
+    u16* Qs = reinterpret_cast<u16*>(smem_tc);  // [QR][S]
+    u16* Kb = Qs + QR * S;                       // [2][KB][S]
+    u16* Vb = Kb + 2 * KV;                       // [2][KB][S]
+    const TcHead hd = tc_head<D>(a);
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4;
+    const int i0 = (mods.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x) * QR;
+    int rows[2][2];  // m-tile mt of the warp: rows i0 + 64 mt + 16 warp + g (and + 8)
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++) {
+        rows[mt][0] = i0 + 64 * mt + 16 * warp + g;
+        rows[mt][1] = rows[mt][0] + 8;
+    }
+    const int j_end = key_end(mods, min(i0 + QR, a.n_q) - 1);
+
+    if (j_end > 0) {
+        load_tile16_async<D, KB>(Kb, hd.k, 0, a.n_k);
+        load_tile16_async<D, KB>(Vb, hd.v, 0, a.n_k);
+    }
+    load_tile16_async<D, QR>(Qs, hd.q, i0, a.n_q);
+    cp_async_commit();
+    float o[2][D / 8][4];
+    float m[2][2], l[2][2];
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++) {
+        m[mt][0] = m[mt][1] = NEG_INF;
+        l[mt][0] = l[mt][1] = 0.0f;
+        zero_frags<D / 8>(o[mt]);
+    }
+
+    for (int j0 = 0, step = 0; j0 < j_end; j0 += KB, step++) {
+        const u16* Ks = Kb + (step % 2) * KV;
+        const u16* Vs = Vb + (step % 2) * KV;
+        cp_async_wait<0>();  // this thread's copies of K_j, V_j (and at step 0, Q_i)
+        __syncthreads();     // everyone's copies; every warp done with tile j - 1
+        if (j0 + KB < j_end) {
+            load_tile16_async<D, KB>(Kb + ((step + 1) % 2) * KV, hd.k, j0 + KB, a.n_k);
+            load_tile16_async<D, KB>(Vb + ((step + 1) % 2) * KV, hd.v, j0 + KB, a.n_k);
+            cp_async_commit();
+        }
+
+        float s[2][KB / 8][4];
+        zero_frags<KB / 8>(s[0]);
+        zero_frags<KB / 8>(s[1]);
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            u32 qf[2][4];
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++)
+                frag_a(qf[mt], Qs, S, 64 * mt + 16 * warp, 16 * kk, lane);
+#pragma unroll
+            for (int nb = 0; nb < KB / 8; nb += 2) {
+                u32 kb[4];
+                frag_b2(kb, Ks, S, 8 * nb, 16 * kk, lane);
+#pragma unroll
+                for (int mt = 0; mt < 2; mt++) {
+                    mma16816<BF16>(s[mt][nb], qf[mt], kb[0], kb[1]);
+                    mma16816<BF16>(s[mt][nb + 1], qf[mt], kb[2], kb[3]);
+                }
+            }
+        }
+#pragma unroll
+        for (int mt = 0; mt < 2; mt++)
+            tc_softmax_step<D, 2, KB, MODS>(a, mods, hd, i0 + 64 * mt, j0, rows[mt], s[mt],
+                                            m[mt], l[mt], o[mt]);
+
+#pragma unroll
+        for (int kk = 0; kk < KB / 16; kk++) {
+            u32 pa[2][4];
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++) p_fragment<BF16>(s[mt], kk, pa[mt]);
+#pragma unroll
+            for (int c = 0; c < D / 8; c += 2) {
+                u32 vb[4];
+                frag_b2_trans(vb, Vs, S, 16 * kk, 8 * c, lane);
+#pragma unroll
+                for (int mt = 0; mt < 2; mt++) {
+                    mma16816<BF16>(o[mt][c], pa[mt], vb[0], vb[1]);
+                    mma16816<BF16>(o[mt][c + 1], pa[mt], vb[2], vb[3]);
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();  // (Q_i's copy, when the block saw no key)
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++) tc_write_rows<D, BF16>(a, hd.z, rows[mt], m[mt], l[mt], o[mt]);
+}
+// ANCHOR_END: tc_forward_v11
+
 // ANCHOR: tc_forward_v5
 // Tensor-core forward, version 5: version 4 with the FAST softmax step (tc_softmax_step
 // above): fewer instructions between the two products on plain tiles, and O rescaled only
@@ -662,14 +780,17 @@ __host__ __device__ constexpr bool tc_same(const char* x, const char* y) {
 #else
 #define TC_WANTED(NAME) true
 #endif
-#define TC_KERNEL(NAME, THREADS, CALL)                                                       \
+// MIN_BLOCKS: the blocks a SM the registers must allow (__launch_bounds__).
+#define TC_KERNEL_MB(NAME, THREADS, MIN_BLOCKS, CALL)                                        \
     template <bool ON, class Args>                                                           \
     __device__ __forceinline__ void NAME##_body(const Args& a, const ScoreMods& m) {         \
         if constexpr (ON) CALL(a, m);                                                        \
     }                                                                                        \
-    extern "C" __global__ void __launch_bounds__(THREADS) NAME(FlashArgs a, ScoreMods m) {   \
+    extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)                        \
+        NAME(FlashArgs a, ScoreMods m) {                                                     \
         NAME##_body<TC_WANTED(NAME)>(a, m);                                                  \
     }
+#define TC_KERNEL(NAME, THREADS, CALL) TC_KERNEL_MB(NAME, THREADS, 1, CALL)
 
 #define TC_KERNELS(D, T, BF16)                                                              \
     TC_KERNEL(flash2_tc_forward_v1_##T##_d##D, TC_NT, (tc_forward_v1<D, BF16>))             \
@@ -682,7 +803,18 @@ __host__ __device__ constexpr bool tc_same(const char* x, const char* y) {
               (tc_forward_v2<D, BF16, true, 1, 2 * TC_BC>))                                 \
     TC_KERNEL(flash2_tc_forward_v8_##T##_d##D, TC_NT, (tc_forward_v4<D, BF16, 2>))          \
     TC_KERNEL(flash2_tc_forward_v9_##T##_d##D, TC_NT, (tc_forward_v4<D, BF16, 2, 2 * TC_BC>)) \
-    TC_KERNEL(flash2_tc_forward_v10_##T##_d##D, TC_NT, (tc_forward_v10<D, BF16>))
+    TC_KERNEL(flash2_tc_forward_v10_##T##_d##D, TC_NT, (tc_forward_v10<D, BF16>))            \
+    TC_KERNEL(flash2_tc_forward_v11_##T##_d##D, TC_NT, (tc_forward_v11<D, BF16, false, TC_BC>)) \
+    TC_KERNEL(flash2_tc_forward_v11_##T##_d##D##_mods, TC_NT,                                \
+              (tc_forward_v11<D, BF16, true, TC_BC>))                                         \
+    TC_KERNEL(flash2_tc_forward_v12_##T##_d##D, TC_NT,                                       \
+              (tc_forward_v11<D, BF16, false, 2 * TC_BC>))                                    \
+    TC_KERNEL(flash2_tc_forward_v12_##T##_d##D##_mods, TC_NT,                                \
+              (tc_forward_v11<D, BF16, true, 2 * TC_BC>))                                     \
+    TC_KERNEL_MB(flash2_tc_forward_v13_##T##_d##D, TC_NT, 3,                                 \
+                 (tc_forward_v11<D, BF16, false, TC_BC>))                                     \
+    TC_KERNEL_MB(flash2_tc_forward_v13_##T##_d##D##_mods, TC_NT, 3,                          \
+                 (tc_forward_v11<D, BF16, true, TC_BC>))
 TC_KERNELS(64, bf16, true)
 TC_KERNELS(128, bf16, true)
 TC_KERNELS(64, f16, false)

@@ -49,8 +49,12 @@ pub const TC_HEAD_DIMS: [usize; 2] = [64, 128];
 /// version 3 (16 rows a warp) with version 5's softmax step; 7 — version 6 with 128-key
 /// tiles; 8 — version 5 with the scale folded into the exponent's FMA and the bare hardware
 /// exp2 (`ex2.approx.ftz`) on plain tiles; 9 — version 8 with 128-key tiles; 10 — version
-/// 6's tiling with S_{j+1} issued before the softmax of S_j (software-pipelined in the warp).
-pub const TC_FORWARD_VERSIONS: [u32; 10] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10];
+/// 6's tiling with S_{j+1} issued before the softmax of S_j (software-pipelined in the warp);
+/// 11 — version 8 with one barrier a tile, the heaviest causal blocks launched first and a
+/// second kernel for calls without mask or bias (only the causal diagonal and the keys' end
+/// cut scores there, by one comparison); 12 — version 11 with 128-key tiles; 13 — version 11
+/// compiled for 3 blocks a SM (≤ 168 registers).
+pub const TC_FORWARD_VERSIONS: [u32; 13] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13];
 /// The version the stage runs: on the paper setting (H100, notes/tensor-cores.md) version 8
 /// is as fast at both head dimensions and version 9 is 3–4 % faster at d = 64 without a
 /// causal mask but up to 9 % slower with one (and far slower at d = 128); none wins overall.
@@ -202,7 +206,9 @@ pub fn forward_version_with_stats<T: TcFloat>(
         ..FlashArgs::new(&p.shape, p.scale)
     };
     check_version("forward", version, &TC_FORWARD_VERSIONS)?;
-    let name = format!("flash2_tc_forward_v{version}_{}_d{d}", T::NAME);
+    // From version 11 a second kernel takes the calls with a mask or bias.
+    let mods = if version >= 11 && (p.mask.is_some() || p.bias.is_some()) { "_mods" } else { "" };
+    let name = format!("flash2_tc_forward_v{version}_{}_d{d}{mods}", T::NAME);
     let f =
         with_shared_bytes(gpu.function_alone(MODULE, &SOURCES, &name)?, shared_bytes(version, d))?;
     let grid = (blocks_for(n_q, block_rows(version) as u32), z as u32);
@@ -255,9 +261,10 @@ fn launch_blocks(
     unsafe { b.launch(cfg) }.map(|_| ()).map_err(cuda_err(what.to_string()))
 }
 
-/// Query rows a block of forward `version` (`TC_BR`, twice that in versions 4 and 5).
+/// Query rows a block of forward `version` (`TC_BR`, twice that from version 4 on but in
+/// versions 6, 7 and 10).
 fn block_rows(version: u32) -> usize {
-    if matches!(version, 4 | 5 | 8 | 9) { 2 * ROWS } else { ROWS }
+    if matches!(version, 4 | 5 | 8 | 9 | 11..=13) { 2 * ROWS } else { ROWS }
 }
 
 /// The tensor-core kernels need sm_80 or later (bf16 mma.sync, cp.async).
@@ -273,10 +280,10 @@ fn check_architecture(gpu: &Gpu) -> Result<()> {
 }
 
 /// Shared-memory bytes of forward `version` at head dimension `d`: Q_i, K_j and V_j (two of
-/// each from version 3; 128-key tiles in versions 7 and 9), 16-bit, rows padded to d + 8.
+/// each from version 3; 128-key tiles in versions 7, 9 and 12), 16-bit, rows padded to d + 8.
 fn shared_bytes(version: u32, d: usize) -> u32 {
     let kv_buffers = if version >= 3 { 4 } else { 2 };
-    let keys = if matches!(version, 7 | 9) { 2 * KEYS } else { KEYS }; // keys a tile
+    let keys = if matches!(version, 7 | 9 | 12) { 2 * KEYS } else { KEYS }; // keys a tile
     (2 * (block_rows(version) + kv_buffers * keys) * (d + 8)) as u32
 }
 

@@ -263,12 +263,21 @@ fn tc_cases(d: usize) -> Vec<Case> {
     cases
 }
 
+/// The forward versions to check: every one, or those listed in ATTN_TEST_TC_VERSIONS (e.g.
+/// `11,12`: each kernel compiles for seconds on the GPU machine, whose minutes are counted).
+fn tc_forward_versions() -> Vec<u32> {
+    match std::env::var("ATTN_TEST_TC_VERSIONS") {
+        Ok(list) => list.split(',').map(|v| v.trim().parse().expect("a version number")).collect(),
+        Err(_) => tc::TC_FORWARD_VERSIONS.to_vec(),
+    }
+}
+
 #[test]
 fn tensor_core_forward_matches_the_reference_on_rounded_inputs() {
     if skip_without_device() {
         return;
     }
-    for version in tc::TC_FORWARD_VERSIONS {
+    for version in tc_forward_versions() {
         for d in tc::TC_HEAD_DIMS {
             for case in tc_cases(d) {
                 for (dtype, (err, lse_err)) in [
@@ -402,6 +411,9 @@ fn tensor_core_kernels_compile_with_nvrtc_for_the_h100() {
             for d in tc::TC_HEAD_DIMS {
                 let name = format!(".entry flash2_tc_forward_v{version}_{dtype}_d{d}");
                 assert!(ptx.contains(&name), "no {name}");
+                // from version 11: a second kernel for calls with a mask or bias
+                let mods = format!("{name}_mods");
+                assert_eq!(ptx.contains(&mods), version >= 11, "{mods}");
             }
         }
     }
