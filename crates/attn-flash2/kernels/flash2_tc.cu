@@ -169,11 +169,6 @@ __device__ __forceinline__ float ex2_ftz(float x) {
 // |scale| log2 e after the shuffles) and scale · log2 e folds into P~ = 2^(s · scale log2 e
 // - m), one FMA; the exponential is ex2_ftz. Per score: max, FMA, exp2, add — 4
 // instructions, not 8.
-// FAST = 3 (version 14 on): the same instructions, in four independent chains a row: a
-// lane's max and sum of a row over a 128-key tile were one chain of 32 dependent
-// instructions each, every link waiting out the pipe's latency (Nsight: "stalled on a fixed
-// latency dependency" 40 % of the time at 2 warps a scheduler); four partial maxima and
-// sums, combined at the end, shorten it to 8 links.
 template <int D, int FAST = 0, int KB = TC_BC, bool MODS = true>
 __device__ __forceinline__ void tc_softmax_step(const FlashArgs& a, const ScoreMods& mods,
                                                 const TcHead& hd, int i0, int j0,
@@ -185,21 +180,7 @@ __device__ __forceinline__ void tc_softmax_step(const FlashArgs& a, const ScoreM
     const bool fold = FAST >= 2 && plain;
     const float scale2 = a.scale * LOG2E;
     float mx[2] = {NEG_INF, NEG_INF};
-    if (fold && FAST >= 3) {  // (partial maxima: chain c = 2 (nb % 2) + e % 2 of a row)
-        const float sign = a.scale > 0.0f ? 1.0f : -1.0f;
-        float pm[2][4];
-#pragma unroll
-        for (int c = 0; c < 8; c++) pm[c / 4][c % 4] = NEG_INF;
-#pragma unroll
-        for (int nb = 0; nb < KB / 8; nb++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                float& x = pm[e / 2][2 * (nb % 2) + e % 2];
-                x = fmaxf(x, sign * s[nb][e]);
-            }
-#pragma unroll
-        for (int r = 0; r < 2; r++) mx[r] = fmaxf(fmaxf(pm[r][0], pm[r][1]), fmaxf(pm[r][2], pm[r][3]));
-    } else if (fold) {  // the max of s (of -s if scale < 0: then the max of scale · s is at its min)
+    if (fold) {  // the max of s (of -s if scale < 0: then the max of scale · s is at its min)
         if (a.scale > 0.0f) {
 #pragma unroll
             for (int nb = 0; nb < KB / 8; nb++)
@@ -260,7 +241,6 @@ __device__ __forceinline__ void tc_softmax_step(const FlashArgs& a, const ScoreM
             o[c][3] *= alpha[1];
         }
     }
-    float ps[2][4] = {};  // (FAST = 3: partial sums, chains as the maxima's)
 #pragma unroll
     for (int nb = 0; nb < KB / 8; nb++)
 #pragma unroll
@@ -269,16 +249,9 @@ __device__ __forceinline__ void tc_softmax_step(const FlashArgs& a, const ScoreM
                             : (FAST && plain)     ? exp2f(s[nb][e] - m[e / 2])
                             : s[nb][e] == NEG_INF ? 0.0f
                                                   : exp2f(s[nb][e] - m[e / 2]);
-            if (FAST >= 3)
-                ps[e / 2][2 * (nb % 2) + e % 2] += p;
-            else
-                l[e / 2] += p;
+            l[e / 2] += p;
             s[nb][e] = p;
         }
-    if (FAST >= 3) {
-#pragma unroll
-        for (int r = 0; r < 2; r++) l[r] += (ps[r][0] + ps[r][1]) + (ps[r][2] + ps[r][3]);
-    }
 }
 
 // ANCHOR_END: tc_softmax
@@ -674,9 +647,8 @@ __device__ void tc_forward_v4(const FlashArgs& a, const ScoreMods& mods) {
 //   the short ones fill the end of the grid instead of one long block running alone.
 // Version 11: 64-key tiles; 12: 128-key tiles (FlashAttention-2's d = 64 tiling); 13:
 // version 11 compiled for 3 blocks a SM (at most 168 registers: 12 warps, not 8, to hide
-// one warp's exp2 phase behind another's mma). Versions 14, 15, 16: versions 12, 13, 11
-// with the softmax step's FAST = 3 (a row's max and sum in four chains).
-template <int D, bool BF16, bool MODS, int KB, int FAST = 2>
+// one warp's exp2 phase behind another's mma).
+template <int D, bool BF16, bool MODS, int KB>
 __device__ void tc_forward_v11(const FlashArgs& a, const ScoreMods& mods) {
     constexpr int S = D + 8, KV = KB * S, QR = 2 * TC_BR;  // QR: query rows a block
     extern __shared__ uint4 smem_tc[];
@@ -742,7 +714,7 @@ __device__ void tc_forward_v11(const FlashArgs& a, const ScoreMods& mods) {
         }
 #pragma unroll
         for (int mt = 0; mt < 2; mt++)
-            tc_softmax_step<D, FAST, KB, MODS>(a, mods, hd, i0 + 64 * mt, j0, rows[mt], s[mt],
+            tc_softmax_step<D, 2, KB, MODS>(a, mods, hd, i0 + 64 * mt, j0, rows[mt], s[mt],
                                             m[mt], l[mt], o[mt]);
 
 #pragma unroll
@@ -842,18 +814,7 @@ __host__ __device__ constexpr bool tc_same(const char* x, const char* y) {
     TC_KERNEL_MB(flash2_tc_forward_v13_##T##_d##D, TC_NT, 3,                                 \
                  (tc_forward_v11<D, BF16, false, TC_BC>))                                     \
     TC_KERNEL_MB(flash2_tc_forward_v13_##T##_d##D##_mods, TC_NT, 3,                          \
-                 (tc_forward_v11<D, BF16, true, TC_BC>))                                      \
-    TC_KERNEL(flash2_tc_forward_v14_##T##_d##D, TC_NT,                                       \
-              (tc_forward_v11<D, BF16, false, 2 * TC_BC, 3>))                                 \
-    TC_KERNEL(flash2_tc_forward_v14_##T##_d##D##_mods, TC_NT,                                \
-              (tc_forward_v11<D, BF16, true, 2 * TC_BC, 3>))                                  \
-    TC_KERNEL_MB(flash2_tc_forward_v15_##T##_d##D, TC_NT, 3,                                 \
-                 (tc_forward_v11<D, BF16, false, TC_BC, 3>))                                  \
-    TC_KERNEL_MB(flash2_tc_forward_v15_##T##_d##D##_mods, TC_NT, 3,                          \
-                 (tc_forward_v11<D, BF16, true, TC_BC, 3>))                                   \
-    TC_KERNEL(flash2_tc_forward_v16_##T##_d##D, TC_NT, (tc_forward_v11<D, BF16, false, TC_BC, 3>)) \
-    TC_KERNEL(flash2_tc_forward_v16_##T##_d##D##_mods, TC_NT,                                \
-              (tc_forward_v11<D, BF16, true, TC_BC, 3>))
+                 (tc_forward_v11<D, BF16, true, TC_BC>))
 TC_KERNELS(64, bf16, true)
 TC_KERNELS(128, bf16, true)
 TC_KERNELS(64, f16, false)
