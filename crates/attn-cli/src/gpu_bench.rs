@@ -153,12 +153,17 @@ fn gpu_stages() -> Vec<GpuStage> {
         tc_stage("flash2-bf16-v11", Bf16, tc_v::<tc::bf16, 11>, None),
         tc_stage("flash2-bf16-v12", Bf16, tc_v::<tc::bf16, 12>, None),
         tc_stage("flash2-bf16-v13", Bf16, tc_v::<tc::bf16, 13>, None),
+        tc_stage("flash2-bf16-v14", Bf16, tc_v::<tc::bf16, 14>, None),
+        tc_stage("flash2-bf16-v15", Bf16, tc_v::<tc::bf16, 15>, None),
         tc_stage("flash2-f16-v5", F16, tc_v::<tc::f16, 5>, None),
         tc_stage("flash2-f16-v6", F16, tc_v::<tc::f16, 6>, None),
         tc_stage("flash2-f16-v8", F16, tc_v::<tc::f16, 8>, None),
         tc_stage("flash2-f16-v10", F16, tc_v::<tc::f16, 10>, None),
         tc_stage("flash2-f16-v11", F16, tc_v::<tc::f16, 11>, None),
         tc_stage("flash2-f16-v12", F16, tc_v::<tc::f16, 12>, None),
+        tc_stage("flash2-f16-v13", F16, tc_v::<tc::f16, 13>, None),
+        tc_stage("flash2-f16-v14", F16, tc_v::<tc::f16, 14>, None),
+        tc_stage("flash2-f16-v15", F16, tc_v::<tc::f16, 15>, None),
     ]
 }
 

@@ -740,6 +740,140 @@ __device__ void tc_forward_v11(const FlashArgs& a, const ScoreMods& mods) {
 }
 // ANCHOR_END: tc_forward_v11
 
+// ANCHOR: tc_forward_v14
+// Tensor-core forward, version 14: version 11 (13 at d = 64) with every address computed
+// once. Nsight's stall samples of version 12 put a fifth of the warps' time on integer
+// instructions outside the math (IMAD, LEA, SHF, ISETP, BRA; PyTorch's kernel: a twentieth):
+// the copy loop of load_tile16_async ran with a trip count the compiler could not see
+// (threadIdx.x + 128 i < ROWS · D / 8), re-deriving row, column and two 64-bit addresses for
+// every 16 bytes; and each ldmatrix converted a generic pointer (buffer + row · stride +
+// column) to a shared-memory address. Here a thread's copies are an unrolled list at fixed
+// offsets from one global pointer and one shared address, and a lane's ldmatrix addresses
+// are three 32-bit numbers set before the loop (Q_i's, K_j's and V_j's first block): every
+// fragment read is that number plus a constant, plus the buffer's offset.
+template <int D, int ROWS>
+__device__ __forceinline__ void load_tile16_at(unsigned dst, const u16* src, int row0, int n) {
+    constexpr int C8 = D / 8, RS = TC_NT / C8;  // 16-byte chunks a row; rows a pass
+    static_assert(ROWS % RS == 0, "whole passes");
+    const int r = threadIdx.x / C8, c = (threadIdx.x % C8) * 8;  // the thread's row and column
+    const u16* g = src + (i64)(row0 + r) * D + c;
+    dst += (r * (D + 8) + c) * 2;
+#pragma unroll
+    for (int p = 0; p < ROWS / RS; p++) {
+        const bool ok = row0 + r + p * RS < n;  // rows past n: zeros
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst + p * RS * (D + 8) * 2),
+                     "l"(ok ? g + p * RS * D : src), "r"(ok ? 16 : 0));
+    }
+}
+__device__ __forceinline__ void ldsm_x4_at(u32* r, unsigned a) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+__device__ __forceinline__ void ldsm_x4_trans_at(u32* r, unsigned a) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
+template <int D, bool BF16, bool MODS, int KB>
+__device__ void tc_forward_v14(const FlashArgs& a, const ScoreMods& mods) {
+    constexpr int S = D + 8, QR = 2 * TC_BR;  // row stride (values); query rows a block
+    constexpr unsigned KVB = KB * S * 2;      // bytes of one K or V buffer
+    extern __shared__ uint4 smem_tc[];
+    const unsigned Qa = (unsigned)__cvta_generic_to_shared(smem_tc);  // [QR][S]
+    const unsigned Ka = Qa + QR * S * 2;                               // [2][KB][S]
+    const unsigned Va = Ka + 2 * KVB;                                  // [2][KB][S]
+    const TcHead hd = tc_head<D>(a);
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4;
+    const int mr = lane % 8, mi = lane / 8;  // ldmatrix: the lane gives row mr of matrix mi
+    // The lane's ldmatrix addresses at the first block (frag_a, frag_b2, frag_b2_trans):
+    // Q_i's rows 16 warp .. (+ 64 mt for m-tile mt, + 16 kk columns), K_j's keys 0 .. 15
+    // (+ 8 nb keys, + 16 kk columns), V_j's keys 0 .. 15 (+ 16 kk keys, + 8 c columns).
+    const unsigned q_at = Qa + ((16 * warp + mr + 8 * (mi % 2)) * S + 8 * (mi / 2)) * 2;
+    const unsigned k_at = Ka + ((8 * (mi / 2) + mr) * S + 8 * (mi % 2)) * 2;
+    const unsigned v_at = Va + ((8 * (mi % 2) + mr) * S + 8 * (mi / 2)) * 2;
+    const int i0 = (mods.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x) * QR;
+    int rows[2][2];  // m-tile mt of the warp: rows i0 + 64 mt + 16 warp + g (and + 8)
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++) {
+        rows[mt][0] = i0 + 64 * mt + 16 * warp + g;
+        rows[mt][1] = rows[mt][0] + 8;
+    }
+    const int j_end = key_end(mods, min(i0 + QR, a.n_q) - 1);
+
+    if (j_end > 0) {
+        load_tile16_at<D, KB>(Ka, hd.k, 0, a.n_k);
+        load_tile16_at<D, KB>(Va, hd.v, 0, a.n_k);
+    }
+    load_tile16_at<D, QR>(Qa, hd.q, i0, a.n_q);
+    cp_async_commit();
+    float o[2][D / 8][4];
+    float m[2][2], l[2][2];
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++) {
+        m[mt][0] = m[mt][1] = NEG_INF;
+        l[mt][0] = l[mt][1] = 0.0f;
+        zero_frags<D / 8>(o[mt]);
+    }
+
+    for (int j0 = 0, step = 0; j0 < j_end; j0 += KB, step++) {
+        const unsigned buf = (step % 2) * KVB;  // this tile's buffers; KVB - buf: the next's
+        cp_async_wait<0>();  // this thread's copies of K_j, V_j (and at step 0, Q_i)
+        __syncthreads();     // everyone's copies; every warp done with tile j - 1
+        if (j0 + KB < j_end) {
+            load_tile16_at<D, KB>(Ka + KVB - buf, hd.k, j0 + KB, a.n_k);
+            load_tile16_at<D, KB>(Va + KVB - buf, hd.v, j0 + KB, a.n_k);
+            cp_async_commit();
+        }
+
+        float s[2][KB / 8][4];  // S = Q_i K_j^T
+        zero_frags<KB / 8>(s[0]);
+        zero_frags<KB / 8>(s[1]);
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            u32 qf[2][4];
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++) ldsm_x4_at(qf[mt], q_at + (64 * mt * S + 16 * kk) * 2);
+#pragma unroll
+            for (int nb = 0; nb < KB / 8; nb += 2) {
+                u32 kb[4];
+                ldsm_x4_at(kb, k_at + buf + (8 * nb * S + 16 * kk) * 2);
+#pragma unroll
+                for (int mt = 0; mt < 2; mt++) {
+                    mma16816<BF16>(s[mt][nb], qf[mt], kb[0], kb[1]);
+                    mma16816<BF16>(s[mt][nb + 1], qf[mt], kb[2], kb[3]);
+                }
+            }
+        }
+#pragma unroll
+        for (int mt = 0; mt < 2; mt++)
+            tc_softmax_step<D, 2, KB, MODS>(a, mods, hd, i0 + 64 * mt, j0, rows[mt], s[mt], m[mt],
+                                            l[mt], o[mt]);
+
+#pragma unroll
+        for (int kk = 0; kk < KB / 16; kk++) {  // O_i += P~ V_j
+            u32 pa[2][4];
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++) p_fragment<BF16>(s[mt], kk, pa[mt]);
+#pragma unroll
+            for (int c = 0; c < D / 8; c += 2) {
+                u32 vb[4];
+                ldsm_x4_trans_at(vb, v_at + buf + (16 * kk * S + 8 * c) * 2);
+#pragma unroll
+                for (int mt = 0; mt < 2; mt++) {
+                    mma16816<BF16>(o[mt][c], pa[mt], vb[0], vb[1]);
+                    mma16816<BF16>(o[mt][c + 1], pa[mt], vb[2], vb[3]);
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();  // (Q_i's copy, when the block saw no key)
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++) tc_write_rows<D, BF16>(a, hd.z, rows[mt], m[mt], l[mt], o[mt]);
+}
+// ANCHOR_END: tc_forward_v14
+
 // ANCHOR: tc_forward_v5
 // Tensor-core forward, version 5: version 4 with the FAST softmax step (tc_softmax_step
 // above): fewer instructions between the two products on plain tiles, and O rescaled only
@@ -814,7 +948,14 @@ __host__ __device__ constexpr bool tc_same(const char* x, const char* y) {
     TC_KERNEL_MB(flash2_tc_forward_v13_##T##_d##D, TC_NT, 3,                                 \
                  (tc_forward_v11<D, BF16, false, TC_BC>))                                     \
     TC_KERNEL_MB(flash2_tc_forward_v13_##T##_d##D##_mods, TC_NT, 3,                          \
-                 (tc_forward_v11<D, BF16, true, TC_BC>))
+                 (tc_forward_v11<D, BF16, true, TC_BC>))                                      \
+    TC_KERNEL_MB(flash2_tc_forward_v14_##T##_d##D, TC_NT, D == 64 ? 3 : 1,                   \
+                 (tc_forward_v14<D, BF16, false, TC_BC>))                                     \
+    TC_KERNEL_MB(flash2_tc_forward_v14_##T##_d##D##_mods, TC_NT, D == 64 ? 3 : 1,            \
+                 (tc_forward_v14<D, BF16, true, TC_BC>))                                      \
+    TC_KERNEL(flash2_tc_forward_v15_##T##_d##D, TC_NT, (tc_forward_v14<D, BF16, false, 2 * TC_BC>)) \
+    TC_KERNEL(flash2_tc_forward_v15_##T##_d##D##_mods, TC_NT,                                \
+              (tc_forward_v14<D, BF16, true, 2 * TC_BC>))
 TC_KERNELS(64, bf16, true)
 TC_KERNELS(128, bf16, true)
 TC_KERNELS(64, f16, false)

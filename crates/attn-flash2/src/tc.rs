@@ -53,8 +53,10 @@ pub const TC_HEAD_DIMS: [usize; 2] = [64, 128];
 /// 11 — version 8 with one barrier a tile, the heaviest causal blocks launched first and a
 /// second kernel for calls without mask or bias (only the causal diagonal and the keys' end
 /// cut scores there, by one comparison); 12 — version 11 with 128-key tiles; 13 — version 11
-/// compiled for 3 blocks a SM (≤ 168 registers).
-pub const TC_FORWARD_VERSIONS: [u32; 13] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13];
+/// compiled for 3 blocks a SM (≤ 168 registers); 14 — version 13 at d = 64 and 11 at d = 128
+/// with every address computed once (unrolled copies, ldmatrix at precomputed shared
+/// addresses); 15 — version 14 with 128-key tiles (version 12's tiling).
+pub const TC_FORWARD_VERSIONS: [u32; 15] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15];
 /// The version the stage runs: on the paper setting (H100, notes/tensor-cores.md) version 8
 /// is as fast at both head dimensions and version 9 is 3–4 % faster at d = 64 without a
 /// causal mask but up to 9 % slower with one (and far slower at d = 128); none wins overall.
@@ -264,7 +266,7 @@ fn launch_blocks(
 /// Query rows a block of forward `version` (`TC_BR`, twice that from version 4 on but in
 /// versions 6, 7 and 10).
 fn block_rows(version: u32) -> usize {
-    if matches!(version, 4 | 5 | 8 | 9 | 11..=13) { 2 * ROWS } else { ROWS }
+    if matches!(version, 4 | 5 | 8 | 9 | 11..) { 2 * ROWS } else { ROWS }
 }
 
 /// The tensor-core kernels need sm_80 or later (bf16 mma.sync, cp.async).
@@ -280,10 +282,10 @@ fn check_architecture(gpu: &Gpu) -> Result<()> {
 }
 
 /// Shared-memory bytes of forward `version` at head dimension `d`: Q_i, K_j and V_j (two of
-/// each from version 3; 128-key tiles in versions 7, 9 and 12), 16-bit, rows padded to d + 8.
+/// each from version 3; 128-key tiles in versions 7, 9, 12 and 15), 16-bit, rows padded to d + 8.
 fn shared_bytes(version: u32, d: usize) -> u32 {
     let kv_buffers = if version >= 3 { 4 } else { 2 };
-    let keys = if matches!(version, 7 | 9 | 12) { 2 * KEYS } else { KEYS }; // keys a tile
+    let keys = if matches!(version, 7 | 9 | 12 | 15) { 2 * KEYS } else { KEYS }; // keys a tile
     (2 * (block_rows(version) + kv_buffers * keys) * (d + 8)) as u32
 }
 
