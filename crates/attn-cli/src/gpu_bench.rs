@@ -140,6 +140,8 @@ fn gpu_stages() -> Vec<GpuStage> {
         tc_stage("flash2-bf16-bwd4", Bf16, fwd_bf16, Some(tc_b::<tc::bf16, 4>)),
         tc_stage("flash2-bf16-bwd5", Bf16, fwd_bf16, Some(tc_b::<tc::bf16, 5>)),
         tc_stage("flash2-bf16-bwd6", Bf16, fwd_bf16, Some(tc_b::<tc::bf16, 6>)),
+        tc_stage("flash2-bf16-bwd7", Bf16, fwd_bf16, Some(tc_b::<tc::bf16, 7>)),
+        tc_stage("flash2-f16-bwd7", F16, fwd_f16, Some(tc_b::<tc::f16, 7>)),
         tc_stage("flash2-bf16-v1", Bf16, tc_v::<tc::bf16, 1>, None),
         tc_stage("flash2-bf16-v2", Bf16, tc_v::<tc::bf16, 2>, None),
         tc_stage("flash2-bf16-v3", Bf16, tc_v::<tc::bf16, 3>, None),

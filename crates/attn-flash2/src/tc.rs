@@ -57,10 +57,10 @@ pub const TC_HEAD_DIMS: [usize; 2] = [64, 128];
 /// with every address computed once (unrolled copies, ldmatrix at precomputed shared
 /// addresses); 15 — version 14 with 128-key tiles (version 12's tiling).
 pub const TC_FORWARD_VERSIONS: [u32; 15] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15];
-/// The version the stage runs: on the paper setting (H100, notes/tensor-cores.md) version 8
-/// is as fast at both head dimensions and version 9 is 3–4 % faster at d = 64 without a
-/// causal mask but up to 9 % slower with one (and far slower at d = 128); none wins overall.
-pub const TC_FORWARD_VERSION: u32 = 5;
+/// The version the stage runs: on the paper setting (H100, notes/tensor-cores.md) version 14
+/// is 0.97–1.05× PyTorch's flash backend at n ≥ 2048, 14–18 % faster than version 13 (d = 64)
+/// and version 11 (d = 128) it is built from.
+pub const TC_FORWARD_VERSION: u32 = 14;
 /// Query rows a block (`TC_BR`) and keys a tile (`TC_BC`) in flash2_tc.cu.
 const ROWS: usize = 64;
 const KEYS: usize = 64;
@@ -340,11 +340,12 @@ pub struct HalfGrads<T> {
 /// 128 keys a block over 8 warps (half the dQ atomics, twice the use of each Q_i, dO_i read);
 /// 5 — version 4 with dQ_i computed after tile i+1's first barrier (two barriers a tile, not
 /// three); 6 — version 3 at d = 64, version 4 at d = 128, with the bare hardware exp2
-/// (`ex2.approx.ftz`).
-pub const TC_BACKWARD_VERSIONS: [u32; 6] = [1, 2, 3, 4, 5, 6];
+/// (`ex2.approx.ftz`); 7 — version 6 with every address computed once (forward version 14's
+/// change) and a second kernel for calls with a mask or bias.
+pub const TC_BACKWARD_VERSIONS: [u32; 7] = [1, 2, 3, 4, 5, 6, 7];
 /// The backward version the stage runs: the fastest measured on the paper setting (H100,
-/// notes/tensor-cores.md), by a few per cent over versions 3 and 4 it combines.
-pub const TC_BACKWARD_VERSION: u32 = 6;
+/// notes/tensor-cores.md).
+pub const TC_BACKWARD_VERSION: u32 = 7;
 
 /// The tensor-core backward: dQ, dK, dV from the inputs, the forward's O and lse, and dO.
 pub fn backward<T: TcFloat>(
@@ -413,7 +414,8 @@ pub fn backward_version_with_stats<T: TcFloat>(
         dv: dv_ptr,
         ..FlashArgs::new(&sh, p.scale)
     };
-    let name = format!("flash2_tc_backward_v{version}_{}_d{d}", T::NAME);
+    let mods = if version >= 7 && (p.mask.is_some() || p.bias.is_some()) { "_mods" } else { "" };
+    let name = format!("flash2_tc_backward_v{version}_{}_d{d}{mods}", T::NAME);
     let f = gpu.function_alone(MODULE, &SOURCES, &name)?;
     let f = with_shared_bytes(f, backward_shared_bytes(version, d))?;
     let keys = backward_keys(version, d);
@@ -452,7 +454,7 @@ enum KvGrads<T> {
 /// Keys a block of backward `version` at head dimension `d` (16 a warp: 4 warps, 8 in
 /// versions 4 and 5 and in version 6 at d = 128).
 fn backward_keys(version: u32, d: usize) -> usize {
-    if matches!(version, 4 | 5) || (version == 6 && d == 128) { 2 * KEYS } else { KEYS }
+    if matches!(version, 4 | 5) || (version >= 6 && d == 128) { 2 * KEYS } else { KEYS }
 }
 
 /// Shared-memory bytes of backward `version` at head dimension `d`: K_j, V_j, Q_i, dO_i

@@ -263,12 +263,13 @@ fn tc_cases(d: usize) -> Vec<Case> {
     cases
 }
 
-/// The forward versions to check: every one, or those listed in ATTN_TEST_TC_VERSIONS (e.g.
-/// `11,12`: each kernel compiles for seconds on the GPU machine, whose minutes are counted).
-fn tc_forward_versions() -> Vec<u32> {
-    match std::env::var("ATTN_TEST_TC_VERSIONS") {
+/// The kernel versions to check: every one, or those listed in the environment variable
+/// `var` (ATTN_TEST_TC_VERSIONS for the forward, ATTN_TEST_TC_BACKWARD_VERSIONS; e.g. `11,12`:
+/// each kernel compiles for seconds on the GPU machine, whose minutes are counted).
+fn tc_versions(var: &str, all: &[u32]) -> Vec<u32> {
+    match std::env::var(var) {
         Ok(list) => list.split(',').map(|v| v.trim().parse().expect("a version number")).collect(),
-        Err(_) => tc::TC_FORWARD_VERSIONS.to_vec(),
+        Err(_) => all.to_vec(),
     }
 }
 
@@ -277,7 +278,7 @@ fn tensor_core_forward_matches_the_reference_on_rounded_inputs() {
     if skip_without_device() {
         return;
     }
-    for version in tc_forward_versions() {
+    for version in tc_versions("ATTN_TEST_TC_VERSIONS", &tc::TC_FORWARD_VERSIONS) {
         for d in tc::TC_HEAD_DIMS {
             for case in tc_cases(d) {
                 for (dtype, (err, lse_err)) in [
@@ -318,7 +319,7 @@ fn tensor_core_backward_matches_the_reference_on_rounded_inputs() {
     if skip_without_device() {
         return;
     }
-    for version in tc::TC_BACKWARD_VERSIONS {
+    for version in tc_versions("ATTN_TEST_TC_BACKWARD_VERSIONS", &tc::TC_BACKWARD_VERSIONS) {
         for d in tc::TC_HEAD_DIMS {
             for case in tc_cases(d) {
                 for (dtype, err) in [
@@ -422,6 +423,8 @@ fn tensor_core_kernels_compile_with_nvrtc_for_the_h100() {
             for d in tc::TC_HEAD_DIMS {
                 let name = format!(".entry flash2_tc_backward_v{version}_{dtype}_d{d}");
                 assert!(ptx.contains(&name), "no {name}");
+                let mods = format!("{name}_mods");
+                assert_eq!(ptx.contains(&mods), version >= 7, "{mods}");
             }
         }
         for k in ["tc_row_dot", "tc_group_sum"] {
