@@ -914,17 +914,19 @@ __host__ __device__ constexpr bool tc_same(const char* x, const char* y) {
 #else
 #define TC_WANTED(NAME) true
 #endif
-// MIN_BLOCKS: the blocks a SM the registers must allow (__launch_bounds__).
-#define TC_KERNEL_MB(NAME, THREADS, MIN_BLOCKS, CALL)                                        \
+// BOUNDS: __launch_bounds__'s arguments in parentheses — (threads) or (threads, the blocks a
+// SM the registers must allow). (A written-out 1 is not the same as none: ptxas allocates
+// registers a little differently, so the versions timed without it keep the plain form.)
+#define TC_KERNEL_LB(NAME, BOUNDS, CALL)                                                     \
     template <bool ON, class Args>                                                           \
     __device__ __forceinline__ void NAME##_body(const Args& a, const ScoreMods& m) {         \
         if constexpr (ON) CALL(a, m);                                                        \
     }                                                                                        \
-    extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS)                        \
-        NAME(FlashArgs a, ScoreMods m) {                                                     \
+    extern "C" __global__ void __launch_bounds__ BOUNDS NAME(FlashArgs a, ScoreMods m) {     \
         NAME##_body<TC_WANTED(NAME)>(a, m);                                                  \
     }
-#define TC_KERNEL(NAME, THREADS, CALL) TC_KERNEL_MB(NAME, THREADS, 1, CALL)
+#define TC_KERNEL(NAME, THREADS, CALL) TC_KERNEL_LB(NAME, (THREADS), CALL)
+#define TC_KERNEL_MB(NAME, THREADS, MIN_BLOCKS, CALL) TC_KERNEL_LB(NAME, (THREADS, MIN_BLOCKS), CALL)
 
 #define TC_KERNELS(D, T, BF16)                                                              \
     TC_KERNEL(flash2_tc_forward_v1_##T##_d##D, TC_NT, (tc_forward_v1<D, BF16>))             \
@@ -938,12 +940,12 @@ __host__ __device__ constexpr bool tc_same(const char* x, const char* y) {
     TC_KERNEL(flash2_tc_forward_v8_##T##_d##D, TC_NT, (tc_forward_v4<D, BF16, 2>))          \
     TC_KERNEL(flash2_tc_forward_v9_##T##_d##D, TC_NT, (tc_forward_v4<D, BF16, 2, 2 * TC_BC>)) \
     TC_KERNEL(flash2_tc_forward_v10_##T##_d##D, TC_NT, (tc_forward_v10<D, BF16>))            \
-    TC_KERNEL(flash2_tc_forward_v11_##T##_d##D, TC_NT, (tc_forward_v11<D, BF16, false, TC_BC>)) \
-    TC_KERNEL(flash2_tc_forward_v11_##T##_d##D##_mods, TC_NT,                                \
+    TC_KERNEL_MB(flash2_tc_forward_v11_##T##_d##D, TC_NT, 1, (tc_forward_v11<D, BF16, false, TC_BC>)) \
+    TC_KERNEL_MB(flash2_tc_forward_v11_##T##_d##D##_mods, TC_NT, 1,                                \
               (tc_forward_v11<D, BF16, true, TC_BC>))                                         \
-    TC_KERNEL(flash2_tc_forward_v12_##T##_d##D, TC_NT,                                       \
+    TC_KERNEL_MB(flash2_tc_forward_v12_##T##_d##D, TC_NT, 1,                                       \
               (tc_forward_v11<D, BF16, false, 2 * TC_BC>))                                    \
-    TC_KERNEL(flash2_tc_forward_v12_##T##_d##D##_mods, TC_NT,                                \
+    TC_KERNEL_MB(flash2_tc_forward_v12_##T##_d##D##_mods, TC_NT, 1,                                \
               (tc_forward_v11<D, BF16, true, 2 * TC_BC>))                                     \
     TC_KERNEL_MB(flash2_tc_forward_v13_##T##_d##D, TC_NT, 3,                                 \
                  (tc_forward_v11<D, BF16, false, TC_BC>))                                     \
@@ -953,8 +955,8 @@ __host__ __device__ constexpr bool tc_same(const char* x, const char* y) {
                  (tc_forward_v14<D, BF16, false, TC_BC>))                                     \
     TC_KERNEL_MB(flash2_tc_forward_v14_##T##_d##D##_mods, TC_NT, D == 64 ? 3 : 1,            \
                  (tc_forward_v14<D, BF16, true, TC_BC>))                                      \
-    TC_KERNEL(flash2_tc_forward_v15_##T##_d##D, TC_NT, (tc_forward_v14<D, BF16, false, 2 * TC_BC>)) \
-    TC_KERNEL(flash2_tc_forward_v15_##T##_d##D##_mods, TC_NT,                                \
+    TC_KERNEL_MB(flash2_tc_forward_v15_##T##_d##D, TC_NT, 1, (tc_forward_v14<D, BF16, false, 2 * TC_BC>)) \
+    TC_KERNEL_MB(flash2_tc_forward_v15_##T##_d##D##_mods, TC_NT, 1,                                \
               (tc_forward_v14<D, BF16, true, 2 * TC_BC>))
 TC_KERNELS(64, bf16, true)
 TC_KERNELS(128, bf16, true)
@@ -1463,9 +1465,9 @@ __device__ void tc_backward_v7(const FlashArgs& a, const ScoreMods& mods) {
               (tc_backward_v1<D, BF16, true, 1, 8, true>))                                  \
     TC_KERNEL(flash2_tc_backward_v6_##T##_d##D, D == 64 ? TC_NT : 2 * TC_NT,                \
               (tc_backward_v1<D, BF16, true, 2, D == 64 ? 4 : 8>))                          \
-    TC_KERNEL(flash2_tc_backward_v7_##T##_d##D, D == 64 ? TC_NT : 2 * TC_NT,                \
+    TC_KERNEL_MB(flash2_tc_backward_v7_##T##_d##D, D == 64 ? TC_NT : 2 * TC_NT, 1,                \
               (tc_backward_v7<D, BF16, false, D == 64 ? 4 : 8>))                            \
-    TC_KERNEL(flash2_tc_backward_v7_##T##_d##D##_mods, D == 64 ? TC_NT : 2 * TC_NT,         \
+    TC_KERNEL_MB(flash2_tc_backward_v7_##T##_d##D##_mods, D == 64 ? TC_NT : 2 * TC_NT, 1,         \
               (tc_backward_v7<D, BF16, true, D == 64 ? 4 : 8>))
 TC_BACKWARD_KERNELS(64, bf16, true)
 TC_BACKWARD_KERNELS(128, bf16, true)

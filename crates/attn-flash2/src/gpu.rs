@@ -15,12 +15,13 @@
 //!
 //! Head dimensions 32, 64, 96 and 128; others are refused with a clear error.
 
-use attn_core::{Forward, Grads, Inputs, Options, Result, Shape};
+use attn_core::{AttnError, Forward, Grads, Inputs, Options, Result, Shape};
 use attn_cuda::{CONTRACT_HEADER, CudaFunction, DeviceBuffer, Gpu, blocks_for};
 pub use attn_naive::gpu::HEAD_DIMS;
 use attn_naive::gpu::{
     DeviceForward, DeviceProblem, DeviceSaved, DeviceStats, FlashArgs, FusedBackward, TILES,
     backward_on_device, check_head_dim, forward_on_device, fused_kernel, launch_fused,
+    with_shared_bytes,
 };
 use ndarray::ArrayView4;
 
@@ -29,6 +30,9 @@ use crate::cpu::NAME;
 /// The fused kernels.
 pub const KERNELS: &str = include_str!("../kernels/flash2.cu");
 const MODULE: &str = "flash2";
+/// The forward on the tensor cores for f32 inputs, by 3xTF32 (version 8).
+pub const TF32_KERNELS: &str = include_str!("../kernels/flash2_tf32.cu");
+const TF32_MODULE: &str = "flash2_tf32";
 /// Query rows and keys per tile (`BR`, `BC` in flash2.cu).
 pub const TILE: usize = 64;
 
@@ -65,8 +69,10 @@ fn kernel(gpu: &Gpu, name: &str, d: usize) -> Result<(CudaFunction, u32)> {
 /// each thread's output columns spread in float4 chunks (no shared-memory bank conflicts
 /// at d = 128); 6 — version 5 with 128 query rows a block, 8 rows of scores and of O a
 /// thread (twice the FMAs per shared-memory read); 7 — version 6 with K_{j+1} prefetched into
-/// a second buffer during step j.
-pub const FORWARD_VERSIONS: [u32; 7] = [1, 2, 3, 4, 5, 6, 7];
+/// a second buffer during step j; 8 — on the tensor cores (sm_80 and later): each product in
+/// 3xTF32, three tf32 mma of the operands' big and small parts, to f32 accuracy
+/// (kernels/flash2_tf32.cu), 128 query rows a block over 8 warps.
+pub const FORWARD_VERSIONS: [u32; 8] = [1, 2, 3, 4, 5, 6, 7, 8];
 
 /// The version the stage runs at head dimension `d`: the fastest measured on the H100 on the
 /// paper setting (notes/gpu.md) — 7 at d = 128 (+5–8 % over 5), 5 elsewhere (at d = 64,
@@ -95,9 +101,29 @@ pub fn forward_device_version(
     let a = FlashArgs { o: gpu.ptr(&out), lse: gpu.ptr(&lse), ..FlashArgs::of(gpu, dev) };
     let rows = if version >= 6 { 2 * TILE } else { TILE }; // query rows a block
     let grid = (blocks_for(n_q, rows as u32), z as u32);
-    let name = format!("forward_v{version}");
-    launch_fused(gpu, &kernel(gpu, &name, d)?, grid, &a, dev, "flash2_forward")?;
+    let f = if version == 8 {
+        tf32_kernel(gpu, dev, d)?
+    } else {
+        kernel(gpu, &format!("forward_v{version}"), d)?
+    };
+    launch_fused(gpu, &f, grid, &a, dev, "flash2_forward")?;
     Ok((out, lse))
+}
+
+/// Version 8's kernel at head dimension `d`: the lean one when there is no bias or mask.
+fn tf32_kernel(gpu: &Gpu, dev: &DeviceProblem, d: usize) -> Result<(CudaFunction, u32)> {
+    if gpu.compute_capability() < 80 {
+        return Err(AttnError::Unsupported {
+            stage: "flash2 (cuda) forward version 8",
+            what: "GPUs before sm_80 (no tf32 mma.sync)",
+            advice: "use forward version 7 (or 5) on this GPU",
+        });
+    }
+    let lean = if dev.has_bias_or_mask() { "" } else { "_lean" };
+    let name = format!("flash2_forward_v8{lean}_d{d}");
+    let f = gpu.function_alone(TF32_MODULE, &[CONTRACT_HEADER, TILES, TF32_KERNELS], &name)?;
+    // Q_i (128 rows), two K_j and two V_j buffers (64 keys), rows padded to d + 4 floats
+    with_shared_bytes(f, (4 * (2 * TILE + 4 * TILE) * (d + 4)) as u32)
 }
 // ANCHOR_END: forward_device
 

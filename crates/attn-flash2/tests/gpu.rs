@@ -36,13 +36,16 @@ fn every_forward_version_matches_the_reference() {
     }
     for version in attn_flash2::gpu::FORWARD_VERSIONS {
         for d in attn_flash2::gpu::HEAD_DIMS {
-            for causal in [false, true] {
+            // with a mask, a bias and dropout; and without (version 8's lean kernel), with
+            // fewer queries than keys
+            for (causal, mods) in [(false, true), (true, true), (false, false), (true, false)] {
+                let (n_q, n_k) = if mods { (200, 150) } else { (150, 333) };
                 let case = Case {
                     causal,
-                    mask: MaskKind::KeyPadding,
-                    bias: BiasKind::PerKey,
-                    dropout: Some(0.1),
-                    ..Case::new(Shape::new(2, 4, 200, d).with_n_k(150).with_kv_heads(2), 4)
+                    mask: if mods { MaskKind::KeyPadding } else { MaskKind::None },
+                    bias: if mods { BiasKind::PerKey } else { BiasKind::None },
+                    dropout: if mods { Some(0.1) } else { None },
+                    ..Case::new(Shape::new(2, 4, n_q, d).with_n_k(n_k).with_kv_heads(2), 4)
                 };
                 let data = case.build();
                 let inputs = data.inputs();
@@ -54,7 +57,10 @@ fn every_forward_version_matches_the_reference() {
                     .forward();
                 let err =
                     attn_core::metrics::compare(fwd.out.view(), reference.out.view()).normwise;
-                assert!(err <= 1e-5, "version {version} d {d} causal {causal}: {err:.2e}");
+                assert!(
+                    err <= 1e-5,
+                    "version {version} d {d} causal {causal} mods {mods}: {err:.2e}"
+                );
             }
         }
     }
@@ -176,6 +182,17 @@ fn kernels_compile_with_nvrtc_for_the_h100() {
             "backward_kv",
             "backward_q",
         ] {
+            assert!(ptx.contains(&format!(".entry flash2_{k}_d{d}")), "no flash2_{k}_d{d}");
+        }
+    }
+    // Version 8 (3xTF32 on the tensor cores): sm_80 and sm_90, every head dimension.
+    let sources =
+        [attn_cuda::CONTRACT_HEADER, attn_naive::gpu::TILES, attn_flash2::gpu::TF32_KERNELS];
+    attn_cuda::compile("flash2_tf32", &sources, "sm_80").unwrap();
+    let ptx = attn_cuda::compile("flash2_tf32", &sources, "sm_90").unwrap().to_src();
+    assert!(ptx.contains("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32"));
+    for d in attn_flash2::gpu::HEAD_DIMS {
+        for k in ["forward_v8", "forward_v8_lean"] {
             assert!(ptx.contains(&format!(".entry flash2_{k}_d{d}")), "no flash2_{k}_d{d}");
         }
     }

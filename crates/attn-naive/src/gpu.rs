@@ -221,6 +221,11 @@ impl DeviceProblem {
         i_end == 0 || j0 >= self.shape.key_end(self.causal, i_end - 1)
     }
 
+    /// Whether the problem has a bias or a mask (kernels without them are leaner).
+    pub fn has_bias_or_mask(&self) -> bool {
+        self.has_mods
+    }
+
     /// Whether a window's scores need `modify_scores`: a bias or mask, or causal masking
     /// that reaches into it.
     pub fn window_needs_mods(&self, i0: usize, j0: usize, cols: usize) -> bool {

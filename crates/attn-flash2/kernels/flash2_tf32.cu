@@ -1,0 +1,305 @@
+// FlashAttention-2 for f32 inputs on the tensor cores, by 3xTF32 (fp32 forward, version 8).
+// Prepended: contract.cuh (ScoreMods, Dropout, key_end) and tiles.cuh (FlashArgs, block_head,
+// tile_plain, score, cp.async waits).
+//
+// The tensor cores take tf32 operands — an f32 with 10 mantissa bits instead of 23, so one
+// tf32 product keeps ~3 decimal digits (the contract's tf32 tolerance, 1e-3). 3xTF32 keeps
+// f32's: each operand is split into x = big + small, both tf32 (big = x cut to tf32, small
+// = the rest, cut too), and a product is
+//     A B ≈ A_big B_big + A_big B_small + A_small B_big,
+// three mma instructions; the dropped A_small B_small is ~2^-20 of the product. This is what
+// PyTorch's memory-efficient backend runs for f32 on sm_80 and later (CUTLASS's "fast f32"),
+// and why it outruns any kernel on the CUDA cores' f32 FMAs.
+//
+// The loop is the tensor-core forward's (flash2_tc.cu, version 14): a block owns 128 query
+// rows, 8 warps of 16; K_j and V_j (64 keys, f32, rows padded to d + 4) stream through
+// shared memory by cp.async into two buffers each; m, l and O stay in the accumulators;
+// every address is computed once. What differs is the instruction, m16n8k8 tf32:
+//   A (16 x 8, 4 registers): a0 = A[g][t], a1 = A[g+8][t], a2 = A[g][t+4], a3 = A[g+8][t+4]
+//   B (8 x 8, 2 registers):  b0 = B[t][g], b1 = B[t+4][g]
+//   C (16 x 8, 4 floats):    c0, c1 = C[g][2t, 2t+1], c2, c3 = C[g+8][2t, 2t+1]
+// (lane = 4g + t). Q_i's A and K_j's B fragments come by ldmatrix, which hands lane 4g + t
+// the 32-bit word t of row g of an 8 x 4 f32 block — a tf32 fragment as it stands. P~ is in
+// S's accumulators (C layout: keys 2t, 2t+1 of a row), not in A's (keys t, t+4); instead of
+// moving it between lanes, the k index of P~ V_j is renumbered: within each 8-key block
+// logical key t is key 2t and logical key t + 4 is key 2t + 1. The sum over keys does not
+// care about their order, so V_j's B fragment only has to read the same keys: b0 = V[2t][g],
+// b1 = V[2t + 1][g], two 32-bit shared loads.
+
+#define TF_BR 128  // query rows a block: 8 warps x 16
+#define TF_BC 64   // keys a tile
+#define TF_NT 256  // threads a block
+
+// ANCHOR: tf32_split
+// x = big + small, both tf32: big is x with its low 13 mantissa bits cleared (one AND; no
+// cvt.rna.tf32, which sm_90 runs as five integer instructions), the rest x - big is exact
+// in f32, and small is that rest cut to tf32 the same way. What is lost is below 2^-20 |x|.
+__device__ __forceinline__ void split_tf32(float x, u32& big, u32& small) {
+    big = __float_as_uint(x) & 0xffffe000u;
+    small = __float_as_uint(x - __uint_as_float(big)) & 0xffffe000u;
+}
+// C += A B, tf32 operands, f32 accumulators.
+__device__ __forceinline__ void mma_tf32(float* c, const u32* a, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// C += A B in 3xTF32: the two small terms first, then the big one.
+__device__ __forceinline__ void mma_3xtf32(float* c, const u32* a_big, const u32* a_small,
+                                           const u32* b_big, const u32* b_small) {
+    mma_tf32(c, a_small, b_big[0], b_big[1]);
+    mma_tf32(c, a_big, b_small[0], b_small[1]);
+    mma_tf32(c, a_big, b_big[0], b_big[1]);
+}
+// ANCHOR_END: tf32_split
+
+__device__ __forceinline__ void ldsm_x4_tf(u32* r, unsigned a) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+__device__ __forceinline__ float ex2_tf(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// Rows row0 .. row0 + ROWS - 1 of a [n][D] f32 tensor into shared memory at dst (rows padded
+// to D + 4 floats), rows past n zeros: the thread's 16-byte copies, unrolled. When a pass of
+// the block covers whole rows (D = 32, 64, 128) the thread keeps one column and its copies
+// sit at fixed offsets from one global pointer and one shared address.
+template <int D, int ROWS>
+__device__ __forceinline__ void load_tile_f32_at(unsigned dst, const float* src, int row0, int n) {
+    constexpr int C4 = D / 4;  // 16-byte chunks a row
+    static_assert(ROWS * C4 % TF_NT == 0, "whole passes");
+    if constexpr (TF_NT % C4 == 0) {
+        constexpr int RS = TF_NT / C4;  // rows a pass
+        const int r = threadIdx.x / C4, c = (threadIdx.x % C4) * 4;
+        const float* g = src + (i64)(row0 + r) * D + c;
+        dst += (r * (D + 4) + c) * 4;
+#pragma unroll
+        for (int p = 0; p < ROWS / RS; p++) {
+            const bool ok = row0 + r + p * RS < n;
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
+                             dst + p * RS * (D + 4) * 4),
+                         "l"(ok ? g + p * RS * D : src), "r"(ok ? 16 : 0));
+        }
+    } else {
+#pragma unroll
+        for (int p = 0; p < ROWS * C4 / TF_NT; p++) {
+            const int e = threadIdx.x + p * TF_NT, r = e / C4, c = (e % C4) * 4;
+            const bool ok = row0 + r < n;
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
+                             dst + (r * (D + 4) + c) * 4),
+                         "l"(ok ? src + (i64)(row0 + r) * D + c : src), "r"(ok ? 16 : 0));
+        }
+    }
+}
+
+// ANCHOR: tf32_softmax
+// The online softmax on S's accumulators (the warp's 16 rows x 64 keys; the lane's rows are
+// rows[0], rows[1], its keys j0 + 8 nb + 2t + (e & 1)): as the tensor-core forward's
+// (tc_softmax_step, FAST = 2, flash2_tc.cu), plus dropout: l sums P~, O gets P~ times the
+// dropout factor (zero or 1 / (1 - p), the CPU's hash of (row, key)).
+template <int D, bool MODS>
+__device__ __forceinline__ void tf32_softmax_step(const FlashArgs& a, const ScoreMods& mods,
+                                                  const Dropout& drop, int b, int h, int i0,
+                                                  int j0, const int* rows, const u32* key,
+                                                  float (*s)[4], float* m, float* l,
+                                                  float (*o)[4]) {
+    constexpr float LOG2E = 1.4426950408889634f;
+    const int t = threadIdx.x % 4;
+    const bool plain = tile_plain(mods, i0, j0, TF_BC);
+    const float scale2 = a.scale * LOG2E;
+    float mx[2] = {NEG_INF, NEG_INF};
+    if (plain) {  // the max of s (of -s if scale < 0), times |scale| log2 e after the shuffles
+        const float sign = a.scale > 0.0f ? 1.0f : -1.0f;
+#pragma unroll
+        for (int nb = 0; nb < TF_BC / 8; nb++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) mx[e / 2] = fmaxf(mx[e / 2], sign * s[nb][e]);
+    } else {
+        const int lim[2] = {key_end(mods, rows[0]), key_end(mods, rows[1])};
+#pragma unroll
+        for (int nb = 0; nb < TF_BC / 8; nb++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int j = j0 + 8 * nb + 2 * t + (e & 1);
+                if (MODS)  // bias, masks, causal, the keys' end
+                    s[nb][e] = score(mods, false, a.scale, b, h, rows[e / 2], j, s[nb][e]) * LOG2E;
+                else  // only the causal diagonal or the keys' end cut
+                    s[nb][e] = j < lim[e / 2] ? s[nb][e] * scale2 : NEG_INF;
+                mx[e / 2] = fmaxf(mx[e / 2], s[nb][e]);
+            }
+    }
+    float alpha[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+        if (plain) mx[r] *= fabsf(scale2);
+        const float m_new = fmaxf(m[r], mx[r]);
+        alpha[r] = m[r] == NEG_INF ? 0.0f : ex2_tf(m[r] - m_new);
+        m[r] = m_new;
+        l[r] *= alpha[r];
+    }
+    if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
+#pragma unroll
+        for (int c = 0; c < D / 8; c++) {
+            o[c][0] *= alpha[0];
+            o[c][1] *= alpha[0];
+            o[c][2] *= alpha[1];
+            o[c][3] *= alpha[1];
+        }
+    }
+#pragma unroll
+    for (int nb = 0; nb < TF_BC / 8; nb++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const float x = s[nb][e];
+            float p = plain ? ex2_tf(fmaf(x, scale2, -m[e / 2]))
+                      : x == NEG_INF ? 0.0f
+                                     : ex2_tf(x - m[e / 2]);
+            l[e / 2] += p;
+            if (drop.enabled) p *= dropout_factor(drop, key[e / 2], j0 + 8 * nb + 2 * t + (e & 1));
+            s[nb][e] = p;
+        }
+}
+// ANCHOR_END: tf32_softmax
+
+// ANCHOR: tf32_forward
+template <int D, bool MODS>
+__device__ void tf32_forward(const FlashArgs& a, const ScoreMods& mods, const Dropout& drop) {
+    constexpr int S = D + 4;                 // row stride (floats)
+    constexpr unsigned KVB = TF_BC * S * 4;  // bytes of one K or V buffer
+    extern __shared__ float4 smem_tf[];
+    const unsigned Qa = (unsigned)__cvta_generic_to_shared(smem_tf);  // [BR][S]
+    const unsigned Ka = Qa + TF_BR * S * 4;                            // [2][BC][S]
+    const unsigned Va = Ka + 2 * KVB;                                  // [2][BC][S]
+    const BlockHead hd = block_head<D>(a, blockIdx.y);
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+    const int mr = lane % 8, mi = lane / 8;  // ldmatrix: the lane gives row mr of matrix mi
+    // The lane's addresses at the first block: Q_i's A fragment (rows 16 warp + .., + 8 kk
+    // columns), K_j's B fragments of keys 0 .. 15 (+ 8 nb keys, + 8 kk columns), V_j's B
+    // fragment of keys 2t, 2t + 1, column g (+ 8 kb keys, + 8 c columns).
+    const unsigned q_at = Qa + ((16 * warp + mr + 8 * (mi % 2)) * S + 4 * (mi / 2)) * 4;
+    const unsigned k_at = Ka + ((mr + 8 * (mi / 2)) * S + 4 * (mi % 2)) * 4;
+    const float* v_at = reinterpret_cast<const float*>(smem_tf) + (TF_BR + 2 * TF_BC) * S + 2 * t * S + g;
+    const int i0 = (mods.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x) * TF_BR;
+    const int rows[2] = {i0 + 16 * warp + g, i0 + 16 * warp + g + 8};
+    const u32 key[2] = {drop.enabled ? row_key(drop.seed, hd.b, hd.h, rows[0]) : 0u,
+                        drop.enabled ? row_key(drop.seed, hd.b, hd.h, rows[1]) : 0u};
+    const int j_end = key_end(mods, min(i0 + TF_BR, a.n_q) - 1);
+
+    if (j_end > 0) {
+        load_tile_f32_at<D, TF_BC>(Ka, hd.k, 0, a.n_k);
+        load_tile_f32_at<D, TF_BC>(Va, hd.v, 0, a.n_k);
+    }
+    load_tile_f32_at<D, TF_BR>(Qa, hd.q, i0, a.n_q);
+    cp_async_commit();
+    float o[D / 8][4];
+    float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int c = 0; c < D / 8; c++) o[c][0] = o[c][1] = o[c][2] = o[c][3] = 0.0f;
+
+    for (int j0 = 0, step = 0; j0 < j_end; j0 += TF_BC, step++) {
+        const unsigned buf = (step % 2) * KVB;  // this tile's buffers; KVB - buf: the next's
+        cp_async_wait<0>();  // this thread's copies of K_j, V_j (and at step 0, Q_i)
+        __syncthreads();     // everyone's copies; every warp done with tile j - 1
+        if (j0 + TF_BC < j_end) {
+            load_tile_f32_at<D, TF_BC>(Ka + KVB - buf, hd.k, j0 + TF_BC, a.n_k);
+            load_tile_f32_at<D, TF_BC>(Va + KVB - buf, hd.v, j0 + TF_BC, a.n_k);
+            cp_async_commit();
+        }
+
+        float s[TF_BC / 8][4];  // S = Q_i K_j^T
+#pragma unroll
+        for (int nb = 0; nb < TF_BC / 8; nb++) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < D / 8; kk++) {
+            u32 q[4], qb[4], qs[4];
+            ldsm_x4_tf(q, q_at + 32 * kk);
+#pragma unroll
+            for (int x = 0; x < 4; x++) split_tf32(__uint_as_float(q[x]), qb[x], qs[x]);
+#pragma unroll
+            for (int nb = 0; nb < TF_BC / 8; nb += 2) {
+                u32 k[4], kb[4], ks[4];
+                ldsm_x4_tf(k, k_at + buf + (8 * nb * S + 8 * kk) * 4);
+#pragma unroll
+                for (int x = 0; x < 4; x++) split_tf32(__uint_as_float(k[x]), kb[x], ks[x]);
+                mma_3xtf32(s[nb], qb, qs, kb, ks);
+                mma_3xtf32(s[nb + 1], qb, qs, kb + 2, ks + 2);
+            }
+        }
+        tf32_softmax_step<D, MODS>(a, mods, drop, hd.b, hd.h, i0, j0, rows, key, s, m, l, o);
+
+#pragma unroll
+        for (int kb = 0; kb < TF_BC / 8; kb++) {  // O_i += P~ V_j, 8 keys a step
+            u32 pb[4], ps[4];  // P~'s A fragment, logical keys t, t + 4 = keys 2t, 2t + 1
+            split_tf32(s[kb][0], pb[0], ps[0]);
+            split_tf32(s[kb][2], pb[1], ps[1]);
+            split_tf32(s[kb][1], pb[2], ps[2]);
+            split_tf32(s[kb][3], pb[3], ps[3]);
+#pragma unroll
+            for (int c = 0; c < D / 8; c++) {
+                const float* at = v_at + buf / 4 + 8 * kb * S + 8 * c;
+                u32 vb[2], vs[2];
+                split_tf32(at[0], vb[0], vs[0]);  // V[8kb + 2t][8c + g]
+                split_tf32(at[S], vb[1], vs[1]);  // V[8kb + 2t + 1][8c + g]
+                mma_3xtf32(o[c], pb, ps, vb, vs);
+            }
+        }
+    }
+    cp_async_wait<0>();  // (Q_i's copy, when the block saw no key)
+
+    // O = O / l (l summed over the row's 4 lanes); lse = ln 2 · m + ln l; a row that saw no
+    // key gets O = 0, lse = -inf.
+    float* out = (float*)a.o + (i64)hd.z * a.n_q * D;
+    float* lse = (float*)a.lse + (i64)hd.z * a.n_q;
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+        l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+        if (rows[r] >= a.n_q) continue;
+        const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+#pragma unroll
+        for (int c = 0; c < D / 8; c++)
+            *reinterpret_cast<float2*>(out + (i64)rows[r] * D + 8 * c + 2 * t) =
+                make_float2(o[c][2 * r] * inv, o[c][2 * r + 1] * inv);
+        if (t == 0) lse[rows[r]] = l[r] > 0.0f ? m[r] * 0.6931471805599453f + logf(l[r]) : NEG_INF;
+    }
+}
+// ANCHOR_END: tf32_forward
+
+// Each kernel compiled only when ONLY_KERNEL (attn_cuda's Gpu::function_alone) is unset or
+// names it, as in flash2_tc.cu: one kernel compiles in seconds, the module's eight in half
+// a minute.
+__host__ __device__ constexpr bool tf_same(const char* x, const char* y) {
+    return *x == *y && (*x == '\0' || tf_same(x + 1, y + 1));
+}
+#ifdef ONLY_KERNEL
+#define TF_WANTED(NAME) tf_same(#NAME, ONLY_KERNEL)
+#else
+#define TF_WANTED(NAME) true
+#endif
+#define TF_KERNEL(NAME, MIN_BLOCKS, CALL)                                                     \
+    template <bool ON>                                                                      \
+    __device__ __forceinline__ void NAME##_body(const FlashArgs& a, const ScoreMods& m,     \
+                                                const Dropout& dr) {                        \
+        if constexpr (ON) CALL(a, m, dr);                                                   \
+    }                                                                                       \
+    extern "C" __global__ void __launch_bounds__(TF_NT, MIN_BLOCKS)                         \
+        NAME(FlashArgs a, ScoreMods m, Dropout dr) {                                        \
+        NAME##_body<TF_WANTED(NAME)>(a, m, dr);                                             \
+    }
+// Two kernels a head dimension: with mask or bias, and without (_lean); at d <= 64 at most
+// 128 registers, so that two blocks (16 warps) share a SM.
+#define TF32_KERNELS(D)                                                                     \
+    TF_KERNEL(flash2_forward_v8_d##D, D <= 64 ? 2 : 1, (tf32_forward<D, true>))              \
+    TF_KERNEL(flash2_forward_v8_lean_d##D, D <= 64 ? 2 : 1, (tf32_forward<D, false>))
+TF32_KERNELS(32)
+TF32_KERNELS(64)
+TF32_KERNELS(96)
+TF32_KERNELS(128)
