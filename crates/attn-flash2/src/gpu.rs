@@ -74,16 +74,22 @@ fn kernel(gpu: &Gpu, name: &str, d: usize) -> Result<(CudaFunction, u32)> {
 /// (kernels/flash2_tf32.cu), 128 query rows a block over 8 warps.
 pub const FORWARD_VERSIONS: [u32; 8] = [1, 2, 3, 4, 5, 6, 7, 8];
 
-/// The version the stage runs at head dimension `d`: the fastest measured on the H100 on the
-/// paper setting (notes/gpu.md) — 7 at d = 128 (+5–8 % over 5), 5 elsewhere (at d = 64,
-/// 128 rows a block cost 3–18 %; d = 32 and 96 were not measured with 6 or 7).
-pub fn forward_version(d: usize) -> u32 {
-    if d == 128 { 7 } else { 5 }
+/// The version the stage runs at head dimension `d` on a GPU of `compute_capability` (e.g.
+/// 90): version 8 (3xTF32 on the tensor cores) from sm_80 on — on the H100, on the paper
+/// setting at n ≥ 2048, 1.8–1.9× PyTorch's memory-efficient backend at d = 64 and 1.2–1.3× at
+/// d = 128, and 2.2–2.3× / 1.7–1.8× the CUDA-core versions (notes/gpu.md); before sm_80 (no
+/// tf32 mma) the fastest CUDA-core version measured, 7 at d = 128 and 5 elsewhere.
+pub fn forward_version(d: usize, compute_capability: u32) -> u32 {
+    match (compute_capability >= 80, d) {
+        (true, _) => 8,
+        (false, 128) => 7,
+        (false, _) => 5,
+    }
 }
 
 /// The fused forward on uploaded tensors: (O, lse) on the device, the default version.
 pub fn forward_device(gpu: &'static Gpu, dev: &DeviceProblem) -> Result<DeviceForward> {
-    forward_device_version(gpu, dev, forward_version(dev.shape.head_dim))
+    forward_device_version(gpu, dev, forward_version(dev.shape.head_dim, gpu.compute_capability()))
 }
 
 // ANCHOR: forward_device
