@@ -294,11 +294,11 @@ __host__ __device__ constexpr bool tf_same(const char* x, const char* y) {
         NAME(FlashArgs a, ScoreMods m, Dropout dr) {                                        \
         NAME##_body<TF_WANTED(NAME)>(a, m, dr);                                             \
     }
-// Two kernels a head dimension: with mask or bias, and without (_lean); at d <= 64 at most
-// 128 registers, so that two blocks (16 warps) share a SM.
+// Two kernels a head dimension, as in flash2_tc.cu: without mask or bias, and with them
+// (_mods); at d <= 64 at most 128 registers, so that two blocks (16 warps) share a SM.
 #define TF32_KERNELS(D)                                                                     \
-    TF_KERNEL(flash2_forward_v8_d##D, D <= 64 ? 2 : 1, (tf32_forward<D, true>))              \
-    TF_KERNEL(flash2_forward_v8_lean_d##D, D <= 64 ? 2 : 1, (tf32_forward<D, false>))
+    TF_KERNEL(flash2_forward_v8_d##D, D <= 64 ? 2 : 1, (tf32_forward<D, false>))             \
+    TF_KERNEL(flash2_forward_v8_d##D##_mods, D <= 64 ? 2 : 1, (tf32_forward<D, true>))
 TF32_KERNELS(32)
 TF32_KERNELS(64)
 TF32_KERNELS(96)

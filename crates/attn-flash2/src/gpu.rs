@@ -116,7 +116,8 @@ pub fn forward_device_version(
     Ok((out, lse))
 }
 
-/// Version 8's kernel at head dimension `d`: the lean one when there is no bias or mask.
+/// Version 8's kernel at head dimension `d`: a second one (`_mods`) takes the calls with a
+/// bias or mask.
 fn tf32_kernel(gpu: &Gpu, dev: &DeviceProblem, d: usize) -> Result<(CudaFunction, u32)> {
     if gpu.compute_capability() < 80 {
         return Err(AttnError::Unsupported {
@@ -125,8 +126,8 @@ fn tf32_kernel(gpu: &Gpu, dev: &DeviceProblem, d: usize) -> Result<(CudaFunction
             advice: "use forward version 7 (or 5) on this GPU",
         });
     }
-    let lean = if dev.has_bias_or_mask() { "" } else { "_lean" };
-    let name = format!("flash2_forward_v8{lean}_d{d}");
+    let mods = if dev.has_bias_or_mask() { "_mods" } else { "" };
+    let name = format!("flash2_forward_v8_d{d}{mods}");
     let f = gpu.function_alone(TF32_MODULE, &[CONTRACT_HEADER, TILES, TF32_KERNELS], &name)?;
     // Q_i (128 rows), two K_j and two V_j buffers (64 keys), rows padded to d + 4 floats
     with_shared_bytes(f, (4 * (2 * TILE + 4 * TILE) * (d + 4)) as u32)

@@ -58,7 +58,7 @@ pub const TC_HEAD_DIMS: [usize; 2] = [64, 128];
 /// addresses); 15 — version 14 with 128-key tiles (version 12's tiling).
 pub const TC_FORWARD_VERSIONS: [u32; 15] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15];
 /// The version the stage runs: on the paper setting (H100, notes/tensor-cores.md) version 14
-/// is 0.97–1.05× PyTorch's flash backend at n ≥ 2048, 14–18 % faster than version 13 (d = 64)
+/// is 0.94–1.12× PyTorch's flash backend at n ≥ 2048, 14–18 % faster than version 13 (d = 64)
 /// and version 11 (d = 128) it is built from.
 pub const TC_FORWARD_VERSION: u32 = 14;
 /// Query rows a block (`TC_BR`) and keys a tile (`TC_BC`) in flash2_tc.cu.
@@ -452,7 +452,7 @@ enum KvGrads<T> {
 }
 
 /// Keys a block of backward `version` at head dimension `d` (16 a warp: 4 warps, 8 in
-/// versions 4 and 5 and in version 6 at d = 128).
+/// versions 4 and 5 and in versions 6 and 7 at d = 128).
 fn backward_keys(version: u32, d: usize) -> usize {
     if matches!(version, 4 | 5) || (version >= 6 && d == 128) { 2 * KEYS } else { KEYS }
 }

@@ -36,7 +36,7 @@ fn every_forward_version_matches_the_reference() {
     }
     for version in attn_flash2::gpu::FORWARD_VERSIONS {
         for d in attn_flash2::gpu::HEAD_DIMS {
-            // with a mask, a bias and dropout; and without (version 8's lean kernel), with
+            // with a mask, a bias and dropout; and without (version 8's other kernel), with
             // fewer queries than keys
             for (causal, mods) in [(false, true), (true, true), (false, false), (true, false)] {
                 let (n_q, n_k) = if mods { (200, 150) } else { (150, 333) };
@@ -192,8 +192,9 @@ fn kernels_compile_with_nvrtc_for_the_h100() {
     let ptx = attn_cuda::compile("flash2_tf32", &sources, "sm_90").unwrap().to_src();
     assert!(ptx.contains("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32"));
     for d in attn_flash2::gpu::HEAD_DIMS {
-        for k in ["forward_v8", "forward_v8_lean"] {
-            assert!(ptx.contains(&format!(".entry flash2_{k}_d{d}")), "no flash2_{k}_d{d}");
+        for mods in ["", "_mods"] {
+            let name = format!(".entry flash2_forward_v8_d{d}{mods}");
+            assert!(ptx.contains(&name), "no {name}");
         }
     }
 }
