@@ -115,7 +115,7 @@ fn gpu_stages() -> Vec<GpuStage> {
         f32_stage("flash1", f1::forward_with_stats, f1::backward_with_stats),
         f32_stage("flash2", f::forward_with_stats, f::backward_with_stats),
         // Every forward kernel version, kept for the book's version table (same backward;
-        // `flash2` runs version 5 or 7 by head dimension).
+        // `flash2` runs version 8 from sm_80 on, 5 or 7 by head dimension before).
         f32_stage("flash2-v1", flash2_v::<1>, f::backward_with_stats),
         f32_stage("flash2-v2", flash2_v::<2>, f::backward_with_stats),
         f32_stage("flash2-v3", flash2_v::<3>, f::backward_with_stats),
