@@ -100,22 +100,21 @@ __device__ __forceinline__ void row_dot_rows(const T* d_out, const T* out, float
 
 // Sums the per-query-head dK or dV [b, heads, n_k, D] of each GQA group into
 // [b, kv_heads, n_k, D]; store(e, sum) writes element e of the result (f32, or rounded).
+// Blocks (x, y): y walks the result's slices bk = b * kv_heads + kvh (per_head_elems
+// elements each), x the elements of a slice; where a slice's group starts in per_head is
+// found once a slice, not by two 64-bit divisions an element. The group is summed in head
+// order, so the result is the same bit for bit however the grid is cut.
 template <class Store>
 __device__ __forceinline__ void group_sum_rows(const float* per_head, int heads, int kv_heads,
                                                i64 per_head_elems, i64 total, Store store) {
     const int group = heads / kv_heads;
-    if (group == 1) {  // no group: element e is element e (no 64-bit divisions)
-        for (i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x; e < total;
-             e += (i64)gridDim.x * blockDim.x)
-            store(e, per_head[e]);
-        return;
-    }
-    for (i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x; e < total;
-         e += (i64)gridDim.x * blockDim.x) {
-        const i64 bk = e / per_head_elems, rest = e % per_head_elems;  // bk = b * kv_heads + kvh
-        const i64 first = (bk / kv_heads * heads + bk % kv_heads * group) * per_head_elems + rest;
-        float acc = 0.0f;
-        for (int g = 0; g < group; g++) acc += per_head[first + g * per_head_elems];
-        store(e, acc);
+    for (i64 bk = blockIdx.y; bk < total / per_head_elems; bk += gridDim.y) {
+        const float* first = per_head + (bk / kv_heads * heads + bk % kv_heads * group) * per_head_elems;
+        for (i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x; e < per_head_elems;
+             e += (i64)gridDim.x * blockDim.x) {
+            float acc = 0.0f;
+            for (int g = 0; g < group; g++) acc += first[e + g * per_head_elems];
+            store(bk * per_head_elems + e, acc);
+        }
     }
 }

@@ -491,11 +491,14 @@ pub fn launch_group_sum<T: DeviceRepr>(
     per_head: &DeviceBuffer<f32>,
     (batch, heads, kv_heads, rows, d): (usize, usize, usize, usize, usize),
 ) -> Result<DeviceBuffer<T>> {
-    let total = batch * kv_heads * rows * d;
+    let (slices, per) = (batch * kv_heads, rows * d);
+    let total = slices * per;
     let out: DeviceBuffer<T> = gpu.uninit(total)?;
-    let cfg = grid((blocks_for(total, 256).min(4096), 1, 1), 256);
+    // y: the [b, kv_heads] slices; x: a slice's elements — about 4096 blocks in all
+    let y = slices.clamp(1, 65_535) as u32;
+    let cfg = grid((blocks_for(per, 256).min((4096 / y).max(1)), y, 1), 256);
     let (src, dst) = (gpu.ptr(per_head), gpu.ptr(&out));
-    let (h, kvh, per, tot) = (heads as i32, kv_heads as i32, (rows * d) as i64, total as i64);
+    let (h, kvh, per, tot) = (heads as i32, kv_heads as i32, per as i64, total as i64);
     let mut l = gpu.stream().launch_builder(f);
     l.arg(&src).arg(&dst).arg(&h).arg(&kvh).arg(&per).arg(&tot);
     // SAFETY: the parameter list of every group_sum_rows kernel; per_head holds
