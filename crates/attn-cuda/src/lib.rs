@@ -153,7 +153,7 @@ impl Gpu {
 
     /// [`Gpu::function`] for a module of many large kernels (the tensor-core versions): it is
     /// compiled with `ONLY_KERNEL` defined as `function`'s name, and a kernel written with
-    /// the module's guard (see flash2_tc.cu's `TC_KERNEL`) compiles only when it is that
+    /// the module's guard (see attn-flash2's kernels/mma.cuh, `ALONE_KERNEL`) compiles only when it is that
     /// one — seconds for one kernel instead of minutes for all of them. Cached per kernel.
     pub fn function_alone(
         &self,

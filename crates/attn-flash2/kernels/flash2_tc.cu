@@ -74,17 +74,12 @@ __device__ __forceinline__ void load_tile16(u16* dst, const u16* src, int row0, 
 // 8i .. 8i + 7 give the addresses of matrix i's 8 rows (16 bytes each). Lane 4g + t receives
 // row g, columns 2t and 2t + 1 of each — an mma fragment. With .trans, of the transposed
 // matrix: row 2t and 2t + 1, column g.
+// (ldsm_x4_at, ldsm_x4_trans_at in mma.cuh: the same at a 32-bit shared address.)
 __device__ __forceinline__ void ldsm_x4(u32* r, const u16* p) {
-    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a));
+    ldsm_x4_at(r, (unsigned)__cvta_generic_to_shared(p));
 }
 __device__ __forceinline__ void ldsm_x4_trans(u32* r, const u16* p) {
-    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a));
+    ldsm_x4_trans_at(r, (unsigned)__cvta_generic_to_shared(p));
 }
 
 
@@ -147,114 +142,6 @@ __device__ __forceinline__ void zero_frags(float (*x)[4]) {
     for (int i = 0; i < N; i++) x[i][0] = x[i][1] = x[i][2] = x[i][3] = 0.0f;
 }
 
-// 2^x by the hardware's approximation alone (MUFU.EX2), results below 2^-126 flushed to zero.
-// exp2f compiles to that plus a test and two predicated multiplies that keep those tiny
-// results as denormals: three instructions more per score, for values far below a bf16
-// P~'s last bit beside the row's max (2^0).
-__device__ __forceinline__ float ex2_ftz(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
-}
-
-// ANCHOR: tc_softmax
-// The online softmax on the accumulators of S (the warp's 16 rows x 64 keys of tile j0; the
-// lane's rows are rows[0], rows[1]): scale, bias and masks (score), the new running max m
-// (base-2 units), O and the lane's part of l rescaled, and s replaced by P~ = 2^(s - m).
-// FAST >= 1 (version 5): on a plain tile (no mask, bias or causal edge: every score finite)
-// one multiply by scale · log2 e and no -inf tests; and O is rescaled only when some row of
-// the warp saw its max grow (alpha != 1) — after the first tiles a row's max rarely moves,
-// and the D/2 multiplies a lane spends on it are as many instructions as the tile's mma.
-// FAST = 2 (version 8): on a plain tile the max is taken of the raw dot products (times
-// |scale| log2 e after the shuffles) and scale · log2 e folds into P~ = 2^(s · scale log2 e
-// - m), one FMA; the exponential is ex2_ftz. Per score: max, FMA, exp2, add — 4
-// instructions, not 8.
-template <int D, int FAST = 0, int KB = TC_BC, bool MODS = true>
-__device__ __forceinline__ void tc_softmax_step(const FlashArgs& a, const ScoreMods& mods,
-                                                const TcHead& hd, int i0, int j0,
-                                                const int* rows, float (*s)[4], float* m,
-                                                float* l, float (*o)[4]) {
-    constexpr float LOG2E = 1.4426950408889634f;
-    const int t = threadIdx.x % 4;
-    const bool plain = tile_plain(mods, i0, j0, KB);
-    const bool fold = FAST >= 2 && plain;
-    const float scale2 = a.scale * LOG2E;
-    float mx[2] = {NEG_INF, NEG_INF};
-    if (fold) {  // the max of s (of -s if scale < 0: then the max of scale · s is at its min)
-        if (a.scale > 0.0f) {
-#pragma unroll
-            for (int nb = 0; nb < KB / 8; nb++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) mx[e / 2] = fmaxf(mx[e / 2], s[nb][e]);
-        } else {
-#pragma unroll
-            for (int nb = 0; nb < KB / 8; nb++)
-#pragma unroll
-                for (int e = 0; e < 4; e++) mx[e / 2] = fmaxf(mx[e / 2], -s[nb][e]);
-        }
-    } else if (FAST && plain) {
-#pragma unroll
-        for (int nb = 0; nb < KB / 8; nb++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                s[nb][e] *= scale2;
-                mx[e / 2] = fmaxf(mx[e / 2], s[nb][e]);
-            }
-    } else if (!MODS) {  // no mask or bias: only the causal diagonal or the keys' end cut
-        const int lim[2] = {key_end(mods, rows[0]), key_end(mods, rows[1])};
-#pragma unroll
-        for (int nb = 0; nb < KB / 8; nb++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int j = j0 + 8 * nb + 2 * t + (e & 1);
-                s[nb][e] = j < lim[e / 2] ? s[nb][e] * scale2 : NEG_INF;
-                mx[e / 2] = fmaxf(mx[e / 2], s[nb][e]);
-            }
-    } else {
-#pragma unroll
-        for (int nb = 0; nb < KB / 8; nb++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int j = j0 + 8 * nb + 2 * t + (e & 1);
-                s[nb][e] = score(mods, plain, a.scale, hd.b, hd.h, rows[e / 2], j, s[nb][e]) * LOG2E;
-                mx[e / 2] = fmaxf(mx[e / 2], s[nb][e]);
-            }
-    }
-    float alpha[2];
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        // the row's max over its 4 lanes
-        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-        if (fold) mx[r] *= fabsf(scale2);
-        const float m_new = fmaxf(m[r], mx[r]);
-        alpha[r] = m[r] == NEG_INF ? 0.0f : exp2f(m[r] - m_new);
-        m[r] = m_new;
-        l[r] *= alpha[r];
-    }
-    if (!FAST || __any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
-#pragma unroll
-        for (int c = 0; c < D / 8; c++) {
-            o[c][0] *= alpha[0];
-            o[c][1] *= alpha[0];
-            o[c][2] *= alpha[1];
-            o[c][3] *= alpha[1];
-        }
-    }
-#pragma unroll
-    for (int nb = 0; nb < KB / 8; nb++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-            const float p = fold                     ? ex2_ftz(fmaf(s[nb][e], scale2, -m[e / 2]))
-                            : (FAST && plain)     ? exp2f(s[nb][e] - m[e / 2])
-                            : s[nb][e] == NEG_INF ? 0.0f
-                                                  : exp2f(s[nb][e] - m[e / 2]);
-            l[e / 2] += p;
-            s[nb][e] = p;
-        }
-}
-
-// ANCHOR_END: tc_softmax
 
 // ANCHOR: tc_p_fragment
 // The A fragments of P~ for keys 16kk .. 16kk + 15: the accumulators of S's blocks 2kk and
@@ -343,7 +230,7 @@ __device__ void tc_forward_v1(const FlashArgs& a, const ScoreMods& mods) {
                 mma16816<BF16>(s[nb], qf[kk], ld2(kr), ld2(kr + 8));
             }
 
-        tc_softmax_step<D>(a, mods, hd, i0, j0, rows, s, m, l, o);
+        tc_softmax_step<D>(a, mods, hd.b, hd.h, i0, j0, rows, s, m, l, o);
 
         // O_i += P~ V_j: k-step kk covers keys 16kk..16kk+15, whose scores are the C blocks
         // 2kk and 2kk+1 — in A's layout already. B = V_j: b0 = V_j[2t, 2t+1][col], two rows.
@@ -460,7 +347,7 @@ __device__ void tc_forward_v2(const FlashArgs& a, const ScoreMods& mods) {
 
         float s[KB / 8][4];
         tc_scores<D, BF16, KB>(s, qf, Ks, lane);  // S = Q_i K_j^T
-        tc_softmax_step<D, FAST, KB>(a, mods, hd, i0, j0, rows, s, m, l, o);
+        tc_softmax_step<D, FAST, KB>(a, mods, hd.b, hd.h, i0, j0, rows, s, m, l, o);
         tc_pv<D, BF16, KB>(o, s, Vs, lane);  // O_i += P~ V_j
     }
     tc_write_rows<D, BF16>(a, hd.z, rows, m, l, o);
@@ -518,7 +405,7 @@ __device__ void tc_forward_v10(const FlashArgs& a, const ScoreMods& mods) {
         __syncthreads();
         if (t + 1 < tiles)  // S_t+1, issued and not waited for
             tc_scores<D, BF16, TC_BC>(s_next, qf, Kb + (1 - buf) * KV, lane);
-        tc_softmax_step<D, 2>(a, mods, hd, i0, t * TC_BC, rows, s_now, m, l, o);
+        tc_softmax_step<D, 2>(a, mods, hd.b, hd.h, i0, t * TC_BC, rows, s_now, m, l, o);
         tc_pv<D, BF16, TC_BC>(o, s_now, Vb + buf * KV, lane);
     };
     float sa[TC_BC / 8][4], sb[TC_BC / 8][4];
@@ -606,7 +493,7 @@ __device__ void tc_forward_v4(const FlashArgs& a, const ScoreMods& mods) {
         }
 #pragma unroll
         for (int mt = 0; mt < 2; mt++)
-            tc_softmax_step<D, FAST, KB>(a, mods, hd, i0 + 64 * mt, j0, rows[mt], s[mt], m[mt], l[mt],
+            tc_softmax_step<D, FAST, KB>(a, mods, hd.b, hd.h, i0 + 64 * mt, j0, rows[mt], s[mt], m[mt], l[mt],
                                      o[mt]);
 
 #pragma unroll
@@ -714,7 +601,7 @@ __device__ void tc_forward_v11(const FlashArgs& a, const ScoreMods& mods) {
         }
 #pragma unroll
         for (int mt = 0; mt < 2; mt++)
-            tc_softmax_step<D, 2, KB, MODS>(a, mods, hd, i0 + 64 * mt, j0, rows[mt], s[mt],
+            tc_softmax_step<D, 2, KB, MODS>(a, mods, hd.b, hd.h, i0 + 64 * mt, j0, rows[mt], s[mt],
                                             m[mt], l[mt], o[mt]);
 
 #pragma unroll
@@ -750,31 +637,8 @@ __device__ void tc_forward_v11(const FlashArgs& a, const ScoreMods& mods) {
 // column) to a shared-memory address. Here a thread's copies are an unrolled list at fixed
 // offsets from one global pointer and one shared address, and a lane's ldmatrix addresses
 // are three 32-bit numbers set before the loop (Q_i's, K_j's and V_j's first block): every
-// fragment read is that number plus a constant, plus the buffer's offset.
-template <int D, int ROWS, int THREADS = TC_NT>
-__device__ __forceinline__ void load_tile16_at(unsigned dst, const u16* src, int row0, int n) {
-    constexpr int C8 = D / 8, RS = THREADS / C8;  // 16-byte chunks a row; rows a pass
-    static_assert(ROWS % RS == 0, "whole passes");
-    const int r = threadIdx.x / C8, c = (threadIdx.x % C8) * 8;  // the thread's row and column
-    const u16* g = src + (i64)(row0 + r) * D + c;
-    dst += (r * (D + 8) + c) * 2;
-#pragma unroll
-    for (int p = 0; p < ROWS / RS; p++) {
-        const bool ok = row0 + r + p * RS < n;  // rows past n: zeros
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst + p * RS * (D + 8) * 2),
-                     "l"(ok ? g + p * RS * D : src), "r"(ok ? 16 : 0));
-    }
-}
-__device__ __forceinline__ void ldsm_x4_at(u32* r, unsigned a) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a));
-}
-__device__ __forceinline__ void ldsm_x4_trans_at(u32* r, unsigned a) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a));
-}
+// fragment read is that number plus a constant, plus the buffer's offset (load_rows_at,
+// ldsm_x4_at in mma.cuh).
 
 template <int D, bool BF16, bool MODS, int KB>
 __device__ void tc_forward_v14(const FlashArgs& a, const ScoreMods& mods) {
@@ -803,10 +667,10 @@ __device__ void tc_forward_v14(const FlashArgs& a, const ScoreMods& mods) {
     const int j_end = key_end(mods, min(i0 + QR, a.n_q) - 1);
 
     if (j_end > 0) {
-        load_tile16_at<D, KB>(Ka, hd.k, 0, a.n_k);
-        load_tile16_at<D, KB>(Va, hd.v, 0, a.n_k);
+        load_rows_at<D, KB, TC_NT>(Ka, hd.k, 0, a.n_k);
+        load_rows_at<D, KB, TC_NT>(Va, hd.v, 0, a.n_k);
     }
-    load_tile16_at<D, QR>(Qa, hd.q, i0, a.n_q);
+    load_rows_at<D, QR, TC_NT>(Qa, hd.q, i0, a.n_q);
     cp_async_commit();
     float o[2][D / 8][4];
     float m[2][2], l[2][2];
@@ -822,8 +686,8 @@ __device__ void tc_forward_v14(const FlashArgs& a, const ScoreMods& mods) {
         cp_async_wait<0>();  // this thread's copies of K_j, V_j (and at step 0, Q_i)
         __syncthreads();     // everyone's copies; every warp done with tile j - 1
         if (j0 + KB < j_end) {
-            load_tile16_at<D, KB>(Ka + KVB - buf, hd.k, j0 + KB, a.n_k);
-            load_tile16_at<D, KB>(Va + KVB - buf, hd.v, j0 + KB, a.n_k);
+            load_rows_at<D, KB, TC_NT>(Ka + KVB - buf, hd.k, j0 + KB, a.n_k);
+            load_rows_at<D, KB, TC_NT>(Va + KVB - buf, hd.v, j0 + KB, a.n_k);
             cp_async_commit();
         }
 
@@ -848,7 +712,7 @@ __device__ void tc_forward_v14(const FlashArgs& a, const ScoreMods& mods) {
         }
 #pragma unroll
         for (int mt = 0; mt < 2; mt++)
-            tc_softmax_step<D, 2, KB, MODS>(a, mods, hd, i0 + 64 * mt, j0, rows[mt], s[mt], m[mt],
+            tc_softmax_step<D, 2, KB, MODS>(a, mods, hd.b, hd.h, i0 + 64 * mt, j0, rows[mt], s[mt], m[mt],
                                             l[mt], o[mt]);
 
 #pragma unroll
@@ -901,30 +765,11 @@ __device__ void tc_forward_v14(const FlashArgs& a, const ScoreMods& mods) {
 // version 5 at d = 64 — the 16-row tiling's doubled K/V reads cost more than it saves.
 // ANCHOR_END: tc_forward_v7
 
-// Each kernel of the module through TC_KERNEL: compiled only when ONLY_KERNEL (a define the
-// host sets, attn_cuda's Gpu::function_alone) is unset or names it; otherwise its body is
-// empty — the call sits in a discarded `if constexpr` branch of a template, so the device
-// function it names is never instantiated. NVRTC and the driver then compile one kernel in
-// seconds, not the module's forty-odd in minutes.
-__host__ __device__ constexpr bool tc_same(const char* x, const char* y) {
-    return *x == *y && (*x == '\0' || tc_same(x + 1, y + 1));
-}
-#ifdef ONLY_KERNEL
-#define TC_WANTED(NAME) tc_same(#NAME, ONLY_KERNEL)
-#else
-#define TC_WANTED(NAME) true
-#endif
 // BOUNDS: __launch_bounds__'s arguments in parentheses — (threads) or (threads, the blocks a
 // SM the registers must allow). (A written-out 1 is not the same as none: ptxas allocates
 // registers a little differently, so the versions timed without it keep the plain form.)
-#define TC_KERNEL_LB(NAME, BOUNDS, CALL)                                                     \
-    template <bool ON, class Args>                                                           \
-    __device__ __forceinline__ void NAME##_body(const Args& a, const ScoreMods& m) {         \
-        if constexpr (ON) CALL(a, m);                                                        \
-    }                                                                                        \
-    extern "C" __global__ void __launch_bounds__ BOUNDS NAME(FlashArgs a, ScoreMods m) {     \
-        NAME##_body<TC_WANTED(NAME)>(a, m);                                                  \
-    }
+#define TC_KERNEL_LB(NAME, BOUNDS, CALL) \
+    ALONE_KERNEL(NAME, BOUNDS, CALL, (FlashArgs a, ScoreMods m), (a, m))
 #define TC_KERNEL(NAME, THREADS, CALL) TC_KERNEL_LB(NAME, (THREADS), CALL)
 #define TC_KERNEL_MB(NAME, THREADS, MIN_BLOCKS, CALL) TC_KERNEL_LB(NAME, (THREADS, MIN_BLOCKS), CALL)
 
@@ -1304,11 +1149,11 @@ __device__ void tc_backward_v7(const FlashArgs& a, const ScoreMods& mods) {
         next_d = ok ? dvec[i] : 0.0f;
     };
     fetch_stats(i_first);
-    load_tile16_at<D, BK, THREADS>(Ka, hd.k, j0, a.n_k);
-    load_tile16_at<D, BK, THREADS>(Va, hd.v, j0, a.n_k);
+    load_rows_at<D, BK, THREADS>(Ka, hd.k, j0, a.n_k);
+    load_rows_at<D, BK, THREADS>(Va, hd.v, j0, a.n_k);
     if (i_first < a.n_q) {
-        load_tile16_at<D, TC_BR, THREADS>(Qa, hd.q, i_first, a.n_q);
-        load_tile16_at<D, TC_BR, THREADS>(Oa, d_out, i_first, a.n_q);
+        load_rows_at<D, TC_BR, THREADS>(Qa, hd.q, i_first, a.n_q);
+        load_rows_at<D, TC_BR, THREADS>(Oa, d_out, i_first, a.n_q);
     }
     cp_async_commit();
 
@@ -1317,8 +1162,8 @@ __device__ void tc_backward_v7(const FlashArgs& a, const ScoreMods& mods) {
         cp_async_wait<0>();  // this thread's copies of Q_i, dO_i (and at step 0, K_j, V_j)
         __syncthreads();     // everyone's; every warp done with tile i - 1 (its lse, D, dS^T)
         if (i0 + TC_BR < a.n_q) {
-            load_tile16_at<D, TC_BR, THREADS>(Qa + QTB - buf, hd.q, i0 + TC_BR, a.n_q);
-            load_tile16_at<D, TC_BR, THREADS>(Oa + QTB - buf, d_out, i0 + TC_BR, a.n_q);
+            load_rows_at<D, TC_BR, THREADS>(Qa + QTB - buf, hd.q, i0 + TC_BR, a.n_q);
+            load_rows_at<D, TC_BR, THREADS>(Oa + QTB - buf, d_out, i0 + TC_BR, a.n_q);
             cp_async_commit();
         }
         // lse in base-2 units; a row that saw no key (lse = -inf) gets +inf, so that

@@ -1,6 +1,7 @@
 // FlashAttention-2 for f32 inputs on the tensor cores, by 3xTF32 (fp32 forward, version 8).
-// Prepended: contract.cuh (ScoreMods, Dropout, key_end) and tiles.cuh (FlashArgs, block_head,
-// tile_plain, score, cp.async waits).
+// Prepended: contract.cuh (ScoreMods, Dropout, key_end), tiles.cuh (FlashArgs, block_head,
+// tile_plain, score, cp.async waits) and mma.cuh (copies and ldmatrix at precomputed
+// addresses, the online-softmax step, the one-kernel-at-a-time guard).
 //
 // The tensor cores take tf32 operands — an f32 with 10 mantissa bits instead of 23, so one
 // tf32 product keeps ~3 decimal digits (the contract's tf32 tolerance, 1e-3). 3xTF32 keeps
@@ -55,120 +56,6 @@ __device__ __forceinline__ void mma_3xtf32(float* c, const u32* a_big, const u32
 }
 // ANCHOR_END: tf32_split
 
-__device__ __forceinline__ void ldsm_x4_tf(u32* r, unsigned a) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a));
-}
-__device__ __forceinline__ float ex2_tf(float x) {
-    float y;
-    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-    return y;
-}
-
-// Rows row0 .. row0 + ROWS - 1 of a [n][D] f32 tensor into shared memory at dst (rows padded
-// to D + 4 floats), rows past n zeros: the thread's 16-byte copies, unrolled. When a pass of
-// the block covers whole rows (D = 32, 64, 128) the thread keeps one column and its copies
-// sit at fixed offsets from one global pointer and one shared address.
-template <int D, int ROWS>
-__device__ __forceinline__ void load_tile_f32_at(unsigned dst, const float* src, int row0, int n) {
-    constexpr int C4 = D / 4;  // 16-byte chunks a row
-    static_assert(ROWS * C4 % TF_NT == 0, "whole passes");
-    if constexpr (TF_NT % C4 == 0) {
-        constexpr int RS = TF_NT / C4;  // rows a pass
-        const int r = threadIdx.x / C4, c = (threadIdx.x % C4) * 4;
-        const float* g = src + (i64)(row0 + r) * D + c;
-        dst += (r * (D + 4) + c) * 4;
-#pragma unroll
-        for (int p = 0; p < ROWS / RS; p++) {
-            const bool ok = row0 + r + p * RS < n;
-            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
-                             dst + p * RS * (D + 4) * 4),
-                         "l"(ok ? g + p * RS * D : src), "r"(ok ? 16 : 0));
-        }
-    } else {
-#pragma unroll
-        for (int p = 0; p < ROWS * C4 / TF_NT; p++) {
-            const int e = threadIdx.x + p * TF_NT, r = e / C4, c = (e % C4) * 4;
-            const bool ok = row0 + r < n;
-            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
-                             dst + (r * (D + 4) + c) * 4),
-                         "l"(ok ? src + (i64)(row0 + r) * D + c : src), "r"(ok ? 16 : 0));
-        }
-    }
-}
-
-// ANCHOR: tf32_softmax
-// The online softmax on S's accumulators (the warp's 16 rows x 64 keys; the lane's rows are
-// rows[0], rows[1], its keys j0 + 8 nb + 2t + (e & 1)): as the tensor-core forward's
-// (tc_softmax_step, FAST = 2, flash2_tc.cu), plus dropout: l sums P~, O gets P~ times the
-// dropout factor (zero or 1 / (1 - p), the CPU's hash of (row, key)).
-template <int D, bool MODS>
-__device__ __forceinline__ void tf32_softmax_step(const FlashArgs& a, const ScoreMods& mods,
-                                                  const Dropout& drop, int b, int h, int i0,
-                                                  int j0, const int* rows, const u32* key,
-                                                  float (*s)[4], float* m, float* l,
-                                                  float (*o)[4]) {
-    constexpr float LOG2E = 1.4426950408889634f;
-    const int t = threadIdx.x % 4;
-    const bool plain = tile_plain(mods, i0, j0, TF_BC);
-    const float scale2 = a.scale * LOG2E;
-    float mx[2] = {NEG_INF, NEG_INF};
-    if (plain) {  // the max of s (of -s if scale < 0), times |scale| log2 e after the shuffles
-        const float sign = a.scale > 0.0f ? 1.0f : -1.0f;
-#pragma unroll
-        for (int nb = 0; nb < TF_BC / 8; nb++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) mx[e / 2] = fmaxf(mx[e / 2], sign * s[nb][e]);
-    } else {
-        const int lim[2] = {key_end(mods, rows[0]), key_end(mods, rows[1])};
-#pragma unroll
-        for (int nb = 0; nb < TF_BC / 8; nb++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int j = j0 + 8 * nb + 2 * t + (e & 1);
-                if (MODS)  // bias, masks, causal, the keys' end
-                    s[nb][e] = score(mods, false, a.scale, b, h, rows[e / 2], j, s[nb][e]) * LOG2E;
-                else  // only the causal diagonal or the keys' end cut
-                    s[nb][e] = j < lim[e / 2] ? s[nb][e] * scale2 : NEG_INF;
-                mx[e / 2] = fmaxf(mx[e / 2], s[nb][e]);
-            }
-    }
-    float alpha[2];
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-        if (plain) mx[r] *= fabsf(scale2);
-        const float m_new = fmaxf(m[r], mx[r]);
-        alpha[r] = m[r] == NEG_INF ? 0.0f : ex2_tf(m[r] - m_new);
-        m[r] = m_new;
-        l[r] *= alpha[r];
-    }
-    if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
-#pragma unroll
-        for (int c = 0; c < D / 8; c++) {
-            o[c][0] *= alpha[0];
-            o[c][1] *= alpha[0];
-            o[c][2] *= alpha[1];
-            o[c][3] *= alpha[1];
-        }
-    }
-#pragma unroll
-    for (int nb = 0; nb < TF_BC / 8; nb++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-            const float x = s[nb][e];
-            float p = plain ? ex2_tf(fmaf(x, scale2, -m[e / 2]))
-                      : x == NEG_INF ? 0.0f
-                                     : ex2_tf(x - m[e / 2]);
-            l[e / 2] += p;
-            if (drop.enabled) p *= dropout_factor(drop, key[e / 2], j0 + 8 * nb + 2 * t + (e & 1));
-            s[nb][e] = p;
-        }
-}
-// ANCHOR_END: tf32_softmax
-
 // ANCHOR: tf32_forward
 template <int D, bool MODS>
 __device__ void tf32_forward(const FlashArgs& a, const ScoreMods& mods, const Dropout& drop) {
@@ -194,10 +81,10 @@ __device__ void tf32_forward(const FlashArgs& a, const ScoreMods& mods, const Dr
     const int j_end = key_end(mods, min(i0 + TF_BR, a.n_q) - 1);
 
     if (j_end > 0) {
-        load_tile_f32_at<D, TF_BC>(Ka, hd.k, 0, a.n_k);
-        load_tile_f32_at<D, TF_BC>(Va, hd.v, 0, a.n_k);
+        load_rows_at<D, TF_BC, TF_NT>(Ka, hd.k, 0, a.n_k);
+        load_rows_at<D, TF_BC, TF_NT>(Va, hd.v, 0, a.n_k);
     }
-    load_tile_f32_at<D, TF_BR>(Qa, hd.q, i0, a.n_q);
+    load_rows_at<D, TF_BR, TF_NT>(Qa, hd.q, i0, a.n_q);
     cp_async_commit();
     float o[D / 8][4];
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
@@ -209,8 +96,8 @@ __device__ void tf32_forward(const FlashArgs& a, const ScoreMods& mods, const Dr
         cp_async_wait<0>();  // this thread's copies of K_j, V_j (and at step 0, Q_i)
         __syncthreads();     // everyone's copies; every warp done with tile j - 1
         if (j0 + TF_BC < j_end) {
-            load_tile_f32_at<D, TF_BC>(Ka + KVB - buf, hd.k, j0 + TF_BC, a.n_k);
-            load_tile_f32_at<D, TF_BC>(Va + KVB - buf, hd.v, j0 + TF_BC, a.n_k);
+            load_rows_at<D, TF_BC, TF_NT>(Ka + KVB - buf, hd.k, j0 + TF_BC, a.n_k);
+            load_rows_at<D, TF_BC, TF_NT>(Va + KVB - buf, hd.v, j0 + TF_BC, a.n_k);
             cp_async_commit();
         }
 
@@ -220,20 +107,23 @@ __device__ void tf32_forward(const FlashArgs& a, const ScoreMods& mods, const Dr
 #pragma unroll
         for (int kk = 0; kk < D / 8; kk++) {
             u32 q[4], qb[4], qs[4];
-            ldsm_x4_tf(q, q_at + 32 * kk);
+            ldsm_x4_at(q, q_at + 32 * kk);
 #pragma unroll
             for (int x = 0; x < 4; x++) split_tf32(__uint_as_float(q[x]), qb[x], qs[x]);
 #pragma unroll
             for (int nb = 0; nb < TF_BC / 8; nb += 2) {
                 u32 k[4], kb[4], ks[4];
-                ldsm_x4_tf(k, k_at + buf + (8 * nb * S + 8 * kk) * 4);
+                ldsm_x4_at(k, k_at + buf + (8 * nb * S + 8 * kk) * 4);
 #pragma unroll
                 for (int x = 0; x < 4; x++) split_tf32(__uint_as_float(k[x]), kb[x], ks[x]);
                 mma_3xtf32(s[nb], qb, qs, kb, ks);
                 mma_3xtf32(s[nb + 1], qb, qs, kb + 2, ks + 2);
             }
         }
-        tf32_softmax_step<D, MODS>(a, mods, drop, hd.b, hd.h, i0, j0, rows, key, s, m, l, o);
+        // the online softmax and dropout (mma.cuh; S's accumulators have the layout of
+        // the 16-bit kernels')
+        tc_softmax_step<D, 2, TF_BC, MODS, true>(a, mods, hd.b, hd.h, i0, j0, rows, s, m, l, o,
+                                                &drop, key);
 
 #pragma unroll
         for (int kb = 0; kb < TF_BC / 8; kb++) {  // O_i += P~ V_j, 8 keys a step
@@ -273,29 +163,12 @@ __device__ void tf32_forward(const FlashArgs& a, const ScoreMods& mods, const Dr
 }
 // ANCHOR_END: tf32_forward
 
-// Each kernel compiled only when ONLY_KERNEL (attn_cuda's Gpu::function_alone) is unset or
-// names it, as in flash2_tc.cu: one kernel compiles in seconds, the module's eight in half
-// a minute.
-__host__ __device__ constexpr bool tf_same(const char* x, const char* y) {
-    return *x == *y && (*x == '\0' || tf_same(x + 1, y + 1));
-}
-#ifdef ONLY_KERNEL
-#define TF_WANTED(NAME) tf_same(#NAME, ONLY_KERNEL)
-#else
-#define TF_WANTED(NAME) true
-#endif
-#define TF_KERNEL(NAME, MIN_BLOCKS, CALL)                                                     \
-    template <bool ON>                                                                      \
-    __device__ __forceinline__ void NAME##_body(const FlashArgs& a, const ScoreMods& m,     \
-                                                const Dropout& dr) {                        \
-        if constexpr (ON) CALL(a, m, dr);                                                   \
-    }                                                                                       \
-    extern "C" __global__ void __launch_bounds__(TF_NT, MIN_BLOCKS)                         \
-        NAME(FlashArgs a, ScoreMods m, Dropout dr) {                                        \
-        NAME##_body<TF_WANTED(NAME)>(a, m, dr);                                             \
-    }
 // Two kernels a head dimension, as in flash2_tc.cu: without mask or bias, and with them
-// (_mods); at d <= 64 at most 128 registers, so that two blocks (16 warps) share a SM.
+// (_mods); at d <= 64 at most 128 registers, so that two blocks (16 warps) share a SM. Each
+// compiled alone when asked for (ALONE_KERNEL, mma.cuh).
+#define TF_KERNEL(NAME, MIN_BLOCKS, CALL)                                                   \
+    ALONE_KERNEL(NAME, (TF_NT, MIN_BLOCKS), CALL, (FlashArgs a, ScoreMods m, Dropout dr),   \
+                 (a, m, dr))
 #define TF32_KERNELS(D)                                                                     \
     TF_KERNEL(flash2_forward_v8_d##D, D <= 64 ? 2 : 1, (tf32_forward<D, false>))             \
     TF_KERNEL(flash2_forward_v8_d##D##_mods, D <= 64 ? 2 : 1, (tf32_forward<D, true>))

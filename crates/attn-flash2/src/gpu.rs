@@ -31,8 +31,10 @@ use crate::cpu::NAME;
 /// The fused kernels.
 pub const KERNELS: &str = include_str!("../kernels/flash2.cu");
 const MODULE: &str = "flash2";
-/// The forward on the tensor cores for f32 inputs, by 3xTF32 (version 8).
+/// The forward on the tensor cores for f32 inputs, by 3xTF32 (version 8), and its module's
+/// sources as NVRTC compiles them.
 pub const TF32_KERNELS: &str = include_str!("../kernels/flash2_tf32.cu");
+pub const TF32_SOURCES: [&str; 4] = [CONTRACT_HEADER, TILES, crate::tc::MMA, TF32_KERNELS];
 const TF32_MODULE: &str = "flash2_tf32";
 /// Query rows and keys per tile (`BR`, `BC` in flash2.cu).
 pub const TILE: usize = 64;
@@ -129,7 +131,7 @@ fn tf32_kernel(gpu: &Gpu, dev: &DeviceProblem, d: usize) -> Result<(CudaFunction
     }
     let mods = if dev.has_bias_or_mask() { "_mods" } else { "" };
     let name = format!("flash2_forward_v8_d{d}{mods}");
-    let f = gpu.function_alone(TF32_MODULE, &[CONTRACT_HEADER, TILES, TF32_KERNELS], &name)?;
+    let f = gpu.function_alone(TF32_MODULE, &TF32_SOURCES, &name)?;
     // Q_i (128 rows), two K_j and two V_j buffers (64 keys), rows padded to d + 4 floats
     with_shared_bytes(f, (4 * (2 * TILE + 4 * TILE) * (d + 4)) as u32)
 }

@@ -36,6 +36,10 @@ use attn_naive::gpu::{launch_group_sum, launch_row_dot};
 
 /// The tensor-core kernels.
 pub const KERNELS: &str = include_str!("../kernels/flash2_tc.cu");
+/// What the tensor-core modules share (this one and fp32's version 8, `gpu::TF32_SOURCES`):
+/// copies and fragment reads at precomputed addresses, the online-softmax step on mma
+/// accumulators, the one-kernel-at-a-time guard.
+pub const MMA: &str = include_str!("../kernels/mma.cuh");
 const MODULE: &str = "flash2_tc";
 const STAGE: &str = "flash2 (tensor cores)";
 /// Head dimensions the tensor-core kernels are compiled for.
@@ -225,7 +229,7 @@ pub fn forward_version_with_stats<T: TcFloat>(
 }
 
 /// The module's sources, as NVRTC compiles them.
-const SOURCES: [&str; 3] = [CONTRACT_HEADER, TILES, KERNELS];
+pub const SOURCES: [&str; 4] = [CONTRACT_HEADER, TILES, MMA, KERNELS];
 
 /// Refuses a kernel version that does not exist.
 fn check_version(kind: &str, version: u32, versions: &[u32]) -> Result<()> {

@@ -186,8 +186,7 @@ fn kernels_compile_with_nvrtc_for_the_h100() {
         }
     }
     // Version 8 (3xTF32 on the tensor cores): sm_80 and sm_90, every head dimension.
-    let sources =
-        [attn_cuda::CONTRACT_HEADER, attn_naive::gpu::TILES, attn_flash2::gpu::TF32_KERNELS];
+    let sources = attn_flash2::gpu::TF32_SOURCES;
     attn_cuda::compile("flash2_tf32", &sources, "sm_80").unwrap();
     let ptx = attn_cuda::compile("flash2_tf32", &sources, "sm_90").unwrap().to_src();
     assert!(ptx.contains("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32"));
@@ -420,7 +419,7 @@ fn tensor_core_kernels_compile_with_nvrtc_for_the_h100() {
         eprintln!("skipped: libnvrtc not found");
         return;
     }
-    let sources = [attn_cuda::CONTRACT_HEADER, attn_naive::gpu::TILES, tc::KERNELS];
+    let sources = tc::SOURCES;
     let ptx = attn_cuda::compile("flash2_tc", &sources, "sm_90").unwrap().to_src();
     for dtype in ["bf16", "f16"] {
         assert!(

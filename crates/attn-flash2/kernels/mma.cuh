@@ -1,0 +1,196 @@
+// What the tensor-core modules share — flash2_tc.cu (bf16 / fp16) and flash2_tf32.cu (f32 in
+// 3xTF32); prepended to both after contract.cuh and tiles.cuh: the bare exp2, the copies and
+// fragment reads at precomputed addresses, the online-softmax step on mma accumulators, and
+// the guard that compiles one kernel of a module at a time.
+
+// 2^x by the hardware's approximation alone (MUFU.EX2), results below 2^-126 flushed to zero.
+// exp2f compiles to that plus a test and two predicated multiplies that keep those tiny
+// results as denormals: three instructions more per score, for values far below a bf16
+// P~'s last bit beside the row's max (2^0).
+__device__ __forceinline__ float ex2_ftz(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// ANCHOR: load_rows_at
+// Rows row0 .. row0 + ROWS - 1 of a [n][D] tensor of T (16- or 32-bit) into shared memory at
+// dst, rows padded by 16 bytes (D + 8 16-bit values, D + 4 floats: the 8 rows an ldmatrix
+// reads then start in 8 different bank groups); rows past n are zeros. THREADS threads, each
+// copying 16 bytes a step by cp.async, the steps unrolled: when a step of the block covers
+// whole rows (THREADS a multiple of the chunks a row) a thread keeps one column, and its
+// copies sit at fixed offsets from one global pointer and one shared address.
+template <int D, int ROWS, int THREADS, class T>
+__device__ __forceinline__ void load_rows_at(unsigned dst, const T* src, int row0, int n) {
+    constexpr int TB = sizeof(T), E = 16 / TB, C = D / E;  // bytes a value, a chunk, a row
+    constexpr int SB = (D + E) * TB;                       // bytes a padded row
+    static_assert(ROWS * C % THREADS == 0, "whole steps");
+    if constexpr (THREADS % C == 0) {
+        constexpr int RS = THREADS / C;  // rows a step
+        const int r = threadIdx.x / C, c = (threadIdx.x % C) * E;  // the thread's row, column
+        const T* g = src + (i64)(row0 + r) * D + c;
+        dst += (r * (D + E) + c) * TB;
+#pragma unroll
+        for (int p = 0; p < ROWS / RS; p++) {
+            const bool ok = row0 + r + p * RS < n;
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst + p * RS * SB),
+                         "l"(ok ? g + p * RS * D : src), "r"(ok ? 16 : 0));
+        }
+    } else {  // (D = 96 in f32: 24 chunks a row)
+#pragma unroll
+        for (int p = 0; p < ROWS * C / THREADS; p++) {
+            const int e = threadIdx.x + p * THREADS, r = e / C, c = (e % C) * E;
+            const bool ok = row0 + r < n;
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
+                             dst + r * SB + c * TB),
+                         "l"(ok ? src + (i64)(row0 + r) * D + c : src), "r"(ok ? 16 : 0));
+        }
+    }
+}
+// ANCHOR_END: load_rows_at
+
+// ldmatrix at a 32-bit shared-memory address: four 8 x 8 matrices of 16-bit values (or 8 x 4
+// of 32-bit ones), lanes 8i .. 8i + 7 giving the rows of matrix i; lane 4g + t receives the
+// 32-bit word t of row g of each.
+__device__ __forceinline__ void ldsm_x4_at(u32* r, unsigned a) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+__device__ __forceinline__ void ldsm_x4_trans_at(u32* r, unsigned a) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
+// ANCHOR: tc_softmax
+// The online softmax on the accumulators of S (the warp's 16 rows x 64 keys of tile j0; the
+// lane's rows are rows[0], rows[1]): scale, bias and masks (score), the new running max m
+// (base-2 units), O and the lane's part of l rescaled, and s replaced by P~ = 2^(s - m).
+// FAST >= 1 (version 5): on a plain tile (no mask, bias or causal edge: every score finite)
+// one multiply by scale · log2 e and no -inf tests; and O is rescaled only when some row of
+// the warp saw its max grow (alpha != 1) — after the first tiles a row's max rarely moves,
+// and the D/2 multiplies a lane spends on it are as many instructions as the tile's mma.
+// FAST = 2 (version 8): on a plain tile the max is taken of the raw dot products (times
+// |scale| log2 e after the shuffles) and scale · log2 e folds into P~ = 2^(s · scale log2 e
+// - m), one FMA; the exponential is ex2_ftz. Per score: max, FMA, exp2, add — 4
+// instructions, not 8.
+// MODS = false (the kernels without mask or bias): a tile that is not plain is cut only by
+// the causal diagonal or the keys' end, one comparison with the row's key_end. DROP (the
+// f32 kernel, flash2_tf32.cu): s becomes P~ times the dropout factor (zero or 1 / (1 - p),
+// the CPU's hash of row key[r] and key j), while l sums P~ itself.
+template <int D, int FAST = 0, int KB = 64, bool MODS = true, bool DROP = false>
+__device__ __forceinline__ void tc_softmax_step(const FlashArgs& a, const ScoreMods& mods, int b,
+                                                int h, int i0, int j0, const int* rows,
+                                                float (*s)[4], float* m, float* l, float (*o)[4],
+                                                const Dropout* drop = nullptr,
+                                                const u32* key = nullptr) {
+    constexpr float LOG2E = 1.4426950408889634f;
+    const int t = threadIdx.x % 4;
+    const bool plain = tile_plain(mods, i0, j0, KB);
+    const bool fold = FAST >= 2 && plain;
+    const float scale2 = a.scale * LOG2E;
+    float mx[2] = {NEG_INF, NEG_INF};
+    if (fold) {  // the max of s (of -s if scale < 0: then the max of scale · s is at its min)
+        if (a.scale > 0.0f) {
+#pragma unroll
+            for (int nb = 0; nb < KB / 8; nb++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) mx[e / 2] = fmaxf(mx[e / 2], s[nb][e]);
+        } else {
+#pragma unroll
+            for (int nb = 0; nb < KB / 8; nb++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) mx[e / 2] = fmaxf(mx[e / 2], -s[nb][e]);
+        }
+    } else if (FAST && plain) {
+#pragma unroll
+        for (int nb = 0; nb < KB / 8; nb++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                s[nb][e] *= scale2;
+                mx[e / 2] = fmaxf(mx[e / 2], s[nb][e]);
+            }
+    } else if (!MODS) {  // no mask or bias: only the causal diagonal or the keys' end cut
+        const int lim[2] = {key_end(mods, rows[0]), key_end(mods, rows[1])};
+#pragma unroll
+        for (int nb = 0; nb < KB / 8; nb++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int j = j0 + 8 * nb + 2 * t + (e & 1);
+                s[nb][e] = j < lim[e / 2] ? s[nb][e] * scale2 : NEG_INF;
+                mx[e / 2] = fmaxf(mx[e / 2], s[nb][e]);
+            }
+    } else {
+#pragma unroll
+        for (int nb = 0; nb < KB / 8; nb++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int j = j0 + 8 * nb + 2 * t + (e & 1);
+                s[nb][e] = score(mods, plain, a.scale, b, h, rows[e / 2], j, s[nb][e]) * LOG2E;
+                mx[e / 2] = fmaxf(mx[e / 2], s[nb][e]);
+            }
+    }
+    float alpha[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        // the row's max over its 4 lanes
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+        if (fold) mx[r] *= fabsf(scale2);
+        const float m_new = fmaxf(m[r], mx[r]);
+        alpha[r] = m[r] == NEG_INF ? 0.0f : exp2f(m[r] - m_new);
+        m[r] = m_new;
+        l[r] *= alpha[r];
+    }
+    if (!FAST || __any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
+#pragma unroll
+        for (int c = 0; c < D / 8; c++) {
+            o[c][0] *= alpha[0];
+            o[c][1] *= alpha[0];
+            o[c][2] *= alpha[1];
+            o[c][3] *= alpha[1];
+        }
+    }
+#pragma unroll
+    for (int nb = 0; nb < KB / 8; nb++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const float p = fold                     ? ex2_ftz(fmaf(s[nb][e], scale2, -m[e / 2]))
+                            : (FAST && plain)     ? exp2f(s[nb][e] - m[e / 2])
+                            : s[nb][e] == NEG_INF ? 0.0f
+                                                  : exp2f(s[nb][e] - m[e / 2]);
+            l[e / 2] += p;
+            if (DROP && drop->enabled)  // l sums P~; O gets P~ times the dropout factor
+                s[nb][e] = p * dropout_factor(*drop, key[e / 2], j0 + 8 * nb + 2 * t + (e & 1));
+            else
+                s[nb][e] = p;
+        }
+}
+
+// ANCHOR_END: tc_softmax
+
+// Each kernel of a module through ALONE_KERNEL: compiled only when ONLY_KERNEL (a define the
+// host sets, attn_cuda's Gpu::function_alone) is unset or names it; otherwise its body is
+// empty — the call sits in a discarded `if constexpr` branch of a template, so the device
+// function it names is never instantiated. NVRTC and the driver then compile one kernel in
+// seconds, not a module's forty-odd in minutes.
+__host__ __device__ constexpr bool tc_same(const char* x, const char* y) {
+    return *x == *y && (*x == '\0' || tc_same(x + 1, y + 1));
+}
+#ifdef ONLY_KERNEL
+#define TC_WANTED(NAME) tc_same(#NAME, ONLY_KERNEL)
+#else
+#define TC_WANTED(NAME) true
+#endif
+// NAME: the kernel; BOUNDS: __launch_bounds__'s arguments in parentheses — (threads) or
+// (threads, the blocks a SM the registers must allow); CALL: the device function, called
+// with the kernel's arguments; PARAMS, ARGS: the parameter list and the argument names.
+#define ALONE_KERNEL(NAME, BOUNDS, CALL, PARAMS, ARGS)                                       \
+    template <bool ON, class... Args>                                                        \
+    __device__ __forceinline__ void NAME##_body(const Args&... args) {                       \
+        if constexpr (ON) CALL(args...);                                                     \
+    }                                                                                        \
+    extern "C" __global__ void __launch_bounds__ BOUNDS NAME PARAMS {                        \
+        NAME##_body<TC_WANTED(NAME)> ARGS;                                                   \
+    }
