@@ -12,7 +12,13 @@ static ALLOC: CountingAllocator = CountingAllocator;
 #[test]
 fn chunked_memory_is_bounded_by_the_chunks_and_naive_memory_is_quadratic() {
     assert!(counting_enabled());
-    let threads = rayon::current_num_threads();
+    // A pool of a fixed size, so that the bound is the same on every host.
+    let threads = 2;
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+    pool.install(|| chunked_and_naive_peaks(threads));
+}
+
+fn chunked_and_naive_peaks(threads: usize) {
     // Start rayon's pool before measuring.
     let warm = attn_core::random::normal((1, 1, 4, 4), 0);
     ChunkedCpu

@@ -35,9 +35,11 @@ pub fn matmul(
     let (a_rs, a_cs) = (a.strides()[0], a.strides()[1]);
     let (b_rs, b_cs) = (b.strides()[0], b.strides()[1]);
     let (c_rs, c_cs) = (c.strides()[0], c.strides()[1]);
+    // The packing buffers gemm allocates are sized for the host's vector width and caches:
+    // the library's scratch, not the algorithm's memory (attn_core::memory).
     // SAFETY: the pointers and strides come from live ndarray views whose shapes were checked
     // above to be (m, k) · (k, n) → (m, n); `c` is borrowed mutably, so nothing else aliases it.
-    unsafe {
+    attn_core::memory::library_scratch(|| unsafe {
         gemm::gemm(
             m,
             n,
@@ -59,7 +61,7 @@ pub fn matmul(
             false,
             gemm::Parallelism::None,
         )
-    }
+    })
 }
 
 // ANCHOR: exp
