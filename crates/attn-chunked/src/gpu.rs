@@ -1,6 +1,7 @@
 //! Stage 2 on the GPU: the chunk loop runs on the host, as the paper's JAX code maps over
-//! chunks, and launches stage 1's kernels (`attn_naive::gpu`) on one `q_chunk × k_chunk`
-//! window of every head at a time. Device memory is the outputs plus one window of scores
+//! chunks, and launches attn-cuda's products and window steps ([`attn_cuda::Kernels`]) and
+//! this stage's own kernels (`kernels/chunked.cu`: the chunk summaries, their merge, the
+//! final normalisation) on one `q_chunk × k_chunk` window of every head at a time. Device memory is the outputs plus one window of scores
 //! and one chunk of partial outputs: O(n · chunk), not O(n²).
 //!
 //! ```text
@@ -15,17 +16,90 @@
 //! ```
 //!
 //! The backward is checkpointed the same way: nothing but the log-sum-exp is kept from the
-//! forward, and each window's P is recomputed ([`attn_naive::gpu::backward_windows`] with
-//! the chunk sizes).
+//! forward, and each window's P is recomputed (attn-cuda's [`WindowGrads`], window by
+//! window over the chunk grid).
 
 use attn_core::{Forward, Grads, Inputs, Options, Result, Shape};
-use attn_naive::gpu::{
-    DeviceProblem, DeviceStats, Kernels, Operand, backward_on_device, backward_windows,
-    forward_on_device,
+use attn_cuda::{
+    CONTRACT_HEADER, CudaFunction, DeviceBuffer, DeviceProblem, DeviceSaved, DeviceStats, Gpu,
+    Kernels, Operand, ROWS, WindowGrads, backward_on_device, forward_on_device, grid, launch,
 };
 use ndarray::ArrayView4;
 
 use crate::cpu::{NAME, chunk_sizes};
+
+/// This stage's own kernels: chunk summaries, their merge, the final normalisation.
+pub const KERNELS: &str = include_str!("../kernels/chunked.cu");
+/// The module's sources, as NVRTC compiles them.
+pub const SOURCES: [&str; 3] = [CONTRACT_HEADER, ROWS, KERNELS];
+
+/// Typed launchers of kernels/chunked.cu.
+struct ChunkKernels {
+    gpu: &'static Gpu,
+    summaries: CudaFunction,
+    merge: CudaFunction,
+    finish: CudaFunction,
+}
+
+impl ChunkKernels {
+    fn new(gpu: &'static Gpu) -> Result<Self> {
+        let f = |name: &str| gpu.function("chunked", &SOURCES, name);
+        Ok(Self {
+            gpu,
+            summaries: f("chunk_softmax")?,
+            merge: f("merge_chunk")?,
+            finish: f("finish_rows")?,
+        })
+    }
+
+    /// A chunk's summaries: P̃ = exp(S − m_c) in place, m_c and ℓ_c `[z, rows]`.
+    fn chunk_softmax(
+        &self,
+        s: &DeviceBuffer<f32>,
+        (m_c, l_c): (&DeviceBuffer<f32>, &DeviceBuffer<f32>),
+        z: usize,
+        (rows, cols): (usize, usize),
+    ) -> Result<()> {
+        let cfg = grid((rows as u32, z as u32, 1), 256);
+        let g = self.gpu;
+        let (sp, mp, lp, r, c) = (g.ptr(s), g.ptr(m_c), g.ptr(l_c), rows as i32, cols as i32);
+        // (s, m_c, l_c, rows, cols): s holds z·rows·cols floats, m_c and l_c z·rows.
+        launch!(g, self.summaries, cfg, "chunk_softmax"; &sp, &mp, &lp, &r, &c)
+    }
+
+    /// Folds a chunk's (m_c, ℓ_c, O_c) into the running (m, ℓ, O) of rows `i0..i0 + rows`.
+    fn merge_chunk(
+        &self,
+        (m, l, o): (&DeviceBuffer<f32>, &DeviceBuffer<f32>, &DeviceBuffer<f32>),
+        (m_c, l_c, o_c): (&DeviceBuffer<f32>, &DeviceBuffer<f32>, &DeviceBuffer<f32>),
+        z: usize,
+        (i0, rows, n_q, d): (usize, usize, usize, usize),
+    ) -> Result<()> {
+        let cfg = grid((rows as u32, z as u32, 1), 64);
+        let g = self.gpu;
+        let ptrs = [g.ptr(m), g.ptr(l), g.ptr(o), g.ptr(m_c), g.ptr(l_c), g.ptr(o_c)];
+        let (i0, r, n, d) = (i0 as i32, rows as i32, n_q as i32, d as i32);
+        // merge_chunk's parameters; the running buffers hold z·n_q rows, the chunk's z·rows.
+        launch!(g, self.merge, cfg, "merge_chunk";
+            &ptrs[0], &ptrs[1], &ptrs[2], &ptrs[3], &ptrs[4], &ptrs[5], &i0, &r, &n, &d)
+    }
+
+    /// O /= ℓ, lse = m + ln ℓ over `[z, n_q]` rows.
+    fn finish_rows(
+        &self,
+        o: &DeviceBuffer<f32>,
+        lse: &DeviceBuffer<f32>,
+        (m, l): (&DeviceBuffer<f32>, &DeviceBuffer<f32>),
+        z: usize,
+        (n_q, d): (usize, usize),
+    ) -> Result<()> {
+        let cfg = grid((n_q as u32, z as u32, 1), 64);
+        let g = self.gpu;
+        let (op, lp, mp, llp, d) = (g.ptr(o), g.ptr(lse), g.ptr(m), g.ptr(l), d as i32);
+        // (o, lse, m, l, d): o holds z·n_q·d floats, the others z·n_q.
+        launch!(g, self.finish, cfg, "finish_rows"; &op, &lp, &mp, &llp, &d)
+    }
+}
 
 // ANCHOR: forward_device
 /// The forward on uploaded tensors: (O, lse) on the device.
@@ -33,8 +107,9 @@ pub fn forward_device(
     k: &Kernels,
     dev: &DeviceProblem,
     (q_chunk, k_chunk): (usize, usize),
-) -> Result<(attn_cuda::DeviceBuffer<f32>, attn_cuda::DeviceBuffer<f32>)> {
+) -> Result<(DeviceBuffer<f32>, DeviceBuffer<f32>)> {
     let gpu = k.gpu();
+    let chunk = ChunkKernels::new(gpu)?;
     let Shape { batch, heads, kv_heads, n_q, n_k, head_dim: d } = dev.shape;
     let (z, group) = (batch * heads, heads / kv_heads);
     // Outputs and the running statistics of every row: O, ℓ, m (m starts at −∞).
@@ -66,7 +141,7 @@ pub fn forward_device(
                 k.modify_scores(&s, &dev.mods, z, (i0, j0, rows, cols))?;
             }
             // the chunk's summaries: m̃, P̃ = exp(S_ij − m̃), ℓ̃
-            k.chunk_softmax(&s, &m_c, &l_c, z, (rows, cols))?;
+            chunk.chunk_softmax(&s, (&m_c, &l_c), z, (rows, cols))?;
             if dev.dropout.enabled() {
                 k.apply_dropout(&s, &dev.dropout, heads, z, (i0, j0, rows, cols))?;
             }
@@ -74,10 +149,10 @@ pub fn forward_device(
             let o_w = Operand::rows(gpu.ptr(&o_c), heads, rows, d, 0);
             k.gemm((z, heads), (rows, d, cols), 1.0, s_w, v_j, 0.0, o_w)?;
             // fold into the running (m, ℓ, O) of rows i0..
-            k.merge_chunk((&m, &l, &out), (&m_c, &l_c, &o_c), z, (i0, rows, n_q, d))?;
+            chunk.merge_chunk((&m, &l, &out), (&m_c, &l_c, &o_c), z, (i0, rows, n_q, d))?;
         }
     }
-    k.finish_rows(&out, &lse, (&m, &l), z, (n_q, d))?;
+    chunk.finish_rows(&out, &lse, (&m, &l), z, (n_q, d))?;
     Ok((out, lse))
 }
 // ANCHOR_END: forward_device
@@ -97,10 +172,33 @@ pub fn backward_with_stats(
     d_out: ArrayView4<'_, f32>,
 ) -> Result<(Grads, DeviceStats)> {
     backward_on_device(inputs, opts, fwd, d_out, |gpu, dev, saved| {
-        let chunks = chunk_sizes(&dev.shape, opts);
-        backward_windows(&Kernels::new(gpu)?, dev, &saved.out, &saved.lse, &saved.d_out, chunks)
+        backward_device(&Kernels::new(gpu)?, dev, saved, chunk_sizes(&dev.shape, opts))
     })
 }
+
+// ANCHOR: backward_device
+/// The checkpointed backward on the device, chunk pair by chunk pair: each window's P is
+/// recomputed from the saved log-sum-exp, and its gradients added to dQ, dK, dV.
+pub fn backward_device(
+    k: &Kernels,
+    dev: &DeviceProblem,
+    saved: &DeviceSaved,
+    (q_chunk, k_chunk): (usize, usize),
+) -> Result<[DeviceBuffer<f32>; 3]> {
+    let Shape { n_q, n_k, .. } = dev.shape;
+    let grads = WindowGrads::new(k, dev, saved, (q_chunk, k_chunk))?;
+    for i0 in (0..n_q).step_by(q_chunk) {
+        let rows = q_chunk.min(n_q - i0);
+        for j0 in (0..n_k).step_by(k_chunk) {
+            if dev.window_hidden(i0 + rows, j0) {
+                break; // causal: every later window of these rows is hidden too
+            }
+            grads.add_window(k, dev, saved, (i0, rows), (j0, k_chunk.min(n_k - j0)))?;
+        }
+    }
+    Ok(grads.finish())
+}
+// ANCHOR_END: backward_device
 
 attn_core::cuda_stage!(
     /// Chunked attention on the GPU, as a [`Stage`]: uploads, runs, downloads.

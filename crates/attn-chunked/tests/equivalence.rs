@@ -1,20 +1,11 @@
-//! Chunked attention against the float64 reference and against naive attention, on random
+//! Chunked attention against the float64 reference, on random
 //! configurations and chunk sizes that do not divide the lengths.
 
 use attn_chunked::ChunkedCpu;
 use attn_core::Shape;
 use attn_core::testing::strategies::{arb_case, config};
-use attn_core::testing::{
-    BiasKind, Case, MaskKind, check_against_reference, check_against_stage, edge_cases,
-};
-use attn_naive::NaiveCpu;
+use attn_core::testing::{BiasKind, Case, MaskKind, check_against_reference, edge_cases};
 use proptest::prelude::*;
-
-/// The chunked stage's results against naive attention's on the same inputs.
-fn assert_matches_naive(case: &Case) {
-    let check = check_against_stage(&ChunkedCpu, &NaiveCpu, &case.build()).unwrap();
-    check.assert_within(2e-5, 2e-4, &format!("{case:?} against naive"));
-}
 
 proptest! {
     #![proptest_config(config(128))]
@@ -22,11 +13,6 @@ proptest! {
     #[test]
     fn chunked_matches_reference_on_random_configurations(case in arb_case(50, true)) {
         check_against_reference(&ChunkedCpu, &case.build(), true).unwrap().assert_f32(&format!("{case:?}"));
-    }
-
-    #[test]
-    fn chunked_matches_naive_on_random_configurations(case in arb_case(50, true)) {
-        assert_matches_naive(&case);
     }
 }
 
@@ -92,9 +78,4 @@ fn fully_masked_rows_give_zeros_minus_infinite_lse_and_zero_gradients() {
 #[test]
 fn huge_logits_stay_finite() {
     edge_cases::huge_logits(&ChunkedCpu, (5, 6));
-}
-
-#[test]
-fn dropout_drops_the_same_weights_as_naive() {
-    edge_cases::same_dropout_as(&ChunkedCpu, &NaiveCpu, (3, 5));
 }

@@ -1,13 +1,12 @@
-//! Chunked attention on the GPU against the float64 reference and the CPU variant, and its
-//! device memory against naive attention's. Where no CUDA device is present each test says
+//! Chunked attention on the GPU against the float64 reference and the CPU variant. Where no CUDA device is present each test says
 //! so and passes.
 
 use attn_chunked::{ChunkedCpu, ChunkedCuda};
+use attn_core::Shape;
 use attn_core::testing::strategies::{arb_case, config};
 use attn_core::testing::{
     BiasKind, Case, MaskKind, assert_matches_reference_and, check_against_reference, edge_cases,
 };
-use attn_core::{Inputs, Options, Shape};
 use attn_cuda::skip_without_device;
 use proptest::prelude::*;
 
@@ -60,26 +59,17 @@ fn chunked_gpu_edge_cases() {
 }
 
 #[test]
-fn chunked_gpu_device_memory_is_linear_where_naive_is_quadratic() {
-    if skip_without_device() {
+fn kernels_compile_with_nvrtc_for_the_h100() {
+    // Needs only libnvrtc (no device).
+    if !attn_cuda::nvrtc_available() {
+        eprintln!("skipped: libnvrtc not found");
         return;
     }
-    let peak = |n: usize| {
-        let shape = Shape::new(1, 8, n, 64);
-        let (q, k, v) = attn_core::random::qkv(&shape, 2);
-        let inputs = Inputs::new(q.view(), k.view(), v.view());
-        let opts = Options::default().causal(true).blocks(256, 512);
-        let chunked = attn_chunked::gpu::forward_with_stats(&inputs, &opts).unwrap().1.peak_bytes;
-        let naive = attn_naive::gpu::forward_with_stats(&inputs, &opts).unwrap().1.peak_bytes;
-        (chunked as f64, naive as f64)
-    };
-    let (c1, n1) = peak(2048);
-    let (c2, n2) = peak(8192);
-    eprintln!(
-        "device peak n=2048: chunked {c1} B, naive {n1} B; n=8192: chunked {c2} B, naive {n2} B"
-    );
-    let (chunked_growth, naive_growth) = (c2 / c1, n2 / n1);
-    assert!(chunked_growth < 4.5, "chunked grew ×{chunked_growth:.2} for ×4 n");
-    assert!(naive_growth > 14.0, "naive grew ×{naive_growth:.2} for ×4 n");
-    assert!(n2 > 10.0 * c2, "naive {n2} B vs chunked {c2} B at n = 8192");
+    for arch in ["sm_80", "sm_90"] {
+        let sources = attn_chunked::gpu::SOURCES;
+        let ptx = attn_cuda::compile("chunked", &sources, arch).unwrap().to_src();
+        for kernel in ["chunk_softmax", "merge_chunk", "finish_rows"] {
+            assert!(ptx.contains(&format!(".entry {kernel}(")), "{arch}: no kernel {kernel}");
+        }
+    }
 }

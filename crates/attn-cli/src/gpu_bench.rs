@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use attn::core::flops::{backward_flops, forward_flops};
 use attn::core::memory::human_bytes;
 use attn::core::metrics::compare;
-use attn::naive::gpu::DeviceStats;
+use attn::cuda::DeviceStats;
 use attn::{Forward, Grads, Inputs, Mask, Options, Result, Shape, Stage};
 use clap::Args;
 use ndarray::{Array4, ArrayView4};
@@ -54,121 +54,143 @@ pub struct GpuBenchArgs {
     pub smoke: bool,
 }
 
-type FwdFn = fn(&Inputs<'_>, &Options) -> Result<(Forward, DeviceStats)>;
-type BwdFn =
-    fn(&Inputs<'_>, &Options, &Forward, ArrayView4<'_, f32>) -> Result<(Grads, DeviceStats)>;
+type FwdFn = Box<dyn Fn(&Inputs<'_>, &Options) -> Result<(Forward, DeviceStats)>>;
+type BwdFn = Box<
+    dyn Fn(&Inputs<'_>, &Options, &Forward, ArrayView4<'_, f32>) -> Result<(Grads, DeviceStats)>,
+>;
 
 /// A GPU stage `gpu-bench` times: its name, the element type it computes in, its forward
 /// and (where there is one) its backward, each on f32 inputs (the 16-bit stages round them).
 struct GpuStage {
-    name: &'static str,
+    name: String,
     dtype: DtypeArg,
     fwd: FwdFn,
     bwd: Option<BwdFn>,
 }
 
-/// An f32 stage.
-const fn f32_stage(name: &'static str, fwd: FwdFn, bwd: BwdFn) -> GpuStage {
-    GpuStage { name, dtype: DtypeArg::F32, fwd, bwd: Some(bwd) }
+impl GpuStage {
+    fn new(name: impl Into<String>, dtype: DtypeArg, fwd: FwdFn, bwd: Option<BwdFn>) -> Self {
+        Self { name: name.into(), dtype, fwd, bwd }
+    }
 }
 
-fn gpu_stages() -> Vec<GpuStage> {
+/// The tensor-core forward `version` on inputs rounded to `dtype`.
+fn tc_forward(dtype: DtypeArg, version: u32) -> FwdFn {
     use attn::flash2::tc;
+    Box::new(move |i, o| match dtype {
+        DtypeArg::F16 => tc::forward_rounded::<tc::f16>(i, o, version),
+        _ => tc::forward_rounded::<tc::bf16>(i, o, version),
+    })
+}
+
+/// The tensor-core backward `version` on inputs, O and dO rounded to `dtype`.
+fn tc_backward(dtype: DtypeArg, version: u32) -> BwdFn {
+    use attn::flash2::tc;
+    Box::new(move |i, o, fwd, d_out| match dtype {
+        DtypeArg::F16 => tc::backward_rounded::<tc::f16>(i, o, fwd, d_out, version),
+        _ => tc::backward_rounded::<tc::bf16>(i, o, fwd, d_out, version),
+    })
+}
+
+/// The stages: every GPU stage as it runs by default, FlashAttention-2's backward with dQ in
+/// its separate pass, and every kernel version of stage 4's registry
+/// (`attn_flash2::gpu::versions`) — the fp32 and tensor-core forward versions without a
+/// backward, the tensor-core backward versions after the default forward.
+fn gpu_stages() -> Vec<GpuStage> {
+    use DtypeArg::{Bf16, F16, F32};
+    use attn::flash2::gpu::versions::{Track, VERSIONS};
     use attn::{chunked::gpu as c, flash1::gpu as f1, flash2::gpu as f, naive::gpu as n};
-    /// The tensor-core forward `V` on inputs rounded to `T`.
-    fn tc_v<T: tc::TcFloat, const V: u32>(
-        i: &Inputs<'_>,
-        o: &Options,
-    ) -> Result<(Forward, DeviceStats)> {
-        tc::forward_rounded::<T>(i, o, V)
-    }
-    /// The tensor-core backward `V` on inputs, O and dO rounded to `T`.
-    fn tc_b<T: tc::TcFloat, const V: u32>(
-        i: &Inputs<'_>,
-        o: &Options,
-        fwd: &Forward,
-        d_out: ArrayView4<'_, f32>,
-    ) -> Result<(Grads, DeviceStats)> {
-        tc::backward_rounded::<T>(i, o, fwd, d_out, V)
-    }
-    /// Forward kernel version `V` instead of the default.
-    fn flash2_v<const V: u32>(i: &Inputs<'_>, o: &Options) -> Result<(Forward, DeviceStats)> {
-        f::forward_version_with_stats(i, o, V)
-    }
-    /// dQ in the separate (reproducible) pass instead of by atomic additions.
-    fn dq_pass(
-        i: &Inputs<'_>,
-        o: &Options,
-        fwd: &Forward,
-        d_out: ArrayView4<'_, f32>,
-    ) -> Result<(Grads, DeviceStats)> {
-        f::backward_with_stats(i, &o.clone().deterministic(true), fwd, d_out)
-    }
-    use DtypeArg::{Bf16, F16};
-    // A tensor-core stage.
-    let tc_stage = |name, dtype, fwd, bwd| GpuStage { name, dtype, fwd, bwd };
-    let (fwd_bf16, fwd_f16) =
-        (tc_v::<tc::bf16, { tc::TC_FORWARD_VERSION }>, tc_v::<tc::f16, { tc::TC_FORWARD_VERSION }>);
-    vec![
-        f32_stage("naive", n::forward_with_stats, n::backward_with_stats),
-        f32_stage("chunked", c::forward_with_stats, c::backward_with_stats),
-        f32_stage("flash1", f1::forward_with_stats, f1::backward_with_stats),
-        f32_stage("flash2", f::forward_with_stats, f::backward_with_stats),
-        // Every forward kernel version, kept for the book's version table (same backward;
-        // `flash2` runs version 8 from sm_80 on, 5 or 7 by head dimension before).
-        f32_stage("flash2-v1", flash2_v::<1>, f::backward_with_stats),
-        f32_stage("flash2-v2", flash2_v::<2>, f::backward_with_stats),
-        f32_stage("flash2-v3", flash2_v::<3>, f::backward_with_stats),
-        f32_stage("flash2-v4", flash2_v::<4>, f::backward_with_stats),
-        f32_stage("flash2-v5", flash2_v::<5>, f::backward_with_stats),
-        f32_stage("flash2-v6", flash2_v::<6>, f::backward_with_stats),
-        f32_stage("flash2-v7", flash2_v::<7>, f::backward_with_stats),
-        // version 8 (3xTF32 on the tensor cores), forward only: the backward is the stage's
-        GpuStage { name: "flash2-v8", dtype: DtypeArg::F32, fwd: flash2_v::<8>, bwd: None },
-        f32_stage("flash2-dq-pass", f::forward_with_stats, dq_pass),
-        // Tensor cores, inputs rounded to bf16 / fp16: the default versions, the numbered
-        // backward versions (after the default forward), and the numbered forward versions
-        // without a backward.
-        tc_stage(
-            "flash2-bf16",
-            Bf16,
-            fwd_bf16,
-            Some(tc_b::<tc::bf16, { tc::TC_BACKWARD_VERSION }>),
+    let f32_stage = |name: &str, fwd: FwdFn, bwd: BwdFn| GpuStage::new(name, F32, fwd, Some(bwd));
+    let mut stages = vec![
+        f32_stage("naive", Box::new(n::forward_with_stats), Box::new(n::backward_with_stats)),
+        f32_stage("chunked", Box::new(c::forward_with_stats), Box::new(c::backward_with_stats)),
+        f32_stage("flash1", Box::new(f1::forward_with_stats), Box::new(f1::backward_with_stats)),
+        f32_stage("flash2", Box::new(f::forward_with_stats), Box::new(f::backward_with_stats)),
+        // dQ in the separate (reproducible) pass instead of by atomic additions.
+        f32_stage(
+            "flash2-dq-pass",
+            Box::new(f::forward_with_stats),
+            Box::new(|i, o, fwd, d_out| {
+                f::backward_with_stats(i, &o.clone().deterministic(true), fwd, d_out)
+            }),
         ),
-        tc_stage("flash2-f16", F16, fwd_f16, Some(tc_b::<tc::f16, { tc::TC_BACKWARD_VERSION }>)),
-        tc_stage("flash2-bf16-bwd1", Bf16, fwd_bf16, Some(tc_b::<tc::bf16, 1>)),
-        tc_stage("flash2-bf16-bwd2", Bf16, fwd_bf16, Some(tc_b::<tc::bf16, 2>)),
-        tc_stage("flash2-bf16-bwd3", Bf16, fwd_bf16, Some(tc_b::<tc::bf16, 3>)),
-        tc_stage("flash2-bf16-bwd4", Bf16, fwd_bf16, Some(tc_b::<tc::bf16, 4>)),
-        tc_stage("flash2-bf16-bwd5", Bf16, fwd_bf16, Some(tc_b::<tc::bf16, 5>)),
-        tc_stage("flash2-bf16-bwd6", Bf16, fwd_bf16, Some(tc_b::<tc::bf16, 6>)),
-        tc_stage("flash2-bf16-bwd7", Bf16, fwd_bf16, Some(tc_b::<tc::bf16, 7>)),
-        tc_stage("flash2-f16-bwd7", F16, fwd_f16, Some(tc_b::<tc::f16, 7>)),
-        tc_stage("flash2-bf16-v1", Bf16, tc_v::<tc::bf16, 1>, None),
-        tc_stage("flash2-bf16-v2", Bf16, tc_v::<tc::bf16, 2>, None),
-        tc_stage("flash2-bf16-v3", Bf16, tc_v::<tc::bf16, 3>, None),
-        tc_stage("flash2-bf16-v4", Bf16, tc_v::<tc::bf16, 4>, None),
-        tc_stage("flash2-bf16-v5", Bf16, tc_v::<tc::bf16, 5>, None),
-        tc_stage("flash2-bf16-v6", Bf16, tc_v::<tc::bf16, 6>, None),
-        tc_stage("flash2-bf16-v7", Bf16, tc_v::<tc::bf16, 7>, None),
-        tc_stage("flash2-bf16-v8", Bf16, tc_v::<tc::bf16, 8>, None),
-        tc_stage("flash2-bf16-v9", Bf16, tc_v::<tc::bf16, 9>, None),
-        tc_stage("flash2-bf16-v10", Bf16, tc_v::<tc::bf16, 10>, None),
-        tc_stage("flash2-bf16-v11", Bf16, tc_v::<tc::bf16, 11>, None),
-        tc_stage("flash2-bf16-v12", Bf16, tc_v::<tc::bf16, 12>, None),
-        tc_stage("flash2-bf16-v13", Bf16, tc_v::<tc::bf16, 13>, None),
-        tc_stage("flash2-bf16-v14", Bf16, tc_v::<tc::bf16, 14>, None),
-        tc_stage("flash2-bf16-v15", Bf16, tc_v::<tc::bf16, 15>, None),
-        tc_stage("flash2-f16-v5", F16, tc_v::<tc::f16, 5>, None),
-        tc_stage("flash2-f16-v6", F16, tc_v::<tc::f16, 6>, None),
-        tc_stage("flash2-f16-v8", F16, tc_v::<tc::f16, 8>, None),
-        tc_stage("flash2-f16-v10", F16, tc_v::<tc::f16, 10>, None),
-        tc_stage("flash2-f16-v11", F16, tc_v::<tc::f16, 11>, None),
-        tc_stage("flash2-f16-v12", F16, tc_v::<tc::f16, 12>, None),
-        tc_stage("flash2-f16-v13", F16, tc_v::<tc::f16, 13>, None),
-        tc_stage("flash2-f16-v14", F16, tc_v::<tc::f16, 14>, None),
-        tc_stage("flash2-f16-v15", F16, tc_v::<tc::f16, 15>, None),
-    ]
+    ];
+    let (tc_fwd, tc_bwd) = (f::tc::forward_version(), f::tc::backward_version());
+    for dtype in [Bf16, F16] {
+        let t = dtype.name();
+        stages.push(GpuStage::new(
+            format!("flash2-{t}"),
+            dtype,
+            tc_forward(dtype, tc_fwd),
+            Some(tc_backward(dtype, tc_bwd)),
+        ));
+    }
+    for v in VERSIONS {
+        let number = v.number;
+        match v.track {
+            Track::Fp32Forward => stages.push(GpuStage::new(
+                format!("flash2-v{number}"),
+                F32,
+                Box::new(move |i, o| f::forward_version_with_stats(i, o, number)),
+                None,
+            )),
+            Track::TcForward => {
+                for dtype in [Bf16, F16] {
+                    let name = format!("flash2-{}-v{number}", dtype.name());
+                    stages.push(GpuStage::new(name, dtype, tc_forward(dtype, number), None));
+                }
+            }
+            Track::TcBackward => {
+                for dtype in [Bf16, F16] {
+                    let name = format!("flash2-{}-bwd{number}", dtype.name());
+                    let (fwd, bwd) = (tc_forward(dtype, tc_fwd), tc_backward(dtype, number));
+                    stages.push(GpuStage::new(name, dtype, fwd, Some(bwd)));
+                }
+            }
+        }
+    }
+    stages
+}
+
+/// The stage checked against the float64 reference before it is timed, at head dimension
+/// `d`: the smoke problem (cross attention, GQA, a full mask with a fully masked row, a bias),
+/// causal and not, within DESIGN.md's tolerance for its arithmetic (the 16-bit stages against
+/// the reference on their rounded inputs). Returns the worst error as a multiple of its bound.
+fn check_against_reference(stage: &GpuStage, d: usize) -> Result<f64, CliError> {
+    use attn::core::tolerance::{F32_BACKWARD, F32_FORWARD, HALF_BACKWARD, HALF_FORWARD};
+    let SmokeProblem { shape, q, k, v, mask, bias } = SmokeProblem::new(d);
+    let (tol_f, tol_b) = match stage.dtype {
+        DtypeArg::F32 => (F32_FORWARD, F32_BACKWARD),
+        _ => (HALF_FORWARD, HALF_BACKWARD),
+    };
+    let round = |a: &Array4<f32>| stage.dtype.round(a.clone());
+    let (q, k, v) = (round(&q), round(&k), round(&v));
+    let d_out = round(&attn::core::random::normal(shape.q_dims(), 4));
+    let inputs = Inputs::new(q.view(), k.view(), v.view())
+        .with_mask(Mask::Full(mask.view()))
+        .with_bias(bias.view());
+    let mut worst: f64 = 0.0;
+    for causal in [false, true] {
+        let opts = Options::default().causal(causal);
+        let want = attn::core::reference::forward(&inputs, &opts).map_err(fail)?;
+        let (fwd, _) = (stage.fwd)(&inputs, &opts).map_err(fail)?;
+        worst = worse(worst, compare(fwd.out.view(), want.out.view()).normwise / tol_f);
+        if let Some(bwd) = &stage.bwd {
+            // the backward from the reference's own O and lse, as every stage test does
+            let ref_fwd = Forward {
+                out: want.out.mapv(|x| x as f32),
+                lse: want.lse.mapv(|x| x as f32),
+                traffic: None,
+            };
+            let ref_g =
+                attn::core::reference::backward(&inputs, &opts, d_out.view()).map_err(fail)?;
+            let (g, _) = bwd(&inputs, &opts, &ref_fwd, d_out.view()).map_err(fail)?;
+            for (x, r) in [(&g.dq, &ref_g.dq), (&g.dk, &ref_g.dk), (&g.dv, &ref_g.dv)] {
+                worst = worse(worst, compare(x.view(), r.view()).normwise / tol_b);
+            }
+        }
+    }
+    Ok(worst)
 }
 
 fn fail(e: impl std::fmt::Display) -> CliError {
@@ -228,6 +250,32 @@ pub fn measure(args: &GpuBenchArgs) -> Result<String, CliError> {
     } else {
         args.seq.iter().map(|&n| Shape::new(args.batch, args.heads, n, args.head_dim)).collect()
     };
+    // Every stage is checked against the float64 reference, at every head dimension it will
+    // be timed at, before any timing; one that fails is not timed.
+    let mut failed = Vec::new();
+    let mut head_dims: Vec<usize> = shapes.iter().map(|s| s.head_dim).collect();
+    head_dims.dedup();
+    let stages: Vec<GpuStage> =
+        gpu_stages().into_iter().filter(|s| selected(&args.stages, &s.name)).collect();
+    let mut checked = std::collections::HashSet::new();
+    for stage in &stages {
+        for &d in &head_dims {
+            match check_against_reference(stage, d) {
+                Ok(worst) if worst <= 1.0 => {
+                    println!("checked {} d={d}: worst error {worst:.2} of its bound", stage.name);
+                    checked.insert((stage.name.clone(), d));
+                }
+                Ok(worst) => {
+                    println!(
+                        "FAILED {} d={d}: error {worst:.2} times its bound; not timed",
+                        stage.name
+                    );
+                    failed.push(format!("{} d={d}", stage.name));
+                }
+                Err(e) => println!("{} d={d} refused: {}", stage.name, e.message),
+            }
+        }
+    }
     for shape in shapes {
         let n = shape.n_q;
         let (q, k, v) = attn::core::random::qkv(&shape, n as u64);
@@ -235,8 +283,8 @@ pub fn measure(args: &GpuBenchArgs) -> Result<String, CliError> {
         let inputs = Inputs::new(q.view(), k.view(), v.view());
         for causal in [false, true] {
             let opts = Options::default().causal(causal);
-            for GpuStage { name, fwd: fwd_fn, bwd: bwd_fn, .. } in gpu_stages() {
-                if !selected(&args.stages, name) {
+            for GpuStage { name, fwd: fwd_fn, bwd: bwd_fn, .. } in &stages {
+                if !checked.contains(&(name.clone(), shape.head_dim)) {
                     continue;
                 }
                 let mut f_ms = Vec::new();
@@ -252,7 +300,7 @@ pub fn measure(args: &GpuBenchArgs) -> Result<String, CliError> {
                         }
                     };
                     // A stage without a backward gets NaN there (printed and written as NaN).
-                    let bs = match bwd_fn.map(|b| b(&inputs, &opts, &fwd, d_out.view())) {
+                    let bs = match bwd_fn.as_ref().map(|b| b(&inputs, &opts, &fwd, d_out.view())) {
                         None => DeviceStats { peak_bytes: 0, kernel_ms: f64::NAN },
                         Some(Ok((_, bs))) => bs,
                         Some(Err(e)) => {
@@ -298,6 +346,9 @@ pub fn measure(args: &GpuBenchArgs) -> Result<String, CliError> {
                 }
             }
         }
+    }
+    if !failed.is_empty() {
+        return Err(fail(format!("failed the check against the reference: {}", failed.join(", "))));
     }
     Ok(csv_text(gpu, args, &rows))
 }
@@ -348,7 +399,7 @@ fn smoke_tc(d: usize, stages: &[String]) -> Result<f64, CliError> {
     let SmokeProblem { shape, q, k, v, mask, bias } = SmokeProblem::new(d);
     let mut worst: f64 = 0.0;
     for GpuStage { name, dtype, fwd: fwd_fn, bwd: bwd_fn } in gpu_stages() {
-        if dtype == DtypeArg::F32 || !selected(stages, name) {
+        if dtype == DtypeArg::F32 || !selected(stages, &name) {
             continue;
         }
         // Rounded as the stage rounds them (bf16 or fp16), widened for the CPU.
@@ -428,7 +479,7 @@ fn smoke_at(d: usize, stages: &[String]) -> Result<f64, CliError> {
     let mut worst: f64 = 0.0;
     for GpuStage { name, dtype, fwd: fwd_fn, bwd: bwd_fn } in gpu_stages() {
         // The tensor-core stages (no dropout, head dims 64 and 128) have their own smoke run.
-        if dtype != DtypeArg::F32 || !selected(stages, name) {
+        if dtype != DtypeArg::F32 || !selected(stages, &name) {
             continue;
         }
         let (fwd, _) = fwd_fn(&inputs, &opts).map_err(fail)?;

@@ -22,14 +22,23 @@ pub enum DeviceArg {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum DtypeArg {
     F32,
-    /// bfloat16 on the tensor cores (flash2 on cuda; forward only so far).
+    /// bfloat16 on the tensor cores (flash2 on cuda, forward and backward).
     Bf16,
-    /// float16 on the tensor cores (flash2 on cuda; forward only so far).
+    /// float16 on the tensor cores (flash2 on cuda, forward and backward).
     F16,
 }
 
 impl DtypeArg {
     /// `a` as this type holds it: rounded to bf16 / fp16 and widened back (exactly) to f32.
+    /// How the stage names and `--dtype` spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            DtypeArg::F32 => "f32",
+            DtypeArg::Bf16 => "bf16",
+            DtypeArg::F16 => "f16",
+        }
+    }
+
     pub fn round(self, a: Array4<f32>) -> Array4<f32> {
         match self {
             DtypeArg::F32 => a,
@@ -287,7 +296,7 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
     }
 
     let start = Instant::now();
-    let version = tc::TC_FORWARD_VERSION;
+    let version = tc::forward_version();
     let fwd = match args.dtype {
         DtypeArg::F32 => stage.forward(&inputs, &opts),
         DtypeArg::Bf16 => tc::forward_rounded::<tc::bf16>(&inputs, &opts, version).map(|f| f.0),
@@ -298,7 +307,7 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
     let grads = match &d_out {
         Some(d_out) => {
             let start = Instant::now();
-            let version = tc::TC_BACKWARD_VERSION;
+            let version = tc::backward_version();
             let d_out = d_out.view();
             let g = match args.dtype {
                 DtypeArg::F32 => stage.backward(&inputs, &opts, &fwd, d_out),

@@ -10,13 +10,11 @@
 //! Head dimensions 32, 64, 96 and 128.
 
 use attn_core::{Forward, Grads, Inputs, Options, Result, Shape};
+pub use attn_cuda::HEAD_DIMS;
 use attn_cuda::{
-    CONTRACT_HEADER, CudaFunction, DeviceBuffer, Gpu, PushKernelArg, blocks_for, cuda_err, grid,
-};
-pub use attn_naive::gpu::HEAD_DIMS;
-use attn_naive::gpu::{
-    DeviceForward, DeviceProblem, DeviceSaved, DeviceStats, FlashArgs, FusedBackward, TILES,
-    backward_on_device, check_head_dim, forward_on_device, fused_kernel, launch_fused,
+    CONTRACT_HEADER, CudaFunction, DeviceBuffer, DeviceForward, DeviceProblem, DeviceSaved,
+    DeviceStats, FlashArgs, FusedBackward, Gpu, PushKernelArg, TILES, backward_on_device,
+    blocks_for, check_head_dim, cuda_err, forward_on_device, fused_kernel, grid, launch_fused,
 };
 use ndarray::ArrayView4;
 

@@ -53,7 +53,7 @@ fn kernels_compile_with_nvrtc_for_the_h100() {
         eprintln!("skipped: libnvrtc not found");
         return;
     }
-    let sources = [attn_cuda::CONTRACT_HEADER, attn_naive::gpu::TILES, attn_flash1::gpu::KERNELS];
+    let sources = [attn_cuda::CONTRACT_HEADER, attn_cuda::TILES, attn_flash1::gpu::KERNELS];
     let ptx = attn_cuda::compile("flash1", &sources, "sm_90").unwrap().to_src();
     for d in attn_flash1::gpu::HEAD_DIMS {
         for k in ["forward", "backward"] {

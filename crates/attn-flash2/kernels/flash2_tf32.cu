@@ -1,7 +1,7 @@
 // FlashAttention-2 for f32 inputs on the tensor cores, by 3xTF32 (fp32 forward, version 8).
 // Prepended: contract.cuh (ScoreMods, Dropout, key_end), tiles.cuh (FlashArgs, block_head,
 // tile_plain, score, cp.async waits) and mma.cuh (copies and ldmatrix at precomputed
-// addresses, the online-softmax step, the one-kernel-at-a-time guard).
+// addresses, the online-softmax step), compiled for one head dimension (TF32_D).
 //
 // The tensor cores take tf32 operands — an f32 with 10 mantissa bits instead of 23, so one
 // tf32 product keeps ~3 decimal digits (the contract's tf32 tolerance, 1e-3). 3xTF32 keeps
@@ -12,7 +12,7 @@
 // PyTorch's memory-efficient backend runs for f32 on sm_80 and later (CUTLASS's "fast f32"),
 // and why it outruns any kernel on the CUDA cores' f32 FMAs.
 //
-// The loop is the tensor-core forward's (flash2_tc.cu, version 14): a block owns 128 query
+// The loop is the tensor-core forward's (flash2_tc_forward.cu): a block owns 128 query
 // rows, 8 warps of 16; K_j and V_j (64 keys, f32, rows padded to d + 4) stream through
 // shared memory by cp.async into two buffers each; m, l and O stay in the accumulators;
 // every address is computed once. What differs is the instruction, m16n8k8 tf32:
@@ -163,16 +163,16 @@ __device__ void tf32_forward(const FlashArgs& a, const ScoreMods& mods, const Dr
 }
 // ANCHOR_END: tf32_forward
 
-// Two kernels a head dimension, as in flash2_tc.cu: without mask or bias, and with them
-// (_mods); at d <= 64 at most 128 registers, so that two blocks (16 warps) share a SM. Each
-// compiled alone when asked for (ALONE_KERNEL, mma.cuh).
-#define TF_KERNEL(NAME, MIN_BLOCKS, CALL)                                                   \
-    ALONE_KERNEL(NAME, (TF_NT, MIN_BLOCKS), CALL, (FlashArgs a, ScoreMods m, Dropout dr),   \
-                 (a, m, dr))
-#define TF32_KERNELS(D)                                                                     \
-    TF_KERNEL(flash2_forward_v8_d##D, D <= 64 ? 2 : 1, (tf32_forward<D, false>))             \
-    TF_KERNEL(flash2_forward_v8_d##D##_mods, D <= 64 ? 2 : 1, (tf32_forward<D, true>))
-TF32_KERNELS(32)
-TF32_KERNELS(64)
-TF32_KERNELS(96)
-TF32_KERNELS(128)
+#ifndef TF32_D
+#error "compile with -DTF32_D=32|64|96|128"
+#endif
+// Two kernels, as on the 16-bit tensor cores: without mask or bias, and with them (_mods); at
+// d <= 64 at most 128 registers, so that two blocks (16 warps) share a SM.
+#define TF32_BOUNDS __launch_bounds__(TF_NT, TF32_D <= 64 ? 2 : 1)
+extern "C" __global__ void TF32_BOUNDS flash2_forward_v8(FlashArgs a, ScoreMods m, Dropout dr) {
+    tf32_forward<TF32_D, false>(a, m, dr);
+}
+extern "C" __global__ void TF32_BOUNDS flash2_forward_v8_mods(FlashArgs a, ScoreMods m,
+                                                               Dropout dr) {
+    tf32_forward<TF32_D, true>(a, m, dr);
+}

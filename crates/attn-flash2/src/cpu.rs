@@ -10,7 +10,9 @@ use ndarray::{Array1, Array2, Array3, Array4, ArrayView1, ArrayView2, ArrayView4
 use ndarray::{ArrayViewMut2, Axis, Zip, s};
 use rayon::prelude::*;
 
-use crate::kernels::{ds_from_dp, matmul, probs_from_lse, softmax_tile};
+pub mod simd;
+
+use simd::{ds_from_dp, matmul, probs_from_lse, softmax_tile};
 
 /// The name the CLI and the errors use.
 pub const NAME: &str = "flash2";

@@ -4,8 +4,9 @@
 //! - Forward: thread blocks over (query tile, batch·head); $K_j$, $V_j$ stream through shared
 //!   memory; the running max, sum and output stay in registers; normalisation is deferred
 //!   to the end and the log-sum-exp written once; causal tiles above the diagonal are never
-//!   visited. From sm_80 on the default forward (version 8, `kernels/flash2_tf32.cu`) does
-//!   its products on the tensor cores in 3xTF32 — f32 accuracy, as PyTorch's f32 kernel.
+//!   visited. From sm_80 on the forward (`kernels/flash2_tf32.cu`) does its products on the
+//!   tensor cores in 3xTF32 — f32 accuracy, as PyTorch's f32 kernel; before sm_80 it runs on
+//!   the CUDA cores (`kernels/flash2.cu`).
 //! - Backward (Algorithm 2 of the paper): a small kernel for $D = \mathrm{rowsum}(dO \circ O)$,
 //!   a kernel over key tiles that accumulates $dK_j$, $dV_j$ in registers and, as in the
 //!   paper, adds $dQ_i$ into device memory with **atomic additions**. With
@@ -15,88 +16,70 @@
 //!   the CPU. With GQA the key pass writes per query head and a last kernel sums each group.
 //!
 //! Head dimensions 32, 64, 96 and 128; others are refused with a clear error.
+//!
+//! The kernel versions, shipped and on the ladder, are listed once in [`versions`]; [`tc`] is
+//! the same stage on the 16-bit tensor cores.
+
+pub mod tc;
+pub mod versions;
 
 use attn_core::{AttnError, Forward, Grads, Inputs, Options, Result, Shape};
-use attn_cuda::{CONTRACT_HEADER, CudaFunction, DeviceBuffer, Gpu, blocks_for};
-pub use attn_naive::gpu::HEAD_DIMS;
-use attn_naive::gpu::{
-    DeviceForward, DeviceProblem, DeviceSaved, DeviceStats, FlashArgs, FusedBackward, TILES,
-    backward_on_device, check_head_dim, forward_on_device, fused_kernel, launch_fused,
-    with_shared_bytes,
+pub use attn_cuda::HEAD_DIMS;
+use attn_cuda::{
+    CudaFunction, DeviceBuffer, DeviceForward, DeviceProblem, DeviceSaved, DeviceStats, FlashArgs,
+    FusedBackward, Gpu, backward_on_device, blocks_for, check_head_dim, forward_on_device,
+    fused_kernel, launch_fused, with_shared_bytes,
 };
 use ndarray::ArrayView4;
 
 use crate::cpu::NAME;
 
-/// The fused kernels.
-pub const KERNELS: &str = include_str!("../kernels/flash2.cu");
-const MODULE: &str = "flash2";
-/// The forward on the tensor cores for f32 inputs, by 3xTF32 (version 8), and its module's
-/// sources as NVRTC compiles them.
-pub const TF32_KERNELS: &str = include_str!("../kernels/flash2_tf32.cu");
-pub const TF32_SOURCES: [&str; 4] = [CONTRACT_HEADER, TILES, crate::tc::MMA, TF32_KERNELS];
-const TF32_MODULE: &str = "flash2_tf32";
-/// Query rows and keys per tile (`BR`, `BC` in flash2.cu).
+use versions::{Track, Version};
+
+/// Query rows and keys per tile (`BR`, `BC` in tiles.cuh).
 pub const TILE: usize = 64;
 
-/// Shared-memory bytes of each kernel at head dimension `d` (rows padded to d + 1 floats).
+/// The shipped CUDA-core kernels (the backward everywhere, the forward before sm_80).
+fn cuda_core_kernel(gpu: &Gpu, name: &str, d: usize) -> Result<(CudaFunction, u32)> {
+    let f = versions::find(Track::Fp32Forward, 5).expect("version 5 is registered");
+    fused_kernel(
+        gpu,
+        f.module(),
+        &f.sources(),
+        &format!("flash2_{name}_d{d}"),
+        shared_bytes(name, d),
+    )
+}
+
+/// Shared-memory bytes of each CUDA-core kernel at head dimension `d`.
 fn shared_bytes(kernel: &str, d: usize) -> u32 {
-    let (t, row, p) = (TILE, d + 1, TILE * (TILE + 1));
+    let (t, p) = (TILE, TILE * (TILE + 4));
     let floats = match kernel {
-        "forward_v1" => 2 * t * row + p,
-        "forward_v2" => 2 * t * (d + 4) + t * (t + 4),
+        "forward_v1" => 2 * t * (d + 1) + TILE * (TILE + 1), // rows padded to d + 1
+        "forward_v2" => 2 * t * (d + 4) + p,
         // Q, K, V; P in K's buffer from d = 64 up, beside them below
-        "forward_v3" | "forward_v4" | "forward_v5" => {
-            3 * t * (d + 4) + if d >= 64 { 0 } else { t * (t + 4) }
-        }
-        // Q with 128 rows, K, V, and P [128][BC + 4] in its own buffer
-        "forward_v6" => 4 * t * (d + 4) + 2 * t * (t + 4),
-        // version 6 with a second K buffer
-        "forward_v7" => 5 * t * (d + 4) + 2 * t * (t + 4),
-        "backward_kv" | "backward_kv_atomic_dq" => 4 * t * (d + 4) + 2 * t * (t + 4),
-        _ => 4 * t * (d + 4) + t * (t + 4), // backward_q
+        "forward_v3" | "forward_v5" => 3 * t * (d + 4) + if d >= 64 { 0 } else { p },
+        // Q with 128 rows, two K buffers, V, and P [128][BC + 4]
+        "forward_v7" => 5 * t * (d + 4) + 2 * p,
+        "backward_kv" | "backward_kv_atomic_dq" => 4 * t * (d + 4) + 2 * p,
+        _ => 4 * t * (d + 4) + p, // backward_q
     };
     (4 * floats) as u32
 }
 
-fn kernel(gpu: &Gpu, name: &str, d: usize) -> Result<(CudaFunction, u32)> {
-    let sources = [CONTRACT_HEADER, TILES, KERNELS];
-    fused_kernel(gpu, MODULE, &sources, &format!("flash2_{name}_d{d}"), shared_bytes(name, d))
-}
-
-/// The forward kernels kept side by side (book chapter "FlashAttention on the GPU"):
-/// 1 — shared-memory tiles, 4×4 scores per thread; 2 — the same with 16-byte shared-memory
-/// reads and consecutive output columns per thread; 3 — asynchronous K/V loads (cp.async)
-/// overlapping the score computation, base-2 exponentials; 4 — version 3 capped at 128
-/// registers a thread, so that two blocks share an SM at d = 96 and 128; 5 — version 4 with
-/// each thread's output columns spread in float4 chunks (no shared-memory bank conflicts
-/// at d = 128); 6 — version 5 with 128 query rows a block, 8 rows of scores and of O a
-/// thread (twice the FMAs per shared-memory read); 7 — version 6 with K_{j+1} prefetched into
-/// a second buffer during step j; 8 — on the tensor cores (sm_80 and later): each product in
-/// 3xTF32, three tf32 mma of the operands' big and small parts, to f32 accuracy
-/// (kernels/flash2_tf32.cu), 128 query rows a block over 8 warps.
-pub const FORWARD_VERSIONS: [u32; 8] = [1, 2, 3, 4, 5, 6, 7, 8];
-
-/// The version the stage runs at head dimension `d` on a GPU of `compute_capability` (e.g.
-/// 90): version 8 (3xTF32 on the tensor cores) from sm_80 on — on the H100, on the paper
-/// setting at n ≥ 2048, 1.8–1.9× PyTorch's memory-efficient backend at d = 64 and 1.2–1.3× at
-/// d = 128, and 2.2–2.3× / 1.7–1.8× the CUDA-core versions (notes/gpu.md); before sm_80 (no
-/// tf32 mma) the fastest CUDA-core version measured, 7 at d = 128 and 5 elsewhere.
+/// The fp32 forward version the stage runs at head dimension `d` on a GPU of
+/// `compute_capability` (e.g. 90): [`versions::version_for`].
 pub fn forward_version(d: usize, compute_capability: u32) -> u32 {
-    match (compute_capability >= 80, d) {
-        (true, _) => 8,
-        (false, 128) => 7,
-        (false, _) => 5,
-    }
+    versions::version_for(Track::Fp32Forward, d, compute_capability).number
 }
 
-/// The fused forward on uploaded tensors: (O, lse) on the device, the default version.
+/// The fused forward on uploaded tensors: (O, lse) on the device, the version the stage runs.
 pub fn forward_device(gpu: &'static Gpu, dev: &DeviceProblem) -> Result<DeviceForward> {
     forward_device_version(gpu, dev, forward_version(dev.shape.head_dim, gpu.compute_capability()))
 }
 
 // ANCHOR: forward_device
-/// The fused forward of kernel version `version` ([`FORWARD_VERSIONS`]).
+/// The fused forward of fp32 forward version `version` ([`versions::VERSIONS`]).
 pub fn forward_device_version(
     gpu: &'static Gpu,
     dev: &DeviceProblem,
@@ -104,6 +87,8 @@ pub fn forward_device_version(
 ) -> Result<DeviceForward> {
     let Shape { batch, heads, n_q, head_dim: d, .. } = dev.shape;
     check_head_dim("flash2 (cuda)", d)?;
+    let v = versions::find(Track::Fp32Forward, version)
+        .ok_or_else(|| versions::unknown(Track::Fp32Forward, version))?;
     let z = batch * heads;
     let out = gpu.uninit_f32(z * n_q * d)?; // every row written by its query tile
     let lse = gpu.uninit_f32(z * n_q)?;
@@ -111,9 +96,16 @@ pub fn forward_device_version(
     let rows = if version >= 6 { 2 * TILE } else { TILE }; // query rows a block
     let grid = (blocks_for(n_q, rows as u32), z as u32);
     let f = if version == 8 {
-        tf32_kernel(gpu, dev, d)?
+        tf32_kernel(gpu, v, dev, d)?
     } else {
-        kernel(gpu, &format!("forward_v{version}"), d)?
+        let name = format!("forward_v{version}");
+        fused_kernel(
+            gpu,
+            v.module(),
+            &v.sources(),
+            &format!("flash2_{name}_d{d}"),
+            shared_bytes(&name, d),
+        )?
     };
     launch_fused(gpu, &f, grid, &a, dev, "flash2_forward")?;
     Ok((out, lse))
@@ -121,7 +113,12 @@ pub fn forward_device_version(
 
 /// Version 8's kernel at head dimension `d`: a second one (`_mods`) takes the calls with a
 /// bias or mask.
-fn tf32_kernel(gpu: &Gpu, dev: &DeviceProblem, d: usize) -> Result<(CudaFunction, u32)> {
+fn tf32_kernel(
+    gpu: &Gpu,
+    v: &Version,
+    dev: &DeviceProblem,
+    d: usize,
+) -> Result<(CudaFunction, u32)> {
     if gpu.compute_capability() < 80 {
         return Err(AttnError::Unsupported {
             stage: "flash2 (cuda) forward version 8",
@@ -130,8 +127,13 @@ fn tf32_kernel(gpu: &Gpu, dev: &DeviceProblem, d: usize) -> Result<(CudaFunction
         });
     }
     let mods = if dev.has_bias_or_mask() { "_mods" } else { "" };
-    let name = format!("flash2_forward_v8_d{d}{mods}");
-    let f = gpu.function_alone(TF32_MODULE, &TF32_SOURCES, &name)?;
+    let d_str = d.to_string();
+    let f = gpu.function_with(
+        v.module(),
+        &v.sources(),
+        &[("TF32_D", &d_str)],
+        &format!("flash2_forward_v8{mods}"),
+    )?;
     // Q_i (128 rows), two K_j and two V_j buffers (64 keys), rows padded to d + 4 floats
     with_shared_bytes(f, (4 * (2 * TILE + 4 * TILE) * (d + 4)) as u32)
 }
@@ -180,9 +182,16 @@ pub fn backward_device_dq(
     // dK, dV over key tiles (with dQ by atomics, or else dQ over query tiles after)
     let kv = if mode == DqMode::Atomic { "backward_kv_atomic_dq" } else { "backward_kv" };
     let (kv_grid, q_grid) = ((blocks_for(n_k, TILE as u32), z), (blocks_for(n_q, TILE as u32), z));
-    launch_fused(gpu, &kernel(gpu, kv, d)?, kv_grid, &bwd.args, dev, "flash2_backward_kv")?;
+    launch_fused(
+        gpu,
+        &cuda_core_kernel(gpu, kv, d)?,
+        kv_grid,
+        &bwd.args,
+        dev,
+        "flash2_backward_kv",
+    )?;
     if mode == DqMode::SeparatePass {
-        let q = kernel(gpu, "backward_q", d)?;
+        let q = cuda_core_kernel(gpu, "backward_q", d)?;
         launch_fused(gpu, &q, q_grid, &bwd.args, dev, "flash2_backward_q")?;
     }
     bwd.finish(dev)
@@ -193,7 +202,7 @@ pub fn forward_with_stats(inputs: &Inputs<'_>, opts: &Options) -> Result<(Forwar
     forward_on_device(inputs, opts, forward_device)
 }
 
-/// [`forward_with_stats`] for forward kernel `version`.
+/// [`forward_with_stats`] for fp32 forward version `version` ([`versions::VERSIONS`]).
 pub fn forward_version_with_stats(
     inputs: &Inputs<'_>,
     opts: &Options,

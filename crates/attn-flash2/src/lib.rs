@@ -16,16 +16,17 @@
 //! - **Causal.** Key blocks wholly above the diagonal are never visited; only the tiles the
 //!   diagonal crosses are masked.
 //!
-//! On the CPU the speed comes from two kernels ([`kernels`]): tile products through the
-//! `gemm` crate and a vectorised `exp`, both chosen at run time for the CPU at hand.
+//! On the CPU ([`cpu`]) the speed comes from two kernels ([`cpu::simd`]): tile products
+//! through the `gemm` crate and a vectorised `exp`, both chosen at run time for the CPU at
+//! hand. On the GPU ([`gpu`]) the stage runs fused kernels in fp32 and, on bf16 / fp16
+//! inputs, on the tensor cores ([`tc`]); [`gpu::versions`] lists every kernel version.
 
 pub mod cpu;
 pub mod gpu;
-pub mod kernels;
-pub mod tc;
 
 pub use cpu::{DEFAULT_K_BLOCK, DEFAULT_Q_BLOCK, block_sizes};
 pub use gpu::Flash2Cuda;
+pub use gpu::tc::{self, Flash2TensorCores};
 
 attn_core::cpu_stage!(
     /// FlashAttention-2 on the CPU, as a [`attn_core::Stage`].

@@ -1,13 +1,10 @@
-//! FlashAttention-2 against the float64 reference and against naive attention, and run to
+//! FlashAttention-2 against the float64 reference, and run to
 //! run reproducibility.
 
 use attn_core::testing::strategies::{arb_case, config};
-use attn_core::testing::{
-    BiasKind, Case, MaskKind, check_against_reference, check_against_stage, edge_cases,
-};
+use attn_core::testing::{BiasKind, Case, MaskKind, check_against_reference, edge_cases};
 use attn_core::{Options, Shape, Stage};
 use attn_flash2::{Flash2Cpu, block_sizes};
-use attn_naive::NaiveCpu;
 use proptest::prelude::*;
 
 proptest! {
@@ -16,12 +13,6 @@ proptest! {
     #[test]
     fn flash2_matches_reference_on_random_configurations(case in arb_case(50, true)) {
         check_against_reference(&Flash2Cpu, &case.build(), true).unwrap().assert_f32(&format!("{case:?}"));
-    }
-
-    #[test]
-    fn flash2_matches_naive_on_random_configurations(case in arb_case(50, true)) {
-        let check = check_against_stage(&Flash2Cpu, &NaiveCpu, &case.build()).unwrap();
-        check.assert_within(2e-5, 2e-4, &format!("{case:?} against naive"));
     }
 }
 
@@ -86,11 +77,6 @@ fn fully_masked_rows_give_zeros_minus_infinite_lse_and_zero_gradients() {
 #[test]
 fn huge_logits_stay_finite() {
     edge_cases::huge_logits(&Flash2Cpu, (5, 6));
-}
-
-#[test]
-fn dropout_drops_the_same_weights_as_naive() {
-    edge_cases::same_dropout_as(&Flash2Cpu, &NaiveCpu, (3, 5));
 }
 
 #[test]

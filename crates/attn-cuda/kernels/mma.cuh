@@ -1,7 +1,6 @@
-// What the tensor-core modules share — flash2_tc.cu (bf16 / fp16) and flash2_tf32.cu (f32 in
-// 3xTF32); prepended to both after contract.cuh and tiles.cuh: the bare exp2, the copies and
-// fragment reads at precomputed addresses, the online-softmax step on mma accumulators, and
-// the guard that compiles one kernel of a module at a time.
+// What the tensor-core kernels share — FlashAttention-2's in bf16 / fp16 and in f32 by 3xTF32;
+// prepended after contract.cuh and tiles.cuh: the bare exp2, the copies and fragment reads at
+// precomputed addresses, the online-softmax step on mma accumulators.
 
 // 2^x by the hardware's approximation alone (MUFU.EX2), results below 2^-126 flushed to zero.
 // exp2f compiles to that plus a test and two predicated multiplies that keep those tiny
@@ -169,28 +168,3 @@ __device__ __forceinline__ void tc_softmax_step(const FlashArgs& a, const ScoreM
 }
 
 // ANCHOR_END: tc_softmax
-
-// Each kernel of a module through ALONE_KERNEL: compiled only when ONLY_KERNEL (a define the
-// host sets, attn_cuda's Gpu::function_alone) is unset or names it; otherwise its body is
-// empty — the call sits in a discarded `if constexpr` branch of a template, so the device
-// function it names is never instantiated. NVRTC and the driver then compile one kernel in
-// seconds, not a module's forty-odd in minutes.
-__host__ __device__ constexpr bool tc_same(const char* x, const char* y) {
-    return *x == *y && (*x == '\0' || tc_same(x + 1, y + 1));
-}
-#ifdef ONLY_KERNEL
-#define TC_WANTED(NAME) tc_same(#NAME, ONLY_KERNEL)
-#else
-#define TC_WANTED(NAME) true
-#endif
-// NAME: the kernel; BOUNDS: __launch_bounds__'s arguments in parentheses — (threads) or
-// (threads, the blocks a SM the registers must allow); CALL: the device function, called
-// with the kernel's arguments; PARAMS, ARGS: the parameter list and the argument names.
-#define ALONE_KERNEL(NAME, BOUNDS, CALL, PARAMS, ARGS)                                       \
-    template <bool ON, class... Args>                                                        \
-    __device__ __forceinline__ void NAME##_body(const Args&... args) {                       \
-        if constexpr (ON) CALL(args...);                                                     \
-    }                                                                                        \
-    extern "C" __global__ void __launch_bounds__ BOUNDS NAME PARAMS {                        \
-        NAME##_body<TC_WANTED(NAME)> ARGS;                                                   \
-    }

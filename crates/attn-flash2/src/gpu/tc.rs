@@ -1,4 +1,5 @@
-//! FlashAttention-2 on the tensor cores (`kernels/flash2_tc.cu`): bf16 or fp16 Q, K, V and O,
+//! FlashAttention-2 on the tensor cores (`kernels/flash2_tc_forward.cu`,
+//! `kernels/flash2_tc_backward.cu`): bf16 or fp16 Q, K, V and O,
 //! f32 accumulation and softmax statistics, warp-level `mma.sync.m16n8k16` (sm_80 and later).
 //!
 //! The same contract as every stage — cross attention, GQA, causal (bottom-right), key-padding
@@ -22,52 +23,56 @@
 //! ```
 
 use attn_core::problem::Problem;
-use attn_core::{AttnError, Element, Inputs, Mask, Options, Result, Shape};
+use attn_core::{AttnError, Element, Inputs, Mask, Options, Result, Shape, Stage};
 use attn_core::{check_d_out, check_saved, check_values};
-use attn_cuda::PushKernelArg;
-use attn_cuda::{CONTRACT_HEADER, CudaFunction, DeviceBuffer, DeviceRepr, Gpu, LaunchConfig};
-use attn_cuda::{blocks_for, cuda_err, gpu};
+use attn_cuda::{CudaFunction, DeviceBuffer, DeviceRepr, DeviceStats, FlashArgs, Gpu};
+use attn_cuda::{ScoreInputs, blocks_for, gpu, measured, with_shared_bytes};
+use attn_cuda::{launch_fused_with, launch_group_sum, launch_row_dot};
 pub use half::{bf16, f16};
 use ndarray::{Array, Array3, Array4, ArrayView4, Dimension};
 
-use attn_cuda::DevicePeak;
-use attn_naive::gpu::{DeviceStats, FlashArgs, ScoreInputs, TILES, with_shared_bytes};
-use attn_naive::gpu::{launch_group_sum, launch_row_dot};
+use super::versions::{self, Track, Version};
 
-/// The tensor-core kernels.
-pub const KERNELS: &str = include_str!("../kernels/flash2_tc.cu");
-/// What the tensor-core modules share (this one and fp32's version 8, `gpu::TF32_SOURCES`):
-/// copies and fragment reads at precomputed addresses, the online-softmax step on mma
-/// accumulators, the one-kernel-at-a-time guard.
-pub const MMA: &str = include_str!("../kernels/mma.cuh");
-const MODULE: &str = "flash2_tc";
 const STAGE: &str = "flash2 (tensor cores)";
 /// Head dimensions the tensor-core kernels are compiled for.
 pub const TC_HEAD_DIMS: [usize; 2] = [64, 128];
-/// The forward kernels kept side by side (book chapter "Tensor cores"): 1 — the first mma
-/// kernel, fragments read with 32-bit (and for V, 16-bit) shared-memory loads; 2 — every
-/// fragment by `ldmatrix` (`.trans` for V); 3 — version 2 with K_{j+1}, V_{j+1} copied by
-/// `cp.async` into second buffers while tile j is computed; 4 — version 3 with 32 query rows
-/// a warp (128 a block), so that each K/V fragment read feeds two mma; 5 — version 4 with a
-/// leaner softmax step (one multiply on plain tiles, O rescaled only when a max grew); 6 —
-/// version 3 (16 rows a warp) with version 5's softmax step; 7 — version 6 with 128-key
-/// tiles; 8 — version 5 with the scale folded into the exponent's FMA and the bare hardware
-/// exp2 (`ex2.approx.ftz`) on plain tiles; 9 — version 8 with 128-key tiles; 10 — version
-/// 6's tiling with S_{j+1} issued before the softmax of S_j (software-pipelined in the warp);
-/// 11 — version 8 with one barrier a tile, the heaviest causal blocks launched first and a
-/// second kernel for calls without mask or bias (only the causal diagonal and the keys' end
-/// cut scores there, by one comparison); 12 — version 11 with 128-key tiles; 13 — version 11
-/// compiled for 3 blocks a SM (≤ 168 registers); 14 — version 13 at d = 64 and 11 at d = 128
-/// with every address computed once (unrolled copies, ldmatrix at precomputed shared
-/// addresses); 15 — version 14 with 128-key tiles (version 12's tiling).
-pub const TC_FORWARD_VERSIONS: [u32; 15] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15];
-/// The version the stage runs: on the paper setting (H100, notes/tensor-cores.md) version 14
-/// is 0.94–1.12× PyTorch's flash backend at n ≥ 2048, 14–18 % faster than version 13 (d = 64)
-/// and version 11 (d = 128) it is built from.
-pub const TC_FORWARD_VERSION: u32 = 14;
-/// Query rows a block (`TC_BR`) and keys a tile (`TC_BC`) in flash2_tc.cu.
+/// Query rows a block (`TC_BR`) and keys a tile (`TC_BC`) in tc.cuh.
 const ROWS: usize = 64;
 const KEYS: usize = 64;
+
+/// The forward version the stage runs ([`versions::default_version`]).
+pub fn forward_version() -> u32 {
+    versions::default_version(Track::TcForward).number
+}
+
+/// The backward version the stage runs ([`versions::default_version`]).
+pub fn backward_version() -> u32 {
+    versions::default_version(Track::TcBackward).number
+}
+
+/// Kernel `name` of `version` for element type `T` at head dimension `d`: its module is
+/// compiled for that type and head dimension alone (`TC_BF16`, `TC_D`).
+fn tc_function<T: TcFloat>(gpu: &Gpu, v: &Version, d: usize, name: &str) -> Result<CudaFunction> {
+    let d = d.to_string();
+    let defines = [("TC_D", d.as_str()), ("TC_BF16", if T::NAME == "bf16" { "1" } else { "0" })];
+    gpu.function_with(v.module(), &v.sources(), &defines, name)
+}
+
+/// The kernel name of `v`: the shipped kernel is named after its track, a ladder step after
+/// its number; `_mods` for the kernel that takes a mask or bias, where the version has one.
+fn kernel_name(v: &Version, with_mods: bool) -> String {
+    let base = match v.track {
+        Track::TcForward => "flash2_tc_forward",
+        _ => "flash2_tc_backward",
+    };
+    let number = if v.ships() { String::new() } else { format!("_v{}", v.number) };
+    let has_mods_kernel = match v.track {
+        Track::TcForward => v.number >= 11,
+        _ => v.number >= 7,
+    };
+    let mods = if has_mods_kernel && with_mods { "_mods" } else { "" };
+    format!("{base}{number}{mods}")
+}
 
 mod sealed {
     pub trait Sealed {}
@@ -142,9 +147,9 @@ pub struct HalfForward<T> {
     pub lse: Array3<f32>,
 }
 
-/// The tensor-core forward, default version.
+/// The tensor-core forward, the version the stage runs.
 pub fn forward<T: TcFloat>(inputs: &HalfInputs<'_, T>, opts: &Options) -> Result<HalfForward<T>> {
-    forward_version_with_stats(inputs, opts, TC_FORWARD_VERSION).map(|(f, _)| f)
+    forward_version_with_stats(inputs, opts, forward_version()).map(|(f, _)| f)
 }
 
 /// Validates a 16-bit call with the checks every stage makes — the shapes, masks and options
@@ -184,7 +189,7 @@ fn validate<'a, T: TcFloat>(inputs: &HalfInputs<'a, T>, opts: &Options) -> Resul
     Ok(p)
 }
 
-/// The tensor-core forward of kernel `version` ([`TC_FORWARD_VERSIONS`]), with the kernel's
+/// The tensor-core forward of kernel `version` ([`versions::VERSIONS`]), with the kernel's
 /// device time and the device memory it needed beyond the uploaded inputs.
 pub fn forward_version_with_stats<T: TcFloat>(
     inputs: &HalfInputs<'_, T>,
@@ -192,35 +197,33 @@ pub fn forward_version_with_stats<T: TcFloat>(
     version: u32,
 ) -> Result<(HalfForward<T>, DeviceStats)> {
     let p = validate(inputs, opts)?;
+    let v = versions::find(Track::TcForward, version)
+        .ok_or_else(|| versions::unknown(Track::TcForward, version))?;
     let gpu = gpu()?;
     check_architecture(gpu)?;
     let Shape { batch, heads, n_q, head_dim: d, .. } = p.shape;
-    let (q, k, v) =
+    let (q, k, v_buf) =
         (gpu.upload_array(inputs.q)?, gpu.upload_array(inputs.k)?, gpu.upload_array(inputs.v)?);
     let score = ScoreInputs::upload(gpu, &p)?;
-    let meter = DevicePeak::start(gpu);
-    let timer = attn_cuda::Timer::start(gpu)?;
+    let with_mods = p.mask.is_some() || p.bias.is_some();
+    let f = tc_function::<T>(gpu, v, d, &kernel_name(v, with_mods))?;
+    let f = with_shared_bytes(f, shared_bytes(version, d))?;
     let z = batch * heads;
-    let out: DeviceBuffer<T> = gpu.uninit(z * n_q * d)?;
-    let lse = gpu.uninit_f32(z * n_q)?;
-    let args = FlashArgs {
-        q: gpu.ptr(&q),
-        k: gpu.ptr(&k),
-        v: gpu.ptr(&v),
-        o: gpu.ptr(&out),
-        lse: gpu.ptr(&lse),
-        ..FlashArgs::new(&p.shape, p.scale)
-    };
-    check_version("forward", version, &TC_FORWARD_VERSIONS)?;
-    // From version 11 a second kernel takes the calls with a mask or bias.
-    let mods = if version >= 11 && (p.mask.is_some() || p.bias.is_some()) { "_mods" } else { "" };
-    let name = format!("flash2_tc_forward_v{version}_{}_d{d}{mods}", T::NAME);
-    let f =
-        with_shared_bytes(gpu.function_alone(MODULE, &SOURCES, &name)?, shared_bytes(version, d))?;
-    let grid = (blocks_for(n_q, block_rows(version) as u32), z as u32);
-    launch_blocks(gpu, &f, grid, 128, &args, &score, "flash2_tc_forward")?;
-    let kernel_ms = timer.stop(gpu)?;
-    let stats = DeviceStats { peak_bytes: meter.peak(gpu), kernel_ms };
+    let ((out, lse), stats) = measured(gpu, || {
+        let out: DeviceBuffer<T> = gpu.uninit(z * n_q * d)?;
+        let lse = gpu.uninit_f32(z * n_q)?;
+        let args = FlashArgs {
+            q: gpu.ptr(&q),
+            k: gpu.ptr(&k),
+            v: gpu.ptr(&v_buf),
+            o: gpu.ptr(&out),
+            lse: gpu.ptr(&lse),
+            ..FlashArgs::new(&p.shape, p.scale)
+        };
+        let grid = (blocks_for(n_q, block_rows(version) as u32), z as u32);
+        launch_fused_with(gpu, &f, (grid, 128), &args, &score.mods, None, "flash2_tc_forward")?;
+        Ok((out, lse))
+    })?;
     let forward = HalfForward {
         out: gpu.download_array(&out, p.shape.q_dims())?,
         lse: gpu.download_array(&lse, p.shape.lse_dims())?,
@@ -228,49 +231,9 @@ pub fn forward_version_with_stats<T: TcFloat>(
     Ok((forward, stats))
 }
 
-/// The module's sources, as NVRTC compiles them.
-pub const SOURCES: [&str; 4] = [CONTRACT_HEADER, TILES, MMA, KERNELS];
-
-/// Refuses a kernel version that does not exist.
-fn check_version(kind: &str, version: u32, versions: &[u32]) -> Result<()> {
-    if versions.contains(&version) {
-        return Ok(());
-    }
-    Err(AttnError::Cuda {
-        context: "choosing the tensor-core kernel".into(),
-        message: format!("no {kind} version {version}; there are {versions:?}"),
-    })
-}
-
-/// Launches a forward or backward kernel `(FlashArgs, ScoreMods)`: `threads` a block,
-/// `grid` = (query or key tiles, batch · heads).
-fn launch_blocks(
-    gpu: &Gpu,
-    (f, smem): &(CudaFunction, u32),
-    grid: (u32, u32),
-    threads: u32,
-    args: &FlashArgs,
-    score: &ScoreInputs,
-    what: &str,
-) -> Result<()> {
-    let cfg = LaunchConfig {
-        grid_dim: (grid.0, grid.1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: *smem,
-    };
-    let mut b = gpu.stream().launch_builder(f);
-    b.arg(args).arg(&score.mods);
-    // SAFETY: (FlashArgs, ScoreMods) is the tensor-core kernels' parameter list; every
-    // pointer in `args` addresses a live buffer of the validated shapes (16-bit tensors,
-    // f32 statistics and accumulators), and the mask and bias behind `mods` live in
-    // `score` until after the launch completes (one stream).
-    unsafe { b.launch(cfg) }.map(|_| ()).map_err(cuda_err(what.to_string()))
-}
-
-/// Query rows a block of forward `version` (`TC_BR`, twice that from version 4 on but in
-/// versions 6, 7 and 10).
+/// Query rows a block of forward `version` (`TC_BR`; twice that from version 4 on).
 fn block_rows(version: u32) -> usize {
-    if matches!(version, 4 | 5 | 8 | 9 | 11..) { 2 * ROWS } else { ROWS }
+    if version >= 4 { 2 * ROWS } else { ROWS }
 }
 
 /// The tensor-core kernels need sm_80 or later (bf16 mma.sync, cp.async).
@@ -286,11 +249,10 @@ fn check_architecture(gpu: &Gpu) -> Result<()> {
 }
 
 /// Shared-memory bytes of forward `version` at head dimension `d`: Q_i, K_j and V_j (two of
-/// each from version 3; 128-key tiles in versions 7, 9, 12 and 15), 16-bit, rows padded to d + 8.
+/// each K_j and V_j from version 3), 16-bit, rows padded to d + 8.
 fn shared_bytes(version: u32, d: usize) -> u32 {
     let kv_buffers = if version >= 3 { 4 } else { 2 };
-    let keys = if matches!(version, 7 | 9 | 12 | 15) { 2 * KEYS } else { KEYS }; // keys a tile
-    (2 * (block_rows(version) + kv_buffers * keys) * (d + 8)) as u32
+    (2 * (block_rows(version) + kv_buffers * KEYS) * (d + 8)) as u32
 }
 
 /// Q, K, V of an f32 call rounded to `T`.
@@ -337,20 +299,6 @@ pub struct HalfGrads<T> {
     pub dv: Array4<T>,
 }
 
-/// The backward kernels kept side by side: 1 — one block per 64-key tile, S^T, P^T, dP^T,
-/// dS^T on the accumulators, dQ through shared memory and f32 atomics; 2 — version 1 with
-/// Q_{i+1}, dO_{i+1} copied by `cp.async` during tile i; 3 — version 2 with lse and D read a
-/// tile ahead, P^T by one FMA and exp2, two floats an atomic (sm_90); 4 — version 3 with
-/// 128 keys a block over 8 warps (half the dQ atomics, twice the use of each Q_i, dO_i read);
-/// 5 — version 4 with dQ_i computed after tile i+1's first barrier (two barriers a tile, not
-/// three); 6 — version 3 at d = 64, version 4 at d = 128, with the bare hardware exp2
-/// (`ex2.approx.ftz`); 7 — version 6 with every address computed once (forward version 14's
-/// change) and a second kernel for calls with a mask or bias.
-pub const TC_BACKWARD_VERSIONS: [u32; 7] = [1, 2, 3, 4, 5, 6, 7];
-/// The backward version the stage runs: the fastest measured on the paper setting (H100,
-/// notes/tensor-cores.md).
-pub const TC_BACKWARD_VERSION: u32 = 7;
-
 /// The tensor-core backward: dQ, dK, dV from the inputs, the forward's O and lse, and dO.
 pub fn backward<T: TcFloat>(
     inputs: &HalfInputs<'_, T>,
@@ -358,7 +306,7 @@ pub fn backward<T: TcFloat>(
     fwd: &HalfForward<T>,
     d_out: ArrayView4<'_, T>,
 ) -> Result<HalfGrads<T>> {
-    backward_version_with_stats(inputs, opts, fwd, d_out, TC_BACKWARD_VERSION).map(|(g, _)| g)
+    backward_version_with_stats(inputs, opts, fwd, d_out, backward_version()).map(|(g, _)| g)
 }
 
 /// [`backward`] of kernel `version`, with the device time of its kernels (D, the key-tile
@@ -374,71 +322,71 @@ pub fn backward_version_with_stats<T: TcFloat>(
     let sh = p.shape;
     check_saved(&sh, fwd.out.view(), fwd.lse.view())?;
     check_d_out(&sh, d_out)?;
-    check_version("backward", version, &TC_BACKWARD_VERSIONS)?;
+    let v = versions::find(Track::TcBackward, version)
+        .ok_or_else(|| versions::unknown(Track::TcBackward, version))?;
     let gpu = gpu()?;
     check_architecture(gpu)?;
     let Shape { batch, heads, kv_heads, n_q, n_k, head_dim: d, .. } = sh;
-    let (q, k, v) =
+    let (q, k, v_buf) =
         (gpu.upload_array(inputs.q)?, gpu.upload_array(inputs.k)?, gpu.upload_array(inputs.v)?);
     let (o, d_o) = (gpu.upload_array(fwd.out.view())?, gpu.upload_array(d_out)?);
     let lse = gpu.upload_array(fwd.lse.view())?;
     let score = ScoreInputs::upload(gpu, &p)?;
-    let meter = DevicePeak::start(gpu);
-    let timer = attn_cuda::Timer::start(gpu)?;
-    let z = batch * heads;
-    let dvec = gpu.uninit_f32(z * n_q)?;
-    let dq_acc = gpu.zeros::<f32>(z * n_q * d)?; // the key tiles add into it
-    // dK, dV: rounded to T by the key-tile kernel itself from version 3 when each query head
-    // has its own K, V head; else f32 per query head, summed over the group and rounded after.
-    // Every key row is written by its tile.
-    let kv = if version >= 3 && heads == kv_heads {
-        KvGrads::Rounded(gpu.uninit(z * n_k * d)?, gpu.uninit(z * n_k * d)?)
-    } else {
-        KvGrads::PerHead(gpu.uninit_f32(z * n_k * d)?, gpu.uninit_f32(z * n_k * d)?)
-    };
-    let (dk_ptr, dv_ptr) = match &kv {
-        KvGrads::Rounded(dk, dv) => (gpu.ptr(dk), gpu.ptr(dv)),
-        KvGrads::PerHead(dk, dv) => (gpu.ptr(dk), gpu.ptr(dv)),
-    };
-    let function =
-        |name: &str| gpu.function_alone(MODULE, &SOURCES, &format!("{name}_{}", T::NAME));
-    // D = rowsum(dO ∘ O), one warp per row.
-    launch_row_dot(gpu, &function("tc_row_dot")?, &d_o, &o, &dvec, (z * n_q, d))?;
-    // dK, dV per query head and dQ's f32 accumulator, one block per key tile and head.
-    let args = FlashArgs {
-        q: gpu.ptr(&q),
-        k: gpu.ptr(&k),
-        v: gpu.ptr(&v),
-        o: gpu.ptr(&o),
-        lse: gpu.ptr(&lse),
-        d_out: gpu.ptr(&d_o),
-        dvec: gpu.ptr(&dvec),
-        dq: gpu.ptr(&dq_acc),
-        dk: dk_ptr,
-        dv: dv_ptr,
-        ..FlashArgs::new(&sh, p.scale)
-    };
-    let mods = if version >= 7 && (p.mask.is_some() || p.bias.is_some()) { "_mods" } else { "" };
-    let name = format!("flash2_tc_backward_v{version}_{}_d{d}{mods}", T::NAME);
-    let f = gpu.function_alone(MODULE, &SOURCES, &name)?;
+    // The shipped backward's module holds D = rowsum(dO ∘ O) and the group sums.
+    let shipped = versions::default_version(Track::TcBackward);
+    let row_dot = tc_function::<T>(gpu, shipped, d, "tc_row_dot")?;
+    let group_sum = tc_function::<T>(gpu, shipped, d, "tc_group_sum")?;
+    let with_mods = p.mask.is_some() || p.bias.is_some();
+    let f = tc_function::<T>(gpu, v, d, &kernel_name(v, with_mods))?;
     let f = with_shared_bytes(f, backward_shared_bytes(version, d))?;
-    let keys = backward_keys(version, d);
-    let grid = (blocks_for(n_k, keys as u32), z as u32);
-    launch_blocks(gpu, &f, grid, (2 * keys) as u32, &args, &score, "flash2_tc_backward")?;
-    // dQ rounded; dK, dV summed over each GQA group and rounded.
-    let group_sum = function("tc_group_sum")?;
-    let round_sum = |src: &DeviceBuffer<f32>, (kv_heads, rows): (usize, usize)| {
-        launch_group_sum::<T>(gpu, &group_sum, src, (batch, heads, kv_heads, rows, d))
-    };
-    let dq = round_sum(&dq_acc, (heads, n_q))?;
-    let (dk, dv) = match kv {
-        KvGrads::Rounded(dk, dv) => (dk, dv),
-        KvGrads::PerHead(dk_h, dv_h) => {
-            (round_sum(&dk_h, (kv_heads, n_k))?, round_sum(&dv_h, (kv_heads, n_k))?)
-        }
-    };
-    let kernel_ms = timer.stop(gpu)?;
-    let stats = DeviceStats { peak_bytes: meter.peak(gpu), kernel_ms };
+    let z = batch * heads;
+    let ((dq, dk, dv), stats) = measured(gpu, || {
+        let dvec = gpu.uninit_f32(z * n_q)?;
+        let dq_acc = gpu.zeros::<f32>(z * n_q * d)?; // the key tiles add into it
+        // dK, dV: rounded to T by the key-tile kernel itself (from version 3) when each query
+        // head has its own K, V head; else f32 per query head, summed over the group and
+        // rounded after. Every key row is written by its tile.
+        let kv = if version >= 3 && heads == kv_heads {
+            KvGrads::Rounded(gpu.uninit(z * n_k * d)?, gpu.uninit(z * n_k * d)?)
+        } else {
+            KvGrads::PerHead(gpu.uninit_f32(z * n_k * d)?, gpu.uninit_f32(z * n_k * d)?)
+        };
+        let (dk_ptr, dv_ptr) = match &kv {
+            KvGrads::Rounded(dk, dv) => (gpu.ptr(dk), gpu.ptr(dv)),
+            KvGrads::PerHead(dk, dv) => (gpu.ptr(dk), gpu.ptr(dv)),
+        };
+        // D = rowsum(dO ∘ O), one warp per row.
+        launch_row_dot(gpu, &row_dot, &d_o, &o, &dvec, (z * n_q, d))?;
+        // dK, dV per query head and dQ's f32 accumulator, one block per key tile and head.
+        let args = FlashArgs {
+            q: gpu.ptr(&q),
+            k: gpu.ptr(&k),
+            v: gpu.ptr(&v_buf),
+            o: gpu.ptr(&o),
+            lse: gpu.ptr(&lse),
+            d_out: gpu.ptr(&d_o),
+            dvec: gpu.ptr(&dvec),
+            dq: gpu.ptr(&dq_acc),
+            dk: dk_ptr,
+            dv: dv_ptr,
+            ..FlashArgs::new(&sh, p.scale)
+        };
+        let keys = backward_keys(version, d);
+        let grid = (blocks_for(n_k, keys as u32), z as u32);
+        let launch = (grid, (2 * keys) as u32);
+        launch_fused_with(gpu, &f, launch, &args, &score.mods, None, "flash2_tc_backward")?;
+        // dQ rounded; dK, dV summed over each GQA group and rounded.
+        let round_sum = |src: &DeviceBuffer<f32>, (kv_heads, rows): (usize, usize)| {
+            launch_group_sum::<T>(gpu, &group_sum, src, (batch, heads, kv_heads, rows, d))
+        };
+        let dq = round_sum(&dq_acc, (heads, n_q))?;
+        Ok(match kv {
+            KvGrads::Rounded(dk, dv) => (dq, dk, dv),
+            KvGrads::PerHead(dk_h, dv_h) => {
+                (dq, round_sum(&dk_h, (kv_heads, n_k))?, round_sum(&dv_h, (kv_heads, n_k))?)
+            }
+        })
+    })?;
     let grads = HalfGrads {
         dq: gpu.download_array(&dq, sh.q_dims())?,
         dk: gpu.download_array(&dk, sh.kv_dims())?,
@@ -455,10 +403,10 @@ enum KvGrads<T> {
     PerHead(DeviceBuffer<f32>, DeviceBuffer<f32>),
 }
 
-/// Keys a block of backward `version` at head dimension `d` (16 a warp: 4 warps, 8 in
-/// versions 4 and 5 and in versions 6 and 7 at d = 128).
+/// Keys a block of backward `version` at head dimension `d` (16 a warp: 4 warps, 8 from
+/// version 6 on at d = 128).
 fn backward_keys(version: u32, d: usize) -> usize {
-    if matches!(version, 4 | 5) || (version >= 6 && d == 128) { 2 * KEYS } else { KEYS }
+    if version >= 6 && d == 128 { 2 * KEYS } else { KEYS }
 }
 
 /// Shared-memory bytes of backward `version` at head dimension `d`: K_j, V_j, Q_i, dO_i
@@ -492,6 +440,49 @@ pub fn backward_rounded<T: TcFloat>(
         traffic: None,
     };
     Ok((grads, stats))
+}
+
+/// The tensor-core FlashAttention-2 as a [`Stage`] on f32 arrays, like every other stage:
+/// Q, K, V (and in the backward O and dO) rounded to `T` on the host, the results widened
+/// back to f32. Compare it with the reference on the rounded inputs (DESIGN.md's bf16 / fp16
+/// tolerances).
+#[derive(Debug)]
+pub struct Flash2TensorCores<T>(std::marker::PhantomData<T>);
+
+impl<T> Flash2TensorCores<T> {
+    pub const fn new() -> Self {
+        Self(std::marker::PhantomData)
+    }
+}
+
+impl<T> Default for Flash2TensorCores<T> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<T: TcFloat> Stage for Flash2TensorCores<T> {
+    fn name(&self) -> &'static str {
+        crate::cpu::NAME
+    }
+
+    fn device(&self) -> attn_core::Device {
+        attn_core::Device::Cuda
+    }
+
+    fn forward(&self, inputs: &Inputs<'_>, opts: &Options) -> Result<attn_core::Forward> {
+        forward_rounded::<T>(inputs, opts, forward_version()).map(|(f, _)| f)
+    }
+
+    fn backward(
+        &self,
+        inputs: &Inputs<'_>,
+        opts: &Options,
+        fwd: &attn_core::Forward,
+        d_out: ArrayView4<'_, f32>,
+    ) -> Result<attn_core::Grads> {
+        backward_rounded::<T>(inputs, opts, fwd, d_out, backward_version()).map(|(g, _)| g)
+    }
 }
 
 #[cfg(test)]

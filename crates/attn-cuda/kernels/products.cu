@@ -1,7 +1,8 @@
-// The kernels of the unfused GPU stages (naive, and chunked which launches them once per
-// chunk). Every kernel works on a *window* of score rows i0 .. i0 + rows and columns
-// j0 .. j0 + cols of all Z = batch * heads heads at once; the naive stage's window is the
-// whole matrix. Window buffers are [Z, rows, cols], row-major.
+// The kernels the unfused GPU stages share: the batched matrix product and the element-wise
+// steps of attention on a *window* of score rows i0 .. i0 + rows and columns j0 .. j0 + cols
+// of all Z = batch * heads heads at once. Naive attention's window is the whole matrix;
+// chunked attention launches them once per chunk. Window buffers are [Z, rows, cols],
+// row-major. Prepended: contract.cuh.
 
 // ---------------------------------------------------------------------------------------
 // Batched matrix product C = alpha * A B + beta * C with any strides, so one kernel does
@@ -113,71 +114,6 @@ extern "C" __global__ void modify_scores(float* s, ScoreMods mods, int i0, int j
     }
 }
 
-// Block-wide max and sum over 256 threads.
-__device__ float block_max(float x, float* scratch) {
-    for (int o = 16; o > 0; o /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-    if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = x;
-    __syncthreads();
-    x = scratch[0];
-    for (int w = 1; w < blockDim.x / 32; w++) x = fmaxf(x, scratch[w]);
-    __syncthreads();
-    return x;
-}
-
-__device__ float block_sum(float x, float* scratch) {
-    for (int o = 16; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
-    if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = x;
-    __syncthreads();
-    x = 0.0f;
-    for (int w = 0; w < blockDim.x / 32; w++) x += scratch[w];
-    __syncthreads();
-    return x;
-}
-
-// ANCHOR: softmax_rows
-// Stage 1's softmax: one block per row of the whole score matrix. Writes P = exp(S - lse)
-// in place and lse = m + log(l); a row with every key removed gets P = 0 and lse = -inf.
-extern "C" __global__ void softmax_rows(float* s, float* lse, int rows, int cols) {
-    __shared__ float scratch[32];
-    const i64 row_index = (i64)blockIdx.y * rows + blockIdx.x;
-    float* row = s + row_index * cols;
-    float m = NEG_INF;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) m = fmaxf(m, row[c]);
-    m = block_max(m, scratch);
-    float l = 0.0f;
-    if (m != NEG_INF)
-        for (int c = threadIdx.x; c < cols; c += blockDim.x) l += expf(row[c] - m);
-    l = block_sum(l, scratch);
-    const float L = m == NEG_INF ? NEG_INF : m + logf(l);
-    for (int c = threadIdx.x; c < cols; c += blockDim.x)
-        row[c] = L == NEG_INF ? 0.0f : expf(row[c] - L);
-    if (threadIdx.x == 0) lse[row_index] = L;
-}
-// ANCHOR_END: softmax_rows
-
-// Stage 2's per-chunk softmax: the chunk's row max m_c, P~ = exp(S - m_c) in place and its
-// row sum l_c (Rabe & Staats' summaries). Stats are [Z, rows].
-extern "C" __global__ void chunk_softmax(float* s, float* m_out, float* l_out, int rows,
-                                         int cols) {
-    __shared__ float scratch[32];
-    const i64 row_index = (i64)blockIdx.y * rows + blockIdx.x;
-    float* row = s + row_index * cols;
-    float m = NEG_INF;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) m = fmaxf(m, row[c]);
-    m = block_max(m, scratch);
-    float l = 0.0f;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        float p = m == NEG_INF ? 0.0f : expf(row[c] - m);
-        row[c] = p;
-        l += p;
-    }
-    l = block_sum(l, scratch);
-    if (threadIdx.x == 0) {
-        m_out[row_index] = m;
-        l_out[row_index] = l;
-    }
-}
-
 // Dropout on a window of weights, in place: 0 or 1 / (1 - p), by the contract's hash.
 extern "C" __global__ void apply_dropout(float* p, Dropout d, int heads, int i0, int j0,
                                          int rows, int cols) {
@@ -188,40 +124,6 @@ extern "C" __global__ void apply_dropout(float* p, Dropout d, int heads, int i0,
         for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += gridDim.x * blockDim.x)
             row[c] *= dropout_factor(d, key, j0 + c);
     }
-}
-
-// ANCHOR: merge_chunk
-// Stage 2: fold a chunk's summaries (m_c, l_c, O_c = P~ V_c) into the running (m, l, O) of
-// rows i0 .. i0 + rows:  m' = max(m, m_c),  l' = e^(m - m') l + e^(m_c - m') l_c,
-// O' = e^(m - m') O + e^(m_c - m') O_c. One block per row; O is [Z, n_q, d].
-extern "C" __global__ void merge_chunk(float* m, float* l, float* o, const float* m_c,
-                                       const float* l_c, const float* o_c, int i0, int rows,
-                                       int n_q, int d) {
-    const int z = blockIdx.y, r = blockIdx.x;
-    const i64 run = (i64)z * n_q + i0 + r, chunk = (i64)z * rows + r;
-    const float m_old = m[run], mc = m_c[chunk];
-    const float m_new = fmaxf(m_old, mc);
-    if (m_new == NEG_INF) return;  // nothing visible yet
-    const float a = m_old == NEG_INF ? 0.0f : expf(m_old - m_new);
-    const float b = mc == NEG_INF ? 0.0f : expf(mc - m_new);
-    for (int c = threadIdx.x; c < d; c += blockDim.x)
-        o[run * d + c] = a * o[run * d + c] + b * o_c[chunk * d + c];
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        l[run] = a * l[run] + b * l_c[chunk];
-        m[run] = m_new;
-    }
-}
-// ANCHOR_END: merge_chunk
-
-// Stage 2: O = O / l and lse = m + log l; rows that saw no key get O = 0, lse = -inf.
-extern "C" __global__ void finish_rows(float* o, float* lse, const float* m, const float* l,
-                                       int d) {
-    const i64 row = (i64)blockIdx.y * gridDim.x + blockIdx.x;
-    const float lr = l[row];
-    const float inv = lr > 0.0f ? 1.0f / lr : 0.0f;
-    for (int c = threadIdx.x; c < d; c += blockDim.x) o[row * d + c] *= inv;
-    if (threadIdx.x == 0) lse[row] = lr > 0.0f ? m[row] + logf(lr) : NEG_INF;
 }
 
 // ---------------------------------------------------------------------------------------

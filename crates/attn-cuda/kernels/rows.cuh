@@ -1,0 +1,25 @@
+// Block-wide reductions for the kernels that give one thread block to one row of scores
+// (naive attention's softmax, chunked attention's chunk summaries). Prepended after
+// contract.cuh.
+
+// The max and the sum of x over the block's threads (a multiple of 32, at most 1024).
+__device__ float block_max(float x, float* scratch) {
+    for (int o = 16; o > 0; o /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+    if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = x;
+    __syncthreads();
+    x = scratch[0];
+    for (int w = 1; w < blockDim.x / 32; w++) x = fmaxf(x, scratch[w]);
+    __syncthreads();
+    return x;
+}
+
+__device__ float block_sum(float x, float* scratch) {
+    for (int o = 16; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
+    if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = x;
+    __syncthreads();
+    x = 0.0f;
+    for (int w = 0; w < blockDim.x / 32; w++) x += scratch[w];
+    __syncthreads();
+    return x;
+}
+

@@ -1,0 +1,118 @@
+// Ladder step 11 of the tensor-core forward (parent: step 4, by way of versions 5 and 8,
+// deleted: on a tile the mask does not touch, the scale folded into the exponent's FMA and
+// the bare hardware exp2, ex2_ftz — tc_softmax_step's FAST = 2 in mma.cuh). What this step
+// adds is what FlashAttention-2 does around the loop rather than in it:
+// - two kernels: without a mask or bias (MODS = false) the only tiles that are not plain are
+//   the causal diagonal and the keys' end, where a score is cut by one comparison with the
+//   row's key_end; the general path (bias and mask pointers, strides, 64-bit index
+//   arithmetic per score) is compiled only into the _mods kernel, and registers are
+//   allocated for the worst path of a kernel, so the common call stops paying for it;
+// - one barrier a tile, not two: a thread waits for its own copies of K_j, V_j, then the
+//   barrier both publishes every thread's copies and tells that every warp is done with tile
+//   j - 1, whose buffers K_j+1, V_j+1 then go into;
+// - causal: the blocks with the most tiles (the last query rows) are launched first, so the
+//   short ones fill the end of the grid instead of one long block running alone.
+// Measured: the registry (src/gpu/versions.rs) and notes/tensor-cores.md. Its child, version
+// 14 (flash2_tc_forward.cu), computes every address once and is what the stage runs.
+
+template <int D, bool BF16, bool MODS, int KB>
+__device__ void tc_forward_v11(const FlashArgs& a, const ScoreMods& mods) {
+    constexpr int S = D + 8, KV = KB * S, QR = 2 * TC_BR;  // QR: query rows a block
+    extern __shared__ uint4 smem_tc[];
+    u16* Qs = reinterpret_cast<u16*>(smem_tc);  // [QR][S]
+    u16* Kb = Qs + QR * S;                       // [2][KB][S]
+    u16* Vb = Kb + 2 * KV;                       // [2][KB][S]
+    const TcHead hd = tc_head<D>(a);
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4;
+    const int i0 = (mods.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x) * QR;
+    int rows[2][2];  // m-tile mt of the warp: rows i0 + 64 mt + 16 warp + g (and + 8)
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++) {
+        rows[mt][0] = i0 + 64 * mt + 16 * warp + g;
+        rows[mt][1] = rows[mt][0] + 8;
+    }
+    const int j_end = key_end(mods, min(i0 + QR, a.n_q) - 1);
+
+    if (j_end > 0) {
+        load_tile16_async<D, KB>(Kb, hd.k, 0, a.n_k);
+        load_tile16_async<D, KB>(Vb, hd.v, 0, a.n_k);
+    }
+    load_tile16_async<D, QR>(Qs, hd.q, i0, a.n_q);
+    cp_async_commit();
+    float o[2][D / 8][4];
+    float m[2][2], l[2][2];
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++) {
+        m[mt][0] = m[mt][1] = NEG_INF;
+        l[mt][0] = l[mt][1] = 0.0f;
+        zero_frags<D / 8>(o[mt]);
+    }
+
+    for (int j0 = 0, step = 0; j0 < j_end; j0 += KB, step++) {
+        const u16* Ks = Kb + (step % 2) * KV;
+        const u16* Vs = Vb + (step % 2) * KV;
+        cp_async_wait<0>();  // this thread's copies of K_j, V_j (and at step 0, Q_i)
+        __syncthreads();     // everyone's copies; every warp done with tile j - 1
+        if (j0 + KB < j_end) {
+            load_tile16_async<D, KB>(Kb + ((step + 1) % 2) * KV, hd.k, j0 + KB, a.n_k);
+            load_tile16_async<D, KB>(Vb + ((step + 1) % 2) * KV, hd.v, j0 + KB, a.n_k);
+            cp_async_commit();
+        }
+
+        float s[2][KB / 8][4];
+        zero_frags<KB / 8>(s[0]);
+        zero_frags<KB / 8>(s[1]);
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            u32 qf[2][4];
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++)
+                frag_a(qf[mt], Qs, S, 64 * mt + 16 * warp, 16 * kk, lane);
+#pragma unroll
+            for (int nb = 0; nb < KB / 8; nb += 2) {
+                u32 kb[4];
+                frag_b2(kb, Ks, S, 8 * nb, 16 * kk, lane);
+#pragma unroll
+                for (int mt = 0; mt < 2; mt++) {
+                    mma16816<BF16>(s[mt][nb], qf[mt], kb[0], kb[1]);
+                    mma16816<BF16>(s[mt][nb + 1], qf[mt], kb[2], kb[3]);
+                }
+            }
+        }
+#pragma unroll
+        for (int mt = 0; mt < 2; mt++)
+            tc_softmax_step<D, 2, KB, MODS>(a, mods, hd.b, hd.h, i0 + 64 * mt, j0, rows[mt], s[mt],
+                                            m[mt], l[mt], o[mt]);
+
+#pragma unroll
+        for (int kk = 0; kk < KB / 16; kk++) {
+            u32 pa[2][4];
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++) p_fragment<BF16>(s[mt], kk, pa[mt]);
+#pragma unroll
+            for (int c = 0; c < D / 8; c += 2) {
+                u32 vb[4];
+                frag_b2_trans(vb, Vs, S, 16 * kk, 8 * c, lane);
+#pragma unroll
+                for (int mt = 0; mt < 2; mt++) {
+                    mma16816<BF16>(o[mt][c], pa[mt], vb[0], vb[1]);
+                    mma16816<BF16>(o[mt][c + 1], pa[mt], vb[2], vb[3]);
+                }
+            }
+        }
+    }
+    cp_async_wait<0>();  // (Q_i's copy, when the block saw no key)
+#pragma unroll
+    for (int mt = 0; mt < 2; mt++) tc_write_rows<D, BF16>(a, hd.z, rows[mt], m[mt], l[mt], o[mt]);
+}
+
+#if !defined(TC_D) || !defined(TC_BF16)
+#error "compile with -DTC_D=64|128 -DTC_BF16=1|0 (bf16 or fp16)"
+#endif
+extern "C" __global__ void __launch_bounds__(TC_NT, 1) flash2_tc_forward_v11(FlashArgs a, ScoreMods m) {
+    tc_forward_v11<TC_D, TC_BF16, false, TC_BC>(a, m);
+}
+extern "C" __global__ void __launch_bounds__(TC_NT, 1)
+    flash2_tc_forward_v11_mods(FlashArgs a, ScoreMods m) {
+    tc_forward_v11<TC_D, TC_BF16, true, TC_BC>(a, m);
+}

@@ -1,0 +1,349 @@
+//! The one list of the GPU kernel versions of stage 4: what ships and the ladder that led to
+//! it. `attn gpu-bench`, the GPU tests and the book's version tables read this table; nothing
+//! else numbers versions.
+//!
+//! A version's kernels live in `kernels/` when the stage runs them (by default, or as the
+//! fallback on GPUs before sm_80), and in `kernels/ladder/` otherwise: numbered standalone
+//! steps, each one idea ahead of its parent, each opening with what it changes and why.
+//! Version numbers are those under which the versions were measured (`notes/gpu.md`,
+//! `notes/tensor-cores.md`); the steps that taught nothing were deleted, so the numbers have
+//! gaps. A ladder step is compiled only when it is asked for.
+
+use attn_cuda::{CONTRACT_HEADER, MMA, TILES};
+
+/// Which kernel a track of versions computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Track {
+    /// The forward on f32 inputs (CUDA cores, then the tensor cores by 3xTF32).
+    Fp32Forward,
+    /// The forward on bf16 / fp16 inputs, on the tensor cores.
+    TcForward,
+    /// The backward on bf16 / fp16 inputs, on the tensor cores.
+    TcBackward,
+}
+
+impl Track {
+    /// Every track, in the book's order.
+    pub const ALL: [Track; 3] = [Track::Fp32Forward, Track::TcForward, Track::TcBackward];
+
+    /// How the bench and the book name the track.
+    pub fn name(self) -> &'static str {
+        match self {
+            Track::Fp32Forward => "fp32 forward",
+            Track::TcForward => "tensor-core forward",
+            Track::TcBackward => "tensor-core backward",
+        }
+    }
+}
+
+/// Whether the stage runs a version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// What the stage runs (on sm_80 and later, the GPUs it is measured on).
+    Default,
+    /// What the stage runs on GPUs before sm_80, which lack the tensor-core instructions;
+    /// `head_dims` says at which head dimensions (empty: all the others).
+    Fallback { head_dims: &'static [usize] },
+    /// A step of the ladder: compiled and run only when asked for.
+    Ladder,
+}
+
+/// One kernel version.
+#[derive(Clone, Copy, Debug)]
+pub struct Version {
+    pub track: Track,
+    pub number: u32,
+    /// The version it is one step ahead of.
+    pub parent: Option<u32>,
+    /// What it changes, in a line.
+    pub change: &'static str,
+    pub role: Role,
+    /// The kernel file, relative to the crate's `kernels/`.
+    pub file: &'static str,
+}
+
+macro_rules! kernels {
+    ($($file:literal),* $(,)?) => {
+        /// The source of a kernel file named in [`VERSIONS`] (relative to `kernels/`).
+        pub fn file_source(file: &str) -> Option<&'static str> {
+            match file {
+                $($file => Some(include_str!(concat!("../../kernels/", $file))),)*
+                _ => None,
+            }
+        }
+    };
+}
+
+kernels!(
+    "flash2.cu",
+    "flash2_tf32.cu",
+    "tc.cuh",
+    "flash2_tc_forward.cu",
+    "flash2_tc_backward.cu",
+    "ladder/fp32_forward_01.cu",
+    "ladder/fp32_forward_02.cu",
+    "ladder/fp32_forward_03.cu",
+    "ladder/tc_forward_01.cu",
+    "ladder/tc_forward_02.cu",
+    "ladder/tc_forward_03.cu",
+    "ladder/tc_forward_04.cu",
+    "ladder/tc_forward_11.cu",
+    "ladder/tc_backward_01.cu",
+);
+
+const fn v(
+    track: Track,
+    number: u32,
+    parent: Option<u32>,
+    role: Role,
+    file: &'static str,
+    change: &'static str,
+) -> Version {
+    Version { track, number, parent, change, role, file }
+}
+
+use Role::{Default, Fallback, Ladder};
+use Track::{Fp32Forward, TcBackward, TcForward};
+
+/// Every version of every track, in order.
+pub const VERSIONS: &[Version] = &[
+    // ANCHOR: registry
+    v(
+        Fp32Forward,
+        1,
+        None,
+        Ladder,
+        "ladder/fp32_forward_01.cu",
+        "FlashAttention-2's loop order: a block per query tile, K_j and V_j streaming through shared memory, 4 × 4 scores a thread",
+    ),
+    v(
+        Fp32Forward,
+        2,
+        Some(1),
+        Ladder,
+        "ladder/fp32_forward_02.cu",
+        "16-byte shared-memory reads, consecutive output columns a thread",
+    ),
+    v(
+        Fp32Forward,
+        3,
+        Some(2),
+        Ladder,
+        "ladder/fp32_forward_03.cu",
+        "K_j and V_j by cp.async into separate buffers, S computed while V_j arrives; base-2 exponentials",
+    ),
+    v(
+        Fp32Forward,
+        5,
+        Some(3),
+        Fallback { head_dims: &[] },
+        "flash2.cu",
+        "at most 128 registers (two blocks a SM) and output columns spread 64 apart (no bank conflicts at d = 128)",
+    ),
+    v(
+        Fp32Forward,
+        7,
+        Some(5),
+        Fallback { head_dims: &[128] },
+        "flash2.cu",
+        "128 query rows a block (8 a thread) and K_j+1 prefetched into a second buffer",
+    ),
+    v(
+        Fp32Forward,
+        8,
+        Some(7),
+        Default,
+        "flash2_tf32.cu",
+        "the products on the tensor cores in 3xTF32 (three tf32 mma of big and small parts: f32 accuracy), 128 rows over 8 warps",
+    ),
+    v(
+        TcForward,
+        1,
+        None,
+        Ladder,
+        "ladder/tc_forward_01.cu",
+        "mma.sync m16n8k16: 16 query rows a warp, P~ kept in the registers between the two products",
+    ),
+    v(
+        TcForward,
+        2,
+        Some(1),
+        Ladder,
+        "ladder/tc_forward_02.cu",
+        "every fragment by ldmatrix (.trans for V_j)",
+    ),
+    v(
+        TcForward,
+        3,
+        Some(2),
+        Ladder,
+        "ladder/tc_forward_03.cu",
+        "K_j+1, V_j+1 copied by cp.async into second buffers while tile j is computed",
+    ),
+    v(
+        TcForward,
+        4,
+        Some(3),
+        Ladder,
+        "ladder/tc_forward_04.cu",
+        "32 query rows a warp (128 a block): each K_j, V_j fragment read feeds two mma",
+    ),
+    v(
+        TcForward,
+        11,
+        Some(4),
+        Ladder,
+        "ladder/tc_forward_11.cu",
+        "a kernel without mask or bias, one barrier a tile, heaviest causal blocks first (and the folded bare exp2 of versions 5 and 8)",
+    ),
+    v(
+        TcForward,
+        14,
+        Some(11),
+        Default,
+        "flash2_tc_forward.cu",
+        "every address computed once: unrolled cp.async at fixed offsets, ldmatrix at precomputed shared addresses (3 blocks a SM at d = 64)",
+    ),
+    v(
+        TcBackward,
+        1,
+        None,
+        Ladder,
+        "ladder/tc_backward_01.cu",
+        "Algorithm 2 on mma.sync: a block per 64-key tile, transposed accumulators, dS^T through shared memory, dQ by f32 atomics",
+    ),
+    v(
+        TcBackward,
+        7,
+        Some(1),
+        Default,
+        "flash2_tc_backward.cu",
+        "Q_i+1, dO_i+1, lse and D a tile ahead, two floats an atomic, 8 warps at d = 128, the bare exp2, every address computed once",
+    ),
+    // ANCHOR_END: registry
+];
+
+/// The versions of `track`, in order.
+pub fn versions(track: Track) -> impl Iterator<Item = &'static Version> {
+    VERSIONS.iter().filter(move |v| v.track == track)
+}
+
+/// Version `number` of `track`, if it exists.
+pub fn find(track: Track, number: u32) -> Option<&'static Version> {
+    versions(track).find(|v| v.number == number)
+}
+
+/// The version the stage runs on `track` from sm_80 on.
+pub fn default_version(track: Track) -> &'static Version {
+    versions(track).find(|v| v.role == Role::Default).expect("every track has a default")
+}
+
+/// The version the stage runs on `track` at head dimension `d` on a GPU of
+/// `compute_capability` (e.g. 90).
+pub fn version_for(track: Track, d: usize, compute_capability: u32) -> &'static Version {
+    if compute_capability >= 80 {
+        return default_version(track);
+    }
+    let fallbacks = || {
+        versions(track).filter_map(|v| match v.role {
+            Role::Fallback { head_dims } => Some((v, head_dims)),
+            _ => None,
+        })
+    };
+    fallbacks()
+        .find(|(_, dims)| dims.contains(&d))
+        .or_else(|| fallbacks().find(|(_, dims)| dims.is_empty()))
+        .map_or_else(|| default_version(track), |(v, _)| v)
+}
+
+/// The error for a version that does not exist, naming those that do.
+pub fn unknown(track: Track, number: u32) -> attn_core::AttnError {
+    let known: Vec<u32> = versions(track).map(|v| v.number).collect();
+    attn_core::AttnError::Cuda {
+        context: "choosing a kernel version".into(),
+        message: format!("no {} version {number}; there are {known:?}", track.name()),
+    }
+}
+
+impl Version {
+    /// The sources NVRTC compiles for this version, in order: the shared headers, then the
+    /// stage's kernels (a ladder step that reuses a shipped body comes after that body).
+    pub fn sources(&self) -> Vec<&'static str> {
+        let src = |f: &str| file_source(f).expect("every registered file is embedded");
+        let mut s = vec![CONTRACT_HEADER, TILES];
+        match self.track {
+            Fp32Forward if self.number == 8 => s.push(MMA),
+            Fp32Forward => {}
+            TcForward | TcBackward => s.extend([MMA, src("tc.cuh")]),
+        }
+        if self.file == "ladder/fp32_forward_03.cu" {
+            s.push(src("flash2.cu"));
+        }
+        s.push(src(self.file));
+        s
+    }
+
+    /// The module name its kernels are cached under.
+    pub fn module(&self) -> &'static str {
+        self.file.trim_end_matches(".cu")
+    }
+
+    /// Whether the stage runs it (by default, or as a fallback before sm_80).
+    pub fn ships(&self) -> bool {
+        self.role != Role::Ladder
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_track_has_one_default_and_every_parent_exists() {
+        for track in Track::ALL {
+            let defaults = versions(track).filter(|v| v.role == Role::Default).count();
+            assert_eq!(defaults, 1, "{track:?}");
+            for v in versions(track) {
+                if let Some(p) = v.parent {
+                    assert!(find(track, p).is_some_and(|p| p.number < v.number), "{v:?}");
+                }
+                assert!(file_source(v.file).is_some(), "{v:?}");
+                let shipped = !v.file.starts_with("ladder/");
+                assert_eq!(
+                    v.ships(),
+                    shipped,
+                    "{v:?}: kernels/ holds what ships, ladder/ the rest"
+                );
+            }
+        }
+        assert_eq!(default_version(Track::TcForward).number, 14);
+        assert_eq!(default_version(Track::TcBackward).number, 7);
+        assert_eq!(default_version(Track::Fp32Forward).number, 8);
+    }
+
+    #[test]
+    fn before_sm_80_the_fp32_forward_falls_back_to_the_cuda_cores() {
+        assert_eq!(version_for(Track::Fp32Forward, 64, 90).number, 8);
+        assert_eq!(version_for(Track::Fp32Forward, 128, 75).number, 7);
+        assert_eq!(version_for(Track::Fp32Forward, 64, 75).number, 5);
+        assert_eq!(version_for(Track::Fp32Forward, 96, 70).number, 5);
+    }
+
+    #[test]
+    fn every_kernel_file_in_the_crate_is_registered() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/kernels");
+        let mut files = Vec::new();
+        for sub in ["", "ladder/"] {
+            for e in std::fs::read_dir(format!("{dir}/{sub}")).unwrap() {
+                let name = e.unwrap().file_name().into_string().unwrap();
+                if name.ends_with(".cu") || name.ends_with(".cuh") {
+                    files.push(format!("{sub}{name}"));
+                }
+            }
+        }
+        for f in &files {
+            assert!(file_source(f).is_some(), "{f} is not embedded in the registry");
+        }
+        assert_eq!(files.len(), 14);
+    }
+}

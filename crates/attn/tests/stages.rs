@@ -1,0 +1,86 @@
+//! The stages against each other: every tiled CPU stage gives naive attention's answer on
+//! random configurations and drops the same weights; FlashAttention-1 moves far less HBM
+//! traffic than naive attention; on the GPU, chunked attention's device memory grows as n
+//! where naive attention's grows as n². (Each stage's own crate tests it against the float64
+//! reference; what compares two stages lives here, so that no stage depends on another.)
+
+use attn::core::Traffic;
+use attn::core::testing::strategies::{arb_case, config};
+use attn::core::testing::{check_against_stage, edge_cases};
+use attn::{Inputs, Options, Shape, Stage};
+use attn::{chunked::ChunkedCpu, flash1::Flash1Cpu, flash2::Flash2Cpu, naive::NaiveCpu};
+use proptest::prelude::*;
+
+fn tiled_cpu_stages() -> [&'static dyn Stage; 3] {
+    [&ChunkedCpu, &Flash1Cpu, &Flash2Cpu]
+}
+
+proptest! {
+    #![proptest_config(config(96))]
+
+    #[test]
+    fn tiled_cpu_stages_match_naive_on_random_configurations(case in arb_case(50, true)) {
+        let data = case.build();
+        for stage in tiled_cpu_stages() {
+            let check = check_against_stage(stage, &NaiveCpu, &data).unwrap();
+            check.assert_within(2e-5, 2e-4, &format!("{} {case:?} against naive", stage.name()));
+        }
+    }
+}
+
+#[test]
+fn tiled_cpu_stages_drop_the_same_weights_as_naive() {
+    for (stage, blocks) in tiled_cpu_stages().into_iter().zip([(3, 5), (3, 5), (3, 5)]) {
+        edge_cases::same_dropout_as(stage, &NaiveCpu, blocks);
+    }
+}
+
+fn traffic(stage: &dyn Stage, shape: Shape, opts: &Options) -> (Traffic, Traffic) {
+    let (q, k, v) = attn::core::random::qkv(&shape, 1);
+    let d_out = attn::core::random::normal(shape.q_dims(), 2);
+    let inputs = Inputs::new(q.view(), k.view(), v.view());
+    let fwd = stage.forward(&inputs, opts).unwrap();
+    let grads = stage.backward(&inputs, opts, &fwd, d_out.view()).unwrap();
+    (fwd.traffic.unwrap(), grads.traffic.unwrap())
+}
+
+#[test]
+fn flash1_moves_far_less_than_naive_when_the_sram_holds_many_keys() {
+    // N = 2048, d = 64, M = 64 Ki floats: each of the N/B_c = 4N·d/M outer steps moves Q_i,
+    // O_i in and O_i out, 3·N·d floats: 12·N²d²/M ≈ 0.75 N², against naive attention's 4 N².
+    let shape = Shape::new(1, 1, 2048, 64);
+    let (flash, flash_b) = traffic(&Flash1Cpu, shape, &Options::default());
+    let (naive, naive_b) = traffic(&NaiveCpu, shape, &Options::default());
+    let ratio = naive.total() as f64 / flash.total() as f64;
+    assert!(ratio > 4.5, "naive/flash1 forward traffic {ratio}");
+    let ratio_b = naive_b.total() as f64 / flash_b.total() as f64;
+    assert!(ratio_b > 4.5, "naive/flash1 backward traffic {ratio_b}");
+    // But with a tiny SRAM (B_c = 4), FlashAttention-1 moves more than naive attention.
+    let (tiny, _) = traffic(&Flash1Cpu, shape, &Options::default().sram(1024));
+    assert!(tiny.total() > naive.total());
+}
+
+#[test]
+fn chunked_gpu_device_memory_is_linear_where_naive_is_quadratic() {
+    if attn::cuda::skip_without_device() {
+        return;
+    }
+    let peak = |n: usize| {
+        let shape = Shape::new(1, 8, n, 64);
+        let (q, k, v) = attn::core::random::qkv(&shape, 2);
+        let inputs = Inputs::new(q.view(), k.view(), v.view());
+        let opts = Options::default().causal(true).blocks(256, 512);
+        let chunked = attn::chunked::gpu::forward_with_stats(&inputs, &opts).unwrap().1.peak_bytes;
+        let naive = attn::naive::gpu::forward_with_stats(&inputs, &opts).unwrap().1.peak_bytes;
+        (chunked as f64, naive as f64)
+    };
+    let (c1, n1) = peak(2048);
+    let (c2, n2) = peak(8192);
+    eprintln!(
+        "device peak n=2048: chunked {c1} B, naive {n1} B; n=8192: chunked {c2} B, naive {n2} B"
+    );
+    let (chunked_growth, naive_growth) = (c2 / c1, n2 / n1);
+    assert!(chunked_growth < 4.5, "chunked grew ×{chunked_growth:.2} for ×4 n");
+    assert!(naive_growth > 14.0, "naive grew ×{naive_growth:.2} for ×4 n");
+    assert!(n2 > 10.0 * c2, "naive {n2} B vs chunked {c2} B at n = 8192");
+}
