@@ -12,7 +12,8 @@ grep -qxF "/$dir/" .git/info/exclude 2>/dev/null || echo "/$dir/" >> .git/info/e
 
 cargo build --release -p attn-cli
 cp target/release/attn "$dir/bin/attn"
-# The GPU test executables (one per crate's tests/gpu.rs), found from cargo's JSON messages.
+# The GPU test executables (each stage crate's tests/gpu.rs, and the facade's tests/stages.rs,
+# which compares stages on the GPU too), found from cargo's JSON messages.
 cargo test --release --no-run --message-format=json -p attn-naive -p attn-chunked -p attn-flash1 -p attn-flash2 --test gpu \
   | python3 -c '
 import json, sys, shutil
@@ -22,6 +23,15 @@ for line in sys.stdin:
         crate = m["target"]["src_path"].split("/crates/")[1].split("/")[0]
         shutil.copy(m["executable"], sys.argv[1] + "/bin/test-" + crate)
         print("test executable:", crate)
+' "$dir"
+cargo test --release --no-run --message-format=json -p attn --test stages \
+  | python3 -c '
+import json, sys, shutil
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "stages":
+        shutil.copy(m["executable"], sys.argv[1] + "/bin/test-attn-stages")
+        print("test executable: attn (stages)")
 ' "$dir"
 strip "$dir"/bin/*
 cp scripts/gpu/run.sh scripts/gpu/profile.sh benches/compare/sdpa_gpu.py "$dir/"

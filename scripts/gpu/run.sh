@@ -14,20 +14,26 @@ note() { summary+=("$1"); }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 
-# 1. Every GPU test.
-for t in "$here"/bin/test-*; do
-  name="$(basename "$t")"
-  if "$t" --test-threads=1 > "$out/$name.log" 2>&1; then
-    note "$name: $(grep -E '^test result' "$out/$name.log" | tail -1)"
-  else
-    note "$name: FAILED (see $name.log)"; status=1
-  fi
-  if grep -q "skipped:" "$out/$name.log"; then note "$name: some tests SKIPPED (no device?)"; status=1; fi
-done
+# 1. Every GPU test (SKIP_TESTS=1 skips), and the suite's wall time.
+if [ -z "${SKIP_TESTS:-}" ]; then
+  suite_start=$(date +%s)
+  for t in "$here"/bin/test-*; do
+    name="$(basename "$t")"
+    start=$(date +%s)
+    if "$t" --test-threads=1 > "$out/$name.log" 2>&1; then
+      note "$name: $(grep -E '^test result' "$out/$name.log" | tail -1) [$(( $(date +%s) - start )) s]"
+    else
+      note "$name: FAILED (see $name.log) [$(( $(date +%s) - start )) s]"; status=1
+    fi
+    if grep -q "skipped:" "$out/$name.log"; then note "$name: some tests SKIPPED (no device?)"; status=1; fi
+  done
+  note "GPU test suite: $(( $(date +%s) - suite_start )) s"
+fi
 
-# 2. compute-sanitizer over the smoke run, which launches every kernel once.
-for tool in memcheck racecheck; do
-  compute-sanitizer --tool "$tool" --error-exitcode 3 "$here/bin/attn" gpu-bench --smoke > "$out/sanitizer-$tool.log" 2>&1
+# 2. compute-sanitizer over the smoke run, which launches every kernel once (SKIP_SANITIZER=1
+#    skips; SMOKE_STAGES narrows it).
+for tool in ${SANITIZER_TOOLS-memcheck racecheck}; do
+  compute-sanitizer --tool "$tool" --error-exitcode 3 "$here/bin/attn" gpu-bench --smoke ${SMOKE_STAGES:+--stages "$SMOKE_STAGES"} > "$out/sanitizer-$tool.log" 2>&1
   rc=$?
   errors="$(grep -Eo '(ERROR|RACECHECK) SUMMARY: .*' "$out/sanitizer-$tool.log" | tail -1)"
   note "compute-sanitizer $tool: ${errors:-no summary} (exit $rc)"

@@ -154,14 +154,16 @@ impl Gpu {
         options: &[String],
         function: &str,
     ) -> Result<CudaFunction> {
-        let mut modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
-        let m = match modules.get(key) {
-            Some(m) => m.clone(),
+        let lock = || self.modules.lock().unwrap_or_else(|p| p.into_inner());
+        let cached = lock().get(key).cloned();
+        let m = match cached {
+            Some(m) => m,
             None => {
+                // Compiled without holding the cache, so that threads compile different
+                // modules at once; a module two threads compiled together is kept once.
                 let ptx = compile_with(module, sources, self.arch, options)?;
                 let m = self.ctx.load_module(ptx).map_err(cuda_err(format!("loading {key}")))?;
-                modules.insert(key.to_string(), m.clone());
-                m
+                lock().entry(key.to_string()).or_insert(m).clone()
             }
         };
         m.load_function(function).map_err(cuda_err(format!("finding kernel {function}")))

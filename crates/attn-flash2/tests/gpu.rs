@@ -329,12 +329,27 @@ fn tc_versions(var: &str, track: Track) -> Vec<u32> {
     }
 }
 
+/// Compiles the modules of `versions` for both types and both head dimensions on every core
+/// at once (NVRTC takes seconds a module; the tests then find them ready).
+fn prepare_in_parallel(track: Track, versions: &[u32]) {
+    std::thread::scope(|scope| {
+        for &v in versions {
+            for d in tc::TC_HEAD_DIMS {
+                scope.spawn(move || tc::prepare::<bf16>(track, v, d).unwrap());
+                scope.spawn(move || tc::prepare::<f16>(track, v, d).unwrap());
+            }
+        }
+    });
+}
+
 #[test]
 fn tensor_core_forward_matches_the_reference_on_rounded_inputs() {
     if skip_without_device() {
         return;
     }
-    for version in tc_versions("ATTN_TEST_TC_VERSIONS", Track::TcForward) {
+    let fwd_versions = tc_versions("ATTN_TEST_TC_VERSIONS", Track::TcForward);
+    prepare_in_parallel(Track::TcForward, &fwd_versions);
+    for version in fwd_versions {
         for d in tc::TC_HEAD_DIMS {
             for case in tc_cases(d) {
                 for (dtype, (err, lse_err)) in [
@@ -375,7 +390,10 @@ fn tensor_core_backward_matches_the_reference_on_rounded_inputs() {
     if skip_without_device() {
         return;
     }
-    for version in tc_versions("ATTN_TEST_TC_BACKWARD_VERSIONS", Track::TcBackward) {
+    let bwd_versions = tc_versions("ATTN_TEST_TC_BACKWARD_VERSIONS", Track::TcBackward);
+    prepare_in_parallel(Track::TcBackward, &bwd_versions);
+    prepare_in_parallel(Track::TcForward, &[tc::forward_version()]);
+    for version in bwd_versions {
         for d in tc::TC_HEAD_DIMS {
             for case in tc_cases(d) {
                 for (dtype, err) in [

@@ -58,6 +58,15 @@ fn tc_function<T: TcFloat>(gpu: &Gpu, v: &Version, d: usize, name: &str) -> Resu
     gpu.function_with(v.module(), &v.sources(), &defines, name)
 }
 
+/// Compiles (once a process) the module of `track`'s `version` for element type `T` at head
+/// dimension `d`, so that a later call finds it ready; threads may compile several at once.
+pub fn prepare<T: TcFloat>(track: Track, version: u32, d: usize) -> Result<()> {
+    let v = versions::find(track, version).ok_or_else(|| versions::unknown(track, version))?;
+    let gpu = gpu()?;
+    check_architecture(gpu)?;
+    tc_function::<T>(gpu, v, d, &kernel_name(v, false)).map(|_| ())
+}
+
 /// The kernel name of `v`: the shipped kernel is named after its track, a ladder step after
 /// its number; `_mods` for the kernel that takes a mask or bias, where the version has one.
 fn kernel_name(v: &Version, with_mods: bool) -> String {
