@@ -63,7 +63,8 @@ pub struct Options {
     pub memory_limit: Option<u64>,
     /// Bitwise-reproducible gradients where a stage has a faster order-dependent path: the
     /// GPU FlashAttention-2 backward then computes dQ in a separate pass instead of by atomic
-    /// additions (about 15 % slower on an H100). The CPU stages and the other GPU stages are
+    /// additions (two more tile products: slower; the book's GPU chapter has the figures).
+    /// The CPU stages and the other GPU stages are
     /// always reproducible; the values agree to rounding either way.
     pub deterministic: bool,
 }

@@ -23,8 +23,7 @@ pub const DEFAULT_K_BLOCK: usize = 256;
 
 /// The block sizes (B_r, B_c), clipped to the sequence lengths. The defaults keep a score
 /// tile (128 × 256 floats, 128 KiB) and the K_j, V_j it reads (2 × 256 × d floats) in a
-/// core's L2 cache; measured on the development machine, 128 × 256 was within a few percent
-/// of the best of 64–256 × 256–1024 for causal and full attention at n = 1 024 … 4 096.
+/// core's L2 cache (the sweep that chose them: notes/cpu.md).
 pub fn block_sizes(shape: &Shape, opts: &Options) -> (usize, usize) {
     opts.block_sizes(shape, (DEFAULT_Q_BLOCK, DEFAULT_K_BLOCK))
 }

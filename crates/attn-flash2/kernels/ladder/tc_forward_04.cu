@@ -3,9 +3,14 @@
 // memory feeds two mma instructions instead of one, halving the shared-memory bytes per FLOP
 // of both products; Q_i's fragments no longer fit in registers beside 2 x 64 accumulators of
 // O (d = 128), so they are read again (ldmatrix) at every tile, as FlashAttention-2 does. Why:
-// step 3 was bound by shared-memory reads. Measured: the registry (src/gpu/versions.rs) and
-// notes/tensor-cores.md.
+// step 3 was bound by shared-memory reads. 
+// Measured (H100 80GB HBM3, 2026-11-25, as step 1): 143 / 202 TFLOP/s at d = 64 / 128 — slower:
+// more registers and twice the softmax work between a warp's products; the lean softmax step
+// of versions 5 and 8 (tc_softmax_step, FAST = 1 and 2) is what made the two m-tiles pay
+// (221 / 291, then 227 / 295).
+// Notes: notes/tensor-cores.md.
 
+// ANCHOR: tc_forward_04
 template <int D, bool BF16>
 __device__ void tc_forward_v4(const FlashArgs& a, const ScoreMods& mods) {
     constexpr int FAST = 0, KB = TC_BC;  // the plain softmax step, 64-key tiles
@@ -99,6 +104,7 @@ __device__ void tc_forward_v4(const FlashArgs& a, const ScoreMods& mods) {
 #pragma unroll
     for (int mt = 0; mt < 2; mt++) tc_write_rows<D, BF16>(a, hd.z, rows[mt], m[mt], l[mt], o[mt]);
 }
+// ANCHOR_END: tc_forward_04
 
 #if !defined(TC_D) || !defined(TC_BF16)
 #error "compile with -DTC_D=64|128 -DTC_BF16=1|0 (bf16 or fp16)"

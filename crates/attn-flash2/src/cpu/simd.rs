@@ -2,7 +2,8 @@
 //! exponential.
 //!
 //! - [`matmul`]: tile products through the `gemm` crate, which picks AVX2/FMA or AVX-512
-//!   micro-kernels at run time (about 1.4× ndarray's matrixmultiply on attention tiles).
+//!   micro-kernels at run time (faster than ndarray's matrixmultiply on attention tiles:
+//!   notes/cpu.md).
 //! - [`softmax_tile`]: row max, `exp` and row sum of a score tile in two passes, with an
 //!   `exp` written as a polynomial the compiler vectorises. It is compiled twice — for the
 //!   x86-64 baseline and with AVX2 + FMA enabled — and the AVX2 copy is chosen at run time,
