@@ -74,3 +74,15 @@ impl TrafficCounter {
         }
     }
 }
+
+/// The IO complexity of standard attention (Dao et al. 2022, Theorem 2): Θ(Nd + N²) f32
+/// elements, written with constant 1, in bytes. The plots scale it through a measured point.
+pub fn standard_attention_io(n: f64, d: f64) -> f64 {
+    4.0 * (n * d + n * n)
+}
+
+/// The IO complexity of FlashAttention (Dao et al. 2022, Theorem 2): Θ(N²d²/M) f32 elements
+/// for an SRAM of M elements, written with constant 1, in bytes.
+pub fn flash_attention_io(n: f64, d: f64, m: f64) -> f64 {
+    4.0 * n * n * d * d / m
+}

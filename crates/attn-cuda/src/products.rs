@@ -200,7 +200,7 @@ impl Kernels {
         launch!(self.gpu, self.probs, window_grid(z, rows, cols), "probs_from_lse"; &sp, &lp, &i0, &r, &c, &n)
     }
 
-    /// dS = P ∘ (Z ∘ dP − D) on a window, over dP.
+    /// dS = P ∘ ((dO Vᵀ) ∘ Z − D) on a window, written over the window of dO Vᵀ.
     #[allow(clippy::too_many_arguments)]
     pub fn ds_from_dp(
         &self,
@@ -274,7 +274,7 @@ impl WindowGrads {
 
     // ANCHOR: window_backward
     /// Adds the gradients of one window — query rows `i0..i0 + rows`, keys `j0..j0 + cols`
-    /// of every head: recompute S and P = exp(S − lse), dP = dO Vᵀ, dS = P ∘ (Z∘dP − D),
+    /// of every head: recompute S and P = exp(S − lse), dP = (dO Vᵀ) ∘ Z, dS = P ∘ (dP − D),
     /// dV += (P∘Z)ᵀ dO, dK += scale·dSᵀ Q, dQ += scale·dS K.
     pub fn add_window(
         &self,
@@ -303,7 +303,7 @@ impl WindowGrads {
             k.modify_scores(&self.p, &dev.mods, z, win)?;
         }
         k.probs_from_lse(&self.p, &saved.lse, z, (i0, rows, cols, n_q))?;
-        // dP = dO Vᵀ, then dS = P ∘ (Z∘dP − D) in its place
+        // dO Vᵀ, then dP = (dO Vᵀ) ∘ Z and dS = P ∘ (dP − D) in its place
         k.gemm((z, heads), (rows, cols, d), 1.0, do_c, v_c.shared_by(group).t(), 0.0, dp_w)?;
         let dd = &self.dvec;
         k.ds_from_dp(&self.p, &self.dp, dd, &dev.dropout, heads, z, (i0, j0, rows, cols, n_q))?;

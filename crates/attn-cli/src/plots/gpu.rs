@@ -3,12 +3,14 @@
 //! The numbers come from `attn gpu-bench` — measured here when a device is present, or read
 //! from the CSV it wrote on the GPU machine.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use plotters::prelude::SeriesLabelPosition;
 use plotters::style::RGBColor;
 
 use super::draw::{Panel, Series, YAxis, stage_color};
+use super::traffic::pass_title;
+use super::{PlotsArgs, Stamp, powers_of_two, write_file};
 use crate::CliError;
 
 /// One row of an `attn gpu-bench` or `sdpa_gpu.py` CSV.
@@ -128,7 +130,7 @@ pub fn draw(out: &Path, ours: &[GpuRow], sdpa: &[GpuRow], footer: &str) -> Resul
         let mut s = series(ours, false, causal, &y);
         s.extend(series(sdpa, true, causal, &y));
         Panel {
-            title: super::pass_title(backward, causal),
+            title: pass_title(backward, causal),
             x_desc: "sequence length n".into(),
             y_desc: "TFLOP/s".into(),
             y_axis: YAxis::Linear,
@@ -142,4 +144,57 @@ pub fn draw(out: &Path, ours: &[GpuRow], sdpa: &[GpuRow], footer: &str) -> Resul
         2,
         footer,
     )
+}
+
+/// The GPU figures, from `--gpu-csv` or measured on the device here.
+pub(super) fn gpu_plots(args: &PlotsArgs, stamp: &Stamp) -> Result<(), CliError> {
+    let read = |path: &PathBuf, flag: &str| {
+        std::fs::read_to_string(path)
+            .map_err(|e| CliError::input(flag, format!("cannot read {}: {e}", path.display())))
+    };
+    let ours = match &args.gpu_csv {
+        Some(path) => read(path, "--gpu-csv")?,
+        None if attn::cuda::available() => {
+            let lengths =
+                if args.quick { vec![256, 512, 1024] } else { powers_of_two(512, 16_384) };
+            crate::gpu_bench::measure(&crate::gpu_bench::GpuBenchArgs {
+                seq: lengths,
+                batch: 1,
+                heads: 8,
+                head_dim: 64,
+                repeats: if args.quick { 2 } else { 5 },
+                csv: None,
+                smoke: false,
+                paper: false,
+                paper_n: Vec::new(),
+                paper_d: Vec::new(),
+                stages: Vec::new(),
+            })?
+        }
+        None => {
+            println!(
+                "GPU plots: skipped — no CUDA device found here and no --gpu-csv given (run \
+                 `attn gpu-bench --csv FILE` on a GPU machine and pass it)."
+            );
+            return Ok(());
+        }
+    };
+    let (device, rows) = parse(&ours, "--gpu-csv")?;
+    let (sdpa, sdpa_text) = match &args.sdpa_csv {
+        Some(path) => {
+            let text = read(path, "--sdpa-csv")?;
+            (parse(&text, "--sdpa-csv")?.1, Some(text))
+        }
+        None => (Vec::new(), None),
+    };
+    let out = &args.out;
+    write_file(&out.join("gpu.csv"), &ours)?;
+    if let Some(text) = sdpa_text {
+        write_file(&out.join("sdpa-gpu.csv"), &text)?;
+    }
+    let device = device.split(';').next().unwrap_or("").trim_start_matches("attn gpu-bench on ");
+    let footer = format!("{device} · {} · {}", stamp.date, stamp.command);
+    draw(out, &rows, &sdpa, &footer)?;
+    println!("wrote {}/{{gpu-memory.svg,gpu-throughput.svg,gpu.csv}} ({device})", out.display());
+    Ok(())
 }

@@ -25,15 +25,18 @@ pub struct RunPoint {
     pub backward_s: f64,
 }
 
-/// The bytes naive attention's guard predicts it needs: its workspace plus the outputs
-/// (O, lse) and, for the backward, the gradients.
-fn naive_prediction(shape: &Shape) -> (u64, u64) {
+/// The bytes naive attention's guard predicts it needs: forward, its workspace (S/P) plus the
+/// outputs (O, lse); forward then backward, the larger of that and the backward's peak — the
+/// forward's S/P is freed when it returns, and the backward holds the outputs, its workspace
+/// (P and dP) and the gradients.
+pub fn naive_prediction(shape: &Shape) -> (u64, u64) {
     let q_elems = (shape.batch * shape.heads * shape.n_q * shape.head_dim) as u64;
     let kv_elems = (shape.batch * shape.kv_heads * shape.n_k * shape.head_dim) as u64;
     let lse = (shape.batch * shape.heads * shape.n_q) as u64;
-    let fwd = attn::naive::forward_workspace_bytes(shape) + 4 * (q_elems + lse);
-    let both = fwd + attn::naive::backward_workspace_bytes(shape) + 4 * (q_elems + 2 * kv_elems);
-    (fwd, both)
+    let outputs = 4 * (q_elems + lse);
+    let fwd = attn::naive::forward_workspace_bytes(shape) + outputs;
+    let bwd = outputs + attn::naive::backward_workspace_bytes(shape) + 4 * (q_elems + 2 * kv_elems);
+    (fwd, fwd.max(bwd))
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {

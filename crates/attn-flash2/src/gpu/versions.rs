@@ -294,9 +294,62 @@ impl Version {
     }
 }
 
+/// The versions of `track` as a markdown table (number, parent, what changed, whether the
+/// stage runs it, its file): what the book includes (`book/src/versions/*.md`, checked by a
+/// test to be this table) and what `attn versions` prints.
+pub fn markdown_table(track: Track) -> String {
+    let mut t = String::from(
+        "| version | parent | what it changes | runs | file |\n| ---: | ---: | --- | --- | --- |\n",
+    );
+    for v in versions(track) {
+        let parent = v.parent.map_or("—".to_string(), |p| p.to_string());
+        let runs = match v.role {
+            Role::Default => "by default".to_string(),
+            Role::Fallback { head_dims: [] } => "before sm_80".to_string(),
+            Role::Fallback { head_dims } => {
+                let dims: Vec<String> = head_dims.iter().map(|d| format!("d = {d}")).collect();
+                format!("before sm_80, {}", dims.join(", "))
+            }
+            Role::Ladder => "ladder".to_string(),
+        };
+        let file = format!("`kernels/{}`", v.file);
+        t.push_str(&format!("| {} | {parent} | {} | {runs} | {file} |\n", v.number, v.change));
+    }
+    t
+}
+
+/// The file under `book/src/versions/` that holds `track`'s table.
+pub fn book_table_file(track: Track) -> &'static str {
+    match track {
+        Track::Fp32Forward => "flash2-fp32-forward.md",
+        Track::TcForward => "flash2-tc-forward.md",
+        Track::TcBackward => "flash2-tc-backward.md",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The book includes the registry's tables; they must be today's. Run with
+    /// `ATTN_WRITE_VERSION_TABLES=1` to rewrite them after changing the registry.
+    #[test]
+    fn the_books_version_tables_are_the_registry() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../book/src/versions");
+        for track in Track::ALL {
+            let path = format!("{dir}/{}", book_table_file(track));
+            let table = markdown_table(track);
+            if std::env::var_os("ATTN_WRITE_VERSION_TABLES").is_some() {
+                std::fs::create_dir_all(dir).unwrap();
+                std::fs::write(&path, &table).unwrap();
+            }
+            let book = std::fs::read_to_string(&path).unwrap_or_default();
+            assert_eq!(
+                book, table,
+                "{path} differs from the registry; ATTN_WRITE_VERSION_TABLES=1 rewrites it"
+            );
+        }
+    }
 
     #[test]
     fn every_track_has_one_default_and_every_parent_exists() {
