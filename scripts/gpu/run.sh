@@ -43,8 +43,9 @@ done
 # 3. Timings: ours, then PyTorch on the same shapes, in the same call (SKIP_SEQ=1: only
 #    the paper setting below).
 if [ -z "${SKIP_SEQ:-}" ]; then
-  "$here/bin/attn" gpu-bench --seq "${SEQ:-1024,4096,16384}" --stages "${SEQ_STAGES:-naive,chunked,flash1,flash2}" --csv "$out/attn-gpu.csv" > "$out/attn-gpu.log" 2>&1 || { note "gpu-bench FAILED"; status=1; }
+  "$here/bin/attn" gpu-bench --seq "${SEQ:-1024,4096,16384}" --stages "${SEQ_STAGES:-naive,chunked,flash1,flash2,flash2-bf16}" --csv "$out/attn-gpu.csv" > "$out/attn-gpu.log" 2>&1 || { note "gpu-bench FAILED"; status=1; }
   python3 "$here/sdpa_gpu.py" --seq "${SEQ:-1024,4096,16384}" --csv "$out/sdpa-gpu.csv" > "$out/sdpa-gpu.log" 2>&1 || { note "sdpa_gpu.py FAILED"; status=1; }
+  python3 "$here/sdpa_gpu.py" --seq "${SEQ:-1024,4096,16384}" --dtype bf16 --csv "$out/sdpa-bf16-gpu.csv" > "$out/sdpa-bf16-gpu.log" 2>&1 || { note "sdpa_gpu.py --dtype bf16 FAILED"; status=1; }
 fi
 
 # 3b. FlashAttention-2 on the FlashAttention-2 paper's setting (batch·n = 16 384, hidden 2 048,
@@ -66,10 +67,10 @@ fi
 # 4. The GPU figures from those two files (the same command draws them on any machine),
 #    and the live path of `attn plots` (measures on this device), small sizes.
 if [ -z "${SKIP_SEQ:-}" ]; then
-  "$here/bin/attn" plots --only gpu --gpu-csv "$out/attn-gpu.csv" --sdpa-csv "$out/sdpa-gpu.csv" --out "$out/plots" > "$out/plots.log" 2>&1 || { note "plots FAILED"; status=1; }
+  "$here/bin/attn" plots --only gpu --gpu-csv "$out/attn-gpu.csv" --sdpa-csv "$out/sdpa-gpu.csv" --sdpa-csv "$out/sdpa-bf16-gpu.csv" --out "$out/plots" > "$out/plots.log" 2>&1 || { note "plots FAILED"; status=1; }
   "$here/bin/attn" plots --only gpu --quick --out "$out/plots-live" > "$out/plots-live.log" 2>&1 || { note "plots (live) FAILED"; status=1; }
   echo; echo "== ours (attn gpu-bench) =="; cat "$out/attn-gpu.log"
-  echo; echo "== PyTorch scaled_dot_product_attention =="; cat "$out/sdpa-gpu.log"
+  echo; echo "== PyTorch scaled_dot_product_attention =="; cat "$out/sdpa-gpu.log" "$out/sdpa-bf16-gpu.log"
 fi
 if [ -f "$out/flash2-paper.log" ]; then
   echo; echo "== FlashAttention-2 paper setting: ours =="; cat "$out/flash2-paper.log"

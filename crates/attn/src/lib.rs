@@ -12,7 +12,7 @@
 //!
 //! [`Attention`] is the multi-head module the seed project offers — projections, any stage,
 //! output projection, forward and backward, cross attention, GQA, cosine similarity — and
-//! [`stages`] lists what this build offers (the GPU variants will register here too);
+//! [`stages`] lists what this build offers, CPU and GPU;
 //! [`stage`] finds one by the name the CLI uses.
 //!
 //! ```

@@ -76,7 +76,10 @@ fn label(name: &str, pytorch: bool) -> String {
 fn color(name: &str, pytorch: bool) -> RGBColor {
     match (pytorch, name) {
         (true, "math") => RGBColor(148, 103, 189),
+        (true, n) if n.starts_with("flash") => RGBColor(188, 189, 34),
+        (true, n) if n.starts_with("cudnn") => RGBColor(23, 190, 207),
         (true, _) => RGBColor(140, 86, 75),
+        (false, n) if n.ends_with("bf16") || n.ends_with("f16") => RGBColor(227, 119, 194),
         (false, n) => stage_color(n),
     }
 }
@@ -180,17 +183,20 @@ pub(super) fn gpu_plots(args: &PlotsArgs, stamp: &Stamp) -> Result<(), CliError>
         }
     };
     let (device, rows) = parse(&ours, "--gpu-csv")?;
-    let (sdpa, sdpa_text) = match &args.sdpa_csv {
-        Some(path) => {
-            let text = read(path, "--sdpa-csv")?;
-            (parse(&text, "--sdpa-csv")?.1, Some(text))
-        }
-        None => (Vec::new(), None),
-    };
     let out = &args.out;
     write_file(&out.join("gpu.csv"), &ours)?;
-    if let Some(text) = sdpa_text {
-        write_file(&out.join("sdpa-gpu.csv"), &text)?;
+    let mut sdpa = Vec::new();
+    for (i, path) in args.sdpa_csv.iter().enumerate() {
+        let text = read(path, "--sdpa-csv")?;
+        let (comment, mut rows) = parse(&text, "--sdpa-csv")?;
+        // A 16-bit run's backends are named with their dtype ("flash bf16").
+        let dtype = ["bf16", "f16"].into_iter().find(|t| comment.contains(&format!(", {t}")));
+        if let Some(t) = dtype {
+            rows.iter_mut().for_each(|r| r.name = format!("{} {t}", r.name));
+        }
+        sdpa.extend(rows);
+        let name = if i == 0 { "sdpa-gpu.csv".to_string() } else { format!("sdpa-gpu-{i}.csv") };
+        write_file(&out.join(name), &text)?;
     }
     let device = device.split(';').next().unwrap_or("").trim_start_matches("attn gpu-bench on ");
     let footer = format!("{device} · {} · {}", stamp.date, stamp.command);

@@ -45,9 +45,9 @@ pub struct PlotsArgs {
     #[arg(long)]
     pub gpu_csv: Option<PathBuf>,
     /// PyTorch's results on the same device and shapes (benches/compare/sdpa_gpu.py --csv),
-    /// drawn beside the GPU stages.
+    /// drawn beside the GPU stages; repeat it for several dtypes (f32, bf16).
     #[arg(long)]
-    pub sdpa_csv: Option<PathBuf>,
+    pub sdpa_csv: Vec<PathBuf>,
     /// Redraw the memory figure from this `memory.csv` of an earlier run instead of measuring
     /// (with --only cpu: nothing else is measured); the points naive attention's guard refused
     /// are its prediction again, recomputed. The figure keeps the run's machine, date and
