@@ -171,7 +171,10 @@ pub(super) fn gpu_plots(args: &PlotsArgs, stamp: &Stamp) -> Result<(), CliError>
                 paper: false,
                 paper_n: Vec::new(),
                 paper_d: Vec::new(),
-                stages: Vec::new(),
+                // the stages as they run by default, not every kernel version
+                stages: ["naive", "chunked", "flash1", "flash2", "flash2-bf16"]
+                    .map(String::from)
+                    .to_vec(),
             })?
         }
         None => {
@@ -190,12 +193,16 @@ pub(super) fn gpu_plots(args: &PlotsArgs, stamp: &Stamp) -> Result<(), CliError>
         let text = read(path, "--sdpa-csv")?;
         let (comment, mut rows) = parse(&text, "--sdpa-csv")?;
         // A 16-bit run's backends are named with their dtype ("flash bf16").
-        let dtype = ["bf16", "f16"].into_iter().find(|t| comment.contains(&format!(", {t}")));
+        let dtype = ["bf16", "f16"].into_iter().find(|t| comment.contains(&format!(", {t};")));
         if let Some(t) = dtype {
             rows.iter_mut().for_each(|r| r.name = format!("{} {t}", r.name));
         }
         sdpa.extend(rows);
-        let name = if i == 0 { "sdpa-gpu.csv".to_string() } else { format!("sdpa-gpu-{i}.csv") };
+        let name = match (dtype, i) {
+            (Some(t), _) => format!("sdpa-gpu-{t}.csv"),
+            (None, 0) => "sdpa-gpu.csv".to_string(),
+            (None, _) => format!("sdpa-gpu-{i}.csv"),
+        };
         write_file(&out.join(name), &text)?;
     }
     let device = device.split(';').next().unwrap_or("").trim_start_matches("attn gpu-bench on ");
