@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """A numpy model of the warp-level fragments of mma.sync.m16n8k16 and ldmatrix(.trans), and
-of the tensor-core backward (tc_backward_v1 in crates/attn-flash2/kernels/flash2_tc.cu)
+of the tensor-core backward (tc_backward_v1 in crates/attn-flash2/kernels/ladder/tc_backward_01.cu)
 written on top of it, block by block, with the kernel's own index arithmetic transcribed.
 It checks that arithmetic without a GPU: the gradients must match float64 to bf16's
 rounding (~2e-3), and a swapped index gives errors near 1 (try it). The fragment semantics
