@@ -469,3 +469,35 @@ fn tensor_core_forward_refuses_what_it_does_not_do() {
     let err = tc::backward(&half, &data.opts, &fwd, short).unwrap_err().to_string();
     assert!(err.contains("d_out") && err.contains("[1, 2, 16, 64]"), "{err}");
 }
+
+static BF16_STAGE: attn_flash2::Flash2TensorCores<bf16> = attn_flash2::Flash2TensorCores::new();
+static F16_STAGE: attn_flash2::Flash2TensorCores<f16> = attn_flash2::Flash2TensorCores::new();
+
+/// The tensor cores as a `Stage` like every other (f32 arrays in and out, rounded on the
+/// way): against the float64 reference on the rounded inputs, forward and backward, within
+/// DESIGN.md's bf16 / fp16 bounds.
+#[test]
+fn tensor_core_stage_matches_the_reference_on_rounded_inputs() {
+    if skip_without_device() {
+        return;
+    }
+    use attn_core::testing::check_against_reference;
+    use attn_core::tolerance::{HALF_BACKWARD, HALF_FORWARD};
+    /// A stage and the rounding of its element type.
+    type Rounding = (&'static dyn Stage, fn(f32) -> f32);
+    let stages: [Rounding; 2] = [
+        (&BF16_STAGE, |x| f32::from(bf16::from_f32(x))),
+        (&F16_STAGE, |x| f32::from(f16::from_f32(x))),
+    ];
+    for (stage, round) in stages {
+        assert_eq!((stage.name(), stage.device()), ("flash2", attn_core::Device::Cuda));
+        for case in tc_cases(64).into_iter().chain(tc_cases(128)) {
+            let mut data = case.build();
+            for a in [&mut data.q, &mut data.k, &mut data.v, &mut data.d_out] {
+                a.mapv_inplace(round);
+            }
+            let check = check_against_reference(stage, &data, true).unwrap();
+            check.assert_within(HALF_FORWARD, HALF_BACKWARD, &format!("{case:?}"));
+        }
+    }
+}
