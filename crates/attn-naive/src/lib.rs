@@ -21,8 +21,10 @@
 //! ```
 //!
 //! Work is spread over (batch, head) with rayon; matrix products go through ndarray's
-//! `general_mat_mul`. Every later stage is tested against this one and against the float64
-//! reference in `attn-core`.
+//! `general_mat_mul`. Every stage is tested against the float64 reference in `attn-core`, and
+//! the tiled stages against this one in the facade's tests (`crates/attn/tests/stages.rs`).
+//! On the GPU ([`gpu`]) the products and element-wise steps are attn-cuda's; the softmax over
+//! whole rows is this stage's own kernel (`kernels/naive.cu`).
 
 pub mod cpu;
 pub mod gpu;
