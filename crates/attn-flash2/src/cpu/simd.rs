@@ -5,9 +5,11 @@
 //!   micro-kernels at run time (faster than ndarray's matrixmultiply on attention tiles:
 //!   notes/cpu.md).
 //! - [`softmax_tile`]: row max, `exp` and row sum of a score tile in two passes, with an
-//!   `exp` written as a polynomial the compiler vectorises. It is compiled twice — for the
-//!   x86-64 baseline and with AVX2 + FMA enabled — and the AVX2 copy is chosen at run time,
-//!   so the binary runs on any x86-64 machine and is fast on recent ones.
+//!   `exp` written as a polynomial the compiler vectorises. It is compiled three times — for
+//!   the x86-64 baseline, with AVX2 + FMA, and with AVX-512 — and the widest copy the CPU has
+//!   is chosen at run time ([`Path`]), so the binary runs on any x86-64 machine and uses the
+//!   whole vector width of recent ones. The three copies are one source: the same
+//!   `#[inline(always)]` body, vectorised by the compiler for each target.
 
 use ndarray::{ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2};
 
@@ -178,22 +180,104 @@ fn softmax_tile_impl<const FMA: bool>(
 }
 // ANCHOR_END: softmax_tile
 
-/// Defines `pub fn $name` that runs `$imp` compiled with AVX2 + FMA when the CPU has them
-/// and compiled for the x86-64 baseline otherwise (the body is the same `#[inline(always)]`
-/// function, so the compiler vectorises it twice).
+/// A compiled copy of the element-wise kernels: the widest the CPU has runs unless a test
+/// asks for another ([`with_path`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Path {
+    /// The x86-64 baseline (SSE2), or any other architecture.
+    Scalar,
+    /// AVX2 + FMA: 8 floats a vector.
+    Avx2,
+    /// AVX-512 (F, VL) + FMA: 16 floats a vector.
+    Avx512,
+}
+
+impl Path {
+    /// Whether this CPU can run the path.
+    pub fn available(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma");
+            match self {
+                Path::Scalar => true,
+                Path::Avx2 => avx2,
+                Path::Avx512 => {
+                    avx2 && std::arch::is_x86_feature_detected!("avx512f")
+                        && std::arch::is_x86_feature_detected!("avx512vl")
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            self == Path::Scalar
+        }
+    }
+
+    /// The paths this CPU can run, narrowest first.
+    pub fn available_paths() -> Vec<Path> {
+        [Path::Scalar, Path::Avx2, Path::Avx512].into_iter().filter(|p| p.available()).collect()
+    }
+
+    /// The path the kernels take on this thread now: the widest available, or what
+    /// [`with_path`] asked for.
+    pub fn current() -> Path {
+        FORCED.with(|f| f.get()).unwrap_or_else(|| *BEST.get_or_init(best_path))
+    }
+}
+
+fn best_path() -> Path {
+    // ATTN_SIMD=scalar|avx2 caps the path for a whole process (to time or test a narrower one).
+    let cap = match std::env::var("ATTN_SIMD").as_deref() {
+        Ok("scalar") => Path::Scalar,
+        Ok("avx2") => Path::Avx2,
+        _ => Path::Avx512,
+    };
+    Path::available_paths().into_iter().filter(|&p| p <= cap).max().unwrap_or(Path::Scalar)
+}
+
+static BEST: std::sync::OnceLock<Path> = std::sync::OnceLock::new();
+
+thread_local! {
+    static FORCED: std::cell::Cell<Option<Path>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with the element-wise kernels of this thread on `path` (for tests that compare
+/// the paths; other threads, rayon's among them, keep the best path).
+///
+/// # Panics
+/// When the CPU cannot run `path`.
+pub fn with_path<R>(path: Path, f: impl FnOnce() -> R) -> R {
+    assert!(path.available(), "this CPU cannot run the {path:?} path");
+    let before = FORCED.with(|c| c.replace(Some(path)));
+    let r = f();
+    FORCED.with(|c| c.set(before));
+    r
+}
+
+/// Defines `pub fn $name` that runs `$imp` on [`Path::current`]: compiled with AVX-512, with
+/// AVX2 + FMA, or for the x86-64 baseline (the body is the same `#[inline(always)]`
+/// function, so the compiler vectorises it once for each).
 macro_rules! dispatch {
     ($(#[$doc:meta])* $name:ident => $imp:ident ($($arg:ident : $ty:ty),*)) => {
         $(#[$doc])*
         pub fn $name($($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+                fn avx512($($arg: $ty),*) {
+                    $imp::<true>($($arg),*)
+                }
                 #[target_feature(enable = "avx2,fma")]
                 fn avx2($($arg: $ty),*) {
                     $imp::<true>($($arg),*)
                 }
-                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                    // SAFETY: the CPU has just been checked to support AVX2 and FMA.
-                    return unsafe { avx2($($arg),*) };
+                match Path::current() {
+                    // SAFETY: Path::current only returns a path the CPU supports.
+                    Path::Avx512 => return unsafe { avx512($($arg),*) },
+                    // SAFETY: as above.
+                    Path::Avx2 => return unsafe { avx2($($arg),*) },
+                    Path::Scalar => {}
                 }
             }
             $imp::<false>($($arg),*)
@@ -290,6 +374,89 @@ mod tests {
         let worst = unsafe { check() };
         assert!(worst < 4e-7, "relative error {worst:e}");
         assert_eq!(exp_impl::<true>(f32::NEG_INFINITY), 0.0);
+    }
+
+    /// A score tile, its rows' running max and sum, a tile of dP, and the rows' lse.
+    type TileCase = (Array2<f32>, Array1<f32>, Array1<f32>, Array2<f32>, Array1<f32>);
+
+    /// A score tile with −∞ entries and a fully masked row, its running statistics, and the
+    /// other operands of the element-wise kernels.
+    fn tile_case() -> TileCase {
+        let (rows, cols) = (9, 77); // not a multiple of any vector width
+        let mut s = Array2::from_shape_fn((rows, cols), |(i, j)| {
+            ((i * 31 + j * 17) % 23) as f32 * 0.37 - 4.0
+        });
+        s.row_mut(3).fill(f32::NEG_INFINITY);
+        s[[5, 10]] = f32::NEG_INFINITY;
+        let m = Array1::from_shape_fn(rows, |i| if i % 2 == 0 { f32::NEG_INFINITY } else { 2.5 });
+        let ell = Array1::from_shape_fn(rows, |i| i as f32 * 0.5);
+        let dp =
+            Array2::from_shape_fn((rows, cols), |(i, j)| ((i + 3 * j) % 11) as f32 * 0.1 - 0.5);
+        let lse = Array1::from_shape_fn(rows, |i| {
+            if i == 3 { f32::NEG_INFINITY } else { 4.0 + i as f32 * 0.1 }
+        });
+        (s, m, ell, dp, lse)
+    }
+
+    /// Every kernel on `path`: the softmax step's tile, m, ℓ, alpha; P from the lse; dS.
+    fn run_on(path: Path) -> Vec<Vec<f32>> {
+        with_path(path, || {
+            let (mut s, mut m, mut ell, dp, lse) = tile_case();
+            let mut alpha = Array1::zeros(m.len());
+            softmax_tile(s.view_mut(), m.view_mut(), ell.view_mut(), alpha.view_mut());
+            let (mut p, ..) = tile_case();
+            probs_from_lse(p.view_mut(), lse.view());
+            let mut ds = dp.clone();
+            ds_from_dp(ds.view_mut(), p.view(), lse.mapv(|l| l.max(0.0) * 0.1).view());
+            [
+                s.into_raw_vec_and_offset().0,
+                m.to_vec(),
+                ell.to_vec(),
+                alpha.to_vec(),
+                p.into_raw_vec_and_offset().0,
+                ds.into_raw_vec_and_offset().0,
+            ]
+            .to_vec()
+        })
+    }
+
+    #[test]
+    fn every_simd_path_gives_the_scalar_paths_numbers() {
+        let scalar = run_on(Path::Scalar);
+        // the float64 softmax of the tile, for the scalar path itself
+        let (s, m0, ..) = tile_case();
+        for (r, row) in s.rows().into_iter().enumerate() {
+            let m_new = row.iter().copied().fold(m0[r], f32::max);
+            for (j, &x) in row.iter().enumerate() {
+                let want =
+                    if m_new == f32::NEG_INFINITY { 0.0 } else { (x as f64 - m_new as f64).exp() };
+                let got = scalar[0][r * row.len() + j] as f64;
+                assert!(
+                    (got - want).abs() <= 1e-6 * want.max(1e-30) + 1e-38,
+                    "row {r} col {j}: {got} vs {want}"
+                );
+            }
+        }
+        let paths = Path::available_paths();
+        println!("paths on this CPU: {paths:?}");
+        for &path in &paths {
+            let got = run_on(path);
+            for (k, (g, w)) in got.iter().zip(&scalar).enumerate() {
+                for (i, (&a, &b)) in g.iter().zip(w).enumerate() {
+                    // FMA rounds once where the baseline rounds twice: a few ulps apart
+                    let close =
+                        a == b || (a - b).abs() <= 4.0 * f32::EPSILON * b.abs().max(a.abs());
+                    assert!(close, "{path:?}, output {k}, element {i}: {a} vs {b}");
+                }
+            }
+        }
+        // The AVX-512 copy is the AVX2 copy at twice the width: the same operations in the
+        // same order, so the same bits.
+        if Path::Avx512.available() {
+            assert_eq!(run_on(Path::Avx512), run_on(Path::Avx2));
+        } else {
+            eprintln!("skipped the AVX-512 comparison: this CPU has no AVX-512");
+        }
     }
 
     #[test]
