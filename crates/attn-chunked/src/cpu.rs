@@ -3,11 +3,11 @@
 
 use attn_core::blocks::row_blocks;
 use attn_core::memory::GEMM_PACKING_BYTES;
+use attn_core::simd::{matmul, tile_summaries};
 use attn_core::tile::{ds_from_dp, probs_from_lse};
 use attn_core::{
     Forward, Grads, Head, Inputs, Options, Problem, Result, Shape, Traffic, TrafficCounter,
 };
-use ndarray::linalg::general_mat_mul;
 use ndarray::{
     Array1, Array2, Array3, Array4, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis,
     Zip, s,
@@ -47,21 +47,16 @@ fn summarize_chunk(
     let (k_j, v_j) =
         (head.k.slice(s![j0..j0 + s.ncols(), ..]), head.v.slice(s![j0..j0 + s.ncols(), ..]));
     // S_ij = scale · Q_i K_jᵀ + bias, removed positions −∞
-    general_mat_mul(scale, &q_i, &k_j.t(), 0.0, &mut s);
+    matmul(scale, &q_i, &k_j.t(), 0.0, &mut s);
     head.bias_and_mask(i0, j0, s.view_mut());
-    // m_ij = rowmax(S_ij); exp(S_ij − m_ij); a row with nothing visible here stays 0
-    let max = s.map_axis(Axis(1), |row| row.fold(f32::NEG_INFINITY, |m, &x| m.max(x)));
-    for (mut row, &m) in s.rows_mut().into_iter().zip(&max) {
-        if m == f32::NEG_INFINITY {
-            row.fill(0.0);
-        } else {
-            row.mapv_inplace(|x| (x - m).exp());
-        }
-    }
-    // ℓ_ij before dropout (it normalises), values after
-    let exp_sum = s.sum_axis(Axis(1));
+    // m_ij = rowmax(S_ij); exp(S_ij − m_ij) and ℓ_ij = its row sums (before dropout: ℓ
+    // normalises); a row with nothing visible here stays 0
+    let (mut max, mut exp_sum) = (Array1::zeros(s.nrows()), Array1::zeros(s.nrows()));
+    tile_summaries(s.view_mut(), max.view_mut(), exp_sum.view_mut());
     head.apply_dropout(i0, j0, s.view_mut());
-    Summary { values: s.dot(&v_j), exp_sum, max }
+    let mut values = Array2::zeros((s.nrows(), v_j.ncols()));
+    matmul(1.0, &s.view(), &v_j, 0.0, &mut values.view_mut());
+    Summary { values, exp_sum, max }
 }
 // ANCHOR_END: summarize
 
@@ -169,10 +164,10 @@ fn recompute_chunk(
     let (rows, cols) = p.dim();
     let q_i = head.q.slice(s![i0..i0 + rows, ..]);
     let (k_j, v_j) = (head.k.slice(s![j0..j0 + cols, ..]), head.v.slice(s![j0..j0 + cols, ..]));
-    general_mat_mul(scale, &q_i, &k_j.t(), 0.0, &mut p);
+    matmul(scale, &q_i, &k_j.t(), 0.0, &mut p);
     head.bias_and_mask(i0, j0, p.view_mut());
     probs_from_lse(p.view_mut(), lse_i);
-    general_mat_mul(1.0, &d_o_i, &v_j.t(), 0.0, &mut ds);
+    matmul(1.0, &d_o_i, &v_j.t(), 0.0, &mut ds);
     head.apply_dropout(i0, j0, ds.view_mut());
     ds_from_dp(ds.view_mut(), p.view(), d_i);
     head.apply_dropout(i0, j0, p.view_mut());
@@ -232,13 +227,7 @@ pub fn backward(
                 pm,
                 ds.view_mut(),
             );
-            general_mat_mul(
-                p.scale,
-                &ds,
-                &head.k.slice(s![j0..j0 + cols, ..]),
-                1.0,
-                &mut dq_i.view,
-            );
+            matmul(p.scale, &ds, &head.k.slice(s![j0..j0 + cols, ..]), 1.0, &mut dq_i.view);
             io.read_f32(2 * cols * sh.head_dim); // K_j, V_j
             io.read_bytes(rows * cols * head.score_mod_bytes());
         }
@@ -268,14 +257,8 @@ pub fn backward(
                 let (mut pm, mut ds) = (pm.slice_mut(s![..rows, ..]), ds.slice_mut(s![..rows, ..]));
                 let saved = saved(dk_j.b, h, i0, rows);
                 recompute_chunk(&head, p.scale, (i0, j0), saved, pm.view_mut(), ds.view_mut());
-                general_mat_mul(1.0, &pm.t(), &saved.2, 1.0, &mut dv_j.view);
-                general_mat_mul(
-                    p.scale,
-                    &ds.t(),
-                    &head.q.slice(s![i0..i0 + rows, ..]),
-                    1.0,
-                    &mut dk_j.view,
-                );
+                matmul(1.0, &pm.t(), &saved.2, 1.0, &mut dv_j.view);
+                matmul(p.scale, &ds.t(), &head.q.slice(s![i0..i0 + rows, ..]), 1.0, &mut dk_j.view);
                 io.read_f32(rows * (2 * sh.head_dim + 2)); // Q_i, dO_i, lse_i, D_i
                 io.read_bytes(rows * cols * head.score_mod_bytes());
             }

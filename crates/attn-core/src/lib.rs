@@ -32,6 +32,7 @@ pub mod problem;
 pub mod random;
 pub mod reference;
 pub mod shape;
+pub mod simd;
 pub mod stage;
 pub mod testing;
 pub mod tile;

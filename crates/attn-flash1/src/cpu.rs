@@ -3,11 +3,11 @@
 //! are the papers' algorithm lines.
 
 use attn_core::blocks::{kv_head_grads, row_blocks};
+use attn_core::simd::{matmul, tile_summaries};
 use attn_core::tile::{ds_from_dp, probs_from_lse};
 use attn_core::{
     Forward, Grads, Head, Inputs, Options, Problem, Result, Shape, Traffic, TrafficCounter,
 };
-use ndarray::linalg::general_mat_mul;
 use ndarray::{Array1, Array2, Array3, Array4, ArrayView4, ArrayViewMut1, ArrayViewMut2, Zip, s};
 use rayon::prelude::*;
 
@@ -81,28 +81,19 @@ fn forward_head(
 
             // line 9: S_ij = τ Q_i K_jᵀ, plus bias and masks (Algorithm 2)
             let mut s_ij = s_sram.slice_mut(s![..rows, ..cols]);
-            general_mat_mul(scale, &q_i, &k_j.t(), 0.0, &mut s_ij);
+            matmul(scale, &q_i, &k_j.t(), 0.0, &mut s_ij);
             head.bias_and_mask(i0, j0, s_ij.view_mut());
             io.read_bytes(rows * cols * head.score_mod_bytes());
 
             // line 10: m̃_ij = rowmax(S_ij), P̃_ij = exp(S_ij − m̃_ij), ℓ̃_ij = rowsum(P̃_ij)
+            // (a row with nothing visible in this tile: zeros, ℓ̃ = 0)
             let mut m_tilde = m_tilde_sram.slice_mut(s![..rows]);
             let mut ell_tilde = ell_tilde_sram.slice_mut(s![..rows]);
-            for ((mut row, mt), lt) in
-                s_ij.rows_mut().into_iter().zip(&mut m_tilde).zip(&mut ell_tilde)
-            {
-                *mt = row.fold(f32::NEG_INFINITY, |a, &x| a.max(x));
-                if *mt == f32::NEG_INFINITY {
-                    row.fill(0.0); // nothing of this row visible in this tile
-                } else {
-                    row.mapv_inplace(|x| (x - *mt).exp());
-                }
-                *lt = row.sum();
-            }
+            tile_summaries(s_ij.view_mut(), m_tilde.view_mut(), ell_tilde.view_mut());
             // Algorithm 2: dropout on P̃_ij (ℓ̃_ij, taken before, still normalises)
             head.apply_dropout(i0, j0, s_ij.view_mut());
             let mut pv = pv_sram.slice_mut(s![..rows, ..]);
-            general_mat_mul(1.0, &s_ij, &v_j, 0.0, &mut pv);
+            matmul(1.0, &s_ij, &v_j, 0.0, &mut pv);
 
             for r in 0..rows {
                 // line 11: m_new = max(m_i, m̃_ij), ℓ_new = e^(m_i − m_new) ℓ_i + e^(m̃_ij − m_new) ℓ̃_ij
@@ -220,13 +211,13 @@ fn backward_kv_head(
 
                 // line 10: S_ij = τ Q_i K_jᵀ (+ bias, masks); line 13: P_ij = exp(S_ij − lse_i)
                 let mut p_ij = p_sram.slice_mut(s![..rows, ..cols]);
-                general_mat_mul(p.scale, &q_i, &k_j.t(), 0.0, &mut p_ij);
+                matmul(p.scale, &q_i, &k_j.t(), 0.0, &mut p_ij);
                 head.bias_and_mask(i0, j0, p_ij.view_mut());
                 io.read_bytes(rows * cols * head.score_mod_bytes());
                 probs_from_lse(p_ij.view_mut(), lse_i.view());
                 // lines 17–18: dP_ij = (dO_i V_jᵀ) ∘ Z_ij
                 let mut ds_ij = ds_sram.slice_mut(s![..rows, ..cols]);
-                general_mat_mul(1.0, &do_i, &v_j.t(), 0.0, &mut ds_ij);
+                matmul(1.0, &do_i, &v_j.t(), 0.0, &mut ds_ij);
                 head.apply_dropout(i0, j0, ds_ij.view_mut());
                 // lines 19–20: D_i = rowsum(dO_i ∘ O_i), dS_ij = P_ij ∘ (dP_ij − D_i)
                 let mut d_i = d_sram.slice_mut(s![..rows]);
@@ -236,14 +227,14 @@ fn backward_kv_head(
                     .for_each(|d, do_r, o_r| *d = do_r.dot(&o_r));
                 ds_from_dp(ds_ij.view_mut(), p_ij.view(), d_i.view());
                 // line 21: dQ_i ← dQ_i + τ dS_ij K_j, written to HBM
-                general_mat_mul(p.scale, &ds_ij, &k_j, 1.0, &mut dq_i);
+                matmul(p.scale, &ds_ij, &k_j, 1.0, &mut dq_i);
                 dq.slice_mut(s![g, i0..i0 + rows, ..]).assign(&dq_i);
                 io.write_f32(rows * d);
                 // line 22: dK̃_j ← dK̃_j + τ dS_ijᵀ Q_i
-                general_mat_mul(p.scale, &ds_ij.t(), &q_i, 1.0, &mut dk_j);
+                matmul(p.scale, &ds_ij.t(), &q_i, 1.0, &mut dk_j);
                 // lines 14–16: dṼ_j ← dṼ_j + (P_ij ∘ Z_ij)ᵀ dO_i
                 head.apply_dropout(i0, j0, p_ij.view_mut());
-                general_mat_mul(1.0, &p_ij.t(), &do_i, 1.0, &mut dv_j);
+                matmul(1.0, &p_ij.t(), &do_i, 1.0, &mut dv_j);
             }
         }
         // line 24: write dK_j, dV_j to HBM

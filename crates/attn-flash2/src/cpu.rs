@@ -10,7 +10,7 @@ use ndarray::{Array1, Array2, Array3, Array4, ArrayView1, ArrayView2, ArrayView4
 use ndarray::{ArrayViewMut2, Axis, Zip, s};
 use rayon::prelude::*;
 
-pub mod simd;
+pub use attn_core::simd;
 
 use simd::{ds_from_dp, matmul, probs_from_lse, softmax_tile};
 

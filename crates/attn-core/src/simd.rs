@@ -1,5 +1,6 @@
-//! The two kernels that decide FlashAttention-2's speed on a CPU: tile products and the
-//! exponential.
+//! The CPU kernels the tiled stages share (chunked attention, FlashAttention-1 and -2), as
+//! attn-cuda holds what their GPU variants share: tile products and the exponential, which
+//! decide their speed on a CPU.
 //!
 //! - [`matmul`]: tile products through the `gemm` crate, which picks AVX2/FMA or AVX-512
 //!   micro-kernels at run time (faster than ndarray's matrixmultiply on attention tiles:
@@ -11,20 +12,26 @@
 //!   whole vector width of recent ones. The three copies are one source: the same
 //!   `#[inline(always)]` body, vectorised by the compiler for each target.
 
-use ndarray::{ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2};
+use ndarray::{
+    ArrayBase, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Data, DataMut, Ix2,
+};
 
 /// `c ← beta·c + alpha·a·b` for row- or column-strided views (any strides, including the
 /// transposed views `x.t()`).
 ///
 /// # Panics
 /// When the shapes do not chain: a programming error, not an input error.
-pub fn matmul(
+pub fn matmul<A, B, C>(
     alpha: f32,
-    a: &ArrayView2<'_, f32>,
-    b: &ArrayView2<'_, f32>,
+    a: &ArrayBase<A, Ix2>,
+    b: &ArrayBase<B, Ix2>,
     beta: f32,
-    c: &mut ArrayViewMut2<'_, f32>,
-) {
+    c: &mut ArrayBase<C, Ix2>,
+) where
+    A: Data<Elem = f32>,
+    B: Data<Elem = f32>,
+    C: DataMut<Elem = f32>,
+{
     let (m, k) = a.dim();
     let (k2, n) = b.dim();
     assert!(k == k2 && c.dim() == (m, n), "matmul: {:?} × {:?} → {:?}", a.dim(), b.dim(), c.dim());
@@ -42,7 +49,7 @@ pub fn matmul(
     // the library's scratch, not the algorithm's memory (attn_core::memory).
     // SAFETY: the pointers and strides come from live ndarray views whose shapes were checked
     // above to be (m, k) · (k, n) → (m, n); `c` is borrowed mutably, so nothing else aliases it.
-    attn_core::memory::library_scratch(|| unsafe {
+    crate::memory::library_scratch(|| unsafe {
         gemm::gemm(
             m,
             n,
@@ -295,6 +302,37 @@ dispatch!(
     )
 );
 
+/// A tile's summaries, row by row: m̃ = rowmax(S), S ← exp(S − m̃), ℓ̃ = rowsum(S) — Rabe and
+/// Staats' chunk summaries, FlashAttention-1's line 10. A row with no visible key (m̃ = −∞)
+/// becomes zeros with ℓ̃ = 0.
+#[inline(always)]
+fn tile_summaries_impl<const FMA: bool>(
+    mut s: ArrayViewMut2<'_, f32>,
+    mut m_tilde: ArrayViewMut1<'_, f32>,
+    mut ell_tilde: ArrayViewMut1<'_, f32>,
+) {
+    for (r, mut row) in s.rows_mut().into_iter().enumerate() {
+        let row = row.as_slice_mut().expect("score tiles are row-major");
+        let m = row_max(row);
+        m_tilde[r] = m;
+        if m == f32::NEG_INFINITY {
+            row.fill(0.0);
+            ell_tilde[r] = 0.0;
+        } else {
+            ell_tilde[r] = exp_shift_sum::<FMA>(row, m);
+        }
+    }
+}
+
+dispatch!(
+    /// [`tile_summaries_impl`] on the best path this CPU has.
+    tile_summaries => tile_summaries_impl(
+        s: ArrayViewMut2<'_, f32>,
+        m_tilde: ArrayViewMut1<'_, f32>,
+        ell_tilde: ArrayViewMut1<'_, f32>
+    )
+);
+
 /// `P ← exp(S − lse)` row by row: the backward's recomputation of the weights from the
 /// saved log-sum-exp (a row with lse = −∞ saw no key and gets zeros).
 #[inline(always)]
@@ -408,6 +446,10 @@ mod tests {
             probs_from_lse(p.view_mut(), lse.view());
             let mut ds = dp.clone();
             ds_from_dp(ds.view_mut(), p.view(), lse.mapv(|l| l.max(0.0) * 0.1).view());
+            let (mut t, ..) = tile_case();
+            let (mut mt, mut lt) = (Array1::zeros(t.nrows()), Array1::zeros(t.nrows()));
+            tile_summaries(t.view_mut(), mt.view_mut(), lt.view_mut());
+            assert_eq!(lt[3], 0.0, "a fully masked row sums to 0");
             [
                 s.into_raw_vec_and_offset().0,
                 m.to_vec(),
