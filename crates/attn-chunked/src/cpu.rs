@@ -3,8 +3,8 @@
 
 use attn_core::blocks::row_blocks;
 use attn_core::memory::GEMM_PACKING_BYTES;
+use attn_core::simd::{ds_from_dp, probs_from_lse};
 use attn_core::simd::{matmul, tile_summaries};
-use attn_core::tile::{ds_from_dp, probs_from_lse};
 use attn_core::{
     Forward, Grads, Head, Inputs, Options, Problem, Result, Shape, Traffic, TrafficCounter,
 };

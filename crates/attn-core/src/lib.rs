@@ -17,9 +17,12 @@
 //! - [`Problem`]: validation with typed [`AttnError`]s, and the per-head view ([`Head`]) whose
 //!   [`Head::bias_and_mask`] and [`Head::apply_dropout`] every CPU stage uses on its tiles;
 //! - [`reference`]: the float64 forward and backward every stage is checked against;
-//! - [`metrics`], [`flops`], [`memory`] and [`random`]: how we measure.
+//! - [`metrics`], [`flops`], [`memory`] and [`random`]: how we measure;
+//! - [`simd`]: the CPU kernels the stages' tiles are computed with — tile products and the
+//!   vectorised softmax steps, at the widest vector width the host has — as attn-cuda holds
+//!   what their GPU variants share.
 //!
-//! What this crate must never hold: an attention algorithm. The stages own those.
+//! What this crate must never hold: an attention algorithm (its loops). The stages own those.
 
 pub mod blocks;
 pub mod dropout;
@@ -35,7 +38,6 @@ pub mod shape;
 pub mod simd;
 pub mod stage;
 pub mod testing;
-pub mod tile;
 pub mod tolerance;
 pub mod traffic;
 

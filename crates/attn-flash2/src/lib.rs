@@ -16,7 +16,8 @@
 //! - **Causal.** Key blocks wholly above the diagonal are never visited; only the tiles the
 //!   diagonal crosses are masked.
 //!
-//! On the CPU ([`cpu`]) the speed comes from two kernels ([`cpu::simd`]): tile products
+//! On the CPU ([`cpu`]) the speed comes from two kernels (attn-core's [`attn_core::simd`],
+//! shared with the other tiled stages): tile products
 //! through the `gemm` crate and a vectorised `exp`, both chosen at run time for the CPU at
 //! hand. On the GPU ([`gpu`]) the stage runs fused kernels in fp32 and, on bf16 / fp16
 //! inputs, on the tensor cores ([`tc`]); [`gpu::versions`] lists every kernel version.

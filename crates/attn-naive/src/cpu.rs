@@ -1,6 +1,6 @@
 //! Stage 1 on the CPU: the textbook algorithm, one full score matrix per head.
 
-use attn_core::tile::{ds_from_dp, probs_from_lse};
+use attn_core::simd::{ds_from_dp, probs_from_lse};
 use attn_core::{Forward, Grads, Head, Inputs, Options, Problem, Result, Shape, Traffic};
 use ndarray::linalg::general_mat_mul;
 use ndarray::{Array3, Array4, ArrayView4, ArrayViewMut1, Axis, Zip};
