@@ -98,7 +98,11 @@ def main():
           f"{os.environ.get('RAYON_NUM_THREADS', 'default')}), {datetime.date.today()}")
     peak = matmul_peak()
     print(f"# fp32 matmul peak (torch, 2048^3): {peak:.1f} GFLOP/s")
-    print("n,causal,pass,ours_ms,torch_ms,ours_gflops,torch_gflops,ratio,ours_frac_peak")
+    # The same ceiling through the products our stages use (the gemm crate): `attn matmul-peak`.
+    out = subprocess.run([args.attn, "matmul-peak"], check=True, capture_output=True, text=True).stdout
+    gemm_peak = float(re.search(r"peak: ([0-9.]+) GFLOP/s", out).group(1))
+    print(f"# fp32 matmul peak (ours, gemm crate, 1536^3): {gemm_peak:.1f} GFLOP/s")
+    print("n,causal,pass,ours_ms,torch_ms,ours_gflops,torch_gflops,ratio,ours_frac_peak,ours_frac_gemm_peak")
     for n in args.lengths:
         for causal in (False, True):
             # Alternate the two implementations, one timed run each, so that a slow phase of
@@ -112,7 +116,8 @@ def main():
             f = flops_forward(b, h, n, d, causal)
             for name, ours, theirs, flops in (("fwd", o_fwd, t_fwd, f), ("fwd+bwd", o_fb, t_fb, 3.5 * f)):
                 print(f"{n},{str(causal).lower()},{name},{ours*1e3:.1f},{theirs*1e3:.1f},"
-                      f"{flops/ours/1e9:.1f},{flops/theirs/1e9:.1f},{theirs/ours:.2f},{flops/ours/1e9/peak:.2f}",
+                      f"{flops/ours/1e9:.1f},{flops/theirs/1e9:.1f},{theirs/ours:.2f},{flops/ours/1e9/peak:.2f},"
+                      f"{flops/ours/1e9/gemm_peak:.2f}",
                       flush=True)
 
 if __name__ == "__main__":

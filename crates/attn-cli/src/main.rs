@@ -48,6 +48,13 @@ enum Command {
     /// Time the GPU stages (device time and device memory) at several n, or with --smoke
     /// run every GPU kernel once on a small problem (for compute-sanitizer).
     GpuBench(gpu_bench::GpuBenchArgs),
+    /// The host's fp32 matrix-product peak through the tile products the CPU stages use (the
+    /// `gemm` crate, every thread): the ceiling their GFLOP/s are compared with.
+    MatmulPeak {
+        /// The size n of the n × n × n product.
+        #[arg(long, default_value_t = 1536)]
+        size: usize,
+    },
 }
 
 /// An error for the user: which flag, and what to change.
@@ -94,6 +101,14 @@ fn main() -> ExitCode {
         Some(Command::Demo(args)) => demo::demo(&args),
         Some(Command::Plots(args)) => plots::plots(&args),
         Some(Command::GpuBench(args)) => gpu_bench::gpu_bench(&args),
+        Some(Command::MatmulPeak { size }) => {
+            let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
+            let peak = plots::matmul_peak_gflops(size.max(64));
+            println!(
+                "fp32 matmul peak: {peak:.1} GFLOP/s ({size}x{size}x{size}, gemm, {threads} threads)"
+            );
+            Ok(())
+        }
         None => table::table(&table::TableArgs::default()),
     };
     match result {

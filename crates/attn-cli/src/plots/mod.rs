@@ -340,6 +340,8 @@ fn cpu_plots(args: &PlotsArgs, plan: &Plan, stamp: &Stamp) -> Result<(), CliErro
     Ok(())
 }
 
+pub use sweep::matmul_peak_gflops;
+
 /// Every file `attn plots` writes.
 pub const FILES: [&str; 8] = [
     "memory.svg",
