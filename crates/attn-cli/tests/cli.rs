@@ -369,3 +369,18 @@ fn demo_runs_the_seeds_examples_and_naive_refuses_at_full_size() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("128.0 GiB") && stderr.contains("flash2"), "{stderr}");
 }
+
+#[test]
+fn matmul_peak_reports_a_rate_the_stages_can_be_compared_with() {
+    let out = attn(&["matmul-peak", "--size", "256"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let gflops: f64 = text
+        .split("peak: ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|x| x.parse().ok())
+        .unwrap_or_else(|| panic!("no rate in {text:?}"));
+    // A 256³ product on any CPU that runs these tests: above 0.1 GFLOP/s, below 100 TFLOP/s.
+    assert!((0.1..100_000.0).contains(&gflops), "{gflops} GFLOP/s");
+}
