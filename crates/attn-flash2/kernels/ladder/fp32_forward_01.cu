@@ -10,9 +10,8 @@
 // ty + 16a and columns tx + 16b of a tile. The 16 threads of one ty are 16 consecutive lanes
 // of a warp, so a row's max and sum are reduced with 4 shuffles. Prepended: contract.cuh and
 // tiles.cuh (attn-cuda).
-// Measured (H100 80GB HBM3, 2026-11-25, `attn gpu-bench --stages flash2-v1`, b 1, h 8,
-// n 16 384, full): forward 21.4 TFLOP/s at d = 64, 19.6 at d = 128.
-// Notes: notes/gpu.md.
+// What it measured, with machine and date: the book's chapter "FlashAttention on the GPU" and
+// notes/gpu.md.
 
 // Copies rows row0 .. row0 + ROWS of a [n, D] matrix into shared memory (zeros past n).
 template <int D, int ROWS>

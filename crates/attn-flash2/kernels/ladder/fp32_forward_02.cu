@@ -5,9 +5,9 @@
 // ty + 16a and columns tx + 16b of a tile. The 16 threads of one ty are 16 consecutive lanes
 // of a warp, so a row's max and sum are reduced with 4 shuffles. Prepended: contract.cuh and
 // tiles.cuh (attn-cuda).
-// Measured (H100 80GB HBM3, 2026-11-25, as step 1): 21.1 / 21.7 TFLOP/s at d = 64 / 128 —
-// no gain at d = 64: shared-memory bandwidth was not the limit yet.
-// Notes: notes/gpu.md.
+// It gained nothing at d = 64: shared-memory bandwidth was not the limit yet.
+// What it measured, with machine and date: the book's chapter "FlashAttention on the GPU" and
+// notes/gpu.md.
 
 // ---------------------------------------------------------------------------------------
 // ANCHOR: forward_v2

@@ -3,9 +3,9 @@
 // exponentials. Its body is the shipped CUDA-core forward (flash2.cu, compiled before this
 // file), here in its first configuration: 4 rows a thread, consecutive output columns, no
 // register cap.
-// Measured (H100 80GB HBM3, 2026-11-25, as step 1): 29.7 / 25.0 TFLOP/s at d = 64 / 128
-// (+41 % at d = 64: the exposed global-memory latency had been the limit).
-// Notes: notes/gpu.md.
+// It gained most at d = 64: the exposed global-memory latency had been the limit.
+// What it measured, with machine and date: the book's chapter "FlashAttention on the GPU" and
+// notes/gpu.md.
 
 #define FP32_LADDER_KERNELS(D)                                                             \
     extern "C" __global__ void __launch_bounds__(NT)                                       \

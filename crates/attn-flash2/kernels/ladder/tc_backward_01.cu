@@ -11,9 +11,8 @@
 // accumulator in device memory with atomics (other key tiles add to the same rows).
 // Its child, version 7 (flash2_tc_backward.cu), pipelines the copies and the statistics, adds
 // two floats an atomic, uses 8 warps at d = 128 and computes every address once.
-// Measured (H100 80GB HBM3, 2026-11-26, `attn gpu-bench --paper --stages flash2-bf16-bwd1`,
-// bf16): 103 TFLOP/s at d = 64, n 16 384; 97 at d = 128, n 2 048.
-// Notes: notes/tensor-cores.md.
+// What it measured, with machine and date: the book's chapter "Tensor cores" and
+// notes/tensor-cores.md.
 
 // ANCHOR: tc_backward_01
 template <int D, bool BF16>

@@ -3,9 +3,8 @@
 // O_i += P~ V_j are m16n8k16 mma instructions, and the accumulators of S for 16 keys are
 // exactly the A fragment of P~ for the next product, so P~ never leaves the registers. Why:
 // the tensor cores multiply 16-bit matrices at many times the CUDA cores' rate.
-// Measured (H100 80GB HBM3, 2026-11-25, `attn gpu-bench --paper --stages flash2-bf16-v1`,
-// bf16, n 16 384): 129 TFLOP/s at d = 64, 131 at d = 128 — 0.42x / 0.38x PyTorch's flash backend.
-// Notes: notes/tensor-cores.md.
+// What it measured, with machine and date: the book's chapter "Tensor cores" and
+// notes/tensor-cores.md.
 
 // ANCHOR: tc_forward_v1
 // Tensor-core forward, version 1: the first mma kernel. Plain 16-byte loads of Q_i, K_j, V_j

@@ -4,8 +4,8 @@
 // loads, and ldmatrix.trans delivers V_j's B fragments straight from the row-major tile
 // (step 1 needed four 16-bit loads and two shifts per 16 x 8 block). Why: step 1 spent more
 // instructions reading fragments than multiplying them.
-// Measured (H100 80GB HBM3, 2026-11-25, as step 1): 171 / 158 TFLOP/s at d = 64 / 128.
-// Notes: notes/tensor-cores.md.
+// What it measured, with machine and date: the book's chapter "Tensor cores" and
+// notes/tensor-cores.md.
 
 // ANCHOR: tc_forward_02
 template <int D, bool BF16>

@@ -2,8 +2,8 @@
 // cp.async into a second pair of buffers while tile j is computed. What: the block waits at
 // the top of a step only for what it asked for a whole step earlier. Why: in step 2 every
 // warp stalls on the loads of each tile before its first mma.
-// Measured (H100 80GB HBM3, 2026-11-25, as step 1): 180 / 204 TFLOP/s at d = 64 / 128.
-// Notes: notes/tensor-cores.md.
+// What it measured, with machine and date: the book's chapter "Tensor cores" and
+// notes/tensor-cores.md.
 
 // ANCHOR: tc_forward_03
 template <int D, bool BF16>

@@ -3,12 +3,12 @@
 // memory feeds two mma instructions instead of one, halving the shared-memory bytes per FLOP
 // of both products; Q_i's fragments no longer fit in registers beside 2 x 64 accumulators of
 // O (d = 128), so they are read again (ldmatrix) at every tile, as FlashAttention-2 does. Why:
-// step 3 was bound by shared-memory reads. 
-// Measured (H100 80GB HBM3, 2026-11-25, as step 1): 143 / 202 TFLOP/s at d = 64 / 128 — slower:
-// more registers and twice the softmax work between a warp's products; the lean softmax step
-// of versions 5 and 8 (tc_softmax_step, FAST = 1 and 2) is what made the two m-tiles pay
-// (221 / 291, then 227 / 295).
-// Notes: notes/tensor-cores.md.
+// step 3 was bound by shared-memory reads.
+// It ran slower than step 3: more registers, and twice the softmax work between a warp's
+// products; the lean softmax step (tc_softmax_step's FAST in mma.cuh) is what made the two
+// m-tiles pay.
+// What it measured, with machine and date: the book's chapter "Tensor cores" and
+// notes/tensor-cores.md.
 
 // ANCHOR: tc_forward_04
 template <int D, bool BF16>

@@ -14,8 +14,8 @@
 //   short ones fill the end of the grid instead of one long block running alone.
 // Its child, version 14 (flash2_tc_forward.cu), computes every address once and is what the
 // stage runs.
-// Measured (H100 80GB HBM3, 2026-11-26, as step 1): 230 TFLOP/s at d = 64, 306 at d = 128.
-// Notes: notes/tensor-cores.md.
+// What it measured, with machine and date: the book's chapter "Tensor cores" and
+// notes/tensor-cores.md.
 
 // ANCHOR: tc_forward_11
 template <int D, bool BF16, bool MODS, int KB>
