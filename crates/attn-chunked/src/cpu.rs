@@ -2,7 +2,6 @@
 //! Figure 1, with the backward by checkpointing (recomputing each chunk's scores).
 
 use attn_core::blocks::row_blocks;
-use attn_core::memory::GEMM_PACKING_BYTES;
 use attn_core::simd::{ds_from_dp, probs_from_lse};
 use attn_core::simd::{matmul, tile_summaries};
 use attn_core::{
@@ -272,19 +271,20 @@ pub fn backward(
 /// An upper bound on the forward's heap above its inputs, from the chunk sizes: the output
 /// and log-sum-exp, and per busy thread one score chunk `q_chunk × k_chunk`, the summaries
 /// of every key chunk (`⌈n_k / k_chunk⌉ × q_chunk × (d + 2)`), the merge's global max and
-/// denominator and the matrix products' packing buffers.
+/// denominator. (The `gemm` crate's packing buffers are its own scratch, sized by the host:
+/// not counted, see attn_core::memory::library_scratch.)
 pub fn forward_memory_bound(shape: &Shape, q_chunk: usize, k_chunk: usize, threads: usize) -> u64 {
     let (q, k, d) = (q_chunk.min(shape.n_q), k_chunk.min(shape.n_k), shape.head_dim);
     let outputs = (shape.batch * shape.heads * shape.n_q * (d + 1)) as u64;
     let per_task = q * k + shape.n_k.div_ceil(k) * q * (d + 2) + 2 * q;
-    4 * (outputs + (threads * per_task) as u64) + threads as u64 * GEMM_PACKING_BYTES
+    4 * (outputs + (threads * per_task) as u64)
 }
 
 /// An upper bound on the backward's heap above its inputs: the gradients, D, and per busy
-/// thread two chunks (P and dS) of `q_chunk × k_chunk` and the matrix products' packing buffers.
+/// thread two chunks (P and dS) of `q_chunk × k_chunk` (the products' scratch not counted).
 pub fn backward_memory_bound(shape: &Shape, q_chunk: usize, k_chunk: usize, threads: usize) -> u64 {
     let (q, k, d) = (q_chunk.min(shape.n_q), k_chunk.min(shape.n_k), shape.head_dim);
     let grads = shape.batch * (shape.heads * shape.n_q + 2 * shape.kv_heads * shape.n_k) * d;
     let d_rows = shape.batch * shape.heads * shape.n_q;
-    4 * (grads + d_rows + threads * 2 * q * k) as u64 + threads as u64 * GEMM_PACKING_BYTES
+    4 * (grads + d_rows + threads * 2 * q * k) as u64
 }

@@ -2,7 +2,7 @@
 //! bound derived from its chunk sizes, far below the n² matrix naive attention would hold.
 
 use attn_chunked::{ChunkedCpu, backward_memory_bound, forward_memory_bound};
-use attn_core::memory::{CountingAllocator, counting_enabled, measure_peak};
+use attn_core::memory::{CountingAllocator, counting_enabled, measure_algorithm_peak};
 use attn_core::{Inputs, Options, Shape, Stage};
 
 #[global_allocator]
@@ -31,9 +31,11 @@ fn chunked_and_naive_peaks(threads: usize) {
     let inputs = Inputs::new(q.view(), k.view(), v.view());
     for (qc, kc, causal) in [(1024, 2048, false), (256, 512, true)] {
         let opts = Options::default().blocks(qc, kc).causal(causal);
-        let (fwd, fwd_peak) = measure_peak(|| ChunkedCpu.forward(&inputs, &opts).unwrap());
-        let (_, bwd_peak) =
-            measure_peak(|| ChunkedCpu.backward(&inputs, &opts, &fwd, d_out.view()).unwrap());
+        let (fwd, fwd_peak) =
+            measure_algorithm_peak(|| ChunkedCpu.forward(&inputs, &opts).unwrap());
+        let (_, bwd_peak) = measure_algorithm_peak(|| {
+            ChunkedCpu.backward(&inputs, &opts, &fwd, d_out.view()).unwrap()
+        });
         let fwd_bound = forward_memory_bound(&shape, qc, kc, threads) + (64 << 10);
         let bwd_bound = backward_memory_bound(&shape, qc, kc, threads) + (64 << 10);
         println!(

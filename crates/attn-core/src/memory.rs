@@ -108,11 +108,6 @@ fn sub(bytes: usize) {
     }
 }
 
-/// The heap a single-precision matrix product (ndarray → matrixmultiply) holds while it
-/// runs: its packing buffers of at most KC × (MC + NC) = 256 × (64 + 1024) floats, plus
-/// alignment. Memory bounds of the CPU stages allow this much per busy thread.
-pub const GEMM_PACKING_BYTES: u64 = 4 * 256 * (64 + 1024 + 16);
-
 /// Bytes live on the heap now (0 unless [`CountingAllocator`] is installed).
 pub fn current_bytes() -> usize {
     CURRENT.load(Ordering::Relaxed)
