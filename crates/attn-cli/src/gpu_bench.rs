@@ -54,9 +54,10 @@ pub struct GpuBenchArgs {
     pub smoke: bool,
 }
 
-type FwdFn = Box<dyn Fn(&Inputs<'_>, &Options) -> Result<(Forward, DeviceStats)>>;
+type FwdFn = Box<dyn Fn(&Inputs<'_>, &Options) -> Result<(Forward, DeviceStats)> + Sync>;
 type BwdFn = Box<
-    dyn Fn(&Inputs<'_>, &Options, &Forward, ArrayView4<'_, f32>) -> Result<(Grads, DeviceStats)>,
+    dyn Fn(&Inputs<'_>, &Options, &Forward, ArrayView4<'_, f32>) -> Result<(Grads, DeviceStats)>
+        + Sync,
 >;
 
 /// A GPU stage `gpu-bench` times: its name, the element type it computes in, its forward
@@ -152,43 +153,62 @@ fn gpu_stages() -> Vec<GpuStage> {
     stages
 }
 
+/// A `gpu-bench` stage as a [`Stage`], so that attn-core's checks run on it.
+struct AsStage<'a>(&'a GpuStage);
+
+impl Stage for AsStage<'_> {
+    fn name(&self) -> &'static str {
+        "gpu-bench stage"
+    }
+
+    fn device(&self) -> attn::Device {
+        attn::Device::Cuda
+    }
+
+    fn forward(&self, inputs: &Inputs<'_>, opts: &Options) -> Result<Forward> {
+        (self.0.fwd)(inputs, opts).map(|(f, _)| f)
+    }
+
+    fn backward(
+        &self,
+        inputs: &Inputs<'_>,
+        opts: &Options,
+        fwd: &Forward,
+        d_out: ArrayView4<'_, f32>,
+    ) -> Result<Grads> {
+        let bwd = self.0.bwd.as_ref().expect("only stages with a backward are checked backward");
+        bwd(inputs, opts, fwd, d_out).map(|(g, _)| g)
+    }
+}
+
 /// The stage checked against the float64 reference before it is timed, at head dimension
 /// `d`: the smoke problem (cross attention, GQA, a full mask with a fully masked row, a bias),
-/// causal and not, within DESIGN.md's tolerance for its arithmetic (the 16-bit stages against
-/// the reference on their rounded inputs). Returns the worst error as a multiple of its bound.
+/// causal and not, by attn-core's check (the 16-bit stages on their rounded inputs). Returns
+/// the worst normwise error as a multiple of DESIGN.md's tolerance for its arithmetic.
 fn check_against_reference(stage: &GpuStage, d: usize) -> Result<f64, CliError> {
+    use attn::core::testing::{CaseData, check_against_reference};
     use attn::core::tolerance::{F32_BACKWARD, F32_FORWARD, HALF_BACKWARD, HALF_FORWARD};
     let SmokeProblem { shape, q, k, v, mask, bias } = SmokeProblem::new(d);
     let (tol_f, tol_b) = match stage.dtype {
         DtypeArg::F32 => (F32_FORWARD, F32_BACKWARD),
         _ => (HALF_FORWARD, HALF_BACKWARD),
     };
-    let round = |a: &Array4<f32>| stage.dtype.round(a.clone());
-    let (q, k, v) = (round(&q), round(&k), round(&v));
-    let d_out = round(&attn::core::random::normal(shape.q_dims(), 4));
-    let inputs = Inputs::new(q.view(), k.view(), v.view())
-        .with_mask(Mask::Full(mask.view()))
-        .with_bias(bias.view());
+    let round = |a: Array4<f32>| stage.dtype.round(a);
+    let mut data = CaseData {
+        q: round(q),
+        k: round(k),
+        v: round(v),
+        mask2: None,
+        mask4: Some(mask),
+        bias: Some(bias),
+        d_out: round(attn::core::random::normal(shape.q_dims(), 4)),
+        opts: Options::default(),
+    };
     let mut worst: f64 = 0.0;
     for causal in [false, true] {
-        let opts = Options::default().causal(causal);
-        let want = attn::core::reference::forward(&inputs, &opts).map_err(fail)?;
-        let (fwd, _) = (stage.fwd)(&inputs, &opts).map_err(fail)?;
-        worst = worse(worst, compare(fwd.out.view(), want.out.view()).normwise / tol_f);
-        if let Some(bwd) = &stage.bwd {
-            // the backward from the reference's own O and lse, as every stage test does
-            let ref_fwd = Forward {
-                out: want.out.mapv(|x| x as f32),
-                lse: want.lse.mapv(|x| x as f32),
-                traffic: None,
-            };
-            let ref_g =
-                attn::core::reference::backward(&inputs, &opts, d_out.view()).map_err(fail)?;
-            let (g, _) = bwd(&inputs, &opts, &ref_fwd, d_out.view()).map_err(fail)?;
-            for (x, r) in [(&g.dq, &ref_g.dq), (&g.dk, &ref_g.dk), (&g.dv, &ref_g.dv)] {
-                worst = worse(worst, compare(x.view(), r.view()).normwise / tol_b);
-            }
-        }
+        data.opts = Options::default().causal(causal);
+        let check = check_against_reference(&AsStage(stage), &data, stage.bwd.is_some());
+        worst = worse(worst, check.map_err(fail)?.worst_ratio(tol_f, tol_b));
     }
     Ok(worst)
 }

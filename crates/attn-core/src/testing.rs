@@ -172,6 +172,19 @@ impl Check {
         }
     }
 
+    /// The largest normwise error as a multiple of its tolerance (the forward's for O and the
+    /// lse, the backward's, plus the rounding floor, for the gradients); NaN wins. At most 1
+    /// where every normwise figure is within its tolerance.
+    pub fn worst_ratio(&self, forward_tol: f64, backward_tol: f64) -> f64 {
+        let mut ratios = vec![self.out.normwise / forward_tol, self.lse.normwise / forward_tol];
+        for e in self.grads.iter().flatten() {
+            ratios.push(e.normwise / (backward_tol + e.floor));
+        }
+        ratios
+            .into_iter()
+            .fold(0.0, |w, r| if w.is_nan() || r.is_nan() { f64::NAN } else { w.max(r) })
+    }
+
     /// [`Check::assert_within`] with the f32 tolerances.
     pub fn assert_f32(&self, what: &str) {
         self.assert_within(tolerance::F32_FORWARD, tolerance::F32_BACKWARD, what);
@@ -482,5 +495,29 @@ pub mod strategies {
                     seed,
                 },
             )
+    }
+}
+
+#[cfg(test)]
+mod check_tests {
+    use super::*;
+
+    fn report(normwise: f64, floor: f64) -> ErrorReport {
+        ErrorReport { normwise, elementwise: 0.0, worst: 0, floor }
+    }
+
+    #[test]
+    fn worst_ratio_is_the_largest_error_over_its_tolerance_and_nan_wins() {
+        let check = Check {
+            out: report(2e-6, 0.0),
+            lse: report(5e-6, 0.0),
+            grads: Some([report(1e-5, 0.0), report(3e-5, 1e-4), report(2e-5, 0.0)]),
+        };
+        // lse: 5e-6 / 1e-5 = 0.5; dk: 3e-5 / (1e-4 + 1e-4) = 0.15; dq 0.1, dv 0.2
+        assert!((check.worst_ratio(1e-5, 1e-4) - 0.5).abs() < 1e-12);
+        let forward_only = Check { grads: None, ..check.clone() };
+        assert!((forward_only.worst_ratio(1e-6, 1e-4) - 5.0).abs() < 1e-12);
+        let nan = Check { out: report(f64::NAN, 0.0), ..check };
+        assert!(nan.worst_ratio(1e-5, 1e-4).is_nan());
     }
 }
