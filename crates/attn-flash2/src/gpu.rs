@@ -98,14 +98,9 @@ pub fn forward_device_version(
     let f = if version == 8 {
         tf32_kernel(gpu, v, dev, d)?
     } else {
-        let name = format!("forward_v{version}");
-        fused_kernel(
-            gpu,
-            v.module(),
-            &v.sources(),
-            &format!("flash2_{name}_d{d}"),
-            shared_bytes(&name, d),
-        )?
+        let name = v.kernel_name(d, false);
+        let bytes = shared_bytes(&format!("forward_v{version}"), d);
+        fused_kernel(gpu, v.module(), &v.sources(), &name, bytes)?
     };
     launch_fused(gpu, &f, grid, &a, dev, "flash2_forward")?;
     Ok((out, lse))
@@ -126,14 +121,9 @@ fn tf32_kernel(
             advice: "use forward version 7 (or 5) on this GPU",
         });
     }
-    let mods = if dev.has_bias_or_mask() { "_mods" } else { "" };
     let d_str = d.to_string();
-    let f = gpu.function_with(
-        v.module(),
-        &v.sources(),
-        &[("TF32_D", &d_str)],
-        &format!("flash2_forward_v8{mods}"),
-    )?;
+    let name = v.kernel_name(d, dev.has_bias_or_mask());
+    let f = gpu.function_with(v.module(), &v.sources(), &[("TF32_D", &d_str)], &name)?;
     // Q_i (128 rows), two K_j and two V_j buffers (64 keys), rows padded to d + 4 floats
     with_shared_bytes(f, (4 * (2 * TILE + 4 * TILE) * (d + 4)) as u32)
 }

@@ -186,20 +186,22 @@ fn every_kernel_version_compiles_with_nvrtc() {
                 (true, ..) => &["sm_80", "sm_90"],
             };
             archs.iter().map(move |&arch| {
-                let (defines, entries): (Vec<String>, Vec<String>) = match v.track {
-                    Track::Fp32Forward if v.number == 8 => (
-                        vec!["-DTF32_D=96".into()],
-                        vec!["flash2_forward_v8".into(), "flash2_forward_v8_mods".into()],
-                    ),
-                    Track::Fp32Forward => (
-                        vec![],
-                        HEAD_DIMS.map(|d| format!("flash2_forward_v{}_d{d}", v.number)).to_vec(),
-                    ),
+                let (defines, dims): (Vec<String>, Vec<usize>) = match v.track {
+                    Track::Fp32Forward if v.number == 8 => (vec!["-DTF32_D=96".into()], vec![96]),
+                    Track::Fp32Forward => (vec![], HEAD_DIMS.to_vec()),
                     _ => {
                         let (d, bf16) = if arch == "sm_80" { (128, 0) } else { (64, 1) };
-                        (vec![format!("-DTC_D={d}"), format!("-DTC_BF16={bf16}")], tc_entries(v))
+                        (vec![format!("-DTC_D={d}"), format!("-DTC_BF16={bf16}")], vec![d])
                     }
                 };
+                let mut entries: Vec<String> = dims
+                    .iter()
+                    .flat_map(|&d| [v.kernel_name(d, false), v.kernel_name(d, true)])
+                    .collect();
+                entries.dedup();
+                if v.ships() && v.track == Track::TcBackward {
+                    entries.extend(["tc_row_dot".into(), "tc_group_sum".into()]);
+                }
                 (v, arch, defines, entries)
             })
         })
@@ -219,22 +221,6 @@ fn every_kernel_version_compiles_with_nvrtc() {
             });
         }
     });
-}
-
-/// The kernels a tensor-core version's module must hold.
-fn tc_entries(v: &Version) -> Vec<String> {
-    let base = if v.track == Track::TcForward { "flash2_tc_forward" } else { "flash2_tc_backward" };
-    let name = if v.ships() { base.to_string() } else { format!("{base}_v{}", v.number) };
-    let mut entries = vec![name.clone()];
-    if (v.track == Track::TcForward && v.number >= 11)
-        || (v.track == Track::TcBackward && v.number >= 7)
-    {
-        entries.push(format!("{name}_mods"));
-    }
-    if v.ships() && v.track == Track::TcBackward {
-        entries.extend(["tc_row_dot".into(), "tc_group_sum".into()]);
-    }
-    entries
 }
 
 // ---------------------------------------------------------------------------------------

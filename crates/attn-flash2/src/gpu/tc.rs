@@ -64,23 +64,7 @@ pub fn prepare<T: TcFloat>(track: Track, version: u32, d: usize) -> Result<()> {
     let v = versions::find(track, version).ok_or_else(|| versions::unknown(track, version))?;
     let gpu = gpu()?;
     check_architecture(gpu)?;
-    tc_function::<T>(gpu, v, d, &kernel_name(v, false)).map(|_| ())
-}
-
-/// The kernel name of `v`: the shipped kernel is named after its track, a ladder step after
-/// its number; `_mods` for the kernel that takes a mask or bias, where the version has one.
-fn kernel_name(v: &Version, with_mods: bool) -> String {
-    let base = match v.track {
-        Track::TcForward => "flash2_tc_forward",
-        _ => "flash2_tc_backward",
-    };
-    let number = if v.ships() { String::new() } else { format!("_v{}", v.number) };
-    let has_mods_kernel = match v.track {
-        Track::TcForward => v.number >= 11,
-        _ => v.number >= 7,
-    };
-    let mods = if has_mods_kernel && with_mods { "_mods" } else { "" };
-    format!("{base}{number}{mods}")
+    tc_function::<T>(gpu, v, d, &v.kernel_name(d, false)).map(|_| ())
 }
 
 mod sealed {
@@ -215,7 +199,7 @@ pub fn forward_version_with_stats<T: TcFloat>(
         (gpu.upload_array(inputs.q)?, gpu.upload_array(inputs.k)?, gpu.upload_array(inputs.v)?);
     let score = ScoreInputs::upload(gpu, &p)?;
     let with_mods = p.mask.is_some() || p.bias.is_some();
-    let f = tc_function::<T>(gpu, v, d, &kernel_name(v, with_mods))?;
+    let f = tc_function::<T>(gpu, v, d, &v.kernel_name(d, with_mods))?;
     let f = with_shared_bytes(f, shared_bytes(version, d))?;
     let z = batch * heads;
     let ((out, lse), stats) = measured(gpu, || {
@@ -346,7 +330,7 @@ pub fn backward_version_with_stats<T: TcFloat>(
     let row_dot = tc_function::<T>(gpu, shipped, d, "tc_row_dot")?;
     let group_sum = tc_function::<T>(gpu, shipped, d, "tc_group_sum")?;
     let with_mods = p.mask.is_some() || p.bias.is_some();
-    let f = tc_function::<T>(gpu, v, d, &kernel_name(v, with_mods))?;
+    let f = tc_function::<T>(gpu, v, d, &v.kernel_name(d, with_mods))?;
     let f = with_shared_bytes(f, backward_shared_bytes(version, d))?;
     let z = batch * heads;
     let ((dq, dk, dv), stats) = measured(gpu, || {

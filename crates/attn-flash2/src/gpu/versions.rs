@@ -292,6 +292,38 @@ impl Version {
     pub fn ships(&self) -> bool {
         self.role != Role::Ladder
     }
+
+    /// Whether a second kernel (`_mods`) takes the calls with a mask or bias, the first one
+    /// being compiled without them (3xTF32 version 8, tensor-core forward 11 on, backward 7 on).
+    pub fn has_mods_kernel(&self) -> bool {
+        match self.track {
+            Fp32Forward => self.number == 8,
+            TcForward => self.number >= 11,
+            TcBackward => self.number >= 7,
+        }
+    }
+
+    /// The name of the kernel to launch at head dimension `d`, for a call with a mask or bias
+    /// when `with_mods`. The CUDA-core fp32 kernels are compiled for every head dimension in
+    /// one module (`_d{d}`); the others' modules for one, and a shipped tensor-core kernel is
+    /// named after its track, a ladder step after its number.
+    pub fn kernel_name(&self, d: usize, with_mods: bool) -> String {
+        let mods = if with_mods && self.has_mods_kernel() { "_mods" } else { "" };
+        match self.track {
+            Fp32Forward if self.number == 8 => format!("flash2_forward_v8{mods}"),
+            Fp32Forward => format!("flash2_forward_v{}_d{d}", self.number),
+            TcForward | TcBackward => {
+                let base = if self.track == TcForward {
+                    "flash2_tc_forward"
+                } else {
+                    "flash2_tc_backward"
+                };
+                let number =
+                    if self.ships() { String::new() } else { format!("_v{}", self.number) };
+                format!("{base}{number}{mods}")
+            }
+        }
+    }
 }
 
 /// The versions of `track` as a markdown table (number, parent, what changed, whether the
@@ -372,6 +404,19 @@ mod tests {
         assert_eq!(default_version(Track::TcForward).number, 14);
         assert_eq!(default_version(Track::TcBackward).number, 7);
         assert_eq!(default_version(Track::Fp32Forward).number, 8);
+    }
+
+    #[test]
+    fn kernel_names_follow_the_files_that_define_them() {
+        let fp32 = |n| find(Track::Fp32Forward, n).unwrap();
+        assert_eq!(fp32(5).kernel_name(64, true), "flash2_forward_v5_d64");
+        assert_eq!(fp32(8).kernel_name(64, true), "flash2_forward_v8_mods");
+        let tc = |t, n| find(t, n).unwrap();
+        assert_eq!(tc(Track::TcForward, 4).kernel_name(128, true), "flash2_tc_forward_v4");
+        assert_eq!(tc(Track::TcForward, 11).kernel_name(128, true), "flash2_tc_forward_v11_mods");
+        assert_eq!(tc(Track::TcForward, 14).kernel_name(64, false), "flash2_tc_forward");
+        assert_eq!(tc(Track::TcBackward, 7).kernel_name(64, true), "flash2_tc_backward_mods");
+        assert_eq!(tc(Track::TcBackward, 1).kernel_name(64, true), "flash2_tc_backward_v1");
     }
 
     #[test]
