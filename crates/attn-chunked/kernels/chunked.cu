@@ -9,9 +9,7 @@ extern "C" __global__ void chunk_softmax(float* s, float* m_out, float* l_out, i
     __shared__ float scratch[32];
     const i64 row_index = (i64)blockIdx.y * rows + blockIdx.x;
     float* row = s + row_index * cols;
-    float m = NEG_INF;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) m = fmaxf(m, row[c]);
-    m = block_max(m, scratch);
+    const float m = row_max(row, cols, scratch);
     float l = 0.0f;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
         float p = m == NEG_INF ? 0.0f : expf(row[c] - m);

@@ -13,6 +13,14 @@ __device__ float block_max(float x, float* scratch) {
     return x;
 }
 
+// The largest of a row's `cols` scores, the block's threads striding over it (−inf for a row
+// whose every key is removed).
+__device__ float row_max(const float* row, int cols, float* scratch) {
+    float m = NEG_INF;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) m = fmaxf(m, row[c]);
+    return block_max(m, scratch);
+}
+
 __device__ float block_sum(float x, float* scratch) {
     for (int o = 16; o > 0; o /= 2) x += __shfl_xor_sync(0xffffffffu, x, o);
     if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = x;

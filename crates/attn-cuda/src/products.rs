@@ -84,7 +84,7 @@ pub struct Kernels {
 
 /// The launch shape of the element-wise window kernels: x over columns, y over rows (the
 /// kernels loop when rows exceed the grid), z over heads.
-pub fn window_grid(z: usize, rows: usize, cols: usize) -> LaunchConfig {
+fn window_grid(z: usize, rows: usize, cols: usize) -> LaunchConfig {
     grid((blocks_for(cols, 256).min(64), rows.min(65_535) as u32, z as u32), 256)
 }
 

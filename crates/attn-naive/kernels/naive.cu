@@ -8,9 +8,7 @@ extern "C" __global__ void softmax_rows(float* s, float* lse, int rows, int cols
     __shared__ float scratch[32];
     const i64 row_index = (i64)blockIdx.y * rows + blockIdx.x;
     float* row = s + row_index * cols;
-    float m = NEG_INF;
-    for (int c = threadIdx.x; c < cols; c += blockDim.x) m = fmaxf(m, row[c]);
-    m = block_max(m, scratch);
+    const float m = row_max(row, cols, scratch);
     float l = 0.0f;
     if (m != NEG_INF)
         for (int c = threadIdx.x; c < cols; c += blockDim.x) l += expf(row[c] - m);
