@@ -127,21 +127,21 @@ pub fn counting_enabled() -> bool {
 /// Measurements are process-wide: run them one at a time (tests that measure memory should
 /// live in their own test binary or hold a lock).
 pub fn measure_peak<R>(f: impl FnOnce() -> R) -> (R, u64) {
-    let base = current_bytes();
-    PEAK.store(base, Ordering::Relaxed);
+    peak_of(&CURRENT, &PEAK, f)
+}
+
+/// `f`'s result and the peak of the tally `(current, peak)` above its value at the start.
+fn peak_of<R>(current: &AtomicUsize, peak: &AtomicUsize, f: impl FnOnce() -> R) -> (R, u64) {
+    let base = current.load(Ordering::Relaxed);
+    peak.store(base, Ordering::Relaxed);
     let r = f();
-    let peak = PEAK.load(Ordering::Relaxed);
-    (r, peak.saturating_sub(base) as u64)
+    (r, peak.load(Ordering::Relaxed).saturating_sub(base) as u64)
 }
 
 /// [`measure_peak`] of the algorithm's bytes: the heap without the scratch that libraries
 /// allocate inside [`library_scratch`].
 pub fn measure_algorithm_peak<R>(f: impl FnOnce() -> R) -> (R, u64) {
-    let base = ALGO_CURRENT.load(Ordering::Relaxed);
-    ALGO_PEAK.store(base, Ordering::Relaxed);
-    let r = f();
-    let peak = ALGO_PEAK.load(Ordering::Relaxed);
-    (r, peak.saturating_sub(base) as u64)
+    peak_of(&ALGO_CURRENT, &ALGO_PEAK, f)
 }
 
 /// A running peak measurement: bytes added above what was live at [`PeakMeter::start`].
