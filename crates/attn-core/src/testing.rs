@@ -222,6 +222,27 @@ pub fn check_against_reference(
     })
 }
 
+/// The bytes `stage` moves forward and backward (its [`crate::Traffic`] counts) on random
+/// inputs of `shape`, for stages that count them.
+///
+/// # Panics
+/// When the stage fails or counts no traffic.
+pub fn traffic_of(
+    stage: &dyn Stage,
+    shape: Shape,
+    opts: &Options,
+) -> (crate::Traffic, crate::Traffic) {
+    let (q, k, v) = random::qkv(&shape, 1);
+    let d_out = random::normal(shape.q_dims(), 2);
+    let inputs = Inputs::new(q.view(), k.view(), v.view());
+    let fwd = stage.forward(&inputs, opts).unwrap();
+    let grads = stage.backward(&inputs, opts, &fwd, d_out.view()).unwrap();
+    (
+        fwd.traffic.expect("a stage that counts traffic"),
+        grads.traffic.expect("its backward counts too"),
+    )
+}
+
 /// Runs `stage` and `baseline` (both f32) on `data`, forward and backward, and compares the
 /// first against the second, with the gradients' rounding floor taken from the float64
 /// reference's magnitudes. Stages that are right agree to about twice the f32 tolerances.

@@ -2,17 +2,9 @@
 //! FlashAttention (standard attention's Θ(Nd + N²) is naive's own test, the comparison the
 //! facade's). The counts are asserted, not printed.
 
-use attn_core::{Inputs, Options, Shape, Stage, Traffic};
+use attn_core::testing::traffic_of;
+use attn_core::{Options, Shape};
 use attn_flash1::{Flash1Cpu, block_sizes, forward_traffic_model};
-
-fn traffic(stage: &dyn Stage, shape: Shape, opts: &Options) -> (Traffic, Traffic) {
-    let (q, k, v) = attn_core::random::qkv(&shape, 1);
-    let d_out = attn_core::random::normal(shape.q_dims(), 2);
-    let inputs = Inputs::new(q.view(), k.view(), v.view());
-    let fwd = stage.forward(&inputs, opts).unwrap();
-    let grads = stage.backward(&inputs, opts, &fwd, d_out.view()).unwrap();
-    (fwd.traffic.unwrap(), grads.traffic.unwrap())
-}
 
 #[test]
 fn flash1_forward_traffic_is_exactly_the_papers_loads_and_stores() {
@@ -22,7 +14,7 @@ fn flash1_forward_traffic_is_exactly_the_papers_loads_and_stores() {
         (Shape::new(1, 1, 1024, 64), 16_384),
     ] {
         let opts = Options::default().sram(sram);
-        let (fwd, _) = traffic(&Flash1Cpu, shape, &opts);
+        let (fwd, _) = traffic_of(&Flash1Cpu, shape, &opts);
         assert_eq!(
             fwd.total(),
             forward_traffic_model(&shape, block_sizes(&shape, &opts)),
@@ -38,7 +30,7 @@ fn halving_the_sram_roughly_doubles_flash1_traffic() {
     let totals: Vec<(u64, u64)> = [65_536usize, 32_768, 16_384]
         .iter()
         .map(|&m| {
-            let (f, b) = traffic(&Flash1Cpu, shape, &Options::default().sram(m));
+            let (f, b) = traffic_of(&Flash1Cpu, shape, &Options::default().sram(m));
             (f.total(), b.total())
         })
         .collect();
@@ -54,8 +46,8 @@ fn halving_the_sram_roughly_doubles_flash1_traffic() {
 #[test]
 fn doubling_n_quadruples_flash1_traffic() {
     let opts = Options::default().sram(32_768);
-    let (f1, _) = traffic(&Flash1Cpu, Shape::new(1, 1, 1024, 64), &opts);
-    let (f2, _) = traffic(&Flash1Cpu, Shape::new(1, 1, 2048, 64), &opts);
+    let (f1, _) = traffic_of(&Flash1Cpu, Shape::new(1, 1, 1024, 64), &opts);
+    let (f2, _) = traffic_of(&Flash1Cpu, Shape::new(1, 1, 2048, 64), &opts);
     let ratio = f2.total() as f64 / f1.total() as f64;
     assert!((3.8..=4.0).contains(&ratio), "flash1 N ratio {ratio}");
 }

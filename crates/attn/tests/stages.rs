@@ -4,8 +4,8 @@
 //! where naive attention's grows as n². (Each stage's own crate tests it against the float64
 //! reference; what compares two stages lives here, so that no stage depends on another.)
 
-use attn::core::Traffic;
 use attn::core::testing::strategies::{arb_case, config};
+use attn::core::testing::traffic_of;
 use attn::core::testing::{check_against_stage, edge_cases};
 use attn::{Inputs, Options, Shape, Stage};
 use attn::{chunked::ChunkedCpu, flash1::Flash1Cpu, flash2::Flash2Cpu, naive::NaiveCpu};
@@ -35,28 +35,19 @@ fn tiled_cpu_stages_drop_the_same_weights_as_naive() {
     }
 }
 
-fn traffic(stage: &dyn Stage, shape: Shape, opts: &Options) -> (Traffic, Traffic) {
-    let (q, k, v) = attn::core::random::qkv(&shape, 1);
-    let d_out = attn::core::random::normal(shape.q_dims(), 2);
-    let inputs = Inputs::new(q.view(), k.view(), v.view());
-    let fwd = stage.forward(&inputs, opts).unwrap();
-    let grads = stage.backward(&inputs, opts, &fwd, d_out.view()).unwrap();
-    (fwd.traffic.unwrap(), grads.traffic.unwrap())
-}
-
 #[test]
 fn flash1_moves_far_less_than_naive_when_the_sram_holds_many_keys() {
     // N = 2048, d = 64, M = 64 Ki floats: each of the N/B_c = 4N·d/M outer steps moves Q_i,
     // O_i in and O_i out, 3·N·d floats: 12·N²d²/M ≈ 0.75 N², against naive attention's 4 N².
     let shape = Shape::new(1, 1, 2048, 64);
-    let (flash, flash_b) = traffic(&Flash1Cpu, shape, &Options::default());
-    let (naive, naive_b) = traffic(&NaiveCpu, shape, &Options::default());
+    let (flash, flash_b) = traffic_of(&Flash1Cpu, shape, &Options::default());
+    let (naive, naive_b) = traffic_of(&NaiveCpu, shape, &Options::default());
     let ratio = naive.total() as f64 / flash.total() as f64;
     assert!(ratio > 4.5, "naive/flash1 forward traffic {ratio}");
     let ratio_b = naive_b.total() as f64 / flash_b.total() as f64;
     assert!(ratio_b > 4.5, "naive/flash1 backward traffic {ratio_b}");
     // But with a tiny SRAM (B_c = 4), FlashAttention-1 moves more than naive attention.
-    let (tiny, _) = traffic(&Flash1Cpu, shape, &Options::default().sram(1024));
+    let (tiny, _) = traffic_of(&Flash1Cpu, shape, &Options::default().sram(1024));
     assert!(tiny.total() > naive.total());
 }
 
