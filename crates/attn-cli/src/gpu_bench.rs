@@ -80,7 +80,8 @@ fn tc_forward(dtype: DtypeArg, version: u32) -> FwdFn {
     use attn::flash2::tc;
     Box::new(move |i, o| match dtype {
         DtypeArg::F16 => tc::forward_rounded::<tc::f16>(i, o, version),
-        _ => tc::forward_rounded::<tc::bf16>(i, o, version),
+        DtypeArg::Bf16 => tc::forward_rounded::<tc::bf16>(i, o, version),
+        DtypeArg::F32 => unreachable!("the tensor-core stages are bf16 or fp16"),
     })
 }
 
@@ -89,7 +90,8 @@ fn tc_backward(dtype: DtypeArg, version: u32) -> BwdFn {
     use attn::flash2::tc;
     Box::new(move |i, o, fwd, d_out| match dtype {
         DtypeArg::F16 => tc::backward_rounded::<tc::f16>(i, o, fwd, d_out, version),
-        _ => tc::backward_rounded::<tc::bf16>(i, o, fwd, d_out, version),
+        DtypeArg::Bf16 => tc::backward_rounded::<tc::bf16>(i, o, fwd, d_out, version),
+        DtypeArg::F32 => unreachable!("the tensor-core stages are bf16 or fp16"),
     })
 }
 
