@@ -4,11 +4,16 @@ device time (CUDA events, median) and device bytes allocated above the inputs, f
 backward, for the math backend (it materialises S like stage 1) and the memory-efficient
 backend, fp32. Writes a CSV beside the table it prints. With --dtype bf16 or f16: the flash
 backend (FlashAttention-2) and the cuDNN backend instead, the rivals of the tensor-core stage.
+With --seed WHEEL: the chunked PyTorch code of the seed project
+(memory-efficient-attention-pytorch, imported from its wheel), the rival of the chunked stage,
+at its README's setting unless --seq says otherwise (b 1, h 8, d 64, causal, n 65 536).
 
     python3 sdpa_gpu.py --seq 1024,4096,16384 --csv sdpa.csv
     python3 sdpa_gpu.py --paper --dtype bf16 --csv sdpa-bf16.csv
+    python3 sdpa_gpu.py --seed memory_efficient_attention_pytorch-0.1.6-py3-none-any.whl --seq 65536 --causal-only
 """
 import argparse
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -20,14 +25,27 @@ def flops(b, h, n, d, causal):
     return 4.0 * b * h * d * pairs
 
 
-def measure(backend, b, h, n, d, causal, repeats, dtype=torch.float32):
+def sdpa(backend):
+    def run(q, k, v, causal):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return run
+
+
+def seed(wheel):
+    """The seed project's chunked attention, at its own default chunk sizes (512 x 1024)."""
+    sys.path.insert(0, wheel)  # a pure-Python wheel imports as a zip archive
+    from memory_efficient_attention_pytorch.memory_efficient_attention import memory_efficient_attention
+    return lambda q, k, v, causal: memory_efficient_attention(q, k, v, causal=causal)
+
+
+def measure(attention, b, h, n, d, causal, repeats, dtype=torch.float32):
     q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
     d_out = torch.randn(b, h, n, d, device="cuda", dtype=dtype)
     torch.cuda.synchronize()
 
     def fwd():
-        with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return attention(q, k, v, causal)
 
     fwd_ms, bwd_ms, peaks = [], [], (0, 0)
     for _ in range(repeats + 1):
@@ -70,6 +88,9 @@ def main():
                     help="bf16/f16: the flash and cuDNN backends instead of math/efficient")
     ap.add_argument("--paper", action="store_true",
                     help="the FlashAttention-2 paper's setting: batch*n = 16384, hidden 2048, d in {64, 128}, efficient backend only")
+    ap.add_argument("--seed", metavar="WHEEL",
+                    help="time the seed project's chunked attention from this wheel instead of SDPA")
+    ap.add_argument("--causal-only", action="store_true")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -78,18 +99,20 @@ def main():
     dtype = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[args.dtype]
     what = "fp32, TF32 off" if args.dtype == "f32" else args.dtype
     print(f"torch {torch.__version__} on {torch.cuda.get_device_name()}, {what}")
-    if args.dtype != "f32":
-        backends = (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION))
+    if args.seed:
+        backends = (("seed-chunked", seed(args.seed)),)
+    elif args.dtype != "f32":
+        backends = (("flash", sdpa(SDPBackend.FLASH_ATTENTION)), ("cudnn", sdpa(SDPBackend.CUDNN_ATTENTION)))
     elif args.paper:
-        backends = (("efficient", SDPBackend.EFFICIENT_ATTENTION),)
+        backends = (("efficient", sdpa(SDPBackend.EFFICIENT_ATTENTION)),)
     else:
-        backends = (("math", SDPBackend.MATH), ("efficient", SDPBackend.EFFICIENT_ATTENTION))
+        backends = (("math", sdpa(SDPBackend.MATH)), ("efficient", sdpa(SDPBackend.EFFICIENT_ATTENTION)))
     if args.paper:
         shapes = [(16384 // n, 2048 // d, n, d) for d in (64, 128) for n in (512, 1024, 2048, 4096, 8192, 16384)]
     else:
         shapes = [(b, h, int(x), d) for x in args.seq.split(",")]
     for (b, h, n, d) in shapes:
-        for causal in (False, True):
+        for causal in (True,) if args.causal_only else (False, True):
             for name, backend in backends:
                 try:
                     fm, bm, (fp, bp) = measure(backend, b, h, n, d, causal, args.repeats, dtype)
@@ -104,7 +127,8 @@ def main():
                 torch.cuda.empty_cache()
     if args.csv:
         with open(args.csv, "w") as f:
-            f.write(f"# torch {torch.__version__} scaled_dot_product_attention on {torch.cuda.get_device_name()}, {what}; device time (CUDA events), median of {args.repeats}\n")
+            code = "the seed's chunked memory_efficient_attention" if args.seed else "scaled_dot_product_attention"
+            f.write(f"# torch {torch.__version__} {code} on {torch.cuda.get_device_name()}, {what}; device time (CUDA events), median of {args.repeats}\n")
             f.write("\n".join(rows) + "\n")
 
 

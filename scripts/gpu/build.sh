@@ -14,7 +14,7 @@ cargo build --release -p attn-cli
 cp target/release/attn "$dir/bin/attn"
 # The GPU test executables (each stage crate's tests/gpu.rs, and the facade's tests/stages.rs,
 # which compares stages on the GPU too), found from cargo's JSON messages.
-cargo test --release --no-run --message-format=json -p attn-naive -p attn-chunked -p attn-flash1 -p attn-flash2 --test gpu \
+cargo test --release --no-run --message-format=json -p attn-cuda -p attn-naive -p attn-chunked -p attn-flash1 -p attn-flash2 --test gpu \
   | python3 -c '
 import json, sys, shutil
 for line in sys.stdin:
@@ -35,4 +35,7 @@ for line in sys.stdin:
 ' "$dir"
 strip "$dir"/bin/*
 cp scripts/gpu/run.sh scripts/gpu/profile.sh benches/compare/sdpa_gpu.py "$dir/"
+# The seed project's wheel (pure Python), whose chunked attention run.sh times beside ours;
+# the GPU machine has no network.
+python3 -m pip download --quiet --no-deps --dest "$dir/wheels" memory-efficient-attention-pytorch==0.1.6
 du -sh "$dir"

@@ -14,10 +14,20 @@ note() { summary+=("$1"); }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 
+# cuBLAS for the unfused stages' products: the loader's, or the one PyTorch's wheels bring.
+# ATTN_GEMM=cublas makes a missing library an error rather than a quiet fallback to our
+# own kernel (ATTN_GEMM=own runs that kernel on purpose).
+if ! ldconfig -p | grep -q 'libcublas\.so'; then
+  cublas_dir="$(python3 -c 'import site, glob, os; print(next((os.path.dirname(p) for s in site.getsitepackages() for p in glob.glob(s + "/nvidia/**/libcublas.so*", recursive=True)), ""))')"
+  [ -n "$cublas_dir" ] && export LD_LIBRARY_PATH="$cublas_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
+export ATTN_GEMM="${ATTN_GEMM:-cublas}"
+echo "products: ATTN_GEMM=$ATTN_GEMM, LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}" | tee -a "$out/gpu.txt"
+
 # 1. Every GPU test (SKIP_TESTS=1 skips), and the suite's wall time.
 if [ -z "${SKIP_TESTS:-}" ]; then
   suite_start=$(date +%s)
-  for t in "$here"/bin/test-*; do
+  for t in "$here"/bin/test-${TESTS:-*}; do
     name="$(basename "$t")"
     start=$(date +%s)
     if "$t" --test-threads=1 > "$out/$name.log" 2>&1; then
@@ -62,6 +72,19 @@ if [ -z "${SKIP_TC:-}" ]; then
   for dt in bf16 f16; do
     python3 "$here/sdpa_gpu.py" --paper --dtype "$dt" --csv "$out/sdpa-$dt-paper.csv" > "$out/sdpa-$dt-paper.log" 2>&1 || { note "sdpa_gpu.py --dtype $dt FAILED"; status=1; }
   done
+fi
+
+# 3d. Chunked attention beside the seed project's chunked PyTorch code at its README's
+#     setting (b 1, h 8, d 64, causal, n 65 536), fp32, in the same call; and the unfused
+#     stages on our own GEMM kernel instead of cuBLAS, for the before/after (SKIP_SEED=1
+#     skips).
+if [ -z "${SKIP_SEED:-}" ]; then
+  "$here/bin/attn" gpu-bench --seq "${SEED_SEQ:-65536}" --stages chunked --causal-only --repeats 3 --csv "$out/chunked-seed.csv" > "$out/chunked-seed.log" 2>&1 || { note "gpu-bench (chunked, seed setting) FAILED"; status=1; }
+  python3 "$here/sdpa_gpu.py" --seed "$(ls "$here"/wheels/memory_efficient_attention_pytorch-*.whl)" --seq "${SEED_SEQ:-65536}" --causal-only --repeats 3 --csv "$out/seed-gpu.csv" > "$out/seed-gpu.log" 2>&1 || { note "sdpa_gpu.py --seed FAILED"; status=1; }
+  ATTN_GEMM=own "$here/bin/attn" gpu-bench --seq "${OWN_SEQ:-4096,16384}" --stages naive,chunked --csv "$out/attn-gpu-own-gemm.csv" > "$out/attn-gpu-own-gemm.log" 2>&1 || { note "gpu-bench (ATTN_GEMM=own) FAILED"; status=1; }
+  echo; echo "== chunked, the seed's setting: ours =="; cat "$out/chunked-seed.log"
+  echo; echo "== the seed's chunked code =="; cat "$out/seed-gpu.log"
+  echo; echo "== naive and chunked on our own GEMM kernel (ATTN_GEMM=own) =="; cat "$out/attn-gpu-own-gemm.log"
 fi
 
 # 4. The GPU figures from those two files (the same command draws them on any machine),

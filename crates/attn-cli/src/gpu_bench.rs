@@ -52,6 +52,9 @@ pub struct GpuBenchArgs {
     /// compare with the CPU, and exit (for compute-sanitizer; --stages narrows it).
     #[arg(long)]
     pub smoke: bool,
+    /// Time the causal case only (the default times both).
+    #[arg(long)]
+    pub causal_only: bool,
 }
 
 type FwdFn = Box<dyn Fn(&Inputs<'_>, &Options) -> Result<(Forward, DeviceStats)> + Sync>;
@@ -223,11 +226,12 @@ pub fn gpu_bench(args: &GpuBenchArgs) -> Result<(), CliError> {
     let gpu = attn::cuda::gpu().map_err(|e| CliError::input("--device", e))?;
     let (free, total) = gpu.mem_info().map_err(fail)?;
     println!(
-        "{} ({}), {} free of {}",
+        "{} ({}), {} free of {}; unfused products on {}",
         gpu.name(),
         gpu.arch(),
         human_bytes(free as u64),
-        human_bytes(total as u64)
+        human_bytes(total as u64),
+        gemm_backend(gpu)
     );
     if args.smoke {
         return smoke(&args.stages);
@@ -304,6 +308,9 @@ pub fn measure(args: &GpuBenchArgs) -> Result<String, CliError> {
         let d_out = attn::core::random::normal(shape.q_dims(), 1);
         let inputs = Inputs::new(q.view(), k.view(), v.view());
         for causal in [false, true] {
+            if args.causal_only && !causal {
+                continue;
+            }
             let opts = Options::default().causal(causal);
             for GpuStage { name, fwd: fwd_fn, bwd: bwd_fn, .. } in &stages {
                 if !checked.contains(&(name.clone(), shape.head_dim)) {
@@ -376,11 +383,12 @@ pub fn measure(args: &GpuBenchArgs) -> Result<String, CliError> {
 }
 
 /// The CSV of `rows`: a comment line naming the device, then the rows (the header first).
-fn csv_text(gpu: &attn::cuda::Gpu, args: &GpuBenchArgs, rows: &[String]) -> String {
+fn csv_text(gpu: &'static attn::cuda::Gpu, args: &GpuBenchArgs, rows: &[String]) -> String {
     let mut csv = format!(
-        "# attn gpu-bench on {} ({}); device time of the kernels (CUDA events), median of {} runs; device bytes above the uploaded inputs\n",
+        "# attn gpu-bench on {} ({}); unfused products on {}; device time of the kernels (CUDA events), median of {} runs; device bytes above the uploaded inputs\n",
         gpu.name(),
         gpu.arch(),
+        gemm_backend(gpu),
         args.repeats
     );
     for r in rows {
@@ -388,6 +396,14 @@ fn csv_text(gpu: &attn::cuda::Gpu, args: &GpuBenchArgs, rows: &[String]) -> Stri
         csv.push('\n');
     }
     csv
+}
+
+/// What runs the unfused stages' products: "cublas" or "own" (or why neither opened).
+fn gemm_backend(gpu: &'static attn::cuda::Gpu) -> String {
+    match attn::cuda::Kernels::new(gpu) {
+        Ok(k) => k.backend().name().to_string(),
+        Err(e) => format!("(no kernels: {e})"),
+    }
 }
 
 /// Every kernel on a small problem that exercises the whole contract, checked against the

@@ -111,6 +111,12 @@ impl Gpu {
         self.multiprocessors
     }
 
+    /// Makes the device's context current on the calling thread (for libraries, such as
+    /// cuBLAS, that launch through the runtime API).
+    pub fn bind(&self) -> std::result::Result<(), cudarc::driver::DriverError> {
+        self.ctx.bind_to_thread()
+    }
+
     /// The stream every launch goes to.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream

@@ -14,6 +14,8 @@
 //!   dropout as the kernels' argument structs.
 //! - [`products`]: the batched matrix product and the element-wise window steps (score
 //!   modifiers, dropout, P from the log-sum-exp, dS from dP) of the unfused stages.
+//! - [`blas`]: cuBLAS for those products where libcublas is installed (our kernel where it
+//!   is not, or where `ATTN_GEMM=own`).
 //! - [`launch`]: launch helpers, the row reductions every backward needs (D = rowsum(dO∘O),
 //!   the GQA group sums), head-dimension and memory checks.
 //! - [`on_device`]: what every GPU stage does around its kernels (upload, time, count,
@@ -27,12 +29,14 @@
 
 pub use cudarc;
 
+pub mod blas;
 pub mod device;
 pub mod launch;
 pub mod on_device;
 pub mod problem;
 pub mod products;
 
+pub use blas::{Blas, GemmBackend};
 pub use device::*;
 pub use launch::*;
 pub use on_device::*;

@@ -1,13 +1,16 @@
 //! The batched products and the element-wise window steps the unfused stages (naive,
 //! chunked) are built from (`kernels/products.cu`).
 //!
-//! The products are our own tiled kernel (`gemm_batched`: tiles of up to 128×128 values of C,
-//! 8-deep slices of A and B in shared memory, up to 8×8 values per thread), not cuBLAS: one
-//! kernel with arbitrary strides and a head-to-KV-head map covers every product of the
-//! forward and the backward (Q Kᵀ, P V, Pᵀ dO, dS K, dSᵀ Q) without copies or transposes.
+//! Every product of the forward and the backward (Q Kᵀ, P V, Pᵀ dO, dS K, dSᵀ Q) is one call
+//! of [`Kernels::gemm`] on operands with arbitrary strides and a head-to-KV-head map, so
+//! nothing is copied or transposed. It runs on cuBLAS where libcublas is installed
+//! ([`crate::blas`]), and otherwise on our own tiled kernel (`gemm_batched`: tiles of up to
+//! 128×128 values of C, 8-deep slices of A and B in shared memory, up to 8×8 values per
+//! thread), which the tests keep equal to it.
 
 use attn_core::{Result, Shape};
 
+use crate::blas::{self, Blas, GemmBackend};
 use crate::{
     CONTRACT_HEADER, CudaFunction, DeviceBuffer, DeviceProblem, DeviceRepr, DropoutArg, Gpu,
     LaunchConfig, ScoreMods, blocks_for, grid, launch_group_sum, launch_row_dot,
@@ -22,14 +25,14 @@ const MODULE: &str = "products";
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Operand {
-    ptr: u64,
-    rs: i64,
-    cs: i64,
-    sb: i64,
-    sh: i64,
-    base: i64,
-    div: i32,
-    pad_: i32,
+    pub(crate) ptr: u64,
+    pub(crate) rs: i64,
+    pub(crate) cs: i64,
+    pub(crate) sb: i64,
+    pub(crate) sh: i64,
+    pub(crate) base: i64,
+    pub(crate) div: i32,
+    pub(crate) pad_: i32,
 }
 // SAFETY: plain old data, laid out as `struct Operand` in attention.cu.
 unsafe impl DeviceRepr for Operand {}
@@ -74,6 +77,7 @@ pub struct Kernels {
     gpu: &'static Gpu,
     /// `gemm_batched` with tiles of 128×128, 128×64 and 64×64 values of C.
     gemm: [CudaFunction; 3],
+    blas: Option<&'static Blas>,
     modify: CudaFunction,
     dropout: CudaFunction,
     row_dot: CudaFunction,
@@ -110,6 +114,7 @@ impl Kernels {
         Ok(Self {
             gpu,
             gemm: [f("gemm_128x128")?, f("gemm_128x64")?, f("gemm_64x64")?],
+            blas: Blas::get(gpu)?,
             modify: f("modify_scores")?,
             dropout: f("apply_dropout")?,
             row_dot: f("row_dot")?,
@@ -123,8 +128,34 @@ impl Kernels {
         self.gpu
     }
 
-    /// `C = alpha·A·B + beta·C` for `z` matrices of `m × k` by `k × n`; `zh` heads per batch.
+    /// Which code runs [`Kernels::gemm`].
+    pub fn backend(&self) -> GemmBackend {
+        if self.blas.is_some() { GemmBackend::Cublas } else { GemmBackend::Own }
+    }
+
+    /// `C = alpha·A·B + beta·C` for `z` matrices of `m × k` by `k × n`; `zh` heads per batch:
+    /// on cuBLAS where it is open and the strides allow, else on our own kernel.
     pub fn gemm(
+        &self,
+        (z, zh): (usize, usize),
+        (m, n, k): (usize, usize, usize),
+        alpha: f32,
+        a: Operand,
+        b: Operand,
+        beta: f32,
+        c: Operand,
+    ) -> Result<()> {
+        if let Some(blas) = self.blas
+            && let Some(calls) = blas::plan((z, zh), (m, n, k), a, b, c)
+        {
+            return blas.run(self.gpu, &calls, alpha, beta);
+        }
+        self.own_gemm((z, zh), (m, n, k), alpha, a, b, beta, c)
+    }
+
+    /// [`Kernels::gemm`] on our own kernel, whatever the backend.
+    #[allow(clippy::too_many_arguments)]
+    pub fn own_gemm(
         &self,
         (z, zh): (usize, usize),
         (m, n, k): (usize, usize, usize),

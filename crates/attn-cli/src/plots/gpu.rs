@@ -168,6 +168,7 @@ pub(super) fn gpu_plots(args: &PlotsArgs, stamp: &Stamp) -> Result<(), CliError>
                 repeats: if args.quick { 2 } else { 5 },
                 csv: None,
                 smoke: false,
+                causal_only: false,
                 paper: false,
                 paper_n: Vec::new(),
                 paper_d: Vec::new(),
