@@ -39,7 +39,7 @@ def seed(wheel):
     return lambda q, k, v, causal: memory_efficient_attention(q, k, v, causal=causal)
 
 
-def measure(attention, b, h, n, d, causal, repeats, dtype=torch.float32):
+def measure(attention, b, h, n, d, causal, repeats, dtype=torch.float32, infer_forward=False):
     q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
     d_out = torch.randn(b, h, n, d, device="cuda", dtype=dtype)
     torch.cuda.synchronize()
@@ -73,6 +73,23 @@ def measure(attention, b, h, n, d, causal, repeats, dtype=torch.float32):
         peaks = (fwd_peak, bwd_peak)
         del out
     med = lambda xs: sorted(xs[1:])[len(xs[1:]) // 2]
+    if infer_forward:
+        # The forward as inference runs it, without autograd (the seed's code then skips its
+        # checkpointing): its time and memory replace the forward's under autograd.
+        fwd_ms = []
+        for _ in range(repeats + 1):
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            s, e = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            with torch.no_grad():
+                s.record()
+                out = fwd()
+                e.record()
+            torch.cuda.synchronize()
+            fwd_ms.append(s.elapsed_time(e))
+            peaks = (torch.cuda.max_memory_allocated() - base, peaks[1])
+            del out
     return med(fwd_ms), med(bwd_ms), peaks
 
 
@@ -115,7 +132,7 @@ def main():
         for causal in (True,) if args.causal_only else (False, True):
             for name, backend in backends:
                 try:
-                    fm, bm, (fp, bp) = measure(backend, b, h, n, d, causal, args.repeats, dtype)
+                    fm, bm, (fp, bp) = measure(backend, b, h, n, d, causal, args.repeats, dtype, infer_forward=bool(args.seed))
                 except RuntimeError as e:  # out of memory, or a backend that refuses the shape
                     print(f"{name:<10} causal={causal:d} n={n:>6} d={d}: {str(e).splitlines()[0][:100]}")
                     torch.cuda.empty_cache()
@@ -127,7 +144,7 @@ def main():
                 torch.cuda.empty_cache()
     if args.csv:
         with open(args.csv, "w") as f:
-            code = "the seed's chunked memory_efficient_attention" if args.seed else "scaled_dot_product_attention"
+            code = "the seed's chunked memory_efficient_attention (forward without autograd; backward after a forward with it)" if args.seed else "scaled_dot_product_attention"
             f.write(f"# torch {torch.__version__} {code} on {torch.cuda.get_device_name()}, {what}; device time (CUDA events), median of {args.repeats}\n")
             f.write("\n".join(rows) + "\n")
 
