@@ -8,9 +8,9 @@
 //! for each query chunk Q_i:                       (host loop)
 //!     m_i = −∞, ℓ_i = 0, O_i = 0
 //!     for each key chunk K_j, V_j:                (host loop; causal: hidden chunks skipped)
-//!         S_ij = scale · Q_i K_jᵀ + bias, masked  gemm_batched, modify_scores
+//!         S_ij = scale · Q_i K_jᵀ + bias, masked  gemm, modify_scores
 //!         m̃, P̃ = exp(S_ij − m̃), ℓ̃ = rowsum P̃    chunk_softmax
-//!         Õ = (P̃ ∘ Z) V_j                         apply_dropout, gemm_batched
+//!         Õ = (P̃ ∘ Z) V_j                         apply_dropout, gemm
 //!         (m_i, ℓ_i, O_i) ← merge with (m̃, ℓ̃, Õ)  merge_chunk
 //! O = O / ℓ, lse = m + ln ℓ                       finish_rows
 //! ```

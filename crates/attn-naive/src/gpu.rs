@@ -2,11 +2,11 @@
 //! `b·h` heads at once, with S and P for every head in device memory.
 //!
 //! ```text
-//! gemm_batched    S = scale · Q Kᵀ          [b·h, n_q, n_k] in device memory
+//! gemm            S = scale · Q Kᵀ          [b·h, n_q, n_k] in device memory
 //! modify_scores   + bias, masks → −∞
 //! softmax_rows    P = exp(S − lse), lse      one thread block per row (kernels/naive.cu)
 //! apply_dropout   P ∘ Z
-//! gemm_batched    O = P V
+//! gemm            O = P V
 //! ```
 //!
 //! The products and the element-wise steps are attn-cuda's ([`attn_cuda::Kernels`]), shared
