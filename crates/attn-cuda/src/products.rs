@@ -78,6 +78,8 @@ pub struct Kernels {
     /// `gemm_batched` with tiles of 128×128, 128×64 and 64×64 values of C.
     gemm: [CudaFunction; 3],
     blas: Option<&'static Blas>,
+    /// cuBLAS's scratch, counted with the stage's memory (none unless asked for).
+    workspace: Option<DeviceBuffer<u8>>,
     modify: CudaFunction,
     dropout: CudaFunction,
     row_dot: CudaFunction,
@@ -86,10 +88,12 @@ pub struct Kernels {
     group_sum: CudaFunction,
 }
 
-/// The launch shape of the element-wise window kernels: x over columns, y over rows (the
-/// kernels loop when rows exceed the grid), z over heads.
+/// The launch shape of the element-wise window kernels: x over columns, y over rows, z over
+/// heads, the kernels looping over what exceeds the grid. A few thousand blocks per head,
+/// each thread walking several rows and columns, rather than a block per 256 elements: the
+/// scheduling of half a million tiny blocks, not the memory, was what bounded these kernels.
 fn window_grid(z: usize, rows: usize, cols: usize) -> LaunchConfig {
-    grid((blocks_for(cols, 256).min(64), rows.min(65_535) as u32, z as u32), 256)
+    grid((blocks_for(cols, 256).min(8), rows.clamp(1, 512) as u32, z as u32), 256)
 }
 
 /// Launches kernel `$f` on `$gpu`'s stream with `$cfg` and the arguments after `;`, mapping
@@ -115,6 +119,10 @@ impl Kernels {
             gpu,
             gemm: [f("gemm_128x128")?, f("gemm_128x64")?, f("gemm_64x64")?],
             blas: Blas::get(gpu)?,
+            workspace: match blas::workspace_bytes() {
+                0 => None,
+                bytes => Some(gpu.uninit::<u8>(bytes)?),
+            },
             modify: f("modify_scores")?,
             dropout: f("apply_dropout")?,
             row_dot: f("row_dot")?,
@@ -148,7 +156,8 @@ impl Kernels {
         if let Some(blas) = self.blas
             && let Some(calls) = blas::plan((z, zh), (m, n, k), a, b, c)
         {
-            return blas.run(self.gpu, &calls, alpha, beta);
+            let ws = self.workspace.as_ref().map_or((0, 0), |w| (self.gpu.ptr(w), w.len()));
+            return blas.run(self.gpu, &calls, (alpha, beta), ws);
         }
         self.own_gemm((z, zh), (m, n, k), alpha, a, b, beta, c)
     }
