@@ -113,12 +113,23 @@ macro_rules! launch {
 }
 
 impl Kernels {
+    /// The kernels, with the products on cuBLAS where it is open ([`Blas::get`]).
     pub fn new(gpu: &'static Gpu) -> Result<Self> {
+        Self::with_blas(gpu, Blas::get(gpu)?)
+    }
+
+    /// The kernels with every product on our own kernel, whatever is installed (for tests
+    /// and comparisons).
+    pub fn own_products(gpu: &'static Gpu) -> Result<Self> {
+        Self::with_blas(gpu, None)
+    }
+
+    fn with_blas(gpu: &'static Gpu, blas: Option<&'static Blas>) -> Result<Self> {
         let f = |name: &str| gpu.function(MODULE, &[CONTRACT_HEADER, PRODUCTS], name);
         Ok(Self {
             gpu,
             gemm: [f("gemm_128x128")?, f("gemm_128x64")?, f("gemm_64x64")?],
-            blas: Blas::get(gpu)?,
+            blas,
             workspace: match blas::workspace_bytes() {
                 0 => None,
                 bytes => Some(gpu.uninit::<u8>(bytes)?),
@@ -159,22 +170,7 @@ impl Kernels {
             let ws = self.workspace.as_ref().map_or((0, 0), |w| (self.gpu.ptr(w), w.len()));
             return blas.run(self.gpu, &calls, (alpha, beta), ws);
         }
-        self.own_gemm((z, zh), (m, n, k), alpha, a, b, beta, c)
-    }
-
-    /// [`Kernels::gemm`] on our own kernel, whatever the backend.
-    #[allow(clippy::too_many_arguments)]
-    pub fn own_gemm(
-        &self,
-        (z, zh): (usize, usize),
-        (m, n, k): (usize, usize, usize),
-        alpha: f32,
-        a: Operand,
-        b: Operand,
-        beta: f32,
-        c: Operand,
-    ) -> Result<()> {
-        // The largest tile that still gives every multiprocessor two blocks.
+        // Our own kernel: the largest tile that still gives every multiprocessor two blocks.
         let blocks = |bm: usize, bn: usize| m.div_ceil(bm) * n.div_ceil(bn) * z;
         let enough = 2 * self.gpu.multiprocessors();
         let (i, bm, bn) = if n > 64 && blocks(128, 128) >= enough {

@@ -35,44 +35,37 @@ fn worst(got: &[f32], want: &[(f64, f64)]) -> f64 {
 
 const BOUND: f64 = 3e-6;
 
-/// Runs one product into C, on our own kernel when the flag says so.
-type Product<'a> = dyn Fn(&Kernels, &DeviceBuffer<f32>, bool) -> attn_core::Result<()> + 'a;
+/// Runs one product into C with the given kernels.
+type Product<'a> = dyn Fn(&Kernels, &DeviceBuffer<f32>) -> attn_core::Result<()> + 'a;
 
-/// Both backends (cuBLAS where it is open) on one product; each result's worst error.
-fn both(k: &Kernels, c0: &[f32], run: &Product<'_>) -> Vec<(GemmBackend, Vec<f32>)> {
-    let g = k.gpu();
-    let mut out = Vec::new();
-    for own in [false, true] {
-        if !own && k.backend() == GemmBackend::Own {
-            continue;
-        }
-        let c = g.upload(c0).unwrap();
-        run(k, &c, own).unwrap();
-        out.push((if own { GemmBackend::Own } else { k.backend() }, g.download(&c).unwrap()));
-    }
-    out
-}
-
-fn kernels() -> Option<Kernels> {
-    if skip_without_device() {
-        return None;
-    }
-    let k = Kernels::new(gpu().unwrap()).unwrap();
+/// The product on both backends (cuBLAS where it is open, and our own kernel), each from the
+/// same initial C: each backend's result.
+fn both(c0: &[f32], run: &Product<'_>) -> Vec<(GemmBackend, Vec<f32>)> {
+    let g = gpu().unwrap();
+    let default = Kernels::new(g).unwrap();
     if std::env::var("ATTN_GEMM").as_deref() == Ok("cublas") {
-        assert_eq!(k.backend(), GemmBackend::Cublas, "ATTN_GEMM=cublas");
+        assert_eq!(default.backend(), GemmBackend::Cublas, "ATTN_GEMM=cublas");
     }
-    if k.backend() == GemmBackend::Own {
+    if default.backend() == GemmBackend::Own {
         eprintln!(
             "skipped: cuBLAS is not open (libcublas missing or ATTN_GEMM=own); only our kernel is tested"
         );
     }
-    Some(k)
+    let mut out = Vec::new();
+    for k in [default, Kernels::own_products(g).unwrap()] {
+        let c = g.upload(c0).unwrap();
+        run(&k, &c).unwrap();
+        out.push((k.backend(), g.download(&c).unwrap()));
+    }
+    out
 }
 
 #[test]
 fn scores_of_a_window_with_a_shared_kv_head() {
-    let Some(k) = kernels() else { return };
-    let g = k.gpu();
+    if skip_without_device() {
+        return;
+    }
+    let g = gpu().unwrap();
     for (batch, heads, kv, nq, nk, d) in
         [(2, 8, 2, 300, 257, 64), (1, 4, 4, 70, 90, 1), (3, 6, 3, 129, 64, 96)]
     {
@@ -101,18 +94,14 @@ fn scores_of_a_window_with_a_shared_kv_head() {
                 }
             }
         }
-        let run = |k: &Kernels, c: &DeviceBuffer<f32>, own: bool| {
+        let run = |k: &Kernels, c: &DeviceBuffer<f32>| {
             let a = Operand::rows(g.ptr(&qb), heads, nq, d, i0);
             let bt = Operand::rows(g.ptr(&kb), kv, nk, d, j0).shared_by(group).t();
             let co = Operand::rows(g.ptr(c), heads, rows, cols, 0);
             let z = (batch * heads, heads);
-            if own {
-                k.own_gemm(z, (rows, cols, d), 0.5, a, bt, 0.25, co)
-            } else {
-                k.gemm(z, (rows, cols, d), 0.5, a, bt, 0.25, co)
-            }
+            k.gemm(z, (rows, cols, d), 0.5, a, bt, 0.25, co)
         };
-        for (backend, got) in both(&k, &c0, &run) {
+        for (backend, got) in both(&c0, &run) {
             let w = worst(&got, &want);
             assert!(
                 w <= BOUND,
@@ -125,8 +114,10 @@ fn scores_of_a_window_with_a_shared_kv_head() {
 #[test]
 fn value_gradients_summed_over_group_members() {
     // dV += Pᵀ dO, one launch per GQA group member, z counting key/value heads.
-    let Some(k) = kernels() else { return };
-    let g = k.gpu();
+    if skip_without_device() {
+        return;
+    }
+    let g = gpu().unwrap();
     let (batch, heads, kv, rows, cols, nq, nk, d) = (2, 8, 2, 200, 150, 260, 300, 64);
     let (i0, j0, group) = (40, 100, heads / kv);
     let (p, d_out) = (tensor([batch, heads, rows, cols], 4), tensor([batch, heads, nq, d], 5));
@@ -155,22 +146,18 @@ fn value_gradients_summed_over_group_members() {
             }
         }
     }
-    let run = |k: &Kernels, c: &DeviceBuffer<f32>, own: bool| {
+    let run = |k: &Kernels, c: &DeviceBuffer<f32>| {
         let p_w = Operand::rows(g.ptr(&pb), heads, rows, cols, 0);
         let do_c = Operand::rows(g.ptr(&db), heads, nq, d, i0);
         let dv = Operand::rows(g.ptr(c), kv, nk, d, j0);
         for m in 0..group {
             let (pt, dm) = (p_w.member(m, group).t(), do_c.member(m, group));
             let z = (batch * kv, kv);
-            if own {
-                k.own_gemm(z, (cols, d, rows), 1.0, pt, dm, 1.0, dv)?;
-            } else {
-                k.gemm(z, (cols, d, rows), 1.0, pt, dm, 1.0, dv)?;
-            }
+            k.gemm(z, (cols, d, rows), 1.0, pt, dm, 1.0, dv)?;
         }
         Ok(())
     };
-    for (backend, got) in both(&k, &c0, &run) {
+    for (backend, got) in both(&c0, &run) {
         let w = worst(&got, &want);
         assert!(w <= BOUND, "{backend:?} dV += Pᵀ dO: {w:.2e}");
     }
