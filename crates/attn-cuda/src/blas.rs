@@ -188,14 +188,22 @@ impl Blas {
                     None => Ok(None),
                 };
             }
-            let blas = CudaBlas::new(gpu.stream().clone()).map_err(|e| e.to_string())?;
-            // SAFETY: the handle is live. (The workspace is set before every call: see `run`.)
-            unsafe {
-                sys::cublasSetMathMode(*blas.handle(), sys::cublasMath_t::CUBLAS_DEFAULT_MATH)
-                    .result()
-                    .map_err(|e| e.to_string())?;
+            let open = || -> std::result::Result<CudaBlas, String> {
+                let blas = CudaBlas::new(gpu.stream().clone()).map_err(|e| e.to_string())?;
+                // SAFETY: the handle is live. (The workspace is set before every call: `run`.)
+                unsafe {
+                    sys::cublasSetMathMode(*blas.handle(), sys::cublasMath_t::CUBLAS_DEFAULT_MATH)
+                }
+                .result()
+                .map_err(|e| e.to_string())?;
+                Ok(blas)
+            };
+            match (open(), want) {
+                (Ok(blas), _) => Ok(Some(Blas { handle: Mutex::new(blas) })),
+                // a library that loads but will not open: our own kernel, unless asked for it
+                (Err(_), None) => Ok(None),
+                (Err(e), Some(_)) => Err(format!("ATTN_GEMM=cublas, but cuBLAS failed to open: {e}")),
             }
-            Ok(Some(Blas { handle: Mutex::new(blas) }))
         });
         opened
             .as_ref()

@@ -90,8 +90,8 @@ pub struct Kernels {
 
 /// The launch shape of the element-wise window kernels: x over columns, y over rows, z over
 /// heads, the kernels looping over what exceeds the grid. A few thousand blocks per head,
-/// each thread walking several rows and columns, rather than a block per 256 elements: the
-/// scheduling of half a million tiny blocks, not the memory, was what bounded these kernels.
+/// each thread walking several rows and columns, rather than a block per 256 elements, whose
+/// scheduling cost more than their memory traffic (notes/gpu.md has the profile).
 fn window_grid(z: usize, rows: usize, cols: usize) -> LaunchConfig {
     grid((blocks_for(cols, 256).min(8), rows.clamp(1, 512) as u32, z as u32), 256)
 }
@@ -130,9 +130,9 @@ impl Kernels {
             gpu,
             gemm: [f("gemm_128x128")?, f("gemm_128x64")?, f("gemm_64x64")?],
             blas,
-            workspace: match blas::workspace_bytes() {
-                0 => None,
-                bytes => Some(gpu.uninit::<u8>(bytes)?),
+            workspace: match blas.map(|_| blas::workspace_bytes()) {
+                None | Some(0) => None,
+                Some(bytes) => Some(gpu.uninit::<u8>(bytes)?),
             },
             modify: f("modify_scores")?,
             dropout: f("apply_dropout")?,
