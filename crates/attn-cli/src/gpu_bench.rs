@@ -398,12 +398,9 @@ fn csv_text(gpu: &'static attn::cuda::Gpu, args: &GpuBenchArgs, rows: &[String])
     csv
 }
 
-/// What runs the unfused stages' products: "cublas" or "own" (or why neither opened).
+/// What runs the unfused stages' products: "cublas" or "own" (or why cuBLAS did not open).
 fn gemm_backend(gpu: &'static attn::cuda::Gpu) -> String {
-    match attn::cuda::Kernels::new(gpu) {
-        Ok(k) => k.backend().name().to_string(),
-        Err(e) => format!("(no kernels: {e})"),
-    }
+    attn::cuda::blas::backend(gpu).map_or_else(|e| format!("(none: {e})"), |b| b.name().to_string())
 }
 
 /// Every kernel on a small problem that exercises the whole contract, checked against the

@@ -6,9 +6,9 @@
 //! computing Cᵀ = Bᵀ Aᵀ, a GQA-shared operand by one call per member of the group — or says
 //! it cannot (strides no call can express), and the product runs on our own kernel instead.
 //!
-//! cuBLAS runs in fp32 with TF32 off (`CUBLAS_DEFAULT_MATH`, the contract's f32 row), with
-//! scratch only from a counted buffer ([`workspace_bytes`]; none by default), so the device
-//! memory a stage allocates is all in its counted buffers.
+//! cuBLAS runs in fp32 with TF32 off (`CUBLAS_DEFAULT_MATH`, the contract's f32 row) and with
+//! no workspace, so the device memory a stage allocates is all in its counted buffers, the
+//! same on both backends.
 //! `ATTN_GEMM=own` keeps every product on our own kernel (for comparisons); `ATTN_GEMM=cublas`
 //! makes a missing libcublas an error instead of a silent fallback.
 
@@ -153,16 +153,6 @@ pub struct Blas {
 
 static BLAS: OnceLock<std::result::Result<Option<Blas>, String>> = OnceLock::new();
 
-/// The bytes of scratch each [`crate::Kernels`] gives cuBLAS: `ATTN_CUBLAS_WORKSPACE_MIB`
-/// mebibytes, none by default (so a stage's device memory is the same on both backends).
-pub fn workspace_bytes() -> usize {
-    std::env::var("ATTN_CUBLAS_WORKSPACE_MIB")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .unwrap_or(0)
-        << 20
-}
-
 /// The backend `ATTN_GEMM` asks for (`cublas`, `own`), or `None` (cuBLAS where installed).
 fn requested() -> std::result::Result<Option<GemmBackend>, String> {
     match std::env::var("ATTN_GEMM").ok().as_deref() {
@@ -171,6 +161,11 @@ fn requested() -> std::result::Result<Option<GemmBackend>, String> {
         Some("own") => Ok(Some(GemmBackend::Own)),
         Some(other) => Err(format!("ATTN_GEMM={other}: use `cublas` or `own`")),
     }
+}
+
+/// Which backend [`crate::Kernels::new`] gives the products in this process.
+pub fn backend(gpu: &Gpu) -> Result<GemmBackend> {
+    Ok(if Blas::get(gpu)?.is_some() { GemmBackend::Cublas } else { GemmBackend::Own })
 }
 
 impl Blas {
@@ -190,11 +185,14 @@ impl Blas {
             }
             let open = || -> std::result::Result<CudaBlas, String> {
                 let blas = CudaBlas::new(gpu.stream().clone()).map_err(|e| e.to_string())?;
-                // SAFETY: the handle is live. (The workspace is set before every call: `run`.)
+                // SAFETY: the handle is live; a null workspace of 0 bytes makes cuBLAS pick
+                // only algorithms that need none.
                 unsafe {
-                    sys::cublasSetMathMode(*blas.handle(), sys::cublasMath_t::CUBLAS_DEFAULT_MATH)
+                    let h = *blas.handle();
+                    sys::cublasSetMathMode(h, sys::cublasMath_t::CUBLAS_DEFAULT_MATH)
+                        .result()
+                        .and_then(|()| sys::cublasSetWorkspace_v2(h, std::ptr::null_mut(), 0).result())
                 }
-                .result()
                 .map_err(|e| e.to_string())?;
                 Ok(blas)
             };
@@ -211,26 +209,10 @@ impl Blas {
             .map_err(|e| AttnError::Cuda { context: "opening cuBLAS".into(), message: e.clone() })
     }
 
-    /// Runs `calls` in order on the device's stream, with `workspace` (device address and
-    /// bytes; `(0, 0)` for none) as cuBLAS's scratch.
-    pub fn run(
-        &self,
-        gpu: &Gpu,
-        calls: &[StridedCall],
-        (alpha, beta): (f32, f32),
-        workspace: (u64, usize),
-    ) -> Result<()> {
+    /// Runs `calls` in order on the device's stream.
+    pub fn run(&self, gpu: &Gpu, calls: &[StridedCall], alpha: f32, beta: f32) -> Result<()> {
         let blas = self.handle.lock().unwrap_or_else(|p| p.into_inner());
         gpu.bind().map_err(crate::cuda_err("binding the context"))?;
-        // SAFETY: the workspace is the caller's live buffer (or none: a null workspace of 0
-        // bytes makes cuBLAS pick only algorithms that need none), used by these calls in
-        // stream order.
-        unsafe { sys::cublasSetWorkspace_v2(*blas.handle(), workspace.0 as *mut _, workspace.1) }
-            .result()
-            .map_err(|e| AttnError::Cuda {
-                context: "cublasSetWorkspace".into(),
-                message: e.to_string(),
-            })?;
         let op = |t: bool| {
             if t {
                 sys::cublasOperation_t::CUBLAS_OP_T

@@ -78,8 +78,6 @@ pub struct Kernels {
     /// `gemm_batched` with tiles of 128×128, 128×64 and 64×64 values of C.
     gemm: [CudaFunction; 3],
     blas: Option<&'static Blas>,
-    /// cuBLAS's scratch, counted with the stage's memory (none unless asked for).
-    workspace: Option<DeviceBuffer<u8>>,
     modify: CudaFunction,
     dropout: CudaFunction,
     row_dot: CudaFunction,
@@ -130,10 +128,6 @@ impl Kernels {
             gpu,
             gemm: [f("gemm_128x128")?, f("gemm_128x64")?, f("gemm_64x64")?],
             blas,
-            workspace: match blas.map(|_| blas::workspace_bytes()) {
-                None | Some(0) => None,
-                Some(bytes) => Some(gpu.uninit::<u8>(bytes)?),
-            },
             modify: f("modify_scores")?,
             dropout: f("apply_dropout")?,
             row_dot: f("row_dot")?,
@@ -167,8 +161,7 @@ impl Kernels {
         if let Some(blas) = self.blas
             && let Some(calls) = blas::plan((z, zh), (m, n, k), a, b, c)
         {
-            let ws = self.workspace.as_ref().map_or((0, 0), |w| (self.gpu.ptr(w), w.len()));
-            return blas.run(self.gpu, &calls, (alpha, beta), ws);
+            return blas.run(self.gpu, &calls, alpha, beta);
         }
         // Our own kernel: the largest tile that still gives every multiprocessor two blocks.
         let blocks = |bm: usize, bn: usize| m.div_ceil(bm) * n.div_ceil(bn) * z;
