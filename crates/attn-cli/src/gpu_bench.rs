@@ -101,7 +101,7 @@ fn tc_backward(dtype: DtypeArg, version: u32) -> BwdFn {
 /// The stages: every GPU stage as it runs by default, FlashAttention-2's backward with dQ in
 /// its separate pass, and every kernel version of stage 4's registry
 /// (`attn_flash2::gpu::versions`) — the fp32 and tensor-core forward versions without a
-/// backward, the tensor-core backward versions after the default forward.
+/// backward, the fp32 and tensor-core backward versions after the default forward.
 fn gpu_stages() -> Vec<GpuStage> {
     use DtypeArg::{Bf16, F16, F32};
     use attn::flash2::gpu::versions::{Track, VERSIONS};
@@ -139,6 +139,13 @@ fn gpu_stages() -> Vec<GpuStage> {
                 F32,
                 Box::new(move |i, o| f::forward_version_with_stats(i, o, number)),
                 None,
+            )),
+            Track::Fp32Backward => stages.push(f32_stage(
+                &format!("flash2-bwd{number}"),
+                Box::new(f::forward_with_stats),
+                Box::new(move |i, o, fwd, d_out| {
+                    f::backward_version_with_stats(i, o, fwd, d_out, number)
+                }),
             )),
             Track::TcForward => {
                 for dtype in [Bf16, F16] {

@@ -1,6 +1,7 @@
 // What the tensor-core kernels share — FlashAttention-2's in bf16 / fp16 and in f32 by 3xTF32;
-// prepended after contract.cuh and tiles.cuh: the bare exp2, the copies and fragment reads at
-// precomputed addresses, the online-softmax step on mma accumulators.
+// prepended after contract.cuh and tiles.cuh: the bare exp2, the two-float atomic addition of
+// the backwards' dQ, the copies and fragment reads at precomputed addresses, the
+// online-softmax step on mma accumulators.
 
 // 2^x by the hardware's approximation alone (MUFU.EX2), results below 2^-126 flushed to zero.
 // exp2f compiles to that plus a test and two predicated multiplies that keep those tiny
@@ -10,6 +11,24 @@ __device__ __forceinline__ float ex2_ftz(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
     return y;
+}
+
+// N accumulator fragments (4 floats each) set to zero.
+template <int N>
+__device__ __forceinline__ void zero_frags(float (*x)[4]) {
+#pragma unroll
+    for (int i = 0; i < N; i++) x[i][0] = x[i][1] = x[i][2] = x[i][3] = 0.0f;
+}
+
+// Two adjacent floats added to device memory: one vector reduction on sm_90
+// (red.global.add.v2.f32), two scalar ones before.
+__device__ __forceinline__ void red_add2(float* p, float x, float y) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(x), "f"(y) : "memory");
+#else
+    atomicAdd(p, x);
+    atomicAdd(p + 1, y);
+#endif
 }
 
 // ANCHOR: load_rows_at

@@ -1,60 +1,24 @@
 // FlashAttention-2 for f32 inputs on the tensor cores, by 3xTF32 (fp32 forward, version 8).
 // Prepended: contract.cuh (ScoreMods, Dropout, key_end), tiles.cuh (FlashArgs, block_head,
-// tile_plain, score, cp.async waits) and mma.cuh (copies and ldmatrix at precomputed
-// addresses, the online-softmax step), compiled for one head dimension (TF32_D).
-//
-// The tensor cores take tf32 operands — an f32 with 10 mantissa bits instead of 23, so one
-// tf32 product keeps ~3 decimal digits (the contract's tf32 tolerance, 1e-3). 3xTF32 keeps
-// f32's: each operand is split into x = big + small, both tf32 (big = x cut to tf32, small
-// = the rest, cut too), and a product is
-//     A B ≈ A_big B_big + A_big B_small + A_small B_big,
-// three mma instructions; the dropped A_small B_small is ~2^-20 of the product. This is what
-// PyTorch's memory-efficient backend runs for f32 on sm_80 and later (CUTLASS's "fast f32"),
-// and why it outruns any kernel on the CUDA cores' f32 FMAs.
+// tile_plain, score, cp.async waits), mma.cuh (copies and ldmatrix at precomputed
+// addresses, the online-softmax step) and tf32.cuh (the split and the three mma); compiled
+// for one head dimension (TF32_D).
 //
 // The loop is the tensor-core forward's (flash2_tc_forward.cu): a block owns 128 query
 // rows, 8 warps of 16; K_j and V_j (64 keys, f32, rows padded to d + 4) stream through
 // shared memory by cp.async into two buffers each; m, l and O stay in the accumulators;
-// every address is computed once. What differs is the instruction, m16n8k8 tf32:
-//   A (16 x 8, 4 registers): a0 = A[g][t], a1 = A[g+8][t], a2 = A[g][t+4], a3 = A[g+8][t+4]
-//   B (8 x 8, 2 registers):  b0 = B[t][g], b1 = B[t+4][g]
-//   C (16 x 8, 4 floats):    c0, c1 = C[g][2t, 2t+1], c2, c3 = C[g+8][2t, 2t+1]
-// (lane = 4g + t). Q_i's A and K_j's B fragments come by ldmatrix, which hands lane 4g + t
-// the 32-bit word t of row g of an 8 x 4 f32 block — a tf32 fragment as it stands. P~ is in
-// S's accumulators (C layout: keys 2t, 2t+1 of a row), not in A's (keys t, t+4); instead of
-// moving it between lanes, the k index of P~ V_j is renumbered: within each 8-key block
-// logical key t is key 2t and logical key t + 4 is key 2t + 1. The sum over keys does not
-// care about their order, so V_j's B fragment only has to read the same keys: b0 = V[2t][g],
-// b1 = V[2t + 1][g], two 32-bit shared loads.
+// every address is computed once. What differs is the instruction, m16n8k8 tf32 (its
+// fragments in tf32.cuh). Q_i's A and K_j's B fragments come by ldmatrix, which hands lane
+// 4g + t the 32-bit word t of row g of an 8 x 4 f32 block — a tf32 fragment as it stands.
+// P~ is in S's accumulators (C layout: keys 2t, 2t+1 of a row), not in A's (keys t, t+4);
+// instead of moving it between lanes, the k index of P~ V_j is renumbered (c_as_a): within
+// each 8-key block logical key t is key 2t and logical key t + 4 is key 2t + 1. The sum
+// over keys does not care about their order, so V_j's B fragment only has to read the same
+// keys: b0 = V[2t][g], b1 = V[2t + 1][g], two 32-bit shared loads.
 
 #define TF_BR 128  // query rows a block: 8 warps x 16
 #define TF_BC 64   // keys a tile
 #define TF_NT 256  // threads a block
-
-// ANCHOR: tf32_split
-// x = big + small, both tf32: big is x with its low 13 mantissa bits cleared (one AND; no
-// cvt.rna.tf32, which sm_90 runs as five integer instructions), the rest x - big is exact
-// in f32, and small is that rest cut to tf32 the same way. What is lost is below 2^-20 |x|.
-__device__ __forceinline__ void split_tf32(float x, u32& big, u32& small) {
-    big = __float_as_uint(x) & 0xffffe000u;
-    small = __float_as_uint(x - __uint_as_float(big)) & 0xffffe000u;
-}
-// C += A B, tf32 operands, f32 accumulators.
-__device__ __forceinline__ void mma_tf32(float* c, const u32* a, u32 b0, u32 b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-// C += A B in 3xTF32: the two small terms first, then the big one.
-__device__ __forceinline__ void mma_3xtf32(float* c, const u32* a_big, const u32* a_small,
-                                           const u32* b_big, const u32* b_small) {
-    mma_tf32(c, a_small, b_big[0], b_big[1]);
-    mma_tf32(c, a_big, b_small[0], b_small[1]);
-    mma_tf32(c, a_big, b_big[0], b_big[1]);
-}
-// ANCHOR_END: tf32_split
 
 // ANCHOR: tf32_forward
 template <int D, bool MODS>
@@ -108,14 +72,12 @@ __device__ void tf32_forward(const FlashArgs& a, const ScoreMods& mods, const Dr
         for (int kk = 0; kk < D / 8; kk++) {
             u32 q[4], qb[4], qs[4];
             ldsm_x4_at(q, q_at + 32 * kk);
-#pragma unroll
-            for (int x = 0; x < 4; x++) split_tf32(__uint_as_float(q[x]), qb[x], qs[x]);
+            split4(q, qb, qs);
 #pragma unroll
             for (int nb = 0; nb < TF_BC / 8; nb += 2) {
                 u32 k[4], kb[4], ks[4];
                 ldsm_x4_at(k, k_at + buf + (8 * nb * S + 8 * kk) * 4);
-#pragma unroll
-                for (int x = 0; x < 4; x++) split_tf32(__uint_as_float(k[x]), kb[x], ks[x]);
+                split4(k, kb, ks);
                 mma_3xtf32(s[nb], qb, qs, kb, ks);
                 mma_3xtf32(s[nb + 1], qb, qs, kb + 2, ks + 2);
             }
@@ -128,10 +90,7 @@ __device__ void tf32_forward(const FlashArgs& a, const ScoreMods& mods, const Dr
 #pragma unroll
         for (int kb = 0; kb < TF_BC / 8; kb++) {  // O_i += P~ V_j, 8 keys a step
             u32 pb[4], ps[4];  // P~'s A fragment, logical keys t, t + 4 = keys 2t, 2t + 1
-            split_tf32(s[kb][0], pb[0], ps[0]);
-            split_tf32(s[kb][2], pb[1], ps[1]);
-            split_tf32(s[kb][1], pb[2], ps[2]);
-            split_tf32(s[kb][3], pb[3], ps[3]);
+            c_as_a(s[kb], pb, ps);
 #pragma unroll
             for (int c = 0; c < D / 8; c++) {
                 const float* at = v_at + buf / 4 + 8 * kb * S + 8 * c;

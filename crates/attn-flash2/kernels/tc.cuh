@@ -137,14 +137,6 @@ __device__ __forceinline__ TcHead tc_head(const FlashArgs& a) {
             (const u16*)a.v + kv};
 }
 
-// N accumulator fragments (4 floats each) set to zero.
-template <int N>
-__device__ __forceinline__ void zero_frags(float (*x)[4]) {
-#pragma unroll
-    for (int i = 0; i < N; i++) x[i][0] = x[i][1] = x[i][2] = x[i][3] = 0.0f;
-}
-
-
 // ANCHOR: tc_p_fragment
 // The A fragments of P~ for keys 16kk .. 16kk + 15: the accumulators of S's blocks 2kk and
 // 2kk + 1, rounded to 16 bits.
@@ -229,15 +221,4 @@ __device__ __forceinline__ float widen16(u16 x) {
     float r;
     asm("cvt.f32.f16 %0, %1;\n" : "=f"(r) : "h"(x));
     return r;
-}
-
-// Two adjacent floats added to device memory: one vector reduction on sm_90
-// (red.global.add.v2.f32), two scalar ones before.
-__device__ __forceinline__ void red_add2(float* p, float x, float y) {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(x), "f"(y) : "memory");
-#else
-    atomicAdd(p, x);
-    atomicAdd(p + 1, y);
-#endif
 }

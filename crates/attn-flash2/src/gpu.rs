@@ -9,11 +9,14 @@
 //!   the CUDA cores (`kernels/flash2.cu`).
 //! - Backward (Algorithm 2 of the paper): a small kernel for $D = \mathrm{rowsum}(dO \circ O)$,
 //!   a kernel over key tiles that accumulates $dK_j$, $dV_j$ in registers and, as in the
-//!   paper, adds $dQ_i$ into device memory with **atomic additions**. With
-//!   [`Options::deterministic`] dQ comes instead from a separate pass over query tiles
-//!   (recomputing S and dP there): two more tile products, but every gradient element is
-//!   written by one thread in a fixed order, so the results are bitwise reproducible, as on
-//!   the CPU. With GQA the key pass writes per query head and a last kernel sums each group.
+//!   paper, adds $dQ_i$ into device memory with **atomic additions**. From sm_80 on that
+//!   kernel does its five products on the tensor cores in 3xTF32
+//!   (`kernels/flash2_tf32_backward.cu`), before sm_80 on the CUDA cores. With
+//!   [`Options::deterministic`] dQ comes instead from a separate pass over query tiles on
+//!   the CUDA cores (recomputing S and dP there): two more tile products, but every gradient
+//!   element is written by one thread in a fixed order, so the results are bitwise
+//!   reproducible, as on the CPU. With GQA the key pass writes per query head and a last
+//!   kernel sums each group.
 //!
 //! Head dimensions 32, 64, 96 and 128; others are refused with a clear error.
 //!
@@ -28,7 +31,7 @@ pub use attn_cuda::HEAD_DIMS;
 use attn_cuda::{
     CudaFunction, DeviceBuffer, DeviceForward, DeviceProblem, DeviceSaved, DeviceStats, FlashArgs,
     FusedBackward, Gpu, backward_on_device, blocks_for, check_head_dim, forward_on_device,
-    fused_kernel, launch_fused, with_shared_bytes,
+    fused_kernel, launch_fused, launch_fused_with, with_shared_bytes,
 };
 use ndarray::ArrayView4;
 
@@ -39,7 +42,7 @@ use versions::{Track, Version};
 /// Query rows and keys per tile (`BR`, `BC` in tiles.cuh).
 pub const TILE: usize = 64;
 
-/// The shipped CUDA-core kernels (the backward everywhere, the forward before sm_80).
+/// The shipped CUDA-core kernels (the backward's dQ pass everywhere, the rest before sm_80).
 fn cuda_core_kernel(gpu: &Gpu, name: &str, d: usize) -> Result<(CudaFunction, u32)> {
     let f = versions::find(Track::Fp32Forward, 5).expect("version 5 is registered");
     fused_kernel(
@@ -157,35 +160,133 @@ impl DqMode {
     }
 }
 
-/// The fused backward with dQ computed as `mode` says.
+/// The fp32 backward version the stage runs at head dimension `d` on a GPU of
+/// `compute_capability` (e.g. 90): [`versions::version_for`].
+pub fn backward_version(d: usize, compute_capability: u32) -> u32 {
+    versions::version_for(Track::Fp32Backward, d, compute_capability).number
+}
+
+/// The fused backward with dQ computed as `mode` says, the version the stage runs.
 pub fn backward_device_dq(
     gpu: &'static Gpu,
     dev: &DeviceProblem,
     saved: &DeviceSaved,
     mode: DqMode,
 ) -> Result<[DeviceBuffer<f32>; 3]> {
+    let version = backward_version(dev.shape.head_dim, gpu.compute_capability());
+    backward_device_version(gpu, dev, saved, mode, version)
+}
+
+// ANCHOR: backward_device
+/// The fused backward of fp32 backward version `version` ([`versions::VERSIONS`]), dQ as
+/// `mode` says: dK and dV (and dQ by atomics) from a pass over key tiles, on the tensor
+/// cores in version 2; with [`DqMode::SeparatePass`] dQ from the CUDA cores' pass over query
+/// tiles after it.
+pub fn backward_device_version(
+    gpu: &'static Gpu,
+    dev: &DeviceProblem,
+    saved: &DeviceSaved,
+    mode: DqMode,
+    version: u32,
+) -> Result<[DeviceBuffer<f32>; 3]> {
     let Shape { batch, heads, n_q, n_k, head_dim: d, .. } = dev.shape;
     check_head_dim("flash2 (cuda)", d)?;
+    let v = versions::find(Track::Fp32Backward, version)
+        .ok_or_else(|| versions::unknown(Track::Fp32Backward, version))?;
     let z = (batch * heads) as u32;
+    let atomic = mode == DqMode::Atomic;
     // Atomics add into dQ (zeroed); the separate pass writes each element once.
-    let bwd = FusedBackward::new(gpu, dev, saved, mode == DqMode::Atomic)?;
-    // dK, dV over key tiles (with dQ by atomics, or else dQ over query tiles after)
-    let kv = if mode == DqMode::Atomic { "backward_kv_atomic_dq" } else { "backward_kv" };
-    let (kv_grid, q_grid) = ((blocks_for(n_k, TILE as u32), z), (blocks_for(n_q, TILE as u32), z));
-    launch_fused(
-        gpu,
-        &cuda_core_kernel(gpu, kv, d)?,
-        kv_grid,
-        &bwd.args,
-        dev,
-        "flash2_backward_kv",
-    )?;
+    let bwd = FusedBackward::new(gpu, dev, saved, atomic)?;
+    if v.is_tf32() {
+        let (f, tiles) = tf32_backward_kernel(gpu, v, dev, atomic)?;
+        let grid = (blocks_for(n_k, tiles.keys() as u32), z);
+        let threads = 32 * tiles.warps as u32;
+        let (a, mods) = (&bwd.args, &dev.mods);
+        launch_fused_with(
+            gpu,
+            &f,
+            (grid, threads),
+            a,
+            mods,
+            Some(&dev.dropout),
+            "flash2_backward_kv",
+        )?;
+    } else {
+        let kv = if atomic { "backward_kv_atomic_dq" } else { "backward_kv" };
+        let grid = (blocks_for(n_k, TILE as u32), z);
+        launch_fused(
+            gpu,
+            &cuda_core_kernel(gpu, kv, d)?,
+            grid,
+            &bwd.args,
+            dev,
+            "flash2_backward_kv",
+        )?;
+    }
     if mode == DqMode::SeparatePass {
         let q = cuda_core_kernel(gpu, "backward_q", d)?;
-        launch_fused(gpu, &q, q_grid, &bwd.args, dev, "flash2_backward_q")?;
+        let grid = (blocks_for(n_q, TILE as u32), z);
+        launch_fused(gpu, &q, grid, &bwd.args, dev, "flash2_backward_q")?;
     }
     bwd.finish(dev)
 }
+
+/// How the 3xTF32 backward tiles a head: `warps` warps of 16 keys a block, `rows` query
+/// rows a step of its loop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tf32Tiles {
+    pub warps: usize,
+    pub rows: usize,
+}
+
+impl Tf32Tiles {
+    /// Keys a block.
+    pub fn keys(self) -> usize {
+        16 * self.warps
+    }
+
+    /// The tiling at head dimension `d`: 32 query rows a step (64 take more registers than
+    /// they save loads), 4 warps up to d = 64 (two blocks a SM), 8 above (one block of 8
+    /// warps; 4 would leave the SM half idle). The tilings compared are in `notes/gpu.md`.
+    pub fn at(d: usize) -> Self {
+        Self { warps: if d <= 64 { 4 } else { 8 }, rows: 32 }
+    }
+
+    /// Shared-memory bytes: K_j, V_j, two buffers each of Q_i and dO_i (rows padded to
+    /// d + 4 floats), dS [rows][keys + 8] when dQ is computed, and lse, D and the dropout
+    /// row keys of a tile's rows.
+    pub fn shared_bytes(self, d: usize, dq: bool) -> u32 {
+        let (k, r) = (self.keys(), self.rows);
+        let ds = if dq { r * (k + 8) } else { 0 };
+        (4 * (2 * k * (d + 4) + 4 * r * (d + 4) + ds + 3 * r)) as u32
+    }
+}
+
+/// Version 2's kernel for `dev`'s head dimension and options, with dQ by atomics when
+/// `atomic_dq`, and its tiling.
+fn tf32_backward_kernel(
+    gpu: &Gpu,
+    v: &Version,
+    dev: &DeviceProblem,
+    atomic_dq: bool,
+) -> Result<((CudaFunction, u32), Tf32Tiles)> {
+    if gpu.compute_capability() < 80 {
+        return Err(AttnError::Unsupported {
+            stage: "flash2 (cuda) backward version 2",
+            what: "GPUs before sm_80 (no tf32 mma.sync)",
+            advice: "use backward version 1 on this GPU",
+        });
+    }
+    let d = dev.shape.head_dim;
+    let tiles = Tf32Tiles::at(d);
+    let (d_str, w, r) = (d.to_string(), tiles.warps.to_string(), tiles.rows.to_string());
+    let defines = [("TF32_D", d_str.as_str()), ("TF32B_KW", &w), ("TF32B_BR", &r)];
+    let mods = if dev.has_bias_or_mask() { "_mods" } else { "" };
+    let name = format!("flash2_backward_v{}{}{mods}", v.number, if atomic_dq { "" } else { "_kv" });
+    let f = gpu.function_with(v.module(), &v.sources(), &defines, &name)?;
+    Ok((with_shared_bytes(f, tiles.shared_bytes(d, atomic_dq))?, tiles))
+}
+// ANCHOR_END: backward_device
 
 /// The forward with uploads and downloads, and its device statistics.
 pub fn forward_with_stats(inputs: &Inputs<'_>, opts: &Options) -> Result<(Forward, DeviceStats)> {
@@ -215,8 +316,42 @@ pub fn backward_with_stats(
     })
 }
 
+/// [`backward_with_stats`] for fp32 backward version `version` ([`versions::VERSIONS`]).
+pub fn backward_version_with_stats(
+    inputs: &Inputs<'_>,
+    opts: &Options,
+    fwd: &Forward,
+    d_out: ArrayView4<'_, f32>,
+    version: u32,
+) -> Result<(Grads, DeviceStats)> {
+    let mode = DqMode::of(opts);
+    backward_on_device(inputs, opts, fwd, d_out, |gpu, dev, saved| {
+        backward_device_version(gpu, dev, saved, mode, version)
+    })
+}
+
 attn_core::cuda_stage!(
     /// FlashAttention-2 on the GPU, as a [`Stage`]: uploads, runs the fused kernels, downloads.
     Flash2Cuda,
     self
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every head dimension's tiling of the 3xTF32 backward fits the shared memory of a
+    /// sm_80 / sm_90 block (227 KiB), and its dQ blocks of 16 rows cover the tile's rows.
+    #[test]
+    fn the_tf32_backward_tilings_fit_a_block() {
+        for d in HEAD_DIMS {
+            let t = Tf32Tiles::at(d);
+            assert!(t.shared_bytes(d, true) <= 227 * 1024, "d {d}: {t:?}");
+            assert_eq!(t.warps % (t.rows / 16), 0, "d {d}: {t:?}");
+        }
+        // K_j, V_j, Q_i and dO_i twice (rows of d + 4 floats), dS, lse, D and row keys
+        let t = Tf32Tiles { warps: 4, rows: 32 };
+        assert_eq!(t.shared_bytes(64, true), 4 * (2 * 64 * 68 + 4 * 32 * 68 + 32 * 72 + 96));
+        assert_eq!(t.shared_bytes(64, false), 4 * (2 * 64 * 68 + 4 * 32 * 68 + 96));
+    }
+}

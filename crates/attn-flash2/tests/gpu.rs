@@ -74,6 +74,70 @@ fn every_forward_version_matches_the_reference() {
     }
 }
 
+/// Every fp32 backward version, dQ by atomics and in the separate pass, against the float64
+/// reference at every head dimension: with a full mask, a bias and dropout, and without
+/// (3xTF32's other kernel); causal with more queries than keys (fully masked rows) and not.
+#[test]
+fn every_backward_version_matches_the_reference() {
+    use attn_flash2::gpu::DqMode;
+    if skip_without_device() {
+        return;
+    }
+    let below_sm80 = attn_cuda::gpu().unwrap().compute_capability() < 80;
+    for v in versions(Track::Fp32Backward) {
+        let version = v.number;
+        if v.is_tf32() && below_sm80 {
+            eprintln!("skipped version {version}: no tf32 mma.sync before sm_80");
+            continue;
+        }
+        for d in attn_flash2::gpu::HEAD_DIMS {
+            for (causal, mods) in [(false, true), (true, true), (false, false), (true, false)] {
+                let (n_q, n_k) = if causal { (200, 150) } else { (150, 333) };
+                let case = Case {
+                    causal,
+                    mask: if mods { MaskKind::Full } else { MaskKind::None },
+                    bias: if mods { BiasKind::PerKey } else { BiasKind::None },
+                    dropout: if mods { Some(0.1) } else { None },
+                    ..Case::new(Shape::new(2, 4, n_q, d).with_n_k(n_k).with_kv_heads(2), 7)
+                };
+                let data = case.build();
+                let inputs = data.inputs();
+                let r = attn_core::reference::RefProblem::from_inputs(&inputs, &data.opts).unwrap();
+                let d_out = data.d_out.mapv(f64::from);
+                let (rg, m) = (r.backward(&d_out), r.backward_magnitudes(&d_out));
+                for mode in [DqMode::Atomic, DqMode::SeparatePass] {
+                    let opts = data.opts.clone().deterministic(mode == DqMode::SeparatePass);
+                    let fwd = Flash2Cuda.forward(&inputs, &opts).unwrap();
+                    let (g, _) = attn_flash2::gpu::backward_version_with_stats(
+                        &inputs,
+                        &opts,
+                        &fwd,
+                        data.d_out.view(),
+                        version,
+                    )
+                    .unwrap();
+                    for (name, got, want, mag) in [
+                        ("dq", &g.dq, &rg.dq, &m.dq),
+                        ("dk", &g.dk, &rg.dk, &m.dk),
+                        ("dv", &g.dv, &rg.dv, &m.dv),
+                    ] {
+                        let e = attn_core::metrics::compare_floored(
+                            got.view(),
+                            want.view(),
+                            mag.view(),
+                        )
+                        .normwise;
+                        assert!(
+                            e <= attn_core::tolerance::F32_BACKWARD,
+                            "version {version} d {d} causal {causal} mods {mods} {mode:?} {name}: {e:.2e}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The stage's default backward adds dQ by atomics; `Options::deterministic` selects the
 /// separate dQ pass, checked here against the float64 reference at every head dimension.
 #[test]
@@ -182,13 +246,21 @@ fn every_kernel_version_compiles_with_nvrtc() {
         .flat_map(|v| {
             let archs: &[&str] = match (v.ships(), v.track, v.number) {
                 (false, ..) => &["sm_90"],
-                (true, Track::Fp32Forward, 5 | 7) => &["sm_75", "sm_90"],
+                (true, Track::Fp32Forward, 5 | 7) | (true, Track::Fp32Backward, 1) => {
+                    &["sm_75", "sm_90"]
+                }
                 (true, ..) => &["sm_80", "sm_90"],
             };
             archs.iter().map(move |&arch| {
                 let (defines, dims): (Vec<String>, Vec<usize>) = match v.track {
-                    Track::Fp32Forward if v.number == 8 => (vec!["-DTF32_D=96".into()], vec![96]),
-                    Track::Fp32Forward => (vec![], HEAD_DIMS.to_vec()),
+                    Track::Fp32Forward if v.is_tf32() => (vec!["-DTF32_D=96".into()], vec![96]),
+                    // the backward at each of its tilings
+                    Track::Fp32Backward if v.is_tf32() => {
+                        let (d, kw, br) = if arch == "sm_80" { (96, 4, 32) } else { (128, 8, 64) };
+                        let defines = [("TF32_D", d), ("TF32B_KW", kw), ("TF32B_BR", br)];
+                        (defines.iter().map(|(k, x)| format!("-D{k}={x}")).collect(), vec![d])
+                    }
+                    Track::Fp32Forward | Track::Fp32Backward => (vec![], HEAD_DIMS.to_vec()),
                     _ => {
                         let (d, bf16) = if arch == "sm_80" { (128, 0) } else { (64, 1) };
                         (vec![format!("-DTC_D={d}"), format!("-DTC_BF16={bf16}")], vec![d])
@@ -201,6 +273,12 @@ fn every_kernel_version_compiles_with_nvrtc() {
                 entries.dedup();
                 if v.ships() && v.track == Track::TcBackward {
                     entries.extend(["tc_row_dot".into(), "tc_group_sum".into()]);
+                }
+                if v.track == Track::Fp32Backward && v.is_tf32() {
+                    entries.extend([
+                        "flash2_backward_v2_kv".into(),
+                        "flash2_backward_v2_kv_mods".into(),
+                    ]);
                 }
                 (v, arch, defines, entries)
             })

@@ -20,11 +20,14 @@ pub enum Track {
     TcForward,
     /// The backward on bf16 / fp16 inputs, on the tensor cores.
     TcBackward,
+    /// The backward on f32 inputs (CUDA cores, then the tensor cores by 3xTF32).
+    Fp32Backward,
 }
 
 impl Track {
     /// Every track, in the book's order.
-    pub const ALL: [Track; 3] = [Track::Fp32Forward, Track::TcForward, Track::TcBackward];
+    pub const ALL: [Track; 4] =
+        [Track::Fp32Forward, Track::Fp32Backward, Track::TcForward, Track::TcBackward];
 
     /// How the bench and the book name the track.
     pub fn name(self) -> &'static str {
@@ -32,6 +35,7 @@ impl Track {
             Track::Fp32Forward => "fp32 forward",
             Track::TcForward => "tensor-core forward",
             Track::TcBackward => "tensor-core backward",
+            Track::Fp32Backward => "fp32 backward",
         }
     }
 }
@@ -77,6 +81,8 @@ macro_rules! kernels {
 kernels!(
     "flash2.cu",
     "flash2_tf32.cu",
+    "flash2_tf32_backward.cu",
+    "tf32.cuh",
     "tc.cuh",
     "flash2_tc_forward.cu",
     "flash2_tc_backward.cu",
@@ -103,7 +109,7 @@ const fn v(
 }
 
 use Role::{Default, Fallback, Ladder};
-use Track::{Fp32Forward, TcBackward, TcForward};
+use Track::{Fp32Backward, Fp32Forward, TcBackward, TcForward};
 
 /// Every version of every track, in order.
 pub const VERSIONS: &[Version] = &[
@@ -155,6 +161,22 @@ pub const VERSIONS: &[Version] = &[
         Default,
         "flash2_tf32.cu",
         "the products on the tensor cores in 3xTF32 (three tf32 mma of big and small parts: f32 accuracy), 128 rows over 8 warps",
+    ),
+    v(
+        Fp32Backward,
+        1,
+        None,
+        Fallback { head_dims: &[] },
+        "flash2.cu",
+        "Algorithm 2 on the CUDA cores: a block per 64-key tile, 4 × 4 scores a thread, dQ by atomics (or in a pass of its own over query tiles)",
+    ),
+    v(
+        Fp32Backward,
+        2,
+        Some(1),
+        Default,
+        "flash2_tf32_backward.cu",
+        "the five products on the tensor cores in 3xTF32, the 16-bit backward's loop: 16 keys a warp, transposed accumulators, Q_i+1 and dO_i+1 a tile ahead",
     ),
     v(
         TcForward,
@@ -272,8 +294,8 @@ impl Version {
         let src = |f: &str| file_source(f).expect("every registered file is embedded");
         let mut s = vec![CONTRACT_HEADER, TILES];
         match self.track {
-            Fp32Forward if self.number == 8 => s.push(MMA),
-            Fp32Forward => {}
+            Fp32Forward | Fp32Backward if self.is_tf32() => s.extend([MMA, src("tf32.cuh")]),
+            Fp32Forward | Fp32Backward => {}
             TcForward | TcBackward => s.extend([MMA, src("tc.cuh")]),
         }
         if self.file == "ladder/fp32_forward_03.cu" {
@@ -281,6 +303,11 @@ impl Version {
         }
         s.push(src(self.file));
         s
+    }
+
+    /// Whether its products run on the tensor cores in 3xTF32 (sm_80 and later).
+    pub fn is_tf32(&self) -> bool {
+        matches!((self.track, self.number), (Fp32Forward, 8) | (Fp32Backward, 2))
     }
 
     /// The module name its kernels are cached under.
@@ -294,24 +321,28 @@ impl Version {
     }
 
     /// Whether a second kernel (`_mods`) takes the calls with a mask or bias, the first one
-    /// being compiled without them (3xTF32 version 8, tensor-core forward 11 on, backward 7 on).
+    /// being compiled without them (the 3xTF32 versions, tensor-core forward 11 on, backward
+    /// 7 on).
     pub fn has_mods_kernel(&self) -> bool {
         match self.track {
-            Fp32Forward => self.number == 8,
+            Fp32Forward | Fp32Backward => self.is_tf32(),
             TcForward => self.number >= 11,
             TcBackward => self.number >= 7,
         }
     }
 
     /// The name of the kernel to launch at head dimension `d`, for a call with a mask or bias
-    /// when `with_mods`. The CUDA-core fp32 kernels are compiled for every head dimension in
-    /// one module (`_d{d}`); the others' modules for one, and a shipped tensor-core kernel is
-    /// named after its track, a ladder step after its number.
+    /// when `with_mods` (the backward's with dQ by atomics). The CUDA-core fp32 kernels are
+    /// compiled for every head dimension in one module (`_d{d}`); the others' modules for
+    /// one, and a shipped tensor-core kernel is named after its track, a ladder step after
+    /// its number.
     pub fn kernel_name(&self, d: usize, with_mods: bool) -> String {
         let mods = if with_mods && self.has_mods_kernel() { "_mods" } else { "" };
         match self.track {
-            Fp32Forward if self.number == 8 => format!("flash2_forward_v8{mods}"),
+            Fp32Forward if self.is_tf32() => format!("flash2_forward_v8{mods}"),
             Fp32Forward => format!("flash2_forward_v{}_d{d}", self.number),
+            Fp32Backward if self.is_tf32() => format!("flash2_backward_v{}{mods}", self.number),
+            Fp32Backward => format!("flash2_backward_kv_atomic_dq_d{d}"),
             TcForward | TcBackward => {
                 let base = if self.track == TcForward {
                     "flash2_tc_forward"
@@ -354,6 +385,7 @@ pub fn markdown_table(track: Track) -> String {
 pub fn book_table_file(track: Track) -> &'static str {
     match track {
         Track::Fp32Forward => "flash2-fp32-forward.md",
+        Track::Fp32Backward => "flash2-fp32-backward.md",
         Track::TcForward => "flash2-tc-forward.md",
         Track::TcBackward => "flash2-tc-backward.md",
     }
@@ -404,6 +436,7 @@ mod tests {
         assert_eq!(default_version(Track::TcForward).number, 14);
         assert_eq!(default_version(Track::TcBackward).number, 7);
         assert_eq!(default_version(Track::Fp32Forward).number, 8);
+        assert_eq!(default_version(Track::Fp32Backward).number, 2);
     }
 
     #[test]
@@ -411,6 +444,10 @@ mod tests {
         let fp32 = |n| find(Track::Fp32Forward, n).unwrap();
         assert_eq!(fp32(5).kernel_name(64, true), "flash2_forward_v5_d64");
         assert_eq!(fp32(8).kernel_name(64, true), "flash2_forward_v8_mods");
+        let bwd = |n| find(Track::Fp32Backward, n).unwrap();
+        assert_eq!(bwd(1).kernel_name(96, true), "flash2_backward_kv_atomic_dq_d96");
+        assert_eq!(bwd(2).kernel_name(96, true), "flash2_backward_v2_mods");
+        assert_eq!(bwd(2).kernel_name(32, false), "flash2_backward_v2");
         let tc = |t, n| find(t, n).unwrap();
         assert_eq!(tc(Track::TcForward, 4).kernel_name(128, true), "flash2_tc_forward_v4");
         assert_eq!(tc(Track::TcForward, 11).kernel_name(128, true), "flash2_tc_forward_v11_mods");
@@ -420,11 +457,13 @@ mod tests {
     }
 
     #[test]
-    fn before_sm_80_the_fp32_forward_falls_back_to_the_cuda_cores() {
+    fn before_sm_80_the_fp32_kernels_fall_back_to_the_cuda_cores() {
         assert_eq!(version_for(Track::Fp32Forward, 64, 90).number, 8);
         assert_eq!(version_for(Track::Fp32Forward, 128, 75).number, 7);
         assert_eq!(version_for(Track::Fp32Forward, 64, 75).number, 5);
         assert_eq!(version_for(Track::Fp32Forward, 96, 70).number, 5);
+        assert_eq!(version_for(Track::Fp32Backward, 64, 90).number, 2);
+        assert_eq!(version_for(Track::Fp32Backward, 128, 75).number, 1);
     }
 
     #[test]
@@ -442,6 +481,6 @@ mod tests {
         for f in &files {
             assert!(file_source(f).is_some(), "{f} is not embedded in the registry");
         }
-        assert_eq!(files.len(), 14);
+        assert_eq!(files.len(), 16);
     }
 }

@@ -1,0 +1,253 @@
+// FlashAttention-2's backward for f32 inputs on the tensor cores, by 3xTF32 (fp32 backward,
+// version 2): Algorithm 2 with the loop of the 16-bit backward (flash2_tc_backward.cu) and
+// the arithmetic of the f32 forward (flash2_tf32.cu). Prepended: contract.cuh, tiles.cuh,
+// mma.cuh (attn-cuda) and tf32.cuh; compiled for one head dimension and tiling (TF32_D,
+// TF32B_KW warps, TF32B_BR query rows a tile).
+//
+// A block owns a key tile K_j, V_j (16 keys a warp) and walks the query tiles that can see
+// it; the warp's dK_j, dV_j stay in its accumulators. Per query tile the accumulators hold
+// *transposed* tiles (rows = the warp's 16 keys, columns = the tile's queries):
+//   S^T = K_j Q_i^T,  P^T = exp(S^T - lse),  dV_j += (P o Z)^T dO_i,
+//   dP^T = V_j dO_i^T, dS^T = P^T o (Z o dP^T - D),  dK_j += dS^T Q_i
+// (Z: the dropout factors, 1 without dropout). K_j's and V_j's A fragments and Q_i's and
+// dO_i's B fragments of the first two products come by ldmatrix, 8 x 4 f32 blocks. The
+// next two take P^T and dS^T from the accumulators as A fragments, the k index (queries)
+// renumbered as in the forward's P~ V_j (c_as_a), so Q_i's and dO_i's B fragments read
+// rows 2t and 2t + 1: two 32-bit loads, in 32 different banks. dQ_i += dS K_j needs dS with
+// rows = queries: the accumulators go to shared memory as dS (f32, [query][key]) and come
+// back as A fragments of 8 keys, keys renumbered the same way (one 8-byte load gives a
+// row's keys 2t, 2t + 1); dQ is added to device memory two floats an atomic, since every
+// key tile adds to the same rows. Q_i+1, dO_i+1 and the next tile's lse and D are on their
+// way while tile i is computed. DQ = false leaves dQ to the separate query-tile pass of
+// flash2.cu (Options::deterministic).
+
+#ifndef TF32_D
+#error "compile with -DTF32_D=32|64|96|128 -DTF32B_KW=4|8 -DTF32B_BR=32|64"
+#endif
+
+// ANCHOR: tf32_backward
+template <int D, bool MODS, bool DQ, int KW, int QR>
+__device__ void tf32_backward(const FlashArgs& a, const ScoreMods& mods, const Dropout& drop) {
+    constexpr int THREADS = 32 * KW, BK = 16 * KW;  // threads, keys a block
+    constexpr int S = D + 4, SQ = BK + 8;            // row strides (floats): d-rows, dS rows
+    constexpr unsigned QTB = QR * S * 4;             // bytes of one Q or dO buffer
+    constexpr int RG = QR / 16, DC = D * RG / KW;    // dQ: row groups, columns a warp
+    static_assert(KW % RG == 0 && DC % 8 == 0, "dQ's 16-row x DC-column blocks cover the tile");
+    constexpr float LOG2E = 1.4426950408889634f;
+    extern __shared__ float4 smem_tb[];
+    float* const base = reinterpret_cast<float*>(smem_tb);
+    const unsigned Ka = (unsigned)__cvta_generic_to_shared(base);  // [BK][S]
+    const unsigned Va = Ka + BK * S * 4;                            // [BK][S]
+    const unsigned Qa = Va + BK * S * 4;                            // [2][QR][S]
+    const unsigned Oa = Qa + 2 * QTB;                               // [2][QR][S] dO
+    const float* Ks = base;
+    const float* Qs = base + 2 * BK * S;
+    float* dSs = base + 2 * BK * S + 4 * QR * S;  // [QR][SQ]: dS, rows = queries
+    float* Ls = dSs + (DQ ? QR * SQ : 0);         // [QR] lse of the tile's rows (base 2)
+    float* Ds = Ls + QR;                          // [QR] D of the tile's rows
+    u32* Rk = reinterpret_cast<u32*>(Ds + QR);    // [QR] their dropout row keys
+    const BlockHead hd = block_head<D>(a, blockIdx.y);
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+    const int mr = lane % 8, mi = lane / 8;  // ldmatrix: the lane gives row mr of matrix mi
+    const int j0 = blockIdx.x * BK;
+    const float* lse = (const float*)a.lse + (i64)hd.z * a.n_q;
+    const float* dvec = (const float*)a.dvec + (i64)hd.z * a.n_q;
+    float* dq = (float*)a.dq + (i64)hd.z * a.n_q * D;
+    const int keys[2] = {j0 + 16 * warp + g, j0 + 16 * warp + g + 8};  // the lane's two keys
+    const int qr = 16 * (warp % RG), qc = DC * (warp / RG);  // dQ: the warp's rows, columns
+    // The lane's addresses at the first block: K_j's (V_j's) A fragment of the warp's keys,
+    // Q_i's (dO_i's) B fragments of queries 0 .. 15 by ldmatrix; Q_i's (dO_i's) rows 2t,
+    // 2t + 1 at column g; dS's keys 2t, 2t + 1 of query row qr + g; K_j's rows 2t, 2t + 1 at
+    // column qc + g.
+    const unsigned ka_at = Ka + ((16 * warp + mr + 8 * (mi % 2)) * S + 4 * (mi / 2)) * 4;
+    const unsigned qb_at = Qa + ((mr + 8 * (mi / 2)) * S + 4 * (mi % 2)) * 4;
+    const float* q_at = Qs + 2 * t * S + g;
+    const float* ds_at = dSs + (qr + g) * SQ + 2 * t;
+    const float* k_at = Ks + 2 * t * S + qc + g;
+
+    float dk[D / 8][4], dv[D / 8][4];
+    zero_frags<D / 8>(dk);
+    zero_frags<D / 8>(dv);
+    // the first query row that sees key j0 (causal: i >= j - (n_k - n_q)), on a tile boundary
+    const int i_first = mods.causal ? max(0, j0 - (a.n_k - a.n_q)) / QR * QR : 0;
+    // lse and D of query row i0 + threadIdx.x, read one tile ahead
+    float next_l = NEG_INF, next_d = 0.0f;
+    auto fetch_stats = [&](int i0) {
+        const int i = i0 + threadIdx.x;
+        const bool ok = threadIdx.x < QR && i < a.n_q;
+        next_l = ok ? lse[i] : NEG_INF;
+        next_d = ok ? dvec[i] : 0.0f;
+    };
+    fetch_stats(i_first);
+    load_rows_at<D, BK, THREADS>(Ka, hd.k, j0, a.n_k);
+    load_rows_at<D, BK, THREADS>(Va, hd.v, j0, a.n_k);
+    if (i_first < a.n_q) {
+        load_rows_at<D, QR, THREADS>(Qa, hd.q, i_first, a.n_q);
+        load_rows_at<D, QR, THREADS>(Oa, hd.d_out, i_first, a.n_q);
+    }
+    cp_async_commit();
+
+    for (int i0 = i_first, step = 0; i0 < a.n_q; i0 += QR, step++) {
+        const unsigned buf = (step % 2) * QTB;  // this tile's Q, dO buffers; QTB - buf: the next's
+        cp_async_wait<0>();  // this thread's copies of Q_i, dO_i (and at step 0, K_j, V_j)
+        __syncthreads();     // everyone's; every warp done with tile i - 1 (its lse, D, dS)
+        if (i0 + QR < a.n_q) {
+            load_rows_at<D, QR, THREADS>(Qa + QTB - buf, hd.q, i0 + QR, a.n_q);
+            load_rows_at<D, QR, THREADS>(Oa + QTB - buf, hd.d_out, i0 + QR, a.n_q);
+            cp_async_commit();
+        }
+        // lse in base-2 units; a row that saw no key (lse = -inf) gets +inf, so that
+        // 2^(s - lse) is 0 without a test
+        if (threadIdx.x < QR) {
+            Ls[threadIdx.x] = next_l == NEG_INF ? -NEG_INF : next_l * LOG2E;
+            Ds[threadIdx.x] = next_d;
+            if (drop.enabled) Rk[threadIdx.x] = row_key(drop.seed, hd.b, hd.h, i0 + threadIdx.x);
+        }
+        if (i0 + QR < a.n_q) fetch_stats(i0 + QR);
+        __syncthreads();
+
+        // S^T = K_j Q_i^T and dP^T = V_j dO_i^T, 8 columns of d a step
+        float st[QR / 8][4], dpt[QR / 8][4];
+        zero_frags<QR / 8>(st);
+        zero_frags<QR / 8>(dpt);
+#pragma unroll
+        for (int kk = 0; kk < D / 8; kk++) {
+            u32 x[4], kb[4], ks[4], vb[4], vs[4];
+            ldsm_x4_at(x, ka_at + 32 * kk);
+            split4(x, kb, ks);
+            ldsm_x4_at(x, ka_at + BK * S * 4 + 32 * kk);
+            split4(x, vb, vs);
+#pragma unroll
+            for (int nb = 0; nb < QR / 8; nb += 2) {
+                const unsigned at = qb_at + buf + (8 * nb * S + 8 * kk) * 4;
+                u32 big[4], small[4];
+                ldsm_x4_at(x, at);
+                split4(x, big, small);
+                mma_3xtf32(st[nb], kb, ks, big, small);
+                mma_3xtf32(st[nb + 1], kb, ks, big + 2, small + 2);
+                ldsm_x4_at(x, at + 2 * QTB);
+                split4(x, big, small);
+                mma_3xtf32(dpt[nb], vb, vs, big, small);
+                mma_3xtf32(dpt[nb + 1], vb, vs, big + 2, small + 2);
+            }
+        }
+
+        // P^T = 2^(S^T scale log2 e - lse) and dS^T = P^T o (Z o dP^T - D) on the
+        // accumulators, st becoming (P o Z)^T: the lane's elements are keys keys[e / 2],
+        // queries i0 + 8nb + 2t + (e & 1).
+        const bool plain = tile_plain(mods, i0, j0, BK);
+        const float scale2 = a.scale * LOG2E;
+#pragma unroll
+        for (int nb = 0; nb < QR / 8; nb++) {
+            const float2 L = *reinterpret_cast<const float2*>(Ls + 8 * nb + 2 * t);
+            const float2 Dr = *reinterpret_cast<const float2*>(Ds + 8 * nb + 2 * t);
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int q = 8 * nb + 2 * t + (e & 1), i = i0 + q;
+                float x;
+                if (plain)
+                    x = st[nb][e] * scale2;
+                else if (!MODS)  // the causal diagonal or the keys' end: one comparison
+                    x = keys[e / 2] < key_end(mods, i) ? st[nb][e] * scale2 : NEG_INF;
+                else
+                    x = score(mods, false, a.scale, hd.b, hd.h, i, keys[e / 2], st[nb][e]) * LOG2E;
+                const float p = ex2_ftz(x - ((e & 1) ? L.y : L.x));
+                const float z = drop.enabled ? dropout_factor(drop, Rk[q], keys[e / 2]) : 1.0f;
+                st[nb][e] = p * z;
+                dpt[nb][e] = p * (z * dpt[nb][e] - ((e & 1) ? Dr.y : Dr.x));
+            }
+        }
+
+        if (DQ) {  // dS to shared memory for dQ: rows = queries, columns = keys
+#pragma unroll
+            for (int nb = 0; nb < QR / 8; nb++)
+#pragma unroll
+                for (int e = 0; e < 4; e++)
+                    dSs[(8 * nb + 2 * t + (e & 1)) * SQ + 16 * warp + g + 8 * (e / 2)] = dpt[nb][e];
+        }
+
+        // dV_j += (P o Z)^T dO_i and dK_j += dS^T Q_i, 8 queries a step
+        const float* qt = q_at + buf / 4;
+#pragma unroll
+        for (int kq = 0; kq < QR / 8; kq++) {
+            u32 pb[4], ps[4], sb[4], ss[4];
+            c_as_a(st[kq], pb, ps);
+            c_as_a(dpt[kq], sb, ss);
+#pragma unroll
+            for (int c = 0; c < D / 8; c++) {
+                const float* at = qt + 8 * kq * S + 8 * c;  // Q[8kq + 2t][8c + g]
+                u32 big[2], small[2];
+                split_tf32(at[2 * QTB / 4], big[0], small[0]);  // dO_i's
+                split_tf32(at[2 * QTB / 4 + S], big[1], small[1]);
+                mma_3xtf32(dv[c], pb, ps, big, small);
+                split_tf32(at[0], big[0], small[0]);
+                split_tf32(at[S], big[1], small[1]);
+                mma_3xtf32(dk[c], sb, ss, big, small);
+            }
+        }
+        if (!DQ) continue;
+        __syncthreads();  // dS is whole
+
+        // dQ_i += dS K_j for the warp's 16 query rows and DC columns, 8 keys a step, added to
+        // the f32 accumulator in device memory two floats an atomic
+        float dqa[DC / 8][4];
+        zero_frags<DC / 8>(dqa);
+#pragma unroll
+        for (int kk = 0; kk < BK / 8; kk++) {
+            const float2 x0 = *reinterpret_cast<const float2*>(ds_at + 8 * kk);
+            const float2 x1 = *reinterpret_cast<const float2*>(ds_at + 8 * SQ + 8 * kk);
+            u32 db[4], ds[4];
+            split_tf32(x0.x, db[0], ds[0]);  // keys renumbered: logical t is key 2t
+            split_tf32(x1.x, db[1], ds[1]);
+            split_tf32(x0.y, db[2], ds[2]);
+            split_tf32(x1.y, db[3], ds[3]);
+#pragma unroll
+            for (int c = 0; c < DC / 8; c++) {
+                const float* at = k_at + 8 * kk * S + 8 * c;  // K[8kk + 2t][qc + 8c + g]
+                u32 big[2], small[2];
+                split_tf32(at[0], big[0], small[0]);
+                split_tf32(at[S], big[1], small[1]);
+                mma_3xtf32(dqa[c], db, ds, big, small);
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const int i = i0 + qr + g + 8 * r;
+            if (i >= a.n_q) continue;
+            float* row = dq + (i64)i * D + qc + 2 * t;
+#pragma unroll
+            for (int c = 0; c < DC / 8; c++)
+                red_add2(row + 8 * c, a.scale * dqa[c][2 * r], a.scale * dqa[c][2 * r + 1]);
+        }
+    }
+    cp_async_wait<0>();  // (K_j's and V_j's copies, when no query row sees the tile)
+
+    // dK_j (times the scale) and dV_j of the warp's keys, per query head (the host sums a
+    // GQA group's heads)
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        if (keys[r] >= a.n_k) continue;
+#pragma unroll
+        for (int c = 0; c < D / 8; c++) {
+            const i64 at = ((i64)hd.z * a.n_k + keys[r]) * D + 8 * c + 2 * t;
+            *reinterpret_cast<float2*>((float*)a.dk + at) =
+                make_float2(a.scale * dk[c][2 * r], a.scale * dk[c][2 * r + 1]);
+            *reinterpret_cast<float2*>((float*)a.dv + at) =
+                make_float2(dv[c][2 * r], dv[c][2 * r + 1]);
+        }
+    }
+}
+// ANCHOR_END: tf32_backward
+
+// Four kernels: without mask or bias and with them (_mods), each with dQ by atomics or
+// without dQ (_kv, for the separate pass).
+#define TF32B_THREADS (32 * TF32B_KW)
+#define TF32B_BOUNDS __launch_bounds__(TF32B_THREADS, TF32B_KW == 4 && TF32_D <= 64 ? 2 : 1)
+#define TF32B_KERNEL(NAME, MODS, DQ)                                                  \
+    extern "C" __global__ void TF32B_BOUNDS NAME(FlashArgs a, ScoreMods m, Dropout dr) { \
+        tf32_backward<TF32_D, MODS, DQ, TF32B_KW, TF32B_BR>(a, m, dr);                \
+    }
+TF32B_KERNEL(flash2_backward_v2, false, true)
+TF32B_KERNEL(flash2_backward_v2_mods, true, true)
+TF32B_KERNEL(flash2_backward_v2_kv, false, false)
+TF32B_KERNEL(flash2_backward_v2_kv_mods, true, false)
