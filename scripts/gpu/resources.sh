@@ -6,8 +6,10 @@
 #
 #   scripts/gpu/resources.sh [flash1|flash2] [ARCH]
 #
-# flash2 covers the shipped modules: the CUDA-core kernels, the 3xTF32 forward (TF32_D, default
-# 128) and the tensor-core forward and backward (TC_D, default 128; bf16).
+# flash2 covers the shipped modules: the CUDA-core kernels, the 3xTF32 forward and backward
+# (TF32_D, default 128; the backward's tiling TF32B_KW warps, default 8, and TF32B_BR query
+# rows, default 32, as the stage picks them at d = 128) and the tensor-core forward and
+# backward (TC_D, default 128; bf16).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 stage="${1:-flash2}"
@@ -28,7 +30,9 @@ report() { # NAME DEFINES SOURCES...
 }
 report "$stage" "" "$h/contract.cuh" "$h/tiles.cuh" "$k/$stage.cu"
 if [ "$stage" = flash2 ]; then
-  report tf32 "-DTF32_D=${TF32_D:-128}" "$h/contract.cuh" "$h/tiles.cuh" "$h/mma.cuh" "$k/flash2_tf32.cu"
+  report tf32 "-DTF32_D=${TF32_D:-128}" "$h/contract.cuh" "$h/tiles.cuh" "$h/mma.cuh" "$k/tf32.cuh" "$k/flash2_tf32.cu"
+  report tf32_backward "-DTF32_D=${TF32_D:-128} -DTF32B_KW=${TF32B_KW:-8} -DTF32B_BR=${TF32B_BR:-32}" \
+    "$h/contract.cuh" "$h/tiles.cuh" "$h/mma.cuh" "$k/tf32.cuh" "$k/flash2_tf32_backward.cu"
   for part in forward backward; do
     report "tc_$part" "-DTC_D=${TC_D:-128} -DTC_BF16=1" "$h/contract.cuh" "$h/tiles.cuh" "$h/mma.cuh" \
       "$k/tc.cuh" "$k/flash2_tc_$part.cu"

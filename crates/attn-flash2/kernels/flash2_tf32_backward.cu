@@ -166,6 +166,7 @@ __device__ void tf32_backward(const FlashArgs& a, const ScoreMods& mods, const D
                     dSs[(8 * nb + 2 * t + (e & 1)) * SQ + 16 * warp + g + 8 * (e / 2)] = dpt[nb][e];
         }
 
+        // ANCHOR: tf32_backward_dk_dv
         // dV_j += (P o Z)^T dO_i and dK_j += dS^T Q_i, 8 queries a step
         const float* qt = q_at + buf / 4;
 #pragma unroll
@@ -185,6 +186,7 @@ __device__ void tf32_backward(const FlashArgs& a, const ScoreMods& mods, const D
                 mma_3xtf32(dk[c], sb, ss, big, small);
             }
         }
+        // ANCHOR_END: tf32_backward_dk_dv
         if (!DQ) continue;
         __syncthreads();  // dS is whole
 
