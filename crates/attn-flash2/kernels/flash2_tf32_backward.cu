@@ -18,8 +18,8 @@
 // back as A fragments of 8 keys, keys renumbered the same way (one 8-byte load gives a
 // row's keys 2t, 2t + 1); dQ is added to device memory two floats an atomic, since every
 // key tile adds to the same rows. Q_i+1, dO_i+1 and the next tile's lse and D are on their
-// way while tile i is computed. DQ = false leaves dQ to the separate query-tile pass of
-// flash2.cu (Options::deterministic).
+// way while tile i is computed. DQ = false leaves dQ to the separate pass over query tiles
+// below (tf32_backward_q, Options::deterministic).
 
 #ifndef TF32_D
 #error "compile with -DTF32_D=32|64|96|128 -DTF32B_KW=4|8 -DTF32B_BR=32|64"
@@ -241,8 +241,144 @@ __device__ void tf32_backward(const FlashArgs& a, const ScoreMods& mods, const D
 }
 // ANCHOR_END: tf32_backward
 
-// Four kernels: without mask or bias and with them (_mods), each with dQ by atomics or
-// without dQ (_kv, for the separate pass).
+// ANCHOR: tf32_backward_q
+// The separate dQ pass (Options::deterministic), over query tiles: a block owns 16 query rows
+// a warp (Q_i, dO_i, their lse and D stay put) and walks the key tiles they see, K_j, V_j by
+// cp.async into two buffers each, recomputing S = Q_i K_j^T and dP = dO_i V_j^T as the
+// forward computes S (rows = queries, so that dS is an A fragment of dQ_i += dS K_j, keys
+// renumbered by c_as_a); every dQ element is written once, by one lane, in a fixed order.
+template <int D, bool MODS>
+__device__ void tf32_backward_q(const FlashArgs& a, const ScoreMods& mods, const Dropout& drop) {
+    constexpr int W = 4, THREADS = 32 * W, QR = 16 * W, KB = 64;  // warps, rows, keys a tile
+    constexpr int S = D + 4;
+    constexpr unsigned QB = QR * S * 4, KVB = KB * S * 4;  // bytes of Q_i (dO_i), of K_j (V_j)
+    constexpr float LOG2E = 1.4426950408889634f;
+    extern __shared__ float4 smem_tq[];
+    const unsigned Qa = (unsigned)__cvta_generic_to_shared(smem_tq);  // [QR][S]
+    const unsigned Oa = Qa + QB;                                       // [QR][S] dO
+    const unsigned Ka = Oa + QB;                                       // [2][KB][S]
+    const unsigned Va = Ka + 2 * KVB;                                  // [2][KB][S]
+    const float* Kf = reinterpret_cast<const float*>(smem_tq) + 2 * QR * S;
+    const BlockHead hd = block_head<D>(a, blockIdx.y);
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
+    const int mr = lane % 8, mi = lane / 8;
+    // Q_i's (dO_i's) A fragment of the warp's rows, K_j's (V_j's) B fragments of keys 0 .. 15
+    // (as the forward's), and K_j's rows 2t, 2t + 1 at column g (dQ's B fragment)
+    const unsigned q_at = Qa + ((16 * warp + mr + 8 * (mi % 2)) * S + 4 * (mi / 2)) * 4;
+    const unsigned k_at = Ka + ((mr + 8 * (mi / 2)) * S + 4 * (mi % 2)) * 4;
+    const float* kq_at = Kf + 2 * t * S + g;
+    const int i0 = blockIdx.x * QR;
+    const int rows[2] = {i0 + 16 * warp + g, i0 + 16 * warp + g + 8};
+    const float* lse = (const float*)a.lse + (i64)hd.z * a.n_q;
+    const float* dvec = (const float*)a.dvec + (i64)hd.z * a.n_q;
+    float L[2], Dr[2];
+    u32 key[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const bool ok = rows[r] < a.n_q;
+        const float l = ok ? lse[rows[r]] : NEG_INF;
+        L[r] = l == NEG_INF ? -NEG_INF : l * LOG2E;  // no key seen: +inf, so that P = 0
+        Dr[r] = ok ? dvec[rows[r]] : 0.0f;
+        key[r] = drop.enabled ? row_key(drop.seed, hd.b, hd.h, rows[r]) : 0u;
+    }
+    const int j_end = key_end(mods, min(i0 + QR, a.n_q) - 1);
+
+    if (j_end > 0) {
+        load_rows_at<D, KB, THREADS>(Ka, hd.k, 0, a.n_k);
+        load_rows_at<D, KB, THREADS>(Va, hd.v, 0, a.n_k);
+    }
+    load_rows_at<D, QR, THREADS>(Qa, hd.q, i0, a.n_q);
+    load_rows_at<D, QR, THREADS>(Oa, hd.d_out, i0, a.n_q);
+    cp_async_commit();
+    float dq[D / 8][4];
+    zero_frags<D / 8>(dq);
+
+    for (int j0 = 0, step = 0; j0 < j_end; j0 += KB, step++) {
+        const unsigned buf = (step % 2) * KVB;  // this tile's buffers; KVB - buf: the next's
+        cp_async_wait<0>();
+        __syncthreads();  // everyone's copies; every warp done with tile j - 1
+        if (j0 + KB < j_end) {
+            load_rows_at<D, KB, THREADS>(Ka + KVB - buf, hd.k, j0 + KB, a.n_k);
+            load_rows_at<D, KB, THREADS>(Va + KVB - buf, hd.v, j0 + KB, a.n_k);
+            cp_async_commit();
+        }
+        // S = Q_i K_j^T and dP = dO_i V_j^T
+        float st[KB / 8][4], dp[KB / 8][4];
+        zero_frags<KB / 8>(st);
+        zero_frags<KB / 8>(dp);
+#pragma unroll
+        for (int kk = 0; kk < D / 8; kk++) {
+            u32 x[4], qb[4], qs[4], ob[4], os[4];
+            ldsm_x4_at(x, q_at + 32 * kk);
+            split4(x, qb, qs);
+            ldsm_x4_at(x, q_at + QB + 32 * kk);
+            split4(x, ob, os);
+#pragma unroll
+            for (int nb = 0; nb < KB / 8; nb += 2) {
+                const unsigned at = k_at + buf + (8 * nb * S + 8 * kk) * 4;
+                u32 big[4], small[4];
+                ldsm_x4_at(x, at);
+                split4(x, big, small);
+                mma_3xtf32(st[nb], qb, qs, big, small);
+                mma_3xtf32(st[nb + 1], qb, qs, big + 2, small + 2);
+                ldsm_x4_at(x, at + 2 * KVB);
+                split4(x, big, small);
+                mma_3xtf32(dp[nb], ob, os, big, small);
+                mma_3xtf32(dp[nb + 1], ob, os, big + 2, small + 2);
+            }
+        }
+        // dS = P o (Z o dP - D), P = 2^(S scale log2 e - lse): the lane's elements are rows
+        // rows[e / 2], keys j0 + 8nb + 2t + (e & 1)
+        const bool plain = tile_plain(mods, i0, j0, KB);
+        const float scale2 = a.scale * LOG2E;
+        const int lim[2] = {key_end(mods, rows[0]), key_end(mods, rows[1])};
+#pragma unroll
+        for (int nb = 0; nb < KB / 8; nb++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int j = j0 + 8 * nb + 2 * t + (e & 1), r = e / 2;
+                float x;
+                if (plain)
+                    x = st[nb][e] * scale2;
+                else if (!MODS)
+                    x = j < lim[r] ? st[nb][e] * scale2 : NEG_INF;
+                else
+                    x = score(mods, false, a.scale, hd.b, hd.h, rows[r], j, st[nb][e]) * LOG2E;
+                const float p = ex2_ftz(x - L[r]);
+                const float z = drop.enabled ? dropout_factor(drop, key[r], j) : 1.0f;
+                dp[nb][e] = p * (z * dp[nb][e] - Dr[r]);
+            }
+        // dQ_i += dS K_j, 8 keys a step (logical key t is key 2t, t + 4 is 2t + 1)
+#pragma unroll
+        for (int kb = 0; kb < KB / 8; kb++) {
+            u32 sb[4], ss[4];
+            c_as_a(dp[kb], sb, ss);
+#pragma unroll
+            for (int c = 0; c < D / 8; c++) {
+                const float* at = kq_at + buf / 4 + 8 * kb * S + 8 * c;  // K[8kb + 2t][8c + g]
+                u32 big[2], small[2];
+                split_tf32(at[0], big[0], small[0]);
+                split_tf32(at[S], big[1], small[1]);
+                mma_3xtf32(dq[c], sb, ss, big, small);
+            }
+        }
+    }
+    cp_async_wait<0>();  // (Q_i's copies, when the block saw no key)
+
+    float* out = (float*)a.dq + (i64)hd.z * a.n_q * D;
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        if (rows[r] >= a.n_q) continue;
+#pragma unroll
+        for (int c = 0; c < D / 8; c++)
+            *reinterpret_cast<float2*>(out + (i64)rows[r] * D + 8 * c + 2 * t) =
+                make_float2(a.scale * dq[c][2 * r], a.scale * dq[c][2 * r + 1]);
+    }
+}
+// ANCHOR_END: tf32_backward_q
+
+// Six kernels: without mask or bias and with them (_mods), each with dQ by atomics, without
+// dQ (_kv), and the dQ pass that follows it (_q).
 #define TF32B_THREADS (32 * TF32B_KW)
 #define TF32B_BOUNDS __launch_bounds__(TF32B_THREADS, TF32B_KW == 4 && TF32_D <= 64 ? 2 : 1)
 #define TF32B_KERNEL(NAME, MODS, DQ)                                                  \
@@ -253,3 +389,11 @@ TF32B_KERNEL(flash2_backward_v2, false, true)
 TF32B_KERNEL(flash2_backward_v2_mods, true, true)
 TF32B_KERNEL(flash2_backward_v2_kv, false, false)
 TF32B_KERNEL(flash2_backward_v2_kv_mods, true, false)
+extern "C" __global__ void __launch_bounds__(128, TF32_D <= 64 ? 2 : 1)
+    flash2_backward_v2_q(FlashArgs a, ScoreMods m, Dropout dr) {
+    tf32_backward_q<TF32_D, false>(a, m, dr);
+}
+extern "C" __global__ void __launch_bounds__(128, TF32_D <= 64 ? 2 : 1)
+    flash2_backward_v2_q_mods(FlashArgs a, ScoreMods m, Dropout dr) {
+    tf32_backward_q<TF32_D, true>(a, m, dr);
+}

@@ -12,10 +12,10 @@
 //!   paper, adds $dQ_i$ into device memory with **atomic additions**. From sm_80 on that
 //!   kernel does its five products on the tensor cores in 3xTF32
 //!   (`kernels/flash2_tf32_backward.cu`), before sm_80 on the CUDA cores. With
-//!   [`Options::deterministic`] dQ comes instead from a separate pass over query tiles on
-//!   the CUDA cores (recomputing S and dP there): two more tile products, but every gradient
-//!   element is written by one thread in a fixed order, so the results are bitwise
-//!   reproducible, as on the CPU. With GQA the key pass writes per query head and a last
+//!   [`Options::deterministic`] dQ comes instead from a separate pass over query tiles
+//!   (recomputing S and dP there): two more tile products, but every gradient element is
+//!   written by one thread in a fixed order, so the results are bitwise reproducible, as on
+//!   the CPU. With GQA the key pass writes per query head and a last
 //!   kernel sums each group.
 //!
 //! Head dimensions 32, 64, 96 and 128; others are refused with a clear error.
@@ -42,7 +42,7 @@ use versions::{Track, Version};
 /// Query rows and keys per tile (`BR`, `BC` in tiles.cuh).
 pub const TILE: usize = 64;
 
-/// The shipped CUDA-core kernels (the backward's dQ pass everywhere, the rest before sm_80).
+/// The shipped CUDA-core kernels (what runs before sm_80, and version 1 when asked for).
 fn cuda_core_kernel(gpu: &Gpu, name: &str, d: usize) -> Result<(CudaFunction, u32)> {
     let f = versions::find(Track::Fp32Forward, 5).expect("version 5 is registered");
     fused_kernel(
@@ -179,9 +179,9 @@ pub fn backward_device_dq(
 
 // ANCHOR: backward_device
 /// The fused backward of fp32 backward version `version` ([`versions::VERSIONS`]), dQ as
-/// `mode` says: dK and dV (and dQ by atomics) from a pass over key tiles, on the tensor
-/// cores in version 2; with [`DqMode::SeparatePass`] dQ from the CUDA cores' pass over query
-/// tiles after it.
+/// `mode` says: dK and dV (and dQ by atomics) from a pass over key tiles, with
+/// [`DqMode::SeparatePass`] dQ from a pass over query tiles after it; on the tensor cores in
+/// version 2, on the CUDA cores in version 1.
 pub fn backward_device_version(
     gpu: &'static Gpu,
     dev: &DeviceProblem,
@@ -197,36 +197,29 @@ pub fn backward_device_version(
     let atomic = mode == DqMode::Atomic;
     // Atomics add into dQ (zeroed); the separate pass writes each element once.
     let bwd = FusedBackward::new(gpu, dev, saved, atomic)?;
+    let (a, mods, dropout) = (&bwd.args, &dev.mods, Some(&dev.dropout));
     if v.is_tf32() {
-        let (f, tiles) = tf32_backward_kernel(gpu, v, dev, atomic)?;
+        let tiles = Tf32Tiles::at(d);
+        let kv = if atomic { "" } else { "_kv" };
+        let f = tf32_backward_kernel(gpu, v, dev, kv, tiles.shared_bytes(d, atomic))?;
         let grid = (blocks_for(n_k, tiles.keys() as u32), z);
         let threads = 32 * tiles.warps as u32;
-        let (a, mods) = (&bwd.args, &dev.mods);
-        launch_fused_with(
-            gpu,
-            &f,
-            (grid, threads),
-            a,
-            mods,
-            Some(&dev.dropout),
-            "flash2_backward_kv",
-        )?;
+        launch_fused_with(gpu, &f, (grid, threads), a, mods, dropout, "flash2_backward_kv")?;
+        if mode == DqMode::SeparatePass {
+            let f = tf32_backward_kernel(gpu, v, dev, "_q", Tf32Tiles::dq_pass_shared_bytes(d))?;
+            let grid = (blocks_for(n_q, Tf32Tiles::DQ_PASS_ROWS as u32), z);
+            let threads = 2 * Tf32Tiles::DQ_PASS_ROWS as u32; // 16 rows a warp
+            launch_fused_with(gpu, &f, (grid, threads), a, mods, dropout, "flash2_backward_q")?;
+        }
     } else {
         let kv = if atomic { "backward_kv_atomic_dq" } else { "backward_kv" };
         let grid = (blocks_for(n_k, TILE as u32), z);
-        launch_fused(
-            gpu,
-            &cuda_core_kernel(gpu, kv, d)?,
-            grid,
-            &bwd.args,
-            dev,
-            "flash2_backward_kv",
-        )?;
-    }
-    if mode == DqMode::SeparatePass {
-        let q = cuda_core_kernel(gpu, "backward_q", d)?;
-        let grid = (blocks_for(n_q, TILE as u32), z);
-        launch_fused(gpu, &q, grid, &bwd.args, dev, "flash2_backward_q")?;
+        launch_fused(gpu, &cuda_core_kernel(gpu, kv, d)?, grid, a, dev, "flash2_backward_kv")?;
+        if mode == DqMode::SeparatePass {
+            let q = cuda_core_kernel(gpu, "backward_q", d)?;
+            let grid = (blocks_for(n_q, TILE as u32), z);
+            launch_fused(gpu, &q, grid, a, dev, "flash2_backward_q")?;
+        }
     }
     bwd.finish(dev)
 }
@@ -252,6 +245,15 @@ impl Tf32Tiles {
         Self { warps: if d <= 64 { 4 } else { 8 }, rows: 32 }
     }
 
+    /// Query rows a block of the separate dQ pass (4 warps of 16), its key tiles 64 keys.
+    pub const DQ_PASS_ROWS: usize = 64;
+
+    /// Shared-memory bytes of the dQ pass: Q_i and dO_i, two buffers each of K_j and V_j
+    /// (rows padded to d + 4 floats).
+    pub fn dq_pass_shared_bytes(d: usize) -> u32 {
+        (4 * (2 * Self::DQ_PASS_ROWS + 4 * 64) * (d + 4)) as u32
+    }
+
     /// Shared-memory bytes: K_j, V_j, two buffers each of Q_i and dO_i (rows padded to
     /// d + 4 floats), dS [rows][keys + 8] when dQ is computed, and lse, D and the dropout
     /// row keys of a tile's rows.
@@ -262,14 +264,15 @@ impl Tf32Tiles {
     }
 }
 
-/// Version 2's kernel for `dev`'s head dimension and options, with dQ by atomics when
-/// `atomic_dq`, and its tiling.
+/// Version 2's kernel `flash2_backward_v2{part}` (part: "" with dQ by atomics, "_kv" without
+/// dQ, "_q" the dQ pass) for `dev`'s head dimension and options, allowed `shared_bytes`.
 fn tf32_backward_kernel(
     gpu: &Gpu,
     v: &Version,
     dev: &DeviceProblem,
-    atomic_dq: bool,
-) -> Result<((CudaFunction, u32), Tf32Tiles)> {
+    part: &str,
+    shared_bytes: u32,
+) -> Result<(CudaFunction, u32)> {
     if gpu.compute_capability() < 80 {
         return Err(AttnError::Unsupported {
             stage: "flash2 (cuda) backward version 2",
@@ -282,9 +285,8 @@ fn tf32_backward_kernel(
     let (d_str, w, r) = (d.to_string(), tiles.warps.to_string(), tiles.rows.to_string());
     let defines = [("TF32_D", d_str.as_str()), ("TF32B_KW", &w), ("TF32B_BR", &r)];
     let mods = if dev.has_bias_or_mask() { "_mods" } else { "" };
-    let name = format!("flash2_backward_v{}{}{mods}", v.number, if atomic_dq { "" } else { "_kv" });
-    let f = gpu.function_with(v.module(), &v.sources(), &defines, &name)?;
-    Ok((with_shared_bytes(f, tiles.shared_bytes(d, atomic_dq))?, tiles))
+    let name = format!("flash2_backward_v{}{part}{mods}", v.number);
+    with_shared_bytes(gpu.function_with(v.module(), &v.sources(), &defines, &name)?, shared_bytes)
 }
 // ANCHOR_END: backward_device
 
@@ -347,6 +349,7 @@ mod tests {
         for d in HEAD_DIMS {
             let t = Tf32Tiles::at(d);
             assert!(t.shared_bytes(d, true) <= 227 * 1024, "d {d}: {t:?}");
+            assert!(Tf32Tiles::dq_pass_shared_bytes(d) <= 227 * 1024, "d {d}: the dQ pass");
             assert_eq!(t.warps % (t.rows / 16), 0, "d {d}: {t:?}");
         }
         // K_j, V_j, Q_i and dO_i twice (rows of d + 4 floats), dS, lse, D and row keys

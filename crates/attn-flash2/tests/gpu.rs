@@ -275,10 +275,9 @@ fn every_kernel_version_compiles_with_nvrtc() {
                     entries.extend(["tc_row_dot".into(), "tc_group_sum".into()]);
                 }
                 if v.track == Track::Fp32Backward && v.is_tf32() {
-                    entries.extend([
-                        "flash2_backward_v2_kv".into(),
-                        "flash2_backward_v2_kv_mods".into(),
-                    ]);
+                    for part in ["_kv", "_kv_mods", "_q", "_q_mods"] {
+                        entries.push(format!("flash2_backward_v2{part}"));
+                    }
                 }
                 (v, arch, defines, entries)
             })

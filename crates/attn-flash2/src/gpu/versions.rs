@@ -168,7 +168,7 @@ pub const VERSIONS: &[Version] = &[
         None,
         Fallback { head_dims: &[] },
         "flash2.cu",
-        "Algorithm 2 on the CUDA cores: a block per 64-key tile, 4 × 4 scores a thread, dQ by atomics (or in a pass of its own over query tiles)",
+        "Algorithm 2 on the CUDA cores: a block per 64-key tile, 4 × 4 scores a thread, dQ by atomics or in a pass of its own over query tiles",
     ),
     v(
         Fp32Backward,
@@ -176,7 +176,7 @@ pub const VERSIONS: &[Version] = &[
         Some(1),
         Default,
         "flash2_tf32_backward.cu",
-        "the five products on the tensor cores in 3xTF32, the 16-bit backward's loop: 16 keys a warp, transposed accumulators, Q_i+1 and dO_i+1 a tile ahead",
+        "the five products on the tensor cores in 3xTF32, the 16-bit backward's loop: 16 keys a warp, transposed accumulators, Q_i+1 and dO_i+1 a tile ahead; the separate dQ pass in 3xTF32 too",
     ),
     v(
         TcForward,
