@@ -31,6 +31,35 @@ __device__ __forceinline__ void red_add2(float* p, float x, float y) {
 #endif
 }
 
+// What a backward's key pass (a block per key tile, from key j0, QR query rows a step) keeps
+// of its query tiles' rows: the first tile that sees key j0 (causal: i >= j - (n_k - n_q)),
+// on a tile boundary, and the lse and D of row i0 + threadIdx.x, read one tile ahead and put
+// into shared memory when the tile starts — lse in base-2 units, and a row that saw no key
+// (lse = -inf) gets +inf, so that 2^(s - lse) is 0 without a test.
+template <int QR>
+struct KeyPassRows {
+    const float *lse, *dvec;  // of the block's head
+    int n_q;
+    float next_l = NEG_INF, next_d = 0.0f;
+    __device__ static int first_tile(const FlashArgs& a, const ScoreMods& mods, int j0) {
+        return mods.causal ? max(0, j0 - (a.n_k - a.n_q)) / QR * QR : 0;
+    }
+    __device__ void fetch(int i0) {
+        const int i = i0 + threadIdx.x;
+        const bool ok = threadIdx.x < QR && i < n_q;
+        next_l = ok ? lse[i] : NEG_INF;
+        next_d = ok ? dvec[i] : 0.0f;
+    }
+    // Tile i0's rows into Ls, Ds; then the next tile's fetch.
+    __device__ void store_and_fetch(float* Ls, float* Ds, int i0) {
+        if (threadIdx.x < QR) {
+            Ls[threadIdx.x] = next_l == NEG_INF ? -NEG_INF : next_l * 1.4426950408889634f;
+            Ds[threadIdx.x] = next_d;
+        }
+        if (i0 + QR < n_q) fetch(i0 + QR);
+    }
+};
+
 // ANCHOR: load_rows_at
 // Rows row0 .. row0 + ROWS - 1 of a [n][D] tensor of T (16- or 32-bit) into shared memory at
 // dst, rows padded by 16 bytes (D + 8 16-bit values, D + 4 floats: the 8 rows an ldmatrix

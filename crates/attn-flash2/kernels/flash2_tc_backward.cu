@@ -55,17 +55,9 @@ __device__ void tc_backward_v7(const FlashArgs& a, const ScoreMods& mods) {
     float dk[D / 8][4], dv[D / 8][4];
     zero_frags<D / 8>(dk);
     zero_frags<D / 8>(dv);
-    // the first query row that sees key j0 (causal: i >= j - (n_k - n_q)), on a tile boundary
-    const int i_first = mods.causal ? max(0, j0 - (a.n_k - a.n_q)) / TC_BR * TC_BR : 0;
-    // lse and D of query row i0 + threadIdx.x, read one tile ahead
-    float next_l = NEG_INF, next_d = 0.0f;
-    auto fetch_stats = [&](int i0) {
-        const int i = i0 + threadIdx.x;
-        const bool ok = threadIdx.x < TC_BR && i < a.n_q;
-        next_l = ok ? lse[i] : NEG_INF;
-        next_d = ok ? dvec[i] : 0.0f;
-    };
-    fetch_stats(i_first);
+    const int i_first = KeyPassRows<TC_BR>::first_tile(a, mods, j0);
+    KeyPassRows<TC_BR> stats{lse, dvec, a.n_q};
+    stats.fetch(i_first);
     load_rows_at<D, BK, THREADS>(Ka, hd.k, j0, a.n_k);
     load_rows_at<D, BK, THREADS>(Va, hd.v, j0, a.n_k);
     if (i_first < a.n_q) {
@@ -83,13 +75,7 @@ __device__ void tc_backward_v7(const FlashArgs& a, const ScoreMods& mods) {
             load_rows_at<D, TC_BR, THREADS>(Oa + QTB - buf, d_out, i0 + TC_BR, a.n_q);
             cp_async_commit();
         }
-        // lse in base-2 units; a row that saw no key (lse = -inf) gets +inf, so that
-        // 2^(s - lse) is 0 without a test
-        if (threadIdx.x < TC_BR) {
-            Ls[threadIdx.x] = next_l == NEG_INF ? -NEG_INF : next_l * LOG2E;
-            Ds[threadIdx.x] = next_d;
-        }
-        if (i0 + TC_BR < a.n_q) fetch_stats(i0 + TC_BR);
+        stats.store_and_fetch(Ls, Ds, i0);
         __syncthreads();
 
         // S^T = K_j Q_i^T and dP^T = V_j dO_i^T

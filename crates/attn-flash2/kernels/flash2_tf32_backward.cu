@@ -25,6 +25,38 @@
 #error "compile with -DTF32_D=32|64|96|128 -DTF32B_KW=4|8 -DTF32B_BR=32|64"
 #endif
 
+// The two score-shaped products of a backward tile for a warp's 16 rows, X = A B^T and
+// Y = A' B'^T over 8 NB columns, k = D, by 3xTF32, one ldmatrix a fragment: A's at the
+// lane's address a_at (A' a2 bytes on), B's of column blocks 0 and 1 at b_at (B' b2 bytes on),
+// f32 rows of S floats.
+template <int D, int NB, int S>
+__device__ __forceinline__ void two_products(float (*x)[4], float (*y)[4], unsigned a_at,
+                                             unsigned a2, unsigned b_at, unsigned b2) {
+    zero_frags<NB>(x);
+    zero_frags<NB>(y);
+#pragma unroll
+    for (int kk = 0; kk < D / 8; kk++) {
+        u32 r[4], ab[4], as[4], a2b[4], a2s[4];
+        ldsm_x4_at(r, a_at + 32 * kk);
+        split4(r, ab, as);
+        ldsm_x4_at(r, a_at + a2 + 32 * kk);
+        split4(r, a2b, a2s);
+#pragma unroll
+        for (int nb = 0; nb < NB; nb += 2) {
+            const unsigned at = b_at + (8 * nb * S + 8 * kk) * 4;
+            u32 big[4], small[4];
+            ldsm_x4_at(r, at);
+            split4(r, big, small);
+            mma_3xtf32(x[nb], ab, as, big, small);
+            mma_3xtf32(x[nb + 1], ab, as, big + 2, small + 2);
+            ldsm_x4_at(r, at + b2);
+            split4(r, big, small);
+            mma_3xtf32(y[nb], a2b, a2s, big, small);
+            mma_3xtf32(y[nb + 1], a2b, a2s, big + 2, small + 2);
+        }
+    }
+}
+
 // ANCHOR: tf32_backward
 template <int D, bool MODS, bool DQ, int KW, int QR>
 __device__ void tf32_backward(const FlashArgs& a, const ScoreMods& mods, const Dropout& drop) {
@@ -68,17 +100,9 @@ __device__ void tf32_backward(const FlashArgs& a, const ScoreMods& mods, const D
     float dk[D / 8][4], dv[D / 8][4];
     zero_frags<D / 8>(dk);
     zero_frags<D / 8>(dv);
-    // the first query row that sees key j0 (causal: i >= j - (n_k - n_q)), on a tile boundary
-    const int i_first = mods.causal ? max(0, j0 - (a.n_k - a.n_q)) / QR * QR : 0;
-    // lse and D of query row i0 + threadIdx.x, read one tile ahead
-    float next_l = NEG_INF, next_d = 0.0f;
-    auto fetch_stats = [&](int i0) {
-        const int i = i0 + threadIdx.x;
-        const bool ok = threadIdx.x < QR && i < a.n_q;
-        next_l = ok ? lse[i] : NEG_INF;
-        next_d = ok ? dvec[i] : 0.0f;
-    };
-    fetch_stats(i_first);
+    const int i_first = KeyPassRows<QR>::first_tile(a, mods, j0);
+    KeyPassRows<QR> stats{lse, dvec, a.n_q};
+    stats.fetch(i_first);
     load_rows_at<D, BK, THREADS>(Ka, hd.k, j0, a.n_k);
     load_rows_at<D, BK, THREADS>(Va, hd.v, j0, a.n_k);
     if (i_first < a.n_q) {
@@ -96,41 +120,14 @@ __device__ void tf32_backward(const FlashArgs& a, const ScoreMods& mods, const D
             load_rows_at<D, QR, THREADS>(Oa + QTB - buf, hd.d_out, i0 + QR, a.n_q);
             cp_async_commit();
         }
-        // lse in base-2 units; a row that saw no key (lse = -inf) gets +inf, so that
-        // 2^(s - lse) is 0 without a test
-        if (threadIdx.x < QR) {
-            Ls[threadIdx.x] = next_l == NEG_INF ? -NEG_INF : next_l * LOG2E;
-            Ds[threadIdx.x] = next_d;
-            if (drop.enabled) Rk[threadIdx.x] = row_key(drop.seed, hd.b, hd.h, i0 + threadIdx.x);
-        }
-        if (i0 + QR < a.n_q) fetch_stats(i0 + QR);
+        stats.store_and_fetch(Ls, Ds, i0);
+        if (drop.enabled && threadIdx.x < QR)
+            Rk[threadIdx.x] = row_key(drop.seed, hd.b, hd.h, i0 + threadIdx.x);
         __syncthreads();
 
-        // S^T = K_j Q_i^T and dP^T = V_j dO_i^T, 8 columns of d a step
+        // S^T = K_j Q_i^T and dP^T = V_j dO_i^T
         float st[QR / 8][4], dpt[QR / 8][4];
-        zero_frags<QR / 8>(st);
-        zero_frags<QR / 8>(dpt);
-#pragma unroll
-        for (int kk = 0; kk < D / 8; kk++) {
-            u32 x[4], kb[4], ks[4], vb[4], vs[4];
-            ldsm_x4_at(x, ka_at + 32 * kk);
-            split4(x, kb, ks);
-            ldsm_x4_at(x, ka_at + BK * S * 4 + 32 * kk);
-            split4(x, vb, vs);
-#pragma unroll
-            for (int nb = 0; nb < QR / 8; nb += 2) {
-                const unsigned at = qb_at + buf + (8 * nb * S + 8 * kk) * 4;
-                u32 big[4], small[4];
-                ldsm_x4_at(x, at);
-                split4(x, big, small);
-                mma_3xtf32(st[nb], kb, ks, big, small);
-                mma_3xtf32(st[nb + 1], kb, ks, big + 2, small + 2);
-                ldsm_x4_at(x, at + 2 * QTB);
-                split4(x, big, small);
-                mma_3xtf32(dpt[nb], vb, vs, big, small);
-                mma_3xtf32(dpt[nb + 1], vb, vs, big + 2, small + 2);
-            }
-        }
+        two_products<D, QR / 8, S>(st, dpt, ka_at, BK * S * 4, qb_at + buf, 2 * QTB);
 
         // P^T = 2^(S^T scale log2 e - lse) and dS^T = P^T o (Z o dP^T - D) on the
         // accumulators, st becoming (P o Z)^T: the lane's elements are keys keys[e / 2],
@@ -304,29 +301,7 @@ __device__ void tf32_backward_q(const FlashArgs& a, const ScoreMods& mods, const
         }
         // S = Q_i K_j^T and dP = dO_i V_j^T
         float st[KB / 8][4], dp[KB / 8][4];
-        zero_frags<KB / 8>(st);
-        zero_frags<KB / 8>(dp);
-#pragma unroll
-        for (int kk = 0; kk < D / 8; kk++) {
-            u32 x[4], qb[4], qs[4], ob[4], os[4];
-            ldsm_x4_at(x, q_at + 32 * kk);
-            split4(x, qb, qs);
-            ldsm_x4_at(x, q_at + QB + 32 * kk);
-            split4(x, ob, os);
-#pragma unroll
-            for (int nb = 0; nb < KB / 8; nb += 2) {
-                const unsigned at = k_at + buf + (8 * nb * S + 8 * kk) * 4;
-                u32 big[4], small[4];
-                ldsm_x4_at(x, at);
-                split4(x, big, small);
-                mma_3xtf32(st[nb], qb, qs, big, small);
-                mma_3xtf32(st[nb + 1], qb, qs, big + 2, small + 2);
-                ldsm_x4_at(x, at + 2 * KVB);
-                split4(x, big, small);
-                mma_3xtf32(dp[nb], ob, os, big, small);
-                mma_3xtf32(dp[nb + 1], ob, os, big + 2, small + 2);
-            }
-        }
+        two_products<D, KB / 8, S>(st, dp, q_at, QB, k_at + buf, 2 * KVB);
         // dS = P o (Z o dP - D), P = 2^(S scale log2 e - lse): the lane's elements are rows
         // rows[e / 2], keys j0 + 8nb + 2t + (e & 1)
         const bool plain = tile_plain(mods, i0, j0, KB);

@@ -109,6 +109,18 @@ pub fn forward_device_version(
     Ok((out, lse))
 }
 
+/// The 3xTF32 kernels' refusal before sm_80, which has no tf32 `mma.sync`.
+fn require_tf32(gpu: &Gpu, stage: &'static str, advice: &'static str) -> Result<()> {
+    if gpu.compute_capability() < 80 {
+        return Err(AttnError::Unsupported {
+            stage,
+            what: "GPUs before sm_80 (no tf32 mma.sync)",
+            advice,
+        });
+    }
+    Ok(())
+}
+
 /// Version 8's kernel at head dimension `d`: a second one (`_mods`) takes the calls with a
 /// bias or mask.
 fn tf32_kernel(
@@ -117,13 +129,11 @@ fn tf32_kernel(
     dev: &DeviceProblem,
     d: usize,
 ) -> Result<(CudaFunction, u32)> {
-    if gpu.compute_capability() < 80 {
-        return Err(AttnError::Unsupported {
-            stage: "flash2 (cuda) forward version 8",
-            what: "GPUs before sm_80 (no tf32 mma.sync)",
-            advice: "use forward version 7 (or 5) on this GPU",
-        });
-    }
+    require_tf32(
+        gpu,
+        "flash2 (cuda) forward version 8",
+        "use forward version 7 (or 5) on this GPU",
+    )?;
     let d_str = d.to_string();
     let name = v.kernel_name(d, dev.has_bias_or_mask());
     let f = gpu.function_with(v.module(), &v.sources(), &[("TF32_D", &d_str)], &name)?;
@@ -273,13 +283,7 @@ fn tf32_backward_kernel(
     part: &str,
     shared_bytes: u32,
 ) -> Result<(CudaFunction, u32)> {
-    if gpu.compute_capability() < 80 {
-        return Err(AttnError::Unsupported {
-            stage: "flash2 (cuda) backward version 2",
-            what: "GPUs before sm_80 (no tf32 mma.sync)",
-            advice: "use backward version 1 on this GPU",
-        });
-    }
+    require_tf32(gpu, "flash2 (cuda) backward version 2", "use backward version 1 on this GPU")?;
     let d = dev.shape.head_dim;
     let tiles = Tf32Tiles::at(d);
     let (d_str, w, r) = (d.to_string(), tiles.warps.to_string(), tiles.rows.to_string());
