@@ -248,9 +248,10 @@ impl Tf32Tiles {
         16 * self.warps
     }
 
-    /// The tiling at head dimension `d`: 32 query rows a step (64 take more registers than
-    /// they save loads), 4 warps up to d = 64 (two blocks a SM), 8 above (one block of 8
-    /// warps; 4 would leave the SM half idle). The tilings compared are in `notes/gpu.md`.
+    /// The tiling at head dimension `d`: 32 query rows a step (64 ran slower at d = 64 and
+    /// do not fit the shared memory with 8 warps at d = 128), 4 warps up to d = 64 (two
+    /// blocks a SM), 8 above (one block a SM: 4 warps would leave it half idle). The
+    /// tilings compared are in `notes/gpu.md`.
     pub fn at(d: usize) -> Self {
         Self { warps: if d <= 64 { 4 } else { 8 }, rows: 32 }
     }
