@@ -31,6 +31,22 @@ __device__ __forceinline__ void red_add2(float* p, float x, float y) {
 #endif
 }
 
+// A warp's share of dQ_i += scale · dS K_j, added into dQ's f32 accumulator (rows of D
+// floats) two floats an atomic, since every key tile adds to the same rows: its accumulators
+// (C layout, DC columns from qc) of query rows i and i + 8, the lane's columns 2t, 2t + 1.
+template <int D, int DC>
+__device__ __forceinline__ void add_dq_rows(float* dq, const float (*dqa)[4], int i, int n_q,
+                                            int qc, int t, float scale) {
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        if (i + 8 * r >= n_q) continue;
+        float* row = dq + (i64)(i + 8 * r) * D + qc + 2 * t;
+#pragma unroll
+        for (int c = 0; c < DC / 8; c++)
+            red_add2(row + 8 * c, scale * dqa[c][2 * r], scale * dqa[c][2 * r + 1]);
+    }
+}
+
 // What a backward's key pass (a block per key tile, from key j0, QR query rows a step) keeps
 // of its query tiles' rows: the first tile that sees key j0 (causal: i >= j - (n_k - n_q)),
 // on a tile boundary, and the lse and D of row i0 + threadIdx.x, read one tile ahead and put

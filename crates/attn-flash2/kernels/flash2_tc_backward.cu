@@ -168,15 +168,7 @@ __device__ void tc_backward_v7(const FlashArgs& a, const ScoreMods& mods) {
                 mma16816<BF16>(dqa[c + 1], da, kb[2], kb[3]);
             }
         }
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-            const int i = i0 + qr + g + 8 * r;
-            if (i >= a.n_q) continue;
-            float* row = dq + (i64)i * D + qc + 2 * t;
-#pragma unroll
-            for (int c = 0; c < DC / 8; c++)
-                red_add2(row + 8 * c, a.scale * dqa[c][2 * r], a.scale * dqa[c][2 * r + 1]);
-        }
+        add_dq_rows<D, DC>(dq, dqa, i0 + qr + g, a.n_q, qc, t, a.scale);
     }
     cp_async_wait<0>();  // (K_j's and V_j's copies, when no query row sees the tile)
 
