@@ -42,16 +42,11 @@ use versions::{Track, Version};
 /// Query rows and keys per tile (`BR`, `BC` in tiles.cuh).
 pub const TILE: usize = 64;
 
-/// The shipped CUDA-core kernels (what runs before sm_80, and version 1 when asked for).
-fn cuda_core_kernel(gpu: &Gpu, name: &str, d: usize) -> Result<(CudaFunction, u32)> {
-    let f = versions::find(Track::Fp32Forward, 5).expect("version 5 is registered");
-    fused_kernel(
-        gpu,
-        f.module(),
-        &f.sources(),
-        &format!("flash2_{name}_d{d}"),
-        shared_bytes(name, d),
-    )
+/// Kernel `flash2_{name}_d{d}` of the CUDA-core backward `v` (fp32 backward version 1: before
+/// sm_80, or when asked for).
+fn cuda_core_kernel(gpu: &Gpu, v: &Version, name: &str, d: usize) -> Result<(CudaFunction, u32)> {
+    let function = format!("flash2_{name}_d{d}");
+    fused_kernel(gpu, v.module(), &v.sources(), &function, shared_bytes(name, d))
 }
 
 /// Shared-memory bytes of each CUDA-core kernel at head dimension `d`.
@@ -224,9 +219,9 @@ pub fn backward_device_version(
     } else {
         let kv = if atomic { "backward_kv_atomic_dq" } else { "backward_kv" };
         let grid = (blocks_for(n_k, TILE as u32), z);
-        launch_fused(gpu, &cuda_core_kernel(gpu, kv, d)?, grid, a, dev, "flash2_backward_kv")?;
+        launch_fused(gpu, &cuda_core_kernel(gpu, v, kv, d)?, grid, a, dev, "flash2_backward_kv")?;
         if mode == DqMode::SeparatePass {
-            let q = cuda_core_kernel(gpu, "backward_q", d)?;
+            let q = cuda_core_kernel(gpu, v, "backward_q", d)?;
             let grid = (blocks_for(n_q, TILE as u32), z);
             launch_fused(gpu, &q, grid, a, dev, "flash2_backward_q")?;
         }
