@@ -5,7 +5,8 @@ use attn_core::blocks::row_blocks;
 use attn_core::simd::{ds_from_dp, probs_from_lse};
 use attn_core::simd::{matmul, tile_summaries};
 use attn_core::{
-    Forward, Grads, Head, Inputs, Options, Problem, Result, Shape, Traffic, TrafficCounter,
+    BiasGrad, Forward, Grads, Head, Inputs, Options, Problem, Result, Shape, Traffic,
+    TrafficCounter,
 };
 use ndarray::{
     Array1, Array2, Array3, Array4, ArrayView1, ArrayView2, ArrayViewMut1, ArrayViewMut2, Axis,
@@ -45,9 +46,9 @@ fn summarize_chunk(
 ) -> Summary {
     let (k_j, v_j) =
         (head.k.slice(s![j0..j0 + s.ncols(), ..]), head.v.slice(s![j0..j0 + s.ncols(), ..]));
-    // S_ij = scale · Q_i K_jᵀ + bias, removed positions −∞
+    // S_ij = scale · Q_i K_jᵀ with its modifiers (softcap, bias, ALiBi), removed positions −∞
     matmul(scale, &q_i, &k_j.t(), 0.0, &mut s);
-    head.bias_and_mask(i0, j0, s.view_mut());
+    head.modify_scores(i0, j0, s.view_mut(), None);
     // m_ij = rowmax(S_ij); exp(S_ij − m_ij) and ℓ_ij = its row sums (before dropout: ℓ
     // normalises); a row with nothing visible here stays 0
     let (mut max, mut exp_sum) = (Array1::zeros(s.nrows()), Array1::zeros(s.nrows()));
@@ -101,7 +102,7 @@ fn merge(summaries: &[Summary], mut out: ArrayViewMut2<'_, f32>, mut lse: ArrayV
 
 // ANCHOR: forward
 /// Forward: one rayon task per (batch, head, query chunk); inside it, a summary per key
-/// chunk that causal masking does not hide entirely, then the merge.
+/// chunk that causal masking and the window do not hide entirely, then the merge.
 pub fn forward(inputs: &Inputs<'_>, opts: &Options) -> Result<Forward> {
     let p = Problem::new(inputs, opts)?;
     let sh = p.shape;
@@ -121,10 +122,8 @@ pub fn forward(inputs: &Inputs<'_>, opts: &Options) -> Result<Forward> {
         let mut io = Traffic::default();
         io.read_f32(rows * sh.head_dim); // Q_i
         let mut s = Array2::<f32>::zeros((rows, k_chunk));
-        for j0 in (0..sh.n_k).step_by(k_chunk) {
-            if head.tile_hidden(i0 + rows, j0) {
-                break; // causal: this key chunk and every later one is hidden from Q_i
-            }
+        // only the key chunks some row of Q_i sees (causal masking and the window)
+        for j0 in head.key_blocks(i0, rows, k_chunk) {
             let cols = k_chunk.min(sh.n_k - j0);
             summaries.push(summarize_chunk(
                 &head,
@@ -151,24 +150,33 @@ pub fn forward(inputs: &Inputs<'_>, opts: &Options) -> Result<Forward> {
 // ANCHOR: recompute
 /// The checkpointed step of the backward for query chunk i and key chunk j: recompute
 /// P_ij = exp(S_ij − lse_i) from the saved log-sum-exp, then dP_ij = (dO_i V_jᵀ) ∘ Z and
-/// dS_ij = P_ij ∘ (dP_ij − D_i) into `ds`; `p` is left holding P_ij ∘ Z for dV.
+/// dS_ij = P_ij ∘ (dP_ij − D_i) into `ds` — added to dBias when `dbias` is given, then times
+/// the softcap's slope (`tanh`, the chunk's shape, with a softcap); `p` is left holding
+/// P_ij ∘ Z for dV.
 fn recompute_chunk(
     head: &Head<'_>,
     scale: f32,
     (i0, j0): (usize, usize),
     (lse_i, d_i, d_o_i): (ArrayView1<'_, f32>, ArrayView1<'_, f32>, ArrayView2<'_, f32>),
-    mut p: ArrayViewMut2<'_, f32>,
-    mut ds: ArrayViewMut2<'_, f32>,
+    (mut p, mut ds): (ArrayViewMut2<'_, f32>, ArrayViewMut2<'_, f32>),
+    mut tanh: Option<ArrayViewMut2<'_, f32>>,
+    dbias: Option<&BiasGrad>,
 ) {
     let (rows, cols) = p.dim();
     let q_i = head.q.slice(s![i0..i0 + rows, ..]);
     let (k_j, v_j) = (head.k.slice(s![j0..j0 + cols, ..]), head.v.slice(s![j0..j0 + cols, ..]));
     matmul(scale, &q_i, &k_j.t(), 0.0, &mut p);
-    head.bias_and_mask(i0, j0, p.view_mut());
+    head.modify_scores(i0, j0, p.view_mut(), tanh.as_mut().map(|t| t.view_mut()));
     probs_from_lse(p.view_mut(), lse_i);
     matmul(1.0, &d_o_i, &v_j.t(), 0.0, &mut ds);
     head.apply_dropout(i0, j0, ds.view_mut());
     ds_from_dp(ds.view_mut(), p.view(), d_i);
+    if let Some(db) = dbias {
+        db.add(head.b, head.h, i0, j0, ds.view());
+    }
+    if let Some(t) = &tanh {
+        head.softcap_grad(ds.view_mut(), t.view());
+    }
     head.apply_dropout(i0, j0, p.view_mut());
 }
 // ANCHOR_END: recompute
@@ -197,6 +205,9 @@ pub fn backward(
         )
     };
 
+    let dbias = BiasGrad::new(&p, NAME, (q_chunk, k_chunk))?;
+    let tanh_buf = |rows: usize, cols: usize| p.softcap.map(|_| Array2::zeros((rows, cols)));
+
     let traffic = TrafficCounter::default();
     let mut io = Traffic::default();
     io.read_f32(2 * sh.batch * sh.heads * sh.n_q * sh.head_dim); // dO, O
@@ -209,13 +220,11 @@ pub fn backward(
         let head = p.head(dq_i.b, dq_i.h);
         let (i0, rows) = (dq_i.start, dq_i.view.nrows());
         let (mut pm, mut ds) = (Array2::zeros((rows, k_chunk)), Array2::zeros((rows, k_chunk)));
+        let mut tanh = tanh_buf(rows, k_chunk);
         let mut io = Traffic::default();
         io.read_f32(rows * (2 * sh.head_dim + 2)); // Q_i, dO_i, lse_i, D_i
         io.write_f32(rows * sh.head_dim); // dQ_i
-        for j0 in (0..sh.n_k).step_by(k_chunk) {
-            if head.tile_hidden(i0 + rows, j0) {
-                break;
-            }
+        for j0 in head.key_blocks(i0, rows, k_chunk) {
             let cols = k_chunk.min(sh.n_k - j0);
             let (pm, mut ds) = (pm.slice_mut(s![.., ..cols]), ds.slice_mut(s![.., ..cols]));
             recompute_chunk(
@@ -223,8 +232,9 @@ pub fn backward(
                 p.scale,
                 (i0, j0),
                 saved(dq_i.b, dq_i.h, i0, rows),
-                pm,
-                ds.view_mut(),
+                (pm, ds.view_mut()),
+                tanh.as_mut().map(|t| t.slice_mut(s![.., ..cols])),
+                None,
             );
             matmul(p.scale, &ds, &head.k.slice(s![j0..j0 + cols, ..]), 1.0, &mut dq_i.view);
             io.read_f32(2 * cols * sh.head_dim); // K_j, V_j
@@ -243,6 +253,7 @@ pub fn backward(
     tasks.into_par_iter().for_each(|(mut dk_j, mut dv_j)| {
         let (j0, cols) = (dk_j.start, dk_j.view.nrows());
         let (mut pm, mut ds) = (Array2::zeros((q_chunk, cols)), Array2::zeros((q_chunk, cols)));
+        let mut tanh = tanh_buf(q_chunk, cols);
         let mut io = Traffic::default();
         io.read_f32(2 * cols * sh.head_dim); // K_j, V_j
         io.write_f32(2 * cols * sh.head_dim); // dK_j, dV_j
@@ -250,12 +261,21 @@ pub fn backward(
             let head = p.head(dk_j.b, h);
             for i0 in (0..sh.n_q).step_by(q_chunk) {
                 let rows = q_chunk.min(sh.n_q - i0);
-                if head.tile_hidden(i0 + rows, j0) {
+                if head.tile_hidden((i0, rows), (j0, cols)) {
                     continue;
                 }
                 let (mut pm, mut ds) = (pm.slice_mut(s![..rows, ..]), ds.slice_mut(s![..rows, ..]));
                 let saved = saved(dk_j.b, h, i0, rows);
-                recompute_chunk(&head, p.scale, (i0, j0), saved, pm.view_mut(), ds.view_mut());
+                // dBias from this pass only: each chunk pair adds to it once
+                recompute_chunk(
+                    &head,
+                    p.scale,
+                    (i0, j0),
+                    saved,
+                    (pm.view_mut(), ds.view_mut()),
+                    tanh.as_mut().map(|t| t.slice_mut(s![..rows, ..])),
+                    dbias.as_ref(),
+                );
                 matmul(1.0, &pm.t(), &saved.2, 1.0, &mut dv_j.view);
                 matmul(p.scale, &ds.t(), &head.q.slice(s![i0..i0 + rows, ..]), 1.0, &mut dk_j.view);
                 io.read_f32(rows * (2 * sh.head_dim + 2)); // Q_i, dO_i, lse_i, D_i
@@ -264,7 +284,7 @@ pub fn backward(
         }
         traffic.add(io);
     });
-    Ok(Grads { dq, dk, dv, traffic: Some(traffic.get()) })
+    Ok(Grads { dq, dk, dv, dbias: dbias.map(BiasGrad::finish), traffic: Some(traffic.get()) })
 }
 // ANCHOR_END: backward
 

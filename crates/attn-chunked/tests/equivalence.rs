@@ -3,7 +3,7 @@
 
 use attn_chunked::ChunkedCpu;
 use attn_core::Shape;
-use attn_core::testing::strategies::{arb_case, config};
+use attn_core::testing::strategies::{arb_case_with_mods, config};
 use attn_core::testing::{BiasKind, Case, MaskKind, check_against_reference, edge_cases};
 use proptest::prelude::*;
 
@@ -11,7 +11,7 @@ proptest! {
     #![proptest_config(config(128))]
 
     #[test]
-    fn chunked_matches_reference_on_random_configurations(case in arb_case(50, true)) {
+    fn chunked_matches_reference_on_random_configurations(case in arb_case_with_mods(50, true)) {
         check_against_reference(&ChunkedCpu, &case.build(), true).unwrap().assert_f32(&format!("{case:?}"));
     }
 }

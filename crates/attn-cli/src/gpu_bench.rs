@@ -213,6 +213,7 @@ fn check_against_reference(stage: &GpuStage, d: usize) -> Result<f64, CliError> 
         mask2: None,
         mask4: Some(mask),
         bias: Some(bias),
+        alibi: None,
         d_out: round(attn::core::random::normal(shape.q_dims(), 4)),
         opts: Options::default(),
     };

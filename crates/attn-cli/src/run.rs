@@ -75,6 +75,16 @@ pub struct RunArgs {
     /// Hide key j from query i when j > i + n_k - n_q (bottom-right alignment).
     #[arg(long)]
     pub causal: bool,
+    /// Sliding window LEFT,RIGHT: query i keeps keys i + n_k - n_q - LEFT ..= i + n_k - n_q
+    /// + RIGHT; -1 leaves a side unbounded (e.g. --window 4096,0).
+    #[arg(long, allow_hyphen_values = true)]
+    pub window: Option<String>,
+    /// Logit soft-capping: each scaled score s becomes C * tanh(s / C); C > 0.
+    #[arg(long, allow_negative_numbers = true)]
+    pub softcap: Option<f32>,
+    /// ALiBi slopes: float32 .npy [heads] or [batch, heads]; adds -slope * |i + n_k - n_q - j|.
+    #[arg(long)]
+    pub alibi: Option<PathBuf>,
     /// Score scale (default 1/sqrt(head_dim)).
     #[arg(long, allow_negative_numbers = true)]
     pub scale: Option<f32>,
@@ -125,6 +135,10 @@ pub struct RunArgs {
     /// Where to write dV.
     #[arg(long, requires = "grad_out")]
     pub dv: Option<PathBuf>,
+    /// Where to write dBias, the gradient of --bias in the bias's shape (needs --bias and
+    /// --grad-out).
+    #[arg(long)]
+    pub dbias: Option<PathBuf>,
     /// Also compute the float64 reference and print the errors against it.
     #[arg(long)]
     pub check: bool,
@@ -142,6 +156,7 @@ fn flag_of(e: &AttnError) -> &'static str {
             "v" => "--v",
             "mask" => "--mask",
             "bias" => "--bias",
+            "alibi" => "--alibi",
             "d_out" => "--grad-out",
             _ => "--algo",
         },
@@ -155,6 +170,9 @@ fn flag_of(e: &AttnError) -> &'static str {
         AttnError::InvalidScale(_) => "--scale",
         AttnError::ScoreOverflow { .. } => "--q",
         AttnError::InvalidDropout(_) => "--dropout",
+        AttnError::InvalidWindow { .. } => "--window",
+        AttnError::InvalidSoftcap(_) => "--softcap",
+        AttnError::BiasGradWithoutBias => "--dbias",
         AttnError::UnsupportedHeadDim { .. }
         | AttnError::UnsupportedDevice { .. }
         | AttnError::NoCudaDevice { .. }
@@ -162,6 +180,10 @@ fn flag_of(e: &AttnError) -> &'static str {
         AttnError::WorkspaceTooLarge { .. } => "--algo",
         AttnError::Unsupported { what, .. } => match *what {
             "dropout" => "--dropout",
+            "a sliding window" => "--window",
+            "softcap" => "--softcap",
+            "ALiBi" => "--alibi",
+            "the bias gradient" => "--dbias",
             _ => "--dtype",
         },
     }
@@ -175,6 +197,35 @@ fn lib_error(e: AttnError) -> CliError {
 enum MaskData {
     KeyPadding(Array2<bool>),
     Full(Array4<bool>),
+}
+
+/// `--window LEFT,RIGHT` as two integers (the library checks that each is at least -1).
+fn parse_window(s: &str) -> Result<attn::Window, CliError> {
+    let sides: Vec<_> = s.split(',').map(|x| x.trim().parse::<i64>()).collect();
+    match sides[..] {
+        [Ok(left), Ok(right)] => Ok(attn::Window::new(left, right)),
+        _ => Err(CliError::input(
+            "--window",
+            format!("'{s}' is not LEFT,RIGHT (two integers, -1 for unbounded, e.g. 4096,0)"),
+        )),
+    }
+}
+
+/// `--alibi`: slopes [heads] (as [1, heads]) or [batch, heads].
+fn read_alibi(path: &std::path::Path) -> Result<Array2<f32>, CliError> {
+    let a = read_f32("--alibi", path)?;
+    let shape = a.shape().to_vec();
+    match shape[..] {
+        [heads] => Ok(a.into_shape_with_order((1, heads)).expect("one axis")),
+        [_, _] => Ok(a.into_dimensionality::<Ix2>().expect("rank checked")),
+        _ => Err(CliError::input(
+            "--alibi",
+            format!(
+                "{} has shape {shape:?}; ALiBi slopes are [heads] or [batch, heads]",
+                path.display()
+            ),
+        )),
+    }
 }
 
 fn read_mask(path: &std::path::Path) -> Result<MaskData, CliError> {
@@ -233,6 +284,12 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
             )),
         })
         .transpose()?;
+    if args.dbias.is_some() && (args.bias.is_none() || args.grad_out.is_none()) {
+        return Err(CliError::input(
+            "--dbias",
+            "dBias is the gradient of the bias: it needs --bias and --grad-out (with --dq, --dk, --dv)",
+        ));
+    }
     let opts = Options {
         sram,
         scale: args.scale,
@@ -242,6 +299,9 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
         k_block: args.k_block,
         memory_limit,
         deterministic: args.deterministic,
+        window: args.window.as_deref().map(parse_window).transpose()?,
+        softcap: args.softcap,
+        bias_grad: args.dbias.is_some(),
     };
 
     // Reserve every output first: a bad path fails before any work is done.
@@ -253,6 +313,9 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
     if args.grad_out.is_some() {
         for (flag, p) in [("--dq", &args.dq), ("--dk", &args.dk), ("--dv", &args.dv)] {
             outputs.reserve(flag, p.as_ref().expect("clap requires all three"))?;
+        }
+        if let Some(p) = &args.dbias {
+            outputs.reserve("--dbias", p)?;
         }
     }
 
@@ -279,6 +342,7 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
             )
         })
         .transpose()?;
+    let alibi = args.alibi.as_deref().map(read_alibi).transpose()?;
     let d_out = args
         .grad_out
         .as_deref()
@@ -293,6 +357,9 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
     }
     if let Some(b) = &bias {
         inputs = inputs.with_bias(b.view());
+    }
+    if let Some(a) = &alibi {
+        inputs = inputs.with_alibi(a.view());
     }
 
     let start = Instant::now();
@@ -355,6 +422,10 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
                 let e = attn::core::metrics::compare(x.view(), r.view());
                 summary += &format!(", {name} {:.2e}", e.normwise);
             }
+            if let (Some(x), Some(r)) = (&g.dbias, &rg.dbias) {
+                let e = attn::core::metrics::compare(x.view(), r.view());
+                summary += &format!(", dbias {:.2e}", e.normwise);
+            }
         }
     }
 
@@ -366,6 +437,9 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
         outputs.write("--dq", &g.dq)?;
         outputs.write("--dk", &g.dk)?;
         outputs.write("--dv", &g.dv)?;
+        if let Some(db) = &g.dbias {
+            outputs.write("--dbias", db)?;
+        }
     }
     let written = outputs.commit()?;
     println!("{summary}");

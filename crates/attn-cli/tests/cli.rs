@@ -6,7 +6,7 @@ use std::process::{Command, Output};
 
 use attn::core::metrics::compare;
 use attn::core::reference::RefProblem;
-use attn::core::testing::{BiasKind, Case, MaskKind};
+use attn::core::testing::{AlibiKind, BiasKind, Case, MaskKind};
 use attn::{Inputs, Mask, Shape};
 use ndarray::{Array3, Array4, ArrayD};
 use ndarray_npy::{read_npy, write_npy};
@@ -93,6 +93,25 @@ fn run_case(
     if let Some(dr) = data.opts.dropout {
         args.extend(["--dropout".into(), dr.p.to_string(), "--seed".into(), dr.seed.to_string()]);
     }
+    if let Some(w) = data.opts.window {
+        args.push(format!("--window={},{}", w.left, w.right));
+    }
+    if let Some(c) = data.opts.softcap {
+        args.extend(["--softcap".into(), c.to_string()]);
+    }
+    if let Some(a) = &data.alibi {
+        // one slope per head as the 1-D [heads] file, per batch entry as 2-D
+        if case.alibi == AlibiKind::PerHead {
+            write_npy(d.join("alibi.npy"), &a.row(0).to_owned()).unwrap();
+        } else {
+            write_npy(d.join("alibi.npy"), a).unwrap();
+        }
+        args.extend(["--alibi".into(), s(&d.join("alibi.npy")).into()]);
+    }
+    let want_dbias = case.bias_grad && bias_file.is_some();
+    if want_dbias {
+        args.extend(["--dbias".into(), s(&d.join("dbias.npy")).into()]);
+    }
     let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = attn(&arg_refs);
     assert!(out.status.success(), "{name}: {}", String::from_utf8_lossy(&out.stderr));
@@ -114,7 +133,11 @@ fn run_case(
     if let Some(b) = &bias4 {
         inputs = inputs.with_bias(b.view());
     }
-    let r = RefProblem::from_inputs(&inputs, &data.opts).unwrap();
+    if let Some(a) = &data.alibi {
+        inputs = inputs.with_alibi(a.view());
+    }
+    let opts = attn::Options { bias_grad: want_dbias, ..data.opts.clone() };
+    let r = RefProblem::from_inputs(&inputs, &opts).unwrap();
     let rf = r.forward();
     let rg = r.backward(&data.d_out.mapv(f64::from));
     let o: Array4<f32> = read_npy(d.join("o.npy")).unwrap();
@@ -125,6 +148,13 @@ fn run_case(
         let g: Array4<f32> = read_npy(d.join(file)).unwrap();
         let e = compare(g.view(), reference.view());
         assert!(e.within(1e-4, 3e-3), "{name}: {file} {e:?}");
+    }
+    if want_dbias {
+        let g: Array4<f32> = read_npy(d.join("dbias.npy")).unwrap();
+        let reference = rg.dbias.as_ref().unwrap();
+        assert_eq!(g.dim(), reference.dim(), "{name}: dbias is not in the bias's shape");
+        let e = compare(g.view(), reference.view());
+        assert!(e.within(1e-4, 3e-3), "{name}: dbias {e:?}");
     }
 }
 
@@ -164,6 +194,35 @@ fn run_matches_the_reference_with_broadcast_mask_low_rank_bias_dropout_and_scale
     let bias = attn::core::random::bias((40, 23), 0.1, 6).into_dyn();
     for algo in STAGES {
         run_case("broadcast", algo, &case, Some(mask.clone()), Some(bias.clone()));
+    }
+}
+
+#[test]
+fn run_matches_the_reference_with_window_softcap_alibi_and_dbias() {
+    let shape = Shape::new(2, 4, 37, 16).with_n_k(29).with_kv_heads(2);
+    let cases = [
+        Case { window: Some((6, 3)), softcap: Some(2.5), bias_grad: true, ..Case::new(shape, 7) },
+        Case {
+            window: Some((-1, 4)),
+            causal: true,
+            alibi: AlibiKind::PerHead,
+            bias_grad: true,
+            ..Case::new(shape, 8)
+        },
+        Case {
+            window: Some((5, -1)),
+            alibi: AlibiKind::PerBatchHead,
+            softcap: Some(1.0),
+            dropout: Some(0.2),
+            ..Case::new(shape, 9)
+        },
+    ];
+    // A bias [heads, 1, n_k] (broadcast over batch and queries): dBias comes back in that shape.
+    let bias = attn::core::random::bias((4, 1, 29), 0.0, 10).into_dyn();
+    for (i, case) in cases.iter().enumerate() {
+        for algo in STAGES {
+            run_case(&format!("mods-{i}"), algo, case, None, Some(bias.clone()));
+        }
     }
 }
 
@@ -329,6 +388,44 @@ fn bad_inputs_exit_2_with_one_line_naming_the_flag_and_write_nothing() {
     assert_rejected("grad-incomplete", "--dq", |d, a| {
         write_npy(d.join("do.npy"), &Array4::<f32>::zeros((1, 2, 8, 4))).unwrap();
         a.extend(["--grad-out".into(), s(&d.join("do.npy")).into()]);
+    });
+    assert_rejected("window-side", "--window", |_, a| a.push("--window=-2,0".into()));
+    assert_rejected("window-syntax", "--window", |_, a| a.extend(["--window".into(), "4".into()]));
+    assert_rejected("softcap-zero", "--softcap", |_, a| a.extend(["--softcap".into(), "0".into()]));
+    assert_rejected("softcap-negative", "--softcap", |_, a| {
+        a.extend(["--softcap".into(), "-3".into()])
+    });
+    assert_rejected("softcap-inf", "--softcap", |_, a| {
+        a.extend(["--softcap".into(), "inf".into()])
+    });
+    assert_rejected("alibi-shape", "--alibi", |d, a| {
+        write_npy(d.join("b.npy"), &ndarray::Array1::<f32>::ones(3)).unwrap();
+        a.extend(["--alibi".into(), s(&d.join("b.npy")).into()]);
+    });
+    assert_rejected("alibi-rank", "--alibi", |d, a| {
+        write_npy(d.join("b.npy"), &Array3::<f32>::ones((1, 2, 1))).unwrap();
+        a.extend(["--alibi".into(), s(&d.join("b.npy")).into()]);
+    });
+    assert_rejected("alibi-nan", "--alibi", |d, a| {
+        write_npy(d.join("b.npy"), &ndarray::arr1(&[0.5f32, f32::NAN])).unwrap();
+        a.extend(["--alibi".into(), s(&d.join("b.npy")).into()]);
+    });
+    assert_rejected("dbias-without-bias", "--dbias", |d, a| {
+        write_npy(d.join("do.npy"), &Array4::<f32>::zeros((1, 2, 8, 4))).unwrap();
+        for (f, file) in [
+            ("--grad-out", "do.npy"),
+            ("--dq", "dq.npy"),
+            ("--dk", "dk.npy"),
+            ("--dv", "dv.npy"),
+            ("--dbias", "db.npy"),
+        ] {
+            a.extend([f.into(), s(&d.join(file)).into()]);
+        }
+    });
+    assert_rejected("dbias-without-grad-out", "--dbias", |d, a| {
+        write_npy(d.join("b.npy"), &Array4::<f32>::zeros((1, 1, 8, 8))).unwrap();
+        a.extend(["--bias".into(), s(&d.join("b.npy")).into()]);
+        a.extend(["--dbias".into(), s(&d.join("db.npy")).into()]);
     });
     // bf16 / f16 run only on the tensor cores (CUDA flash2).
     assert_rejected("dtype-cpu", "--dtype", |_, a| a.extend(["--dtype".into(), "bf16".into()]));

@@ -48,6 +48,20 @@ pub enum AttnError {
     #[error("dropout probability is {0}: it must lie in [0, 1)")]
     InvalidDropout(f32),
 
+    /// A sliding-window side below −1.
+    #[error(
+        "window is ({left}, {right}): each side must be -1 (unbounded) or a number of keys >= 0"
+    )]
+    InvalidWindow { left: i64, right: i64 },
+
+    /// A softcap that is not a finite positive number.
+    #[error("softcap is {0}: it must be finite and > 0")]
+    InvalidSoftcap(f32),
+
+    /// The bias gradient was asked for without a bias.
+    #[error("the bias gradient (dbias) was asked for, but there is no bias: pass a bias")]
+    BiasGradWithoutBias,
+
     /// A block (chunk, tile) size, or the SRAM budget, of zero.
     #[error("{arg} is 0: block sizes and the SRAM budget must be at least 1")]
     ZeroBlockSize { arg: &'static str },

@@ -13,9 +13,12 @@
 //! - [`Shape`]: tensors are `[batch, heads, seq, head_dim]`; keys/values may have fewer heads
 //!   (GQA/MQA) and another length (cross attention);
 //! - [`Options`] and [`Inputs`]: scale, causal masking (bottom-right aligned), key-padding and
-//!   full boolean masks, additive bias, [`dropout`] through a counter-based hash;
+//!   full boolean masks, additive bias, the score modifiers (a sliding [`Window`], softcap,
+//!   ALiBi), [`dropout`] through a counter-based hash;
 //! - [`Problem`]: validation with typed [`AttnError`]s, and the per-head view ([`Head`]) whose
-//!   [`Head::bias_and_mask`] and [`Head::apply_dropout`] every CPU stage uses on its tiles;
+//!   [`Head::modify_scores`] and [`Head::apply_dropout`] every CPU stage uses on its tiles;
+//!   [`KeyRange`], the one rule for which keys a query sees; [`BiasGrad`], dBias from the
+//!   backward's dS tiles;
 //! - [`reference`]: the float64 forward and backward every stage is checked against;
 //! - [`metrics`], [`flops`], [`memory`] and [`random`]: how we measure;
 //! - [`simd`]: the CPU kernels the stages' tiles are computed with — tile products and the
@@ -24,6 +27,7 @@
 //!
 //! What this crate must never hold: an attention algorithm (its loops). The stages own those.
 
+pub mod bias_grad;
 pub mod blocks;
 pub mod dropout;
 pub mod error;
@@ -43,10 +47,11 @@ pub mod traffic;
 
 pub use ndarray;
 
+pub use bias_grad::BiasGrad;
 pub use dropout::{Dropout, DropoutParams};
 pub use error::{AttnError, Result};
-pub use options::{Inputs, Mask, Options};
+pub use options::{Inputs, Mask, Options, Window};
 pub use problem::{Element, Head, Problem, check_d_out, check_saved, check_values};
-pub use shape::Shape;
+pub use shape::{KeyRange, Shape};
 pub use stage::{Device, Forward, Grads, Stage};
 pub use traffic::{Traffic, TrafficCounter};

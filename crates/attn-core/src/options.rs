@@ -25,11 +25,14 @@ pub struct Inputs<'a> {
     pub mask: Option<Mask<'a>>,
     /// Additive bias broadcastable to `[batch, heads, n_q, n_k]`; may hold −∞.
     pub bias: Option<ArrayView4<'a, f32>>,
+    /// ALiBi slopes `[batch or 1, heads]`: query head `h` of batch entry `b` adds
+    /// −slope·|i + (n_k − n_q) − j| to the score of `(i, j)` (FlashAttention-2's convention).
+    pub alibi: Option<ArrayView2<'a, f32>>,
 }
 
 impl<'a> Inputs<'a> {
     pub fn new(q: ArrayView4<'a, f32>, k: ArrayView4<'a, f32>, v: ArrayView4<'a, f32>) -> Self {
-        Self { q, k, v, mask: None, bias: None }
+        Self { q, k, v, mask: None, bias: None, alibi: None }
     }
 
     pub fn with_mask(self, mask: Mask<'a>) -> Self {
@@ -38,6 +41,40 @@ impl<'a> Inputs<'a> {
 
     pub fn with_bias(self, bias: ArrayView4<'a, f32>) -> Self {
         Self { bias: Some(bias), ..self }
+    }
+
+    /// ALiBi slopes, `[batch or 1, heads]` (a `[heads]` vector is `[1, heads]`).
+    pub fn with_alibi(self, slopes: ArrayView2<'a, f32>) -> Self {
+        Self { alibi: Some(slopes), ..self }
+    }
+}
+
+// ANCHOR: window
+/// A sliding window, FlashAttention-2's `window_size`: key `j` is kept for query `i` iff
+/// `i + (n_k − n_q) − left ≤ j ≤ i + (n_k − n_q) + right` (bottom-right aligned, as causal
+/// masking is); −1 leaves that side unbounded. Causal masking is `right = 0`; with both, the
+/// tighter bound holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Window {
+    pub left: i64,
+    pub right: i64,
+}
+// ANCHOR_END: window
+
+// ANCHOR: alibi_slopes
+/// The ALiBi paper's slopes for `heads` heads (Press et al., 2022): the geometric sequence
+/// 2^(−8/n), 2^(−16/n), …, 2^(−8) for the largest power of two n ≤ heads; the remaining heads
+/// take every other slope of the sequence for 2n, as the paper's code does.
+pub fn alibi_slopes(heads: usize) -> Vec<f32> {
+    let geometric = |n: usize| (1..=n).map(move |i| 2f64.powf(-8.0 * i as f64 / n as f64));
+    let n = if heads == 0 { 0 } else { 1 << heads.ilog2() };
+    geometric(n).chain(geometric(2 * n).step_by(2).take(heads - n)).map(|x| x as f32).collect()
+}
+// ANCHOR_END: alibi_slopes
+
+impl Window {
+    pub fn new(left: i64, right: i64) -> Self {
+        Self { left, right }
     }
 }
 
@@ -67,6 +104,14 @@ pub struct Options {
     /// The CPU stages and the other GPU stages are
     /// always reproducible; the values agree to rounding either way.
     pub deterministic: bool,
+    /// A sliding window over the keys ([`Window`]); `None` keeps every key.
+    pub window: Option<Window>,
+    /// Logit soft-capping (Gemma 2): each scaled score `s` becomes `c · tanh(s / c)` before the
+    /// bias, ALiBi and the masks; `c` must be finite and positive.
+    pub softcap: Option<f32>,
+    /// Return the gradient of the additive bias ([`crate::Grads::dbias`]) from the backward,
+    /// summed over the bias's broadcast axes.
+    pub bias_grad: bool,
 }
 
 impl Options {
@@ -105,5 +150,36 @@ impl Options {
 
     pub fn deterministic(self, deterministic: bool) -> Self {
         Self { deterministic, ..self }
+    }
+
+    pub fn window(self, left: i64, right: i64) -> Self {
+        Self { window: Some(Window::new(left, right)), ..self }
+    }
+
+    pub fn softcap(self, cap: f32) -> Self {
+        Self { softcap: Some(cap), ..self }
+    }
+
+    pub fn bias_grad(self, bias_grad: bool) -> Self {
+        Self { bias_grad, ..self }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::alibi_slopes;
+
+    #[test]
+    fn alibi_slopes_follow_the_paper() {
+        // 8 heads: 1/2, 1/4, …, 1/256.
+        let eight: Vec<f32> = (1..=8).map(|i| 0.5f32.powi(i)).collect();
+        assert_eq!(alibi_slopes(8), eight);
+        // 12 heads: the 8 above, then 2^(−8/16 · k) for k = 1, 3, 5, 7.
+        let twelve = alibi_slopes(12);
+        assert_eq!(twelve[..8], eight[..]);
+        for (slope, k) in twelve[8..].iter().zip([1, 3, 5, 7]) {
+            assert!((slope - 2f32.powf(-0.5 * k as f32)).abs() < 1e-7);
+        }
+        assert_eq!(alibi_slopes(1), [2f32.powi(-8)]);
     }
 }

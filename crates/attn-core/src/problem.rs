@@ -2,8 +2,9 @@
 //!
 //! [`Problem::new`] checks the whole contract once (shapes, heads, masks, bias, scale,
 //! dropout, block sizes, finite inputs) and resolves the defaults; a stage then asks for a
-//! [`Head`] per `(batch, head)` and applies bias, masks and dropout to its score tiles with
-//! [`Head::bias_and_mask`] and [`Head::apply_dropout`], so every stage has one semantics.
+//! [`Head`] per `(batch, head)` and applies the score modifiers (softcap, bias, ALiBi, the
+//! masks and the window) and dropout to its score tiles with [`Head::modify_scores`] and
+//! [`Head::apply_dropout`], so every stage has one semantics.
 
 use ndarray::{ArrayView2, ArrayView4, ArrayViewMut2, Axis, Dimension, Zip, s};
 
@@ -11,7 +12,7 @@ use crate::dropout::{DropoutParams, row_key};
 use crate::error::{AttnError, Result};
 use crate::memory::default_memory_limit;
 use crate::options::{Inputs, Mask, Options};
-use crate::shape::Shape;
+use crate::shape::{KeyRange, Shape};
 
 /// The largest score magnitude a problem may reach: float32's range with room for a bias and
 /// for the backward's products.
@@ -24,6 +25,12 @@ pub struct Problem<'a> {
     /// The resolved scale (`1/√head_dim` unless given).
     pub scale: f32,
     pub causal: bool,
+    /// The keys each query sees: causal masking and the sliding window together.
+    pub keys: KeyRange,
+    /// The softcap `c` of `s ← c · tanh(s / c)`.
+    pub softcap: Option<f32>,
+    /// Whether the backward returns the bias gradient.
+    pub bias_grad: bool,
     pub dropout: Option<DropoutParams>,
     pub q_block: Option<usize>,
     pub k_block: Option<usize>,
@@ -35,6 +42,8 @@ pub struct Problem<'a> {
     /// `[b, 1, 1, n_k]`).
     pub mask: Option<ArrayView4<'a, bool>>,
     pub bias: Option<ArrayView4<'a, f32>>,
+    /// ALiBi slopes `[batch or 1, heads]`.
+    pub alibi: Option<ArrayView2<'a, f32>>,
 }
 
 fn dims<D: Dimension>(a: &ndarray::ArrayView<'_, impl Sized, D>) -> Vec<usize> {
@@ -101,6 +110,7 @@ impl<'a> Problem<'a> {
     pub fn new(inputs: &Inputs<'a>, opts: &Options) -> Result<Self> {
         let p = Self::shapes_only(inputs, opts)?;
         check_values(inputs.q, inputs.k, inputs.v, inputs.bias, p.scale)?;
+        p.check_alibi()?;
         Ok(p)
     }
 
@@ -164,6 +174,31 @@ impl<'a> Problem<'a> {
         if let Some(b) = inputs.bias {
             check_broadcast("bias", b.shape(), full)?;
         }
+        if let Some(a) = inputs.alibi {
+            let (ab, ah) = a.dim();
+            if (ab != batch && ab != 1) || ah != heads {
+                return Err(AttnError::ShapeMismatch {
+                    arg: "alibi",
+                    got: dims(&a),
+                    expected: format!(
+                        "ALiBi slopes must be [heads] = [{heads}] or [batch, heads] = [{batch}, {heads}]"
+                    ),
+                });
+            }
+        }
+        if let Some(w) = opts.window
+            && (w.left < -1 || w.right < -1)
+        {
+            return Err(AttnError::InvalidWindow { left: w.left, right: w.right });
+        }
+        if let Some(c) = opts.softcap
+            && !(c.is_finite() && c > 0.0)
+        {
+            return Err(AttnError::InvalidSoftcap(c));
+        }
+        if opts.bias_grad && inputs.bias.is_none() {
+            return Err(AttnError::BiasGradWithoutBias);
+        }
 
         let scale = opts.scale.unwrap_or(1.0 / (head_dim as f32).sqrt());
         if !scale.is_finite() || scale == 0.0 {
@@ -184,6 +219,9 @@ impl<'a> Problem<'a> {
             shape,
             scale,
             causal: opts.causal,
+            keys: KeyRange::new(shape.n_q, n_k, opts.causal, opts.window),
+            softcap: opts.softcap,
+            bias_grad: opts.bias_grad,
             dropout,
             q_block: opts.q_block,
             k_block: opts.k_block,
@@ -193,7 +231,39 @@ impl<'a> Problem<'a> {
             v,
             mask,
             bias: inputs.bias,
+            alibi: inputs.alibi,
         })
+    }
+
+    /// ALiBi slopes must be finite, and the scores they make must stay within f32's range.
+    fn check_alibi(&self) -> Result<()> {
+        let Some(a) = self.alibi else { return Ok(()) };
+        if let Some((index, value)) = first_bad(&a, f32::is_finite) {
+            return Err(AttnError::NonFinite { arg: "alibi", index, value });
+        }
+        let max_slope = a.iter().fold(0.0f64, |m, &x| m.max((x as f64).abs()));
+        let bound = max_slope * (self.shape.n_q + self.shape.n_k) as f64;
+        if bound > SCORE_LIMIT {
+            return Err(AttnError::ScoreOverflow { bound });
+        }
+        Ok(())
+    }
+
+    /// The first option that only some stages implement so far (a sliding window, softcap,
+    /// ALiBi, the bias gradient), named for an error; `None` when there is none.
+    pub fn modifier_beyond_masks(&self) -> Option<&'static str> {
+        let plain_causal = KeyRange::new(self.shape.n_q, self.shape.n_k, self.causal, None);
+        if self.keys != plain_causal {
+            Some("a sliding window")
+        } else if self.softcap.is_some() {
+            Some("softcap")
+        } else if self.alibi.is_some() {
+            Some("ALiBi")
+        } else if self.bias_grad {
+            Some("the bias gradient")
+        } else {
+            None
+        }
     }
 
     /// [`Problem::new`] for a backward call, which also checks what the forward returned
@@ -249,6 +319,7 @@ impl<'a> Problem<'a> {
             let (tb, th, _, _) = t.dim();
             t.index_axis_move(Axis(0), pick(tb, b)).index_axis_move(Axis(0), pick(th, h))
         });
+        let alibi = self.alibi.map(|a| a[[pick(a.nrows(), b), h]]);
         Head {
             b,
             h,
@@ -259,6 +330,9 @@ impl<'a> Problem<'a> {
             n_q,
             n_k,
             causal: self.causal,
+            keys: self.keys,
+            softcap: self.softcap,
+            alibi,
             bias,
             mask,
             dropout: self.dropout,
@@ -282,6 +356,11 @@ pub struct Head<'a> {
     pub n_q: usize,
     pub n_k: usize,
     pub causal: bool,
+    /// The keys each query sees (causal masking and the window).
+    pub keys: KeyRange,
+    softcap: Option<f32>,
+    /// This head's ALiBi slope.
+    alibi: Option<f32>,
     /// `[n_q or 1, n_k or 1]`, broadcast on use.
     bias: Option<ArrayView2<'a, f32>>,
     /// `[n_q or 1, n_k or 1]`, broadcast on use.
@@ -290,39 +369,88 @@ pub struct Head<'a> {
 }
 
 impl Head<'_> {
-    /// The keys query `i` of this head sees: `0 .. key_end(i)` ([`crate::shape::key_end`]).
+    /// The first key query `i` of this head sees ([`KeyRange::start`]).
+    #[inline]
+    pub fn key_start(&self, i: usize) -> usize {
+        self.keys.start(i)
+    }
+
+    /// One past the last key query `i` of this head sees ([`KeyRange::end`]).
     #[inline]
     pub fn key_end(&self, i: usize) -> usize {
-        crate::shape::key_end(self.n_q, self.n_k, self.causal, i)
+        self.keys.end(i)
     }
 
-    /// True when causal masking hides every key `j ≥ j0` from every query `i < i_end`, so a
-    /// tiled stage can skip the whole tile.
+    /// The key blocks of size `b_c` the query rows `i0 .. i0 + rows` see, as block starts on
+    /// the grid `0, b_c, 2·b_c, …`: the tiles causal masking and the window leave out entirely
+    /// are never visited.
+    pub fn key_blocks(
+        &self,
+        i0: usize,
+        rows: usize,
+        b_c: usize,
+    ) -> impl Iterator<Item = usize> + use<> {
+        let (start, end) = (self.key_start(i0), self.key_end(i0 + rows - 1));
+        let first = if end > start { start / b_c * b_c } else { end };
+        (first..end).step_by(b_c)
+    }
+
+    /// True when causal masking and the window hide every key `j0 .. j0 + cols` from every
+    /// query `i0 .. i0 + rows`, so a tiled stage can skip the whole tile.
     #[inline]
-    pub fn tile_hidden(&self, i_end: usize, j0: usize) -> bool {
-        i_end == 0 || j0 >= self.key_end(i_end - 1)
+    pub fn tile_hidden(&self, (i0, rows): (usize, usize), (j0, cols): (usize, usize)) -> bool {
+        self.keys.tile_hidden((i0, i0 + rows), (j0, cols))
     }
 
-    /// Whether a tile of scores (rows `i0..`, columns `j0..j0 + cols`) needs
-    /// [`Head::bias_and_mask`] at all: it does when there is a bias or a mask, or when the
-    /// causal limit of its first row falls inside it. Tiles below the diagonal skip it.
+    /// Whether a tile of scores (rows `i0 .. i0 + rows`, columns `j0 .. j0 + cols`) needs
+    /// [`Head::modify_scores`] at all: it does with a softcap, a bias, ALiBi or a mask, or when
+    /// the causal or window limit of some row falls inside it. Tiles inside the band skip it.
     #[inline]
-    pub fn tile_needs_mask(&self, i0: usize, j0: usize, cols: usize) -> bool {
-        self.bias.is_some() || self.mask.is_some() || (self.causal && j0 + cols > self.key_end(i0))
+    pub fn tile_needs_mods(&self, (i0, rows): (usize, usize), (j0, cols): (usize, usize)) -> bool {
+        self.softcap.is_some()
+            || self.bias.is_some()
+            || self.alibi.is_some()
+            || self.mask.is_some()
+            || self.keys.tile_cut((i0, i0 + rows), (j0, cols))
     }
 
-    /// Adds the bias to a tile of scaled scores `s` (rows `i0..`, columns `j0..`) and writes
-    /// −∞ where the causal rule or the mask removes a position.
-    pub fn bias_and_mask(&self, i0: usize, j0: usize, mut s: ArrayViewMut2<'_, f32>) {
+    // ANCHOR: modify_scores
+    /// Applies the score modifiers, in the contract's order, to a tile of scaled scores `s`
+    /// (rows `i0..`, columns `j0..`): the softcap `s ← c·tanh(s/c)`, the bias, ALiBi's
+    /// −slope·|i + n_k − n_q − j|, then −∞ where the mask, causal masking or the window removes
+    /// a position. With a softcap, `tanh` (when given, the tile's shape) keeps tanh(s/c) for
+    /// the backward's derivative ([`Head::softcap_grad`]).
+    pub fn modify_scores(
+        &self,
+        i0: usize,
+        j0: usize,
+        mut s: ArrayViewMut2<'_, f32>,
+        mut tanh: Option<ArrayViewMut2<'_, f32>>,
+    ) {
         let cols = s.ncols();
         for (r, mut row) in s.rows_mut().into_iter().enumerate() {
             let i = i0 + r;
+            if let Some(c) = self.softcap {
+                match tanh.as_mut() {
+                    Some(t) => Zip::from(&mut row).and(t.row_mut(r)).for_each(|x, t| {
+                        *t = (*x / c).tanh();
+                        *x = c * *t;
+                    }),
+                    None => row.mapv_inplace(|x| c * (x / c).tanh()),
+                }
+            }
             if let Some(bias) = &self.bias {
                 let b = bias.row(if bias.nrows() == 1 { 0 } else { i });
                 if b.len() == 1 {
                     row += b[0];
                 } else {
                     row += &b.slice(s![j0..j0 + cols]);
+                }
+            }
+            if let Some(slope) = self.alibi {
+                let diagonal = (i + self.n_k) as i64 - self.n_q as i64;
+                for (c, x) in row.iter_mut().enumerate() {
+                    *x -= slope * (diagonal - (j0 + c) as i64).abs() as f32;
                 }
             }
             if let Some(mask) = &self.mask {
@@ -333,12 +461,32 @@ impl Head<'_> {
                     }
                 }
             }
-            let end = self.key_end(i);
-            if end < j0 + cols {
-                row.slice_mut(s![end.saturating_sub(j0)..]).fill(f32::NEG_INFINITY);
+            let (start, end) = (self.key_start(i), self.key_end(i));
+            let keep = start.clamp(j0, j0 + cols) - j0..end.clamp(j0, j0 + cols) - j0;
+            if keep.start > 0 {
+                row.slice_mut(s![..keep.start]).fill(f32::NEG_INFINITY);
+            }
+            if keep.end < cols {
+                row.slice_mut(s![keep.end.max(keep.start)..]).fill(f32::NEG_INFINITY);
             }
         }
     }
+    // ANCHOR_END: modify_scores
+
+    /// Whether this head has a softcap (its backward needs [`Head::softcap_grad`]).
+    pub fn has_softcap(&self) -> bool {
+        self.softcap.is_some()
+    }
+
+    // ANCHOR: softcap_grad
+    /// The softcap's chain rule on a tile of score gradients: d(c·tanh(s/c))/ds = 1 − tanh²(s/c),
+    /// with `tanh` as [`Head::modify_scores`] kept it. Without a softcap, nothing.
+    pub fn softcap_grad(&self, ds: ArrayViewMut2<'_, f32>, tanh: ArrayView2<'_, f32>) {
+        if self.softcap.is_some() {
+            Zip::from(ds).and(tanh).for_each(|g, &t| *g *= 1.0 - t * t);
+        }
+    }
+    // ANCHOR_END: softcap_grad
 
     /// Bytes of mask and bias read per score entry (4 for a bias, 1 for a boolean mask):
     /// what a tile of scores costs to load besides Q and K.

@@ -10,7 +10,7 @@ use rayon::prelude::*;
 
 use crate::dropout::DropoutParams;
 use crate::error::Result;
-use crate::options::{Inputs, Options};
+use crate::options::{Inputs, Options, Window};
 use crate::problem::Problem;
 use crate::shape::Shape;
 
@@ -26,6 +26,10 @@ pub struct RefProblem {
     pub bias: Option<Array4<f64>>,
     pub scale: f64,
     pub causal: bool,
+    pub window: Option<Window>,
+    pub softcap: Option<f64>,
+    /// `[batch or 1, heads]`
+    pub alibi: Option<Array2<f64>>,
     pub dropout: Option<DropoutParams>,
 }
 
@@ -42,6 +46,8 @@ pub struct RefGrads {
     pub dq: Array4<f64>,
     pub dk: Array4<f64>,
     pub dv: Array4<f64>,
+    /// The bias gradient in the bias's shape, when there is a bias.
+    pub dbias: Option<Array4<f64>>,
 }
 
 /// Validates like every stage, then runs the float64 forward.
@@ -62,8 +68,8 @@ pub fn backward(
 }
 
 /// One (batch, key/value head)'s share of the gradients: b, kv head, dQ of its query
-/// heads, dK, dV.
-type KvHeadGrads = (usize, usize, Array3<f64>, Array2<f64>, Array2<f64>);
+/// heads, dK, dV, and its terms of dBias (in the bias's shape).
+type KvHeadGrads = (usize, usize, Array3<f64>, Array2<f64>, Array2<f64>, Option<Array4<f64>>);
 
 fn bidx(len: usize, i: usize) -> usize {
     if len == 1 { 0 } else { i }
@@ -82,6 +88,9 @@ impl RefProblem {
             bias: p.bias.map(to64),
             scale: p.scale as f64,
             causal: p.causal,
+            window: opts.window,
+            softcap: p.softcap.map(f64::from),
+            alibi: p.alibi.map(|a| a.mapv(f64::from)),
             dropout: p.dropout,
         })
     }
@@ -90,28 +99,70 @@ impl RefProblem {
         Shape::from_dims(self.q.dim(), self.k.dim())
     }
 
-    /// The scaled, biased score of `(b, h, i, j)`, or −∞ where a rule removes it.
-    pub fn score(&self, b: usize, h: usize, i: usize, j: usize) -> f64 {
+    /// Whether a rule removes `(b, h, i, j)`: causal masking, the window or the mask.
+    pub fn removed(&self, b: usize, h: usize, i: usize, j: usize) -> bool {
         let sh = self.shape();
         // Causal, bottom-right aligned: key j is hidden from query i when j > i + n_k − n_q.
         if self.causal && j + sh.n_q > i + sh.n_k {
-            return f64::NEG_INFINITY;
+            return true;
+        }
+        // The window keeps i + n_k − n_q − left ≤ j ≤ i + n_k − n_q + right (−1: unbounded).
+        if let Some(w) = self.window {
+            let diagonal = i as i64 + sh.n_k as i64 - sh.n_q as i64;
+            let j = j as i64;
+            if (w.left >= 0 && j < diagonal - w.left) || (w.right >= 0 && j > diagonal + w.right) {
+                return true;
+            }
         }
         if let Some(m) = &self.mask {
             let d = m.dim();
             if !m[[bidx(d.0, b), bidx(d.1, h), bidx(d.2, i), bidx(d.3, j)]] {
-                return f64::NEG_INFINITY;
+                return true;
             }
         }
+        false
+    }
+
+    /// The scaled score `scale · q_i · k_j` of `(b, h, i, j)`, before any modifier.
+    pub fn raw_score(&self, b: usize, h: usize, i: usize, j: usize) -> f64 {
+        let sh = self.shape();
         let kv_h = h / (sh.heads / sh.kv_heads);
         let qi: ArrayView1<f64> = self.q.slice(s![b, h, i, ..]);
         let kj: ArrayView1<f64> = self.k.slice(s![b, kv_h, j, ..]);
-        let mut x = self.scale * qi.dot(&kj);
+        self.scale * qi.dot(&kj)
+    }
+
+    /// d score / d raw score: the softcap's 1 − tanh²(raw/c), else 1.
+    pub fn softcap_slope(&self, b: usize, h: usize, i: usize, j: usize) -> f64 {
+        self.softcap.map_or(1.0, |c| 1.0 - (self.raw_score(b, h, i, j) / c).tanh().powi(2))
+    }
+
+    /// The score of `(b, h, i, j)` with every modifier, in the contract's order — softcap,
+    /// bias, ALiBi — or −∞ where a rule removes it.
+    pub fn score(&self, b: usize, h: usize, i: usize, j: usize) -> f64 {
+        if self.removed(b, h, i, j) {
+            return f64::NEG_INFINITY;
+        }
+        let sh = self.shape();
+        let mut x = self.raw_score(b, h, i, j);
+        if let Some(c) = self.softcap {
+            x = c * (x / c).tanh();
+        }
         if let Some(bias) = &self.bias {
             let d = bias.dim();
             x += bias[[bidx(d.0, b), bidx(d.1, h), bidx(d.2, i), bidx(d.3, j)]];
         }
+        if let Some(slopes) = &self.alibi {
+            let distance = (i as f64 + sh.n_k as f64 - sh.n_q as f64 - j as f64).abs();
+            x -= slopes[[bidx(slopes.nrows(), b), h]] * distance;
+        }
         x
+    }
+
+    /// Where `(b, h, i, j)` lands in the bias (its broadcast axes at 0).
+    fn bias_index(&self, b: usize, h: usize, i: usize, j: usize) -> Option<[usize; 4]> {
+        let d = self.bias.as_ref()?.dim();
+        Some([bidx(d.0, b), bidx(d.1, h), bidx(d.2, i), bidx(d.3, j)])
     }
 
     /// Row `i` of head `(b, h)`: the softmax weights P (before dropout), the dropout factors
@@ -168,8 +219,10 @@ impl RefProblem {
     }
 
     /// The gradients of `sum(out ∘ d_out)` by the chain rule through the softmax:
-    /// dV = (P∘Z)ᵀ dO, dP = (dO Vᵀ) ∘ Z, dS = P ∘ (dP − rowsum(P ∘ dP)),
-    /// dQ = scale · dS K, dK = scale · dSᵀ Q (key/value heads sum over their query heads).
+    /// dV = (P∘Z)ᵀ dO, dP = (dO Vᵀ) ∘ Z, dS = P ∘ (dP − rowsum(P ∘ dP)), dBias = dS summed
+    /// over the bias's broadcast axes, and through the softcap's slope σ = 1 − tanh²:
+    /// dQ = scale · (dS∘σ) K, dK = scale · (dS∘σ)ᵀ Q (key/value heads sum over their query
+    /// heads).
     pub fn backward(&self, d_out: &Array4<f64>) -> RefGrads {
         let sh = self.shape();
         let group = sh.group();
@@ -181,6 +234,7 @@ impl RefProblem {
                 let mut dq = Array3::zeros((group, sh.n_q, sh.head_dim));
                 let mut dk = Array2::zeros((sh.n_k, sh.head_dim));
                 let mut dv = Array2::zeros((sh.n_k, sh.head_dim));
+                let mut dbias = self.bias.as_ref().map(|t| Array4::zeros(t.dim()));
                 let k = self.k.slice(s![b, kv_h, .., ..]);
                 let v = self.v.slice(s![b, kv_h, .., ..]);
                 for g in 0..group {
@@ -197,23 +251,32 @@ impl RefProblem {
                             }
                             dv.row_mut(j).scaled_add(p[j] * z[j], &d_o);
                             let ds = p[j] * (dp[j] - d_row);
+                            if let (Some(db), Some(at)) = (&mut dbias, self.bias_index(b, h, i, j))
+                            {
+                                db[at] += ds;
+                            }
+                            let ds = ds * self.softcap_slope(b, h, i, j);
                             dq.slice_mut(s![g, i, ..]).scaled_add(self.scale * ds, &k.row(j));
                             dk.row_mut(j).scaled_add(self.scale * ds, &qi);
                         }
                     }
                 }
-                (b, kv_h, dq, dk, dv)
+                (b, kv_h, dq, dk, dv, dbias)
             })
             .collect();
         let mut grads = RefGrads {
             dq: Array4::zeros(sh.q_dims()),
             dk: Array4::zeros(sh.kv_dims()),
             dv: Array4::zeros(sh.kv_dims()),
+            dbias: self.bias.as_ref().map(|t| Array4::zeros(t.dim())),
         };
-        for (b, kv_h, dq, dk, dv) in parts {
+        for (b, kv_h, dq, dk, dv, dbias) in parts {
             grads.dq.slice_mut(s![b, kv_h * group..(kv_h + 1) * group, .., ..]).assign(&dq);
             grads.dk.slice_mut(s![b, kv_h, .., ..]).assign(&dk);
             grads.dv.slice_mut(s![b, kv_h, .., ..]).assign(&dv);
+            if let (Some(total), Some(part)) = (&mut grads.dbias, dbias) {
+                *total += &part;
+            }
         }
         grads
     }
@@ -232,6 +295,7 @@ impl RefProblem {
             dq: Array4::zeros(sh.q_dims()),
             dk: Array4::zeros(sh.kv_dims()),
             dv: Array4::zeros(sh.kv_dims()),
+            dbias: self.bias.as_ref().map(|t| Array4::zeros(t.dim())),
         };
         for b in 0..sh.batch {
             for h in 0..sh.heads {
@@ -248,6 +312,10 @@ impl RefProblem {
                         let v_abs = self.v.slice(s![b, kv_h, j, ..]).mapv(f64::abs);
                         let k_abs = self.k.slice(s![b, kv_h, j, ..]).mapv(f64::abs);
                         let ds = p[j] * (d_o.dot(&v_abs) * z[j] + d_mag);
+                        if let (Some(db), Some(at)) = (&mut m.dbias, self.bias_index(b, h, i, j)) {
+                            db[at] += ds;
+                        }
+                        let ds = ds * self.softcap_slope(b, h, i, j);
                         m.dq.slice_mut(s![b, h, i, ..]).scaled_add(self.scale.abs() * ds, &k_abs);
                         m.dk.slice_mut(s![b, kv_h, j, ..])
                             .scaled_add(self.scale.abs() * ds, &q_abs);

@@ -1,5 +1,7 @@
 //! Shapes: every tensor is `[batch, heads, seq, head_dim]`, row-major.
 
+use crate::options::Window;
+
 /// The sizes of one attention problem.
 ///
 /// Queries are `[batch, heads, n_q, head_dim]`; keys and values are
@@ -97,10 +99,80 @@ impl std::fmt::Display for Shape {
 
 // ANCHOR: key_end
 /// Causal masking lets query `i` see the keys `0 .. key_end(i)`: key `j` is hidden when
-/// `j > i + (n_k − n_q)` (bottom-right alignment). Without causal masking, all `n_k`. Every
-/// stage, CPU and GPU, and the FLOP count use this one rule.
+/// `j > i + (n_k − n_q)` (bottom-right alignment). Without causal masking, all `n_k`. The
+/// special case of [`KeyRange`] without a window.
 #[inline]
 pub fn key_end(n_q: usize, n_k: usize, causal: bool, i: usize) -> usize {
     if causal { (i + 1 + n_k).saturating_sub(n_q).min(n_k) } else { n_k }
 }
 // ANCHOR_END: key_end
+
+// ANCHOR: key_range
+/// Which keys each query sees under causal masking and a sliding window together: query `i`
+/// sees the keys `start(i) .. end(i)` around its diagonal `i + (n_k − n_q)`. Both bounds are
+/// non-decreasing in `i`, so a block of rows `i0 .. i1` sees at most
+/// `start(i0) .. end(i1 − 1)`: the tiled stages skip every tile outside it. Every stage, CPU
+/// and GPU, and the FLOP count use this one rule.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct KeyRange {
+    pub n_q: usize,
+    pub n_k: usize,
+    /// At most this many keys before the diagonal; `None`: unbounded.
+    pub left: Option<usize>,
+    /// At most this many keys after the diagonal (causal masking is `Some(0)`); `None`:
+    /// unbounded.
+    pub right: Option<usize>,
+}
+
+impl KeyRange {
+    /// The rule of `causal` and `window` (already validated: each side ≥ −1).
+    pub fn new(n_q: usize, n_k: usize, causal: bool, window: Option<Window>) -> Self {
+        let side = |x: i64| usize::try_from(x).ok();
+        let (left, right) = window.map_or((None, None), |w| (side(w.left), side(w.right)));
+        // causal masking is right = 0, the tightest a window side can be
+        let right = if causal { Some(0) } else { right };
+        Self { n_q, n_k, left, right }
+    }
+
+    /// The first key query `i` sees.
+    #[inline]
+    pub fn start(&self, i: usize) -> usize {
+        match self.left {
+            None => 0,
+            Some(left) => (i + self.n_k).saturating_sub(self.n_q + left).min(self.n_k),
+        }
+    }
+
+    /// One past the last key query `i` sees (at least [`KeyRange::start`]).
+    #[inline]
+    pub fn end(&self, i: usize) -> usize {
+        match self.right {
+            None => self.n_k,
+            Some(right) => (i + self.n_k + right + 1).saturating_sub(self.n_q).min(self.n_k),
+        }
+        .max(self.start(i))
+    }
+
+    /// Whether every query sees every key.
+    pub fn is_full(&self) -> bool {
+        self.left.is_none() && self.right.is_none()
+    }
+
+    /// Whether the keys `j0 .. j0 + cols` are all hidden from the queries `i0 .. i_end`.
+    #[inline]
+    pub fn tile_hidden(&self, (i0, i_end): (usize, usize), (j0, cols): (usize, usize)) -> bool {
+        i_end <= i0 || j0 >= self.end(i_end - 1) || j0 + cols <= self.start(i0)
+    }
+
+    /// Whether some query of `i0 .. i_end` sees only part of the keys `j0 .. j0 + cols`.
+    #[inline]
+    pub fn tile_cut(&self, (i0, i_end): (usize, usize), (j0, cols): (usize, usize)) -> bool {
+        i_end > i0 && (j0 + cols > self.end(i0) || j0 < self.start(i_end - 1))
+    }
+
+    /// The (query, key) pairs the rule keeps.
+    pub fn visible_pairs(&self) -> u64 {
+        (0..self.n_q).map(|i| (self.end(i) - self.start(i)) as u64).sum()
+    }
+}
+// ANCHOR_END: key_range

@@ -44,6 +44,8 @@ pub struct Grads {
     pub dk: Array4<f32>,
     /// `[batch, kv_heads, n_k, head_dim]`
     pub dv: Array4<f32>,
+    /// The bias gradient in the bias's shape, when [`crate::Options::bias_grad`] asked for it.
+    pub dbias: Option<Array4<f32>>,
     /// The bytes the algorithm moved, for stages that count them.
     pub traffic: Option<Traffic>,
 }

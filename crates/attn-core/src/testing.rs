@@ -37,6 +37,16 @@ pub enum BiasKind {
     PerKey,
 }
 
+/// Which ALiBi slopes a case carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AlibiKind {
+    None,
+    /// `[1, heads]`: one slope per head, BLOOM's geometric sequence scaled to the shape.
+    PerHead,
+    /// `[batch, heads]`: random slopes in (0, 0.5), some negative.
+    PerBatchHead,
+}
+
 /// One test configuration.
 #[derive(Clone, Debug)]
 pub struct Case {
@@ -48,6 +58,12 @@ pub struct Case {
     pub scale: Option<f32>,
     pub q_block: Option<usize>,
     pub k_block: Option<usize>,
+    /// A sliding window `(left, right)`, −1 unbounded.
+    pub window: Option<(i64, i64)>,
+    pub softcap: Option<f32>,
+    pub alibi: AlibiKind,
+    /// Ask the backward for dBias (only with a bias).
+    pub bias_grad: bool,
     pub seed: u64,
 }
 
@@ -63,6 +79,10 @@ impl Case {
             scale: None,
             q_block: None,
             k_block: None,
+            window: None,
+            softcap: None,
+            alibi: AlibiKind::None,
+            bias_grad: false,
             seed,
         }
     }
@@ -90,6 +110,19 @@ impl Case {
             BiasKind::NegInf => Some(random::bias((1, sh.heads, sh.n_q, sh.n_k), 0.2, s + 15)),
             BiasKind::PerKey => Some(random::bias((sh.batch, 1, 1, sh.n_k), 0.0, s + 16)),
         };
+        let alibi = match self.alibi {
+            AlibiKind::None => None,
+            AlibiKind::PerHead => Some(Array2::from_shape_fn((1, sh.heads), |(_, h)| {
+                // BLOOM's slopes 2^(−8(h+1)/heads), stretched so that the farthest key
+                // loses a few units of score.
+                0.5f32.powf(8.0 * (h + 1) as f32 / sh.heads as f32) * 32.0
+                    / sh.n_q.max(sh.n_k) as f32
+            })),
+            AlibiKind::PerBatchHead => {
+                Some(random::bias((sh.batch, sh.heads, 1, 1), 0.0, s + 17).mapv(|x| 0.3 * x))
+                    .map(|a| a.into_shape_with_order((sh.batch, sh.heads)).expect("standard"))
+            }
+        };
         let opts = Options {
             scale: self.scale,
             causal: self.causal,
@@ -99,8 +132,11 @@ impl Case {
             sram: None,
             memory_limit: None,
             deterministic: false,
+            window: self.window.map(|(l, r)| crate::Window::new(l, r)),
+            softcap: self.softcap,
+            bias_grad: self.bias_grad && bias.is_some(),
         };
-        CaseData { q, k, v, mask2, mask4, bias, d_out, opts }
+        CaseData { q, k, v, mask2, mask4, bias, alibi, d_out, opts }
     }
 }
 
@@ -113,6 +149,8 @@ pub struct CaseData {
     pub mask2: Option<Array2<bool>>,
     pub mask4: Option<Array4<bool>>,
     pub bias: Option<Array4<f32>>,
+    /// `[batch or 1, heads]`
+    pub alibi: Option<Array2<f32>>,
     pub d_out: Array4<f32>,
     pub opts: Options,
 }
@@ -129,6 +167,9 @@ impl CaseData {
         if let Some(b) = &self.bias {
             inputs = inputs.with_bias(b.view());
         }
+        if let Some(a) = &self.alibi {
+            inputs = inputs.with_alibi(a.view());
+        }
         inputs
     }
 }
@@ -140,8 +181,10 @@ impl CaseData {
 pub struct Check {
     pub out: ErrorReport,
     pub lse: ErrorReport,
-    /// `None` when only the forward was checked.
+    /// dQ, dK, dV; `None` when only the forward was checked.
     pub grads: Option<[ErrorReport; 3]>,
+    /// dBias, when the case asked for it.
+    pub dbias: Option<ErrorReport>,
 }
 
 impl Check {
@@ -158,8 +201,9 @@ impl Check {
                 e.worst
             );
         }
-        if let Some(grads) = &self.grads {
-            for (name, e) in ["dq", "dk", "dv"].iter().zip(grads) {
+        let grads = self.grads.iter().flat_map(|g| ["dq", "dk", "dv"].into_iter().zip(g));
+        for (name, e) in grads.chain(self.dbias.iter().map(|e| ("dbias", e))) {
+            {
                 assert!(
                     e.within(backward_tol, ef * backward_tol),
                     "{what}: {name} normwise {:.3e} elementwise {:.3e} (worst at flat index {}) vs tolerance {backward_tol:.0e} + rounding floor {:.1e}",
@@ -177,7 +221,7 @@ impl Check {
     /// where every normwise figure is within its tolerance.
     pub fn worst_ratio(&self, forward_tol: f64, backward_tol: f64) -> f64 {
         let mut ratios = vec![self.out.normwise / forward_tol, self.lse.normwise / forward_tol];
-        for e in self.grads.iter().flatten() {
+        for e in self.grads.iter().flatten().chain(&self.dbias) {
             ratios.push(e.normwise / (backward_tol + e.floor));
         }
         ratios
@@ -207,19 +251,40 @@ pub fn check_against_reference(
         let d_out = data.d_out.mapv(f64::from);
         let r = reference.backward(&d_out);
         let m = reference.backward_magnitudes(&d_out);
-        Some([
-            compare_floored(g.dq.view(), r.dq.view(), m.dq.view()),
-            compare_floored(g.dk.view(), r.dk.view(), m.dk.view()),
-            compare_floored(g.dv.view(), r.dv.view(), m.dv.view()),
-        ])
+        let dbias = data.opts.bias_grad.then(|| {
+            dbias_report(g.dbias.as_ref(), r.dbias.as_ref(), m.dbias.as_ref().expect("a bias"))
+        });
+        Some((
+            [
+                compare_floored(g.dq.view(), r.dq.view(), m.dq.view()),
+                compare_floored(g.dk.view(), r.dk.view(), m.dk.view()),
+                compare_floored(g.dv.view(), r.dv.view(), m.dv.view()),
+            ],
+            dbias,
+        ))
     } else {
         None
     };
     Ok(Check {
         out: compare(fwd.out.view(), ref_fwd.out.view()),
         lse: compare(fwd.lse.view(), ref_fwd.lse.view()),
-        grads,
+        dbias: grads.as_ref().and_then(|g| g.1.clone()),
+        grads: grads.map(|g| g.0),
     })
+}
+
+/// dBias against its reference; a stage that returned none fails (NaN).
+fn dbias_report(
+    got: Option<&Array4<f32>>,
+    reference: Option<&Array4<f64>>,
+    magnitudes: &Array4<f64>,
+) -> ErrorReport {
+    match (got, reference) {
+        (Some(g), Some(r)) if g.dim() == r.dim() => {
+            compare_floored(g.view(), r.view(), magnitudes.view())
+        }
+        _ => ErrorReport { normwise: f64::NAN, elementwise: f64::NAN, worst: 0, floor: 0.0 },
+    }
 }
 
 /// The bytes `stage` moves forward and backward (its [`crate::Traffic`] counts) on random
@@ -266,6 +331,13 @@ pub fn check_against_stage(
             compare_floored(ga.dk.view(), to64(&gb.dk).view(), m.dk.view()),
             compare_floored(ga.dv.view(), to64(&gb.dv).view(), m.dv.view()),
         ]),
+        dbias: data.opts.bias_grad.then(|| {
+            dbias_report(
+                ga.dbias.as_ref(),
+                gb.dbias.as_ref().map(to64).as_ref(),
+                m.dbias.as_ref().expect("a bias"),
+            )
+        }),
     })
 }
 
@@ -447,7 +519,7 @@ pub mod strategies {
     use proptest::prelude::*;
     use proptest::test_runner::{Config, RngSeed};
 
-    use super::{BiasKind, Case, MaskKind};
+    use super::{AlibiKind, BiasKind, Case, MaskKind};
     use crate::shape::Shape;
 
     /// A deterministic proptest configuration: `cases` cases from a fixed seed, so CI runs
@@ -514,8 +586,34 @@ pub mod strategies {
                     q_block,
                     k_block,
                     seed,
+                    ..Case::new(Shape::new(1, 1, 1, 1), seed)
                 },
             )
+    }
+
+    /// [`arb_case`] with the score modifiers too: a sliding window (each side −1 or 0 to
+    /// `max_n`) half the time, a softcap from 0.5 to 20 a third of the time, ALiBi slopes of
+    /// either shape, and dBias asked for half the time (where there is a bias).
+    pub fn arb_case_with_mods(max_n: usize, blocks: bool) -> impl Strategy<Value = Case> {
+        let side = prop_oneof![Just(-1i64), 0..=max_n as i64];
+        (
+            arb_case(max_n, blocks),
+            prop::option::weighted(0.5, (side.clone(), side)),
+            prop::option::weighted(0.33, 0.5f32..20.0),
+            prop::sample::select(vec![
+                AlibiKind::None,
+                AlibiKind::PerHead,
+                AlibiKind::PerBatchHead,
+            ]),
+            any::<bool>(),
+        )
+            .prop_map(|(case, window, softcap, alibi, bias_grad)| Case {
+                window,
+                softcap,
+                alibi,
+                bias_grad,
+                ..case
+            })
     }
 }
 
@@ -533,11 +631,14 @@ mod check_tests {
             out: report(2e-6, 0.0),
             lse: report(5e-6, 0.0),
             grads: Some([report(1e-5, 0.0), report(3e-5, 1e-4), report(2e-5, 0.0)]),
+            dbias: None,
         };
         // lse: 5e-6 / 1e-5 = 0.5; dk: 3e-5 / (1e-4 + 1e-4) = 0.15; dq 0.1, dv 0.2
         assert!((check.worst_ratio(1e-5, 1e-4) - 0.5).abs() < 1e-12);
         let forward_only = Check { grads: None, ..check.clone() };
         assert!((forward_only.worst_ratio(1e-6, 1e-4) - 5.0).abs() < 1e-12);
+        let missing_dbias = Check { dbias: Some(report(f64::NAN, 0.0)), ..check.clone() };
+        assert!(missing_dbias.worst_ratio(1e-5, 1e-4).is_nan());
         let nan = Check { out: report(f64::NAN, 0.0), ..check };
         assert!(nan.worst_ratio(1e-5, 1e-4).is_nan());
     }

@@ -3,9 +3,9 @@
 //! central finite differences.
 
 use attn_core::reference::RefProblem;
-use attn_core::testing::{BiasKind, Case, MaskKind};
+use attn_core::testing::{AlibiKind, BiasKind, Case, MaskKind};
 use attn_core::{Dropout, DropoutParams, Inputs, Options, Shape};
-use ndarray::{Array4, s};
+use ndarray::{Array2, Array4, s};
 
 fn reference(case: &Case) -> (RefProblem, Array4<f64>) {
     let data = case.build();
@@ -77,11 +77,13 @@ fn finite_difference_check(case: &Case) {
     let eps = 1e-5;
     let mut worst = 0.0f64;
     let mut scale = 0.0f64;
-    for which in 0..3 {
+    let tensors = if p.bias.is_some() { 4 } else { 3 };
+    for which in 0..tensors {
         let (analytic, len) = match which {
             0 => (&grads.dq, p.q.len()),
             1 => (&grads.dk, p.k.len()),
-            _ => (&grads.dv, p.v.len()),
+            2 => (&grads.dv, p.v.len()),
+            _ => (grads.dbias.as_ref().unwrap(), grads.dbias.as_ref().unwrap().len()),
         };
         for flat in 0..len {
             let bump = |delta: f64| {
@@ -89,9 +91,14 @@ fn finite_difference_check(case: &Case) {
                 let t = match which {
                     0 => &mut p2.q,
                     1 => &mut p2.k,
-                    _ => &mut p2.v,
+                    2 => &mut p2.v,
+                    _ => p2.bias.as_mut().unwrap(),
                 };
-                t.as_slice_mut().unwrap()[flat] += delta;
+                let x = &mut t.as_slice_mut().unwrap()[flat];
+                if x.is_infinite() {
+                    return 0.0; // a −∞ bias entry is a mask: no gradient to check
+                }
+                *x += delta;
                 p2.loss(&d_out)
             };
             let numeric = (bump(eps) - bump(-eps)) / (2.0 * eps);
@@ -131,6 +138,97 @@ fn reference_gradients_match_finite_differences() {
     for case in &cases {
         finite_difference_check(case);
     }
+}
+
+#[test]
+fn score_modifier_gradients_match_finite_differences() {
+    let base = Shape::new(2, 2, 5, 4).with_n_k(6);
+    let cases = [
+        // softcap's derivative 1 − tanh² flows into dQ and dK; small caps bend the most
+        Case { softcap: Some(0.8), scale: Some(1.5), ..Case::new(base, 11) },
+        Case { softcap: Some(2.0), bias: BiasKind::Full, causal: true, ..Case::new(base, 12) },
+        // dBias summed over each broadcast shape
+        Case { bias: BiasKind::Full, ..Case::new(base.with_kv_heads(1), 13) },
+        Case { bias: BiasKind::PerKey, dropout: Some(0.3), ..Case::new(base, 14) },
+        Case { bias: BiasKind::NegInf, mask: MaskKind::Full, ..Case::new(base, 15) },
+        // ALiBi and the window move no gradient of their own, but change P
+        Case { alibi: AlibiKind::PerBatchHead, window: Some((2, 1)), ..Case::new(base, 16) },
+        Case {
+            alibi: AlibiKind::PerHead,
+            window: Some((1, -1)),
+            causal: true,
+            softcap: Some(1.0),
+            bias: BiasKind::PerKey,
+            ..Case::new(Shape::new(1, 2, 6, 3).with_n_k(4), 17)
+        },
+    ];
+    for case in &cases {
+        finite_difference_check(case);
+    }
+}
+
+/// The reference forward of `case` with `edit` applied to its options.
+fn forward_of(case: &Case, edit: impl Fn(Options) -> Options) -> attn_core::reference::RefForward {
+    let data = case.build();
+    attn_core::reference::forward(&data.inputs(), &edit(data.opts.clone())).unwrap()
+}
+
+#[test]
+fn a_window_of_nothing_either_side_copies_the_diagonal_value() {
+    // n_q = 3, n_k = 5: the diagonal of query i is key i + 2; window (0, 0) keeps that key only.
+    let case = Case::new(Shape::new(1, 1, 3, 4).with_n_k(5), 21);
+    let r = forward_of(&case, |o| o.window(0, 0));
+    let v = case.build().v;
+    for i in 0..3 {
+        for c in 0..4 {
+            assert_eq!(r.out[[0, 0, i, c]], v[[0, 0, i + 2, c]] as f64);
+        }
+    }
+    // Unbounded both sides is no window at all; (−1, 0) is causal masking.
+    let plain = forward_of(&case, |o| o);
+    assert_eq!(forward_of(&case, |o| o.window(-1, -1)).out, plain.out);
+    assert_eq!(
+        forward_of(&case, |o| o.window(-1, 0)).out,
+        forward_of(&case, |o| o.causal(true)).out
+    );
+}
+
+#[test]
+fn softcap_bounds_the_scores_and_a_large_cap_changes_nothing() {
+    let case = Case { scale: Some(40.0), ..Case::new(Shape::new(1, 2, 4, 8).with_n_k(7), 22) };
+    let data = case.build();
+    let p = RefProblem::from_inputs(&data.inputs(), &data.opts.clone().softcap(3.0)).unwrap();
+    for i in 0..4 {
+        for j in 0..7 {
+            let s = p.score(0, 1, i, j);
+            assert!(s.abs() <= 3.0, "score {s} escapes the cap");
+            assert!((s - 3.0 * (p.raw_score(0, 1, i, j) / 3.0).tanh()).abs() < 1e-12);
+        }
+    }
+    let plain = forward_of(&case, |o| o);
+    let capped = forward_of(&case, |o| o.softcap(1e9));
+    let diff = (&plain.out - &capped.out).mapv(f64::abs).fold(0.0f64, |m, &x| m.max(x));
+    assert!(diff < 1e-9, "a cap far above every score changed the output by {diff:e}");
+}
+
+#[test]
+fn alibi_is_the_bias_it_stands_for() {
+    // slope · |i + n_k − n_q − j| subtracted, per head: the same as that bias written out.
+    let shape = Shape::new(2, 3, 4, 5).with_n_k(6);
+    let case = Case { alibi: AlibiKind::PerBatchHead, ..Case::new(shape, 23) };
+    let data = case.build();
+    let slopes: Array2<f32> = data.alibi.clone().unwrap();
+    let bias = Array4::from_shape_fn(shape.score_dims(), |(b, h, i, j)| {
+        -slopes[[b, h]] * (i as f32 + 2.0 - j as f32).abs()
+    });
+    let with_alibi = attn_core::reference::forward(&data.inputs(), &data.opts).unwrap();
+    let as_bias = attn_core::reference::forward(
+        &Inputs { alibi: None, ..data.inputs() }.with_bias(bias.view()),
+        &data.opts,
+    )
+    .unwrap();
+    let diff = (&with_alibi.out - &as_bias.out).mapv(f64::abs).fold(0.0f64, |m, &x| m.max(x));
+    assert!(diff < 1e-6, "ALiBi and its bias differ by {diff:e}");
 }
 
 #[test]

@@ -36,6 +36,7 @@ pub fn forward_on_device(
     kernels: impl FnOnce(&'static Gpu, &DeviceProblem) -> Result<DeviceForward>,
 ) -> Result<(Forward, DeviceStats)> {
     let p = Problem::new(inputs, opts)?;
+    crate::problem::require_gpu_modifiers(&p)?;
     let gpu = gpu()?;
     let dev = DeviceProblem::upload(gpu, &p)?;
     let ((out, lse), stats) = measured(gpu, || kernels(gpu, &dev))?;
@@ -60,6 +61,7 @@ pub fn backward_on_device(
     kernels: impl FnOnce(&'static Gpu, &DeviceProblem, &DeviceSaved) -> Result<[DeviceBuffer<f32>; 3]>,
 ) -> Result<(Grads, DeviceStats)> {
     let p = Problem::for_backward(inputs, opts, fwd, d_out)?;
+    crate::problem::require_gpu_modifiers(&p)?;
     let gpu = gpu()?;
     let sh = p.shape;
     let dev = DeviceProblem::upload(gpu, &p)?;
@@ -74,6 +76,7 @@ pub fn backward_on_device(
             dq: gpu.download_array(&dq, sh.q_dims())?,
             dk: gpu.download_array(&dk, sh.kv_dims())?,
             dv: gpu.download_array(&dv, sh.kv_dims())?,
+            dbias: None,
             traffic: None,
         },
         stats,

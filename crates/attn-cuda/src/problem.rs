@@ -43,6 +43,19 @@ impl DropoutArg {
     }
 }
 
+/// Refuses, before the device is touched, the options the GPU kernels do not take yet (a
+/// sliding window, softcap, ALiBi, the bias gradient), naming the option.
+pub fn require_gpu_modifiers(p: &Problem<'_>) -> Result<()> {
+    match p.modifier_beyond_masks() {
+        None => Ok(()),
+        Some(what) => Err(AttnError::Unsupported {
+            stage: "the GPU variant",
+            what,
+            advice: "run it on the CPU (--device cpu), where every stage takes every score modifier",
+        }),
+    }
+}
+
 /// A validated problem with its tensors in device memory.
 #[derive(Debug)]
 pub struct DeviceProblem {

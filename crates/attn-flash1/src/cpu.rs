@@ -6,7 +6,8 @@ use attn_core::blocks::{kv_head_grads, row_blocks};
 use attn_core::simd::{ds_from_dp, probs_from_lse};
 use attn_core::simd::{matmul, tile_summaries};
 use attn_core::{
-    Forward, Grads, Head, Inputs, Options, Problem, Result, Shape, Traffic, TrafficCounter,
+    BiasGrad, Forward, Grads, Head, Inputs, Options, Problem, Result, Shape, Traffic,
+    TrafficCounter,
 };
 use ndarray::{Array1, Array2, Array3, Array4, ArrayView4, ArrayViewMut1, ArrayViewMut2, Zip, s};
 use rayon::prelude::*;
@@ -65,7 +66,7 @@ fn forward_head(
         for i0 in (0..n_q).step_by(b_r) {
             // line 7: for 1 ≤ i ≤ T_r (causal: skip tiles wholly above the diagonal)
             let rows = b_r.min(n_q - i0);
-            if head.tile_hidden(i0 + rows, j0) {
+            if head.tile_hidden((i0, rows), (j0, cols)) {
                 continue;
             }
             // line 8: load Q_i, O_i, ℓ_i, m_i from HBM to SRAM
@@ -79,10 +80,10 @@ fn forward_head(
             m_i.assign(&m.slice(s![i0..i0 + rows]));
             io.read_f32(2 * rows * d + 2 * rows);
 
-            // line 9: S_ij = τ Q_i K_jᵀ, plus bias and masks (Algorithm 2)
+            // line 9: S_ij = τ Q_i K_jᵀ, plus the score modifiers and masks (Algorithm 2)
             let mut s_ij = s_sram.slice_mut(s![..rows, ..cols]);
             matmul(scale, &q_i, &k_j.t(), 0.0, &mut s_ij);
-            head.bias_and_mask(i0, j0, s_ij.view_mut());
+            head.modify_scores(i0, j0, s_ij.view_mut(), None);
             io.read_bytes(rows * cols * head.score_mod_bytes());
 
             // line 10: m̃_ij = rowmax(S_ij), P̃_ij = exp(S_ij − m̃_ij), ℓ̃_ij = rowsum(P̃_ij)
@@ -162,6 +163,7 @@ fn backward_kv_head(
     (fwd, d_out): (&Forward, ArrayView4<'_, f32>),
     mut dq: ndarray::ArrayViewMut3<'_, f32>,
     (mut dk, mut dv): (ArrayViewMut2<'_, f32>, ArrayViewMut2<'_, f32>),
+    dbias: Option<&BiasGrad>,
 ) -> Traffic {
     let sh = p.shape;
     let (n_q, n_k, d) = (sh.n_q, sh.n_k, sh.head_dim);
@@ -172,6 +174,8 @@ fn backward_kv_head(
     let mut tiles = [(); 4].map(|_| Array2::<f32>::zeros((b_r, d))); // Q_i, O_i, dO_i, dQ_i
     let (mut lse_sram, mut d_sram) = (Array1::<f32>::zeros(b_r), Array1::<f32>::zeros(b_r));
     let (mut p_sram, mut ds_sram) = (Array2::zeros((b_r, b_c)), Array2::zeros((b_r, b_c)));
+    // tanh(S_ij / c), for the softcap's derivative
+    let mut tanh_sram = p.softcap.map(|_| Array2::<f32>::zeros((b_r, b_c)));
 
     for j0 in (0..n_k).step_by(b_c) {
         // line 5: for 1 ≤ j ≤ T_c — line 6: load K_j, V_j; line 7: dK̃_j = dṼ_j = 0 in SRAM
@@ -192,7 +196,7 @@ fn backward_kv_head(
             for i0 in (0..n_q).step_by(b_r) {
                 // line 8: for 1 ≤ i ≤ T_r (causal: skip tiles wholly above the diagonal)
                 let rows = b_r.min(n_q - i0);
-                if head.tile_hidden(i0 + rows, j0) {
+                if head.tile_hidden((i0, rows), (j0, cols)) {
                     continue;
                 }
                 // line 9: load Q_i, O_i, dO_i, dQ_i and the log-sum-exp of the rows
@@ -209,10 +213,11 @@ fn backward_kv_head(
                 lse_i.assign(&fwd.lse.slice(s![b, h, i0..i0 + rows]));
                 io.read_f32(4 * rows * d + rows);
 
-                // line 10: S_ij = τ Q_i K_jᵀ (+ bias, masks); line 13: P_ij = exp(S_ij − lse_i)
+                // line 10: S_ij = τ Q_i K_jᵀ (+ modifiers, masks); line 13: P_ij = exp(S_ij − lse_i)
                 let mut p_ij = p_sram.slice_mut(s![..rows, ..cols]);
+                let mut tanh = tanh_sram.as_mut().map(|t| t.slice_mut(s![..rows, ..cols]));
                 matmul(p.scale, &q_i, &k_j.t(), 0.0, &mut p_ij);
-                head.bias_and_mask(i0, j0, p_ij.view_mut());
+                head.modify_scores(i0, j0, p_ij.view_mut(), tanh.as_mut().map(|t| t.view_mut()));
                 io.read_bytes(rows * cols * head.score_mod_bytes());
                 probs_from_lse(p_ij.view_mut(), lse_i.view());
                 // lines 17–18: dP_ij = (dO_i V_jᵀ) ∘ Z_ij
@@ -226,6 +231,13 @@ fn backward_kv_head(
                     .and(o_i.rows())
                     .for_each(|d, do_r, o_r| *d = do_r.dot(&o_r));
                 ds_from_dp(ds_ij.view_mut(), p_ij.view(), d_i.view());
+                // dBias_ij = dS_ij (summed over its broadcast axes); then the softcap's slope
+                if let Some(db) = dbias {
+                    db.add(b, h, i0, j0, ds_ij.view());
+                }
+                if let Some(t) = &tanh {
+                    head.softcap_grad(ds_ij.view_mut(), t.view());
+                }
                 // line 21: dQ_i ← dQ_i + τ dS_ij K_j, written to HBM
                 matmul(p.scale, &ds_ij, &k_j, 1.0, &mut dq_i);
                 dq.slice_mut(s![g, i0..i0 + rows, ..]).assign(&dq_i);
@@ -260,13 +272,15 @@ pub fn backward(
     let mut dq = Array4::<f32>::zeros(sh.q_dims());
     let mut dk = Array4::<f32>::zeros(sh.kv_dims());
     let mut dv = Array4::<f32>::zeros(sh.kv_dims());
+    let dbias = BiasGrad::new(&p, NAME, blocks)?;
     let tasks = kv_head_grads(dq.view_mut(), dk.view_mut(), dv.view_mut());
     let traffic = TrafficCounter::default();
     tasks.into_par_iter().for_each(|g| {
         let task = (g.b, g.kv_h);
-        traffic.add(backward_kv_head(&p, task, blocks, (fwd, d_out), g.dq, (g.dk, g.dv)));
+        let (saved, grads) = ((fwd, d_out), (g.dk, g.dv));
+        traffic.add(backward_kv_head(&p, task, blocks, saved, g.dq, grads, dbias.as_ref()));
     });
-    Ok(Grads { dq, dk, dv, traffic: Some(traffic.get()) })
+    Ok(Grads { dq, dk, dv, dbias: dbias.map(BiasGrad::finish), traffic: Some(traffic.get()) })
 }
 
 /// The forward traffic Algorithm 1 performs without causal masking, mask, bias: per

@@ -1,6 +1,6 @@
 //! FlashAttention-1 against the float64 reference.
 
-use attn_core::testing::strategies::{arb_case, config};
+use attn_core::testing::strategies::{arb_case_with_mods, config};
 use attn_core::testing::{BiasKind, Case, MaskKind, check_against_reference, edge_cases};
 use attn_core::{Options, Shape};
 use attn_flash1::{Flash1Cpu, block_sizes};
@@ -10,7 +10,7 @@ proptest! {
     #![proptest_config(config(128))]
 
     #[test]
-    fn flash1_matches_reference_on_random_configurations(case in arb_case(50, true)) {
+    fn flash1_matches_reference_on_random_configurations(case in arb_case_with_mods(50, true)) {
         check_against_reference(&Flash1Cpu, &case.build(), true).unwrap().assert_f32(&format!("{case:?}"));
     }
 }

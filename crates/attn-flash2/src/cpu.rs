@@ -4,7 +4,8 @@
 
 use attn_core::blocks::{kv_head_grads, row_blocks};
 use attn_core::{
-    Forward, Grads, Head, Inputs, Options, Problem, Result, Shape, Traffic, TrafficCounter,
+    BiasGrad, Forward, Grads, Head, Inputs, Options, Problem, Result, Shape, Traffic,
+    TrafficCounter,
 };
 use ndarray::{Array1, Array2, Array3, Array4, ArrayView1, ArrayView2, ArrayView4, ArrayViewMut1};
 use ndarray::{ArrayViewMut2, Axis, Zip, s};
@@ -71,18 +72,19 @@ fn forward_block(
     acc.fill(0.0);
     m.fill(f32::NEG_INFINITY);
     ell.fill(0.0);
-    // Causal: keys at or past key_end(last row) are hidden from the whole block.
+    // Causal masking and the window: keys outside key_start(first row) .. key_end(last
+    // row) are hidden from the whole block, and their tiles never visited.
     let kv_end = head.key_end(i0 + rows - 1);
-    for j0 in (0..kv_end).step_by(b_c) {
+    for j0 in head.key_blocks(i0, rows, b_c) {
         // line 6: for 1 ≤ j ≤ T_c — line 7: load K_j, V_j
         let cols = b_c.min(kv_end - j0);
         let (k_j, v_j) = (head.k.slice(s![j0..j0 + cols, ..]), head.v.slice(s![j0..j0 + cols, ..]));
         io.read_f32(k_j.len() + v_j.len());
-        // line 8: S_ij = τ Q_i K_jᵀ; masks and bias only where the tile has any
+        // line 8: S_ij = τ Q_i K_jᵀ; the score modifiers only where the tile has any
         let mut s_ij = sc.s.slice_mut(s![..rows, ..cols]);
         matmul(scale, &q_i, &k_j.t(), 0.0, &mut s_ij);
-        if head.tile_needs_mask(i0, j0, cols) {
-            head.bias_and_mask(i0, j0, s_ij.view_mut());
+        if head.tile_needs_mods((i0, rows), (j0, cols)) {
+            head.modify_scores(i0, j0, s_ij.view_mut(), None);
             io.read_bytes(rows * cols * head.score_mod_bytes());
         }
         // line 9: m_new = max(m_i, rowmax(S_ij)), P̃_ij = exp(S_ij − m_new),
@@ -146,28 +148,53 @@ struct QueryRows<'a> {
 }
 
 // ANCHOR: backward_tile
+/// One worker's tiles for the backward: P_ij, dS_ij, and tanh(S_ij / c) with a softcap.
+struct TileBufs {
+    p: Array2<f32>,
+    ds: Array2<f32>,
+    tanh: Option<Array2<f32>>,
+}
+
+impl TileBufs {
+    fn new((b_r, b_c): (usize, usize), softcap: bool) -> Self {
+        let tile = || Array2::<f32>::zeros((b_r, b_c));
+        Self { p: tile(), ds: tile(), tanh: softcap.then(tile) }
+    }
+}
+
 /// The recomputation at the heart of Algorithm 2 (lines 11–14) for query rows `i0..` and key
-/// block `j0..`: P_ij = exp(S_ij − L_i), dP_ij = (dO_i V_jᵀ) ∘ Z_ij,
-/// dS_ij = P_ij ∘ (dP_ij − D_i). Leaves P_ij ∘ Z_ij in `p` (for dV) and dS_ij in `ds`.
-fn recompute_tile(
+/// block `j0..` (`cols` keys): P_ij = exp(S_ij − L_i), dP_ij = (dO_i V_jᵀ) ∘ Z_ij,
+/// dS_ij = P_ij ∘ (dP_ij − D_i), added to dBias when `dbias` is given, then times the
+/// softcap's slope. Returns P_ij ∘ Z_ij (for dV) and dS_ij.
+fn recompute_tile<'t>(
     head: &Head<'_>,
     scale: f32,
-    (i0, j0): (usize, usize),
+    (i0, j0, cols): (usize, usize, usize),
     rows: &QueryRows<'_>,
-    mut p: ArrayViewMut2<'_, f32>,
-    mut ds: ArrayViewMut2<'_, f32>,
-) {
-    let cols = p.ncols();
+    bufs: &'t mut TileBufs,
+    dbias: Option<&BiasGrad>,
+) -> (ArrayViewMut2<'t, f32>, ArrayViewMut2<'t, f32>) {
+    let n = rows.q.nrows();
+    let mut p = bufs.p.slice_mut(s![..n, ..cols]);
+    let mut ds = bufs.ds.slice_mut(s![..n, ..cols]);
+    let mut tanh = bufs.tanh.as_mut().map(|t| t.slice_mut(s![..n, ..cols]));
     let (k_j, v_j) = (head.k.slice(s![j0..j0 + cols, ..]), head.v.slice(s![j0..j0 + cols, ..]));
     matmul(scale, &rows.q, &k_j.t(), 0.0, &mut p);
-    if head.tile_needs_mask(i0, j0, cols) {
-        head.bias_and_mask(i0, j0, p.view_mut());
+    if head.tile_needs_mods((i0, n), (j0, cols)) {
+        head.modify_scores(i0, j0, p.view_mut(), tanh.as_mut().map(|t| t.view_mut()));
     }
     probs_from_lse(p.view_mut(), rows.lse);
     matmul(1.0, &rows.d_o, &v_j.t(), 0.0, &mut ds);
     head.apply_dropout(i0, j0, ds.view_mut());
     ds_from_dp(ds.view_mut(), p.view(), rows.d);
+    if let Some(db) = dbias {
+        db.add(head.b, head.h, i0, j0, ds.view());
+    }
+    if let Some(t) = &tanh {
+        head.softcap_grad(ds.view_mut(), t.view());
+    }
     head.apply_dropout(i0, j0, p.view_mut());
+    (p, ds)
 }
 // ANCHOR_END: backward_tile
 
@@ -217,7 +244,8 @@ pub fn backward(
         io.read_bytes(rows * cols * head.score_mod_bytes());
         io
     };
-    let scratch = |r: usize, c: usize| (Array2::<f32>::zeros((r, c)), Array2::<f32>::zeros((r, c)));
+    let scratch = || TileBufs::new((b_r, b_c), p.softcap.is_some());
+    let dbias = BiasGrad::new(&p, NAME, (b_r, b_c))?;
 
     let mut dq = Array4::<f32>::zeros(sh.q_dims());
     let mut dk = Array4::<f32>::zeros(sh.kv_dims());
@@ -229,118 +257,98 @@ pub fn backward(
         // owning the dQ of its query heads, adds into it in place — five tile products per
         // tile, no race, a fixed order.
         let tasks = kv_head_grads(dq.view_mut(), dk.view_mut(), dv.view_mut());
-        tasks.into_par_iter().for_each_init(
-            || scratch(b_r, b_c),
-            |(p_buf, ds_buf), mut g| {
-                let b = g.b;
-                let mut io = Traffic::default();
-                for j0 in (0..sh.n_k).step_by(b_c) {
-                    let cols = b_c.min(sh.n_k - j0);
-                    let mut dk_j = g.dk.slice_mut(s![j0..j0 + cols, ..]);
-                    let mut dv_j = g.dv.slice_mut(s![j0..j0 + cols, ..]);
-                    for gi in 0..sh.group() {
-                        let h = g.kv_h * sh.group() + gi;
-                        let head = p.head(b, h);
-                        for i0 in (0..sh.n_q).step_by(b_r) {
-                            let n = b_r.min(sh.n_q - i0);
-                            if head.tile_hidden(i0 + n, j0) {
-                                continue;
-                            }
-                            let rows = query_rows(b, h, i0, n);
-                            let (mut pm, mut ds) = (
-                                p_buf.slice_mut(s![..n, ..cols]),
-                                ds_buf.slice_mut(s![..n, ..cols]),
-                            );
-                            recompute_tile(
-                                &head,
-                                p.scale,
-                                (i0, j0),
-                                &rows,
-                                pm.view_mut(),
-                                ds.view_mut(),
-                            );
-                            // line 12: dV_j += (P_ij ∘ Z_ij)ᵀ dO_i; line 15: dQ_i += τ dS_ij K_j;
-                            // line 16: dK_j += τ dS_ijᵀ Q_i
-                            matmul(1.0, &pm.t(), &rows.d_o, 1.0, &mut dv_j);
-                            let k_j = head.k.slice(s![j0..j0 + cols, ..]);
-                            matmul(
-                                p.scale,
-                                &ds.view(),
-                                &k_j,
-                                1.0,
-                                &mut g.dq.slice_mut(s![gi, i0..i0 + n, ..]),
-                            );
-                            matmul(p.scale, &ds.t(), &rows.q, 1.0, &mut dk_j);
-                            io += tile_io(n, cols, &head);
-                            io.read_f32(n * sh.head_dim);
-                            io.write_f32(n * sh.head_dim); // dQ_i in and out
+        tasks.into_par_iter().for_each_init(scratch, |bufs, mut g| {
+            let b = g.b;
+            let mut io = Traffic::default();
+            for j0 in (0..sh.n_k).step_by(b_c) {
+                let cols = b_c.min(sh.n_k - j0);
+                let mut dk_j = g.dk.slice_mut(s![j0..j0 + cols, ..]);
+                let mut dv_j = g.dv.slice_mut(s![j0..j0 + cols, ..]);
+                for gi in 0..sh.group() {
+                    let h = g.kv_h * sh.group() + gi;
+                    let head = p.head(b, h);
+                    for i0 in (0..sh.n_q).step_by(b_r) {
+                        let n = b_r.min(sh.n_q - i0);
+                        if head.tile_hidden((i0, n), (j0, cols)) {
+                            continue;
                         }
+                        let rows = query_rows(b, h, i0, n);
+                        let (pm, ds) = recompute_tile(
+                            &head,
+                            p.scale,
+                            (i0, j0, cols),
+                            &rows,
+                            bufs,
+                            dbias.as_ref(),
+                        );
+                        // line 12: dV_j += (P_ij ∘ Z_ij)ᵀ dO_i; line 15: dQ_i += τ dS_ij K_j;
+                        // line 16: dK_j += τ dS_ijᵀ Q_i
+                        matmul(1.0, &pm.t(), &rows.d_o, 1.0, &mut dv_j);
+                        let k_j = head.k.slice(s![j0..j0 + cols, ..]);
+                        matmul(
+                            p.scale,
+                            &ds.view(),
+                            &k_j,
+                            1.0,
+                            &mut g.dq.slice_mut(s![gi, i0..i0 + n, ..]),
+                        );
+                        matmul(p.scale, &ds.t(), &rows.q, 1.0, &mut dk_j);
+                        io += tile_io(n, cols, &head);
+                        io.read_f32(n * sh.head_dim);
+                        io.write_f32(n * sh.head_dim); // dQ_i in and out
                     }
-                    io.write_f32(2 * cols * sh.head_dim);
                 }
-                traffic.add(io);
-            },
-        );
-        return Ok(Grads { dq, dk, dv, traffic: Some(traffic.get()) });
+                io.write_f32(2 * cols * sh.head_dim);
+            }
+            traffic.add(io);
+        });
+        let dbias = dbias.map(BiasGrad::finish);
+        return Ok(Grads { dq, dk, dv, dbias, traffic: Some(traffic.get()) });
     }
 
     // Few (batch, key/value head) pairs: parallelise over key blocks for dK, dV ...
     let tasks: Vec<_> =
         row_blocks(dk.view_mut(), b_c).into_iter().zip(row_blocks(dv.view_mut(), b_c)).collect();
-    tasks.into_par_iter().for_each_init(
-        || scratch(b_r, b_c),
-        |(p_buf, ds_buf), (mut dk_j, mut dv_j)| {
-            let (j0, cols) = (dk_j.start, dk_j.view.nrows());
-            let mut io = Traffic::default();
-            for h in dk_j.h * sh.group()..(dk_j.h + 1) * sh.group() {
-                let head = p.head(dk_j.b, h);
-                for i0 in (0..sh.n_q).step_by(b_r) {
-                    let n = b_r.min(sh.n_q - i0);
-                    if head.tile_hidden(i0 + n, j0) {
-                        continue;
-                    }
-                    let rows = query_rows(dk_j.b, h, i0, n);
-                    let (mut pm, mut ds) =
-                        (p_buf.slice_mut(s![..n, ..cols]), ds_buf.slice_mut(s![..n, ..cols]));
-                    recompute_tile(&head, p.scale, (i0, j0), &rows, pm.view_mut(), ds.view_mut());
-                    // line 12: dV_j += (P_ij ∘ Z_ij)ᵀ dO_i; line 16: dK_j += τ dS_ijᵀ Q_i
-                    matmul(1.0, &pm.t(), &rows.d_o, 1.0, &mut dv_j.view);
-                    matmul(p.scale, &ds.t(), &rows.q, 1.0, &mut dk_j.view);
-                    io += tile_io(n, cols, &head);
+    tasks.into_par_iter().for_each_init(scratch, |bufs, (mut dk_j, mut dv_j)| {
+        let (j0, cols) = (dk_j.start, dk_j.view.nrows());
+        let mut io = Traffic::default();
+        for h in dk_j.h * sh.group()..(dk_j.h + 1) * sh.group() {
+            let head = p.head(dk_j.b, h);
+            for i0 in (0..sh.n_q).step_by(b_r) {
+                let n = b_r.min(sh.n_q - i0);
+                if head.tile_hidden((i0, n), (j0, cols)) {
+                    continue;
                 }
-            }
-            io.write_f32(2 * cols * sh.head_dim);
-            traffic.add(io);
-        },
-    );
-
-    // ... and over query blocks for dQ, in a pass of its own: dQ_i = τ Σ_j dS_ij K_j
-    row_blocks(dq.view_mut(), b_r).into_par_iter().for_each_init(
-        || scratch(b_r, b_c),
-        |(p_buf, ds_buf), mut dq_i| {
-            let head = p.head(dq_i.b, dq_i.h);
-            let (i0, n) = (dq_i.start, dq_i.view.nrows());
-            let rows = query_rows(dq_i.b, dq_i.h, i0, n);
-            let kv_end = head.key_end(i0 + n - 1);
-            let mut io = Traffic::default();
-            for j0 in (0..kv_end).step_by(b_c) {
-                let cols = b_c.min(kv_end - j0);
-                let (mut pm, mut ds) =
-                    (p_buf.slice_mut(s![..n, ..cols]), ds_buf.slice_mut(s![..n, ..cols]));
-                recompute_tile(&head, p.scale, (i0, j0), &rows, pm.view_mut(), ds.view_mut());
-                matmul(
-                    p.scale,
-                    &ds.view(),
-                    &head.k.slice(s![j0..j0 + cols, ..]),
-                    1.0,
-                    &mut dq_i.view,
-                );
+                let rows = query_rows(dk_j.b, h, i0, n);
+                // dBias from this pass only: each tile adds to it once
+                let (pm, ds) =
+                    recompute_tile(&head, p.scale, (i0, j0, cols), &rows, bufs, dbias.as_ref());
+                // line 12: dV_j += (P_ij ∘ Z_ij)ᵀ dO_i; line 16: dK_j += τ dS_ijᵀ Q_i
+                matmul(1.0, &pm.t(), &rows.d_o, 1.0, &mut dv_j.view);
+                matmul(p.scale, &ds.t(), &rows.q, 1.0, &mut dk_j.view);
                 io += tile_io(n, cols, &head);
             }
-            io.write_f32(n * sh.head_dim);
-            traffic.add(io);
-        },
-    );
-    Ok(Grads { dq, dk, dv, traffic: Some(traffic.get()) })
+        }
+        io.write_f32(2 * cols * sh.head_dim);
+        traffic.add(io);
+    });
+
+    // ... and over query blocks for dQ, in a pass of its own: dQ_i = τ Σ_j dS_ij K_j
+    row_blocks(dq.view_mut(), b_r).into_par_iter().for_each_init(scratch, |bufs, mut dq_i| {
+        let head = p.head(dq_i.b, dq_i.h);
+        let (i0, n) = (dq_i.start, dq_i.view.nrows());
+        let rows = query_rows(dq_i.b, dq_i.h, i0, n);
+        let kv_end = head.key_end(i0 + n - 1);
+        let mut io = Traffic::default();
+        for j0 in head.key_blocks(i0, n, b_c) {
+            let cols = b_c.min(kv_end - j0);
+            let (_, ds) = recompute_tile(&head, p.scale, (i0, j0, cols), &rows, bufs, None);
+            matmul(p.scale, &ds.view(), &head.k.slice(s![j0..j0 + cols, ..]), 1.0, &mut dq_i.view);
+            io += tile_io(n, cols, &head);
+        }
+        io.write_f32(n * sh.head_dim);
+        traffic.add(io);
+    });
+    Ok(Grads { dq, dk, dv, dbias: dbias.map(BiasGrad::finish), traffic: Some(traffic.get()) })
 }
 // ANCHOR_END: backward

@@ -1,7 +1,7 @@
 //! FlashAttention-2 against the float64 reference, and run to
 //! run reproducibility.
 
-use attn_core::testing::strategies::{arb_case, config};
+use attn_core::testing::strategies::{arb_case_with_mods, config};
 use attn_core::testing::{BiasKind, Case, MaskKind, check_against_reference, edge_cases};
 use attn_core::{Options, Shape, Stage};
 use attn_flash2::{Flash2Cpu, block_sizes};
@@ -11,7 +11,7 @@ proptest! {
     #![proptest_config(config(128))]
 
     #[test]
-    fn flash2_matches_reference_on_random_configurations(case in arb_case(50, true)) {
+    fn flash2_matches_reference_on_random_configurations(case in arb_case_with_mods(50, true)) {
         check_against_reference(&Flash2Cpu, &case.build(), true).unwrap().assert_f32(&format!("{case:?}"));
     }
 }

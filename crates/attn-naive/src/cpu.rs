@@ -1,7 +1,7 @@
 //! Stage 1 on the CPU: the textbook algorithm, one full score matrix per head.
 
 use attn_core::simd::{ds_from_dp, probs_from_lse};
-use attn_core::{Forward, Grads, Head, Inputs, Options, Problem, Result, Shape, Traffic};
+use attn_core::{BiasGrad, Forward, Grads, Head, Inputs, Options, Problem, Result, Shape, Traffic};
 use ndarray::linalg::general_mat_mul;
 use ndarray::{Array3, Array4, ArrayView4, ArrayViewMut1, Axis, Zip};
 
@@ -118,9 +118,9 @@ pub fn forward(inputs: &Inputs<'_>, opts: &Options) -> Result<Forward> {
         .and(lse.outer_iter_mut())
         .par_for_each(|bh, mut s, mut o, mut lse| {
             let head = p.head(bh / sh.heads, bh % sh.heads);
-            // S = scale · Q Kᵀ + bias, removed positions −∞
+            // S = scale · Q Kᵀ, then softcap, bias, ALiBi; removed positions −∞
             general_mat_mul(p.scale, &head.q, &head.k.t(), 0.0, &mut s);
-            head.bias_and_mask(0, 0, s.view_mut());
+            head.modify_scores(0, 0, s.view_mut(), None);
             // P = softmax(S), row by row; keep each row's log-sum-exp
             for (row, lse_i) in s.rows_mut().into_iter().zip(lse.iter_mut()) {
                 *lse_i = softmax_row(row);
@@ -145,6 +145,7 @@ pub fn forward(inputs: &Inputs<'_>, opts: &Options) -> Result<Forward> {
 // ANCHOR: backward
 /// dQ, dK, dV from P, recomputed from the saved log-sum-exp as P = exp(S − lse):
 /// dV = (P∘Z)ᵀ dO, dP = (dO Vᵀ) ∘ Z, dS = P ∘ (dP − D) with D = rowsum(dO ∘ O),
+/// dBias = dS (summed over the bias's broadcast axes), dS ∘= the softcap's slope,
 /// dQ = scale · dS K, dK = scale · dSᵀ Q.
 pub fn backward(
     inputs: &Inputs<'_>,
@@ -162,6 +163,8 @@ pub fn backward(
     let mut dq = Array4::<f32>::zeros((tasks, g, sh.n_q, sh.head_dim));
     let mut dk = Array3::<f32>::zeros((tasks, sh.n_k, sh.head_dim));
     let mut dv = Array3::<f32>::zeros((tasks, sh.n_k, sh.head_dim));
+    let dbias = BiasGrad::new(&p, NAME, (sh.n_q, sh.n_k))?;
+    let tanh_dims = if p.softcap.is_some() { (sh.n_q, sh.n_k) } else { (0, 0) };
 
     // One task per (batch, key/value head): it owns dK_j, dV_j and the dQ of its query heads.
     Zip::indexed(probs.outer_iter_mut())
@@ -171,6 +174,7 @@ pub fn backward(
         .and(dv.outer_iter_mut())
         .par_for_each(|task, mut probs, mut dprobs, mut dq, mut dk, mut dv| {
             let b = task / sh.kv_heads;
+            let mut tanh = ndarray::Array2::<f32>::zeros(tanh_dims);
             for gi in 0..g {
                 let h = task % sh.kv_heads * g + gi;
                 let head = p.head(b, h);
@@ -180,9 +184,14 @@ pub fn backward(
                     fwd.out.slice(ndarray::s![b, h, .., ..]),
                     d_out.slice(ndarray::s![b, h, .., ..]),
                 );
-                // P = exp(scale·QKᵀ + bias − lse), removed positions 0
+                // P = exp(S − lse), S with its modifiers as in the forward; removed positions 0
                 general_mat_mul(p.scale, &head.q, &head.k.t(), 0.0, &mut pm);
-                head.bias_and_mask(0, 0, pm.view_mut());
+                head.modify_scores(
+                    0,
+                    0,
+                    pm.view_mut(),
+                    head.has_softcap().then(|| tanh.view_mut()),
+                );
                 probs_from_lse(pm.view_mut(), fwd.lse.slice(ndarray::s![b, h, ..]));
                 // dP = (dO Vᵀ) ∘ Z
                 general_mat_mul(1.0, &d_o, &head.v.t(), 0.0, &mut dpm);
@@ -190,6 +199,10 @@ pub fn backward(
                 // dS = P ∘ (dP − D), D_i = rowsum(dO_i ∘ O_i), written over dP
                 let d = (&d_o * &o).sum_axis(Axis(1));
                 ds_from_dp(dpm.view_mut(), pm.view(), d.view());
+                if let Some(db) = &dbias {
+                    db.add(b, h, 0, 0, dpm.view());
+                }
+                head.softcap_grad(dpm.view_mut(), tanh.view());
                 // dQ = scale · dS K;  dK += scale · dSᵀ Q;  dV += (P∘Z)ᵀ dO
                 general_mat_mul(p.scale, &dpm, &head.k, 0.0, &mut dq.index_axis_mut(Axis(0), gi));
                 general_mat_mul(p.scale, &dpm.t(), &head.q, 1.0, &mut dk);
@@ -206,6 +219,7 @@ pub fn backward(
         dq: dq.into_shape_with_order(sh.q_dims()).expect("standard layout"),
         dk: dk.into_shape_with_order(sh.kv_dims()).expect("standard layout"),
         dv: dv.into_shape_with_order(sh.kv_dims()).expect("standard layout"),
+        dbias: dbias.map(BiasGrad::finish),
     })
 }
 // ANCHOR_END: backward

@@ -1,6 +1,6 @@
 //! Naive attention against the float64 reference on random configurations.
 
-use attn_core::testing::strategies::{arb_case, config};
+use attn_core::testing::strategies::{arb_case_with_mods, config};
 use attn_core::testing::{BiasKind, Case, Check, MaskKind, check_against_reference};
 use attn_core::{Inputs, Options, Shape, Stage};
 use attn_naive::NaiveCpu;
@@ -11,7 +11,7 @@ proptest! {
     #![proptest_config(config(128))]
 
     #[test]
-    fn naive_matches_reference_on_random_configurations(case in arb_case(40, false)) {
+    fn naive_matches_reference_on_random_configurations(case in arb_case_with_mods(40, false)) {
         let check = check_against_reference(&NaiveCpu, &case.build(), true).unwrap();
         check.assert_f32(&format!("{case:?}"));
     }

@@ -33,7 +33,7 @@ pub mod module;
 pub use attn_core as core;
 pub use attn_core::{
     AttnError, Device, Dropout, Forward, Grads, Inputs, Mask, Options, Problem, Result, Shape,
-    Stage,
+    Stage, Window,
 };
 pub use attn_cuda as cuda;
 pub use attn_flash1 as flash1;

@@ -69,6 +69,13 @@ pub struct AttentionConfig {
     pub cosine_sim: bool,
     /// The fixed scale of cosine-similarity attention.
     pub cosine_scale: f32,
+    /// A sliding window over the keys (Mistral, Gemma 2, Longformer).
+    pub window: Option<attn_core::Window>,
+    /// Logit soft-capping `s ← c·tanh(s/c)` (Gemma 2).
+    pub softcap: Option<f32>,
+    /// ALiBi slopes, one per head (BLOOM, MPT; [`attn_core::options::alibi_slopes`] gives
+    /// the paper's).
+    pub alibi: Option<Vec<f32>>,
     /// Where the attention runs. This build has CPU stages only; `Device::Cuda` is refused
     /// with an error until the GPU stages land.
     pub device: Device,
@@ -90,6 +97,9 @@ impl AttentionConfig {
             k_bucket_size: None,
             cosine_sim: false,
             cosine_scale: 16.0,
+            window: None,
+            softcap: None,
+            alibi: None,
             device: Device::Cpu,
         }
     }
@@ -129,6 +139,7 @@ pub struct Cache {
     v: Array4<f32>,
     mask: Option<OwnedMask>,
     bias: Option<Array4<f32>>,
+    alibi: Option<Array2<f32>>,
     fwd: Forward,
     options: Options,
     algorithm: Algorithm,
@@ -322,6 +333,7 @@ impl Attention {
             v,
             mask: owned_mask,
             bias: bias.map(|b| b.to_owned()),
+            alibi: self.alibi(),
             fwd: Forward {
                 out: Array4::zeros((0, 0, 0, 0)),
                 lse: Array3::zeros((0, 0, 0)),
@@ -351,8 +363,12 @@ impl Attention {
         let (q, k, v, _) = self.project_qkv(x, context)?;
         let options = self.options(overrides);
         let algorithm = overrides.algorithm.unwrap_or(c.algorithm);
+        let alibi = self.alibi();
         let out = {
             let mut inputs = Inputs::new(q.view(), k.view(), v.view());
+            if let Some(a) = &alibi {
+                inputs = inputs.with_alibi(a.view());
+            }
             if let Some(m) = &mask {
                 inputs = inputs.with_mask(match m {
                     Mask::KeyPadding(m) => Mask::KeyPadding(m.view()),
@@ -397,8 +413,16 @@ impl Attention {
             dropout: (c.dropout > 0.0).then(|| attn_core::Dropout::new(c.dropout, c.dropout_seed)),
             q_block: overrides.q_bucket_size.or(c.q_bucket_size),
             k_block: overrides.k_bucket_size.or(c.k_bucket_size),
+            window: c.window,
+            softcap: c.softcap,
             ..Options::default()
         }
+    }
+
+    /// The configured ALiBi slopes as the stages take them, `[1, heads]`.
+    fn alibi(&self) -> Option<Array2<f32>> {
+        let slopes = self.config.alibi.clone()?;
+        Some(Array2::from_shape_vec((1, slopes.len()), slopes).expect("one row"))
     }
 
     /// The gradients of `sum(y ∘ dy)` with respect to x (and context) and the three weights.
@@ -495,6 +519,9 @@ impl Cache {
         }
         if let Some(b) = &self.bias {
             inputs = inputs.with_bias(b.view());
+        }
+        if let Some(a) = &self.alibi {
+            inputs = inputs.with_alibi(a.view());
         }
         inputs
     }

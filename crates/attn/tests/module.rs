@@ -84,16 +84,22 @@ fn cross_attention_with_gqa_matches_naive() {
 
 #[test]
 fn module_gradients_match_finite_differences() {
-    for cosine_sim in [false, true] {
-        module_gradients_match_finite_differences_with(cosine_sim);
+    for (cosine_sim, mods) in [(false, false), (true, false), (false, true)] {
+        module_gradients_match_finite_differences_with(cosine_sim, mods);
     }
 }
 
-fn module_gradients_match_finite_differences_with(cosine_sim: bool) {
+/// With `mods`: a window of one key back (and causal), a softcap and the paper's ALiBi slopes.
+fn module_gradients_match_finite_differences_with(cosine_sim: bool, mods: bool) {
     let mut config = AttentionConfig::new(6, 2, 3);
     config.causal = true;
     config.cosine_sim = cosine_sim;
     config.cosine_scale = 4.0;
+    if mods {
+        config.window = Some(attn::Window::new(1, -1));
+        config.softcap = Some(0.7);
+        config.alibi = Some(attn::core::options::alibi_slopes(2));
+    }
     let module = Attention::new(config, 7).unwrap();
     let x = attn::core::random::normal((1, 4, 6), 8);
     let ctx = attn::core::random::normal((1, 5, 6), 9);
@@ -143,7 +149,10 @@ fn module_gradients_match_finite_differences_with(cosine_sim: bool) {
             check(analytic, bump(eps), bump(-eps));
         }
     }
-    assert!(worst < 2e-3, "cosine_sim {cosine_sim}: finite differences differ by {worst:e}");
+    assert!(
+        worst < 2e-3,
+        "cosine_sim {cosine_sim} mods {mods}: finite differences differ by {worst:e}"
+    );
 }
 
 #[test]
@@ -220,6 +229,9 @@ fn cosine_sim_attention_matches_the_float64_reference() {
         bias: None,
         scale: 16.0,
         causal: true,
+        window: None,
+        softcap: None,
+        alibi: None,
         dropout: None,
     }
     .forward();

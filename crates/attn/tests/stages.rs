@@ -4,7 +4,7 @@
 //! where naive attention's grows as n². (Each stage's own crate tests it against the float64
 //! reference; what compares two stages lives here, so that no stage depends on another.)
 
-use attn::core::testing::strategies::{arb_case, config};
+use attn::core::testing::strategies::{arb_case_with_mods, config};
 use attn::core::testing::traffic_of;
 use attn::core::testing::{check_against_stage, edge_cases};
 use attn::{Inputs, Options, Shape, Stage};
@@ -19,7 +19,7 @@ proptest! {
     #![proptest_config(config(96))]
 
     #[test]
-    fn tiled_cpu_stages_match_naive_on_random_configurations(case in arb_case(50, true)) {
+    fn tiled_cpu_stages_match_naive_on_random_configurations(case in arb_case_with_mods(50, true)) {
         let data = case.build();
         for stage in tiled_cpu_stages() {
             let check = check_against_stage(stage, &NaiveCpu, &data).unwrap();
@@ -74,4 +74,40 @@ fn chunked_gpu_device_memory_is_linear_where_naive_is_quadratic() {
     assert!(chunked_growth < 4.5, "chunked grew ×{chunked_growth:.2} for ×4 n");
     assert!(naive_growth > 14.0, "naive grew ×{naive_growth:.2} for ×4 n");
     assert!(n2 > 10.0 * c2, "naive {n2} B vs chunked {c2} B at n = 8192");
+}
+
+#[test]
+fn gpu_stages_refuse_the_modifiers_their_kernels_lack_before_touching_the_device() {
+    use attn::core::testing::{AlibiKind, BiasKind, Case};
+    use attn::{AttnError, Window};
+    let base = Case { bias: BiasKind::Full, ..Case::new(Shape::new(1, 2, 9, 8), 3) };
+    let cases = [
+        ("a sliding window", Case { window: Some((2, 0)), ..base.clone() }),
+        ("softcap", Case { softcap: Some(5.0), ..base.clone() }),
+        ("ALiBi", Case { alibi: AlibiKind::PerHead, ..base.clone() }),
+        ("the bias gradient", Case { bias_grad: true, ..base.clone() }),
+    ];
+    for stage in attn::gpu_stages() {
+        for (what, case) in &cases {
+            let data = case.build();
+            let inputs = data.inputs();
+            let err = match stage.forward(&inputs, &data.opts) {
+                Err(e) => e,
+                Ok(fwd) => {
+                    stage.backward(&inputs, &data.opts, &fwd, data.d_out.view()).unwrap_err()
+                }
+            };
+            assert!(
+                matches!(&err, AttnError::Unsupported { what: w, .. } if w == what),
+                "{} {what}: {err}",
+                stage.name()
+            );
+        }
+        // A window that keeps everything, or causal masking spelt as a window, is no modifier.
+        let data = base.build();
+        let plain = Options { window: Some(Window::new(-1, -1)), ..data.opts.clone() };
+        if let Err(e) = stage.forward(&data.inputs(), &plain) {
+            assert!(matches!(e, AttnError::NoCudaDevice { .. }), "{}: {e}", stage.name());
+        }
+    }
 }

@@ -162,8 +162,10 @@ fn validate<'a, T: TcFloat>(inputs: &HalfInputs<'a, T>, opts: &Options) -> Resul
         v: stand_in(&inputs.v),
         mask: inputs.mask,
         bias: inputs.bias,
+        alibi: None,
     };
     let p = Problem::shapes_only(&f32_inputs, opts)?;
+    attn_cuda::problem::require_gpu_modifiers(&p)?;
     check_values(inputs.q, inputs.k, inputs.v, inputs.bias, p.scale)?;
     if !TC_HEAD_DIMS.contains(&p.shape.head_dim) {
         return Err(AttnError::UnsupportedHeadDim {
@@ -256,8 +258,16 @@ struct Rounded<T> {
 }
 
 impl<T: TcFloat> Rounded<T> {
-    fn of(inputs: &Inputs<'_>) -> Self {
-        Self { q: round(inputs.q), k: round(inputs.k), v: round(inputs.v) }
+    /// The inputs rounded to `T`; refuses what the 16-bit call cannot carry (ALiBi slopes).
+    fn of(inputs: &Inputs<'_>) -> Result<Self> {
+        if inputs.alibi.is_some() {
+            return Err(AttnError::Unsupported {
+                stage: STAGE,
+                what: "ALiBi",
+                advice: "run it on the CPU (--device cpu), where every stage takes every score modifier",
+            });
+        }
+        Ok(Self { q: round(inputs.q), k: round(inputs.k), v: round(inputs.v) })
     }
 
     /// The 16-bit call: the rounded tensors with the f32 call's mask and bias.
@@ -279,7 +289,7 @@ pub fn forward_rounded<T: TcFloat>(
     opts: &Options,
     version: u32,
 ) -> Result<(attn_core::Forward, DeviceStats)> {
-    let rounded = Rounded::<T>::of(inputs);
+    let rounded = Rounded::<T>::of(inputs)?;
     let (f, stats) = forward_version_with_stats(&rounded.inputs(inputs), opts, version)?;
     Ok((attn_core::Forward { out: widen(f.out.view()), lse: f.lse, traffic: None }, stats))
 }
@@ -421,7 +431,7 @@ pub fn backward_rounded<T: TcFloat>(
     d_out: ArrayView4<'_, f32>,
     version: u32,
 ) -> Result<(attn_core::Grads, DeviceStats)> {
-    let rounded = Rounded::<T>::of(inputs);
+    let rounded = Rounded::<T>::of(inputs)?;
     let half = rounded.inputs(inputs);
     let hf = HalfForward { out: round::<T, _>(fwd.out.view()), lse: fwd.lse.clone() };
     let d_o = round::<T, _>(d_out);
@@ -430,6 +440,7 @@ pub fn backward_rounded<T: TcFloat>(
         dq: widen(g.dq.view()),
         dk: widen(g.dk.view()),
         dv: widen(g.dv.view()),
+        dbias: None,
         traffic: None,
     };
     Ok((grads, stats))
