@@ -128,16 +128,16 @@ pub fn forward_device(
         let rows = q_chunk.min(n_q - i0);
         let q_i = Operand::rows(gpu.ptr(&dev.q), heads, n_q, d, i0);
         for j0 in (0..n_k).step_by(k_chunk) {
-            if dev.window_hidden(i0 + rows, j0) {
-                break; // causal: the rest of these rows' keys are hidden
-            }
             let cols = k_chunk.min(n_k - j0);
+            if dev.window_hidden((i0, rows), (j0, cols)) {
+                continue; // causal masking or the window hides this window of scores
+            }
             let s_w = Operand::rows(gpu.ptr(&s), heads, rows, cols, 0);
             let k_j = Operand::rows(gpu.ptr(&dev.k), kv_heads, n_k, d, j0).shared_by(group);
             let v_j = Operand::rows(gpu.ptr(&dev.v), kv_heads, n_k, d, j0).shared_by(group);
-            // S_ij = scale · Q_i K_jᵀ + bias, removed positions −∞
+            // S_ij = scale · Q_i K_jᵀ with its modifiers, removed positions −∞
             k.gemm((z, heads), (rows, cols, d), dev.scale, q_i, k_j.t(), 0.0, s_w)?;
-            if dev.window_needs_mods(i0, j0, cols) {
+            if dev.window_needs_mods((i0, rows), (j0, cols)) {
                 k.modify_scores(&s, &dev.mods, z, (i0, j0, rows, cols))?;
             }
             // the chunk's summaries: m̃, P̃ = exp(S_ij − m̃), ℓ̃
@@ -190,10 +190,10 @@ pub fn backward_device(
     for i0 in (0..n_q).step_by(q_chunk) {
         let rows = q_chunk.min(n_q - i0);
         for j0 in (0..n_k).step_by(k_chunk) {
-            if dev.window_hidden(i0 + rows, j0) {
-                break; // causal: every later window of these rows is hidden too
+            let cols = k_chunk.min(n_k - j0);
+            if !dev.window_hidden((i0, rows), (j0, cols)) {
+                grads.add_window(k, dev, saved, (i0, rows), (j0, cols))?;
             }
-            grads.add_window(k, dev, saved, (i0, rows), (j0, k_chunk.min(n_k - j0)))?;
         }
     }
     Ok(grads.finish())

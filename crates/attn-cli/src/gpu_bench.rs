@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use attn::core::flops::{backward_flops, forward_flops};
+use attn::core::flops::forward_flops_windowed;
 use attn::core::memory::human_bytes;
 use attn::core::metrics::compare;
 use attn::cuda::DeviceStats;
@@ -55,6 +55,13 @@ pub struct GpuBenchArgs {
     /// Time the causal case only (the default times both).
     #[arg(long)]
     pub causal_only: bool,
+    /// Time with a sliding window LEFT,RIGHT (-1: unbounded side); FLOP/s count the kept
+    /// pairs.
+    #[arg(long, allow_hyphen_values = true)]
+    pub window: Option<String>,
+    /// Time with logit soft-capping C (forward only: the GPU backward has no softcap yet).
+    #[arg(long)]
+    pub softcap: Option<f32>,
 }
 
 type FwdFn = Box<dyn Fn(&Inputs<'_>, &Options) -> Result<(Forward, DeviceStats)> + Sync>;
@@ -252,6 +259,7 @@ pub fn gpu_bench(args: &GpuBenchArgs) -> Result<(), CliError> {
 /// (a comment line naming the device, a header, one row per stage, causal flag and n) and
 /// writes it to `--csv`, if given, after every row.
 pub fn measure(args: &GpuBenchArgs) -> Result<String, CliError> {
+    let window = args.window.as_deref().map(crate::run::parse_window).transpose()?;
     let gpu = attn::cuda::gpu().map_err(|e| CliError::input("--device", e))?;
     let mut rows = vec![
         "stage,causal,batch,heads,n,head_dim,forward_ms,forward_tflops,backward_ms,backward_tflops,forward_device_bytes,backward_device_bytes".to_string(),
@@ -319,8 +327,12 @@ pub fn measure(args: &GpuBenchArgs) -> Result<String, CliError> {
             if args.causal_only && !causal {
                 continue;
             }
-            let opts = Options::default().causal(causal);
+            let opts =
+                Options { window, softcap: args.softcap, ..Options::default().causal(causal) };
+            // the GPU backward has no softcap yet: the forward alone
+            let with_backward = args.softcap.is_none();
             for GpuStage { name, fwd: fwd_fn, bwd: bwd_fn, .. } in &stages {
+                let bwd_fn = bwd_fn.as_ref().filter(|_| with_backward);
                 if !checked.contains(&(name.clone(), shape.head_dim)) {
                     continue;
                 }
@@ -337,7 +349,7 @@ pub fn measure(args: &GpuBenchArgs) -> Result<String, CliError> {
                         }
                     };
                     // A stage without a backward gets NaN there (printed and written as NaN).
-                    let bs = match bwd_fn.as_ref().map(|b| b(&inputs, &opts, &fwd, d_out.view())) {
+                    let bs = match bwd_fn.map(|b| b(&inputs, &opts, &fwd, d_out.view())) {
                         None => DeviceStats { peak_bytes: 0, kernel_ms: f64::NAN },
                         Some(Ok((_, bs))) => bs,
                         Some(Err(e)) => {
@@ -360,8 +372,8 @@ pub fn measure(args: &GpuBenchArgs) -> Result<String, CliError> {
                     v[v.len() / 2]
                 };
                 let (fm, bm) = (median(f_ms), median(b_ms));
-                let ft = forward_flops(&shape, causal) / (fm * 1e-3) / 1e12;
-                let bt = backward_flops(&shape, causal) / (bm * 1e-3) / 1e12;
+                let flops = forward_flops_windowed(&shape, causal, window);
+                let (ft, bt) = (flops / (fm * 1e-3) / 1e12, 2.5 * flops / (bm * 1e-3) / 1e12);
                 println!(
                     "{name:<8} {causal:>6} {n:>6} d{:<3} {fm:>10.3} {ft:>9.2} {bm:>10.3} {bt:>9.2} {:>12} {:>12}",
                     shape.head_dim,
@@ -393,11 +405,13 @@ pub fn measure(args: &GpuBenchArgs) -> Result<String, CliError> {
 /// The CSV of `rows`: a comment line naming the device, then the rows (the header first).
 fn csv_text(gpu: &'static attn::cuda::Gpu, args: &GpuBenchArgs, rows: &[String]) -> String {
     let mut csv = format!(
-        "# attn gpu-bench on {} ({}); unfused products on {}; device time of the kernels (CUDA events), median of {} runs; device bytes above the uploaded inputs\n",
+        "# attn gpu-bench on {} ({}); unfused products on {}; device time of the kernels (CUDA events), median of {} runs; device bytes above the uploaded inputs{}{}\n",
         gpu.name(),
         gpu.arch(),
         gemm_backend(gpu),
-        args.repeats
+        args.repeats,
+        args.window.as_ref().map_or(String::new(), |w| format!("; window {w}")),
+        args.softcap.map_or(String::new(), |c| format!("; softcap {c}")),
     );
     for r in rows {
         csv.push_str(r);

@@ -180,16 +180,14 @@ fn flag_of(e: &AttnError) -> &'static str {
         AttnError::WorkspaceTooLarge { .. } => "--algo",
         AttnError::Unsupported { what, .. } => match *what {
             "dropout" => "--dropout",
-            "a sliding window" => "--window",
-            "softcap" => "--softcap",
-            "ALiBi" => "--alibi",
+            "softcap in the backward" => "--softcap",
             "the bias gradient" => "--dbias",
             _ => "--dtype",
         },
     }
 }
 
-fn lib_error(e: AttnError) -> CliError {
+pub(crate) fn lib_error(e: AttnError) -> CliError {
     CliError::input(flag_of(&e), e)
 }
 
@@ -200,7 +198,7 @@ enum MaskData {
 }
 
 /// `--window LEFT,RIGHT` as two integers (the library checks that each is at least -1).
-fn parse_window(s: &str) -> Result<attn::Window, CliError> {
+pub fn parse_window(s: &str) -> Result<attn::Window, CliError> {
     let sides: Vec<_> = s.split(',').map(|x| x.trim().parse::<i64>()).collect();
     match sides[..] {
         [Ok(left), Ok(right)] => Ok(attn::Window::new(left, right)),

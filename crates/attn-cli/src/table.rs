@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use attn::core::flops::{backward_flops, forward_flops};
+use attn::core::flops::forward_flops_windowed;
 use attn::core::memory::{human_bytes, measure_peak};
 use attn::core::metrics::compare;
 use attn::core::reference::RefProblem;
@@ -52,6 +52,12 @@ pub struct TableArgs {
     /// Key/value rows per block of the tiled stages.
     #[arg(long)]
     pub k_block: Option<usize>,
+    /// Sliding window LEFT,RIGHT (-1: unbounded side); GFLOP/s count the kept pairs.
+    #[arg(long, allow_hyphen_values = true)]
+    pub window: Option<String>,
+    /// Logit soft-capping C.
+    #[arg(long)]
+    pub softcap: Option<f32>,
 }
 
 impl Default for TableArgs {
@@ -70,6 +76,8 @@ impl Default for TableArgs {
             sram: None,
             q_block: None,
             k_block: None,
+            window: None,
+            softcap: None,
         }
     }
 }
@@ -113,20 +121,30 @@ pub fn table(args: &TableArgs) -> Result<(), CliError> {
             return Err(CliError::input(flag, "must be at least 1"));
         }
     }
+    let window = args.window.as_deref().map(crate::run::parse_window).transpose()?;
     let opts = Options {
         causal: args.causal,
         sram: args.sram,
         q_block: args.q_block,
         k_block: args.k_block,
+        window,
+        softcap: args.softcap,
         ..Options::default()
     };
+    let flops = forward_flops_windowed(&shape, args.causal, window);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    println!("attention {shape} causal={} on {} ({threads} threads)", args.causal, cpu_model());
+    let mods = window.map_or(String::new(), |w| format!(" window=({},{})", w.left, w.right))
+        + &args.softcap.map_or(String::new(), |c| format!(" softcap={c}"));
+    println!(
+        "attention {shape} causal={}{mods} on {} ({threads} threads)",
+        args.causal,
+        cpu_model()
+    );
 
     let reference = if args.no_check {
         None
     } else {
-        let r = RefProblem::from_inputs(&inputs, &opts).map_err(|e| CliError::input("--seq", e))?;
+        let r = RefProblem::from_inputs(&inputs, &opts).map_err(crate::run::lib_error)?;
         let fwd = r.forward();
         let grads = r.backward(&d_out.mapv(f64::from));
         Some((fwd, grads))
@@ -162,9 +180,8 @@ pub fn table(args: &TableArgs) -> Result<(), CliError> {
                 continue;
             }
         };
-        let grads = stage
-            .backward(&inputs, &opts, &fwd, d_out.view())
-            .map_err(|e| CliError::input("--seq", e))?;
+        let grads =
+            stage.backward(&inputs, &opts, &fwd, d_out.view()).map_err(crate::run::lib_error)?;
         let (fwd_err, bwd_err) = match &reference {
             Some((rf, rg)) => {
                 let f = compare(fwd.out.view(), rf.out.view()).normwise;
@@ -194,9 +211,9 @@ pub fn table(args: &TableArgs) -> Result<(), CliError> {
             fwd_err,
             bwd_err,
             format!("{:.2}", t_fwd * 1e3),
-            format!("{:.1}", forward_flops(&shape, args.causal) / t_fwd / 1e9),
+            format!("{:.1}", flops / t_fwd / 1e9),
             format!("{:.2}", t_bwd * 1e3),
-            format!("{:.1}", backward_flops(&shape, args.causal) / t_bwd / 1e9),
+            format!("{:.1}", 2.5 * flops / t_bwd / 1e9),
             human_bytes(fwd_peak),
             human_bytes(bwd_peak),
             fwd.traffic.map_or("-".into(), |t| human_bytes(t.total())),

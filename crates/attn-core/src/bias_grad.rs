@@ -53,6 +53,7 @@ impl BiasGrad {
         Ok(Some(Self { dims, heads: sh.heads, blocks, parts }))
     }
 
+    // ANCHOR: add
     /// Adds the score gradients `ds` of the tile at rows `i0..`, columns `j0..` of head
     /// `(b, h)` — dS before the softcap's chain rule. Each tile of the grid must be added at
     /// most once (a tile never added counts as zeros).
@@ -81,6 +82,7 @@ impl BiasGrad {
             (false, false) => part[[i0 / b_r, j0 / b_c]] += ds.sum(),
         }
     }
+    // ANCHOR_END: add
 
     /// dBias in the bias's shape: the partials summed, batch, head and block in order.
     pub fn finish(self) -> Array4<f32> {

@@ -110,12 +110,11 @@ impl<'a> Problem<'a> {
     pub fn new(inputs: &Inputs<'a>, opts: &Options) -> Result<Self> {
         let p = Self::shapes_only(inputs, opts)?;
         check_values(inputs.q, inputs.k, inputs.v, inputs.bias, p.scale)?;
-        p.check_alibi()?;
         Ok(p)
     }
 
     /// [`Problem::new`] without reading the values of q, k, v and the bias: shapes, masks,
-    /// options. For a caller whose tensors have another element type (the tensor cores'
+    /// options, ALiBi slopes. For a caller whose tensors have another element type (the tensor cores'
     /// bf16 / f16): it passes stand-ins of the right shapes here and its own tensors to
     /// [`check_values`].
     pub fn shapes_only(inputs: &Inputs<'a>, opts: &Options) -> Result<Self> {
@@ -215,7 +214,7 @@ impl<'a> Problem<'a> {
             return Err(AttnError::ZeroBlockSize { arg: "sram" });
         }
 
-        Ok(Self {
+        let p = Self {
             shape,
             scale,
             causal: opts.causal,
@@ -232,7 +231,9 @@ impl<'a> Problem<'a> {
             mask,
             bias: inputs.bias,
             alibi: inputs.alibi,
-        })
+        };
+        p.check_alibi()?;
+        Ok(p)
     }
 
     /// ALiBi slopes must be finite, and the scores they make must stay within f32's range.
@@ -247,23 +248,6 @@ impl<'a> Problem<'a> {
             return Err(AttnError::ScoreOverflow { bound });
         }
         Ok(())
-    }
-
-    /// The first option that only some stages implement so far (a sliding window, softcap,
-    /// ALiBi, the bias gradient), named for an error; `None` when there is none.
-    pub fn modifier_beyond_masks(&self) -> Option<&'static str> {
-        let plain_causal = KeyRange::new(self.shape.n_q, self.shape.n_k, self.causal, None);
-        if self.keys != plain_causal {
-            Some("a sliding window")
-        } else if self.softcap.is_some() {
-            Some("softcap")
-        } else if self.alibi.is_some() {
-            Some("ALiBi")
-        } else if self.bias_grad {
-            Some("the bias gradient")
-        } else {
-            None
-        }
     }
 
     /// [`Problem::new`] for a backward call, which also checks what the forward returned

@@ -513,6 +513,84 @@ pub mod fused {
     }
 }
 
+/// The score modifiers on one stage, at sizes that span several of a GPU kernel's tiles:
+/// sliding windows (both sides, one side, with causal masking, n_q ≠ n_k, rows the window
+/// leaves empty), softcap, ALiBi of both shapes, with masks and a bias.
+pub mod score_mods {
+    use super::{AlibiKind, BiasKind, Case, MaskKind, check_against_reference};
+    use crate::shape::Shape;
+    use crate::stage::Stage;
+
+    /// The cases at head dimension `d`.
+    pub fn cases(d: usize) -> Vec<Case> {
+        let shape = |b, h, kvh, n_q, n_k| Shape::new(b, h, n_q, d).with_n_k(n_k).with_kv_heads(kvh);
+        vec![
+            Case { window: Some((40, 16)), ..Case::new(shape(2, 4, 2, 200, 260), 31) },
+            Case {
+                window: Some((50, -1)),
+                causal: true,
+                mask: MaskKind::KeyPadding,
+                ..Case::new(shape(1, 2, 2, 300, 180), 32)
+            },
+            Case {
+                window: Some((-1, 30)),
+                alibi: AlibiKind::PerBatchHead,
+                bias: BiasKind::PerKey,
+                ..Case::new(shape(2, 2, 1, 150, 150), 33)
+            },
+            Case {
+                causal: true,
+                alibi: AlibiKind::PerHead,
+                mask: MaskKind::Full,
+                ..Case::new(shape(1, 4, 4, 257, 257), 34)
+            },
+            Case {
+                softcap: Some(2.0),
+                causal: true,
+                window: Some((64, 0)),
+                ..Case::new(shape(2, 2, 2, 190, 210), 35)
+            },
+            Case {
+                softcap: Some(0.5),
+                bias: BiasKind::Full,
+                ..Case::new(shape(1, 2, 2, 130, 130), 36)
+            },
+            Case { window: Some((0, 0)), ..Case::new(shape(1, 2, 1, 96, 96), 37) },
+            // the first 150 rows see no key: zeros and lse −∞
+            Case { window: Some((4, -1)), causal: true, ..Case::new(shape(1, 2, 2, 200, 50), 38) },
+        ]
+    }
+
+    /// Asserts that `stage` matches the float64 reference on every case at every head
+    /// dimension of `head_dims` within `(forward, backward)` tolerances, on inputs rounded by
+    /// `round` (the identity for f32 stages); the backward of softcap cases only when
+    /// `softcap_backward`.
+    pub fn check(
+        stage: &dyn Stage,
+        head_dims: &[usize],
+        (forward_tol, backward_tol): (f64, f64),
+        round: fn(f32) -> f32,
+        softcap_backward: bool,
+    ) {
+        for &d in head_dims {
+            for case in cases(d) {
+                let mut data = case.build();
+                for a in [&mut data.q, &mut data.k, &mut data.v, &mut data.d_out] {
+                    a.mapv_inplace(round);
+                }
+                let backward = softcap_backward || case.softcap.is_none();
+                let check = check_against_reference(stage, &data, backward)
+                    .unwrap_or_else(|e| panic!("{} {case:?}: {e}", stage.name()));
+                check.assert_within(
+                    forward_tol,
+                    backward_tol,
+                    &format!("{} {case:?}", stage.name()),
+                );
+            }
+        }
+    }
+}
+
 /// Random configurations for proptest, the same for every stage.
 #[cfg(feature = "proptest")]
 pub mod strategies {

@@ -1,5 +1,5 @@
-// The contract every stage keeps, in CUDA: the dropout hash and the score modifiers (bias,
-// boolean mask, causal bottom-right alignment). Bit for bit what attn-core computes on the
+// The contract every stage keeps, in CUDA: the dropout hash and the score modifiers (softcap,
+// bias, ALiBi, boolean mask, causal masking and the sliding window, bottom-right aligned). Bit for bit what attn-core computes on the
 // CPU (crates/attn-core/src/dropout.rs and problem.rs), so GPU and CPU drop the same weights
 // and hide the same keys. Prepended by NVRTC to every stage's kernels.
 
@@ -46,38 +46,100 @@ __device__ __forceinline__ float dropout_factor(const Dropout& d, u32 key, u32 j
     return element_hash(key, j) >= d.threshold ? d.keep_scale : 0.0f;
 }
 
-// What modifies a score S[b, h, i, j] = scale * q_i . k_j: an additive bias and a boolean
-// mask, each broadcastable to [batch, heads, n_q, n_k] (stride 0 on a broadcast axis, null
-// pointer when absent), and causal masking aligned bottom-right.
+// What modifies a score S[b, h, i, j] = scale * q_i . k_j, in the contract's order: the
+// softcap c * tanh(S / c), an additive bias, ALiBi's -slope * |i + n_k - n_q - j|, then a
+// boolean mask, causal masking and the sliding window. The bias and mask broadcast to
+// [batch, heads, n_q, n_k] (stride 0 on a broadcast axis, null pointer when absent); the
+// slopes are [batch or 1, heads].
 struct ScoreMods {
     u64 bias;                 // const float*
     i64 bias_stride[4];       // b, h, i, j, in elements
     u64 mask;                 // const unsigned char*, 1 keeps
     i64 mask_stride[4];
+    u64 alibi;                // const float* slopes, or null
+    i64 alibi_stride_b;       // heads, or 0 for one slope per head
     int causal;
     int n_q;
     int n_k;
     int heads;                // query heads: a flat head index z = b * heads + h
+    int left;                 // keys kept before the diagonal i + n_k - n_q; -1: all
+    int right;                // keys kept after it (causal: 0); -1: all
+    float softcap;            // 0: none
+    float inv_softcap;        // 1 / softcap
 };
 
-// Query i sees keys 0 .. key_end(i) - 1: key j is hidden when j > i + (n_k - n_q).
+// ANCHOR: key_range
+// Query i sees keys key_start(i) .. key_end(i) - 1 around its diagonal i + (n_k - n_q): the
+// window's sides and causal masking (right = 0), as attn-core's KeyRange. Both bounds grow
+// with i, so a tile of rows i0 .. i1 sees at most key_start(i0) .. key_end(i1) - 1.
 __device__ __forceinline__ int key_end(const ScoreMods& m, int i) {
-    if (!m.causal) return m.n_k;
-    long long e = (long long)i + 1 + m.n_k - m.n_q;
+    if (m.right < 0) return m.n_k;
+    long long e = (long long)i + m.n_k - m.n_q + m.right + 1;
     return (int)(e < 0 ? 0 : (e > m.n_k ? m.n_k : e));
 }
 
+__device__ __forceinline__ int key_start(const ScoreMods& m, int i) {
+    if (m.left < 0) return 0;
+    long long s = (long long)i + m.n_k - m.n_q - m.left;
+    return (int)(s < 0 ? 0 : (s > m.n_k ? m.n_k : s));
+}
+
+// The first query that sees key j (0 when every query does), and one past the last.
+__device__ __forceinline__ int query_start(const ScoreMods& m, int j) {
+    if (m.right < 0) return 0;
+    long long i = (long long)j - (m.n_k - m.n_q) - m.right;
+    return (int)(i < 0 ? 0 : (i > m.n_q ? m.n_q : i));
+}
+
+__device__ __forceinline__ int query_end(const ScoreMods& m, int j) {
+    if (m.left < 0) return m.n_q;
+    long long i = (long long)j - (m.n_k - m.n_q) + m.left + 1;
+    return (int)(i < 0 ? 0 : (i > m.n_q ? m.n_q : i));
+}
+// ANCHOR_END: key_range
+
+// ANCHOR: softcap
+// Logit soft-capping, c * tanh(s / c), with tanh(y) = 1 - 2 / (e^(2y) + 1): the hardware exp
+// and reciprocal, exact at both saturations (e^(2y) = inf gives 1, 0 gives -1), within about
+// 1e-7 of tanh in between — a few instructions where tanhf costs tens.
+__device__ __forceinline__ float softcap_score(const ScoreMods& m, float s) {
+    return m.softcap * (1.0f - __fdividef(2.0f, __expf(2.0f * s * m.inv_softcap) + 1.0f));
+}
+
+// tanh for the 16-bit kernels: one special-function instruction (tanh.approx.f32, sm_75 on),
+// within about 2^-11 of tanh relative — below the rounding that bf16 or fp16 inputs already
+// put into the scores. (A rational approximation on the FMA units, tried first, cost the
+// forward as much as the rest of its softmax: notes/gpu.md.)
+__device__ __forceinline__ float tanh_approx(float y) {
+#if __CUDA_ARCH__ >= 750
+    float t;
+    asm("tanh.approx.f32 %0, %1;" : "=f"(t) : "f"(y));
+    return t;
+#else
+    return 1.0f - __fdividef(2.0f, __expf(2.0f * y) + 1.0f);
+#endif
+}
+// ANCHOR_END: softcap
+
+// EXT = false: a kernel only for calls without softcap, ALiBi or window, whose scores are cut
+// by the mask and causal masking alone (fewer registers where a kernel has none to spare).
+template <bool EXT = true>
 __device__ __forceinline__ float modify_score(const ScoreMods& m, int b, int h, int i, int j, float s) {
+    if (EXT && m.softcap > 0.0f) s = softcap_score(m, s);
     if (m.bias) {
         const float* bias = (const float*)m.bias;
         s += bias[b * m.bias_stride[0] + h * m.bias_stride[1] + i * m.bias_stride[2] + j * m.bias_stride[3]];
+    }
+    if (EXT && m.alibi) {
+        const float slope = ((const float*)m.alibi)[b * m.alibi_stride_b + h];
+        s -= slope * (float)abs(i + m.n_k - m.n_q - j);
     }
     if (m.mask) {
         const unsigned char* mask = (const unsigned char*)m.mask;
         if (!mask[b * m.mask_stride[0] + h * m.mask_stride[1] + i * m.mask_stride[2] + j * m.mask_stride[3]])
             s = NEG_INF;
     }
-    if (j >= key_end(m, i)) s = NEG_INF;
+    if (j >= key_end(m, i) || (EXT && j < key_start(m, i))) s = NEG_INF;
     return s;
 }
 

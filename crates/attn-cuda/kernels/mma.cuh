@@ -49,7 +49,7 @@ __device__ __forceinline__ void add_dq_rows(float* dq, const float (*dqa)[4], in
 
 // What a backward's key pass (a block per key tile, from key j0, QR query rows a step) keeps
 // of its query tiles' rows: the first tile that sees key j0 (causal: i >= j - (n_k - n_q)),
-// on a tile boundary, and the lse and D of row i0 + threadIdx.x, read one tile ahead and put
+// on a tile boundary, where the rows that see its keys end (the window), and the lse and D of row i0 + threadIdx.x, read one tile ahead and put
 // into shared memory when the tile starts — lse in base-2 units, and a row that saw no key
 // (lse = -inf) gets +inf, so that 2^(s - lse) is 0 without a test.
 template <int QR>
@@ -58,7 +58,11 @@ struct KeyPassRows {
     int n_q;
     float next_l = NEG_INF, next_d = 0.0f;
     __device__ static int first_tile(const FlashArgs& a, const ScoreMods& mods, int j0) {
-        return mods.causal ? max(0, j0 - (a.n_k - a.n_q)) / QR * QR : 0;
+        return query_start(mods, j0) / QR * QR;
+    }
+    // One past the last query that sees a key of j0 .. j0 + keys - 1 (the window's left side).
+    __device__ static int end(const FlashArgs& a, const ScoreMods& mods, int j0, int keys) {
+        return query_end(mods, min(j0 + keys, a.n_k) - 1);
     }
     __device__ void fetch(int i0) {
         const int i = i0 + threadIdx.x;
@@ -138,11 +142,15 @@ __device__ __forceinline__ void ldsm_x4_trans_at(u32* r, unsigned a) {
 // |scale| log2 e after the shuffles) and scale · log2 e folds into P~ = 2^(s · scale log2 e
 // - m), one FMA; the exponential is ex2_ftz. Per score: max, FMA, exp2, add — 4
 // instructions, not 8.
-// MODS = false (the kernels without mask or bias): a tile that is not plain is cut only by
-// the causal diagonal or the keys' end, one comparison with the row's key_end. DROP (the
+// MODS = false (the kernels without mask, bias or ALiBi): a tile that is not plain is cut
+// only by the rows' key ranges (causal masking, the window, the keys' end), two comparisons,
+// and softcapped when the problem has a softcap; with CUT = false too (a kernel only for
+// calls without window or softcap), only by causal masking and the keys' end, one
+// comparison — two registers fewer, which the tensor-core forward at d = 128 needs (with MODS,
+// CUT = false is a kernel for masks and bias without the window, softcap or ALiBi). DROP (the
 // f32 kernel, flash2_tf32.cu): s becomes P~ times the dropout factor (zero or 1 / (1 - p),
 // the CPU's hash of row key[r] and key j), while l sums P~ itself.
-template <int D, int FAST = 0, int KB = 64, bool MODS = true, bool DROP = false>
+template <int D, int FAST = 0, int KB = 64, bool MODS = true, bool DROP = false, bool CUT = true>
 __device__ __forceinline__ void tc_softmax_step(const FlashArgs& a, const ScoreMods& mods, int b,
                                                 int h, int i0, int j0, const int* rows,
                                                 float (*s)[4], float* m, float* l, float (*o)[4],
@@ -174,7 +182,7 @@ __device__ __forceinline__ void tc_softmax_step(const FlashArgs& a, const ScoreM
                 s[nb][e] *= scale2;
                 mx[e / 2] = fmaxf(mx[e / 2], s[nb][e]);
             }
-    } else if (!MODS) {  // no mask or bias: only the causal diagonal or the keys' end cut
+    } else if (!MODS && !CUT) {  // only the causal diagonal or the keys' end cut
         const int lim[2] = {key_end(mods, rows[0]), key_end(mods, rows[1])};
 #pragma unroll
         for (int nb = 0; nb < KB / 8; nb++)
@@ -184,13 +192,31 @@ __device__ __forceinline__ void tc_softmax_step(const FlashArgs& a, const ScoreM
                 s[nb][e] = j < lim[e / 2] ? s[nb][e] * scale2 : NEG_INF;
                 mx[e / 2] = fmaxf(mx[e / 2], s[nb][e]);
             }
+    } else if (!MODS) {  // no mask, bias or ALiBi: the key range cuts, and the softcap
+        const int lo[2] = {key_start(mods, rows[0]), key_start(mods, rows[1])};
+        const int lim[2] = {key_end(mods, rows[0]), key_end(mods, rows[1])};
+        // the softcap c tanh(scale s / c), in base 2: (c log2 e) tanh((scale / c) s); f32-exact
+        // in the f32 kernel (DROP), one instruction in the 16-bit ones (tanh_approx)
+        const bool cap = mods.softcap > 0.0f;
+        const float cap2 = mods.softcap * LOG2E, inner = a.scale * mods.inv_softcap;
+#pragma unroll
+        for (int nb = 0; nb < KB / 8; nb++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int j = j0 + 8 * nb + 2 * t + (e & 1);
+                const float x = !cap ? s[nb][e] * scale2
+                                : DROP ? softcap_score(mods, s[nb][e] * a.scale) * LOG2E
+                                       : cap2 * tanh_approx(inner * s[nb][e]);
+                s[nb][e] = j < lim[e / 2] && j >= lo[e / 2] ? x : NEG_INF;
+                mx[e / 2] = fmaxf(mx[e / 2], s[nb][e]);
+            }
     } else {
 #pragma unroll
         for (int nb = 0; nb < KB / 8; nb++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int j = j0 + 8 * nb + 2 * t + (e & 1);
-                s[nb][e] = score(mods, plain, a.scale, b, h, rows[e / 2], j, s[nb][e]) * LOG2E;
+                s[nb][e] = score<CUT>(mods, plain, a.scale, b, h, rows[e / 2], j, s[nb][e]) * LOG2E;
                 mx[e / 2] = fmaxf(mx[e / 2], s[nb][e]);
             }
     }

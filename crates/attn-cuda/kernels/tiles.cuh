@@ -31,18 +31,23 @@ __device__ __forceinline__ BlockHead block_head(const FlashArgs& a, int z) {
             (const float*)a.v + kv};
 }
 
-// Whether every score of the tile (rows i0.., keys j0 .. j0 + keys - 1) is plain scale * q.k:
-// no bias, no mask, no key past n_k and no causal limit inside it.
-__device__ __forceinline__ bool tile_plain(const ScoreMods& m, int i0, int j0, int keys = BC) {
-    return !m.bias && !m.mask && j0 + keys <= m.n_k && (!m.causal || j0 + keys <= key_end(m, i0));
+// Whether every score of the tile (rows i0 .. i0 + rows - 1, keys j0 .. j0 + keys - 1) is
+// plain scale * q.k: no softcap, bias, ALiBi or mask, no key past n_k, no causal or window
+// limit inside it. `rows` defaults to the tallest tile of any kernel (flash2_tf32.cu's 128):
+// a shorter tile is only judged more strictly.
+__device__ __forceinline__ bool tile_plain(const ScoreMods& m, int i0, int j0, int keys = BC,
+                                           int rows = 128) {
+    return !m.bias && !m.mask && !m.alibi && m.softcap == 0.0f && j0 + keys <= m.n_k &&
+           j0 + keys <= key_end(m, i0) && j0 >= key_start(m, min(i0 + rows, m.n_q) - 1);
 }
 
-// The score of (i, j) from its dot product.
+// The score of (i, j) from its dot product (EXT: as modify_score).
+template <bool EXT = true>
 __device__ __forceinline__ float score(const ScoreMods& m, bool plain, float scale, int b, int h,
                                        int i, int j, float dot) {
     if (plain) return scale * dot;
     if (j >= m.n_k || i >= m.n_q) return NEG_INF;
-    return modify_score(m, b, h, i, j, scale * dot);
+    return modify_score<EXT>(m, b, h, i, j, scale * dot);
 }
 
 // 16 bytes from global to shared memory without passing through registers (cp.async, sm_80+;

@@ -36,7 +36,6 @@ pub fn forward_on_device(
     kernels: impl FnOnce(&'static Gpu, &DeviceProblem) -> Result<DeviceForward>,
 ) -> Result<(Forward, DeviceStats)> {
     let p = Problem::new(inputs, opts)?;
-    crate::problem::require_gpu_modifiers(&p)?;
     let gpu = gpu()?;
     let dev = DeviceProblem::upload(gpu, &p)?;
     let ((out, lse), stats) = measured(gpu, || kernels(gpu, &dev))?;
@@ -61,7 +60,7 @@ pub fn backward_on_device(
     kernels: impl FnOnce(&'static Gpu, &DeviceProblem, &DeviceSaved) -> Result<[DeviceBuffer<f32>; 3]>,
 ) -> Result<(Grads, DeviceStats)> {
     let p = Problem::for_backward(inputs, opts, fwd, d_out)?;
-    crate::problem::require_gpu_modifiers(&p)?;
+    crate::problem::require_gpu_backward_modifiers(&p)?;
     let gpu = gpu()?;
     let sh = p.shape;
     let dev = DeviceProblem::upload(gpu, &p)?;

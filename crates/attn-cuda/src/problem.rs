@@ -15,10 +15,16 @@ pub struct ScoreMods {
     bias_stride: [i64; 4],
     mask: u64,
     mask_stride: [i64; 4],
+    alibi: u64,
+    alibi_stride_b: i64,
     causal: i32,
     n_q: i32,
     n_k: i32,
     heads: i32,
+    left: i32,
+    right: i32,
+    softcap: f32,
+    inv_softcap: f32,
 }
 // SAFETY: plain old data, laid out as `struct ScoreMods` in contract.cuh.
 unsafe impl DeviceRepr for ScoreMods {}
@@ -43,17 +49,35 @@ impl DropoutArg {
     }
 }
 
-/// Refuses, before the device is touched, the options the GPU kernels do not take yet (a
-/// sliding window, softcap, ALiBi, the bias gradient), naming the option.
-pub fn require_gpu_modifiers(p: &Problem<'_>) -> Result<()> {
-    match p.modifier_beyond_masks() {
-        None => Ok(()),
-        Some(what) => Err(AttnError::Unsupported {
-            stage: "the GPU variant",
-            what,
-            advice: "run it on the CPU (--device cpu), where every stage takes every score modifier",
-        }),
-    }
+/// Refuses, before the device is touched, what the GPU backward kernels do not take yet
+/// (the softcap's derivative, the bias gradient), naming the option.
+pub fn require_gpu_backward_modifiers(p: &Problem<'_>) -> Result<()> {
+    let what = if p.softcap.is_some() {
+        "softcap in the backward"
+    } else if p.bias_grad {
+        "the bias gradient"
+    } else {
+        return Ok(());
+    };
+    Err(AttnError::Unsupported {
+        stage: "the GPU variant",
+        what,
+        advice: "run the backward on the CPU (--device cpu), where every stage takes every score modifier",
+    })
+}
+
+/// Whether a sliding window, the softcap or ALiBi changes `p`'s scores (the shipped
+/// tensor-core forward keeps those in kernels of their own).
+pub fn needs_cut_kernel(p: &Problem<'_>) -> bool {
+    let plain_keys = attn_core::KeyRange::new(p.shape.n_q, p.shape.n_k, p.causal, None);
+    p.softcap.is_some() || p.alibi.is_some() || p.keys != plain_keys
+}
+
+/// Whether `p` needs the fused kernels' `_mods` variants, which read a bias, a mask or ALiBi
+/// slopes per score. The lean variants cut each row to its key range (causal masking, the
+/// window) and apply the softcap themselves.
+pub fn needs_mods_kernel(p: &Problem<'_>) -> bool {
+    p.bias.is_some() || p.mask.is_some() || p.alibi.is_some()
 }
 
 /// A validated problem with its tensors in device memory.
@@ -62,12 +86,16 @@ pub struct DeviceProblem {
     pub shape: Shape,
     pub scale: f32,
     pub causal: bool,
+    /// The keys each query sees (causal masking and the window).
+    pub keys: attn_core::KeyRange,
+    /// A bias, mask or ALiBi ([`needs_mods_kernel`]).
     has_mods: bool,
+    has_softcap: bool,
     pub q: DeviceBuffer<f32>,
     pub k: DeviceBuffer<f32>,
     pub v: DeviceBuffer<f32>,
-    _bias: Option<DeviceBuffer<f32>>,
-    _mask: Option<DeviceBuffer<u8>>,
+    /// The device buffers `mods` points at.
+    _score_inputs: ScoreInputs,
     pub mods: ScoreMods,
     pub dropout: DropoutArg,
 }
@@ -91,6 +119,7 @@ pub struct ScoreInputs {
     pub dropout: DropoutArg,
     pub bias: Option<DeviceBuffer<f32>>,
     pub mask: Option<DeviceBuffer<u8>>,
+    pub alibi: Option<DeviceBuffer<f32>>,
 }
 
 impl ScoreInputs {
@@ -98,15 +127,23 @@ impl ScoreInputs {
         let sh = p.shape;
         let bias = p.bias.map(|b| gpu.upload_array(b)).transpose()?;
         let mask = p.mask.map(|m| gpu.upload_array(m.mapv(u8::from).view())).transpose()?;
+        let alibi = p.alibi.map(|a| gpu.upload_array(a.as_standard_layout().view())).transpose()?;
+        let side = |s: Option<usize>| s.map_or(-1, |s| s.min(i32::MAX as usize) as i32);
         let mods = ScoreMods {
             bias: bias.as_ref().map_or(0, |b| gpu.ptr(b)),
             bias_stride: p.bias.map_or([0; 4], |b| broadcast_strides(b.shape())),
             mask: mask.as_ref().map_or(0, |m| gpu.ptr(m)),
             mask_stride: p.mask.map_or([0; 4], |m| broadcast_strides(m.shape())),
+            alibi: alibi.as_ref().map_or(0, |a| gpu.ptr(a)),
+            alibi_stride_b: p.alibi.map_or(0, |a| if a.nrows() == 1 { 0 } else { sh.heads as i64 }),
             causal: p.causal.into(),
             n_q: sh.n_q as i32,
             n_k: sh.n_k as i32,
             heads: sh.heads as i32,
+            left: side(p.keys.left),
+            right: side(p.keys.right),
+            softcap: p.softcap.unwrap_or(0.0),
+            inv_softcap: p.softcap.map_or(0.0, |c| 1.0 / c),
         };
         let dropout = p.dropout.map_or(DropoutArg::default(), |d| DropoutArg {
             seed: d.seed,
@@ -115,7 +152,7 @@ impl ScoreInputs {
             enabled: 1,
             pad_: 0,
         });
-        Ok(Self { mods, dropout, bias, mask })
+        Ok(Self { mods, dropout, bias, mask, alibi })
     }
 }
 
@@ -132,36 +169,43 @@ impl DeviceProblem {
                 ),
             });
         }
-        let ScoreInputs { mods, dropout, bias, mask } = ScoreInputs::upload(gpu, p)?;
+        let score = ScoreInputs::upload(gpu, p)?;
+        let (mods, dropout) = (score.mods, score.dropout);
         Ok(Self {
             shape: sh,
             scale: p.scale,
             causal: p.causal,
-            has_mods: p.bias.is_some() || p.mask.is_some(),
+            keys: p.keys,
+            has_mods: needs_mods_kernel(p),
+            has_softcap: p.softcap.is_some(),
             q: gpu.upload_array(p.q)?,
             k: gpu.upload_array(p.k)?,
             v: gpu.upload_array(p.v)?,
-            _bias: bias,
-            _mask: mask,
+            _score_inputs: score,
             mods,
             dropout,
         })
     }
 
-    /// Query rows `i0 .. i_end` see no key at or after `j0` (a window causal masking hides).
-    pub fn window_hidden(&self, i_end: usize, j0: usize) -> bool {
-        i_end == 0 || j0 >= self.shape.key_end(self.causal, i_end - 1)
+    /// Query rows `i0 .. i0 + rows` see none of the keys `j0 .. j0 + cols` (a window of
+    /// scores causal masking and the sliding window hide).
+    pub fn window_hidden(&self, (i0, rows): (usize, usize), (j0, cols): (usize, usize)) -> bool {
+        self.keys.tile_hidden((i0, i0 + rows), (j0, cols))
     }
 
-    /// Whether the problem has a bias or a mask (kernels without them are leaner).
-    pub fn has_bias_or_mask(&self) -> bool {
+    /// Whether the fused kernels' `_mods` variants are needed ([`needs_mods_kernel`]).
+    pub fn has_score_mods(&self) -> bool {
         self.has_mods
     }
 
-    /// Whether a window's scores need `modify_scores`: a bias or mask, or causal masking
-    /// that reaches into it.
-    pub fn window_needs_mods(&self, i0: usize, j0: usize, cols: usize) -> bool {
-        self.has_mods || (self.causal && j0 + cols > self.shape.key_end(true, i0))
+    /// Whether a window's scores need `modify_scores`: a modifier (softcap, bias, ALiBi,
+    /// mask), or causal masking or the sliding window cutting into it.
+    pub fn window_needs_mods(
+        &self,
+        (i0, rows): (usize, usize),
+        (j0, cols): (usize, usize),
+    ) -> bool {
+        self.has_mods || self.has_softcap || self.keys.tile_cut((i0, i0 + rows), (j0, cols))
     }
 }
 

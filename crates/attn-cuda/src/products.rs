@@ -328,7 +328,7 @@ impl WindowGrads {
         // P = exp(scale·Q Kᵀ + bias − lse), masked positions 0
         let kt = k_c.shared_by(group).t();
         k.gemm((z, heads), (rows, cols, d), dev.scale, q_c, kt, 0.0, p_w)?;
-        if dev.window_needs_mods(i0, j0, cols) {
+        if dev.window_needs_mods((i0, rows), (j0, cols)) {
             k.modify_scores(&self.p, &dev.mods, z, win)?;
         }
         k.probs_from_lse(&self.p, &saved.lse, z, (i0, rows, cols, n_q))?;

@@ -62,3 +62,14 @@ fn kernels_compile_with_nvrtc_for_the_h100() {
     }
     assert!(ptx.contains(".entry flash1_lse"));
 }
+
+#[test]
+fn flash1cuda_takes_the_score_modifiers() {
+    // the window, softcap (forward: its derivative is not in the GPU backward yet), ALiBi
+    if skip_without_device() {
+        return;
+    }
+    use attn_core::tolerance::{F32_BACKWARD, F32_FORWARD};
+    let tol = (F32_FORWARD, F32_BACKWARD);
+    attn_core::testing::score_mods::check(&Flash1Cuda, &[32, 64, 128], tol, |x| x, false);
+}

@@ -56,21 +56,22 @@ __device__ void tc_backward_v7(const FlashArgs& a, const ScoreMods& mods) {
     zero_frags<D / 8>(dk);
     zero_frags<D / 8>(dv);
     const int i_first = KeyPassRows<TC_BR>::first_tile(a, mods, j0);
+    const int i_end = KeyPassRows<TC_BR>::end(a, mods, j0, BK);
     KeyPassRows<TC_BR> stats{lse, dvec, a.n_q};
     stats.fetch(i_first);
     load_rows_at<D, BK, THREADS>(Ka, hd.k, j0, a.n_k);
     load_rows_at<D, BK, THREADS>(Va, hd.v, j0, a.n_k);
-    if (i_first < a.n_q) {
+    if (i_first < i_end) {
         load_rows_at<D, TC_BR, THREADS>(Qa, hd.q, i_first, a.n_q);
         load_rows_at<D, TC_BR, THREADS>(Oa, d_out, i_first, a.n_q);
     }
     cp_async_commit();
 
-    for (int i0 = i_first, step = 0; i0 < a.n_q; i0 += TC_BR, step++) {
+    for (int i0 = i_first, step = 0; i0 < i_end; i0 += TC_BR, step++) {
         const unsigned buf = (step % 2) * QTB;  // this tile's Q, dO buffers; QTB - buf: the next's
         cp_async_wait<0>();  // this thread's copies of Q_i, dO_i (and at step 0, K_j, V_j)
         __syncthreads();     // everyone's; every warp done with tile i - 1 (its lse, D, dS^T)
-        if (i0 + TC_BR < a.n_q) {
+        if (i0 + TC_BR < i_end) {
             load_rows_at<D, TC_BR, THREADS>(Qa + QTB - buf, hd.q, i0 + TC_BR, a.n_q);
             load_rows_at<D, TC_BR, THREADS>(Oa + QTB - buf, d_out, i0 + TC_BR, a.n_q);
             cp_async_commit();
@@ -114,8 +115,10 @@ __device__ void tc_backward_v7(const FlashArgs& a, const ScoreMods& mods) {
                 float x;
                 if (plain)
                     x = st[nb][e] * scale2;
-                else if (!MODS)  // the causal diagonal or the keys' end: one comparison
-                    x = keys[e / 2] < key_end(mods, i) ? st[nb][e] * scale2 : NEG_INF;
+                else if (!MODS)  // the row's key range (causal masking, the window)
+                    x = keys[e / 2] < key_end(mods, i) && keys[e / 2] >= key_start(mods, i)
+                            ? st[nb][e] * scale2
+                            : NEG_INF;
                 else
                     x = score(mods, false, a.scale, hd.b, hd.h, i, keys[e / 2], st[nb][e]) * LOG2E;
                 const float p = ex2_ftz(x - ((e & 1) ? L.y : L.x));

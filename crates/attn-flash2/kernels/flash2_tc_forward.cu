@@ -4,7 +4,9 @@
 // one barrier a tile, S = Q_i K_j^T and O_i += P~ V_j by mma.sync with P~ kept in registers,
 // the online softmax on the accumulators (tc_softmax_step, mma.cuh). Two kernels: one for
 // calls without mask or bias, where a score is cut only on the causal diagonal and at the
-// keys' end (one comparison), and one (_mods) for the rest. With a causal mask the blocks
+// keys' end (one comparison), and one (_mods) for the rest; each has a twin (_cut) that also
+// takes the sliding window, the softcap and ALiBi, built apart because those registers
+// would cost the plain calls' kernels their speed at d = 128. With a causal mask the blocks
 // with the most tiles are launched first. Prepended: contract.cuh, tiles.cuh, mma.cuh
 // (attn-cuda) and tc.cuh; compiled for one type and head dimension (TC_BF16, TC_D).
 
@@ -16,7 +18,7 @@
 // mma.cuh). The compiler cannot see the trip count of a strided copy loop, and would
 // re-derive rows, columns and 64-bit addresses for every 16 bytes.
 
-template <int D, bool BF16, bool MODS, int KB>
+template <int D, bool BF16, bool MODS, int KB, bool CUT = true>
 __device__ void tc_forward_v14(const FlashArgs& a, const ScoreMods& mods) {
     constexpr int S = D + 8, QR = 2 * TC_BR;  // row stride (values); query rows a block
     constexpr unsigned KVB = KB * S * 2;      // bytes of one K or V buffer
@@ -41,10 +43,12 @@ __device__ void tc_forward_v14(const FlashArgs& a, const ScoreMods& mods) {
         rows[mt][1] = rows[mt][0] + 8;
     }
     const int j_end = key_end(mods, min(i0 + QR, a.n_q) - 1);
+    // the first key tile a row of the block sees (the window's left side), on the grid
+    const int j_begin = min(key_start(mods, i0), j_end) / KB * KB;
 
-    if (j_end > 0) {
-        load_rows_at<D, KB, TC_NT>(Ka, hd.k, 0, a.n_k);
-        load_rows_at<D, KB, TC_NT>(Va, hd.v, 0, a.n_k);
+    if (j_begin < j_end) {
+        load_rows_at<D, KB, TC_NT>(Ka, hd.k, j_begin, a.n_k);
+        load_rows_at<D, KB, TC_NT>(Va, hd.v, j_begin, a.n_k);
     }
     load_rows_at<D, QR, TC_NT>(Qa, hd.q, i0, a.n_q);
     cp_async_commit();
@@ -57,7 +61,7 @@ __device__ void tc_forward_v14(const FlashArgs& a, const ScoreMods& mods) {
         zero_frags<D / 8>(o[mt]);
     }
 
-    for (int j0 = 0, step = 0; j0 < j_end; j0 += KB, step++) {
+    for (int j0 = j_begin, step = 0; j0 < j_end; j0 += KB, step++) {
         const unsigned buf = (step % 2) * KVB;  // this tile's buffers; KVB - buf: the next's
         cp_async_wait<0>();  // this thread's copies of K_j, V_j (and at step 0, Q_i)
         __syncthreads();     // everyone's copies; every warp done with tile j - 1
@@ -88,8 +92,8 @@ __device__ void tc_forward_v14(const FlashArgs& a, const ScoreMods& mods) {
         }
 #pragma unroll
         for (int mt = 0; mt < 2; mt++)
-            tc_softmax_step<D, 2, KB, MODS>(a, mods, hd.b, hd.h, i0 + 64 * mt, j0, rows[mt], s[mt], m[mt],
-                                            l[mt], o[mt]);
+            tc_softmax_step<D, 2, KB, MODS, false, CUT>(a, mods, hd.b, hd.h, i0 + 64 * mt, j0,
+                                                        rows[mt], s[mt], m[mt], l[mt], o[mt]);
 
 #pragma unroll
         for (int kk = 0; kk < KB / 16; kk++) {  // O_i += P~ V_j
@@ -121,8 +125,14 @@ __device__ void tc_forward_v14(const FlashArgs& a, const ScoreMods& mods) {
 // At d = 64 three blocks share a SM (at most 168 registers a thread), at d = 128 one fits.
 #define TC_FORWARD_BOUNDS __launch_bounds__(TC_NT, TC_D == 64 ? 3 : 1)
 extern "C" __global__ void TC_FORWARD_BOUNDS flash2_tc_forward(FlashArgs a, ScoreMods m) {
+    tc_forward_v14<TC_D, TC_BF16, false, TC_BC, false>(a, m);
+}
+extern "C" __global__ void TC_FORWARD_BOUNDS flash2_tc_forward_cut(FlashArgs a, ScoreMods m) {
     tc_forward_v14<TC_D, TC_BF16, false, TC_BC>(a, m);
 }
 extern "C" __global__ void TC_FORWARD_BOUNDS flash2_tc_forward_mods(FlashArgs a, ScoreMods m) {
+    tc_forward_v14<TC_D, TC_BF16, true, TC_BC, false>(a, m);
+}
+extern "C" __global__ void TC_FORWARD_BOUNDS flash2_tc_forward_mods_cut(FlashArgs a, ScoreMods m) {
     tc_forward_v14<TC_D, TC_BF16, true, TC_BC>(a, m);
 }

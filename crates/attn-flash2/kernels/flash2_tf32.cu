@@ -43,10 +43,12 @@ __device__ void tf32_forward(const FlashArgs& a, const ScoreMods& mods, const Dr
     const u32 key[2] = {drop.enabled ? row_key(drop.seed, hd.b, hd.h, rows[0]) : 0u,
                         drop.enabled ? row_key(drop.seed, hd.b, hd.h, rows[1]) : 0u};
     const int j_end = key_end(mods, min(i0 + TF_BR, a.n_q) - 1);
+    // the first key tile a row of the block sees (the window's left side), on the grid
+    const int j_begin = min(key_start(mods, i0), j_end) / TF_BC * TF_BC;
 
-    if (j_end > 0) {
-        load_rows_at<D, TF_BC, TF_NT>(Ka, hd.k, 0, a.n_k);
-        load_rows_at<D, TF_BC, TF_NT>(Va, hd.v, 0, a.n_k);
+    if (j_begin < j_end) {
+        load_rows_at<D, TF_BC, TF_NT>(Ka, hd.k, j_begin, a.n_k);
+        load_rows_at<D, TF_BC, TF_NT>(Va, hd.v, j_begin, a.n_k);
     }
     load_rows_at<D, TF_BR, TF_NT>(Qa, hd.q, i0, a.n_q);
     cp_async_commit();
@@ -55,7 +57,7 @@ __device__ void tf32_forward(const FlashArgs& a, const ScoreMods& mods, const Dr
 #pragma unroll
     for (int c = 0; c < D / 8; c++) o[c][0] = o[c][1] = o[c][2] = o[c][3] = 0.0f;
 
-    for (int j0 = 0, step = 0; j0 < j_end; j0 += TF_BC, step++) {
+    for (int j0 = j_begin, step = 0; j0 < j_end; j0 += TF_BC, step++) {
         const unsigned buf = (step % 2) * KVB;  // this tile's buffers; KVB - buf: the next's
         cp_async_wait<0>();  // this thread's copies of K_j, V_j (and at step 0, Q_i)
         __syncthreads();     // everyone's copies; every warp done with tile j - 1

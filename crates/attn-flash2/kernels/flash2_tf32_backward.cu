@@ -101,21 +101,22 @@ __device__ void tf32_backward(const FlashArgs& a, const ScoreMods& mods, const D
     zero_frags<D / 8>(dk);
     zero_frags<D / 8>(dv);
     const int i_first = KeyPassRows<QR>::first_tile(a, mods, j0);
+    const int i_end = KeyPassRows<QR>::end(a, mods, j0, BK);
     KeyPassRows<QR> stats{lse, dvec, a.n_q};
     stats.fetch(i_first);
     load_rows_at<D, BK, THREADS>(Ka, hd.k, j0, a.n_k);
     load_rows_at<D, BK, THREADS>(Va, hd.v, j0, a.n_k);
-    if (i_first < a.n_q) {
+    if (i_first < i_end) {
         load_rows_at<D, QR, THREADS>(Qa, hd.q, i_first, a.n_q);
         load_rows_at<D, QR, THREADS>(Oa, hd.d_out, i_first, a.n_q);
     }
     cp_async_commit();
 
-    for (int i0 = i_first, step = 0; i0 < a.n_q; i0 += QR, step++) {
+    for (int i0 = i_first, step = 0; i0 < i_end; i0 += QR, step++) {
         const unsigned buf = (step % 2) * QTB;  // this tile's Q, dO buffers; QTB - buf: the next's
         cp_async_wait<0>();  // this thread's copies of Q_i, dO_i (and at step 0, K_j, V_j)
         __syncthreads();     // everyone's; every warp done with tile i - 1 (its lse, D, dS)
-        if (i0 + QR < a.n_q) {
+        if (i0 + QR < i_end) {
             load_rows_at<D, QR, THREADS>(Qa + QTB - buf, hd.q, i0 + QR, a.n_q);
             load_rows_at<D, QR, THREADS>(Oa + QTB - buf, hd.d_out, i0 + QR, a.n_q);
             cp_async_commit();
@@ -144,8 +145,10 @@ __device__ void tf32_backward(const FlashArgs& a, const ScoreMods& mods, const D
                 float x;
                 if (plain)
                     x = st[nb][e] * scale2;
-                else if (!MODS)  // the causal diagonal or the keys' end: one comparison
-                    x = keys[e / 2] < key_end(mods, i) ? st[nb][e] * scale2 : NEG_INF;
+                else if (!MODS)  // the row's key range (causal masking, the window)
+                    x = keys[e / 2] < key_end(mods, i) && keys[e / 2] >= key_start(mods, i)
+                            ? st[nb][e] * scale2
+                            : NEG_INF;
                 else
                     x = score(mods, false, a.scale, hd.b, hd.h, i, keys[e / 2], st[nb][e]) * LOG2E;
                 const float p = ex2_ftz(x - ((e & 1) ? L.y : L.x));
@@ -271,10 +274,12 @@ __device__ void tf32_backward_q(const FlashArgs& a, const ScoreMods& mods, const
         key[r] = drop.enabled ? row_key(drop.seed, hd.b, hd.h, rows[r]) : 0u;
     }
     const int j_end = key_end(mods, min(i0 + QR, a.n_q) - 1);
+    // the first key tile a row of the block sees (the window's left side), on the grid
+    const int j_begin = min(key_start(mods, i0), j_end) / KB * KB;
 
-    if (j_end > 0) {
-        load_rows_at<D, KB, THREADS>(Ka, hd.k, 0, a.n_k);
-        load_rows_at<D, KB, THREADS>(Va, hd.v, 0, a.n_k);
+    if (j_begin < j_end) {
+        load_rows_at<D, KB, THREADS>(Ka, hd.k, j_begin, a.n_k);
+        load_rows_at<D, KB, THREADS>(Va, hd.v, j_begin, a.n_k);
     }
     load_rows_at<D, QR, THREADS>(Qa, hd.q, i0, a.n_q);
     load_rows_at<D, QR, THREADS>(Oa, hd.d_out, i0, a.n_q);
@@ -282,7 +287,7 @@ __device__ void tf32_backward_q(const FlashArgs& a, const ScoreMods& mods, const
     float dq[D / 8][4];
     zero_frags<D / 8>(dq);
 
-    for (int j0 = 0, step = 0; j0 < j_end; j0 += KB, step++) {
+    for (int j0 = j_begin, step = 0; j0 < j_end; j0 += KB, step++) {
         const unsigned buf = (step % 2) * KVB;  // this tile's buffers; KVB - buf: the next's
         cp_async_wait<0>();
         __syncthreads();  // everyone's copies; every warp done with tile j - 1
@@ -298,6 +303,7 @@ __device__ void tf32_backward_q(const FlashArgs& a, const ScoreMods& mods, const
         // rows[e / 2], keys j0 + 8nb + 2t + (e & 1)
         const bool plain = tile_plain(mods, i0, j0, KB);
         const float scale2 = a.scale * LOG2E;
+        const int lo[2] = {key_start(mods, rows[0]), key_start(mods, rows[1])};
         const int lim[2] = {key_end(mods, rows[0]), key_end(mods, rows[1])};
 #pragma unroll
         for (int nb = 0; nb < KB / 8; nb++)
@@ -308,7 +314,7 @@ __device__ void tf32_backward_q(const FlashArgs& a, const ScoreMods& mods, const
                 if (plain)
                     x = st[nb][e] * scale2;
                 else if (!MODS)
-                    x = j < lim[r] ? st[nb][e] * scale2 : NEG_INF;
+                    x = j < lim[r] && j >= lo[r] ? st[nb][e] * scale2 : NEG_INF;
                 else
                     x = score(mods, false, a.scale, hd.b, hd.h, rows[r], j, st[nb][e]) * LOG2E;
                 const float p = ex2_ftz(x - L[r]);

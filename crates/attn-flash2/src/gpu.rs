@@ -130,7 +130,7 @@ fn tf32_kernel(
         "use forward version 7 (or 5) on this GPU",
     )?;
     let d_str = d.to_string();
-    let name = v.kernel_name(d, dev.has_bias_or_mask());
+    let name = v.kernel_name(d, dev.has_score_mods());
     let f = gpu.function_with(v.module(), &v.sources(), &[("TF32_D", &d_str)], &name)?;
     // Q_i (128 rows), two K_j and two V_j buffers (64 keys), rows padded to d + 4 floats
     with_shared_bytes(f, (4 * (2 * TILE + 4 * TILE) * (d + 4)) as u32)
@@ -284,7 +284,7 @@ fn tf32_backward_kernel(
     let tiles = Tf32Tiles::at(d);
     let (d_str, w, r) = (d.to_string(), tiles.warps.to_string(), tiles.rows.to_string());
     let defines = [("TF32_D", d_str.as_str()), ("TF32B_KW", &w), ("TF32B_BR", &r)];
-    let mods = if dev.has_bias_or_mask() { "_mods" } else { "" };
+    let mods = if dev.has_score_mods() { "_mods" } else { "" };
     let name = format!("flash2_backward_v{}{part}{mods}", v.number);
     with_shared_bytes(gpu.function_with(v.module(), &v.sources(), &defines, &name)?, shared_bytes)
 }

@@ -268,8 +268,12 @@ fn every_kernel_version_compiles_with_nvrtc() {
                 };
                 let mut entries: Vec<String> = dims
                     .iter()
-                    .flat_map(|&d| [v.kernel_name(d, false), v.kernel_name(d, true)])
+                    .flat_map(|&d| {
+                        [(false, false), (true, false), (false, true), (true, true)]
+                            .map(|(mods, cut)| v.kernel_name_cut(d, mods, cut))
+                    })
                     .collect();
+                entries.sort();
                 entries.dedup();
                 if v.ships() && v.track == Track::TcBackward {
                     entries.extend(["tc_row_dot".into(), "tc_group_sum".into()]);
@@ -336,6 +340,7 @@ impl<T: TcFloat> RoundedCase<T> {
             v: self.v.view(),
             mask: i.mask,
             bias: i.bias,
+            alibi: i.alibi,
         }
     }
 }
@@ -562,5 +567,34 @@ fn tensor_core_stage_matches_the_reference_on_rounded_inputs() {
             let check = check_against_reference(stage, &data, true).unwrap();
             check.assert_within(HALF_FORWARD, HALF_BACKWARD, &format!("{case:?}"));
         }
+    }
+}
+
+#[test]
+fn flash2cuda_takes_the_score_modifiers() {
+    // the window, softcap (forward: its derivative is not in the GPU backward yet), ALiBi
+    if skip_without_device() {
+        return;
+    }
+    use attn_core::tolerance::{F32_BACKWARD, F32_FORWARD};
+    let tol = (F32_FORWARD, F32_BACKWARD);
+    attn_core::testing::score_mods::check(&Flash2Cuda, &[32, 64, 96, 128], tol, |x| x, false);
+}
+
+#[test]
+fn score_modifiers_on_the_tensor_cores_and_the_deterministic_dq_pass() {
+    if skip_without_device() {
+        return;
+    }
+    use attn_core::testing::{check_against_reference, score_mods};
+    use attn_core::tolerance::{F32_BACKWARD, F32_FORWARD, HALF_BACKWARD, HALF_FORWARD};
+    let tol = (HALF_FORWARD, HALF_BACKWARD);
+    score_mods::check(&BF16_STAGE, &[64, 128], tol, |x| f32::from(bf16::from_f32(x)), false);
+    score_mods::check(&F16_STAGE, &[64, 128], tol, |x| f32::from(f16::from_f32(x)), false);
+    for case in score_mods::cases(64).into_iter().filter(|c| c.softcap.is_none()) {
+        let mut data = case.build();
+        data.opts.deterministic = true;
+        let check = check_against_reference(&Flash2Cuda, &data, true).unwrap();
+        check.assert_within(F32_FORWARD, F32_BACKWARD, &format!("deterministic {case:?}"));
     }
 }

@@ -61,8 +61,8 @@ pub fn forward_device(k: &Kernels, dev: &DeviceProblem) -> Result<DeviceForward>
     let q = Operand::rows(gpu.ptr(&dev.q), heads, n_q, d, 0);
     let kt = Operand::rows(gpu.ptr(&dev.k), kv_heads, n_k, d, 0).shared_by(group).t();
     k.gemm((z, heads), (n_q, n_k, d), dev.scale, q, kt, 0.0, s_op)?;
-    // + bias, masked positions −∞
-    if dev.window_needs_mods(0, 0, n_k) {
+    // the score modifiers (softcap, bias, ALiBi), removed positions −∞
+    if dev.window_needs_mods((0, n_q), (0, n_k)) {
         k.modify_scores(&s, &dev.mods, z, (0, 0, n_q, n_k))?;
     }
     // P = softmax(S), lse
@@ -106,7 +106,7 @@ pub fn backward_with_stats(
         refuse_if_too_large(gpu, opts, what, needed, ADVICE)?;
         let k = Kernels::new(gpu)?;
         let grads = WindowGrads::new(&k, dev, saved, (n_q, n_k))?;
-        if !dev.window_hidden(n_q, 0) {
+        if !dev.window_hidden((0, n_q), (0, n_k)) {
             grads.add_window(&k, dev, saved, (0, n_q), (0, n_k))?;
         }
         Ok(grads.finish())

@@ -172,6 +172,8 @@ pub(super) fn gpu_plots(args: &PlotsArgs, stamp: &Stamp) -> Result<(), CliError>
                 paper: false,
                 paper_n: Vec::new(),
                 paper_d: Vec::new(),
+                window: None,
+                softcap: None,
                 // the stages as they run by default, not every kernel version
                 stages: ["naive", "chunked", "flash1", "flash2", "flash2-bf16"]
                     .map(String::from)

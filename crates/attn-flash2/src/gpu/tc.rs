@@ -25,6 +25,7 @@
 use attn_core::problem::Problem;
 use attn_core::{AttnError, Element, Inputs, Mask, Options, Result, Shape, Stage};
 use attn_core::{check_d_out, check_saved, check_values};
+use attn_cuda::problem::{needs_cut_kernel, needs_mods_kernel};
 use attn_cuda::{CudaFunction, DeviceBuffer, DeviceRepr, DeviceStats, FlashArgs, Gpu};
 use attn_cuda::{ScoreInputs, blocks_for, gpu, measured, with_shared_bytes};
 use attn_cuda::{launch_fused_with, launch_group_sum, launch_row_dot};
@@ -119,11 +120,13 @@ pub struct HalfInputs<'a, T> {
     pub v: ArrayView4<'a, T>,
     pub mask: Option<Mask<'a>>,
     pub bias: Option<ArrayView4<'a, f32>>,
+    /// ALiBi slopes `[batch or 1, heads]`.
+    pub alibi: Option<ndarray::ArrayView2<'a, f32>>,
 }
 
 impl<'a, T: TcFloat> HalfInputs<'a, T> {
     pub fn new(q: ArrayView4<'a, T>, k: ArrayView4<'a, T>, v: ArrayView4<'a, T>) -> Self {
-        Self { q, k, v, mask: None, bias: None }
+        Self { q, k, v, mask: None, bias: None, alibi: None }
     }
     pub fn with_mask(self, mask: Mask<'a>) -> Self {
         Self { mask: Some(mask), ..self }
@@ -162,10 +165,9 @@ fn validate<'a, T: TcFloat>(inputs: &HalfInputs<'a, T>, opts: &Options) -> Resul
         v: stand_in(&inputs.v),
         mask: inputs.mask,
         bias: inputs.bias,
-        alibi: None,
+        alibi: inputs.alibi,
     };
     let p = Problem::shapes_only(&f32_inputs, opts)?;
-    attn_cuda::problem::require_gpu_modifiers(&p)?;
     check_values(inputs.q, inputs.k, inputs.v, inputs.bias, p.scale)?;
     if !TC_HEAD_DIMS.contains(&p.shape.head_dim) {
         return Err(AttnError::UnsupportedHeadDim {
@@ -200,8 +202,8 @@ pub fn forward_version_with_stats<T: TcFloat>(
     let (q, k, v_buf) =
         (gpu.upload_array(inputs.q)?, gpu.upload_array(inputs.k)?, gpu.upload_array(inputs.v)?);
     let score = ScoreInputs::upload(gpu, &p)?;
-    let with_mods = p.mask.is_some() || p.bias.is_some();
-    let f = tc_function::<T>(gpu, v, d, &v.kernel_name(d, with_mods))?;
+    let (with_mods, cut) = (needs_mods_kernel(&p), needs_cut_kernel(&p));
+    let f = tc_function::<T>(gpu, v, d, &v.kernel_name_cut(d, with_mods, cut))?;
     let f = with_shared_bytes(f, shared_bytes(version, d))?;
     let z = batch * heads;
     let ((out, lse), stats) = measured(gpu, || {
@@ -258,16 +260,8 @@ struct Rounded<T> {
 }
 
 impl<T: TcFloat> Rounded<T> {
-    /// The inputs rounded to `T`; refuses what the 16-bit call cannot carry (ALiBi slopes).
-    fn of(inputs: &Inputs<'_>) -> Result<Self> {
-        if inputs.alibi.is_some() {
-            return Err(AttnError::Unsupported {
-                stage: STAGE,
-                what: "ALiBi",
-                advice: "run it on the CPU (--device cpu), where every stage takes every score modifier",
-            });
-        }
-        Ok(Self { q: round(inputs.q), k: round(inputs.k), v: round(inputs.v) })
+    fn of(inputs: &Inputs<'_>) -> Self {
+        Self { q: round(inputs.q), k: round(inputs.k), v: round(inputs.v) }
     }
 
     /// The 16-bit call: the rounded tensors with the f32 call's mask and bias.
@@ -278,7 +272,8 @@ impl<T: TcFloat> Rounded<T> {
             Mask::Full(a) => Mask::Full(a.reborrow()),
         });
         let bias = f32_inputs.bias.map(|b| b.reborrow());
-        HalfInputs { q: self.q.view(), k: self.k.view(), v: self.v.view(), mask, bias }
+        let alibi = f32_inputs.alibi.map(|a| a.reborrow());
+        HalfInputs { q: self.q.view(), k: self.k.view(), v: self.v.view(), mask, bias, alibi }
     }
 }
 
@@ -289,7 +284,7 @@ pub fn forward_rounded<T: TcFloat>(
     opts: &Options,
     version: u32,
 ) -> Result<(attn_core::Forward, DeviceStats)> {
-    let rounded = Rounded::<T>::of(inputs)?;
+    let rounded = Rounded::<T>::of(inputs);
     let (f, stats) = forward_version_with_stats(&rounded.inputs(inputs), opts, version)?;
     Ok((attn_core::Forward { out: widen(f.out.view()), lse: f.lse, traffic: None }, stats))
 }
@@ -322,6 +317,7 @@ pub fn backward_version_with_stats<T: TcFloat>(
     version: u32,
 ) -> Result<(HalfGrads<T>, DeviceStats)> {
     let p = validate(inputs, opts)?;
+    attn_cuda::problem::require_gpu_backward_modifiers(&p)?;
     let sh = p.shape;
     check_saved(&sh, fwd.out.view(), fwd.lse.view())?;
     check_d_out(&sh, d_out)?;
@@ -339,8 +335,7 @@ pub fn backward_version_with_stats<T: TcFloat>(
     let shipped = versions::default_version(Track::TcBackward);
     let row_dot = tc_function::<T>(gpu, shipped, d, "tc_row_dot")?;
     let group_sum = tc_function::<T>(gpu, shipped, d, "tc_group_sum")?;
-    let with_mods = p.mask.is_some() || p.bias.is_some();
-    let f = tc_function::<T>(gpu, v, d, &v.kernel_name(d, with_mods))?;
+    let f = tc_function::<T>(gpu, v, d, &v.kernel_name(d, needs_mods_kernel(&p)))?;
     let f = with_shared_bytes(f, backward_shared_bytes(version, d))?;
     let z = batch * heads;
     let ((dq, dk, dv), stats) = measured(gpu, || {
@@ -431,7 +426,7 @@ pub fn backward_rounded<T: TcFloat>(
     d_out: ArrayView4<'_, f32>,
     version: u32,
 ) -> Result<(attn_core::Grads, DeviceStats)> {
-    let rounded = Rounded::<T>::of(inputs)?;
+    let rounded = Rounded::<T>::of(inputs);
     let half = rounded.inputs(inputs);
     let hf = HalfForward { out: round::<T, _>(fwd.out.view()), lse: fwd.lse.clone() };
     let d_o = round::<T, _>(d_out);

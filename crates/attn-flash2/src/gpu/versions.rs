@@ -336,6 +336,14 @@ impl Version {
     /// compiled for every head dimension in one module (`_d{d}`); the others' modules for
     /// one, and a shipped tensor-core kernel is named after its track, a ladder step after
     /// its number.
+    /// [`Version::kernel_name`] for a call whose scores a sliding window, the softcap or
+    /// ALiBi change (`cut`): the shipped tensor-core forward keeps those in twin kernels
+    /// (`_cut`), which every other kernel has no need of.
+    pub fn kernel_name_cut(&self, d: usize, with_mods: bool, cut: bool) -> String {
+        let name = self.kernel_name(d, with_mods);
+        if cut && self.track == TcForward && self.ships() { format!("{name}_cut") } else { name }
+    }
+
     pub fn kernel_name(&self, d: usize, with_mods: bool) -> String {
         let mods = if with_mods && self.has_mods_kernel() { "_mods" } else { "" };
         match self.track {
@@ -452,6 +460,13 @@ mod tests {
         assert_eq!(tc(Track::TcForward, 4).kernel_name(128, true), "flash2_tc_forward_v4");
         assert_eq!(tc(Track::TcForward, 11).kernel_name(128, true), "flash2_tc_forward_v11_mods");
         assert_eq!(tc(Track::TcForward, 14).kernel_name(64, false), "flash2_tc_forward");
+        let v14 = tc(Track::TcForward, 14);
+        assert_eq!(v14.kernel_name_cut(64, true, true), "flash2_tc_forward_mods_cut");
+        assert_eq!(v14.kernel_name_cut(64, false, false), "flash2_tc_forward");
+        assert_eq!(
+            tc(Track::TcForward, 11).kernel_name_cut(64, false, true),
+            "flash2_tc_forward_v11"
+        );
         assert_eq!(tc(Track::TcBackward, 7).kernel_name(64, true), "flash2_tc_backward_mods");
         assert_eq!(tc(Track::TcBackward, 1).kernel_name(64, true), "flash2_tc_backward_v1");
     }
