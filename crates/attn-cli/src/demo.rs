@@ -10,7 +10,7 @@
 
 use std::time::{Duration, Instant};
 
-use attn::core::flops::forward_flops;
+use attn::core::flops::forward_flops_windowed;
 use attn::core::memory::{human_bytes, measure_peak};
 use attn::{Algorithm, Attention, AttentionConfig, Mask, Overrides, Shape};
 use clap::{Args, ValueEnum};
@@ -37,6 +37,15 @@ pub struct DemoArgs {
     /// Which of the seed's examples.
     #[arg(long, value_enum, default_value = "both")]
     pub example: Example,
+    /// A sliding window LEFT,RIGHT on the module's attention (-1: unbounded side).
+    #[arg(long, allow_hyphen_values = true)]
+    pub window: Option<String>,
+    /// Logit soft-capping C on the module's attention.
+    #[arg(long, allow_negative_numbers = true)]
+    pub softcap: Option<f32>,
+    /// ALiBi with the paper's slopes for the module's 8 heads.
+    #[arg(long)]
+    pub alibi: bool,
 }
 
 fn algorithm(name: &str) -> Algorithm {
@@ -53,6 +62,7 @@ pub fn demo(args: &DemoArgs) -> Result<(), CliError> {
         return Err(CliError::input("--seq", "must be at least 1"));
     }
     let algo = algorithm(&args.algo);
+    let window = args.window.as_deref().map(crate::run::parse_window).transpose()?;
     let examples: &[(&str, bool)] = match args.example {
         Example::Autoregressive => &[("autoregressive", true)],
         Example::Cross => &[("cross attention", false)],
@@ -66,6 +76,9 @@ pub fn demo(args: &DemoArgs) -> Result<(), CliError> {
         let mut config = AttentionConfig::new(512, 8, 64);
         config.causal = causal;
         config.algorithm = algo;
+        config.window = window;
+        config.softcap = args.softcap;
+        config.alibi = args.alibi.then(|| attn::core::options::alibi_slopes(8));
         if algo == Algorithm::Chunked {
             // The seed's buckets, as its README sets them.
             config.q_bucket_size = Some(1024);
@@ -94,9 +107,9 @@ pub fn demo(args: &DemoArgs) -> Result<(), CliError> {
         });
         let elapsed = start.elapsed().as_secs_f64();
         spinner.finish_and_clear();
-        let y = result.map_err(|e| CliError::input("--algo", e))?;
+        let y = result.map_err(crate::run::lib_error)?;
         let shape = Shape::new(1, 8, args.seq, 64);
-        let flops = forward_flops(&shape, causal);
+        let flops = forward_flops_windowed(&shape, causal, window);
         println!(
             "{name}: y {:?} in {elapsed:.2} s, attention {:.1} GFLOP/s, peak extra heap {} (x{} not counted)",
             y.shape(),

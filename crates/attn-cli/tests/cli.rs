@@ -465,6 +465,16 @@ fn demo_runs_the_seeds_examples_and_naive_refuses_at_full_size() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("128.0 GiB") && stderr.contains("flash2"), "{stderr}");
+    // The module with the score modifiers; a bad one is refused naming its flag.
+    let out = attn(&["demo", "--seq", "300", "--window=32,0", "--softcap", "20", "--alibi"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("cross attention: y [1, 300, 512]"));
+    for (flag, bad) in [("--window", "--window=-3,0"), ("--softcap", "--softcap=-1")] {
+        let out = attn(&["demo", "--seq", "64", bad]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.starts_with(&format!("error: {flag}:")), "{stderr}");
+    }
 }
 
 #[test]
