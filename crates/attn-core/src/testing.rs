@@ -495,20 +495,36 @@ pub mod fused {
         check_against_reference(stage, &case.build(), true).unwrap().assert_f32("n_q > n_k causal");
     }
 
-    /// A head dimension the kernels are not built for (48) is refused with an error that
-    /// names the supported ones, up to 128 — checked before any device is needed, so where
-    /// there is none the test says so and passes.
-    pub fn refuses_other_head_dims(stage: &dyn Stage) {
-        let shape = Shape::new(1, 1, 16, 48);
+    /// A head dimension above the largest kernel (129) is refused with an error that names
+    /// the range, before any device is needed.
+    pub fn refuses_head_dims_above_128(stage: &dyn Stage) {
+        let shape = Shape::new(1, 1, 16, 129);
         let (q, k, v) = crate::random::qkv(&shape, 1);
         match stage.forward(&Inputs::new(q.view(), k.view(), v.view()), &Options::default()) {
-            Err(AttnError::UnsupportedHeadDim { head_dim: 48, supported, .. }) => {
-                assert!(supported.contains("128"), "{supported}");
+            Err(AttnError::UnsupportedHeadDim { head_dim: 129, supported, .. }) => {
+                assert!(supported.contains("1 to 128"), "{supported}");
             }
-            Err(AttnError::NoCudaDevice { reason }) => {
-                eprintln!("skipped: no CUDA device ({reason})")
+            other => panic!("expected a refusal before the device, got {other:?}"),
+        }
+    }
+
+    /// Head dimensions the kernels are not built for, zero-padded inside the stage: the
+    /// reference's answer at the caller's head dimension, within `(forward, backward)`, on
+    /// inputs rounded by `round`.
+    pub fn pads_every_head_dim(stage: &dyn Stage, tol: (f64, f64), round: fn(f32) -> f32) {
+        for (i, d) in [1, 16, 24, 40, 48, 56, 80, 100, 127].into_iter().enumerate() {
+            let case = Case {
+                causal: i % 2 == 0,
+                mask: MaskKind::KeyPadding,
+                bias: BiasKind::PerKey,
+                ..Case::new(Shape::new(2, 4, 70, d).with_n_k(90).with_kv_heads(2), i as u64)
+            };
+            let mut data = case.build();
+            for a in [&mut data.q, &mut data.k, &mut data.v, &mut data.d_out] {
+                a.mapv_inplace(round);
             }
-            other => panic!("expected a refusal, got {other:?}"),
+            let check = check_against_reference(stage, &data, true).unwrap();
+            check.assert_within(tol.0, tol.1, &format!("{} head_dim {d}", stage.name()));
         }
     }
 }

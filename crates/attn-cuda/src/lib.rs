@@ -20,6 +20,7 @@
 //!   the GQA group sums), head-dimension and memory checks.
 //! - [`on_device`]: what every GPU stage does around its kernels (upload, time, count,
 //!   download).
+//! - [`pad`]: every head dimension up to the largest a kernel is built for, by zero columns.
 //! - The device headers under `kernels/`: [`CONTRACT_HEADER`] (the dropout hash and masking
 //!   rule, bit for bit as attn-core's), [`ROWS`] (block-wide row reductions), [`TILES`] (the
 //!   fused kernels' tiles and online-softmax steps on the CUDA cores), [`MMA`] (the same on
@@ -33,6 +34,7 @@ pub mod blas;
 pub mod device;
 pub mod launch;
 pub mod on_device;
+pub mod pad;
 pub mod problem;
 pub mod products;
 

@@ -11,6 +11,10 @@
 
 use attn_core::{Forward, Grads, Inputs, Options, Result, Shape};
 pub use attn_cuda::HEAD_DIMS;
+use attn_cuda::pad::{backward_padded, forward_padded, padded_head_dim};
+
+/// How errors name this stage.
+const STAGE: &str = "flash1 (cuda)";
 use attn_cuda::{
     CONTRACT_HEADER, CudaFunction, DeviceBuffer, DeviceForward, DeviceProblem, DeviceSaved,
     DeviceStats, FlashArgs, FusedBackward, Gpu, PushKernelArg, TILES, backward_on_device,
@@ -39,7 +43,7 @@ fn kernel(gpu: &Gpu, name: &str, d: usize) -> Result<(CudaFunction, u32)> {
 /// The fused forward on uploaded tensors: (O, lse) on the device.
 pub fn forward_device(gpu: &'static Gpu, dev: &DeviceProblem) -> Result<DeviceForward> {
     let Shape { batch, heads, n_q, head_dim: d, .. } = dev.shape;
-    check_head_dim("flash1 (cuda)", d)?;
+    check_head_dim(STAGE, d)?;
     let z = batch * heads;
     // O, ℓ, m in device memory ("HBM"), initialised as in Algorithm 1, line 2.
     let out = gpu.zeros::<f32>(z * n_q * d)?;
@@ -72,7 +76,7 @@ pub fn backward_device(
     saved: &DeviceSaved,
 ) -> Result<[DeviceBuffer<f32>; 3]> {
     let Shape { batch, heads, head_dim: d, .. } = dev.shape;
-    check_head_dim("flash1 (cuda)", d)?;
+    check_head_dim(STAGE, d)?;
     // dQ is read, added to and written back for every key tile: it starts at zero.
     let bwd = FusedBackward::new(gpu, dev, saved, true)?;
     let z = (batch * heads) as u32;
@@ -82,7 +86,8 @@ pub fn backward_device(
 
 /// The forward with uploads and downloads, and its device statistics.
 pub fn forward_with_stats(inputs: &Inputs<'_>, opts: &Options) -> Result<(Forward, DeviceStats)> {
-    forward_on_device(inputs, opts, forward_device)
+    let to = padded_head_dim(STAGE, inputs.q.dim().3, &HEAD_DIMS)?;
+    forward_padded(inputs, opts, to, |i, o| forward_on_device(i, o, forward_device))
 }
 
 /// The backward with uploads and downloads, and its device statistics.
@@ -92,7 +97,10 @@ pub fn backward_with_stats(
     fwd: &Forward,
     d_out: ArrayView4<'_, f32>,
 ) -> Result<(Grads, DeviceStats)> {
-    backward_on_device(inputs, opts, fwd, d_out, backward_device)
+    let to = padded_head_dim(STAGE, inputs.q.dim().3, &HEAD_DIMS)?;
+    backward_padded(inputs, opts, (fwd, d_out), to, |i, o, f, d| {
+        backward_on_device(i, o, f, d, backward_device)
+    })
 }
 
 attn_core::cuda_stage!(

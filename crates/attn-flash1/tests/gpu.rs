@@ -43,8 +43,13 @@ fn flash1_gpu_edge_cases() {
 }
 
 #[test]
-fn flash1_gpu_refuses_other_head_dims_clearly() {
-    fused::refuses_other_head_dims(&Flash1Cuda);
+fn flash1_gpu_refuses_head_dims_above_128_and_pads_the_rest() {
+    fused::refuses_head_dims_above_128(&Flash1Cuda);
+    if skip_without_device() {
+        return;
+    }
+    use attn_core::tolerance::{F32_BACKWARD, F32_FORWARD};
+    fused::pads_every_head_dim(&Flash1Cuda, (F32_FORWARD, F32_BACKWARD), |x| x);
 }
 
 #[test]

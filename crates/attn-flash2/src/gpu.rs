@@ -28,6 +28,10 @@ pub mod versions;
 
 use attn_core::{AttnError, Forward, Grads, Inputs, Options, Result, Shape};
 pub use attn_cuda::HEAD_DIMS;
+use attn_cuda::pad::{backward_padded, forward_padded, padded_head_dim};
+
+/// How errors name this stage.
+const STAGE: &str = "flash2 (cuda)";
 use attn_cuda::{
     CudaFunction, DeviceBuffer, DeviceForward, DeviceProblem, DeviceSaved, DeviceStats, FlashArgs,
     FusedBackward, Gpu, backward_on_device, blocks_for, check_head_dim, forward_on_device,
@@ -84,7 +88,7 @@ pub fn forward_device_version(
     version: u32,
 ) -> Result<DeviceForward> {
     let Shape { batch, heads, n_q, head_dim: d, .. } = dev.shape;
-    check_head_dim("flash2 (cuda)", d)?;
+    check_head_dim(STAGE, d)?;
     let v = versions::find(Track::Fp32Forward, version)
         .ok_or_else(|| versions::unknown(Track::Fp32Forward, version))?;
     let z = batch * heads;
@@ -195,7 +199,7 @@ pub fn backward_device_version(
     version: u32,
 ) -> Result<[DeviceBuffer<f32>; 3]> {
     let Shape { batch, heads, n_q, n_k, head_dim: d, .. } = dev.shape;
-    check_head_dim("flash2 (cuda)", d)?;
+    check_head_dim(STAGE, d)?;
     let v = versions::find(Track::Fp32Backward, version)
         .ok_or_else(|| versions::unknown(Track::Fp32Backward, version))?;
     let z = (batch * heads) as u32;
@@ -292,7 +296,8 @@ fn tf32_backward_kernel(
 
 /// The forward with uploads and downloads, and its device statistics.
 pub fn forward_with_stats(inputs: &Inputs<'_>, opts: &Options) -> Result<(Forward, DeviceStats)> {
-    forward_on_device(inputs, opts, forward_device)
+    let to = padded_head_dim(STAGE, inputs.q.dim().3, &HEAD_DIMS)?;
+    forward_padded(inputs, opts, to, |i, o| forward_on_device(i, o, forward_device))
 }
 
 /// [`forward_with_stats`] for fp32 forward version `version` ([`versions::VERSIONS`]).
@@ -301,7 +306,10 @@ pub fn forward_version_with_stats(
     opts: &Options,
     version: u32,
 ) -> Result<(Forward, DeviceStats)> {
-    forward_on_device(inputs, opts, |gpu, dev| forward_device_version(gpu, dev, version))
+    let to = padded_head_dim(STAGE, inputs.q.dim().3, &HEAD_DIMS)?;
+    forward_padded(inputs, opts, to, |i, o| {
+        forward_on_device(i, o, |gpu, dev| forward_device_version(gpu, dev, version))
+    })
 }
 
 /// The backward with uploads and downloads, and its device statistics; dQ as
@@ -313,8 +321,9 @@ pub fn backward_with_stats(
     d_out: ArrayView4<'_, f32>,
 ) -> Result<(Grads, DeviceStats)> {
     let mode = DqMode::of(opts);
-    backward_on_device(inputs, opts, fwd, d_out, |gpu, dev, saved| {
-        backward_device_dq(gpu, dev, saved, mode)
+    let to = padded_head_dim(STAGE, inputs.q.dim().3, &HEAD_DIMS)?;
+    backward_padded(inputs, opts, (fwd, d_out), to, |i, o, f, d| {
+        backward_on_device(i, o, f, d, |gpu, dev, saved| backward_device_dq(gpu, dev, saved, mode))
     })
 }
 
@@ -327,8 +336,11 @@ pub fn backward_version_with_stats(
     version: u32,
 ) -> Result<(Grads, DeviceStats)> {
     let mode = DqMode::of(opts);
-    backward_on_device(inputs, opts, fwd, d_out, |gpu, dev, saved| {
-        backward_device_version(gpu, dev, saved, mode, version)
+    let to = padded_head_dim(STAGE, inputs.q.dim().3, &HEAD_DIMS)?;
+    backward_padded(inputs, opts, (fwd, d_out), to, |i, o, f, d| {
+        backward_on_device(i, o, f, d, |gpu, dev, saved| {
+            backward_device_version(gpu, dev, saved, mode, version)
+        })
     })
 }
 

@@ -227,8 +227,13 @@ fn flash2_gpu_at_a_realistic_size_matches_the_cpu() {
 }
 
 #[test]
-fn flash2_gpu_refuses_other_head_dims_clearly() {
-    fused::refuses_other_head_dims(&Flash2Cuda);
+fn flash2_gpu_refuses_head_dims_above_128_and_pads_the_rest() {
+    fused::refuses_head_dims_above_128(&Flash2Cuda);
+    if skip_without_device() {
+        return;
+    }
+    use attn_core::tolerance::{F32_BACKWARD, F32_FORWARD};
+    fused::pads_every_head_dim(&Flash2Cuda, (F32_FORWARD, F32_BACKWARD), |x| x);
 }
 
 /// Every registered kernel version compiles with NVRTC (no device needed: libnvrtc alone),
@@ -579,6 +584,17 @@ fn flash2cuda_takes_the_score_modifiers() {
     use attn_core::tolerance::{F32_BACKWARD, F32_FORWARD};
     let tol = (F32_FORWARD, F32_BACKWARD);
     attn_core::testing::score_mods::check(&Flash2Cuda, &[32, 64, 96, 128], tol, |x| x, false);
+}
+
+#[test]
+fn tensor_core_stage_pads_every_head_dim_up_to_128() {
+    if skip_without_device() {
+        return;
+    }
+    use attn_core::tolerance::{HALF_BACKWARD, HALF_FORWARD};
+    let tol = (HALF_FORWARD, HALF_BACKWARD);
+    fused::pads_every_head_dim(&BF16_STAGE, tol, |x| f32::from(bf16::from_f32(x)));
+    fused::refuses_head_dims_above_128(&BF16_STAGE);
 }
 
 #[test]

@@ -25,6 +25,7 @@
 use attn_core::problem::Problem;
 use attn_core::{AttnError, Element, Inputs, Mask, Options, Result, Shape, Stage};
 use attn_core::{check_d_out, check_saved, check_values};
+use attn_cuda::pad::{backward_padded, forward_padded, padded_head_dim};
 use attn_cuda::problem::{needs_cut_kernel, needs_mods_kernel};
 use attn_cuda::{CudaFunction, DeviceBuffer, DeviceRepr, DeviceStats, FlashArgs, Gpu};
 use attn_cuda::{ScoreInputs, blocks_for, gpu, measured, with_shared_bytes};
@@ -284,9 +285,12 @@ pub fn forward_rounded<T: TcFloat>(
     opts: &Options,
     version: u32,
 ) -> Result<(attn_core::Forward, DeviceStats)> {
-    let rounded = Rounded::<T>::of(inputs);
-    let (f, stats) = forward_version_with_stats(&rounded.inputs(inputs), opts, version)?;
-    Ok((attn_core::Forward { out: widen(f.out.view()), lse: f.lse, traffic: None }, stats))
+    let to = padded_head_dim(STAGE, inputs.q.dim().3, &TC_HEAD_DIMS)?;
+    forward_padded(inputs, opts, to, |inputs, opts| {
+        let rounded = Rounded::<T>::of(inputs);
+        let (f, stats) = forward_version_with_stats(&rounded.inputs(inputs), opts, version)?;
+        Ok((attn_core::Forward { out: widen(f.out.view()), lse: f.lse, traffic: None }, stats))
+    })
 }
 
 /// The gradients of a 16-bit call, rounded to `T`: dQ like q, dK and dV like k and v.
@@ -426,19 +430,22 @@ pub fn backward_rounded<T: TcFloat>(
     d_out: ArrayView4<'_, f32>,
     version: u32,
 ) -> Result<(attn_core::Grads, DeviceStats)> {
-    let rounded = Rounded::<T>::of(inputs);
-    let half = rounded.inputs(inputs);
-    let hf = HalfForward { out: round::<T, _>(fwd.out.view()), lse: fwd.lse.clone() };
-    let d_o = round::<T, _>(d_out);
-    let (g, stats) = backward_version_with_stats(&half, opts, &hf, d_o.view(), version)?;
-    let grads = attn_core::Grads {
-        dq: widen(g.dq.view()),
-        dk: widen(g.dk.view()),
-        dv: widen(g.dv.view()),
-        dbias: None,
-        traffic: None,
-    };
-    Ok((grads, stats))
+    let to = padded_head_dim(STAGE, inputs.q.dim().3, &TC_HEAD_DIMS)?;
+    backward_padded(inputs, opts, (fwd, d_out), to, |inputs, opts, fwd, d_out| {
+        let rounded = Rounded::<T>::of(inputs);
+        let half = rounded.inputs(inputs);
+        let hf = HalfForward { out: round::<T, _>(fwd.out.view()), lse: fwd.lse.clone() };
+        let d_o = round::<T, _>(d_out);
+        let (g, stats) = backward_version_with_stats(&half, opts, &hf, d_o.view(), version)?;
+        let grads = attn_core::Grads {
+            dq: widen(g.dq.view()),
+            dk: widen(g.dk.view()),
+            dv: widen(g.dv.view()),
+            dbias: None,
+            traffic: None,
+        };
+        Ok((grads, stats))
+    })
 }
 
 /// The tensor-core FlashAttention-2 as a [`Stage`] on f32 arrays, like every other stage:
