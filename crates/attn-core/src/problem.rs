@@ -114,9 +114,9 @@ impl<'a> Problem<'a> {
     }
 
     /// [`Problem::new`] without reading the values of q, k, v and the bias: shapes, masks,
-    /// options, ALiBi slopes. For a caller whose tensors have another element type (the tensor cores'
-    /// bf16 / f16): it passes stand-ins of the right shapes here and its own tensors to
-    /// [`check_values`].
+    /// options, ALiBi slopes. For a caller whose tensors have another element type (the
+    /// tensor cores' bf16 / f16): it passes stand-ins of the right shapes here and its own
+    /// tensors to [`check_values`].
     pub fn shapes_only(inputs: &Inputs<'a>, opts: &Options) -> Result<Self> {
         let (q, k, v) = (inputs.q, inputs.k, inputs.v);
         if q.is_empty() {
