@@ -174,7 +174,7 @@ fn validate<'a, T: TcFloat>(inputs: &HalfInputs<'a, T>, opts: &Options) -> Resul
         return Err(AttnError::UnsupportedHeadDim {
             stage: STAGE,
             head_dim: p.shape.head_dim,
-            supported: "64, 128 (use --dtype f32 for 32 and 96, or pad the head dimension)".into(),
+            supported: "64, 128 (`forward_rounded` / `attn run --dtype` pad every head dimension up to 128)".into(),
         });
     }
     if p.dropout.is_some() {
