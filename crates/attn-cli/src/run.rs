@@ -328,11 +328,14 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
     let k = args.dtype.round(read_bhnd("--k", &args.k)?);
     let v = args.dtype.round(read_bhnd("--v", &args.v)?);
     let mask = args.mask.as_deref().map(read_mask).transpose()?;
+    // the bias file's own shape, which --dbias is written in
+    let mut bias_file_shape = Vec::new();
     let bias = args
         .bias
         .as_deref()
         .map(|p| {
             let b = read_f32("--bias", p)?;
+            bias_file_shape = b.shape().to_vec();
             to_rank4(
                 "--bias",
                 b,
@@ -436,7 +439,11 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
         outputs.write("--dk", &g.dk)?;
         outputs.write("--dv", &g.dv)?;
         if let Some(db) = &g.dbias {
-            outputs.write("--dbias", db)?;
+            let db = db
+                .view()
+                .into_shape_with_order(bias_file_shape.as_slice())
+                .expect("the bias's elements");
+            outputs.write("--dbias", &db.to_owned())?;
         }
     }
     let written = outputs.commit()?;
