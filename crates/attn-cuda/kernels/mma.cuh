@@ -47,39 +47,6 @@ __device__ __forceinline__ void add_dq_rows(float* dq, const float (*dqa)[4], in
     }
 }
 
-// What a backward's key pass (a block per key tile, from key j0, QR query rows a step) keeps
-// of its query tiles' rows: the first tile that sees key j0 (causal: i >= j - (n_k - n_q)),
-// on a tile boundary, where the rows that see its keys end (the window), and the lse and D of row i0 + threadIdx.x, read one tile ahead and put
-// into shared memory when the tile starts — lse in base-2 units, and a row that saw no key
-// (lse = -inf) gets +inf, so that 2^(s - lse) is 0 without a test.
-template <int QR>
-struct KeyPassRows {
-    const float *lse, *dvec;  // of the block's head
-    int n_q;
-    float next_l = NEG_INF, next_d = 0.0f;
-    __device__ static int first_tile(const FlashArgs& a, const ScoreMods& mods, int j0) {
-        return query_start(mods, j0) / QR * QR;
-    }
-    // One past the last query that sees a key of j0 .. j0 + keys - 1 (the window's left side).
-    __device__ static int end(const FlashArgs& a, const ScoreMods& mods, int j0, int keys) {
-        return query_end(mods, min(j0 + keys, a.n_k) - 1);
-    }
-    __device__ void fetch(int i0) {
-        const int i = i0 + threadIdx.x;
-        const bool ok = threadIdx.x < QR && i < n_q;
-        next_l = ok ? lse[i] : NEG_INF;
-        next_d = ok ? dvec[i] : 0.0f;
-    }
-    // Tile i0's rows into Ls, Ds; then the next tile's fetch.
-    __device__ void store_and_fetch(float* Ls, float* Ds, int i0) {
-        if (threadIdx.x < QR) {
-            Ls[threadIdx.x] = next_l == NEG_INF ? -NEG_INF : next_l * 1.4426950408889634f;
-            Ds[threadIdx.x] = next_d;
-        }
-        if (i0 + QR < n_q) fetch(i0 + QR);
-    }
-};
-
 // ANCHOR: load_rows_at
 // Rows row0 .. row0 + ROWS - 1 of a [n][D] tensor of T (16- or 32-bit) into shared memory at
 // dst, rows padded by 16 bytes (D + 8 16-bit values, D + 4 floats: the 8 rows an ldmatrix
@@ -115,6 +82,64 @@ __device__ __forceinline__ void load_rows_at(unsigned dst, const T* src, int row
     }
 }
 // ANCHOR_END: load_rows_at
+
+// What a backward's key pass (a block per key tile of BK keys from j0, QR query rows a step,
+// THREADS threads) does with its query tiles: which see its keys (from the first tile that
+// sees key j0 to the last row that sees its last key: causal masking and the window), the
+// loads of K_j and V_j and of each tile's Q_i and dO_i into two buffers, and the lse and D
+// of row i0 + threadIdx.x, read one tile ahead and put into shared memory when the tile
+// starts — lse in base-2 units, and a row that saw no key (lse = -inf) gets +inf, so that
+// 2^(s - lse) is 0 without a test.
+template <int QR, int D, int BK, int THREADS>
+struct KeyPassRows {
+    const float *lse, *dvec;  // of the block's head
+    int n_q;
+    int first, end;  // the query tiles first, first + QR, ... below end see the block's keys
+    float next_l = NEG_INF, next_d = 0.0f;
+    __device__ static int first_tile(const ScoreMods& mods, int j0) {
+        return query_start(mods, j0) / QR * QR;
+    }
+    __device__ static int rows_end(const FlashArgs& a, const ScoreMods& mods, int j0) {
+        return query_end(mods, min(j0 + BK, a.n_k) - 1);
+    }
+    // K_j and V_j, the first tile's Q_i and dO_i (into the first buffers) and its lse and
+    // D: one commit.
+    template <class T>
+    __device__ void load_first(unsigned Ka, unsigned Va, unsigned Qa, unsigned Oa, const T* k,
+                               const T* v, const T* q, const T* d_out, int j0, int n_k) {
+        fetch(first);
+        load_rows_at<D, BK, THREADS>(Ka, k, j0, n_k);
+        load_rows_at<D, BK, THREADS>(Va, v, j0, n_k);
+        if (first < end) {
+            load_rows_at<D, QR, THREADS>(Qa, q, first, n_q);
+            load_rows_at<D, QR, THREADS>(Oa, d_out, first, n_q);
+        }
+        cp_async_commit();
+    }
+    // The next tile's Q_i and dO_i (after tile i0) into the other buffers, when it sees keys.
+    template <class T>
+    __device__ void prefetch(unsigned Qa, unsigned Oa, const T* q, const T* d_out, int i0) {
+        if (i0 + QR < end) {
+            load_rows_at<D, QR, THREADS>(Qa, q, i0 + QR, n_q);
+            load_rows_at<D, QR, THREADS>(Oa, d_out, i0 + QR, n_q);
+            cp_async_commit();
+        }
+    }
+    __device__ void fetch(int i0) {
+        const int i = i0 + threadIdx.x;
+        const bool ok = threadIdx.x < QR && i < n_q;
+        next_l = ok ? lse[i] : NEG_INF;
+        next_d = ok ? dvec[i] : 0.0f;
+    }
+    // Tile i0's rows into Ls, Ds; then the next tile's fetch.
+    __device__ void store_and_fetch(float* Ls, float* Ds, int i0) {
+        if (threadIdx.x < QR) {
+            Ls[threadIdx.x] = next_l == NEG_INF ? -NEG_INF : next_l * 1.4426950408889634f;
+            Ds[threadIdx.x] = next_d;
+        }
+        if (i0 + QR < n_q) fetch(i0 + QR);
+    }
+};
 
 // ldmatrix at a 32-bit shared-memory address: four 8 x 8 matrices of 16-bit values (or 8 x 4
 // of 32-bit ones), lanes 8i .. 8i + 7 giving the rows of matrix i; lane 4g + t receives the

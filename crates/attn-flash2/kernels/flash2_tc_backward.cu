@@ -55,27 +55,15 @@ __device__ void tc_backward_v7(const FlashArgs& a, const ScoreMods& mods) {
     float dk[D / 8][4], dv[D / 8][4];
     zero_frags<D / 8>(dk);
     zero_frags<D / 8>(dv);
-    const int i_first = KeyPassRows<TC_BR>::first_tile(a, mods, j0);
-    const int i_end = KeyPassRows<TC_BR>::end(a, mods, j0, BK);
-    KeyPassRows<TC_BR> stats{lse, dvec, a.n_q};
-    stats.fetch(i_first);
-    load_rows_at<D, BK, THREADS>(Ka, hd.k, j0, a.n_k);
-    load_rows_at<D, BK, THREADS>(Va, hd.v, j0, a.n_k);
-    if (i_first < i_end) {
-        load_rows_at<D, TC_BR, THREADS>(Qa, hd.q, i_first, a.n_q);
-        load_rows_at<D, TC_BR, THREADS>(Oa, d_out, i_first, a.n_q);
-    }
-    cp_async_commit();
+    using Rows = KeyPassRows<TC_BR, D, BK, THREADS>;
+    Rows stats{lse, dvec, a.n_q, Rows::first_tile(mods, j0), Rows::rows_end(a, mods, j0)};
+    stats.load_first(Ka, Va, Qa, Oa, hd.k, hd.v, hd.q, d_out, j0, a.n_k);
 
-    for (int i0 = i_first, step = 0; i0 < i_end; i0 += TC_BR, step++) {
+    for (int i0 = stats.first, step = 0; i0 < stats.end; i0 += TC_BR, step++) {
         const unsigned buf = (step % 2) * QTB;  // this tile's Q, dO buffers; QTB - buf: the next's
         cp_async_wait<0>();  // this thread's copies of Q_i, dO_i (and at step 0, K_j, V_j)
         __syncthreads();     // everyone's; every warp done with tile i - 1 (its lse, D, dS^T)
-        if (i0 + TC_BR < i_end) {
-            load_rows_at<D, TC_BR, THREADS>(Qa + QTB - buf, hd.q, i0 + TC_BR, a.n_q);
-            load_rows_at<D, TC_BR, THREADS>(Oa + QTB - buf, d_out, i0 + TC_BR, a.n_q);
-            cp_async_commit();
-        }
+        stats.prefetch(Qa + QTB - buf, Oa + QTB - buf, hd.q, d_out, i0);
         stats.store_and_fetch(Ls, Ds, i0);
         __syncthreads();
 

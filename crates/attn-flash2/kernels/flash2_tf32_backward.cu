@@ -100,27 +100,15 @@ __device__ void tf32_backward(const FlashArgs& a, const ScoreMods& mods, const D
     float dk[D / 8][4], dv[D / 8][4];
     zero_frags<D / 8>(dk);
     zero_frags<D / 8>(dv);
-    const int i_first = KeyPassRows<QR>::first_tile(a, mods, j0);
-    const int i_end = KeyPassRows<QR>::end(a, mods, j0, BK);
-    KeyPassRows<QR> stats{lse, dvec, a.n_q};
-    stats.fetch(i_first);
-    load_rows_at<D, BK, THREADS>(Ka, hd.k, j0, a.n_k);
-    load_rows_at<D, BK, THREADS>(Va, hd.v, j0, a.n_k);
-    if (i_first < i_end) {
-        load_rows_at<D, QR, THREADS>(Qa, hd.q, i_first, a.n_q);
-        load_rows_at<D, QR, THREADS>(Oa, hd.d_out, i_first, a.n_q);
-    }
-    cp_async_commit();
+    using Rows = KeyPassRows<QR, D, BK, THREADS>;
+    Rows stats{lse, dvec, a.n_q, Rows::first_tile(mods, j0), Rows::rows_end(a, mods, j0)};
+    stats.load_first(Ka, Va, Qa, Oa, hd.k, hd.v, hd.q, hd.d_out, j0, a.n_k);
 
-    for (int i0 = i_first, step = 0; i0 < i_end; i0 += QR, step++) {
+    for (int i0 = stats.first, step = 0; i0 < stats.end; i0 += QR, step++) {
         const unsigned buf = (step % 2) * QTB;  // this tile's Q, dO buffers; QTB - buf: the next's
         cp_async_wait<0>();  // this thread's copies of Q_i, dO_i (and at step 0, K_j, V_j)
         __syncthreads();     // everyone's; every warp done with tile i - 1 (its lse, D, dS)
-        if (i0 + QR < i_end) {
-            load_rows_at<D, QR, THREADS>(Qa + QTB - buf, hd.q, i0 + QR, a.n_q);
-            load_rows_at<D, QR, THREADS>(Oa + QTB - buf, hd.d_out, i0 + QR, a.n_q);
-            cp_async_commit();
-        }
+        stats.prefetch(Qa + QTB - buf, Oa + QTB - buf, hd.q, hd.d_out, i0);
         stats.store_and_fetch(Ls, Ds, i0);
         if (drop.enabled && threadIdx.x < QR)
             Rk[threadIdx.x] = row_key(drop.seed, hd.b, hd.h, i0 + threadIdx.x);
