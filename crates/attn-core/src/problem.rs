@@ -313,7 +313,6 @@ impl<'a> Problem<'a> {
             v: self.v.index_axis_move(Axis(0), b).index_axis_move(Axis(0), kv_h),
             n_q,
             n_k,
-            causal: self.causal,
             keys: self.keys,
             softcap: self.softcap,
             alibi,
@@ -339,7 +338,6 @@ pub struct Head<'a> {
     pub v: ArrayView2<'a, f32>,
     pub n_q: usize,
     pub n_k: usize,
-    pub causal: bool,
     /// The keys each query sees (causal masking and the window).
     pub keys: KeyRange,
     softcap: Option<f32>,

@@ -71,12 +71,6 @@ impl Shape {
         h / self.group()
     }
 
-    /// The keys query `i` sees: `0 .. key_end(…)` ([`key_end`]).
-    #[inline]
-    pub fn key_end(&self, causal: bool, i: usize) -> usize {
-        key_end(self.n_q, self.n_k, causal, i)
-    }
-
     /// Number of score entries `b·h·n_q·n_k`.
     pub fn score_elems(&self) -> u64 {
         (self.batch * self.heads) as u64 * self.n_q as u64 * self.n_k as u64
@@ -96,16 +90,6 @@ impl std::fmt::Display for Shape {
         Ok(())
     }
 }
-
-// ANCHOR: key_end
-/// Causal masking lets query `i` see the keys `0 .. key_end(i)`: key `j` is hidden when
-/// `j > i + (n_k − n_q)` (bottom-right alignment). Without causal masking, all `n_k`. The
-/// special case of [`KeyRange`] without a window.
-#[inline]
-pub fn key_end(n_q: usize, n_k: usize, causal: bool, i: usize) -> usize {
-    if causal { (i + 1 + n_k).saturating_sub(n_q).min(n_k) } else { n_k }
-}
-// ANCHOR_END: key_end
 
 // ANCHOR: key_range
 /// Which keys each query sees under causal masking and a sliding window together: query `i`
@@ -143,6 +127,7 @@ impl KeyRange {
         }
     }
 
+    // ANCHOR: key_end
     /// One past the last key query `i` sees (at least [`KeyRange::start`]).
     #[inline]
     pub fn end(&self, i: usize) -> usize {
@@ -152,6 +137,7 @@ impl KeyRange {
         }
         .max(self.start(i))
     }
+    // ANCHOR_END: key_end
 
     /// Whether every query sees every key.
     pub fn is_full(&self) -> bool {

@@ -85,7 +85,6 @@ pub fn needs_mods_kernel(p: &Problem<'_>) -> bool {
 pub struct DeviceProblem {
     pub shape: Shape,
     pub scale: f32,
-    pub causal: bool,
     /// The keys each query sees (causal masking and the window).
     pub keys: attn_core::KeyRange,
     /// A bias, mask or ALiBi ([`needs_mods_kernel`]).
@@ -174,7 +173,6 @@ impl DeviceProblem {
         Ok(Self {
             shape: sh,
             scale: p.scale,
-            causal: p.causal,
             keys: p.keys,
             has_mods: needs_mods_kernel(p),
             has_softcap: p.softcap.is_some(),
