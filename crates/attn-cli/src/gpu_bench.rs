@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 
-use attn::core::flops::forward_flops_windowed;
+use attn::core::flops::{backward_flops_windowed, forward_flops_windowed};
 use attn::core::memory::human_bytes;
 use attn::core::metrics::compare;
 use attn::cuda::DeviceStats;
@@ -372,8 +372,8 @@ pub fn measure(args: &GpuBenchArgs) -> Result<String, CliError> {
                     v[v.len() / 2]
                 };
                 let (fm, bm) = (median(f_ms), median(b_ms));
-                let flops = forward_flops_windowed(&shape, causal, window);
-                let (ft, bt) = (flops / (fm * 1e-3) / 1e12, 2.5 * flops / (bm * 1e-3) / 1e12);
+                let ft = forward_flops_windowed(&shape, causal, window) / (fm * 1e-3) / 1e12;
+                let bt = backward_flops_windowed(&shape, causal, window) / (bm * 1e-3) / 1e12;
                 println!(
                     "{name:<8} {causal:>6} {n:>6} d{:<3} {fm:>10.3} {ft:>9.2} {bm:>10.3} {bt:>9.2} {:>12} {:>12}",
                     shape.head_dim,

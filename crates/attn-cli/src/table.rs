@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use attn::core::flops::forward_flops_windowed;
+use attn::core::flops::{backward_flops_windowed, forward_flops_windowed};
 use attn::core::memory::{human_bytes, measure_peak};
 use attn::core::metrics::compare;
 use attn::core::reference::RefProblem;
@@ -131,7 +131,6 @@ pub fn table(args: &TableArgs) -> Result<(), CliError> {
         softcap: args.softcap,
         ..Options::default()
     };
-    let flops = forward_flops_windowed(&shape, args.causal, window);
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mods = window.map_or(String::new(), |w| format!(" window=({},{})", w.left, w.right))
         + &args.softcap.map_or(String::new(), |c| format!(" softcap={c}"));
@@ -211,9 +210,9 @@ pub fn table(args: &TableArgs) -> Result<(), CliError> {
             fwd_err,
             bwd_err,
             format!("{:.2}", t_fwd * 1e3),
-            format!("{:.1}", flops / t_fwd / 1e9),
+            format!("{:.1}", forward_flops_windowed(&shape, args.causal, window) / t_fwd / 1e9),
             format!("{:.2}", t_bwd * 1e3),
-            format!("{:.1}", 2.5 * flops / t_bwd / 1e9),
+            format!("{:.1}", backward_flops_windowed(&shape, args.causal, window) / t_bwd / 1e9),
             human_bytes(fwd_peak),
             human_bytes(bwd_peak),
             fwd.traffic.map_or("-".into(), |t| human_bytes(t.total())),

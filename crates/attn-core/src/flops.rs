@@ -35,7 +35,12 @@ pub fn forward_flops_windowed(shape: &Shape, causal: bool, window: Option<Window
 
 /// Backward FLOPs: 2.5 × the forward.
 pub fn backward_flops(shape: &Shape, causal: bool) -> f64 {
-    2.5 * forward_flops(shape, causal)
+    backward_flops_windowed(shape, causal, None)
+}
+
+/// Backward FLOPs with a sliding window: 2.5 × the forward's.
+pub fn backward_flops_windowed(shape: &Shape, causal: bool, window: Option<Window>) -> f64 {
+    2.5 * forward_flops_windowed(shape, causal, window)
 }
 
 #[cfg(test)]
