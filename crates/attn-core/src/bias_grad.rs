@@ -72,12 +72,16 @@ impl BiasGrad {
                 slot += &ds;
             }
             (true, false) => {
-                let mut slot = part.slice_mut(ndarray::s![i0..i0 + rows, j0 / b_c]);
-                slot += &ds.sum_axis(Axis(1));
+                let slot = part.slice_mut(ndarray::s![i0..i0 + rows, j0 / b_c]);
+                for (x, row) in slot.into_iter().zip(ds.rows()) {
+                    *x += row.sum();
+                }
             }
             (false, true) => {
                 let mut slot = part.slice_mut(ndarray::s![i0 / b_r, j0..j0 + cols]);
-                slot += &ds.sum_axis(Axis(0));
+                for row in ds.rows() {
+                    slot += &row;
+                }
             }
             (false, false) => part[[i0 / b_r, j0 / b_c]] += ds.sum(),
         }

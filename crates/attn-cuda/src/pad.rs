@@ -93,7 +93,8 @@ pub fn backward_padded<S>(
     Problem::for_backward(inputs, opts, fwd, d_out)?;
     let qkv = [pad(inputs.q, to), pad(inputs.k, to), pad(inputs.v, to)];
     let padded = padded_inputs(inputs, &qkv);
-    let saved = Forward { out: pad(fwd.out.view(), to), ..fwd.clone() };
+    let saved =
+        Forward { out: pad(fwd.out.view(), to), lse: fwd.lse.clone(), traffic: fwd.traffic };
     let d_out = pad(d_out, to);
     let (g, stats) = backward(&padded, &explicit_scale(opts, d), &saved, d_out.view())?;
     Ok((Grads { dq: cut(g.dq, d), dk: cut(g.dk, d), dv: cut(g.dv, d), ..g }, stats))
@@ -105,43 +106,18 @@ mod tests {
     use attn_core::Stage;
     use attn_core::testing::{BiasKind, Case, MaskKind, check_against_reference};
 
-    /// The float64 reference behind the padding, as the GPU stages run their kernels: it
-    /// must still give the reference's answer at the caller's head dimension.
+    /// The float64 reference behind the padding, as the GPU stages run their kernels (the
+    /// inner calls see the padded head dimension): it must still give the reference's answer
+    /// at the caller's head dimension.
     struct PaddedReference(&'static [usize]);
 
-    /// The float64 reference as a stage, rounded to f32 (attn-cuda depends on no stage).
-    struct Rounded;
-    impl Stage for Rounded {
-        fn name(&self) -> &'static str {
-            "reference"
-        }
-        fn device(&self) -> attn_core::Device {
-            attn_core::Device::Cpu
-        }
-        fn forward(&self, i: &Inputs<'_>, o: &Options) -> Result<Forward> {
-            let r = attn_core::reference::forward(i, o)?;
-            Ok(Forward {
-                out: r.out.mapv(|x| x as f32),
-                lse: r.lse.mapv(|x| x as f32),
-                traffic: None,
-            })
-        }
-        fn backward(
-            &self,
-            i: &Inputs<'_>,
-            o: &Options,
-            _: &Forward,
-            d_out: ArrayView4<'_, f32>,
-        ) -> Result<Grads> {
-            let g = attn_core::reference::backward(i, o, d_out)?;
-            let f = |a: Array4<f64>| a.mapv(|x| x as f32);
-            Ok(Grads { dq: f(g.dq), dk: f(g.dk), dv: f(g.dv), dbias: None, traffic: None })
-        }
+    fn to32<D: ndarray::Dimension>(a: ndarray::Array<f64, D>) -> ndarray::Array<f32, D> {
+        a.mapv(|x| x as f32)
     }
 
     impl Stage for PaddedReference {
         fn name(&self) -> &'static str {
-            "padded"
+            "padded reference"
         }
         fn device(&self) -> attn_core::Device {
             attn_core::Device::Cpu
@@ -149,8 +125,9 @@ mod tests {
         fn forward(&self, i: &Inputs<'_>, o: &Options) -> Result<Forward> {
             let to = padded_head_dim("padded", i.q.dim().3, self.0)?;
             let (fwd, ()) = forward_padded(i, o, to, |i, o| {
-                assert_eq!(i.q.dim().3, to, "the inner call sees the padded head dimension");
-                Ok((Rounded.forward(i, o)?, ()))
+                assert_eq!(i.q.dim().3, to);
+                let r = attn_core::reference::forward(i, o)?;
+                Ok((Forward { out: to32(r.out), lse: to32(r.lse), traffic: None }, ()))
             })?;
             Ok(fwd)
         }
@@ -164,7 +141,15 @@ mod tests {
             let to = padded_head_dim("padded", i.q.dim().3, self.0)?;
             let (g, ()) = backward_padded(i, o, (fwd, d_out), to, |i, o, f, d| {
                 assert_eq!((i.q.dim().3, f.out.dim().3, d.dim().3), (to, to, to));
-                Ok((Rounded.backward(i, o, f, d)?, ()))
+                let g = attn_core::reference::backward(i, o, d)?;
+                let grads = Grads {
+                    dq: to32(g.dq),
+                    dk: to32(g.dk),
+                    dv: to32(g.dv),
+                    dbias: None,
+                    traffic: None,
+                };
+                Ok((grads, ()))
             })?;
             Ok(g)
         }
@@ -189,7 +174,6 @@ mod tests {
         let case = Case { scale: Some(0.3), ..Case::new(attn_core::Shape::new(1, 2, 9, 20), 6) };
         check_against_reference(&stage, &case.build(), true).unwrap().assert_f32("scale 0.3");
     }
-
     #[test]
     fn beyond_the_largest_kernel_the_error_names_the_range() {
         let e = padded_head_dim("flash2 (cuda)", 129, &[32, 64, 96, 128]).unwrap_err();
