@@ -331,19 +331,25 @@ impl Version {
         }
     }
 
+    /// Whether twin kernels (`_cut`) take the calls whose scores a sliding window, the
+    /// softcap or ALiBi change (the shipped tensor-core forward, whose plain kernels have no
+    /// registers to spare for them at d = 128); every other kernel takes them itself.
+    pub fn has_cut_kernel(&self) -> bool {
+        self.track == TcForward && self.ships()
+    }
+
+    /// [`Version::kernel_name`] for a call whose scores a sliding window, the softcap or
+    /// ALiBi change when `cut` ([`Version::has_cut_kernel`]).
+    pub fn kernel_name_cut(&self, d: usize, with_mods: bool, cut: bool) -> String {
+        let name = self.kernel_name(d, with_mods);
+        if cut && self.has_cut_kernel() { format!("{name}_cut") } else { name }
+    }
+
     /// The name of the kernel to launch at head dimension `d`, for a call with a mask or bias
     /// when `with_mods` (the backward's with dQ by atomics). The CUDA-core fp32 kernels are
     /// compiled for every head dimension in one module (`_d{d}`); the others' modules for
     /// one, and a shipped tensor-core kernel is named after its track, a ladder step after
     /// its number.
-    /// [`Version::kernel_name`] for a call whose scores a sliding window, the softcap or
-    /// ALiBi change (`cut`): the shipped tensor-core forward keeps those in twin kernels
-    /// (`_cut`), which every other kernel has no need of.
-    pub fn kernel_name_cut(&self, d: usize, with_mods: bool, cut: bool) -> String {
-        let name = self.kernel_name(d, with_mods);
-        if cut && self.track == TcForward && self.ships() { format!("{name}_cut") } else { name }
-    }
-
     pub fn kernel_name(&self, d: usize, with_mods: bool) -> String {
         let mods = if with_mods && self.has_mods_kernel() { "_mods" } else { "" };
         match self.track {
