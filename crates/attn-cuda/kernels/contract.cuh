@@ -1,7 +1,7 @@
 // The contract every stage keeps, in CUDA: the dropout hash and the score modifiers (softcap,
-// bias, ALiBi, boolean mask, causal masking and the sliding window, bottom-right aligned). Bit for bit what attn-core computes on the
-// CPU (crates/attn-core/src/dropout.rs and problem.rs), so GPU and CPU drop the same weights
-// and hide the same keys. Prepended by NVRTC to every stage's kernels.
+// bias, ALiBi, boolean mask, causal masking and the sliding window, bottom-right aligned).
+// Bit for bit what attn-core computes on the CPU (crates/attn-core/src/dropout.rs and
+// problem.rs), so GPU and CPU drop the same weights and hide the same keys. Prepended by NVRTC to every stage's kernels.
 
 typedef unsigned int u32;
 typedef unsigned long long u64;
@@ -99,11 +99,16 @@ __device__ __forceinline__ int query_end(const ScoreMods& m, int j) {
 // ANCHOR_END: key_range
 
 // ANCHOR: softcap
-// Logit soft-capping, c * tanh(s / c), with tanh(y) = 1 - 2 / (e^(2y) + 1): the hardware exp
-// and reciprocal, exact at both saturations (e^(2y) = inf gives 1, 0 gives -1), within about
-// 1e-7 of tanh in between — a few instructions where tanhf costs tens.
+// tanh(y) = 1 - 2 / (e^(2y) + 1): the hardware exp and reciprocal, exact at both saturations
+// (e^(2y) = inf gives 1, 0 gives -1), within about 1e-7 of tanh in between — a few
+// instructions where tanhf costs tens.
+__device__ __forceinline__ float tanh_exp(float y) {
+    return 1.0f - __fdividef(2.0f, __expf(2.0f * y) + 1.0f);
+}
+
+// Logit soft-capping, c * tanh(s / c).
 __device__ __forceinline__ float softcap_score(const ScoreMods& m, float s) {
-    return m.softcap * (1.0f - __fdividef(2.0f, __expf(2.0f * s * m.inv_softcap) + 1.0f));
+    return m.softcap * tanh_exp(s * m.inv_softcap);
 }
 
 // tanh for the 16-bit kernels: one special-function instruction (tanh.approx.f32, sm_75 on),
@@ -116,7 +121,7 @@ __device__ __forceinline__ float tanh_approx(float y) {
     asm("tanh.approx.f32 %0, %1;" : "=f"(t) : "f"(y));
     return t;
 #else
-    return 1.0f - __fdividef(2.0f, __expf(2.0f * y) + 1.0f);
+    return tanh_exp(y);
 #endif
 }
 // ANCHOR_END: softcap
