@@ -156,6 +156,15 @@ pub struct CaseData {
 }
 
 impl CaseData {
+    /// Q, K, V and dO as an element type holds them (`round`: f32 → that type → f32), for
+    /// the 16-bit stages; the identity leaves them as they are.
+    pub fn rounded(mut self, round: fn(f32) -> f32) -> Self {
+        for a in [&mut self.q, &mut self.k, &mut self.v, &mut self.d_out] {
+            a.mapv_inplace(round);
+        }
+        self
+    }
+
     pub fn inputs(&self) -> Inputs<'_> {
         let mut inputs = Inputs::new(self.q.view(), self.k.view(), self.v.view());
         if let Some(m) = &self.mask2 {
@@ -519,10 +528,7 @@ pub mod fused {
                 bias: BiasKind::PerKey,
                 ..Case::new(Shape::new(2, 4, 70, d).with_n_k(90).with_kv_heads(2), i as u64)
             };
-            let mut data = case.build();
-            for a in [&mut data.q, &mut data.k, &mut data.v, &mut data.d_out] {
-                a.mapv_inplace(round);
-            }
+            let data = case.build().rounded(round);
             let check = check_against_reference(stage, &data, true).unwrap();
             check.assert_within(tol.0, tol.1, &format!("{} head_dim {d}", stage.name()));
         }
@@ -590,10 +596,7 @@ pub mod score_mods {
     ) {
         for &d in head_dims {
             for case in cases(d) {
-                let mut data = case.build();
-                for a in [&mut data.q, &mut data.k, &mut data.v, &mut data.d_out] {
-                    a.mapv_inplace(round);
-                }
+                let data = case.build().rounded(round);
                 let backward = softcap_backward || case.softcap.is_none();
                 let check = check_against_reference(stage, &data, backward)
                     .unwrap_or_else(|e| panic!("{} {case:?}: {e}", stage.name()));

@@ -565,10 +565,7 @@ fn tensor_core_stage_matches_the_reference_on_rounded_inputs() {
     for (stage, round) in stages {
         assert_eq!((stage.name(), stage.device()), ("flash2", attn_core::Device::Cuda));
         for case in tc_cases(64).into_iter().chain(tc_cases(128)) {
-            let mut data = case.build();
-            for a in [&mut data.q, &mut data.k, &mut data.v, &mut data.d_out] {
-                a.mapv_inplace(round);
-            }
+            let data = case.build().rounded(round);
             let check = check_against_reference(stage, &data, true).unwrap();
             check.assert_within(HALF_FORWARD, HALF_BACKWARD, &format!("{case:?}"));
         }
