@@ -207,22 +207,13 @@ __device__ __forceinline__ void tc_softmax_step(const FlashArgs& a, const ScoreM
                 s[nb][e] *= scale2;
                 mx[e / 2] = fmaxf(mx[e / 2], s[nb][e]);
             }
-    } else if (!MODS && !CUT) {  // only the causal diagonal or the keys' end cut
-        const int lim[2] = {key_end(mods, rows[0]), key_end(mods, rows[1])};
-#pragma unroll
-        for (int nb = 0; nb < KB / 8; nb++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int j = j0 + 8 * nb + 2 * t + (e & 1);
-                s[nb][e] = j < lim[e / 2] ? s[nb][e] * scale2 : NEG_INF;
-                mx[e / 2] = fmaxf(mx[e / 2], s[nb][e]);
-            }
     } else if (!MODS) {  // no mask, bias or ALiBi: the key range cuts, and the softcap
-        const int lo[2] = {key_start(mods, rows[0]), key_start(mods, rows[1])};
+        // (CUT = false: only the causal diagonal and the keys' end, one comparison)
+        const int lo[2] = {CUT ? key_start(mods, rows[0]) : 0, CUT ? key_start(mods, rows[1]) : 0};
         const int lim[2] = {key_end(mods, rows[0]), key_end(mods, rows[1])};
         // the softcap c tanh(scale s / c), in base 2: (c log2 e) tanh((scale / c) s); f32-exact
         // in the f32 kernel (DROP), one instruction in the 16-bit ones (tanh_approx)
-        const bool cap = mods.softcap > 0.0f;
+        const bool cap = CUT && mods.softcap > 0.0f;
         const float cap2 = mods.softcap * LOG2E, inner = a.scale * mods.inv_softcap;
 #pragma unroll
         for (int nb = 0; nb < KB / 8; nb++)
@@ -232,7 +223,7 @@ __device__ __forceinline__ void tc_softmax_step(const FlashArgs& a, const ScoreM
                 const float x = !cap ? s[nb][e] * scale2
                                 : DROP ? softcap_score(mods, s[nb][e] * a.scale) * LOG2E
                                        : cap2 * tanh_approx(inner * s[nb][e]);
-                s[nb][e] = j < lim[e / 2] && j >= lo[e / 2] ? x : NEG_INF;
+                s[nb][e] = j < lim[e / 2] && (!CUT || j >= lo[e / 2]) ? x : NEG_INF;
                 mx[e / 2] = fmaxf(mx[e / 2], s[nb][e]);
             }
     } else {
