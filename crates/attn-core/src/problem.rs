@@ -455,11 +455,6 @@ impl Head<'_> {
     }
     // ANCHOR_END: modify_scores
 
-    /// Whether this head has a softcap (its backward needs [`Head::softcap_grad`]).
-    pub fn has_softcap(&self) -> bool {
-        self.softcap.is_some()
-    }
-
     // ANCHOR: softcap_grad
     /// The softcap's chain rule on a tile of score gradients: d(c·tanh(s/c))/ds = 1 − tanh²(s/c),
     /// with `tanh` as [`Head::modify_scores`] kept it. Without a softcap, nothing.

@@ -155,16 +155,20 @@ pub fn backward(
 ) -> Result<Grads> {
     let p = Problem::for_backward(inputs, opts, fwd, d_out)?;
     let sh = p.shape;
-    p.check_workspace(NAME, "matrices P and dP", backward_workspace_bytes(&sh), ADVICE)?;
-
     let (g, tasks) = (sh.group(), sh.batch * sh.kv_heads);
+    // with a softcap, each running task also keeps tanh(S / c) of one head
+    let tanh_bytes = p.softcap.map_or(0, |_| {
+        (4 * sh.n_q * sh.n_k * tasks.min(rayon::current_num_threads())) as u64
+    });
+    let needed = backward_workspace_bytes(&sh) + tanh_bytes;
+    p.check_workspace(NAME, "matrices P and dP", needed, ADVICE)?;
+
     let mut probs = Array4::<f32>::zeros((tasks, g, sh.n_q, sh.n_k));
     let mut dprobs = Array4::<f32>::zeros((tasks, g, sh.n_q, sh.n_k));
     let mut dq = Array4::<f32>::zeros((tasks, g, sh.n_q, sh.head_dim));
     let mut dk = Array3::<f32>::zeros((tasks, sh.n_k, sh.head_dim));
     let mut dv = Array3::<f32>::zeros((tasks, sh.n_k, sh.head_dim));
     let dbias = BiasGrad::new(&p, NAME, (sh.n_q, sh.n_k))?;
-    let tanh_dims = if p.softcap.is_some() { (sh.n_q, sh.n_k) } else { (0, 0) };
 
     // One task per (batch, key/value head): it owns dK_j, dV_j and the dQ of its query heads.
     Zip::indexed(probs.outer_iter_mut())
@@ -174,7 +178,8 @@ pub fn backward(
         .and(dv.outer_iter_mut())
         .par_for_each(|task, mut probs, mut dprobs, mut dq, mut dk, mut dv| {
             let b = task / sh.kv_heads;
-            let mut tanh = ndarray::Array2::<f32>::zeros(tanh_dims);
+            // tanh(S / c), for the softcap's derivative
+            let mut tanh = p.softcap.map(|_| ndarray::Array2::<f32>::zeros((sh.n_q, sh.n_k)));
             for gi in 0..g {
                 let h = task % sh.kv_heads * g + gi;
                 let head = p.head(b, h);
@@ -186,12 +191,7 @@ pub fn backward(
                 );
                 // P = exp(S − lse), S with its modifiers as in the forward; removed positions 0
                 general_mat_mul(p.scale, &head.q, &head.k.t(), 0.0, &mut pm);
-                head.modify_scores(
-                    0,
-                    0,
-                    pm.view_mut(),
-                    head.has_softcap().then(|| tanh.view_mut()),
-                );
+                head.modify_scores(0, 0, pm.view_mut(), tanh.as_mut().map(|t| t.view_mut()));
                 probs_from_lse(pm.view_mut(), fwd.lse.slice(ndarray::s![b, h, ..]));
                 // dP = (dO Vᵀ) ∘ Z
                 general_mat_mul(1.0, &d_o, &head.v.t(), 0.0, &mut dpm);
@@ -202,7 +202,9 @@ pub fn backward(
                 if let Some(db) = &dbias {
                     db.add(b, h, 0, 0, dpm.view());
                 }
-                head.softcap_grad(dpm.view_mut(), tanh.view());
+                if let Some(t) = &tanh {
+                    head.softcap_grad(dpm.view_mut(), t.view());
+                }
                 // dQ = scale · dS K;  dK += scale · dSᵀ Q;  dV += (P∘Z)ᵀ dO
                 general_mat_mul(p.scale, &dpm, &head.k, 0.0, &mut dq.index_axis_mut(Axis(0), gi));
                 general_mat_mul(p.scale, &dpm.t(), &head.q, 1.0, &mut dk);
