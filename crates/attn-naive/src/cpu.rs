@@ -157,9 +157,9 @@ pub fn backward(
     let sh = p.shape;
     let (g, tasks) = (sh.group(), sh.batch * sh.kv_heads);
     // with a softcap, each running task also keeps tanh(S / c) of one head
-    let tanh_bytes = p.softcap.map_or(0, |_| {
-        (4 * sh.n_q * sh.n_k * tasks.min(rayon::current_num_threads())) as u64
-    });
+    let tanh_bytes = p
+        .softcap
+        .map_or(0, |_| (4 * sh.n_q * sh.n_k * tasks.min(rayon::current_num_threads())) as u64);
     let needed = backward_workspace_bytes(&sh) + tanh_bytes;
     p.check_workspace(NAME, "matrices P and dP", needed, ADVICE)?;
 
