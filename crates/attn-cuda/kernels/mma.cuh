@@ -47,6 +47,19 @@ __device__ __forceinline__ void add_dq_rows(float* dq, const float (*dqa)[4], in
     }
 }
 
+// A backward's score of query i and key j in base 2 (times log2 e), from its accumulator
+// `acc` = q_i . k_j: plain on a plain tile; in the kernels without mask, bias or ALiBi
+// (MODS = false) cut to the row's key range (causal masking, the window); else with every
+// modifier (modify_score).
+template <bool MODS>
+__device__ __forceinline__ float backward_score2(const ScoreMods& mods, bool plain, float scale,
+                                                 int b, int h, int i, int j, float acc) {
+    constexpr float LOG2E = 1.4426950408889634f;
+    if (plain) return acc * (scale * LOG2E);
+    if (!MODS) return j < key_end(mods, i) && j >= key_start(mods, i) ? acc * (scale * LOG2E) : NEG_INF;
+    return score(mods, false, scale, b, h, i, j, acc) * LOG2E;
+}
+
 // ANCHOR: load_rows_at
 // Rows row0 .. row0 + ROWS - 1 of a [n][D] tensor of T (16- or 32-bit) into shared memory at
 // dst, rows padded by 16 bytes (D + 8 16-bit values, D + 4 floats: the 8 rows an ldmatrix

@@ -23,7 +23,6 @@ __device__ void tc_backward_v7(const FlashArgs& a, const ScoreMods& mods) {
     constexpr int S = D + 8, SP = TC_BR + 8;          // row strides: d-rows, dS^T rows
     constexpr unsigned QTB = TC_BR * S * 2;           // bytes of one Q or dO buffer
     constexpr int DC = D * 4 / KW;                    // dQ columns a warp
-    constexpr float LOG2E = 1.4426950408889634f;
     extern __shared__ uint4 smem_tc[];
     u16* const base = reinterpret_cast<u16*>(smem_tc);
     const unsigned Ka = (unsigned)__cvta_generic_to_shared(base);  // [BK][S]
@@ -92,7 +91,6 @@ __device__ void tc_backward_v7(const FlashArgs& a, const ScoreMods& mods) {
         // P^T = 2^(S^T scale log2 e - lse) and dS^T = P^T o (dP^T - D) on the accumulators:
         // the lane's elements are keys keys[e / 2], queries i0 + 8nb + 2t + (e & 1).
         const bool plain = tile_plain(mods, i0, j0, BK);
-        const float scale2 = a.scale * LOG2E;
 #pragma unroll
         for (int nb = 0; nb < TC_BR / 8; nb++) {
             const float2 L = *reinterpret_cast<const float2*>(Ls + 8 * nb + 2 * t);
@@ -100,15 +98,8 @@ __device__ void tc_backward_v7(const FlashArgs& a, const ScoreMods& mods) {
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int i = i0 + 8 * nb + 2 * t + (e & 1);
-                float x;
-                if (plain)
-                    x = st[nb][e] * scale2;
-                else if (!MODS)  // the row's key range (causal masking, the window)
-                    x = keys[e / 2] < key_end(mods, i) && keys[e / 2] >= key_start(mods, i)
-                            ? st[nb][e] * scale2
-                            : NEG_INF;
-                else
-                    x = score(mods, false, a.scale, hd.b, hd.h, i, keys[e / 2], st[nb][e]) * LOG2E;
+                const float x =
+                    backward_score2<MODS>(mods, plain, a.scale, hd.b, hd.h, i, keys[e / 2], st[nb][e]);
                 const float p = ex2_ftz(x - ((e & 1) ? L.y : L.x));
                 st[nb][e] = p;
                 dpt[nb][e] = p * (dpt[nb][e] - ((e & 1) ? Dr.y : Dr.x));

@@ -65,7 +65,6 @@ __device__ void tf32_backward(const FlashArgs& a, const ScoreMods& mods, const D
     constexpr unsigned QTB = QR * S * 4;             // bytes of one Q or dO buffer
     constexpr int RG = QR / 16, DC = D * RG / KW;    // dQ: row groups, columns a warp
     static_assert(KW % RG == 0 && DC % 8 == 0, "dQ's 16-row x DC-column blocks cover the tile");
-    constexpr float LOG2E = 1.4426950408889634f;
     extern __shared__ float4 smem_tb[];
     float* const base = reinterpret_cast<float*>(smem_tb);
     const unsigned Ka = (unsigned)__cvta_generic_to_shared(base);  // [BK][S]
@@ -122,7 +121,6 @@ __device__ void tf32_backward(const FlashArgs& a, const ScoreMods& mods, const D
         // accumulators, st becoming (P o Z)^T: the lane's elements are keys keys[e / 2],
         // queries i0 + 8nb + 2t + (e & 1).
         const bool plain = tile_plain(mods, i0, j0, BK);
-        const float scale2 = a.scale * LOG2E;
 #pragma unroll
         for (int nb = 0; nb < QR / 8; nb++) {
             const float2 L = *reinterpret_cast<const float2*>(Ls + 8 * nb + 2 * t);
@@ -130,15 +128,8 @@ __device__ void tf32_backward(const FlashArgs& a, const ScoreMods& mods, const D
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int q = 8 * nb + 2 * t + (e & 1), i = i0 + q;
-                float x;
-                if (plain)
-                    x = st[nb][e] * scale2;
-                else if (!MODS)  // the row's key range (causal masking, the window)
-                    x = keys[e / 2] < key_end(mods, i) && keys[e / 2] >= key_start(mods, i)
-                            ? st[nb][e] * scale2
-                            : NEG_INF;
-                else
-                    x = score(mods, false, a.scale, hd.b, hd.h, i, keys[e / 2], st[nb][e]) * LOG2E;
+                const float x =
+                    backward_score2<MODS>(mods, plain, a.scale, hd.b, hd.h, i, keys[e / 2], st[nb][e]);
                 const float p = ex2_ftz(x - ((e & 1) ? L.y : L.x));
                 const float z = drop.enabled ? dropout_factor(drop, Rk[q], keys[e / 2]) : 1.0f;
                 st[nb][e] = p * z;
