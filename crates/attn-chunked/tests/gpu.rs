@@ -76,11 +76,11 @@ fn kernels_compile_with_nvrtc_for_the_h100() {
 
 #[test]
 fn chunkedcuda_takes_the_score_modifiers() {
-    // the window, softcap (forward: its derivative is not in the GPU backward yet), ALiBi
+    // the window, softcap, ALiBi, dBias, forward and backward
     if skip_without_device() {
         return;
     }
     use attn_core::tolerance::{F32_BACKWARD, F32_FORWARD};
     let tol = (F32_FORWARD, F32_BACKWARD);
-    attn_core::testing::score_mods::check(&ChunkedCuda, &[24, 64, 128], tol, |x| x, false);
+    attn_core::testing::score_mods::check(&ChunkedCuda, &[24, 64, 128], tol, |x| x);
 }

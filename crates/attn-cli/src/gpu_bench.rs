@@ -59,7 +59,7 @@ pub struct GpuBenchArgs {
     /// pairs.
     #[arg(long, allow_hyphen_values = true)]
     pub window: Option<String>,
-    /// Time with logit soft-capping C (forward only: the GPU backward has no softcap yet).
+    /// Time with logit soft-capping C.
     #[arg(long)]
     pub softcap: Option<f32>,
 }
@@ -329,10 +329,8 @@ pub fn measure(args: &GpuBenchArgs) -> Result<String, CliError> {
             }
             let opts =
                 Options { window, softcap: args.softcap, ..Options::default().causal(causal) };
-            // the GPU backward has no softcap yet: the forward alone
-            let with_backward = args.softcap.is_none();
             for GpuStage { name, fwd: fwd_fn, bwd: bwd_fn, .. } in &stages {
-                let bwd_fn = bwd_fn.as_ref().filter(|_| with_backward);
+                let bwd_fn = bwd_fn.as_ref();
                 if !checked.contains(&(name.clone(), shape.head_dim)) {
                     continue;
                 }

@@ -180,8 +180,6 @@ fn flag_of(e: &AttnError) -> &'static str {
         AttnError::WorkspaceTooLarge { .. } => "--algo",
         AttnError::Unsupported { what, .. } => match *what {
             "dropout" => "--dropout",
-            "softcap in the backward" => "--softcap",
-            "the bias gradient" => "--dbias",
             _ => "--dtype",
         },
     }

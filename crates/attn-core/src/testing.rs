@@ -558,6 +558,7 @@ pub mod score_mods {
                 window: Some((-1, 30)),
                 alibi: AlibiKind::PerBatchHead,
                 bias: BiasKind::PerKey,
+                bias_grad: true,
                 ..Case::new(shape(2, 2, 1, 150, 150), 33)
             },
             Case {
@@ -575,7 +576,15 @@ pub mod score_mods {
             Case {
                 softcap: Some(0.5),
                 bias: BiasKind::Full,
+                bias_grad: true,
                 ..Case::new(shape(1, 2, 2, 130, 130), 36)
+            },
+            // dBias of a bias shared by the batch, its −∞ entries removing keys
+            Case {
+                bias: BiasKind::NegInf,
+                bias_grad: true,
+                causal: true,
+                ..Case::new(shape(2, 2, 2, 70, 140), 39)
             },
             Case { window: Some((0, 0)), ..Case::new(shape(1, 2, 1, 96, 96), 37) },
             // the first 150 rows see no key: zeros and lse −∞
@@ -583,22 +592,20 @@ pub mod score_mods {
         ]
     }
 
-    /// Asserts that `stage` matches the float64 reference on every case at every head
-    /// dimension of `head_dims` within `(forward, backward)` tolerances, on inputs rounded by
-    /// `round` (the identity for f32 stages); the backward of softcap cases only when
-    /// `softcap_backward`.
+    /// Asserts that `stage` matches the float64 reference, forward and backward (dBias
+    /// included where a case asks for it), on every case at every head dimension of
+    /// `head_dims` within `(forward, backward)` tolerances, on inputs rounded by `round` (the
+    /// identity for f32 stages).
     pub fn check(
         stage: &dyn Stage,
         head_dims: &[usize],
         (forward_tol, backward_tol): (f64, f64),
         round: fn(f32) -> f32,
-        softcap_backward: bool,
     ) {
         for &d in head_dims {
             for case in cases(d) {
                 let data = case.build().rounded(round);
-                let backward = softcap_backward || case.softcap.is_none();
-                let check = check_against_reference(stage, &data, backward)
+                let check = check_against_reference(stage, &data, true)
                     .unwrap_or_else(|e| panic!("{} {case:?}: {e}", stage.name()));
                 check.assert_within(
                     forward_tol,

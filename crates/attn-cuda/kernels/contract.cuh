@@ -148,6 +148,27 @@ __device__ __forceinline__ float modify_score(const ScoreMods& m, int b, int h, 
     return s;
 }
 
+// ANCHOR: score_grad
+// The backward's side of modify_score, for ds, the gradient of a modified score: added into
+// dBias (the bias's shape and strides, zeroed; null when not asked for) at the bias's
+// position, every broadcast axis summed by the atomics (a removed score's ds is 0 and adds
+// nothing); then carried back through the softcap, times its slope 1 - tanh^2(s / c), s =
+// scale * q_i . k_j the raw score. A pass that recomputes dS a second time (a separate dQ
+// pass) gets dbias = null.
+__device__ __forceinline__ float score_grad(const ScoreMods& m, float* dbias, int b, int h,
+                                            int i, int j, float s, float ds) {
+    if (dbias && ds != 0.0f)
+        atomicAdd(dbias + b * m.bias_stride[0] + h * m.bias_stride[1] + i * m.bias_stride[2] +
+                      j * m.bias_stride[3],
+                  ds);
+    if (m.softcap > 0.0f) {
+        const float t = tanh_exp(s * m.inv_softcap);
+        ds *= 1.0f - t * t;
+    }
+    return ds;
+}
+// ANCHOR_END: score_grad
+
 // ---------------------------------------------------------------------------------------
 // Two small steps of every backward, for any element type.
 

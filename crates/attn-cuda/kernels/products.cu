@@ -163,6 +163,21 @@ extern "C" __global__ void ds_from_dp(const float* p, float* dp, const float* D,
     }
 }
 
+// The raw scores' gradient on a window of dS, in place (score_grad: added into dbias unless
+// null, the softcap's slope applied); s: the window's raw scores scale * Q K^T, null without
+// softcap.
+extern "C" __global__ void score_grads(float* ds, const float* s, float* dbias, ScoreMods mods,
+                                       int i0, int j0, int rows, int cols) {
+    const int z = blockIdx.z;
+    const int b = z / mods.heads, h = z % mods.heads;
+    for (int r = blockIdx.y; r < rows; r += gridDim.y) {
+        const i64 off = ((i64)z * rows + r) * cols;
+        for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += gridDim.x * blockDim.x)
+            ds[off + c] =
+                score_grad(mods, dbias, b, h, i0 + r, j0 + c, s ? s[off + c] : 0.0f, ds[off + c]);
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Sums the per-query-head dK or dV [b, h, n_k, D] of each GQA group into [b, kv_heads, n_k, D].
 extern "C" __global__ void group_sum(const float* per_head, float* out, int heads, int kv_heads,

@@ -12,7 +12,14 @@ struct FlashArgs {
     int n_q, n_k, heads, kv_heads;
     float scale;
     int pad_;
+    u64 dbias;  // float*: the backward adds dS into it when dBias is asked for (score_grad)
 };
+
+// The same arguments without dBias, for a pass that must not add it a second time.
+__device__ __forceinline__ FlashArgs without_dbias(FlashArgs a) {
+    a.dbias = 0;
+    return a;
+}
 
 // The (batch, head) a block works on — z = b * heads + h, from the grid — and where the
 // rows of its head start: Q and dO per query head, K and V per key/value head (with
@@ -186,7 +193,8 @@ __device__ __forceinline__ void tile_scores(const float* Qs, const float* Ks, fl
 
 // Recomputes, for the tile (rows i0.., keys j0..) held in shared memory, P (undropped) and
 // dS = P * (Z * dP - D) into the thread's registers (rows ty + 16r, keys tx + 16c);
-// dP = dO V^T.
+// dP = dO V^T. dS is the raw scores' gradient (score_grad: through the softcap, and added
+// into dBias when mods asks for it).
 template <int D>
 __device__ __forceinline__ void tile_p_ds(const FlashArgs& a, const ScoreMods& mods,
                                           const Dropout& drop, int b, int h, int z, int i0,
@@ -215,6 +223,8 @@ __device__ __forceinline__ void tile_p_ds(const FlashArgs& a, const ScoreMods& m
             if (drop.enabled) g *= dropout_factor(drop, key, j);
             p[r][c] = pr;
             ds[r][c] = pr * (g - Di);
+            if (!plain)
+                ds[r][c] = score_grad(mods, (float*)a.dbias, b, h, i, j, a.scale * s[r][c], ds[r][c]);
         }
     }
 }

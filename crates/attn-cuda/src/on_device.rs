@@ -51,7 +51,8 @@ pub fn forward_on_device(
 }
 
 /// What every GPU stage's backward does around its kernels (see [`forward_on_device`]);
-/// `kernels` returns dQ, dK, dV.
+/// `kernels` returns dQ, dK, dV, and dBias comes from the buffer they added into
+/// ([`DeviceProblem::upload_for_backward`]).
 pub fn backward_on_device(
     inputs: &Inputs<'_>,
     opts: &Options,
@@ -60,10 +61,9 @@ pub fn backward_on_device(
     kernels: impl FnOnce(&'static Gpu, &DeviceProblem, &DeviceSaved) -> Result<[DeviceBuffer<f32>; 3]>,
 ) -> Result<(Grads, DeviceStats)> {
     let p = Problem::for_backward(inputs, opts, fwd, d_out)?;
-    crate::problem::require_gpu_backward_modifiers(&p)?;
     let gpu = gpu()?;
     let sh = p.shape;
-    let dev = DeviceProblem::upload(gpu, &p)?;
+    let dev = DeviceProblem::upload_for_backward(gpu, &p)?;
     let saved = DeviceSaved {
         out: gpu.upload_array(fwd.out.view())?,
         lse: gpu.upload_array(fwd.lse.view())?,
@@ -75,7 +75,7 @@ pub fn backward_on_device(
             dq: gpu.download_array(&dq, sh.q_dims())?,
             dk: gpu.download_array(&dk, sh.kv_dims())?,
             dv: gpu.download_array(&dv, sh.kv_dims())?,
-            dbias: None,
+            dbias: dev.download_dbias(gpu, &p)?,
             traffic: None,
         },
         stats,
@@ -123,6 +123,7 @@ impl FusedBackward {
             dq: gpu.ptr(&dq),
             dk: gpu.ptr(&dk_h),
             dv: gpu.ptr(&dv_h),
+            dbias: dev.dbias_ptr(gpu),
             ..FlashArgs::of(gpu, dev)
         };
         Ok(Self { args, dq, dk_h, dv_h, dvec, kernels })

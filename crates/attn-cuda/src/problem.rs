@@ -4,6 +4,7 @@
 
 use attn_core::problem::Problem;
 use attn_core::{AttnError, Result, Shape};
+use ndarray::Array4;
 
 use crate::{DeviceBuffer, DeviceRepr, Gpu};
 
@@ -49,23 +50,6 @@ impl DropoutArg {
     }
 }
 
-/// Refuses, before the device is touched, what the GPU backward kernels do not take yet
-/// (the softcap's derivative, the bias gradient), naming the option.
-pub fn require_gpu_backward_modifiers(p: &Problem<'_>) -> Result<()> {
-    let what = if p.softcap.is_some() {
-        "softcap in the backward"
-    } else if p.bias_grad {
-        "the bias gradient"
-    } else {
-        return Ok(());
-    };
-    Err(AttnError::Unsupported {
-        stage: "the GPU variant",
-        what,
-        advice: "run the backward on the CPU (--device cpu), where every stage takes every score modifier",
-    })
-}
-
 /// Whether a sliding window, the softcap or ALiBi changes `p`'s scores (the shipped
 /// tensor-core forward keeps those in kernels of their own).
 pub fn needs_cut_kernel(p: &Problem<'_>) -> bool {
@@ -80,6 +64,12 @@ pub fn needs_mods_kernel(p: &Problem<'_>) -> bool {
     p.bias.is_some() || p.mask.is_some() || p.alibi.is_some()
 }
 
+/// Whether `p`'s backward needs the fused kernels' `_mods` variants: [`needs_mods_kernel`],
+/// or a softcap, whose slope only the `_mods` backwards apply (`score_grad` in contract.cuh).
+pub fn needs_backward_mods_kernel(p: &Problem<'_>) -> bool {
+    needs_mods_kernel(p) || p.softcap.is_some()
+}
+
 /// A validated problem with its tensors in device memory.
 #[derive(Debug)]
 pub struct DeviceProblem {
@@ -87,14 +77,15 @@ pub struct DeviceProblem {
     pub scale: f32,
     /// The keys each query sees (causal masking and the window).
     pub keys: attn_core::KeyRange,
-    /// A bias, mask or ALiBi ([`needs_mods_kernel`]).
+    /// The `_mods` kernels are needed: [`needs_mods_kernel`] in a forward,
+    /// [`needs_backward_mods_kernel`] in a backward.
     has_mods: bool,
     has_softcap: bool,
     pub q: DeviceBuffer<f32>,
     pub k: DeviceBuffer<f32>,
     pub v: DeviceBuffer<f32>,
-    /// The device buffers `mods` points at.
-    _score_inputs: ScoreInputs,
+    /// The device buffers `mods` points at (dBias among them).
+    score: ScoreInputs,
     pub mods: ScoreMods,
     pub dropout: DropoutArg,
 }
@@ -119,6 +110,9 @@ pub struct ScoreInputs {
     pub bias: Option<DeviceBuffer<f32>>,
     pub mask: Option<DeviceBuffer<u8>>,
     pub alibi: Option<DeviceBuffer<f32>>,
+    /// dBias in the bias's shape (the bias's strides in `mods`), zeroed, when a backward asks
+    /// for it: the kernels add into it ([`ScoreInputs::dbias_ptr`]).
+    pub dbias: Option<DeviceBuffer<f32>>,
 }
 
 impl ScoreInputs {
@@ -151,13 +145,48 @@ impl ScoreInputs {
             enabled: 1,
             pad_: 0,
         });
-        Ok(Self { mods, dropout, bias, mask, alibi })
+        Ok(Self { mods, dropout, bias, mask, alibi, dbias: None })
+    }
+
+    /// [`ScoreInputs::upload`] for a backward: with the zeroed dBias buffer the kernels add
+    /// into when `p` asks for the bias gradient.
+    pub fn upload_for_backward(gpu: &Gpu, p: &Problem<'_>) -> Result<Self> {
+        let mut s = Self::upload(gpu, p)?;
+        if let Some(bias) = p.bias.filter(|_| p.bias_grad) {
+            s.dbias = Some(gpu.zeros::<f32>(bias.len())?);
+        }
+        Ok(s)
+    }
+
+    /// The device address of dBias for the kernels' arguments (`FlashArgs::dbias`, the
+    /// window kernels' `dbias`): 0 when it was not asked for.
+    pub fn dbias_ptr(&self, gpu: &Gpu) -> u64 {
+        self.dbias.as_ref().map_or(0, |b| gpu.ptr(b))
+    }
+
+    /// dBias in the bias's shape, when it was asked for.
+    pub fn download_dbias(&self, gpu: &Gpu, p: &Problem<'_>) -> Result<Option<Array4<f32>>> {
+        match (&self.dbias, p.bias) {
+            (Some(buf), Some(bias)) => Ok(Some(gpu.download_array(buf, bias.dim())?)),
+            _ => Ok(None),
+        }
     }
 }
 
 impl DeviceProblem {
-    /// Uploads Q, K, V, the mask (as bytes) and the bias of a validated problem.
+    /// Uploads Q, K, V, the mask (as bytes) and the bias of a validated problem, for a
+    /// forward.
     pub fn upload(gpu: &Gpu, p: &Problem<'_>) -> Result<Self> {
+        Self::upload_as(gpu, p, false)
+    }
+
+    /// [`DeviceProblem::upload`] for a backward: the `_mods` kernels chosen by
+    /// [`needs_backward_mods_kernel`], and the zeroed dBias buffer when `p` asks for it.
+    pub fn upload_for_backward(gpu: &Gpu, p: &Problem<'_>) -> Result<Self> {
+        Self::upload_as(gpu, p, true)
+    }
+
+    fn upload_as(gpu: &Gpu, p: &Problem<'_>, backward: bool) -> Result<Self> {
         let sh = p.shape;
         if sh.batch * sh.heads > 65_535 {
             return Err(AttnError::Cuda {
@@ -168,18 +197,22 @@ impl DeviceProblem {
                 ),
             });
         }
-        let score = ScoreInputs::upload(gpu, p)?;
+        let score = if backward {
+            ScoreInputs::upload_for_backward(gpu, p)?
+        } else {
+            ScoreInputs::upload(gpu, p)?
+        };
         let (mods, dropout) = (score.mods, score.dropout);
         Ok(Self {
             shape: sh,
             scale: p.scale,
             keys: p.keys,
-            has_mods: needs_mods_kernel(p),
+            has_mods: if backward { needs_backward_mods_kernel(p) } else { needs_mods_kernel(p) },
             has_softcap: p.softcap.is_some(),
             q: gpu.upload_array(p.q)?,
             k: gpu.upload_array(p.k)?,
             v: gpu.upload_array(p.v)?,
-            _score_inputs: score,
+            score,
             mods,
             dropout,
         })
@@ -191,9 +224,31 @@ impl DeviceProblem {
         self.keys.tile_hidden((i0, i0 + rows), (j0, cols))
     }
 
-    /// Whether the fused kernels' `_mods` variants are needed ([`needs_mods_kernel`]).
+    /// Whether the fused kernels' `_mods` variants are needed ([`needs_mods_kernel`], in a
+    /// backward [`needs_backward_mods_kernel`]).
     pub fn has_score_mods(&self) -> bool {
         self.has_mods
+    }
+
+    /// Whether the scores are softcapped.
+    pub fn has_softcap(&self) -> bool {
+        self.has_softcap
+    }
+
+    /// Whether a backward's dS needs `score_grad` (contract.cuh): the softcap's slope, or
+    /// the bias gradient.
+    pub fn has_score_grads(&self) -> bool {
+        self.has_softcap || self.score.dbias.is_some()
+    }
+
+    /// The device address of dBias, 0 when it was not asked for ([`ScoreInputs::dbias_ptr`]).
+    pub fn dbias_ptr(&self, gpu: &Gpu) -> u64 {
+        self.score.dbias_ptr(gpu)
+    }
+
+    /// dBias in the bias's shape, when the backward was asked for it.
+    pub fn download_dbias(&self, gpu: &Gpu, p: &Problem<'_>) -> Result<Option<Array4<f32>>> {
+        self.score.download_dbias(gpu, p)
     }
 
     /// Whether a window's scores need `modify_scores`: a modifier (softcap, bias, ALiBi,
@@ -228,6 +283,8 @@ pub struct FlashArgs {
     pub kv_heads: i32,
     pub scale: f32,
     pub pad_: i32,
+    /// dBias, which the backward adds into when it is asked for (0: not asked for).
+    pub dbias: u64,
 }
 // SAFETY: plain old data, laid out as `struct FlashArgs` in tiles.cuh.
 unsafe impl DeviceRepr for FlashArgs {}

@@ -83,6 +83,7 @@ pub struct Kernels {
     row_dot: CudaFunction,
     probs: CudaFunction,
     ds: CudaFunction,
+    score_grads: CudaFunction,
     group_sum: CudaFunction,
 }
 
@@ -133,6 +134,7 @@ impl Kernels {
             row_dot: f("row_dot")?,
             probs: f("probs_from_lse")?,
             ds: f("ds_from_dp")?,
+            score_grads: f("score_grads")?,
             group_sum: f("group_sum")?,
         })
     }
@@ -248,6 +250,25 @@ impl Kernels {
         launch!(self.gpu, self.ds, window_grid(z, rows, cols), "ds_from_dp";
             &pp, &dpp, &ddp, d, &h, &i0, &j0, &r, &c, &n)
     }
+
+    /// The raw scores' gradient on a `[z, rows, cols]` window of dS, in place: added into
+    /// the dBias at address `dbias` (0: none), then times the softcap's slope at the raw
+    /// scores `raw` (`None` without softcap).
+    #[allow(clippy::too_many_arguments)]
+    pub fn score_grads(
+        &self,
+        ds: &DeviceBuffer<f32>,
+        raw: Option<&DeviceBuffer<f32>>,
+        dbias: u64,
+        mods: &ScoreMods,
+        z: usize,
+        (i0, j0, rows, cols): (usize, usize, usize, usize),
+    ) -> Result<()> {
+        let (dsp, sp) = (self.gpu.ptr(ds), raw.map_or(0, |s| self.gpu.ptr(s)));
+        let (i0, j0, r, c) = (i0 as i32, j0 as i32, rows as i32, cols as i32);
+        launch!(self.gpu, self.score_grads, window_grid(z, rows, cols), "score_grads";
+            &dsp, &sp, &dbias, mods, &i0, &j0, &r, &c)
+    }
 }
 
 impl Kernels {
@@ -345,9 +366,22 @@ impl WindowGrads {
         let dv_c = Operand::rows(ptr(&self.dv), kv_heads, n_k, d, j0);
         let dk_c = Operand::rows(ptr(&self.dk), kv_heads, n_k, d, j0);
         for g in 0..group {
-            let (pt, dst) = (p_w.member(g, group).t(), dp_w.member(g, group).t());
-            let (do_g, q_g) = (do_c.member(g, group), q_c.member(g, group));
+            let (pt, do_g) = (p_w.member(g, group).t(), do_c.member(g, group));
             k.gemm((zk, kv_heads), (cols, d, rows), 1.0, pt, do_g, 1.0, dv_c)?;
+        }
+        // dS of the modified scores into dBias, and back through the softcap to the raw
+        // scores, recomputed into P's window (P is no longer read)
+        if dev.has_score_grads() {
+            let raw = if dev.has_softcap() {
+                k.gemm((z, heads), (rows, cols, d), dev.scale, q_c, kt, 0.0, p_w)?;
+                Some(&self.p)
+            } else {
+                None
+            };
+            k.score_grads(&self.dp, raw, dev.dbias_ptr(gpu), &dev.mods, z, win)?;
+        }
+        for g in 0..group {
+            let (dst, q_g) = (dp_w.member(g, group).t(), q_c.member(g, group));
             k.gemm((zk, kv_heads), (cols, d, rows), dev.scale, dst, q_g, 1.0, dk_c)?;
         }
         // dQ += scale · dS K

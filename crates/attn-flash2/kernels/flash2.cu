@@ -219,7 +219,7 @@ __device__ void flash_forward_v3(const FlashArgs& a, const ScoreMods& mods, cons
     }                                                                                      \
     extern "C" __global__ void __launch_bounds__(NT)                                       \
         flash2_backward_q_d##D(FlashArgs a, ScoreMods m, Dropout dr) {                     \
-        flash_backward_q<D>(a, m, dr);                                                     \
+        flash_backward_q<D>(without_dbias(a), m, dr); /* the key pass adds dBias */        \
     }
 FLASH_KERNELS(32)
 FLASH_KERNELS(64)

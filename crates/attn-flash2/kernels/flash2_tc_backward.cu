@@ -101,8 +101,12 @@ __device__ void tc_backward_v7(const FlashArgs& a, const ScoreMods& mods) {
                 const float x =
                     backward_score2<MODS>(mods, plain, a.scale, hd.b, hd.h, i, keys[e / 2], st[nb][e]);
                 const float p = ex2_ftz(x - ((e & 1) ? L.y : L.x));
+                const float ds = p * (dpt[nb][e] - ((e & 1) ? Dr.y : Dr.x));
+                dpt[nb][e] = MODS && !plain
+                                 ? score_grad(mods, (float*)a.dbias, hd.b, hd.h, i, keys[e / 2],
+                                              a.scale * st[nb][e], ds)
+                                 : ds;
                 st[nb][e] = p;
-                dpt[nb][e] = p * (dpt[nb][e] - ((e & 1) ? Dr.y : Dr.x));
             }
         }
 

@@ -132,8 +132,12 @@ __device__ void tf32_backward(const FlashArgs& a, const ScoreMods& mods, const D
                     backward_score2<MODS>(mods, plain, a.scale, hd.b, hd.h, i, keys[e / 2], st[nb][e]);
                 const float p = ex2_ftz(x - ((e & 1) ? L.y : L.x));
                 const float z = drop.enabled ? dropout_factor(drop, Rk[q], keys[e / 2]) : 1.0f;
+                const float ds = p * (z * dpt[nb][e] - ((e & 1) ? Dr.y : Dr.x));
+                dpt[nb][e] = MODS && !plain
+                                 ? score_grad(mods, (float*)a.dbias, hd.b, hd.h, i, keys[e / 2],
+                                              a.scale * st[nb][e], ds)
+                                 : ds;
                 st[nb][e] = p * z;
-                dpt[nb][e] = p * (z * dpt[nb][e] - ((e & 1) ? Dr.y : Dr.x));
             }
         }
 
@@ -298,7 +302,11 @@ __device__ void tf32_backward_q(const FlashArgs& a, const ScoreMods& mods, const
                     x = score(mods, false, a.scale, hd.b, hd.h, rows[r], j, st[nb][e]) * LOG2E;
                 const float p = ex2_ftz(x - L[r]);
                 const float z = drop.enabled ? dropout_factor(drop, key[r], j) : 1.0f;
-                dp[nb][e] = p * (z * dp[nb][e] - Dr[r]);
+                const float ds = p * (z * dp[nb][e] - Dr[r]);
+                dp[nb][e] = MODS && !plain
+                                ? score_grad(mods, (float*)a.dbias, hd.b, hd.h, rows[r], j,
+                                             a.scale * st[nb][e], ds)
+                                : ds;
             }
         // dQ_i += dS K_j, 8 keys a step (logical key t is key 2t, t + 4 is 2t + 1)
 #pragma unroll
@@ -347,5 +355,5 @@ extern "C" __global__ void __launch_bounds__(128, TF32_D <= 64 ? 2 : 1)
 }
 extern "C" __global__ void __launch_bounds__(128, TF32_D <= 64 ? 2 : 1)
     flash2_backward_v2_q_mods(FlashArgs a, ScoreMods m, Dropout dr) {
-    tf32_backward_q<TF32_D, true>(a, m, dr);
+    tf32_backward_q<TF32_D, true>(without_dbias(a), m, dr);  // the key pass adds dBias
 }

@@ -123,11 +123,11 @@ fn naive_gpu_refuses_what_would_not_fit_before_allocating() {
 
 #[test]
 fn naivecuda_takes_the_score_modifiers() {
-    // the window, softcap (forward: its derivative is not in the GPU backward yet), ALiBi
+    // the window, softcap, ALiBi, dBias, forward and backward
     if skip_without_device() {
         return;
     }
     use attn_core::tolerance::{F32_BACKWARD, F32_FORWARD};
     let tol = (F32_FORWARD, F32_BACKWARD);
-    attn_core::testing::score_mods::check(&NaiveCuda, &[24, 64, 128], tol, |x| x, false);
+    attn_core::testing::score_mods::check(&NaiveCuda, &[24, 64, 128], tol, |x| x);
 }

@@ -125,8 +125,11 @@ __device__ void tc_backward_v1(const FlashArgs& a, const ScoreMods& mods) {
                 const float L = Ls[qi];
                 const float p =
                     (sc == NEG_INF || L == NEG_INF) ? 0.0f : exp2f((sc - L) * LOG2E);
+                const float ds = p * (dpt[nb][e] - Ds[qi]);
+                dpt[nb][e] = plain ? ds
+                                   : score_grad(mods, (float*)a.dbias, hd.b, hd.h, i0 + qi,
+                                                keys[e / 2], a.scale * st[nb][e], ds);
                 st[nb][e] = p;
-                dpt[nb][e] = p * (dpt[nb][e] - Ds[qi]);
             }
 
         // dV_j += P^T dO_i and dK_j += dS^T Q_i: k-steps over 16 queries; B[kq][n] =

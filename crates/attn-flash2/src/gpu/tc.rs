@@ -26,7 +26,7 @@ use attn_core::problem::Problem;
 use attn_core::{AttnError, Element, Inputs, Mask, Options, Result, Shape, Stage};
 use attn_core::{check_d_out, check_saved, check_values};
 use attn_cuda::pad::{backward_padded, forward_padded, padded_head_dim};
-use attn_cuda::problem::{needs_cut_kernel, needs_mods_kernel};
+use attn_cuda::problem::{needs_backward_mods_kernel, needs_cut_kernel, needs_mods_kernel};
 use attn_cuda::{CudaFunction, DeviceBuffer, DeviceRepr, DeviceStats, FlashArgs, Gpu};
 use attn_cuda::{ScoreInputs, blocks_for, gpu, measured, with_shared_bytes};
 use attn_cuda::{launch_fused_with, launch_group_sum, launch_row_dot};
@@ -293,12 +293,14 @@ pub fn forward_rounded<T: TcFloat>(
     })
 }
 
-/// The gradients of a 16-bit call, rounded to `T`: dQ like q, dK and dV like k and v.
+/// The gradients of a 16-bit call, rounded to `T`: dQ like q, dK and dV like k and v; dBias
+/// (f32, like the bias) when [`Options::bias_grad`] asks for it.
 #[derive(Debug)]
 pub struct HalfGrads<T> {
     pub dq: Array4<T>,
     pub dk: Array4<T>,
     pub dv: Array4<T>,
+    pub dbias: Option<Array4<f32>>,
 }
 
 /// The tensor-core backward: dQ, dK, dV from the inputs, the forward's O and lse, and dO.
@@ -321,7 +323,6 @@ pub fn backward_version_with_stats<T: TcFloat>(
     version: u32,
 ) -> Result<(HalfGrads<T>, DeviceStats)> {
     let p = validate(inputs, opts)?;
-    attn_cuda::problem::require_gpu_backward_modifiers(&p)?;
     let sh = p.shape;
     check_saved(&sh, fwd.out.view(), fwd.lse.view())?;
     check_d_out(&sh, d_out)?;
@@ -334,12 +335,12 @@ pub fn backward_version_with_stats<T: TcFloat>(
         (gpu.upload_array(inputs.q)?, gpu.upload_array(inputs.k)?, gpu.upload_array(inputs.v)?);
     let (o, d_o) = (gpu.upload_array(fwd.out.view())?, gpu.upload_array(d_out)?);
     let lse = gpu.upload_array(fwd.lse.view())?;
-    let score = ScoreInputs::upload(gpu, &p)?;
+    let score = ScoreInputs::upload_for_backward(gpu, &p)?;
     // The shipped backward's module holds D = rowsum(dO ∘ O) and the group sums.
     let shipped = versions::default_version(Track::TcBackward);
     let row_dot = tc_function::<T>(gpu, shipped, d, "tc_row_dot")?;
     let group_sum = tc_function::<T>(gpu, shipped, d, "tc_group_sum")?;
-    let f = tc_function::<T>(gpu, v, d, &v.kernel_name(d, needs_mods_kernel(&p)))?;
+    let f = tc_function::<T>(gpu, v, d, &v.kernel_name(d, needs_backward_mods_kernel(&p)))?;
     let f = with_shared_bytes(f, backward_shared_bytes(version, d))?;
     let z = batch * heads;
     let ((dq, dk, dv), stats) = measured(gpu, || {
@@ -371,6 +372,7 @@ pub fn backward_version_with_stats<T: TcFloat>(
             dq: gpu.ptr(&dq_acc),
             dk: dk_ptr,
             dv: dv_ptr,
+            dbias: score.dbias_ptr(gpu),
             ..FlashArgs::new(&sh, p.scale)
         };
         let keys = backward_keys(version, d);
@@ -393,6 +395,7 @@ pub fn backward_version_with_stats<T: TcFloat>(
         dq: gpu.download_array(&dq, sh.q_dims())?,
         dk: gpu.download_array(&dk, sh.kv_dims())?,
         dv: gpu.download_array(&dv, sh.kv_dims())?,
+        dbias: score.download_dbias(gpu, &p)?,
     };
     Ok((grads, stats))
 }
@@ -441,7 +444,7 @@ pub fn backward_rounded<T: TcFloat>(
             dq: widen(g.dq.view()),
             dk: widen(g.dk.view()),
             dv: widen(g.dv.view()),
-            dbias: None,
+            dbias: g.dbias,
             traffic: None,
         };
         Ok((grads, stats))
