@@ -64,12 +64,6 @@ pub fn needs_mods_kernel(p: &Problem<'_>) -> bool {
     p.bias.is_some() || p.mask.is_some() || p.alibi.is_some()
 }
 
-/// Whether `p`'s backward needs the fused kernels' `_mods` variants: [`needs_mods_kernel`],
-/// or a softcap, whose slope only the `_mods` backwards apply (`score_grad` in contract.cuh).
-pub fn needs_backward_mods_kernel(p: &Problem<'_>) -> bool {
-    needs_mods_kernel(p) || p.softcap.is_some()
-}
-
 /// A validated problem with its tensors in device memory.
 #[derive(Debug)]
 pub struct DeviceProblem {
@@ -77,8 +71,7 @@ pub struct DeviceProblem {
     pub scale: f32,
     /// The keys each query sees (causal masking and the window).
     pub keys: attn_core::KeyRange,
-    /// The `_mods` kernels are needed: [`needs_mods_kernel`] in a forward,
-    /// [`needs_backward_mods_kernel`] in a backward.
+    /// A bias, mask or ALiBi ([`needs_mods_kernel`]).
     has_mods: bool,
     has_softcap: bool,
     pub q: DeviceBuffer<f32>,
@@ -180,8 +173,8 @@ impl DeviceProblem {
         Self::upload_as(gpu, p, false)
     }
 
-    /// [`DeviceProblem::upload`] for a backward: the `_mods` kernels chosen by
-    /// [`needs_backward_mods_kernel`], and the zeroed dBias buffer when `p` asks for it.
+    /// [`DeviceProblem::upload`] for a backward: with the zeroed dBias buffer when `p` asks
+    /// for it.
     pub fn upload_for_backward(gpu: &Gpu, p: &Problem<'_>) -> Result<Self> {
         Self::upload_as(gpu, p, true)
     }
@@ -207,7 +200,7 @@ impl DeviceProblem {
             shape: sh,
             scale: p.scale,
             keys: p.keys,
-            has_mods: if backward { needs_backward_mods_kernel(p) } else { needs_mods_kernel(p) },
+            has_mods: needs_mods_kernel(p),
             has_softcap: p.softcap.is_some(),
             q: gpu.upload_array(p.q)?,
             k: gpu.upload_array(p.k)?,
@@ -224,8 +217,7 @@ impl DeviceProblem {
         self.keys.tile_hidden((i0, i0 + rows), (j0, cols))
     }
 
-    /// Whether the fused kernels' `_mods` variants are needed ([`needs_mods_kernel`], in a
-    /// backward [`needs_backward_mods_kernel`]).
+    /// Whether the fused kernels' `_mods` variants are needed ([`needs_mods_kernel`]).
     pub fn has_score_mods(&self) -> bool {
         self.has_mods
     }

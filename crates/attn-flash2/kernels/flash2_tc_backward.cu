@@ -16,9 +16,13 @@
 // ANCHOR: tc_backward
 // Every copy is an unrolled cp.async at a fixed offset and every ldmatrix a 32-bit shared
 // address set before the loop plus a constant (as in the forward); MODS = false is the
-// kernel for calls without mask or bias, where a score is cut by one comparison.
-template <int D, bool BF16, bool MODS, int KW>
+// kernel for calls without mask, bias or ALiBi, where a score is cut by its row's key range
+// (causal masking, the window). CAP (with MODS = false): the softcap, as the forward's lean
+// kernels take it — c tanh(s / c) by tanh_approx, and dS times its slope 1 - tanh^2 from the
+// same tanh — in a twin kernel (_cut), so that the plain calls' kernel keeps its registers.
+template <int D, bool BF16, bool MODS, int KW, bool CAP = false>
 __device__ void tc_backward_v7(const FlashArgs& a, const ScoreMods& mods) {
+    static_assert(!(CAP && MODS), "the _mods kernels take the softcap through score_grad");
     constexpr int THREADS = 32 * KW, BK = 16 * KW;  // threads, keys a block
     constexpr int S = D + 8, SP = TC_BR + 8;          // row strides: d-rows, dS^T rows
     constexpr unsigned QTB = TC_BR * S * 2;           // bytes of one Q or dO buffer
@@ -91,6 +95,10 @@ __device__ void tc_backward_v7(const FlashArgs& a, const ScoreMods& mods) {
         // P^T = 2^(S^T scale log2 e - lse) and dS^T = P^T o (dP^T - D) on the accumulators:
         // the lane's elements are keys keys[e / 2], queries i0 + 8nb + 2t + (e & 1).
         const bool plain = tile_plain(mods, i0, j0, BK);
+        // CAP: the softcap in base 2, (c log2 e) tanh((scale / c) s), as the forward's
+        const float cap2 = mods.softcap * 1.4426950408889634f, inner = a.scale * mods.inv_softcap;
+        const int lo[2] = {CAP ? query_start(mods, keys[0]) : 0, CAP ? query_start(mods, keys[1]) : 0};
+        const int hi[2] = {CAP ? query_end(mods, keys[0]) : 0, CAP ? query_end(mods, keys[1]) : 0};
 #pragma unroll
         for (int nb = 0; nb < TC_BR / 8; nb++) {
             const float2 L = *reinterpret_cast<const float2*>(Ls + 8 * nb + 2 * t);
@@ -98,14 +106,21 @@ __device__ void tc_backward_v7(const FlashArgs& a, const ScoreMods& mods) {
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int i = i0 + 8 * nb + 2 * t + (e & 1);
-                const float x =
-                    backward_score2<MODS>(mods, plain, a.scale, hd.b, hd.h, i, keys[e / 2], st[nb][e]);
+                float x, slope = 1.0f;
+                if (CAP) {  // every score capped (no plain tiles), cut by the key's query range
+                    const float th = tanh_approx(inner * st[nb][e]);
+                    const bool seen = i >= lo[e / 2] && i < hi[e / 2] && keys[e / 2] < a.n_k;
+                    x = seen ? cap2 * th : NEG_INF;
+                    slope = 1.0f - th * th;
+                } else {
+                    x = backward_score2<MODS>(mods, plain, a.scale, hd.b, hd.h, i, keys[e / 2], st[nb][e]);
+                }
                 const float p = ex2_ftz(x - ((e & 1) ? L.y : L.x));
                 const float ds = p * (dpt[nb][e] - ((e & 1) ? Dr.y : Dr.x));
                 dpt[nb][e] = MODS && !plain
                                  ? score_grad(mods, (float*)a.dbias, hd.b, hd.h, i, keys[e / 2],
                                               a.scale * st[nb][e], ds)
-                                 : ds;
+                                 : ds * slope;
                 st[nb][e] = p;
             }
         }
@@ -189,6 +204,10 @@ __device__ void tc_backward_v7(const FlashArgs& a, const ScoreMods& mods) {
 extern "C" __global__ void __launch_bounds__(TC_BACKWARD_THREADS, 1)
     flash2_tc_backward(FlashArgs a, ScoreMods m) {
     tc_backward_v7<TC_D, TC_BF16, false, TC_D == 64 ? 4 : 8>(a, m);
+}
+extern "C" __global__ void __launch_bounds__(TC_BACKWARD_THREADS, 1)
+    flash2_tc_backward_cut(FlashArgs a, ScoreMods m) {
+    tc_backward_v7<TC_D, TC_BF16, false, TC_D == 64 ? 4 : 8, true>(a, m);
 }
 extern "C" __global__ void __launch_bounds__(TC_BACKWARD_THREADS, 1)
     flash2_tc_backward_mods(FlashArgs a, ScoreMods m) {

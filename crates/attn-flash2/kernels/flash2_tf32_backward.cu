@@ -58,8 +58,12 @@ __device__ __forceinline__ void two_products(float (*x)[4], float (*y)[4], unsig
 }
 
 // ANCHOR: tf32_backward
-template <int D, bool MODS, bool DQ, int KW, int QR>
+// MODS: the kernels for calls with a mask, bias or ALiBi (modify_score, score_grad); CAP
+// (without MODS): the twins (_cut) for the softcap, c tanh(s / c) f32-exact (tanh_exp) and dS
+// times its slope 1 - tanh^2 from the same tanh.
+template <int D, bool MODS, bool DQ, int KW, int QR, bool CAP = false>
 __device__ void tf32_backward(const FlashArgs& a, const ScoreMods& mods, const Dropout& drop) {
+    static_assert(!(CAP && MODS), "the _mods kernels take the softcap through score_grad");
     constexpr int THREADS = 32 * KW, BK = 16 * KW;  // threads, keys a block
     constexpr int S = D + 4, SQ = BK + 8;            // row strides (floats): d-rows, dS rows
     constexpr unsigned QTB = QR * S * 4;             // bytes of one Q or dO buffer
@@ -121,6 +125,9 @@ __device__ void tf32_backward(const FlashArgs& a, const ScoreMods& mods, const D
         // accumulators, st becoming (P o Z)^T: the lane's elements are keys keys[e / 2],
         // queries i0 + 8nb + 2t + (e & 1).
         const bool plain = tile_plain(mods, i0, j0, BK);
+        const float cap2 = mods.softcap * 1.4426950408889634f, inner = a.scale * mods.inv_softcap;
+        const int lo[2] = {CAP ? query_start(mods, keys[0]) : 0, CAP ? query_start(mods, keys[1]) : 0};
+        const int hi[2] = {CAP ? query_end(mods, keys[0]) : 0, CAP ? query_end(mods, keys[1]) : 0};
 #pragma unroll
         for (int nb = 0; nb < QR / 8; nb++) {
             const float2 L = *reinterpret_cast<const float2*>(Ls + 8 * nb + 2 * t);
@@ -128,15 +135,22 @@ __device__ void tf32_backward(const FlashArgs& a, const ScoreMods& mods, const D
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int q = 8 * nb + 2 * t + (e & 1), i = i0 + q;
-                const float x =
-                    backward_score2<MODS>(mods, plain, a.scale, hd.b, hd.h, i, keys[e / 2], st[nb][e]);
+                float x, slope = 1.0f;
+                if (CAP) {  // every score capped, cut by the key's query range
+                    const float th = tanh_exp(inner * st[nb][e]);
+                    const bool seen = i >= lo[e / 2] && i < hi[e / 2] && keys[e / 2] < a.n_k;
+                    x = seen ? cap2 * th : NEG_INF;
+                    slope = 1.0f - th * th;
+                } else {
+                    x = backward_score2<MODS>(mods, plain, a.scale, hd.b, hd.h, i, keys[e / 2], st[nb][e]);
+                }
                 const float p = ex2_ftz(x - ((e & 1) ? L.y : L.x));
                 const float z = drop.enabled ? dropout_factor(drop, Rk[q], keys[e / 2]) : 1.0f;
                 const float ds = p * (z * dpt[nb][e] - ((e & 1) ? Dr.y : Dr.x));
                 dpt[nb][e] = MODS && !plain
                                  ? score_grad(mods, (float*)a.dbias, hd.b, hd.h, i, keys[e / 2],
                                               a.scale * st[nb][e], ds)
-                                 : ds;
+                                 : ds * slope;
                 st[nb][e] = p * z;
             }
         }
@@ -222,7 +236,7 @@ __device__ void tf32_backward(const FlashArgs& a, const ScoreMods& mods, const D
 // cp.async into two buffers each, recomputing S = Q_i K_j^T and dP = dO_i V_j^T as the
 // forward computes S (rows = queries, so that dS is an A fragment of dQ_i += dS K_j, keys
 // renumbered by c_as_a); every dQ element is written once, by one lane, in a fixed order.
-template <int D, bool MODS>
+template <int D, bool MODS, bool CAP = false>
 __device__ void tf32_backward_q(const FlashArgs& a, const ScoreMods& mods, const Dropout& drop) {
     constexpr int W = 4, THREADS = 32 * W, QR = 16 * W, KB = 64;  // warps, rows, keys a tile
     constexpr int S = D + 4;
@@ -288,13 +302,18 @@ __device__ void tf32_backward_q(const FlashArgs& a, const ScoreMods& mods, const
         const float scale2 = a.scale * LOG2E;
         const int lo[2] = {key_start(mods, rows[0]), key_start(mods, rows[1])};
         const int lim[2] = {key_end(mods, rows[0]), key_end(mods, rows[1])};
+        const float cap2 = mods.softcap * LOG2E, inner = a.scale * mods.inv_softcap;
 #pragma unroll
         for (int nb = 0; nb < KB / 8; nb++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
                 const int j = j0 + 8 * nb + 2 * t + (e & 1), r = e / 2;
-                float x;
-                if (plain)
+                float x, slope = 1.0f;
+                if (CAP) {
+                    const float th = tanh_exp(inner * st[nb][e]);
+                    x = j < lim[r] && j >= lo[r] ? cap2 * th : NEG_INF;
+                    slope = 1.0f - th * th;
+                } else if (plain)
                     x = st[nb][e] * scale2;
                 else if (!MODS)
                     x = j < lim[r] && j >= lo[r] ? st[nb][e] * scale2 : NEG_INF;
@@ -306,7 +325,7 @@ __device__ void tf32_backward_q(const FlashArgs& a, const ScoreMods& mods, const
                 dp[nb][e] = MODS && !plain
                                 ? score_grad(mods, (float*)a.dbias, hd.b, hd.h, rows[r], j,
                                              a.scale * st[nb][e], ds)
-                                : ds;
+                                : ds * slope;
             }
         // dQ_i += dS K_j, 8 keys a step (logical key t is key 2t, t + 4 is 2t + 1)
 #pragma unroll
@@ -337,21 +356,27 @@ __device__ void tf32_backward_q(const FlashArgs& a, const ScoreMods& mods, const
 }
 // ANCHOR_END: tf32_backward_q
 
-// Six kernels: without mask or bias and with them (_mods), each with dQ by atomics, without
-// dQ (_kv), and the dQ pass that follows it (_q).
+// Nine kernels: without mask, bias or ALiBi, with the softcap (_cut) and with them (_mods),
+// each with dQ by atomics, without dQ (_kv), and the dQ pass that follows it (_q).
 #define TF32B_THREADS (32 * TF32B_KW)
 #define TF32B_BOUNDS __launch_bounds__(TF32B_THREADS, TF32B_KW == 4 && TF32_D <= 64 ? 2 : 1)
-#define TF32B_KERNEL(NAME, MODS, DQ)                                                  \
+#define TF32B_KERNEL(NAME, MODS, DQ, CAP)                                             \
     extern "C" __global__ void TF32B_BOUNDS NAME(FlashArgs a, ScoreMods m, Dropout dr) { \
-        tf32_backward<TF32_D, MODS, DQ, TF32B_KW, TF32B_BR>(a, m, dr);                \
+        tf32_backward<TF32_D, MODS, DQ, TF32B_KW, TF32B_BR, CAP>(a, m, dr);           \
     }
-TF32B_KERNEL(flash2_backward_v2, false, true)
-TF32B_KERNEL(flash2_backward_v2_mods, true, true)
-TF32B_KERNEL(flash2_backward_v2_kv, false, false)
-TF32B_KERNEL(flash2_backward_v2_kv_mods, true, false)
+TF32B_KERNEL(flash2_backward_v2, false, true, false)
+TF32B_KERNEL(flash2_backward_v2_cut, false, true, true)
+TF32B_KERNEL(flash2_backward_v2_mods, true, true, false)
+TF32B_KERNEL(flash2_backward_v2_kv, false, false, false)
+TF32B_KERNEL(flash2_backward_v2_kv_cut, false, false, true)
+TF32B_KERNEL(flash2_backward_v2_kv_mods, true, false, false)
 extern "C" __global__ void __launch_bounds__(128, TF32_D <= 64 ? 2 : 1)
     flash2_backward_v2_q(FlashArgs a, ScoreMods m, Dropout dr) {
     tf32_backward_q<TF32_D, false>(a, m, dr);
+}
+extern "C" __global__ void __launch_bounds__(128, TF32_D <= 64 ? 2 : 1)
+    flash2_backward_v2_q_cut(FlashArgs a, ScoreMods m, Dropout dr) {
+    tf32_backward_q<TF32_D, false, true>(a, m, dr);
 }
 extern "C" __global__ void __launch_bounds__(128, TF32_D <= 64 ? 2 : 1)
     flash2_backward_v2_q_mods(FlashArgs a, ScoreMods m, Dropout dr) {

@@ -275,7 +275,8 @@ impl Tf32Tiles {
 }
 
 /// Version 2's kernel `flash2_backward_v2{part}` (part: "" with dQ by atomics, "_kv" without
-/// dQ, "_q" the dQ pass) for `dev`'s head dimension and options, allowed `shared_bytes`.
+/// dQ, "_q" the dQ pass) for `dev`'s head dimension and options (`_mods` with a mask, bias or
+/// ALiBi, else `_cut` with the softcap), allowed `shared_bytes`.
 fn tf32_backward_kernel(
     gpu: &Gpu,
     v: &Version,
@@ -288,7 +289,11 @@ fn tf32_backward_kernel(
     let tiles = Tf32Tiles::at(d);
     let (d_str, w, r) = (d.to_string(), tiles.warps.to_string(), tiles.rows.to_string());
     let defines = [("TF32_D", d_str.as_str()), ("TF32B_KW", &w), ("TF32B_BR", &r)];
-    let mods = if dev.has_score_mods() { "_mods" } else { "" };
+    let mods = match (dev.has_score_mods(), dev.has_softcap()) {
+        (true, _) => "_mods",
+        (false, true) => "_cut",
+        (false, false) => "",
+    };
     let name = format!("flash2_backward_v{}{part}{mods}", v.number);
     with_shared_bytes(gpu.function_with(v.module(), &v.sources(), &defines, &name)?, shared_bytes)
 }

@@ -284,7 +284,7 @@ fn every_kernel_version_compiles_with_nvrtc() {
                     entries.extend(["tc_row_dot".into(), "tc_group_sum".into()]);
                 }
                 if v.track == Track::Fp32Backward && v.is_tf32() {
-                    for part in ["_kv", "_kv_mods", "_q", "_q_mods"] {
+                    for part in ["_kv", "_kv_mods", "_kv_cut", "_q", "_q_mods", "_q_cut"] {
                         entries.push(format!("flash2_backward_v2{part}"));
                     }
                 }

@@ -26,7 +26,7 @@ use attn_core::problem::Problem;
 use attn_core::{AttnError, Element, Inputs, Mask, Options, Result, Shape, Stage};
 use attn_core::{check_d_out, check_saved, check_values};
 use attn_cuda::pad::{backward_padded, forward_padded, padded_head_dim};
-use attn_cuda::problem::{needs_backward_mods_kernel, needs_cut_kernel, needs_mods_kernel};
+use attn_cuda::problem::{needs_cut_kernel, needs_mods_kernel};
 use attn_cuda::{CudaFunction, DeviceBuffer, DeviceRepr, DeviceStats, FlashArgs, Gpu};
 use attn_cuda::{ScoreInputs, blocks_for, gpu, measured, with_shared_bytes};
 use attn_cuda::{launch_fused_with, launch_group_sum, launch_row_dot};
@@ -340,7 +340,12 @@ pub fn backward_version_with_stats<T: TcFloat>(
     let shipped = versions::default_version(Track::TcBackward);
     let row_dot = tc_function::<T>(gpu, shipped, d, "tc_row_dot")?;
     let group_sum = tc_function::<T>(gpu, shipped, d, "tc_group_sum")?;
-    let f = tc_function::<T>(gpu, v, d, &v.kernel_name(d, needs_backward_mods_kernel(&p)))?;
+    let f = tc_function::<T>(
+        gpu,
+        v,
+        d,
+        &v.kernel_name_cut(d, needs_mods_kernel(&p), p.softcap.is_some()),
+    )?;
     let f = with_shared_bytes(f, backward_shared_bytes(version, d))?;
     let z = batch * heads;
     let ((dq, dk, dv), stats) = measured(gpu, || {

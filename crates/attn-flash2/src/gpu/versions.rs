@@ -331,18 +331,27 @@ impl Version {
         }
     }
 
-    /// Whether twin kernels (`_cut`) take the calls whose scores a sliding window, the
-    /// softcap or ALiBi change (the shipped tensor-core forward, whose plain kernels have no
-    /// registers to spare for them at d = 128); every other kernel takes them itself.
+    /// Whether twin kernels (`_cut`) take what the plain kernels have no registers to spare
+    /// for at d = 128: in the shipped tensor-core forward, the calls whose scores a sliding
+    /// window, the softcap or ALiBi change; in the shipped backwards (tensor-core and
+    /// 3xTF32), the softcap without mask, bias or ALiBi (their plain kernels take the window,
+    /// their `_mods` kernels the softcap too). Every other kernel takes them itself.
     pub fn has_cut_kernel(&self) -> bool {
-        self.track == TcForward && self.ships()
+        self.ships()
+            && match self.track {
+                TcForward | TcBackward => true,
+                Fp32Backward => self.is_tf32(),
+                Fp32Forward => false,
+            }
     }
 
-    /// [`Version::kernel_name`] for a call whose scores a sliding window, the softcap or
-    /// ALiBi change when `cut` ([`Version::has_cut_kernel`]).
+    /// [`Version::kernel_name`] for a call that needs the twin kernel when `cut`
+    /// ([`Version::has_cut_kernel`]: a window, softcap or ALiBi in the forward, the softcap in
+    /// a backward); a backward's `_mods` kernel has no twin.
     pub fn kernel_name_cut(&self, d: usize, with_mods: bool, cut: bool) -> String {
         let name = self.kernel_name(d, with_mods);
-        if cut && self.has_cut_kernel() { format!("{name}_cut") } else { name }
+        let backward_mods = with_mods && self.track != TcForward;
+        if cut && self.has_cut_kernel() && !backward_mods { format!("{name}_cut") } else { name }
     }
 
     /// The name of the kernel to launch at head dimension `d`, for a call with a mask or bias
