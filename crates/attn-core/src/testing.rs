@@ -504,24 +504,32 @@ pub mod fused {
         check_against_reference(stage, &case.build(), true).unwrap().assert_f32("n_q > n_k causal");
     }
 
-    /// A head dimension above the largest kernel (129) is refused with an error that names
-    /// the range, before any device is needed.
-    pub fn refuses_head_dims_above_128(stage: &dyn Stage) {
-        let shape = Shape::new(1, 1, 16, 129);
+    /// A head dimension above the largest kernel's, `largest`, is refused with an error
+    /// that names the range, before any device is needed.
+    pub fn refuses_head_dims_above(stage: &dyn Stage, largest: usize) {
+        let shape = Shape::new(1, 1, 16, largest + 1);
         let (q, k, v) = crate::random::qkv(&shape, 1);
         match stage.forward(&Inputs::new(q.view(), k.view(), v.view()), &Options::default()) {
-            Err(AttnError::UnsupportedHeadDim { head_dim: 129, supported, .. }) => {
-                assert!(supported.contains("1 to 128"), "{supported}");
+            Err(AttnError::UnsupportedHeadDim { head_dim, supported, .. })
+                if head_dim == largest + 1 =>
+            {
+                assert!(supported.contains(&format!("1 to {largest}")), "{supported}");
             }
             other => panic!("expected a refusal before the device, got {other:?}"),
         }
     }
 
-    /// Head dimensions the kernels are not built for, zero-padded inside the stage: the
-    /// reference's answer at the caller's head dimension, within `(forward, backward)`, on
-    /// inputs rounded by `round`.
-    pub fn pads_every_head_dim(stage: &dyn Stage, tol: (f64, f64), round: fn(f32) -> f32) {
-        for (i, d) in [1, 16, 24, 40, 48, 56, 80, 100, 127].into_iter().enumerate() {
+    /// Head dimensions the kernels are not built for, up to `largest`, zero-padded inside
+    /// the stage: the reference's answer at the caller's head dimension, within
+    /// `(forward, backward)`, on inputs rounded by `round`.
+    pub fn pads_every_head_dim(
+        stage: &dyn Stage,
+        largest: usize,
+        tol: (f64, f64),
+        round: fn(f32) -> f32,
+    ) {
+        let dims = [1, 16, 24, 40, 48, 56, 80, 100, 127, 129, 160, 200, 255];
+        for (i, d) in dims.into_iter().filter(|&d| d <= largest).enumerate() {
             let case = Case {
                 causal: i % 2 == 0,
                 mask: MaskKind::KeyPadding,

@@ -101,26 +101,22 @@ pub fn launch_fused(
     dev: &DeviceProblem,
     what: &str,
 ) -> Result<()> {
-    launch_fused_with(gpu, f, (grid, 256), a, &dev.mods, Some(&dev.dropout), what)
+    launch_fused_with(gpu, f, ((grid.0, grid.1, 1), 256), a, &dev.mods, Some(&dev.dropout), what)
 }
 
-/// Launches a fused kernel of `threads` a block whose parameters are `(FlashArgs, ScoreMods)`,
-/// followed by `Dropout` when `dropout` is given (the CUDA-core kernels take it; the 16-bit
-/// tensor-core kernels, which refuse dropout, do not).
+/// Launches a fused kernel of `threads` a block over `grid` (x, y, z) whose parameters are
+/// `(FlashArgs, ScoreMods)`, followed by `Dropout` when `dropout` is given (the CUDA-core
+/// kernels take it; the 16-bit tensor-core kernels, which refuse dropout, do not).
 pub fn launch_fused_with(
     gpu: &Gpu,
     (f, smem): &(CudaFunction, u32),
-    (grid, threads): ((u32, u32), u32),
+    (grid, threads): ((u32, u32, u32), u32),
     a: &FlashArgs,
     mods: &ScoreMods,
     dropout: Option<&DropoutArg>,
     what: &str,
 ) -> Result<()> {
-    let cfg = LaunchConfig {
-        grid_dim: (grid.0, grid.1, 1),
-        block_dim: (threads, 1, 1),
-        shared_mem_bytes: *smem,
-    };
+    let cfg = LaunchConfig { grid_dim: grid, block_dim: (threads, 1, 1), shared_mem_bytes: *smem };
     let mut b = gpu.stream().launch_builder(f);
     b.arg(a).arg(mods);
     if let Some(d) = dropout {

@@ -44,12 +44,12 @@ fn flash1_gpu_edge_cases() {
 
 #[test]
 fn flash1_gpu_refuses_head_dims_above_128_and_pads_the_rest() {
-    fused::refuses_head_dims_above_128(&Flash1Cuda);
+    fused::refuses_head_dims_above(&Flash1Cuda, 128);
     if skip_without_device() {
         return;
     }
     use attn_core::tolerance::{F32_BACKWARD, F32_FORWARD};
-    fused::pads_every_head_dim(&Flash1Cuda, (F32_FORWARD, F32_BACKWARD), |x| x);
+    fused::pads_every_head_dim(&Flash1Cuda, 128, (F32_FORWARD, F32_BACKWARD), |x| x);
 }
 
 #[test]

@@ -20,13 +20,18 @@
 // (causal masking, the window). CAP (with MODS = false): the softcap, as the forward's lean
 // kernels take it — c tanh(s / c) by tanh_approx, and dS times its slope 1 - tanh^2 from the
 // same tanh — in a twin kernel (_cut), so that the plain calls' kernel keeps its registers.
-template <int D, bool BF16, bool MODS, int KW, bool CAP = false>
+// DH < D (d = 256, whose dK_j and dV_j would need every register twice over): a block
+// accumulates the DH gradient columns from c0 = DH * blockIdx.z, and the D / DH blocks of a
+// key tile each recompute S and dP over the whole d.
+template <int D, bool BF16, bool MODS, int KW, bool CAP = false, int DH = D>
 __device__ void tc_backward_v7(const FlashArgs& a, const ScoreMods& mods) {
     static_assert(!(CAP && MODS), "the _mods kernels take the softcap through score_grad");
     constexpr int THREADS = 32 * KW, BK = 16 * KW;  // threads, keys a block
     constexpr int S = D + 8, SP = TC_BR + 8;          // row strides: d-rows, dS^T rows
     constexpr unsigned QTB = TC_BR * S * 2;           // bytes of one Q or dO buffer
-    constexpr int DC = D * 4 / KW;                    // dQ columns a warp
+    constexpr int DC = DH * 4 / KW;                   // dQ columns a warp
+    const int c0 = DH == D ? 0 : DH * blockIdx.z;     // the block's first gradient column
+    float* const dbias = c0 == 0 ? (float*)a.dbias : nullptr;  // one block of a tile adds dS
     extern __shared__ uint4 smem_tc[];
     u16* const base = reinterpret_cast<u16*>(smem_tc);
     const unsigned Ka = (unsigned)__cvta_generic_to_shared(base);  // [BK][S]
@@ -46,7 +51,7 @@ __device__ void tc_backward_v7(const FlashArgs& a, const ScoreMods& mods) {
     const float* dvec = (const float*)a.dvec + (i64)hd.z * a.n_q;
     float* dq = (float*)a.dq + (i64)hd.z * a.n_q * D;
     const int keys[2] = {j0 + 16 * warp + g, j0 + 16 * warp + g + 8};  // the lane's two keys
-    const int qr = 16 * (warp % 4), qc = DC * (warp / 4);  // dQ: the warp's rows, columns
+    const int qr = 16 * (warp % 4), qc = c0 + DC * (warp / 4);  // dQ: the warp's rows, columns
     // The lane's ldmatrix addresses (frag_a, frag_b2, frag_b2_trans, frag_a_trans at the
     // first block; the loops add constants and the buffer's offset):
     const unsigned ka_at = Ka + ((16 * warp + mr + 8 * (mi % 2)) * S + 8 * (mi / 2)) * 2;  // K_j, V_j as A
@@ -55,9 +60,9 @@ __device__ void tc_backward_v7(const FlashArgs& a, const ScoreMods& mods) {
     const unsigned da_at = dSa + ((8 * (mi / 2) + mr) * SP + qr + 8 * (mi % 2)) * 2;  // dS as A
     const unsigned kt_at = Ka + ((8 * (mi % 2) + mr) * S + qc + 8 * (mi / 2)) * 2;  // K_j as B
 
-    float dk[D / 8][4], dv[D / 8][4];
-    zero_frags<D / 8>(dk);
-    zero_frags<D / 8>(dv);
+    float dk[DH / 8][4], dv[DH / 8][4];
+    zero_frags<DH / 8>(dk);
+    zero_frags<DH / 8>(dv);
     using Rows = KeyPassRows<TC_BR, D, BK, THREADS>;
     Rows stats{lse, dvec, a.n_q, Rows::first_tile(mods, j0), Rows::rows_end(a, mods, j0)};
     stats.load_first(Ka, Va, Qa, Oa, hd.k, hd.v, hd.q, d_out, j0, a.n_k);
@@ -118,7 +123,7 @@ __device__ void tc_backward_v7(const FlashArgs& a, const ScoreMods& mods) {
                 const float p = ex2_ftz(x - ((e & 1) ? L.y : L.x));
                 const float ds = p * (dpt[nb][e] - ((e & 1) ? Dr.y : Dr.x));
                 dpt[nb][e] = MODS && !plain
-                                 ? score_grad(mods, (float*)a.dbias, hd.b, hd.h, i, keys[e / 2],
+                                 ? score_grad(mods, dbias, hd.b, hd.h, i, keys[e / 2],
                                               a.scale * st[nb][e], ds)
                                  : ds * slope;
                 st[nb][e] = p;
@@ -132,9 +137,9 @@ __device__ void tc_backward_v7(const FlashArgs& a, const ScoreMods& mods) {
             p_fragment<BF16>(st, kq, pa);
             p_fragment<BF16>(dpt, kq, sa);
 #pragma unroll
-            for (int c = 0; c < D / 8; c += 2) {
+            for (int c = 0; c < DH / 8; c += 2) {
                 u32 ob[4], qb[4];
-                const unsigned at = qt_at + buf + (16 * kq * S + 8 * c) * 2;
+                const unsigned at = qt_at + buf + (16 * kq * S + c0 + 8 * c) * 2;
                 ldsm_x4_trans_at(ob, at + 2 * QTB);
                 ldsm_x4_trans_at(qb, at);
                 mma16816<BF16>(dv[c], pa, ob[0], ob[1]);
@@ -180,8 +185,8 @@ __device__ void tc_backward_v7(const FlashArgs& a, const ScoreMods& mods) {
     for (int r = 0; r < 2; r++) {
         if (keys[r] >= a.n_k) continue;
 #pragma unroll
-        for (int c = 0; c < D / 8; c++) {
-            const i64 at = ((i64)hd.z * a.n_k + keys[r]) * D + 8 * c + 2 * t;
+        for (int c = 0; c < DH / 8; c++) {
+            const i64 at = ((i64)hd.z * a.n_k + keys[r]) * D + c0 + 8 * c + 2 * t;
             const float k0 = a.scale * dk[c][2 * r], k1 = a.scale * dk[c][2 * r + 1];
             if (final16) {
                 *reinterpret_cast<u32*>((u16*)a.dk + at) = pack2<BF16>(k0, k1);
@@ -197,21 +202,26 @@ __device__ void tc_backward_v7(const FlashArgs& a, const ScoreMods& mods) {
 // ANCHOR_END: tc_backward
 
 #if !defined(TC_D) || !defined(TC_BF16)
-#error "compile with -DTC_D=64|128 -DTC_BF16=1|0 (bf16 or fp16)"
+#error "compile with -DTC_D=64|128|256 -DTC_BF16=1|0 (bf16 or fp16)"
 #endif
 
-#define TC_BACKWARD_THREADS (TC_D == 64 ? TC_NT : 2 * TC_NT)
+// Warps a block (16 keys each): 4 at d = 64, 8 at d = 128, 4 at d = 256 (where K_j, V_j and
+// two buffers each of Q_i and dO_i for 128 keys would not fit the shared memory); the
+// gradient columns a block, 128 at d = 256 (two blocks a key tile), else all.
+#define TC_BACKWARD_KW (TC_D == 128 ? 8 : 4)
+#define TC_BACKWARD_DH (TC_D > 128 ? 128 : TC_D)
+#define TC_BACKWARD_THREADS (32 * TC_BACKWARD_KW)
 extern "C" __global__ void __launch_bounds__(TC_BACKWARD_THREADS, 1)
     flash2_tc_backward(FlashArgs a, ScoreMods m) {
-    tc_backward_v7<TC_D, TC_BF16, false, TC_D == 64 ? 4 : 8>(a, m);
+    tc_backward_v7<TC_D, TC_BF16, false, TC_BACKWARD_KW, false, TC_BACKWARD_DH>(a, m);
 }
 extern "C" __global__ void __launch_bounds__(TC_BACKWARD_THREADS, 1)
     flash2_tc_backward_cut(FlashArgs a, ScoreMods m) {
-    tc_backward_v7<TC_D, TC_BF16, false, TC_D == 64 ? 4 : 8, true>(a, m);
+    tc_backward_v7<TC_D, TC_BF16, false, TC_BACKWARD_KW, true, TC_BACKWARD_DH>(a, m);
 }
 extern "C" __global__ void __launch_bounds__(TC_BACKWARD_THREADS, 1)
     flash2_tc_backward_mods(FlashArgs a, ScoreMods m) {
-    tc_backward_v7<TC_D, TC_BF16, true, TC_D == 64 ? 4 : 8>(a, m);
+    tc_backward_v7<TC_D, TC_BF16, true, TC_BACKWARD_KW, false, TC_BACKWARD_DH>(a, m);
 }
 
 // D = rowsum(dO o O) from 16-bit dO and O, and the GQA group sums of dK, dV (or dQ's f32

@@ -1,6 +1,7 @@
 // FlashAttention-2's forward on the tensor cores, as the stage runs it (version 14 of the
 // ladder, ladder/README.md): a block of 128 query rows over 4 warps (32 rows a warp, two
-// 16-row m-tiles), 64-key tiles of K_j and V_j double-buffered in shared memory by cp.async,
+// 16-row m-tiles; at d = 256 one m-tile, 64 rows a block, whose O alone fills half the
+// registers), 64-key tiles of K_j and V_j double-buffered in shared memory by cp.async,
 // one barrier a tile, S = Q_i K_j^T and O_i += P~ V_j by mma.sync with P~ kept in registers,
 // the online softmax on the accumulators (tc_softmax_step, mma.cuh). Two kernels: one for
 // calls without mask or bias, where a score is cut only on the causal diagonal and at the
@@ -18,9 +19,9 @@
 // mma.cuh). The compiler cannot see the trip count of a strided copy loop, and would
 // re-derive rows, columns and 64-bit addresses for every 16 bytes.
 
-template <int D, bool BF16, bool MODS, int KB, bool CUT = true>
+template <int D, bool BF16, bool MODS, int KB, bool CUT = true, int MT = 2>
 __device__ void tc_forward_v14(const FlashArgs& a, const ScoreMods& mods) {
-    constexpr int S = D + 8, QR = 2 * TC_BR;  // row stride (values); query rows a block
+    constexpr int S = D + 8, QR = MT * TC_BR;  // row stride (values); query rows a block
     constexpr unsigned KVB = KB * S * 2;      // bytes of one K or V buffer
     extern __shared__ uint4 smem_tc[];
     const unsigned Qa = (unsigned)__cvta_generic_to_shared(smem_tc);  // [QR][S]
@@ -36,9 +37,9 @@ __device__ void tc_forward_v14(const FlashArgs& a, const ScoreMods& mods) {
     const unsigned k_at = Ka + ((8 * (mi / 2) + mr) * S + 8 * (mi % 2)) * 2;
     const unsigned v_at = Va + ((8 * (mi % 2) + mr) * S + 8 * (mi / 2)) * 2;
     const int i0 = (mods.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x) * QR;
-    int rows[2][2];  // m-tile mt of the warp: rows i0 + 64 mt + 16 warp + g (and + 8)
+    int rows[MT][2];  // m-tile mt of the warp: rows i0 + 64 mt + 16 warp + g (and + 8)
 #pragma unroll
-    for (int mt = 0; mt < 2; mt++) {
+    for (int mt = 0; mt < MT; mt++) {
         rows[mt][0] = i0 + 64 * mt + 16 * warp + g;
         rows[mt][1] = rows[mt][0] + 8;
     }
@@ -52,10 +53,10 @@ __device__ void tc_forward_v14(const FlashArgs& a, const ScoreMods& mods) {
     }
     load_rows_at<D, QR, TC_NT>(Qa, hd.q, i0, a.n_q);
     cp_async_commit();
-    float o[2][D / 8][4];
-    float m[2][2], l[2][2];
+    float o[MT][D / 8][4];
+    float m[MT][2], l[MT][2];
 #pragma unroll
-    for (int mt = 0; mt < 2; mt++) {
+    for (int mt = 0; mt < MT; mt++) {
         m[mt][0] = m[mt][1] = NEG_INF;
         l[mt][0] = l[mt][1] = 0.0f;
         zero_frags<D / 8>(o[mt]);
@@ -71,41 +72,41 @@ __device__ void tc_forward_v14(const FlashArgs& a, const ScoreMods& mods) {
             cp_async_commit();
         }
 
-        float s[2][KB / 8][4];  // S = Q_i K_j^T
-        zero_frags<KB / 8>(s[0]);
-        zero_frags<KB / 8>(s[1]);
+        float s[MT][KB / 8][4];  // S = Q_i K_j^T
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++) zero_frags<KB / 8>(s[mt]);
 #pragma unroll
         for (int kk = 0; kk < D / 16; kk++) {
-            u32 qf[2][4];
+            u32 qf[MT][4];
 #pragma unroll
-            for (int mt = 0; mt < 2; mt++) ldsm_x4_at(qf[mt], q_at + (64 * mt * S + 16 * kk) * 2);
+            for (int mt = 0; mt < MT; mt++) ldsm_x4_at(qf[mt], q_at + (64 * mt * S + 16 * kk) * 2);
 #pragma unroll
             for (int nb = 0; nb < KB / 8; nb += 2) {
                 u32 kb[4];
                 ldsm_x4_at(kb, k_at + buf + (8 * nb * S + 16 * kk) * 2);
 #pragma unroll
-                for (int mt = 0; mt < 2; mt++) {
+                for (int mt = 0; mt < MT; mt++) {
                     mma16816<BF16>(s[mt][nb], qf[mt], kb[0], kb[1]);
                     mma16816<BF16>(s[mt][nb + 1], qf[mt], kb[2], kb[3]);
                 }
             }
         }
 #pragma unroll
-        for (int mt = 0; mt < 2; mt++)
+        for (int mt = 0; mt < MT; mt++)
             tc_softmax_step<D, 2, KB, MODS, false, CUT>(a, mods, hd.b, hd.h, i0 + 64 * mt, j0,
                                                         rows[mt], s[mt], m[mt], l[mt], o[mt]);
 
 #pragma unroll
         for (int kk = 0; kk < KB / 16; kk++) {  // O_i += P~ V_j
-            u32 pa[2][4];
+            u32 pa[MT][4];
 #pragma unroll
-            for (int mt = 0; mt < 2; mt++) p_fragment<BF16>(s[mt], kk, pa[mt]);
+            for (int mt = 0; mt < MT; mt++) p_fragment<BF16>(s[mt], kk, pa[mt]);
 #pragma unroll
             for (int c = 0; c < D / 8; c += 2) {
                 u32 vb[4];
                 ldsm_x4_trans_at(vb, v_at + buf + (16 * kk * S + 8 * c) * 2);
 #pragma unroll
-                for (int mt = 0; mt < 2; mt++) {
+                for (int mt = 0; mt < MT; mt++) {
                     mma16816<BF16>(o[mt][c], pa[mt], vb[0], vb[1]);
                     mma16816<BF16>(o[mt][c + 1], pa[mt], vb[2], vb[3]);
                 }
@@ -114,25 +115,27 @@ __device__ void tc_forward_v14(const FlashArgs& a, const ScoreMods& mods) {
     }
     cp_async_wait<0>();  // (Q_i's copy, when the block saw no key)
 #pragma unroll
-    for (int mt = 0; mt < 2; mt++) tc_write_rows<D, BF16>(a, hd.z, rows[mt], m[mt], l[mt], o[mt]);
+    for (int mt = 0; mt < MT; mt++) tc_write_rows<D, BF16>(a, hd.z, rows[mt], m[mt], l[mt], o[mt]);
 }
 // ANCHOR_END: tc_forward
 
 #if !defined(TC_D) || !defined(TC_BF16)
-#error "compile with -DTC_D=64|128 -DTC_BF16=1|0 (bf16 or fp16)"
+#error "compile with -DTC_D=64|128|256 -DTC_BF16=1|0 (bf16 or fp16)"
 #endif
 
 // At d = 64 three blocks share a SM (at most 168 registers a thread), at d = 128 one fits.
+// TC_MT: the m-tiles a warp (tc_forward_v14's MT).
 #define TC_FORWARD_BOUNDS __launch_bounds__(TC_NT, TC_D == 64 ? 3 : 1)
+#define TC_MT (TC_D > 128 ? 1 : 2)
 extern "C" __global__ void TC_FORWARD_BOUNDS flash2_tc_forward(FlashArgs a, ScoreMods m) {
-    tc_forward_v14<TC_D, TC_BF16, false, TC_BC, false>(a, m);
+    tc_forward_v14<TC_D, TC_BF16, false, TC_BC, false, TC_MT>(a, m);
 }
 extern "C" __global__ void TC_FORWARD_BOUNDS flash2_tc_forward_cut(FlashArgs a, ScoreMods m) {
-    tc_forward_v14<TC_D, TC_BF16, false, TC_BC>(a, m);
+    tc_forward_v14<TC_D, TC_BF16, false, TC_BC, true, TC_MT>(a, m);
 }
 extern "C" __global__ void TC_FORWARD_BOUNDS flash2_tc_forward_mods(FlashArgs a, ScoreMods m) {
-    tc_forward_v14<TC_D, TC_BF16, true, TC_BC, false>(a, m);
+    tc_forward_v14<TC_D, TC_BF16, true, TC_BC, false, TC_MT>(a, m);
 }
 extern "C" __global__ void TC_FORWARD_BOUNDS flash2_tc_forward_mods_cut(FlashArgs a, ScoreMods m) {
-    tc_forward_v14<TC_D, TC_BF16, true, TC_BC>(a, m);
+    tc_forward_v14<TC_D, TC_BF16, true, TC_BC, true, TC_MT>(a, m);
 }

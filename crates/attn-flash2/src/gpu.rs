@@ -211,12 +211,12 @@ pub fn backward_device_version(
         let tiles = Tf32Tiles::at(d);
         let kv = if atomic { "" } else { "_kv" };
         let f = tf32_backward_kernel(gpu, v, dev, kv, tiles.shared_bytes(d, atomic))?;
-        let grid = (blocks_for(n_k, tiles.keys() as u32), z);
+        let grid = (blocks_for(n_k, tiles.keys() as u32), z, 1);
         let threads = 32 * tiles.warps as u32;
         launch_fused_with(gpu, &f, (grid, threads), a, mods, dropout, "flash2_backward_kv")?;
         if mode == DqMode::SeparatePass {
             let f = tf32_backward_kernel(gpu, v, dev, "_q", Tf32Tiles::dq_pass_shared_bytes(d))?;
-            let grid = (blocks_for(n_q, Tf32Tiles::DQ_PASS_ROWS as u32), z);
+            let grid = (blocks_for(n_q, Tf32Tiles::DQ_PASS_ROWS as u32), z, 1);
             let threads = 2 * Tf32Tiles::DQ_PASS_ROWS as u32; // 16 rows a warp
             launch_fused_with(gpu, &f, (grid, threads), a, mods, dropout, "flash2_backward_q")?;
         }

@@ -228,12 +228,12 @@ fn flash2_gpu_at_a_realistic_size_matches_the_cpu() {
 
 #[test]
 fn flash2_gpu_refuses_head_dims_above_128_and_pads_the_rest() {
-    fused::refuses_head_dims_above_128(&Flash2Cuda);
+    fused::refuses_head_dims_above(&Flash2Cuda, 128);
     if skip_without_device() {
         return;
     }
     use attn_core::tolerance::{F32_BACKWARD, F32_FORWARD};
-    fused::pads_every_head_dim(&Flash2Cuda, (F32_FORWARD, F32_BACKWARD), |x| x);
+    fused::pads_every_head_dim(&Flash2Cuda, 128, (F32_FORWARD, F32_BACKWARD), |x| x);
 }
 
 /// Every registered kernel version compiles with NVRTC (no device needed: libnvrtc alone),
@@ -249,14 +249,18 @@ fn every_kernel_version_compiles_with_nvrtc() {
     let jobs: Vec<(&Version, &str, Vec<String>, Vec<String>)> = VERSIONS
         .iter()
         .flat_map(|v| {
-            let archs: &[&str] = match (v.ships(), v.track, v.number) {
-                (false, ..) => &["sm_90"],
+            // (architecture, the tensor-core kernels' head dimension there)
+            let archs: &[(&str, usize)] = match (v.ships(), v.track, v.number) {
+                (false, ..) => &[("sm_90", 64)],
                 (true, Track::Fp32Forward, 5 | 7) | (true, Track::Fp32Backward, 1) => {
-                    &["sm_75", "sm_90"]
+                    &[("sm_75", 0), ("sm_90", 0)]
                 }
-                (true, ..) => &["sm_80", "sm_90"],
+                (true, Track::TcForward | Track::TcBackward, _) => {
+                    &[("sm_80", 128), ("sm_90", 64), ("sm_90", 256)]
+                }
+                (true, ..) => &[("sm_80", 0), ("sm_90", 0)],
             };
-            archs.iter().map(move |&arch| {
+            archs.iter().map(move |&(arch, tc_d)| {
                 let (defines, dims): (Vec<String>, Vec<usize>) = match v.track {
                     Track::Fp32Forward if v.is_tf32() => (vec!["-DTF32_D=96".into()], vec![96]),
                     // the backward at each of its tilings
@@ -267,8 +271,8 @@ fn every_kernel_version_compiles_with_nvrtc() {
                     }
                     Track::Fp32Forward | Track::Fp32Backward => (vec![], HEAD_DIMS.to_vec()),
                     _ => {
-                        let (d, bf16) = if arch == "sm_80" { (128, 0) } else { (64, 1) };
-                        (vec![format!("-DTC_D={d}"), format!("-DTC_BF16={bf16}")], vec![d])
+                        let bf16 = if arch == "sm_80" { 0 } else { 1 };
+                        (vec![format!("-DTC_D={tc_d}"), format!("-DTC_BF16={bf16}")], vec![tc_d])
                     }
                 };
                 let mut entries: Vec<String> = dims
@@ -392,6 +396,13 @@ fn tc_cases(d: usize) -> Vec<Case> {
     cases
 }
 
+/// The head dimensions version `number` of `track` is compiled for (only the shipped kernels
+/// go above 128).
+fn tc_head_dims(track: Track, number: u32) -> impl Iterator<Item = usize> {
+    let ships = versions(track).any(|v| v.number == number && v.ships());
+    tc::TC_HEAD_DIMS.into_iter().filter(move |&d| d <= 128 || ships)
+}
+
 /// The kernel versions to check: every one, or those listed in the environment variable
 /// `var` (ATTN_TEST_TC_VERSIONS for the forward, ATTN_TEST_TC_BACKWARD_VERSIONS; e.g. `11,12`:
 /// each kernel compiles for seconds on the GPU machine, whose minutes are counted).
@@ -407,7 +418,7 @@ fn tc_versions(var: &str, track: Track) -> Vec<u32> {
 fn prepare_in_parallel(track: Track, versions: &[u32]) {
     std::thread::scope(|scope| {
         for &v in versions {
-            for d in tc::TC_HEAD_DIMS {
+            for d in tc_head_dims(track, v) {
                 scope.spawn(move || tc::prepare::<bf16>(track, v, d).unwrap());
                 scope.spawn(move || tc::prepare::<f16>(track, v, d).unwrap());
             }
@@ -423,7 +434,7 @@ fn tensor_core_forward_matches_the_reference_on_rounded_inputs() {
     let fwd_versions = tc_versions("ATTN_TEST_TC_VERSIONS", Track::TcForward);
     prepare_in_parallel(Track::TcForward, &fwd_versions);
     for version in fwd_versions {
-        for d in tc::TC_HEAD_DIMS {
+        for d in tc_head_dims(Track::TcForward, version) {
             for case in tc_cases(d) {
                 for (dtype, (err, lse_err)) in [
                     ("bf16", tc_errors::<bf16>(&case, version)),
@@ -467,7 +478,7 @@ fn tensor_core_backward_matches_the_reference_on_rounded_inputs() {
     prepare_in_parallel(Track::TcBackward, &bwd_versions);
     prepare_in_parallel(Track::TcForward, &[tc::forward_version()]);
     for version in bwd_versions {
-        for d in tc::TC_HEAD_DIMS {
+        for d in tc_head_dims(Track::TcBackward, version) {
             for case in tc_cases(d) {
                 for (dtype, err) in [
                     ("bf16", tc_backward_error::<bf16>(&case, version)),
@@ -518,7 +529,7 @@ fn tensor_core_forward_refuses_what_it_does_not_do() {
     let q = tc::round::<f16, _>(data.q.view());
     let half = HalfInputs::new(q.view(), q.view(), q.view());
     let err = tc::forward(&half, &data.opts).unwrap_err().to_string();
-    assert!(err.contains("head_dim 96") && err.contains("64, 128"), "{err}");
+    assert!(err.contains("head_dim 96") && err.contains("64, 128, 256"), "{err}");
 
     let k = tc::round::<f16, _>(data.k.slice(ndarray::s![.., .., .., ..32]));
     let half = HalfInputs::new(q.view(), k.view(), k.view());
@@ -564,7 +575,7 @@ fn tensor_core_stage_matches_the_reference_on_rounded_inputs() {
     ];
     for (stage, round) in stages {
         assert_eq!((stage.name(), stage.device()), ("flash2", attn_core::Device::Cuda));
-        for case in tc_cases(64).into_iter().chain(tc_cases(128)) {
+        for case in tc::TC_HEAD_DIMS.into_iter().flat_map(tc_cases) {
             let data = case.build().rounded(round);
             let check = check_against_reference(stage, &data, true).unwrap();
             check.assert_within(HALF_FORWARD, HALF_BACKWARD, &format!("{case:?}"));
@@ -584,14 +595,14 @@ fn flash2cuda_takes_the_score_modifiers() {
 }
 
 #[test]
-fn tensor_core_stage_pads_every_head_dim_up_to_128() {
+fn tensor_core_stage_pads_every_head_dim_up_to_256() {
     if skip_without_device() {
         return;
     }
     use attn_core::tolerance::{HALF_BACKWARD, HALF_FORWARD};
     let tol = (HALF_FORWARD, HALF_BACKWARD);
-    fused::pads_every_head_dim(&BF16_STAGE, tol, |x| f32::from(bf16::from_f32(x)));
-    fused::refuses_head_dims_above_128(&BF16_STAGE);
+    fused::pads_every_head_dim(&BF16_STAGE, 256, tol, |x| f32::from(bf16::from_f32(x)));
+    fused::refuses_head_dims_above(&BF16_STAGE, 256);
 }
 
 #[test]
@@ -602,7 +613,7 @@ fn score_modifiers_on_the_tensor_cores_and_the_deterministic_dq_pass() {
     use attn_core::testing::{check_against_reference, score_mods};
     use attn_core::tolerance::{F32_BACKWARD, F32_FORWARD, HALF_BACKWARD, HALF_FORWARD};
     let tol = (HALF_FORWARD, HALF_BACKWARD);
-    score_mods::check(&BF16_STAGE, &[64, 128], tol, |x| f32::from(bf16::from_f32(x)));
+    score_mods::check(&BF16_STAGE, &[64, 128, 256], tol, |x| f32::from(bf16::from_f32(x)));
     score_mods::check(&F16_STAGE, &[64, 128], tol, |x| f32::from(f16::from_f32(x)));
     // the dQ pass recomputes dS without adding it into dBias a second time
     for case in score_mods::cases(64) {

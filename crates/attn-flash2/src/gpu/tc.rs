@@ -37,7 +37,7 @@ use super::versions::{self, Track, Version};
 
 const STAGE: &str = "flash2 (tensor cores)";
 /// Head dimensions the tensor-core kernels are compiled for.
-pub const TC_HEAD_DIMS: [usize; 2] = [64, 128];
+pub const TC_HEAD_DIMS: [usize; 3] = [64, 128, 256];
 /// Query rows a block (`TC_BR`) and keys a tile (`TC_BC`) in tc.cuh.
 const ROWS: usize = 64;
 const KEYS: usize = 64;
@@ -174,7 +174,7 @@ fn validate<'a, T: TcFloat>(inputs: &HalfInputs<'a, T>, opts: &Options) -> Resul
         return Err(AttnError::UnsupportedHeadDim {
             stage: STAGE,
             head_dim: p.shape.head_dim,
-            supported: "64, 128 (`forward_rounded` / `attn run --dtype` pad every head dimension up to 128)".into(),
+            supported: "64, 128, 256 (`forward_rounded` / `attn run --dtype` pad every head dimension up to 256)".into(),
         });
     }
     if p.dropout.is_some() {
@@ -197,6 +197,7 @@ pub fn forward_version_with_stats<T: TcFloat>(
     let p = validate(inputs, opts)?;
     let v = versions::find(Track::TcForward, version)
         .ok_or_else(|| versions::unknown(Track::TcForward, version))?;
+    check_version_head_dim(v, p.shape.head_dim)?;
     let gpu = gpu()?;
     check_architecture(gpu)?;
     let Shape { batch, heads, n_q, head_dim: d, .. } = p.shape;
@@ -218,7 +219,7 @@ pub fn forward_version_with_stats<T: TcFloat>(
             lse: gpu.ptr(&lse),
             ..FlashArgs::new(&p.shape, p.scale)
         };
-        let grid = (blocks_for(n_q, block_rows(version) as u32), z as u32);
+        let grid = (blocks_for(n_q, block_rows(version, d) as u32), z as u32, 1);
         launch_fused_with(gpu, &f, (grid, 128), &args, &score.mods, None, "flash2_tc_forward")?;
         Ok((out, lse))
     })?;
@@ -229,9 +230,22 @@ pub fn forward_version_with_stats<T: TcFloat>(
     Ok((forward, stats))
 }
 
-/// Query rows a block of forward `version` (`TC_BR`; twice that from version 4 on).
-fn block_rows(version: u32) -> usize {
-    if version >= 4 { 2 * ROWS } else { ROWS }
+/// Query rows a block of forward `version` at head dimension `d` (`TC_BR`; twice that from
+/// version 4 on, but for the shipped kernel at d = 256: one m-tile a warp).
+fn block_rows(version: u32, d: usize) -> usize {
+    if version >= 4 && d <= 128 { 2 * ROWS } else { ROWS }
+}
+
+/// Only the shipped kernels are compiled for head dimensions above 128.
+fn check_version_head_dim(v: &Version, d: usize) -> Result<()> {
+    if d > 128 && !v.ships() {
+        return Err(AttnError::Unsupported {
+            stage: STAGE,
+            what: "a ladder version at head dimensions above 128",
+            advice: "run the shipped version (the default), which takes every head dimension up to 256",
+        });
+    }
+    Ok(())
 }
 
 /// The tensor-core kernels need sm_80 or later (bf16 mma.sync, cp.async).
@@ -250,7 +264,7 @@ fn check_architecture(gpu: &Gpu) -> Result<()> {
 /// each K_j and V_j from version 3), 16-bit, rows padded to d + 8.
 fn shared_bytes(version: u32, d: usize) -> u32 {
     let kv_buffers = if version >= 3 { 4 } else { 2 };
-    (2 * (block_rows(version) + kv_buffers * KEYS) * (d + 8)) as u32
+    (2 * (block_rows(version, d) + kv_buffers * KEYS) * (d + 8)) as u32
 }
 
 /// Q, K, V of an f32 call rounded to `T`.
@@ -328,6 +342,7 @@ pub fn backward_version_with_stats<T: TcFloat>(
     check_d_out(&sh, d_out)?;
     let v = versions::find(Track::TcBackward, version)
         .ok_or_else(|| versions::unknown(Track::TcBackward, version))?;
+    check_version_head_dim(v, sh.head_dim)?;
     let gpu = gpu()?;
     check_architecture(gpu)?;
     let Shape { batch, heads, kv_heads, n_q, n_k, head_dim: d, .. } = sh;
@@ -381,7 +396,7 @@ pub fn backward_version_with_stats<T: TcFloat>(
             ..FlashArgs::new(&sh, p.scale)
         };
         let keys = backward_keys(version, d);
-        let grid = (blocks_for(n_k, keys as u32), z as u32);
+        let grid = (blocks_for(n_k, keys as u32), z as u32, backward_column_blocks(d));
         let launch = (grid, (2 * keys) as u32);
         launch_fused_with(gpu, &f, launch, &args, &score.mods, None, "flash2_tc_backward")?;
         // dQ rounded; dK, dV summed over each GQA group and rounded.
@@ -414,9 +429,15 @@ enum KvGrads<T> {
 }
 
 /// Keys a block of backward `version` at head dimension `d` (16 a warp: 4 warps, 8 from
-/// version 6 on at d = 128).
+/// version 6 on at d = 128; `TC_BACKWARD_KW` in flash2_tc_backward.cu).
 fn backward_keys(version: u32, d: usize) -> usize {
     if version >= 6 && d == 128 { 2 * KEYS } else { KEYS }
+}
+
+/// The blocks of one key tile in the shipped backward: one for every 128 gradient columns
+/// (`TC_BACKWARD_DH`).
+fn backward_column_blocks(d: usize) -> u32 {
+    d.div_ceil(128) as u32
 }
 
 /// Shared-memory bytes of backward `version` at head dimension `d`: K_j, V_j, Q_i, dO_i
