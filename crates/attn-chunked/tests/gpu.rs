@@ -28,9 +28,13 @@ fn chunked_gpu_with_many_chunks_gqa_cross_attention_and_masks() {
     if skip_without_device() {
         return;
     }
-    for (n_q, n_k, d, blocks) in
-        [(300, 700, 64, (64, 128)), (700, 300, 128, (100, 37)), (513, 513, 32, (128, 256))]
-    {
+    for (n_q, n_k, d, blocks) in [
+        (300, 700, 64, (64, 128)),
+        (700, 300, 128, (100, 37)),
+        (513, 513, 32, (128, 256)),
+        (150, 90, 256, (64, 50)),
+        (90, 150, 1, (40, 64)),
+    ] {
         let case = Case {
             causal: true,
             mask: MaskKind::Full,

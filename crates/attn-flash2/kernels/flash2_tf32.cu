@@ -21,14 +21,16 @@
 #define TF_NT 256  // threads a block
 
 // ANCHOR: tf32_forward
-template <int D, bool MODS>
+// QR query rows a block (16 a warp), KB keys a tile.
+template <int D, bool MODS, int QR = TF_BR, int KB = TF_BC>
 __device__ void tf32_forward(const FlashArgs& a, const ScoreMods& mods, const Dropout& drop) {
+    constexpr int THREADS = 2 * QR;          // threads a block
     constexpr int S = D + 4;                 // row stride (floats)
-    constexpr unsigned KVB = TF_BC * S * 4;  // bytes of one K or V buffer
+    constexpr unsigned KVB = KB * S * 4;  // bytes of one K or V buffer
     extern __shared__ float4 smem_tf[];
-    const unsigned Qa = (unsigned)__cvta_generic_to_shared(smem_tf);  // [BR][S]
-    const unsigned Ka = Qa + TF_BR * S * 4;                            // [2][BC][S]
-    const unsigned Va = Ka + 2 * KVB;                                  // [2][BC][S]
+    const unsigned Qa = (unsigned)__cvta_generic_to_shared(smem_tf);  // [QR][S]
+    const unsigned Ka = Qa + QR * S * 4;                            // [2][KB][S]
+    const unsigned Va = Ka + 2 * KVB;                                  // [2][KB][S]
     const BlockHead hd = block_head<D>(a, blockIdx.y);
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
     const int mr = lane % 8, mi = lane / 8;  // ldmatrix: the lane gives row mr of matrix mi
@@ -37,46 +39,46 @@ __device__ void tf32_forward(const FlashArgs& a, const ScoreMods& mods, const Dr
     // fragment of keys 2t, 2t + 1, column g (+ 8 kb keys, + 8 c columns).
     const unsigned q_at = Qa + ((16 * warp + mr + 8 * (mi % 2)) * S + 4 * (mi / 2)) * 4;
     const unsigned k_at = Ka + ((mr + 8 * (mi / 2)) * S + 4 * (mi % 2)) * 4;
-    const float* v_at = reinterpret_cast<const float*>(smem_tf) + (TF_BR + 2 * TF_BC) * S + 2 * t * S + g;
-    const int i0 = (mods.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x) * TF_BR;
+    const float* v_at = reinterpret_cast<const float*>(smem_tf) + (QR + 2 * KB) * S + 2 * t * S + g;
+    const int i0 = (mods.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x) * QR;
     const int rows[2] = {i0 + 16 * warp + g, i0 + 16 * warp + g + 8};
     const u32 key[2] = {drop.enabled ? row_key(drop.seed, hd.b, hd.h, rows[0]) : 0u,
                         drop.enabled ? row_key(drop.seed, hd.b, hd.h, rows[1]) : 0u};
-    const int j_end = key_end(mods, min(i0 + TF_BR, a.n_q) - 1);
+    const int j_end = key_end(mods, min(i0 + QR, a.n_q) - 1);
     // the first key tile a row of the block sees (the window's left side), on the grid
-    const int j_begin = min(key_start(mods, i0), j_end) / TF_BC * TF_BC;
+    const int j_begin = min(key_start(mods, i0), j_end) / KB * KB;
 
     if (j_begin < j_end) {
-        load_rows_at<D, TF_BC, TF_NT>(Ka, hd.k, j_begin, a.n_k);
-        load_rows_at<D, TF_BC, TF_NT>(Va, hd.v, j_begin, a.n_k);
+        load_rows_at<D, KB, THREADS>(Ka, hd.k, j_begin, a.n_k);
+        load_rows_at<D, KB, THREADS>(Va, hd.v, j_begin, a.n_k);
     }
-    load_rows_at<D, TF_BR, TF_NT>(Qa, hd.q, i0, a.n_q);
+    load_rows_at<D, QR, THREADS>(Qa, hd.q, i0, a.n_q);
     cp_async_commit();
     float o[D / 8][4];
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
 #pragma unroll
     for (int c = 0; c < D / 8; c++) o[c][0] = o[c][1] = o[c][2] = o[c][3] = 0.0f;
 
-    for (int j0 = j_begin, step = 0; j0 < j_end; j0 += TF_BC, step++) {
+    for (int j0 = j_begin, step = 0; j0 < j_end; j0 += KB, step++) {
         const unsigned buf = (step % 2) * KVB;  // this tile's buffers; KVB - buf: the next's
         cp_async_wait<0>();  // this thread's copies of K_j, V_j (and at step 0, Q_i)
         __syncthreads();     // everyone's copies; every warp done with tile j - 1
-        if (j0 + TF_BC < j_end) {
-            load_rows_at<D, TF_BC, TF_NT>(Ka + KVB - buf, hd.k, j0 + TF_BC, a.n_k);
-            load_rows_at<D, TF_BC, TF_NT>(Va + KVB - buf, hd.v, j0 + TF_BC, a.n_k);
+        if (j0 + KB < j_end) {
+            load_rows_at<D, KB, THREADS>(Ka + KVB - buf, hd.k, j0 + KB, a.n_k);
+            load_rows_at<D, KB, THREADS>(Va + KVB - buf, hd.v, j0 + KB, a.n_k);
             cp_async_commit();
         }
 
-        float s[TF_BC / 8][4];  // S = Q_i K_j^T
+        float s[KB / 8][4];  // S = Q_i K_j^T
 #pragma unroll
-        for (int nb = 0; nb < TF_BC / 8; nb++) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.0f;
+        for (int nb = 0; nb < KB / 8; nb++) s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.0f;
 #pragma unroll
         for (int kk = 0; kk < D / 8; kk++) {
             u32 q[4], qb[4], qs[4];
             ldsm_x4_at(q, q_at + 32 * kk);
             split4(q, qb, qs);
 #pragma unroll
-            for (int nb = 0; nb < TF_BC / 8; nb += 2) {
+            for (int nb = 0; nb < KB / 8; nb += 2) {
                 u32 k[4], kb[4], ks[4];
                 ldsm_x4_at(k, k_at + buf + (8 * nb * S + 8 * kk) * 4);
                 split4(k, kb, ks);
@@ -86,11 +88,11 @@ __device__ void tf32_forward(const FlashArgs& a, const ScoreMods& mods, const Dr
         }
         // the online softmax and dropout (mma.cuh; S's accumulators have the layout of
         // the 16-bit kernels')
-        tc_softmax_step<D, 2, TF_BC, MODS, true>(a, mods, hd.b, hd.h, i0, j0, rows, s, m, l, o,
+        tc_softmax_step<D, 2, KB, MODS, true>(a, mods, hd.b, hd.h, i0, j0, rows, s, m, l, o,
                                                 &drop, key);
 
 #pragma unroll
-        for (int kb = 0; kb < TF_BC / 8; kb++) {  // O_i += P~ V_j, 8 keys a step
+        for (int kb = 0; kb < KB / 8; kb++) {  // O_i += P~ V_j, 8 keys a step
             u32 pb[4], ps[4];  // P~'s A fragment, logical keys t, t + 4 = keys 2t, 2t + 1
             c_as_a(s[kb], pb, ps);
 #pragma unroll
@@ -125,15 +127,19 @@ __device__ void tf32_forward(const FlashArgs& a, const ScoreMods& mods, const Dr
 // ANCHOR_END: tf32_forward
 
 #ifndef TF32_D
-#error "compile with -DTF32_D=32|64|96|128"
+#error "compile with -DTF32_D=32|64|96|128|256"
 #endif
 // Two kernels, as on the 16-bit tensor cores: without mask or bias, and with them (_mods); at
-// d <= 64 at most 128 registers, so that two blocks (16 warps) share a SM.
-#define TF32_BOUNDS __launch_bounds__(TF_NT, TF32_D <= 64 ? 2 : 1)
+// d <= 64 at most 128 registers, so that two blocks (16 warps) share a SM. At d = 256, 64 rows
+// a block and 32 keys a tile: Q_i and two buffers each of K_j and V_j in f32 would not fit
+// the shared memory at the larger tiles.
+#define TF32_FWD_BR (TF32_D > 128 ? 64 : TF_BR)
+#define TF32_FWD_BC (TF32_D > 128 ? 32 : TF_BC)
+#define TF32_BOUNDS __launch_bounds__(2 * TF32_FWD_BR, TF32_D <= 64 ? 2 : 1)
 extern "C" __global__ void TF32_BOUNDS flash2_forward_v8(FlashArgs a, ScoreMods m, Dropout dr) {
-    tf32_forward<TF32_D, false>(a, m, dr);
+    tf32_forward<TF32_D, false, TF32_FWD_BR, TF32_FWD_BC>(a, m, dr);
 }
 extern "C" __global__ void TF32_BOUNDS flash2_forward_v8_mods(FlashArgs a, ScoreMods m,
                                                                Dropout dr) {
-    tf32_forward<TF32_D, true>(a, m, dr);
+    tf32_forward<TF32_D, true, TF32_FWD_BR, TF32_FWD_BC>(a, m, dr);
 }

@@ -22,7 +22,7 @@
 // below (tf32_backward_q, Options::deterministic).
 
 #ifndef TF32_D
-#error "compile with -DTF32_D=32|64|96|128 -DTF32B_KW=4|8 -DTF32B_BR=32|64"
+#error "compile with -DTF32_D=32|64|96|128|256 -DTF32B_KW=4|8 -DTF32B_BR=16|32|64"
 #endif
 
 // The two score-shaped products of a backward tile for a warp's 16 rows, X = A B^T and
@@ -60,14 +60,18 @@ __device__ __forceinline__ void two_products(float (*x)[4], float (*y)[4], unsig
 // ANCHOR: tf32_backward
 // MODS: the kernels for calls with a mask, bias or ALiBi (modify_score, score_grad); CAP
 // (without MODS): the twins (_cut) for the softcap, c tanh(s / c) f32-exact (tanh_exp) and dS
-// times its slope 1 - tanh^2 from the same tanh.
-template <int D, bool MODS, bool DQ, int KW, int QR, bool CAP = false>
+// times its slope 1 - tanh^2 from the same tanh. DH < D (d = 256): a block accumulates the
+// DH gradient columns from c0 = DH * blockIdx.z, the D / DH blocks of a key tile each
+// recomputing S and dP over the whole d (as the 16-bit backward at d = 256).
+template <int D, bool MODS, bool DQ, int KW, int QR, bool CAP = false, int DH = D>
 __device__ void tf32_backward(const FlashArgs& a, const ScoreMods& mods, const Dropout& drop) {
     static_assert(!(CAP && MODS), "the _mods kernels take the softcap through score_grad");
     constexpr int THREADS = 32 * KW, BK = 16 * KW;  // threads, keys a block
     constexpr int S = D + 4, SQ = BK + 8;            // row strides (floats): d-rows, dS rows
     constexpr unsigned QTB = QR * S * 4;             // bytes of one Q or dO buffer
-    constexpr int RG = QR / 16, DC = D * RG / KW;    // dQ: row groups, columns a warp
+    constexpr int RG = QR / 16, DC = DH * RG / KW;   // dQ: row groups, columns a warp
+    const int c0 = DH == D ? 0 : DH * blockIdx.z;     // the block's first gradient column
+    float* const dbias = c0 == 0 ? (float*)a.dbias : nullptr;  // one block of a tile adds dS
     static_assert(KW % RG == 0 && DC % 8 == 0, "dQ's 16-row x DC-column blocks cover the tile");
     extern __shared__ float4 smem_tb[];
     float* const base = reinterpret_cast<float*>(smem_tb);
@@ -89,7 +93,7 @@ __device__ void tf32_backward(const FlashArgs& a, const ScoreMods& mods, const D
     const float* dvec = (const float*)a.dvec + (i64)hd.z * a.n_q;
     float* dq = (float*)a.dq + (i64)hd.z * a.n_q * D;
     const int keys[2] = {j0 + 16 * warp + g, j0 + 16 * warp + g + 8};  // the lane's two keys
-    const int qr = 16 * (warp % RG), qc = DC * (warp / RG);  // dQ: the warp's rows, columns
+    const int qr = 16 * (warp % RG), qc = c0 + DC * (warp / RG);  // dQ: the warp's rows, columns
     // The lane's addresses at the first block: K_j's (V_j's) A fragment of the warp's keys,
     // Q_i's (dO_i's) B fragments of queries 0 .. 15 by ldmatrix; Q_i's (dO_i's) rows 2t,
     // 2t + 1 at column g; dS's keys 2t, 2t + 1 of query row qr + g; K_j's rows 2t, 2t + 1 at
@@ -100,9 +104,9 @@ __device__ void tf32_backward(const FlashArgs& a, const ScoreMods& mods, const D
     const float* ds_at = dSs + (qr + g) * SQ + 2 * t;
     const float* k_at = Ks + 2 * t * S + qc + g;
 
-    float dk[D / 8][4], dv[D / 8][4];
-    zero_frags<D / 8>(dk);
-    zero_frags<D / 8>(dv);
+    float dk[DH / 8][4], dv[DH / 8][4];
+    zero_frags<DH / 8>(dk);
+    zero_frags<DH / 8>(dv);
     using Rows = KeyPassRows<QR, D, BK, THREADS>;
     Rows stats{lse, dvec, a.n_q, Rows::first_tile(mods, j0), Rows::rows_end(a, mods, j0)};
     stats.load_first(Ka, Va, Qa, Oa, hd.k, hd.v, hd.q, hd.d_out, j0, a.n_k);
@@ -148,7 +152,7 @@ __device__ void tf32_backward(const FlashArgs& a, const ScoreMods& mods, const D
                 const float z = drop.enabled ? dropout_factor(drop, Rk[q], keys[e / 2]) : 1.0f;
                 const float ds = p * (z * dpt[nb][e] - ((e & 1) ? Dr.y : Dr.x));
                 dpt[nb][e] = MODS && !plain
-                                 ? score_grad(mods, (float*)a.dbias, hd.b, hd.h, i, keys[e / 2],
+                                 ? score_grad(mods, dbias, hd.b, hd.h, i, keys[e / 2],
                                               a.scale * st[nb][e], ds)
                                  : ds * slope;
                 st[nb][e] = p * z;
@@ -172,8 +176,8 @@ __device__ void tf32_backward(const FlashArgs& a, const ScoreMods& mods, const D
             c_as_a(st[kq], pb, ps);
             c_as_a(dpt[kq], sb, ss);
 #pragma unroll
-            for (int c = 0; c < D / 8; c++) {
-                const float* at = qt + 8 * kq * S + 8 * c;  // Q[8kq + 2t][8c + g]
+            for (int c = 0; c < DH / 8; c++) {
+                const float* at = qt + 8 * kq * S + c0 + 8 * c;  // Q[8kq + 2t][c0 + 8c + g]
                 u32 big[2], small[2];
                 split_tf32(at[2 * QTB / 4], big[0], small[0]);  // dO_i's
                 split_tf32(at[2 * QTB / 4 + S], big[1], small[1]);
@@ -219,8 +223,8 @@ __device__ void tf32_backward(const FlashArgs& a, const ScoreMods& mods, const D
     for (int r = 0; r < 2; r++) {
         if (keys[r] >= a.n_k) continue;
 #pragma unroll
-        for (int c = 0; c < D / 8; c++) {
-            const i64 at = ((i64)hd.z * a.n_k + keys[r]) * D + 8 * c + 2 * t;
+        for (int c = 0; c < DH / 8; c++) {
+            const i64 at = ((i64)hd.z * a.n_k + keys[r]) * D + c0 + 8 * c + 2 * t;
             *reinterpret_cast<float2*>((float*)a.dk + at) =
                 make_float2(a.scale * dk[c][2 * r], a.scale * dk[c][2 * r + 1]);
             *reinterpret_cast<float2*>((float*)a.dv + at) =
@@ -236,9 +240,9 @@ __device__ void tf32_backward(const FlashArgs& a, const ScoreMods& mods, const D
 // cp.async into two buffers each, recomputing S = Q_i K_j^T and dP = dO_i V_j^T as the
 // forward computes S (rows = queries, so that dS is an A fragment of dQ_i += dS K_j, keys
 // renumbered by c_as_a); every dQ element is written once, by one lane, in a fixed order.
-template <int D, bool MODS, bool CAP = false>
+template <int D, bool MODS, bool CAP = false, int W = 4, int KB = 64>
 __device__ void tf32_backward_q(const FlashArgs& a, const ScoreMods& mods, const Dropout& drop) {
-    constexpr int W = 4, THREADS = 32 * W, QR = 16 * W, KB = 64;  // warps, rows, keys a tile
+    constexpr int THREADS = 32 * W, QR = 16 * W;  // W warps, QR rows, KB keys a tile
     constexpr int S = D + 4;
     constexpr unsigned QB = QR * S * 4, KVB = KB * S * 4;  // bytes of Q_i (dO_i), of K_j (V_j)
     constexpr float LOG2E = 1.4426950408889634f;
@@ -360,9 +364,14 @@ __device__ void tf32_backward_q(const FlashArgs& a, const ScoreMods& mods, const
 // each with dQ by atomics, without dQ (_kv), and the dQ pass that follows it (_q).
 #define TF32B_THREADS (32 * TF32B_KW)
 #define TF32B_BOUNDS __launch_bounds__(TF32B_THREADS, TF32B_KW == 4 && TF32_D <= 64 ? 2 : 1)
+// At d = 256 two blocks a key tile, 128 gradient columns each (TF32B_DH), and a dQ pass of
+// 2 warps (TF32Q_W) over 32-key tiles (TF32Q_KB): the shared memory's limits in f32.
+#define TF32B_DH (TF32_D > 128 ? 128 : TF32_D)
+#define TF32Q_W (TF32_D > 128 ? 2 : 4)
+#define TF32Q_KB (TF32_D > 128 ? 32 : 64)
 #define TF32B_KERNEL(NAME, MODS, DQ, CAP)                                             \
     extern "C" __global__ void TF32B_BOUNDS NAME(FlashArgs a, ScoreMods m, Dropout dr) { \
-        tf32_backward<TF32_D, MODS, DQ, TF32B_KW, TF32B_BR, CAP>(a, m, dr);           \
+        tf32_backward<TF32_D, MODS, DQ, TF32B_KW, TF32B_BR, CAP, TF32B_DH>(a, m, dr); \
     }
 TF32B_KERNEL(flash2_backward_v2, false, true, false)
 TF32B_KERNEL(flash2_backward_v2_cut, false, true, true)
@@ -370,15 +379,16 @@ TF32B_KERNEL(flash2_backward_v2_mods, true, true, false)
 TF32B_KERNEL(flash2_backward_v2_kv, false, false, false)
 TF32B_KERNEL(flash2_backward_v2_kv_cut, false, false, true)
 TF32B_KERNEL(flash2_backward_v2_kv_mods, true, false, false)
-extern "C" __global__ void __launch_bounds__(128, TF32_D <= 64 ? 2 : 1)
+extern "C" __global__ void __launch_bounds__(32 * TF32Q_W, TF32_D <= 64 ? 2 : 1)
     flash2_backward_v2_q(FlashArgs a, ScoreMods m, Dropout dr) {
-    tf32_backward_q<TF32_D, false>(a, m, dr);
+    tf32_backward_q<TF32_D, false, false, TF32Q_W, TF32Q_KB>(a, m, dr);
 }
-extern "C" __global__ void __launch_bounds__(128, TF32_D <= 64 ? 2 : 1)
+extern "C" __global__ void __launch_bounds__(32 * TF32Q_W, TF32_D <= 64 ? 2 : 1)
     flash2_backward_v2_q_cut(FlashArgs a, ScoreMods m, Dropout dr) {
-    tf32_backward_q<TF32_D, false, true>(a, m, dr);
+    tf32_backward_q<TF32_D, false, true, TF32Q_W, TF32Q_KB>(a, m, dr);
 }
-extern "C" __global__ void __launch_bounds__(128, TF32_D <= 64 ? 2 : 1)
+extern "C" __global__ void __launch_bounds__(32 * TF32Q_W, TF32_D <= 64 ? 2 : 1)
     flash2_backward_v2_q_mods(FlashArgs a, ScoreMods m, Dropout dr) {
-    tf32_backward_q<TF32_D, true>(without_dbias(a), m, dr);  // the key pass adds dBias
+    // the key pass adds dBias
+    tf32_backward_q<TF32_D, true, false, TF32Q_W, TF32Q_KB>(without_dbias(a), m, dr);
 }

@@ -46,6 +46,35 @@ use versions::{Track, Version};
 /// Query rows and keys per tile (`BR`, `BC` in tiles.cuh).
 pub const TILE: usize = 64;
 
+/// Head dimensions the stage runs at, every other one up to the largest zero-padded to the
+/// next: the CUDA-core kernels' [`HEAD_DIMS`], and 256 in the 3xTF32 kernels (sm_80 on).
+pub const STAGE_HEAD_DIMS: [usize; 5] = [32, 64, 96, 128, 256];
+
+/// Refuses a head dimension version `v` is not built for: 256 only in the 3xTF32 versions.
+fn check_version_head_dim(v: &Version, d: usize) -> Result<()> {
+    if d == 256 && v.is_tf32() {
+        return Ok(());
+    }
+    check_head_dim(STAGE, d).map_err(|e| match e {
+        AttnError::UnsupportedHeadDim { stage, head_dim, .. } => AttnError::UnsupportedHeadDim {
+            stage,
+            head_dim,
+            supported: format!(
+                "{HEAD_DIMS:?} in version {} of the {}, and 256 in the 3xTF32 versions (sm_80 on)",
+                v.number,
+                v.track.name()
+            ),
+        },
+        other => other,
+    })
+}
+
+/// The 3xTF32 forward's tiles at head dimension `d`: (query rows a block, keys a tile) —
+/// `TF32_FWD_BR`, `TF32_FWD_BC` in flash2_tf32.cu; 16 rows a warp.
+fn tf32_forward_tiles(d: usize) -> (usize, usize) {
+    if d > 128 { (TILE, TILE / 2) } else { (2 * TILE, TILE) }
+}
+
 /// Kernel `flash2_{name}_d{d}` of the CUDA-core backward `v` (fp32 backward version 1: before
 /// sm_80, or when asked for).
 fn cuda_core_kernel(gpu: &Gpu, v: &Version, name: &str, d: usize) -> Result<(CudaFunction, u32)> {
@@ -88,18 +117,24 @@ pub fn forward_device_version(
     version: u32,
 ) -> Result<DeviceForward> {
     let Shape { batch, heads, n_q, head_dim: d, .. } = dev.shape;
-    check_head_dim(STAGE, d)?;
     let v = versions::find(Track::Fp32Forward, version)
         .ok_or_else(|| versions::unknown(Track::Fp32Forward, version))?;
+    check_version_head_dim(v, d)?;
     let z = batch * heads;
     let out = gpu.uninit_f32(z * n_q * d)?; // every row written by its query tile
     let lse = gpu.uninit_f32(z * n_q)?;
     let a = FlashArgs { o: gpu.ptr(&out), lse: gpu.ptr(&lse), ..FlashArgs::of(gpu, dev) };
+    if version == 8 {
+        let (rows, _) = tf32_forward_tiles(d);
+        let grid = (blocks_for(n_q, rows as u32), z as u32, 1);
+        let f = tf32_kernel(gpu, v, dev, d)?;
+        let (mods, dropout) = (&dev.mods, Some(&dev.dropout));
+        launch_fused_with(gpu, &f, (grid, 2 * rows as u32), &a, mods, dropout, "flash2_forward")?;
+        return Ok((out, lse));
+    }
     let rows = if version >= 6 { 2 * TILE } else { TILE }; // query rows a block
     let grid = (blocks_for(n_q, rows as u32), z as u32);
-    let f = if version == 8 {
-        tf32_kernel(gpu, v, dev, d)?
-    } else {
+    let f = {
         let name = v.kernel_name(d, false);
         let bytes = shared_bytes(&format!("forward_v{version}"), d);
         fused_kernel(gpu, v.module(), &v.sources(), &name, bytes)?
@@ -136,8 +171,9 @@ fn tf32_kernel(
     let d_str = d.to_string();
     let name = v.kernel_name(d, dev.has_score_mods());
     let f = gpu.function_with(v.module(), &v.sources(), &[("TF32_D", &d_str)], &name)?;
-    // Q_i (128 rows), two K_j and two V_j buffers (64 keys), rows padded to d + 4 floats
-    with_shared_bytes(f, (4 * (2 * TILE + 4 * TILE) * (d + 4)) as u32)
+    // Q_i, two K_j and two V_j buffers, rows padded to d + 4 floats
+    let (rows, keys) = tf32_forward_tiles(d);
+    with_shared_bytes(f, (4 * (rows + 4 * keys) * (d + 4)) as u32)
 }
 // ANCHOR_END: forward_device
 
@@ -199,9 +235,9 @@ pub fn backward_device_version(
     version: u32,
 ) -> Result<[DeviceBuffer<f32>; 3]> {
     let Shape { batch, heads, n_q, n_k, head_dim: d, .. } = dev.shape;
-    check_head_dim(STAGE, d)?;
     let v = versions::find(Track::Fp32Backward, version)
         .ok_or_else(|| versions::unknown(Track::Fp32Backward, version))?;
+    check_version_head_dim(v, d)?;
     let z = (batch * heads) as u32;
     let atomic = mode == DqMode::Atomic;
     // Atomics add into dQ (zeroed); the separate pass writes each element once.
@@ -211,13 +247,15 @@ pub fn backward_device_version(
         let tiles = Tf32Tiles::at(d);
         let kv = if atomic { "" } else { "_kv" };
         let f = tf32_backward_kernel(gpu, v, dev, kv, tiles.shared_bytes(d, atomic))?;
-        let grid = (blocks_for(n_k, tiles.keys() as u32), z, 1);
+        // one block a key tile for every 128 gradient columns (TF32B_DH)
+        let grid = (blocks_for(n_k, tiles.keys() as u32), z, d.div_ceil(128) as u32);
         let threads = 32 * tiles.warps as u32;
         launch_fused_with(gpu, &f, (grid, threads), a, mods, dropout, "flash2_backward_kv")?;
         if mode == DqMode::SeparatePass {
             let f = tf32_backward_kernel(gpu, v, dev, "_q", Tf32Tiles::dq_pass_shared_bytes(d))?;
-            let grid = (blocks_for(n_q, Tf32Tiles::DQ_PASS_ROWS as u32), z, 1);
-            let threads = 2 * Tf32Tiles::DQ_PASS_ROWS as u32; // 16 rows a warp
+            let (rows, _) = Tf32Tiles::dq_pass_tiles(d);
+            let grid = (blocks_for(n_q, rows as u32), z, 1);
+            let threads = 2 * rows as u32; // 16 rows a warp
             launch_fused_with(gpu, &f, (grid, threads), a, mods, dropout, "flash2_backward_q")?;
         }
     } else {
@@ -250,18 +288,28 @@ impl Tf32Tiles {
     /// The tiling at head dimension `d`: 32 query rows a step (64 ran slower at d = 64 and
     /// do not fit the shared memory with 8 warps at d = 128), 4 warps up to d = 64 (two
     /// blocks a SM), 8 above (one block a SM: 4 warps would leave it half idle). The
-    /// tilings compared are in `notes/gpu.md`.
+    /// tilings compared are in `notes/gpu.md`. At d = 256, 4 warps and 16 rows: what the
+    /// shared memory holds in f32 (`TF32B_KW`, `TF32B_BR` at the kernels' compilation).
     pub fn at(d: usize) -> Self {
-        Self { warps: if d <= 64 { 4 } else { 8 }, rows: 32 }
+        match d {
+            ..=64 => Self { warps: 4, rows: 32 },
+            65..=128 => Self { warps: 8, rows: 32 },
+            _ => Self { warps: 4, rows: 16 },
+        }
     }
 
-    /// Query rows a block of the separate dQ pass (4 warps of 16), its key tiles 64 keys.
-    pub const DQ_PASS_ROWS: usize = 64;
+    /// (query rows a block, keys a tile) of the separate dQ pass at head dimension `d`: 4
+    /// warps of 16 rows over 64-key tiles, at d = 256 2 warps over 32-key tiles (`TF32Q_W`,
+    /// `TF32Q_KB`).
+    pub fn dq_pass_tiles(d: usize) -> (usize, usize) {
+        if d > 128 { (32, 32) } else { (64, 64) }
+    }
 
     /// Shared-memory bytes of the dQ pass: Q_i and dO_i, two buffers each of K_j and V_j
     /// (rows padded to d + 4 floats).
     pub fn dq_pass_shared_bytes(d: usize) -> u32 {
-        (4 * (2 * Self::DQ_PASS_ROWS + 4 * 64) * (d + 4)) as u32
+        let (rows, keys) = Self::dq_pass_tiles(d);
+        (4 * (2 * rows + 4 * keys) * (d + 4)) as u32
     }
 
     /// Shared-memory bytes: K_j, V_j, two buffers each of Q_i and dO_i (rows padded to
@@ -301,7 +349,7 @@ fn tf32_backward_kernel(
 
 /// The forward with uploads and downloads, and its device statistics.
 pub fn forward_with_stats(inputs: &Inputs<'_>, opts: &Options) -> Result<(Forward, DeviceStats)> {
-    let to = padded_head_dim(STAGE, inputs.q.dim().3, &HEAD_DIMS)?;
+    let to = padded_head_dim(STAGE, inputs.q.dim().3, &STAGE_HEAD_DIMS)?;
     forward_padded(inputs, opts, to, |i, o| forward_on_device(i, o, forward_device))
 }
 
@@ -311,7 +359,7 @@ pub fn forward_version_with_stats(
     opts: &Options,
     version: u32,
 ) -> Result<(Forward, DeviceStats)> {
-    let to = padded_head_dim(STAGE, inputs.q.dim().3, &HEAD_DIMS)?;
+    let to = padded_head_dim(STAGE, inputs.q.dim().3, &STAGE_HEAD_DIMS)?;
     forward_padded(inputs, opts, to, |i, o| {
         forward_on_device(i, o, |gpu, dev| forward_device_version(gpu, dev, version))
     })
@@ -326,7 +374,7 @@ pub fn backward_with_stats(
     d_out: ArrayView4<'_, f32>,
 ) -> Result<(Grads, DeviceStats)> {
     let mode = DqMode::of(opts);
-    let to = padded_head_dim(STAGE, inputs.q.dim().3, &HEAD_DIMS)?;
+    let to = padded_head_dim(STAGE, inputs.q.dim().3, &STAGE_HEAD_DIMS)?;
     backward_padded(inputs, opts, (fwd, d_out), to, |i, o, f, d| {
         backward_on_device(i, o, f, d, |gpu, dev, saved| backward_device_dq(gpu, dev, saved, mode))
     })
@@ -341,7 +389,7 @@ pub fn backward_version_with_stats(
     version: u32,
 ) -> Result<(Grads, DeviceStats)> {
     let mode = DqMode::of(opts);
-    let to = padded_head_dim(STAGE, inputs.q.dim().3, &HEAD_DIMS)?;
+    let to = padded_head_dim(STAGE, inputs.q.dim().3, &STAGE_HEAD_DIMS)?;
     backward_padded(inputs, opts, (fwd, d_out), to, |i, o, f, d| {
         backward_on_device(i, o, f, d, |gpu, dev, saved| {
             backward_device_version(gpu, dev, saved, mode, version)
@@ -363,7 +411,9 @@ mod tests {
     /// sm_80 / sm_90 block (227 KiB), and its dQ blocks of 16 rows cover the tile's rows.
     #[test]
     fn the_tf32_backward_tilings_fit_a_block() {
-        for d in HEAD_DIMS {
+        for d in STAGE_HEAD_DIMS {
+            let (rows, keys) = tf32_forward_tiles(d);
+            assert!(4 * (rows + 4 * keys) * (d + 4) <= 227 * 1024, "d {d}: the forward");
             let t = Tf32Tiles::at(d);
             assert!(t.shared_bytes(d, true) <= 227 * 1024, "d {d}: {t:?}");
             assert!(Tf32Tiles::dq_pass_shared_bytes(d) <= 227 * 1024, "d {d}: the dQ pass");

@@ -8,8 +8,8 @@ use attn_core::testing::{
 };
 use attn_core::{Shape, Stage};
 use attn_cuda::skip_without_device;
-use attn_flash2::gpu::HEAD_DIMS;
 use attn_flash2::gpu::versions::{Track, VERSIONS, Version, versions};
+use attn_flash2::gpu::{HEAD_DIMS, STAGE_HEAD_DIMS};
 use attn_flash2::{Flash2Cpu, Flash2Cuda};
 use proptest::prelude::*;
 
@@ -43,7 +43,8 @@ fn every_forward_version_matches_the_reference() {
             eprintln!("skipped version 8: no tf32 mma.sync before sm_80");
             continue;
         }
-        for d in attn_flash2::gpu::HEAD_DIMS {
+        // (the 3xTF32 versions at d = 256 too)
+        for d in HEAD_DIMS.into_iter().chain(v.is_tf32().then_some(256)) {
             // with a mask, a bias and dropout; and without (version 8's other kernel), with
             // fewer queries than keys
             for (causal, mods) in [(false, true), (true, true), (false, false), (true, false)] {
@@ -90,7 +91,7 @@ fn every_backward_version_matches_the_reference() {
             eprintln!("skipped version {version}: no tf32 mma.sync before sm_80");
             continue;
         }
-        for d in attn_flash2::gpu::HEAD_DIMS {
+        for d in HEAD_DIMS.into_iter().chain(v.is_tf32().then_some(256)) {
             for (causal, mods) in [(false, true), (true, true), (false, false), (true, false)] {
                 let (n_q, n_k) = if causal { (200, 150) } else { (150, 333) };
                 let case = Case {
@@ -145,7 +146,7 @@ fn deterministic_dq_pass_matches_the_reference() {
     if skip_without_device() {
         return;
     }
-    for d in attn_flash2::gpu::HEAD_DIMS {
+    for d in STAGE_HEAD_DIMS {
         let case = Case {
             causal: true,
             mask: MaskKind::KeyPadding,
@@ -175,11 +176,7 @@ fn flash2_gpu_every_head_dim_with_gqa_cross_attention_masks_and_dropout() {
     if skip_without_device() {
         return;
     }
-    fused::whole_contract_at_head_dims(
-        &Flash2Cuda,
-        MaskKind::KeyPadding,
-        &attn_flash2::gpu::HEAD_DIMS,
-    );
+    fused::whole_contract_at_head_dims(&Flash2Cuda, MaskKind::KeyPadding, &STAGE_HEAD_DIMS);
 }
 
 #[test]
@@ -187,7 +184,7 @@ fn flash2_gpu_edge_cases() {
     if skip_without_device() {
         return;
     }
-    fused::edge_cases_at(&Flash2Cuda, &Flash2Cpu, &attn_flash2::gpu::HEAD_DIMS);
+    fused::edge_cases_at(&Flash2Cuda, &Flash2Cpu, &STAGE_HEAD_DIMS);
 }
 
 #[test]
@@ -227,13 +224,13 @@ fn flash2_gpu_at_a_realistic_size_matches_the_cpu() {
 }
 
 #[test]
-fn flash2_gpu_refuses_head_dims_above_128_and_pads_the_rest() {
-    fused::refuses_head_dims_above(&Flash2Cuda, 128);
+fn flash2_gpu_refuses_head_dims_above_256_and_pads_the_rest() {
+    fused::refuses_head_dims_above(&Flash2Cuda, 256);
     if skip_without_device() {
         return;
     }
     use attn_core::tolerance::{F32_BACKWARD, F32_FORWARD};
-    fused::pads_every_head_dim(&Flash2Cuda, 128, (F32_FORWARD, F32_BACKWARD), |x| x);
+    fused::pads_every_head_dim(&Flash2Cuda, 256, (F32_FORWARD, F32_BACKWARD), |x| x);
 }
 
 /// Every registered kernel version compiles with NVRTC (no device needed: libnvrtc alone),
@@ -258,14 +255,24 @@ fn every_kernel_version_compiles_with_nvrtc() {
                 (true, Track::TcForward | Track::TcBackward, _) => {
                     &[("sm_80", 128), ("sm_90", 64), ("sm_90", 256)]
                 }
-                (true, ..) => &[("sm_80", 0), ("sm_90", 0)],
+                // the 3xTF32 kernels, and at d = 256
+                (true, Track::Fp32Forward | Track::Fp32Backward, _) => {
+                    &[("sm_80", 0), ("sm_90", 0), ("sm_90", 256)]
+                }
             };
             archs.iter().map(move |&(arch, tc_d)| {
                 let (defines, dims): (Vec<String>, Vec<usize>) = match v.track {
-                    Track::Fp32Forward if v.is_tf32() => (vec!["-DTF32_D=96".into()], vec![96]),
+                    Track::Fp32Forward if v.is_tf32() => {
+                        let d = if tc_d == 256 { 256 } else { 96 };
+                        (vec![format!("-DTF32_D={d}")], vec![d])
+                    }
                     // the backward at each of its tilings
                     Track::Fp32Backward if v.is_tf32() => {
-                        let (d, kw, br) = if arch == "sm_80" { (96, 4, 32) } else { (128, 8, 64) };
+                        let (d, kw, br) = match (arch, tc_d) {
+                            (_, 256) => (256, 4, 16),
+                            ("sm_80", _) => (96, 4, 32),
+                            _ => (128, 8, 64),
+                        };
                         let defines = [("TF32_D", d), ("TF32B_KW", kw), ("TF32B_BR", br)];
                         (defines.iter().map(|(k, x)| format!("-D{k}={x}")).collect(), vec![d])
                     }
@@ -591,7 +598,7 @@ fn flash2cuda_takes_the_score_modifiers() {
     }
     use attn_core::tolerance::{F32_BACKWARD, F32_FORWARD};
     let tol = (F32_FORWARD, F32_BACKWARD);
-    attn_core::testing::score_mods::check(&Flash2Cuda, &[32, 64, 96, 128], tol, |x| x);
+    attn_core::testing::score_mods::check(&Flash2Cuda, &STAGE_HEAD_DIMS, tol, |x| x);
 }
 
 #[test]

@@ -29,7 +29,15 @@ fn naive_gpu_at_realistic_sizes_with_gqa_cross_attention_and_masks() {
     if skip_without_device() {
         return;
     }
-    for (n_q, n_k, d) in [(300, 700, 64), (700, 300, 128), (513, 513, 32), (200, 200, 96)] {
+    let shapes = [
+        (300, 700, 64),
+        (700, 300, 128),
+        (513, 513, 32),
+        (200, 200, 96),
+        (150, 90, 256),
+        (90, 150, 1),
+    ];
+    for (n_q, n_k, d) in shapes {
         let case = Case {
             causal: true,
             mask: MaskKind::KeyPadding,
