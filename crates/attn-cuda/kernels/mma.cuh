@@ -60,6 +60,17 @@ __device__ __forceinline__ float backward_score2(const ScoreMods& mods, bool pla
     return score(mods, false, scale, b, h, i, j, acc) * LOG2E;
 }
 
+// The softcap twins' score in a backward (`_cut`): (c log2 e) tanh((scale / c) acc) in base
+// 2 where the query sees the key (`seen`), else -inf, and in `slope` dS's factor 1 - tanh^2
+// from the same tanh. APPROX: tanh_approx (the 16-bit kernels), else tanh_exp (f32-exact).
+template <bool APPROX>
+__device__ __forceinline__ float capped_score2(float cap2, float inner, float acc, bool seen,
+                                               float& slope) {
+    const float th = APPROX ? tanh_approx(inner * acc) : tanh_exp(inner * acc);
+    slope = 1.0f - th * th;
+    return seen ? cap2 * th : NEG_INF;
+}
+
 // ANCHOR: load_rows_at
 // Rows row0 .. row0 + ROWS - 1 of a [n][D] tensor of T (16- or 32-bit) into shared memory at
 // dst, rows padded by 16 bytes (D + 8 16-bit values, D + 4 floats: the 8 rows an ldmatrix

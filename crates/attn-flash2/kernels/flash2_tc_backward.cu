@@ -113,10 +113,8 @@ __device__ void tc_backward_v7(const FlashArgs& a, const ScoreMods& mods) {
                 const int i = i0 + 8 * nb + 2 * t + (e & 1);
                 float x, slope = 1.0f;
                 if (CAP) {  // every score capped (no plain tiles), cut by the key's query range
-                    const float th = tanh_approx(inner * st[nb][e]);
                     const bool seen = i >= lo[e / 2] && i < hi[e / 2] && keys[e / 2] < a.n_k;
-                    x = seen ? cap2 * th : NEG_INF;
-                    slope = 1.0f - th * th;
+                    x = capped_score2<true>(cap2, inner, st[nb][e], seen, slope);
                 } else {
                     x = backward_score2<MODS>(mods, plain, a.scale, hd.b, hd.h, i, keys[e / 2], st[nb][e]);
                 }

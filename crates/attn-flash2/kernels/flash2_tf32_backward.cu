@@ -141,10 +141,8 @@ __device__ void tf32_backward(const FlashArgs& a, const ScoreMods& mods, const D
                 const int q = 8 * nb + 2 * t + (e & 1), i = i0 + q;
                 float x, slope = 1.0f;
                 if (CAP) {  // every score capped, cut by the key's query range
-                    const float th = tanh_exp(inner * st[nb][e]);
                     const bool seen = i >= lo[e / 2] && i < hi[e / 2] && keys[e / 2] < a.n_k;
-                    x = seen ? cap2 * th : NEG_INF;
-                    slope = 1.0f - th * th;
+                    x = capped_score2<false>(cap2, inner, st[nb][e], seen, slope);
                 } else {
                     x = backward_score2<MODS>(mods, plain, a.scale, hd.b, hd.h, i, keys[e / 2], st[nb][e]);
                 }
@@ -313,11 +311,9 @@ __device__ void tf32_backward_q(const FlashArgs& a, const ScoreMods& mods, const
             for (int e = 0; e < 4; e++) {
                 const int j = j0 + 8 * nb + 2 * t + (e & 1), r = e / 2;
                 float x, slope = 1.0f;
-                if (CAP) {
-                    const float th = tanh_exp(inner * st[nb][e]);
-                    x = j < lim[r] && j >= lo[r] ? cap2 * th : NEG_INF;
-                    slope = 1.0f - th * th;
-                } else if (plain)
+                if (CAP)
+                    x = capped_score2<false>(cap2, inner, st[nb][e], j < lim[r] && j >= lo[r], slope);
+                else if (plain)
                     x = st[nb][e] * scale2;
                 else if (!MODS)
                     x = j < lim[r] && j >= lo[r] ? st[nb][e] * scale2 : NEG_INF;
