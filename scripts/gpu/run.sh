@@ -24,18 +24,32 @@ fi
 export ATTN_GEMM="${ATTN_GEMM:-cublas}"
 echo "products: ATTN_GEMM=$ATTN_GEMM, LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}" | tee -a "$out/gpu.txt"
 
-# 1. Every GPU test (SKIP_TESTS=1 skips), and the suite's wall time.
+# 1. Every GPU test (SKIP_TESTS=1 skips), and the suite's wall time: each test in a process
+#    of its own, TEST_JOBS (5) at a time, so that one binary's NVRTC compiles and slow tests
+#    overlap with the rest (the GPU is shared; the tests do not time anything). --nocapture
+#    keeps a skipping test's "skipped:" line in its log.
 if [ -z "${SKIP_TESTS:-}" ]; then
   suite_start=$(date +%s)
+  mkdir -p "$out/tests"
+  one_test() {  # binary test-name: one line "binary test rc seconds"
+    local s=$(date +%s)
+    "$1" --exact "$2" --test-threads=1 --nocapture > "$out/tests/$(basename "$1").$2.log" 2>&1
+    echo "$(basename "$1") $2 $? $(( $(date +%s) - s ))"
+  }
+  export -f one_test; export out
   for t in $(ls "$here"/bin/test-* | grep -E -- "${TESTS:-.}"); do  # TESTS: a regex of names
-    name="$(basename "$t")"
-    start=$(date +%s)
-    if "$t" --test-threads=1 > "$out/$name.log" 2>&1; then
-      note "$name: $(grep -E '^test result' "$out/$name.log" | tail -1) [$(( $(date +%s) - start )) s]"
+    "$t" --list 2>/dev/null | sed -n 's/: test$//p' | sed "s|^|$t |"
+  done | xargs -P "${TEST_JOBS:-5}" -L 1 bash -c 'one_test "$0" "$1"' > "$out/tests.txt"
+  for name in $(cut -d' ' -f1 "$out/tests.txt" | sort -u); do
+    passed=$(awk -v b="$name" '$1 == b && $3 == 0' "$out/tests.txt" | wc -l)
+    failed=$(awk -v b="$name" '$1 == b && $3 != 0 {print $2}' "$out/tests.txt" | tr '\n' ' ')
+    slowest=$(awk -v b="$name" '$1 == b' "$out/tests.txt" | sort -k4 -n | tail -1 | cut -d' ' -f2,4)
+    if [ -z "$failed" ]; then
+      note "$name: $passed passed (slowest: ${slowest} s)"
     else
-      note "$name: FAILED (see $name.log) [$(( $(date +%s) - start )) s]"; status=1
+      note "$name: $passed passed, FAILED: $failed(see tests/$name.*.log)"; status=1
     fi
-    if grep -q "skipped:" "$out/$name.log"; then note "$name: some tests SKIPPED (no device?)"; status=1; fi
+    if grep -q "skipped:" "$out/tests/$name".*.log; then note "$name: some tests SKIPPED (no device?)"; status=1; fi
   done
   note "GPU test suite: $(( $(date +%s) - suite_start )) s"
 fi

@@ -8,7 +8,7 @@ use attn::core::flops::{backward_flops_windowed, forward_flops_windowed};
 use attn::core::memory::human_bytes;
 use attn::core::metrics::compare;
 use attn::cuda::DeviceStats;
-use attn::{Forward, Grads, Inputs, Mask, Options, Result, Shape, Stage};
+use attn::{AttnError, Forward, Grads, Inputs, Mask, Options, Result, Shape, Stage};
 use clap::Args;
 use ndarray::{Array4, ArrayView4};
 
@@ -426,10 +426,10 @@ fn gemm_backend(gpu: &'static attn::cuda::Gpu) -> String {
 /// Every kernel on a small problem that exercises the whole contract, checked against the
 /// CPU's FlashAttention-2 (only `stages` when some are named).
 fn smoke(stages: &[String]) -> Result<(), CliError> {
-    // The smallest and the largest head dimension: their kernels differ in registers and
-    // shared memory.
+    // The smallest head dimension, the largest of the CUDA-core kernels and 256: their
+    // kernels differ in registers and shared memory.
     let mut worst: f64 = 0.0;
-    for d in [32, 128] {
+    for d in [32, 128, 256] {
         worst = worse(worst, smoke_at(d, stages)?);
     }
     if worst.is_nan() || worst > 1e-3 {
@@ -537,7 +537,14 @@ fn smoke_at(d: usize, stages: &[String]) -> Result<f64, CliError> {
         if dtype != DtypeArg::F32 || !selected(stages, &name) {
             continue;
         }
-        let (fwd, _) = fwd_fn(&inputs, &opts).map_err(fail)?;
+        let (fwd, _) = match fwd_fn(&inputs, &opts) {
+            // a step of a ladder built for head dimensions up to 128 only
+            Err(AttnError::UnsupportedHeadDim { .. }) if d > 128 => {
+                println!("smoke {name} d={d}: not built for this head dimension");
+                continue;
+            }
+            other => other.map_err(fail)?,
+        };
         let Some(bwd_fn) = bwd_fn else {
             // a forward-only stage (another forward kernel of a stage)
             let err = compare(fwd.out.view(), want.out.mapv(f64::from).view()).normwise;

@@ -191,20 +191,17 @@ __device__ __forceinline__ void tile_scores(const float* Qs, const float* Ks, fl
     }
 }
 
-// Recomputes, for the tile (rows i0.., keys j0..) held in shared memory, P (undropped) and
-// dS = P * (Z * dP - D) into the thread's registers (rows ty + 16r, keys tx + 16c);
-// dP = dO V^T. dS is the raw scores' gradient (score_grad: through the softcap, and added
-// into dBias when mods asks for it).
+// P (undropped) and dS = P * (Z * dP - D) of the tile (rows i0.., keys j0..) from its
+// products S = Q_i K_j^T and dP = dO_i V_j^T, in the thread's registers (rows ty + 16r, keys
+// tx + 16c). dS is the raw scores' gradient (score_grad: through the softcap, and added into
+// dBias when mods asks for it).
 template <int D>
-__device__ __forceinline__ void tile_p_ds(const FlashArgs& a, const ScoreMods& mods,
-                                          const Dropout& drop, int b, int h, int z, int i0,
-                                          int j0, const float* Qs, const float* dOs,
-                                          const float* Ks, const float* Vs, float p[4][4],
-                                          float ds[4][4]) {
+__device__ __forceinline__ void p_ds_from_products(const FlashArgs& a, const ScoreMods& mods,
+                                                   const Dropout& drop, int b, int h, int z,
+                                                   int i0, int j0, const float s[4][4],
+                                                   const float dp[4][4], float p[4][4],
+                                                   float ds[4][4]) {
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-    float s[4][4], dp[4][4];
-    tile_scores<D>(Qs, Ks, s);   // S = Q_i K_j^T
-    tile_scores<D>(dOs, Vs, dp); // dP = dO_i V_j^T
     const bool plain = tile_plain(mods, i0, j0);
     const float* lse = (const float*)a.lse + (i64)z * a.n_q;
     const float* dvec = (const float*)a.dvec + (i64)z * a.n_q;
@@ -227,6 +224,20 @@ __device__ __forceinline__ void tile_p_ds(const FlashArgs& a, const ScoreMods& m
                 ds[r][c] = score_grad(mods, (float*)a.dbias, b, h, i, j, a.scale * s[r][c], ds[r][c]);
         }
     }
+}
+
+// Recomputes P and dS (as above) for the tile held in shared memory: S = Q_i K_j^T and
+// dP = dO_i V_j^T first.
+template <int D>
+__device__ __forceinline__ void tile_p_ds(const FlashArgs& a, const ScoreMods& mods,
+                                          const Dropout& drop, int b, int h, int z, int i0,
+                                          int j0, const float* Qs, const float* dOs,
+                                          const float* Ks, const float* Vs, float p[4][4],
+                                          float ds[4][4]) {
+    float s[4][4], dp[4][4];
+    tile_scores<D>(Qs, Ks, s);   // S = Q_i K_j^T
+    tile_scores<D>(dOs, Vs, dp); // dP = dO_i V_j^T
+    p_ds_from_products<D>(a, mods, drop, b, h, z, i0, j0, s, dp, p, ds);
 }
 
 
@@ -322,23 +333,42 @@ __device__ __forceinline__ void write_forward_rows(const FlashArgs& a, int z, in
     }
 }
 
+// Writes the thread's 4 x 4 values x (rows ty + 16r, keys tx + 16c) transposed into a
+// [BC][BR + 4] tile.
+__device__ __forceinline__ void store_transposed(const float x[4][4], float* T) {
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+    for (int r = 0; r < 4; r++)
+#pragma unroll
+        for (int c = 0; c < 4; c++) T[(tx + 16 * c) * TROW + ty + 16 * r] = x[r][c];
+}
+
+// P o Z: the thread's P of tile (i0.., j0..) times the dropout's factors, in place.
+__device__ __forceinline__ void apply_dropout(const Dropout& drop, int b, int h, int i0, int j0,
+                                              float p[4][4]) {
+    if (!drop.enabled) return;
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+        const u32 key = row_key(drop.seed, b, h, i0 + ty + 16 * r);
+#pragma unroll
+        for (int c = 0; c < 4; c++) p[r][c] *= dropout_factor(drop, key, j0 + tx + 16 * c);
+    }
+}
+
 // Writes the thread's (P o Z)^T and dS^T of tile (i0.., j0..) into [BC][BR + 4] tiles.
 __device__ __forceinline__ void store_pz_ds_transposed(const Dropout& drop, int b, int h, int i0,
                                                        int j0, const float p[4][4],
                                                        const float ds[4][4], float* PT,
                                                        float* dST) {
-    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    float pz[4][4];
 #pragma unroll
-    for (int r = 0; r < 4; r++) {
-        const u32 key = drop.enabled ? row_key(drop.seed, b, h, i0 + ty + 16 * r) : 0u;
+    for (int r = 0; r < 4; r++)
 #pragma unroll
-        for (int c = 0; c < 4; c++) {
-            float pz = p[r][c];
-            if (drop.enabled) pz *= dropout_factor(drop, key, j0 + tx + 16 * c);
-            PT[(tx + 16 * c) * TROW + ty + 16 * r] = pz;
-            dST[(tx + 16 * c) * TROW + ty + 16 * r] = ds[r][c];
-        }
-    }
+        for (int c = 0; c < 4; c++) pz[r][c] = p[r][c];
+    apply_dropout(drop, b, h, i0, j0, pz);
+    store_transposed(pz, PT);
+    store_transposed(ds, dST);
 }
 
 // dV_j += (P Z)^T dO_i and dK_j += dS^T Q_i (unscaled) for the thread's keys ty + 16r and
@@ -370,6 +400,32 @@ __device__ __forceinline__ void accumulate_dk_dv(const float* PT, const float* d
                     dv[r][c] = fmaf(pu, dov[c], dv[r][c]);
                     dk[r][c] = fmaf(du, qv[c], dk[r][c]);
                 }
+            }
+        }
+    }
+}
+
+// acc[r][.] += T[ty + 16r][.] X[., tx*CW ..] over the tile's BR query rows: one of the two
+// products of accumulate_dk_dv, for a kernel that holds dO_i and Q_i one at a time.
+template <int D>
+__device__ __forceinline__ void accumulate_transposed(const float* T, const float* X,
+                                                      float acc[4][D / 16]) {
+    constexpr int CW = D / 16;
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll 2
+    for (int rr = 0; rr < BR; rr += 4) {
+        float4 t[4];
+#pragma unroll
+        for (int r = 0; r < 4; r++) t[r] = *reinterpret_cast<const float4*>(T + (ty + 16 * r) * TROW + rr);
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            float xv[CW];
+            load_thread_cols<D>(xv, X + (rr + u) * ROW, tx);
+#pragma unroll
+            for (int r = 0; r < 4; r++) {
+                const float tu = lane(t[r], u);
+#pragma unroll
+                for (int c = 0; c < CW; c++) acc[r][c] = fmaf(tu, xv[c], acc[r][c]);
             }
         }
     }

@@ -3,7 +3,7 @@
 // OUTER loop over key/value tiles held in shared memory, the inner loop over query tiles,
 // and O, l, m read from and written back to device memory at every step. Tiles of 64 x 64
 // and the thread layout of tiles.cuh (thread (ty, tx): rows ty + 16r; keys tx + 16c;
-// output columns tx*D/16 ..).
+// output columns tx*D/16 ..). Head dimensions 32, 64, 96, 128 and 256.
 //
 // Pointers of FlashArgs used here: q, k, v; o (O), lse (l during the loop), dvec (m during
 // the loop, then D in the backward), d_out, dq, dk, dv.
@@ -98,34 +98,70 @@ extern "C" __global__ void flash1_lse(FlashArgs a, i64 rows) {
     ((float*)a.lse)[i] = l > 0.0f ? m + logf(l) : NEG_INF;
 }
 
+// ANCHOR: one_buffer
+// One step of the backward at D > 128, where K_j, V_j, Q_i, dO_i and the two transposed
+// tiles do not fit in shared memory together: Q_i and dO_i take turns in one buffer X, and
+// (P Z)^T and dS^T in one buffer T. Q_i is loaded twice (for S, then for dK); dS^T stays in T
+// for the caller's dQ.
+template <int D>
+__device__ __forceinline__ void backward_step_one_buffer(const FlashArgs& a, const ScoreMods& mods,
+                                                         const Dropout& drop, const BlockHead& hd,
+                                                         int i0, int j0, float* X, const float* Ks,
+                                                         const float* Vs, float* T,
+                                                         float (*dk)[D / 16], float (*dv)[D / 16]) {
+    float s[4][4], dp[4][4], p[4][4], ds[4][4];
+    __syncthreads();  // the previous step's tiles are no longer read
+    load_tile4<D>(X, hd.q, i0, a.n_q);
+    __syncthreads();
+    tile_scores<D>(X, Ks, s);  // S = Q_i K_j^T
+    __syncthreads();
+    load_tile4<D>(X, hd.d_out, i0, a.n_q);
+    __syncthreads();
+    tile_scores<D>(X, Vs, dp);  // dP = dO_i V_j^T
+    p_ds_from_products<D>(a, mods, drop, hd.b, hd.h, hd.z, i0, j0, s, dp, p, ds);
+    apply_dropout(drop, hd.b, hd.h, i0, j0, p);
+    store_transposed(p, T);
+    __syncthreads();
+    accumulate_transposed<D>(T, X, dv);  // dV_j += (P Z)^T dO_i
+    __syncthreads();
+    store_transposed(ds, T);
+    load_tile4<D>(X, hd.q, i0, a.n_q);
+    __syncthreads();
+    accumulate_transposed<D>(T, X, dk);  // dK_j += dS^T Q_i
+}
+// ANCHOR_END: one_buffer
+
 // Backward, Algorithm 4: one block per (batch, head); the outer loop over key tiles keeps
 // dK_j, dV_j in registers; the inner loop over query tiles adds tau dS K_j into dQ_i in HBM
 // (read, add, write: only this block touches this head's dQ). D = rowsum(dO o O) comes
 // precomputed in a.dvec. dK, dV per query head (summed per GQA group by the host).
 template <int D>
 __device__ void flash1_backward(const FlashArgs& a, const ScoreMods& mods, const Dropout& drop) {
+    constexpr bool ONE_BUFFER = D > 128;  // Q_i and dO_i take turns (backward_step_one_buffer)
     extern __shared__ float4 smem4[];
     float* Ks = reinterpret_cast<float*>(smem4);
     float* Vs = Ks + BC * ROW;
     float* Qs = Vs + BC * ROW;
-    float* dOs = Qs + BR * ROW;
-    float* PT = dOs + BR * ROW;   // [BC][BR + 4]: (P Z)^T
-    float* dST = PT + BC * TROW;  // [BC][BR + 4]: dS^T (also read row-wise for dQ)
+    float* dOs = Qs + BR * ROW;   // unused when ONE_BUFFER
+    float* PT = ONE_BUFFER ? dOs : dOs + BR * ROW;  // [BC][BR + 4]: (P Z)^T
+    float* dST = ONE_BUFFER ? PT : PT + BC * TROW;  // [BC][BR + 4]: dS^T (read row-wise for dQ)
     constexpr int CW = D / 16;
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
     const BlockHead hd = block_head<D>(a, blockIdx.x);  // one block per head
-    const auto [z, b, h, q, dout, k, v] = hd;
-    float* dQ = (float*)a.dq + (i64)z * a.n_q * D;
+    float* dQ = (float*)a.dq + (i64)hd.z * a.n_q * D;
 
     for (int j0 = 0; j0 < a.n_k; j0 += BC) {
         __syncthreads();
-        load_tile4<D>(Ks, k, j0, a.n_k);
-        load_tile4<D>(Vs, v, j0, a.n_k);
+        load_tile4<D>(Ks, hd.k, j0, a.n_k);
+        load_tile4<D>(Vs, hd.v, j0, a.n_k);
         float dk[4][CW] = {}, dv[4][CW] = {};
         for (int i0 = 0; i0 < a.n_q; i0 += BR) {
             const int last = min(i0 + BR, a.n_q) - 1;
             if (j0 >= key_end(mods, last)) continue;
-            backward_step<D>(a, mods, drop, hd, i0, j0, Qs, dOs, Ks, Vs, PT, dST, dk, dv);
+            if constexpr (ONE_BUFFER)
+                backward_step_one_buffer<D>(a, mods, drop, hd, i0, j0, Qs, Ks, Vs, PT, dk, dv);
+            else
+                backward_step<D>(a, mods, drop, hd, i0, j0, Qs, dOs, Ks, Vs, PT, dST, dk, dv);
             // dQ_i += tau dS K_j, in HBM: rows ty + 16r, columns tx*CW ..
 #pragma unroll
             for (int r = 0; r < 4; r++) {
@@ -137,7 +173,7 @@ __device__ void flash1_backward(const FlashArgs& a, const ScoreMods& mods, const
                 for (int c = 0; c < CW; c++) dQ[(i64)i * D + thread_col<D>(tx, c)] += a.scale * acc[c];
             }
         }
-        store_dk_dv<D>(a, z, j0, dk, dv);
+        store_dk_dv<D>(a, hd.z, j0, dk, dv);
     }
 }
 
@@ -154,3 +190,4 @@ FLASH1_KERNELS(32)
 FLASH1_KERNELS(64)
 FLASH1_KERNELS(96)
 FLASH1_KERNELS(128)
+FLASH1_KERNELS(256)
