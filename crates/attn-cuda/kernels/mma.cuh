@@ -13,6 +13,44 @@ __device__ __forceinline__ float ex2_ftz(float x) {
     return y;
 }
 
+// Pairs of fp16 in one register (the first in the low half), for the softcapped forward's
+// tiles (sm_80 on): packing and widening, and tanh, max, fma and 2^x on both halves at once
+// — one special-function instruction for two scores.
+__device__ __forceinline__ u32 pack_f16x2(float lo, float hi) {
+    u32 h;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(h) : "f"(hi), "f"(lo));
+    return h;
+}
+__device__ __forceinline__ float2 widen_f16x2(u32 h) {
+    float2 r;
+    asm("{\n\t.reg .b16 lo, hi;\n\tmov.b32 {lo, hi}, %2;\n\tcvt.f32.f16 %0, lo;\n\t"
+        "cvt.f32.f16 %1, hi;\n\t}"
+        : "=f"(r.x), "=f"(r.y)
+        : "r"(h));
+    return r;
+}
+__device__ __forceinline__ float round_f16(float x) { return widen_f16x2(pack_f16x2(x, x)).x; }
+__device__ __forceinline__ u32 tanh_f16x2(u32 h) {
+    u32 t;
+    asm("tanh.approx.f16x2 %0, %1;" : "=r"(t) : "r"(h));
+    return t;
+}
+__device__ __forceinline__ u32 max_f16x2(u32 a, u32 b) {
+    u32 c;
+    asm("max.f16x2 %0, %1, %2;" : "=r"(c) : "r"(a), "r"(b));
+    return c;
+}
+__device__ __forceinline__ u32 fma_f16x2(u32 a, u32 b, u32 c) {
+    u32 d;
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+__device__ __forceinline__ u32 ex2_f16x2(u32 h) {
+    u32 y;
+    asm("ex2.approx.f16x2 %0, %1;" : "=r"(y) : "r"(h));
+    return y;
+}
+
 // N accumulator fragments (4 floats each) set to zero.
 template <int N>
 __device__ __forceinline__ void zero_frags(float (*x)[4]) {
@@ -199,7 +237,13 @@ __device__ __forceinline__ void ldsm_x4_trans_at(u32* r, unsigned a) {
 // CUT = false is a kernel for masks and bias without the window, softcap or ALiBi). DROP (the
 // f32 kernel, flash2_tf32.cu): s becomes P~ times the dropout factor (zero or 1 / (1 - p),
 // the CPU's hash of row key[r] and key j), while l sums P~ itself.
-template <int D, int FAST = 0, int KB = 64, bool MODS = true, bool DROP = false, bool CUT = true>
+// CAP (the 16-bit forward's kernel for the softcap without mask, bias or ALiBi): a tile that
+// every row of the warp sees whole is softcapped in pairs of fp16 — tanh, the max, the
+// exponent c log2 e tanh - m (one fma) and 2^x, each one instruction for two scores — with
+// m rounded to fp16 so that the exponents, l and lse agree. The exponent carries fp16's
+// rounding (2^-11 of |x - m|; P is rounded to 16 bits for P V after it anyway).
+template <int D, int FAST = 0, int KB = 64, bool MODS = true, bool DROP = false, bool CUT = true,
+          bool CAP = false>
 __device__ __forceinline__ void tc_softmax_step(const FlashArgs& a, const ScoreMods& mods, int b,
                                                 int h, int i0, int j0, const int* rows,
                                                 float (*s)[4], float* m, float* l, float (*o)[4],
@@ -210,6 +254,7 @@ __device__ __forceinline__ void tc_softmax_step(const FlashArgs& a, const ScoreM
     const bool plain = tile_plain(mods, i0, j0, KB);
     const bool fold = FAST >= 2 && plain;
     const float scale2 = a.scale * LOG2E;
+    bool capped = false;  // s holds tanh of a whole softcapped tile (set below)
     float mx[2] = {NEG_INF, NEG_INF};
     if (fold) {  // the max of s (of -s if scale < 0: then the max of scale · s is at its min)
         if (a.scale > 0.0f) {
@@ -236,20 +281,42 @@ __device__ __forceinline__ void tc_softmax_step(const FlashArgs& a, const ScoreM
         const int lo[2] = {CUT ? key_start(mods, rows[0]) : 0, CUT ? key_start(mods, rows[1]) : 0};
         const int lim[2] = {key_end(mods, rows[0]), key_end(mods, rows[1])};
         // the softcap c tanh(scale s / c), in base 2: (c log2 e) tanh((scale / c) s); f32-exact
-        // in the f32 kernel (DROP), one instruction in the 16-bit ones (tanh_approx)
+        // in the f32 kernel (DROP), one instruction a pair of scores in the 16-bit ones
         const bool cap = CUT && mods.softcap > 0.0f;
         const float cap2 = mods.softcap * LOG2E, inner = a.scale * mods.inv_softcap;
+        // CAP: a tile inside every row's band; s[nb][e] holds the pair (e, e + 1)'s tanh,
+        // packed, until the exponent; the max is of tanh, times c log2 e after (c > 0)
+        capped = CAP && cap &&
+                 __all_sync(0xffffffffu, j0 >= lo[0] && j0 >= lo[1] && j0 + KB <= lim[0] &&
+                                             j0 + KB <= lim[1]);
+        if (capped) {
+            u32 hm[2] = {0xFC00FC00u, 0xFC00FC00u};  // (-inf, -inf)
 #pragma unroll
-        for (int nb = 0; nb < KB / 8; nb++)
+            for (int nb = 0; nb < KB / 8; nb++)
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int j = j0 + 8 * nb + 2 * t + (e & 1);
-                const float x = !cap ? s[nb][e] * scale2
-                                : DROP ? softcap_score(mods, s[nb][e] * a.scale) * LOG2E
-                                       : cap2 * tanh_approx(inner * s[nb][e]);
-                s[nb][e] = j < lim[e / 2] && (!CUT || j >= lo[e / 2]) ? x : NEG_INF;
-                mx[e / 2] = fmaxf(mx[e / 2], s[nb][e]);
+                for (int e = 0; e < 4; e += 2) {  // (e, e + 1): two keys of one row
+                    const u32 th = tanh_f16x2(pack_f16x2(inner * s[nb][e], inner * s[nb][e + 1]));
+                    s[nb][e] = __uint_as_float(th);
+                    hm[e / 2] = max_f16x2(hm[e / 2], th);
+                }
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                const float2 x = widen_f16x2(hm[r]);
+                mx[r] = fmaxf(x.x, x.y);
             }
+        } else {
+#pragma unroll
+            for (int nb = 0; nb < KB / 8; nb++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int j = j0 + 8 * nb + 2 * t + (e & 1);
+                    const float x = !cap ? s[nb][e] * scale2
+                                    : DROP ? softcap_score(mods, s[nb][e] * a.scale) * LOG2E
+                                           : cap2 * tanh_approx(inner * s[nb][e]);
+                    s[nb][e] = j < lim[e / 2] && (!CUT || j >= lo[e / 2]) ? x : NEG_INF;
+                    mx[e / 2] = fmaxf(mx[e / 2], s[nb][e]);
+                }
+        }
     } else {
 #pragma unroll
         for (int nb = 0; nb < KB / 8; nb++)
@@ -267,7 +334,9 @@ __device__ __forceinline__ void tc_softmax_step(const FlashArgs& a, const ScoreM
         mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
         mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
         if (fold) mx[r] *= fabsf(scale2);
-        const float m_new = fmaxf(m[r], mx[r]);
+        if (capped) mx[r] *= mods.softcap * LOG2E;
+        float m_new = fmaxf(m[r], mx[r]);
+        if (capped) m_new = round_f16(m_new);
         alpha[r] = m[r] == NEG_INF ? 0.0f : exp2f(m[r] - m_new);
         m[r] = m_new;
         l[r] *= alpha[r];
@@ -280,6 +349,21 @@ __device__ __forceinline__ void tc_softmax_step(const FlashArgs& a, const ScoreM
             o[c][2] *= alpha[1];
             o[c][3] *= alpha[1];
         }
+    }
+    if (capped) {  // P~ = 2^(c log2 e tanh - m), by pairs
+        const u32 c2 = pack_f16x2(mods.softcap * LOG2E, mods.softcap * LOG2E);
+        const u32 neg_m[2] = {pack_f16x2(-m[0], -m[0]), pack_f16x2(-m[1], -m[1])};
+#pragma unroll
+        for (int nb = 0; nb < KB / 8; nb++)
+#pragma unroll
+            for (int e = 0; e < 4; e += 2) {
+                const u32 x = fma_f16x2(__float_as_uint(s[nb][e]), c2, neg_m[e / 2]);
+                const float2 p = widen_f16x2(ex2_f16x2(x));
+                l[e / 2] += p.x + p.y;
+                s[nb][e] = p.x;
+                s[nb][e + 1] = p.y;
+            }
+        return;
     }
 #pragma unroll
     for (int nb = 0; nb < KB / 8; nb++)

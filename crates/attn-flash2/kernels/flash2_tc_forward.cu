@@ -7,7 +7,9 @@
 // calls without mask or bias, where a score is cut only on the causal diagonal and at the
 // keys' end (one comparison), and one (_mods) for the rest; each has a twin (_cut) that also
 // takes the sliding window, the softcap and ALiBi, built apart because those registers
-// would cost the plain calls' kernels their speed at d = 128. With a causal mask the blocks
+// would cost the plain calls' kernels their speed at d = 128; and the softcap without mask,
+// bias or ALiBi has one of its own (_cap), whose tiles inside the band are softcapped in
+// pairs of fp16 (tc_softmax_step's CAP). With a causal mask the blocks
 // with the most tiles are launched first. Prepended: contract.cuh, tiles.cuh, mma.cuh
 // (attn-cuda) and tc.cuh; compiled for one type and head dimension (TC_BF16, TC_D).
 
@@ -19,7 +21,7 @@
 // mma.cuh). The compiler cannot see the trip count of a strided copy loop, and would
 // re-derive rows, columns and 64-bit addresses for every 16 bytes.
 
-template <int D, bool BF16, bool MODS, int KB, bool CUT = true, int MT = 2>
+template <int D, bool BF16, bool MODS, int KB, bool CUT = true, int MT = 2, bool CAP = false>
 __device__ void tc_forward_v14(const FlashArgs& a, const ScoreMods& mods) {
     constexpr int S = D + 8, QR = MT * TC_BR;  // row stride (values); query rows a block
     constexpr unsigned KVB = KB * S * 2;      // bytes of one K or V buffer
@@ -93,7 +95,7 @@ __device__ void tc_forward_v14(const FlashArgs& a, const ScoreMods& mods) {
         }
 #pragma unroll
         for (int mt = 0; mt < MT; mt++)
-            tc_softmax_step<D, 2, KB, MODS, false, CUT>(a, mods, hd.b, hd.h, i0 + 64 * mt, j0,
+            tc_softmax_step<D, 2, KB, MODS, false, CUT, CAP>(a, mods, hd.b, hd.h, i0 + 64 * mt, j0,
                                                         rows[mt], s[mt], m[mt], l[mt], o[mt]);
 
 #pragma unroll
@@ -132,6 +134,9 @@ extern "C" __global__ void TC_FORWARD_BOUNDS flash2_tc_forward(FlashArgs a, Scor
 }
 extern "C" __global__ void TC_FORWARD_BOUNDS flash2_tc_forward_cut(FlashArgs a, ScoreMods m) {
     tc_forward_v14<TC_D, TC_BF16, false, TC_BC, true, TC_MT>(a, m);
+}
+extern "C" __global__ void TC_FORWARD_BOUNDS flash2_tc_forward_cap(FlashArgs a, ScoreMods m) {
+    tc_forward_v14<TC_D, TC_BF16, false, TC_BC, true, TC_MT, true>(a, m);
 }
 extern "C" __global__ void TC_FORWARD_BOUNDS flash2_tc_forward_mods(FlashArgs a, ScoreMods m) {
     tc_forward_v14<TC_D, TC_BF16, true, TC_BC, false, TC_MT>(a, m);

@@ -291,6 +291,9 @@ fn every_kernel_version_compiles_with_nvrtc() {
                     .collect();
                 entries.sort();
                 entries.dedup();
+                if v.ships() && v.track == Track::TcForward {
+                    entries.push(v.forward_kernel_name(tc_d, false, true, true));
+                }
                 if v.ships() && v.track == Track::TcBackward {
                     entries.extend(["tc_row_dot".into(), "tc_group_sum".into()]);
                 }

@@ -205,8 +205,8 @@ pub fn forward_version_with_stats<T: TcFloat>(
         (gpu.upload_array(inputs.q)?, gpu.upload_array(inputs.k)?, gpu.upload_array(inputs.v)?);
     let score = ScoreInputs::upload(gpu, &p)?;
     let (with_mods, cut) = (needs_mods_kernel(&p), needs_cut_kernel(&p));
-    let f = tc_function::<T>(gpu, v, d, &v.kernel_name_cut(d, with_mods, cut))?;
-    let f = with_shared_bytes(f, shared_bytes(version, d))?;
+    let name = v.forward_kernel_name(d, with_mods, cut, p.softcap.is_some());
+    let f = with_shared_bytes(tc_function::<T>(gpu, v, d, &name)?, shared_bytes(version, d))?;
     let z = batch * heads;
     let ((out, lse), stats) = measured(gpu, || {
         let out: DeviceBuffer<T> = gpu.uninit(z * n_q * d)?;

@@ -354,6 +354,25 @@ impl Version {
         if cut && self.has_cut_kernel() && !backward_mods { format!("{name}_cut") } else { name }
     }
 
+    /// The forward's kernel for a call with a mask or bias when `with_mods`, with a window,
+    /// softcap or ALiBi when `cut`, with the softcap when `softcap`: in the shipped
+    /// tensor-core forward, the softcap without mask, bias or ALiBi has a kernel of its own
+    /// (`_cap`, which softcaps the tiles inside the band in pairs of fp16); otherwise
+    /// [`Version::kernel_name_cut`].
+    pub fn forward_kernel_name(
+        &self,
+        d: usize,
+        with_mods: bool,
+        cut: bool,
+        softcap: bool,
+    ) -> String {
+        if softcap && !with_mods && self.ships() && self.track == TcForward {
+            format!("{}_cap", self.kernel_name(d, false))
+        } else {
+            self.kernel_name_cut(d, with_mods, cut)
+        }
+    }
+
     /// The name of the kernel to launch at head dimension `d`, for a call with a mask or bias
     /// when `with_mods` (the backward's with dQ by atomics). The CUDA-core fp32 kernels are
     /// compiled for every head dimension in one module (`_d{d}`); the others' modules for
@@ -478,6 +497,9 @@ mod tests {
         let v14 = tc(Track::TcForward, 14);
         assert_eq!(v14.kernel_name_cut(64, true, true), "flash2_tc_forward_mods_cut");
         assert_eq!(v14.kernel_name_cut(64, false, false), "flash2_tc_forward");
+        assert_eq!(v14.forward_kernel_name(64, false, true, true), "flash2_tc_forward_cap");
+        assert_eq!(v14.forward_kernel_name(64, true, true, true), "flash2_tc_forward_mods_cut");
+        assert_eq!(v14.forward_kernel_name(64, false, true, false), "flash2_tc_forward_cut");
         assert_eq!(
             tc(Track::TcForward, 11).kernel_name_cut(64, false, true),
             "flash2_tc_forward_v11"
