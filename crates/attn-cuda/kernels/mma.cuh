@@ -253,7 +253,7 @@ __device__ __forceinline__ void tc_softmax_step(const FlashArgs& a, const ScoreM
     const int t = threadIdx.x % 4;
     const bool plain = tile_plain(mods, i0, j0, KB);
     const bool fold = FAST >= 2 && plain;
-    const float scale2 = a.scale * LOG2E;
+    const float scale2 = a.scale * LOG2E, cap2 = mods.softcap * LOG2E;
     bool capped = false;  // s holds tanh of a whole softcapped tile (set below)
     float mx[2] = {NEG_INF, NEG_INF};
     if (fold) {  // the max of s (of -s if scale < 0: then the max of scale · s is at its min)
@@ -283,7 +283,7 @@ __device__ __forceinline__ void tc_softmax_step(const FlashArgs& a, const ScoreM
         // the softcap c tanh(scale s / c), in base 2: (c log2 e) tanh((scale / c) s); f32-exact
         // in the f32 kernel (DROP), one instruction a pair of scores in the 16-bit ones
         const bool cap = CUT && mods.softcap > 0.0f;
-        const float cap2 = mods.softcap * LOG2E, inner = a.scale * mods.inv_softcap;
+        const float inner = a.scale * mods.inv_softcap;
         // CAP: a tile inside every row's band; s[nb][e] holds the pair (e, e + 1)'s tanh,
         // packed, until the exponent; the max is of tanh, times c log2 e after (c > 0)
         capped = CAP && cap &&
@@ -334,7 +334,7 @@ __device__ __forceinline__ void tc_softmax_step(const FlashArgs& a, const ScoreM
         mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
         mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
         if (fold) mx[r] *= fabsf(scale2);
-        if (capped) mx[r] *= mods.softcap * LOG2E;
+        if (capped) mx[r] *= cap2;
         float m_new = fmaxf(m[r], mx[r]);
         if (capped) m_new = round_f16(m_new);
         alpha[r] = m[r] == NEG_INF ? 0.0f : exp2f(m[r] - m_new);
@@ -350,8 +350,9 @@ __device__ __forceinline__ void tc_softmax_step(const FlashArgs& a, const ScoreM
             o[c][3] *= alpha[1];
         }
     }
+    // ANCHOR: softcap_pairs
     if (capped) {  // P~ = 2^(c log2 e tanh - m), by pairs
-        const u32 c2 = pack_f16x2(mods.softcap * LOG2E, mods.softcap * LOG2E);
+        const u32 c2 = pack_f16x2(cap2, cap2);
         const u32 neg_m[2] = {pack_f16x2(-m[0], -m[0]), pack_f16x2(-m[1], -m[1])};
 #pragma unroll
         for (int nb = 0; nb < KB / 8; nb++)
@@ -365,6 +366,7 @@ __device__ __forceinline__ void tc_softmax_step(const FlashArgs& a, const ScoreM
             }
         return;
     }
+    // ANCHOR_END: softcap_pairs
 #pragma unroll
     for (int nb = 0; nb < KB / 8; nb++)
 #pragma unroll

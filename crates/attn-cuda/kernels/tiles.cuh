@@ -371,52 +371,19 @@ __device__ __forceinline__ void store_pz_ds_transposed(const Dropout& drop, int 
     store_transposed(ds, dST);
 }
 
-// dV_j += (P Z)^T dO_i and dK_j += dS^T Q_i (unscaled) for the thread's keys ty + 16r and
-// columns tx*CW .., four query rows at a time.
+// acc[r][.] += A[ty + 16r][.] X[., tx*CW ..]: the thread's rows of a 64 x 64 tile A in
+// shared memory (rows padded to BC + 4; BR = BC) times the 64 rows of X, four at a time —
+// dV_j += (P Z)^T dO_i and dK_j += dS^T Q_i, or dQ_i += dS K_j.
 template <int D>
-__device__ __forceinline__ void accumulate_dk_dv(const float* PT, const float* dST,
-                                                 const float* dOs, const float* Qs,
-                                                 float dk[4][D / 16], float dv[4][D / 16]) {
-    constexpr int CW = D / 16;
-    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-#pragma unroll 2
-    for (int rr = 0; rr < BR; rr += 4) {
-        float4 pz[4], dsv[4];
-#pragma unroll
-        for (int r = 0; r < 4; r++) {
-            pz[r] = *reinterpret_cast<const float4*>(PT + (ty + 16 * r) * TROW + rr);
-            dsv[r] = *reinterpret_cast<const float4*>(dST + (ty + 16 * r) * TROW + rr);
-        }
-#pragma unroll
-        for (int u = 0; u < 4; u++) {
-            float dov[CW], qv[CW];
-            load_thread_cols<D>(dov, dOs + (rr + u) * ROW, tx);
-            load_thread_cols<D>(qv, Qs + (rr + u) * ROW, tx);
-#pragma unroll
-            for (int r = 0; r < 4; r++) {
-                const float pu = lane(pz[r], u), du = lane(dsv[r], u);
-#pragma unroll
-                for (int c = 0; c < CW; c++) {
-                    dv[r][c] = fmaf(pu, dov[c], dv[r][c]);
-                    dk[r][c] = fmaf(du, qv[c], dk[r][c]);
-                }
-            }
-        }
-    }
-}
-
-// acc[r][.] += T[ty + 16r][.] X[., tx*CW ..] over the tile's BR query rows: one of the two
-// products of accumulate_dk_dv, for a kernel that holds dO_i and Q_i one at a time.
-template <int D>
-__device__ __forceinline__ void accumulate_transposed(const float* T, const float* X,
-                                                      float acc[4][D / 16]) {
+__device__ __forceinline__ void accumulate_tile_product(const float* A, const float* X,
+                                                        float acc[4][D / 16]) {
     constexpr int CW = D / 16;
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
 #pragma unroll 2
     for (int rr = 0; rr < BR; rr += 4) {
         float4 t[4];
 #pragma unroll
-        for (int r = 0; r < 4; r++) t[r] = *reinterpret_cast<const float4*>(T + (ty + 16 * r) * TROW + rr);
+        for (int r = 0; r < 4; r++) t[r] = *reinterpret_cast<const float4*>(A + (ty + 16 * r) * TROW + rr);
 #pragma unroll
         for (int u = 0; u < 4; u++) {
             float xv[CW];
@@ -429,6 +396,16 @@ __device__ __forceinline__ void accumulate_transposed(const float* T, const floa
             }
         }
     }
+}
+
+// dV_j += (P Z)^T dO_i and dK_j += dS^T Q_i (unscaled) for the thread's keys ty + 16r and
+// columns tx*CW ...
+template <int D>
+__device__ __forceinline__ void accumulate_dk_dv(const float* PT, const float* dST,
+                                                 const float* dOs, const float* Qs,
+                                                 float dk[4][D / 16], float dv[4][D / 16]) {
+    accumulate_tile_product<D>(PT, dOs, dv);
+    accumulate_tile_product<D>(dST, Qs, dk);
 }
 
 // One (query tile i0, key tile j0) step of a backward that holds K_j, V_j and accumulates

@@ -61,13 +61,19 @@ pub const HEAD_DIMS: [usize; 4] = [32, 64, 96, 128];
 /// Refuses a head dimension the fused kernels of `stage` are not built for, naming those
 /// they are.
 pub fn check_head_dim(stage: &'static str, d: usize) -> Result<()> {
-    if HEAD_DIMS.contains(&d) {
+    check_head_dim_in(stage, d, &HEAD_DIMS)
+}
+
+/// [`check_head_dim`] for a stage whose kernels are built for `dims`.
+pub fn check_head_dim_in(stage: &'static str, d: usize, dims: &[usize]) -> Result<()> {
+    if dims.contains(&d) {
         return Ok(());
     }
+    let list: Vec<String> = dims.iter().map(usize::to_string).collect();
     Err(AttnError::UnsupportedHeadDim {
         stage,
         head_dim: d,
-        supported: "32, 64, 96, 128 (use the CPU stages, or pad the head dimension)".into(),
+        supported: format!("{} (use the CPU stages, or pad the head dimension)", list.join(", ")),
     })
 }
 

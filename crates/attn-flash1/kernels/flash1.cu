@@ -122,12 +122,12 @@ __device__ __forceinline__ void backward_step_one_buffer(const FlashArgs& a, con
     apply_dropout(drop, hd.b, hd.h, i0, j0, p);
     store_transposed(p, T);
     __syncthreads();
-    accumulate_transposed<D>(T, X, dv);  // dV_j += (P Z)^T dO_i
+    accumulate_tile_product<D>(T, X, dv);  // dV_j += (P Z)^T dO_i
     __syncthreads();
     store_transposed(ds, T);
     load_tile4<D>(X, hd.q, i0, a.n_q);
     __syncthreads();
-    accumulate_transposed<D>(T, X, dk);  // dK_j += dS^T Q_i
+    accumulate_tile_product<D>(T, X, dk);  // dK_j += dS^T Q_i
 }
 // ANCHOR_END: one_buffer
 

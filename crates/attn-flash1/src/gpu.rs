@@ -10,7 +10,7 @@
 //! Head dimensions 32, 64, 96, 128 and 256; the rest zero-padded to the next. At 256, Q_i and
 //! dO_i take turns in one shared-memory buffer in the backward (`backward_step_one_buffer`).
 
-use attn_core::{AttnError, Forward, Grads, Inputs, Options, Result, Shape};
+use attn_core::{Forward, Grads, Inputs, Options, Result, Shape};
 use attn_cuda::pad::{backward_padded, forward_padded, padded_head_dim};
 
 /// How errors name this stage.
@@ -18,7 +18,7 @@ const STAGE: &str = "flash1 (cuda)";
 use attn_cuda::{
     CONTRACT_HEADER, CudaFunction, DeviceBuffer, DeviceForward, DeviceProblem, DeviceSaved,
     DeviceStats, FlashArgs, FusedBackward, Gpu, PushKernelArg, TILES, backward_on_device,
-    blocks_for, cuda_err, forward_on_device, fused_kernel, grid, launch_fused,
+    blocks_for, check_head_dim_in, cuda_err, forward_on_device, fused_kernel, grid, launch_fused,
 };
 use ndarray::ArrayView4;
 
@@ -32,24 +32,11 @@ const TILE: usize = 64;
 /// The head dimensions the kernels are built for.
 pub const HEAD_DIMS: [usize; 5] = [32, 64, 96, 128, 256];
 
-/// Refuses a head dimension the kernels are not built for, naming those they are.
-fn check_head_dim(d: usize) -> Result<()> {
-    if HEAD_DIMS.contains(&d) {
-        return Ok(());
-    }
-    Err(AttnError::UnsupportedHeadDim {
-        stage: STAGE,
-        head_dim: d,
-        supported: format!("{HEAD_DIMS:?} (the stage pads the others up to 256)"),
-    })
-}
-
 fn kernel(gpu: &Gpu, name: &str, d: usize) -> Result<(CudaFunction, u32)> {
     let (t, row) = (TILE, d + 4);
     let floats = match name {
-        // K_j, V_j, Q_i, P; and the backward at d > 128: K_j, V_j, Q_i or dO_i, Pᵀ or dSᵀ
-        "forward" => 3 * t * row + t * (t + 4),
-        _ if d > 128 => 3 * t * row + t * (t + 4),
+        // K_j, V_j, Q_i, P; the backward at d > 128: K_j, V_j, Q_i or dO_i, Pᵀ or dSᵀ
+        _ if name == "forward" || d > 128 => 3 * t * row + t * (t + 4),
         _ => 4 * t * row + 2 * t * (t + 4), // K_j, V_j, Q_i, dO_i, Pᵀ, dSᵀ
     };
     let sources = [CONTRACT_HEADER, TILES, KERNELS];
@@ -60,7 +47,7 @@ fn kernel(gpu: &Gpu, name: &str, d: usize) -> Result<(CudaFunction, u32)> {
 /// The fused forward on uploaded tensors: (O, lse) on the device.
 pub fn forward_device(gpu: &'static Gpu, dev: &DeviceProblem) -> Result<DeviceForward> {
     let Shape { batch, heads, n_q, head_dim: d, .. } = dev.shape;
-    check_head_dim(d)?;
+    check_head_dim_in(STAGE, d, &HEAD_DIMS)?;
     let z = batch * heads;
     // O, ℓ, m in device memory ("HBM"), initialised as in Algorithm 1, line 2.
     let out = gpu.zeros::<f32>(z * n_q * d)?;
@@ -93,7 +80,7 @@ pub fn backward_device(
     saved: &DeviceSaved,
 ) -> Result<[DeviceBuffer<f32>; 3]> {
     let Shape { batch, heads, head_dim: d, .. } = dev.shape;
-    check_head_dim(d)?;
+    check_head_dim_in(STAGE, d, &HEAD_DIMS)?;
     // dQ is read, added to and written back for every key tile: it starts at zero.
     let bwd = FusedBackward::new(gpu, dev, saved, true)?;
     let z = (batch * heads) as u32;

@@ -88,25 +88,7 @@ __device__ void flash_backward_q(const FlashArgs& a, const ScoreMods& mods, cons
 #pragma unroll
             for (int c = 0; c < 4; c++) dSt[(ty + 16 * r) * TROW + tx + 16 * c] = ds[r][c];
         __syncthreads();
-        // dQ_i += dS K_j: four keys at a time
-#pragma unroll 2
-        for (int cc = 0; cc < BC; cc += 4) {
-            float4 dsv[4];
-#pragma unroll
-            for (int r = 0; r < 4; r++)
-                dsv[r] = *reinterpret_cast<const float4*>(dSt + (ty + 16 * r) * TROW + cc);
-#pragma unroll
-            for (int u = 0; u < 4; u++) {
-                float kv[CW];
-                load_thread_cols<D>(kv, Ks + (cc + u) * ROW, tx);
-#pragma unroll
-                for (int r = 0; r < 4; r++) {
-                    const float du = lane(dsv[r], u);
-#pragma unroll
-                    for (int c = 0; c < CW; c++) dq[r][c] = fmaf(du, kv[c], dq[r][c]);
-                }
-            }
-        }
+        accumulate_tile_product<D>(dSt, Ks, dq);  // dQ_i += dS K_j
     }
     float* dQ = (float*)a.dq + (i64)z * a.n_q * D;
 #pragma unroll
