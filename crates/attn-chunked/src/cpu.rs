@@ -2,6 +2,7 @@
 //! Figure 1, with the backward by checkpointing (recomputing each chunk's scores).
 
 use attn_core::blocks::row_blocks;
+use attn_core::memory::zeros_written;
 use attn_core::simd::{ds_from_dp, probs_from_lse};
 use attn_core::simd::{matmul, tile_summaries};
 use attn_core::{
@@ -215,7 +216,7 @@ pub fn backward(
     traffic.add(io);
 
     // dQ_i = scale · Σ_j dS_ij K_j
-    let mut dq = Array4::<f32>::zeros(sh.q_dims());
+    let mut dq = zeros_written(sh.q_dims());
     row_blocks(dq.view_mut(), q_chunk).into_par_iter().for_each(|mut dq_i| {
         let head = p.head(dq_i.b, dq_i.h);
         let (i0, rows) = (dq_i.start, dq_i.view.nrows());
@@ -244,8 +245,8 @@ pub fn backward(
     });
 
     // dK_j = scale · Σ_i dS_ijᵀ Q_i,  dV_j = Σ_i (P_ij ∘ Z)ᵀ dO_i, over the query heads of the group
-    let mut dk = Array4::<f32>::zeros(sh.kv_dims());
-    let mut dv = Array4::<f32>::zeros(sh.kv_dims());
+    let mut dk = zeros_written(sh.kv_dims());
+    let mut dv = zeros_written(sh.kv_dims());
     let tasks: Vec<_> = row_blocks(dk.view_mut(), k_chunk)
         .into_iter()
         .zip(row_blocks(dv.view_mut(), k_chunk))

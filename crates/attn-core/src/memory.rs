@@ -144,6 +144,26 @@ pub fn measure_algorithm_peak<R>(f: impl FnOnce() -> R) -> (R, u64) {
     peak_of(&ALGO_CURRENT, &ALGO_PEAK, f)
 }
 
+/// Zeros whose pages have all been written, for an accumulator that tile products add into.
+///
+/// `Array::zeros` maps a large allocation lazily. If the first touch of a page is a read — a
+/// product `C ← A·B + C` reads C before it writes it — the kernel maps its shared zero page,
+/// and the first write must then swap in a page of its own and flush the old mapping from
+/// every thread's TLB: an interrupt to every core, once per 4 KiB. Writing the zeros first,
+/// in parallel, faults each page once with nothing to flush. Costs one parallel pass of writes.
+pub fn zeros_written<Sh, D>(shape: Sh) -> ndarray::Array<f32, D>
+where
+    Sh: ndarray::ShapeBuilder<Dim = D>,
+    D: ndarray::Dimension,
+{
+    use rayon::prelude::*;
+    let mut a = ndarray::Array::<f32, D>::zeros(shape);
+    if let Some(flat) = a.as_slice_mut() {
+        flat.par_chunks_mut(1 << 14).for_each(|c| c.fill(0.0));
+    }
+    a
+}
+
 /// A running peak measurement: bytes added above what was live at [`PeakMeter::start`].
 ///
 /// Unlike [`measure_peak`] it can be read several times, so one forward-then-backward run
@@ -234,6 +254,13 @@ pub fn human_bytes(bytes: u64) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn zeros_written_is_zeros_of_the_shape() {
+        let a = super::zeros_written((3, 2, 70_001));
+        assert_eq!(a.dim(), (3, 2, 70_001));
+        assert_eq!(a.iter().filter(|&&x| x != 0.0).count(), 0);
+    }
 
     #[test]
     fn log_log_slope_reads_the_exponent() {

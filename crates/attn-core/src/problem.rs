@@ -77,16 +77,37 @@ fn scan_rows<E: Element>(t: &ArrayView4<'_, E>) -> (bool, f64) {
     Zip::from(t.lanes(Axis(3))).par_fold(
         || (true, 0.0f64),
         |(ok, m), lane| {
-            let (mut finite, mut norm2) = (true, 0.0f64);
-            for &x in lane {
-                let x: f32 = x.into();
-                finite &= x.is_finite();
-                norm2 += (x as f64) * (x as f64);
-            }
+            let (finite, norm2) = match lane.as_slice() {
+                Some(xs) => row_stats(xs),
+                None => row_stats(&lane.to_vec()),
+            };
             (ok && finite, m.max(norm2))
         },
         |a, b| (a.0 && b.0, a.1.max(b.1)),
     )
+}
+
+/// Whether every element of a row is finite, and its squared norm in f64. Eight partial
+/// sums, so the compiler can keep them in vector registers instead of waiting on one
+/// chain of dependent f64 additions (the scan runs on every call, before any tile).
+fn row_stats<E: Element>(xs: &[E]) -> (bool, f64) {
+    const LANES: usize = 8;
+    let (mut finite, mut acc) = (true, [0.0f64; LANES]);
+    let chunks = xs.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (a, &x) in acc.iter_mut().zip(chunk) {
+            let x: f32 = x.into();
+            finite &= x.is_finite();
+            *a += f64::from(x) * f64::from(x);
+        }
+    }
+    for &x in rest {
+        let x: f32 = x.into();
+        finite &= x.is_finite();
+        acc[0] += f64::from(x) * f64::from(x);
+    }
+    (finite, acc.iter().sum())
 }
 
 /// Index of the first element that fails `ok`, if any (called only once a scan has found
@@ -566,4 +587,27 @@ pub fn check_saved<E: Element>(
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_stats_sums_every_element_and_finds_a_non_finite_one_anywhere() {
+        for len in [1, 7, 8, 9, 23, 64] {
+            let xs: Vec<f32> = (0..len).map(|i| (i as f32 - 3.5) * 0.25).collect();
+            let want: f64 = xs.iter().map(|&x| f64::from(x) * f64::from(x)).sum();
+            let (finite, norm2) = row_stats(&xs);
+            assert!(finite);
+            assert!((norm2 - want).abs() <= 1e-12 * want.max(1.0), "len {len}");
+            for bad in [0, len / 2, len - 1] {
+                let mut ys = xs.clone();
+                ys[bad] = f32::NAN;
+                assert!(!row_stats(&ys).0, "NaN at {bad} of {len} not seen");
+                ys[bad] = f32::NEG_INFINITY;
+                assert!(!row_stats(&ys).0, "-inf at {bad} of {len} not seen");
+            }
+        }
+    }
 }

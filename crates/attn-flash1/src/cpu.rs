@@ -3,6 +3,7 @@
 //! are the papers' algorithm lines.
 
 use attn_core::blocks::{kv_head_grads, row_blocks};
+use attn_core::memory::zeros_written;
 use attn_core::simd::{ds_from_dp, probs_from_lse};
 use attn_core::simd::{matmul, tile_summaries};
 use attn_core::{
@@ -269,9 +270,9 @@ pub fn backward(
     let p = Problem::for_backward(inputs, opts, fwd, d_out)?;
     let sh = p.shape;
     let blocks = block_sizes(&sh, opts);
-    let mut dq = Array4::<f32>::zeros(sh.q_dims());
-    let mut dk = Array4::<f32>::zeros(sh.kv_dims());
-    let mut dv = Array4::<f32>::zeros(sh.kv_dims());
+    let mut dq = zeros_written(sh.q_dims());
+    let mut dk = zeros_written(sh.kv_dims());
+    let mut dv = zeros_written(sh.kv_dims());
     let dbias = BiasGrad::new(&p, NAME, blocks)?;
     let tasks = kv_head_grads(dq.view_mut(), dk.view_mut(), dv.view_mut());
     let traffic = TrafficCounter::default();

@@ -3,6 +3,7 @@
 //! comments are the paper's algorithm lines.
 
 use attn_core::blocks::{kv_head_grads, row_blocks};
+use attn_core::memory::zeros_written;
 use attn_core::{
     BiasGrad, Forward, Grads, Head, Inputs, Options, Problem, Result, Shape, Traffic,
     TrafficCounter,
@@ -247,9 +248,9 @@ pub fn backward(
     let scratch = || TileBufs::new((b_r, b_c), p.softcap.is_some());
     let dbias = BiasGrad::new(&p, NAME, (b_r, b_c))?;
 
-    let mut dq = Array4::<f32>::zeros(sh.q_dims());
-    let mut dk = Array4::<f32>::zeros(sh.kv_dims());
-    let mut dv = Array4::<f32>::zeros(sh.kv_dims());
+    let mut dq = zeros_written(sh.q_dims());
+    let mut dk = zeros_written(sh.kv_dims());
+    let mut dv = zeros_written(sh.kv_dims());
 
     if sh.batch * sh.kv_heads >= 2 * rayon::current_num_threads() {
         // Enough (batch, key/value head) pairs to keep every thread busy: one task per pair
