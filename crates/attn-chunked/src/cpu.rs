@@ -5,6 +5,7 @@ use attn_core::blocks::row_blocks;
 use attn_core::memory::zeros_written;
 use attn_core::simd::{ds_from_dp, probs_from_lse};
 use attn_core::simd::{matmul, tile_summaries};
+use attn_core::trace::{Grid, State, StepKind, Trace, Tracer};
 use attn_core::{
     BiasGrad, Forward, Grads, Head, Inputs, Options, Problem, Result, Shape, Traffic,
     TrafficCounter,
@@ -65,7 +66,11 @@ fn summarize_chunk(
 /// Merges the summaries of every key chunk of a query chunk: with the global max
 /// m_i = max_j m_ij, each chunk is rescaled by exp(m_ij − m_i), then
 /// O_i = Σ_j values_ij exp(m_ij − m_i) / Σ_j ℓ_ij exp(m_ij − m_i), lse_i = m_i + log(denominator).
-fn merge(summaries: &[Summary], mut out: ArrayViewMut2<'_, f32>, mut lse: ArrayViewMut1<'_, f32>) {
+fn merge(
+    summaries: &[Summary],
+    mut out: ArrayViewMut2<'_, f32>,
+    mut lse: ArrayViewMut1<'_, f32>,
+) -> (Array1<f32>, Array1<f32>) {
     let mut global_max = Array1::from_elem(out.nrows(), f32::NEG_INFINITY);
     for c in summaries {
         Zip::from(&mut global_max).and(&c.max).for_each(|g, &m| *g = g.max(m));
@@ -98,6 +103,7 @@ fn merge(summaries: &[Summary], mut out: ArrayViewMut2<'_, f32>, mut lse: ArrayV
         },
     );
     // ANCHOR_END: finish
+    (global_max, denominator)
 }
 // ANCHOR_END: merge
 
@@ -105,6 +111,10 @@ fn merge(summaries: &[Summary], mut out: ArrayViewMut2<'_, f32>, mut lse: ArrayV
 /// Forward: one rayon task per (batch, head, query chunk); inside it, a summary per key
 /// chunk that causal masking and the window do not hide entirely, then the merge.
 pub fn forward(inputs: &Inputs<'_>, opts: &Options) -> Result<Forward> {
+    forward_with(inputs, opts, None)
+}
+
+fn forward_with(inputs: &Inputs<'_>, opts: &Options, trace: Option<&Tracer>) -> Result<Forward> {
     let p = Problem::new(inputs, opts)?;
     let sh = p.shape;
     let (q_chunk, k_chunk) = chunk_sizes(&sh, opts);
@@ -115,7 +125,7 @@ pub fn forward(inputs: &Inputs<'_>, opts: &Options) -> Result<Forward> {
         .zip(row_blocks(lse.view_mut(), q_chunk))
         .collect();
     let traffic = TrafficCounter::default();
-    tasks.into_par_iter().for_each(|(o, l)| {
+    tasks.into_par_iter().for_each(|(mut o, l)| {
         let head = p.head(o.b, o.h);
         let (i0, rows) = (o.start, o.view.nrows());
         let q_i = head.q.slice(s![i0..i0 + rows, ..]);
@@ -126,27 +136,49 @@ pub fn forward(inputs: &Inputs<'_>, opts: &Options) -> Result<Forward> {
         // only the key chunks some row of Q_i sees (causal masking and the window)
         for j0 in head.key_blocks(i0, rows, k_chunk) {
             let cols = k_chunk.min(sh.n_k - j0);
-            summaries.push(summarize_chunk(
-                &head,
-                p.scale,
-                i0,
-                j0,
-                q_i,
-                s.slice_mut(s![.., ..cols]),
-            ));
+            let c = summarize_chunk(&head, p.scale, i0, j0, q_i, s.slice_mut(s![.., ..cols]));
+            if let Some(t) = trace {
+                let (tile, kind) =
+                    (((i0, rows), (j0, cols)), StepKind::of_tile(&head, (i0, rows), (j0, cols)));
+                t.record_step(
+                    &head,
+                    (i0, j0),
+                    tile,
+                    kind,
+                    State { m: c.max.view(), ell: c.exp_sum.view(), acc: c.values.view() },
+                );
+            }
+            summaries.push(c);
             // K_j, V_j and the chunk's mask/bias in; its summary out (and back in to merge)
             io.read_f32(2 * cols * sh.head_dim);
             io.read_bytes(rows * cols * head.score_mod_bytes());
             io.write_f32(rows * (sh.head_dim + 2));
             io.read_f32(rows * (sh.head_dim + 2));
         }
-        merge(&summaries, o.view, l.view);
+        let (m, ell) = merge(&summaries, o.view.view_mut(), l.view);
+        if let Some(t) = trace {
+            let end = head.key_end(i0 + rows - 1);
+            let keys = (head.key_start(i0).min(end), end.saturating_sub(head.key_start(i0)));
+            let state = State { m: m.view(), ell: ell.view(), acc: o.view.view() };
+            t.record_step(&head, (i0, usize::MAX), ((i0, rows), keys), StepKind::Finish, state);
+        }
         io.write_f32(rows * (sh.head_dim + 1)); // O_i, lse_i
         traffic.add(io);
     });
     Ok(Forward { out, lse, traffic: Some(traffic.get()) })
 }
 // ANCHOR_END: forward
+
+/// [`forward`], recording every key chunk's summary and every merge (for small problems:
+/// the book's pictures and worked example). The numbers are those of [`forward`], bit for bit.
+pub fn forward_traced(inputs: &Inputs<'_>, opts: &Options) -> Result<(Forward, Trace)> {
+    let tracer = Tracer::default();
+    let fwd = forward_with(inputs, opts, Some(&tracer))?;
+    let sh = Problem::shapes_only(inputs, opts)?.shape;
+    let blocks = chunk_sizes(&sh, opts);
+    let grid = Grid { n_q: sh.n_q, n_k: sh.n_k, head_dim: sh.head_dim, blocks };
+    Ok((fwd, tracer.finish(grid)))
+}
 
 // ANCHOR: recompute
 /// The checkpointed step of the backward for query chunk i and key chunk j: recompute

@@ -43,6 +43,7 @@ pub mod simd;
 pub mod stage;
 pub mod testing;
 pub mod tolerance;
+pub mod trace;
 pub mod traffic;
 
 pub use ndarray;

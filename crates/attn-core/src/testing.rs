@@ -755,3 +755,143 @@ mod check_tests {
         assert!(nan.worst_ratio(1e-5, 1e-4).is_nan());
     }
 }
+
+/// What every traced stage must show: a traced run gives the untraced run's bits; it
+/// visits exactly the tiles causal masking and the window do not hide, each once, in the
+/// stage's loop order, calls a tile cut exactly when the key range cuts it; and the state its
+/// last step of a query block leaves is that block's output.
+pub mod trace_claims {
+    use crate::error::Result;
+    use crate::options::{Inputs, Options};
+    use crate::shape::{KeyRange, Shape};
+    use crate::stage::Forward;
+    use crate::trace::{StepKind, Trace};
+
+    use super::{Case, MaskKind};
+
+    /// Which loop a stage runs outside.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Outer {
+        /// Query blocks outside, key blocks inside (chunked attention, FlashAttention-2);
+        /// each query block ends in a [`StepKind::Finish`] holding O_i.
+        QueryBlocks,
+        /// Key blocks outside, query blocks inside (FlashAttention-1); a query block's last
+        /// tile leaves O_i.
+        KeyBlocks,
+    }
+
+    type Plain = fn(&Inputs<'_>, &Options) -> Result<Forward>;
+    type Traced = fn(&Inputs<'_>, &Options) -> Result<(Forward, Trace)>;
+
+    fn cases() -> Vec<Case> {
+        let blocks = |c: Case| Case { q_block: Some(4), k_block: Some(3), ..c };
+        vec![
+            blocks(Case::new(Shape::new(1, 2, 9, 5).with_n_k(13), 1)),
+            blocks(Case { causal: true, ..Case::new(Shape::new(2, 2, 11, 4), 2) }),
+            blocks(Case { causal: true, ..Case::new(Shape::new(1, 1, 6, 3).with_n_k(14), 3) }),
+            blocks(Case { window: Some((3, 1)), ..Case::new(Shape::new(1, 2, 16, 4), 4) }),
+            blocks(Case {
+                mask: MaskKind::Full,
+                softcap: Some(5.0),
+                dropout: Some(0.2),
+                ..Case::new(Shape::new(1, 4, 10, 2).with_kv_heads(2), 5)
+            }),
+            // rows with no key at all: the window keeps keys before the diagonal only
+            blocks(Case {
+                window: Some((2, -1)),
+                causal: true,
+                ..Case::new(Shape::new(1, 1, 12, 3).with_n_k(5), 6)
+            }),
+        ]
+    }
+
+    /// Runs every claim on the shared cases.
+    pub fn hold(forward: Plain, traced: Traced, outer: Outer) {
+        for case in cases() {
+            let data = case.build();
+            let inputs = data.inputs();
+            let plain = forward(&inputs, &data.opts).unwrap();
+            let (fwd, trace) = traced(&inputs, &data.opts).unwrap();
+            let what = format!("{case:?}");
+            let bits = |a: &ndarray::Array4<f32>| a.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&fwd.out), bits(&plain.out), "traced output differs: {what}");
+            let lse = |f: &Forward| f.lse.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(lse(&fwd), lse(&plain), "traced log-sum-exp differs: {what}");
+            let sh = case.shape;
+            let window = data.opts.window;
+            let keys = KeyRange::new(sh.n_q, sh.n_k, data.opts.causal, window);
+            for b in 0..sh.batch {
+                for h in 0..sh.heads {
+                    one_head(&trace, &fwd, (b, h), &keys, outer, &what);
+                }
+            }
+        }
+    }
+
+    fn one_head(
+        trace: &Trace,
+        fwd: &Forward,
+        (b, h): (usize, usize),
+        keys: &KeyRange,
+        outer: Outer,
+        what: &str,
+    ) {
+        let g = trace.grid;
+        let (b_r, b_c) = g.blocks;
+        let (t_r, t_c) = g.tiles();
+        let steps: Vec<_> = trace.tile_steps(b, h).collect();
+        let mut seen = vec![vec![0usize; t_c]; t_r];
+        for s in &steps {
+            let (i0, rows) = s.rows;
+            let (j0, cols) = s.cols;
+            assert_eq!((i0 % b_r, j0 % b_c), (0, 0), "a step off the grid: {what}");
+            assert_eq!(rows, b_r.min(g.n_q - i0), "{what}");
+            // a stage may stop a tile at the last key its query block sees
+            let visible_end = keys.end(i0 + rows - 1).max(j0 + 1);
+            assert!(cols <= b_c.min(g.n_k - j0), "{what}");
+            assert!(j0 + cols >= (j0 + b_c).min(g.n_k).min(visible_end), "{what}");
+            assert_eq!((s.m.len(), s.ell.len(), s.acc.len()), (rows, rows, rows * g.head_dim));
+            let cut = keys.tile_cut((i0, i0 + rows), (j0, cols));
+            assert_eq!(s.kind, if cut { StepKind::Cut } else { StepKind::Full }, "{what}");
+            seen[i0 / b_r][j0 / b_c] += 1;
+        }
+        for (i, row) in seen.iter().enumerate() {
+            for (j, &n) in row.iter().enumerate() {
+                let (i0, j0) = (i * b_r, j * b_c);
+                let tile = ((i0, (i0 + b_r).min(g.n_q)), (j0, b_c.min(g.n_k - j0)));
+                let hidden = keys.tile_hidden(tile.0, tile.1);
+                assert_eq!(n, usize::from(!hidden), "tile ({i}, {j}) visited {n} times: {what}");
+            }
+        }
+        // loop order: outer block first
+        let order: Vec<_> = steps
+            .iter()
+            .map(|s| match outer {
+                Outer::QueryBlocks => (s.rows.0, s.cols.0),
+                Outer::KeyBlocks => (s.cols.0, s.rows.0),
+            })
+            .collect();
+        assert!(order.windows(2).all(|w| w[0] < w[1]), "steps out of loop order: {what}");
+        // the state a query block ends with is its output
+        for i0 in (0..g.n_q).step_by(b_r) {
+            let rows = b_r.min(g.n_q - i0);
+            let out = fwd.out.slice(ndarray::s![b, h, i0..i0 + rows, ..]);
+            let out: Vec<u32> = out.iter().map(|x| x.to_bits()).collect();
+            let last = match outer {
+                Outer::QueryBlocks => trace
+                    .steps
+                    .iter()
+                    .find(|s| (s.b, s.h, s.rows.0, s.kind) == (b, h, i0, StepKind::Finish)),
+                Outer::KeyBlocks => steps.iter().rev().find(|s| s.rows.0 == i0).copied(),
+            };
+            match last {
+                Some(s) => {
+                    let acc: Vec<u32> = s.acc.iter().map(|x| x.to_bits()).collect();
+                    assert_eq!(acc, out, "block {i0}'s last state is not its output: {what}");
+                }
+                // a block that saw no tile at all: every row of it is fully masked
+                None => assert!(out.iter().all(|&x| x == 0), "{what}"),
+            }
+        }
+    }
+}

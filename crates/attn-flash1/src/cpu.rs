@@ -6,6 +6,7 @@ use attn_core::blocks::{kv_head_grads, row_blocks};
 use attn_core::memory::zeros_written;
 use attn_core::simd::{ds_from_dp, probs_from_lse};
 use attn_core::simd::{matmul, tile_summaries};
+use attn_core::trace::{Grid, State, StepKind, Trace, Tracer};
 use attn_core::{
     BiasGrad, Forward, Grads, Head, Inputs, Options, Problem, Result, Shape, Traffic,
     TrafficCounter,
@@ -41,6 +42,7 @@ fn forward_head(
     (b_r, b_c): (usize, usize),
     mut o: ArrayViewMut2<'_, f32>,
     mut lse: ArrayViewMut1<'_, f32>,
+    trace: Option<&Tracer>,
 ) -> Traffic {
     let (n_q, n_k, d) = (head.n_q, head.n_k, head.q.ncols());
     let mut io = Traffic::default();
@@ -119,6 +121,17 @@ fn forward_head(
             ell.slice_mut(s![i0..i0 + rows]).assign(&ell_i);
             m.slice_mut(s![i0..i0 + rows]).assign(&m_i);
             io.write_f32(rows * d + 2 * rows);
+            if let Some(t) = trace {
+                let (tile, kind) =
+                    (((i0, rows), (j0, cols)), StepKind::of_tile(head, (i0, rows), (j0, cols)));
+                t.record_step(
+                    head,
+                    (j0, i0),
+                    tile,
+                    kind,
+                    State { m: m_i.view(), ell: ell_i.view(), acc: o_i.view() },
+                );
+            }
         }
     }
     // The contract's log-sum-exp, m + log ℓ (−∞ where no key was visible), from ℓ and m.
@@ -135,6 +148,10 @@ fn forward_head(
 /// Forward: as in the paper, one task per (batch, head) — the only parallelism
 /// FlashAttention-1 has, since the outer loop over K/V blocks revisits every O_i.
 pub fn forward(inputs: &Inputs<'_>, opts: &Options) -> Result<Forward> {
+    forward_with(inputs, opts, None)
+}
+
+fn forward_with(inputs: &Inputs<'_>, opts: &Options, trace: Option<&Tracer>) -> Result<Forward> {
     let p = Problem::new(inputs, opts)?;
     let sh = p.shape;
     let blocks = block_sizes(&sh, opts);
@@ -146,11 +163,22 @@ pub fn forward(inputs: &Inputs<'_>, opts: &Options) -> Result<Forward> {
         .collect();
     let traffic = TrafficCounter::default();
     heads.into_par_iter().for_each(|(o, l)| {
-        traffic.add(forward_head(&p.head(o.b, o.h), p.scale, blocks, o.view, l.view));
+        traffic.add(forward_head(&p.head(o.b, o.h), p.scale, blocks, o.view, l.view, trace));
     });
     Ok(Forward { out, lse, traffic: Some(traffic.get()) })
 }
 // ANCHOR_END: forward
+
+/// [`forward`], recording every step of Algorithm 1's loops (for small problems: the book's
+/// pictures and worked example). The numbers are those of [`forward`], bit for bit.
+pub fn forward_traced(inputs: &Inputs<'_>, opts: &Options) -> Result<(Forward, Trace)> {
+    let tracer = Tracer::default();
+    let fwd = forward_with(inputs, opts, Some(&tracer))?;
+    let sh = Problem::shapes_only(inputs, opts)?.shape;
+    let blocks = block_sizes(&sh, opts);
+    let grid = Grid { n_q: sh.n_q, n_k: sh.n_k, head_dim: sh.head_dim, blocks };
+    Ok((fwd, tracer.finish(grid)))
+}
 
 // ANCHOR: backward_head
 /// Algorithm 4 for one (batch, key/value head) and the query heads that share it (GQA): the

@@ -4,6 +4,7 @@
 
 use attn_core::blocks::{kv_head_grads, row_blocks};
 use attn_core::memory::zeros_written;
+use attn_core::trace::{Grid, State, StepKind, Trace, Tracer};
 use attn_core::{
     BiasGrad, Forward, Grads, Head, Inputs, Options, Problem, Result, Shape, Traffic,
     TrafficCounter,
@@ -61,6 +62,7 @@ fn forward_block(
     mut o_i: ArrayViewMut2<'_, f32>,
     mut lse_i: ArrayViewMut1<'_, f32>,
     sc: &mut Scratch,
+    trace: Option<&Tracer>,
 ) -> Traffic {
     let rows = o_i.nrows();
     let mut io = Traffic::default();
@@ -99,6 +101,17 @@ fn forward_block(
             }
         }
         matmul(1.0, &s_ij.view(), &v_j, 1.0, &mut acc);
+        if let Some(t) = trace {
+            let (tile, kind) =
+                (((i0, rows), (j0, cols)), StepKind::of_tile(head, (i0, rows), (j0, cols)));
+            t.record_step(
+                head,
+                (i0, j0),
+                tile,
+                kind,
+                State { m: m.view(), ell: ell.view(), acc: acc.view() },
+            );
+        }
     }
     // line 12: O_i = diag(ℓ_i)⁻¹ Õ_i — line 13: L_i = m_i + log ℓ_i — lines 14–15: write them
     for (((mut o_row, acc_row), lse), (&m_r, &ell_r)) in
@@ -112,6 +125,11 @@ fn forward_block(
             *lse = m_r + ell_r.ln();
         }
     }
+    if let Some(t) = trace {
+        let keys = (head.key_start(i0).min(kv_end), kv_end.saturating_sub(head.key_start(i0)));
+        let state = State { m: m.view(), ell: ell.view(), acc: o_i.view() };
+        t.record_step(head, (i0, usize::MAX), ((i0, rows), keys), StepKind::Finish, state);
+    }
     io.write_f32(o_i.len() + rows);
     io
 }
@@ -119,8 +137,13 @@ fn forward_block(
 
 // ANCHOR: forward
 /// Forward: one rayon task per (batch, head, query block) — the work partitioning that lets
-/// FlashAttention-2 fill a machine even with one head.
+/// FlashAttention-2 fill a machine even with one head. With a tracer, every step of the
+/// loops is recorded ([`forward_traced`]).
 pub fn forward(inputs: &Inputs<'_>, opts: &Options) -> Result<Forward> {
+    forward_with(inputs, opts, None)
+}
+
+fn forward_with(inputs: &Inputs<'_>, opts: &Options, trace: Option<&Tracer>) -> Result<Forward> {
     let p = Problem::new(inputs, opts)?;
     let sh = p.shape;
     let (b_r, b_c) = block_sizes(&sh, opts);
@@ -133,12 +156,23 @@ pub fn forward(inputs: &Inputs<'_>, opts: &Options) -> Result<Forward> {
         || Scratch::new((b_r, b_c), sh.head_dim),
         |sc, (o, l)| {
             let head = p.head(o.b, o.h);
-            traffic.add(forward_block(&head, p.scale, (o.start, b_c), o.view, l.view, sc));
+            traffic.add(forward_block(&head, p.scale, (o.start, b_c), o.view, l.view, sc, trace));
         },
     );
     Ok(Forward { out, lse, traffic: Some(traffic.get()) })
 }
 // ANCHOR_END: forward
+
+/// [`forward`], recording every step of Algorithm 1's loops (for small problems: the book's
+/// pictures and worked example). The numbers are those of [`forward`], bit for bit.
+pub fn forward_traced(inputs: &Inputs<'_>, opts: &Options) -> Result<(Forward, Trace)> {
+    let tracer = Tracer::default();
+    let fwd = forward_with(inputs, opts, Some(&tracer))?;
+    let sh = Problem::shapes_only(inputs, opts)?.shape;
+    let blocks = block_sizes(&sh, opts);
+    let grid = Grid { n_q: sh.n_q, n_k: sh.n_k, head_dim: sh.head_dim, blocks };
+    Ok((fwd, tracer.finish(grid)))
+}
 
 /// What a backward tile needs of its query rows: Q_i, dO_i, the log-sum-exp and D_i.
 struct QueryRows<'a> {

@@ -10,7 +10,9 @@ mod gpu;
 mod memory;
 mod sweep;
 mod throughput;
+mod tiles;
 mod traffic;
+pub mod worked;
 
 use std::path::{Path, PathBuf};
 
@@ -37,7 +39,8 @@ pub struct PlotsArgs {
     /// Beyond it naive's guard refuses and its predicted need is drawn dashed.
     #[arg(long, value_parser = parse_limit)]
     pub memory_limit: Option<u64>,
-    /// Which figures: the CPU sweeps, the GPU figures, or both.
+    /// Which figures: the CPU sweeps, the GPU figures, the tile grids and worked example
+    /// (drawn from traces of the tiled stages, in seconds), or all of them.
     #[arg(long, value_enum, default_value = "all")]
     pub only: Only,
     /// Draw the GPU figures from this `attn gpu-bench --csv` file (made on the GPU machine)
@@ -61,6 +64,7 @@ pub enum Only {
     All,
     Cpu,
     Gpu,
+    Tiles,
 }
 
 fn parse_limit(s: &str) -> Result<u64, String> {
@@ -208,10 +212,13 @@ pub fn plots(args: &PlotsArgs) -> Result<(), CliError> {
     if let Some(path) = &args.memory_csv {
         return memory::redraw(&args.out, &plan, path);
     }
-    if args.only != Only::Gpu {
+    if matches!(args.only, Only::All | Only::Tiles) {
+        tiles::tile_plots(&args.out, &stamp)?;
+    }
+    if matches!(args.only, Only::All | Only::Cpu) {
         cpu_plots(args, &plan, &stamp)?;
     }
-    if args.only != Only::Cpu {
+    if matches!(args.only, Only::All | Only::Gpu) {
         gpu::gpu_plots(args, &stamp)?;
     }
     Ok(())

@@ -47,6 +47,12 @@ pub fn forward_version() -> u32 {
     versions::default_version(Track::TcForward).number
 }
 
+/// The tile a thread block of the shipped forward works through at head dimension `d`:
+/// (query rows it owns, keys a step) — the shape the book's picture of the grid draws.
+pub fn forward_block_tile(d: usize) -> (usize, usize) {
+    (block_rows(forward_version(), d), KEYS)
+}
+
 /// The backward version the stage runs ([`versions::default_version`]).
 pub fn backward_version() -> u32 {
     versions::default_version(Track::TcBackward).number
