@@ -5,7 +5,7 @@ use attn_core::blocks::row_blocks;
 use attn_core::memory::zeros_written;
 use attn_core::simd::{ds_from_dp, probs_from_lse};
 use attn_core::simd::{matmul, tile_summaries};
-use attn_core::trace::{Grid, State, StepKind, Trace, Tracer};
+use attn_core::trace::{self, State, StepKind, Trace, Tracer};
 use attn_core::{
     BiasGrad, Forward, Grads, Head, Inputs, Options, Problem, Result, Shape, Traffic,
     TrafficCounter,
@@ -138,13 +138,10 @@ fn forward_with(inputs: &Inputs<'_>, opts: &Options, trace: Option<&Tracer>) -> 
             let cols = k_chunk.min(sh.n_k - j0);
             let c = summarize_chunk(&head, p.scale, i0, j0, q_i, s.slice_mut(s![.., ..cols]));
             if let Some(t) = trace {
-                let (tile, kind) =
-                    (((i0, rows), (j0, cols)), StepKind::of_tile(&head, (i0, rows), (j0, cols)));
-                t.record_step(
+                t.record_tile(
                     &head,
                     (i0, j0),
-                    tile,
-                    kind,
+                    ((i0, rows), (j0, cols)),
                     State { m: c.max.view(), ell: c.exp_sum.view(), acc: c.values.view() },
                 );
             }
@@ -172,12 +169,7 @@ fn forward_with(inputs: &Inputs<'_>, opts: &Options, trace: Option<&Tracer>) -> 
 /// [`forward`], recording every key chunk's summary and every merge (for small problems:
 /// the book's pictures and worked example). The numbers are those of [`forward`], bit for bit.
 pub fn forward_traced(inputs: &Inputs<'_>, opts: &Options) -> Result<(Forward, Trace)> {
-    let tracer = Tracer::default();
-    let fwd = forward_with(inputs, opts, Some(&tracer))?;
-    let sh = Problem::shapes_only(inputs, opts)?.shape;
-    let blocks = chunk_sizes(&sh, opts);
-    let grid = Grid { n_q: sh.n_q, n_k: sh.n_k, head_dim: sh.head_dim, blocks };
-    Ok((fwd, tracer.finish(grid)))
+    trace::traced(inputs, opts, chunk_sizes, |t| forward_with(inputs, opts, Some(t)))
 }
 
 // ANCHOR: recompute

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 
 use ndarray::{ArrayView1, ArrayView2};
 
-use crate::Head;
+use crate::{Forward, Head, Inputs, Options, Problem, Result, Shape};
 
 /// What a step did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,6 +87,19 @@ impl Tracer {
         self.steps.lock().expect("a tracer's lock is never poisoned").push(step);
     }
 
+    /// Records a tile step of `head` over query rows `rows` and keys `cols`, full or cut
+    /// ([`StepKind::of_tile`]), from the state it leaves behind.
+    pub fn record_tile(
+        &self,
+        head: &Head<'_>,
+        order: (usize, usize),
+        (rows, cols): ((usize, usize), (usize, usize)),
+        state: State<'_>,
+    ) {
+        let kind = StepKind::of_tile(head, rows, cols);
+        self.record_step(head, order, (rows, cols), kind, state);
+    }
+
     /// Records a step of `head` over query rows `rows` and keys `cols` from the state it
     /// leaves behind.
     pub fn record_step(
@@ -116,6 +129,21 @@ impl Tracer {
         steps.sort_by_key(|s| (s.b, s.h, s.order, s.kind == StepKind::Finish));
         Trace { grid, steps }
     }
+}
+
+/// Runs a stage's forward with a tracer (`run`), and returns its result with the trace of
+/// a grid of `blocks` (the stage's block sizes for the problem).
+pub fn traced(
+    inputs: &Inputs<'_>,
+    opts: &Options,
+    blocks: fn(&Shape, &Options) -> (usize, usize),
+    run: impl FnOnce(&Tracer) -> Result<Forward>,
+) -> Result<(Forward, Trace)> {
+    let tracer = Tracer::default();
+    let fwd = run(&tracer)?;
+    let sh = Problem::shapes_only(inputs, opts)?.shape;
+    let grid = Grid { n_q: sh.n_q, n_k: sh.n_k, head_dim: sh.head_dim, blocks: blocks(&sh, opts) };
+    Ok((fwd, tracer.finish(grid)))
 }
 
 /// The problem's tile grid.

@@ -6,7 +6,7 @@ use attn_core::blocks::{kv_head_grads, row_blocks};
 use attn_core::memory::zeros_written;
 use attn_core::simd::{ds_from_dp, probs_from_lse};
 use attn_core::simd::{matmul, tile_summaries};
-use attn_core::trace::{Grid, State, StepKind, Trace, Tracer};
+use attn_core::trace::{self, State, Trace, Tracer};
 use attn_core::{
     BiasGrad, Forward, Grads, Head, Inputs, Options, Problem, Result, Shape, Traffic,
     TrafficCounter,
@@ -122,13 +122,10 @@ fn forward_head(
             m.slice_mut(s![i0..i0 + rows]).assign(&m_i);
             io.write_f32(rows * d + 2 * rows);
             if let Some(t) = trace {
-                let (tile, kind) =
-                    (((i0, rows), (j0, cols)), StepKind::of_tile(head, (i0, rows), (j0, cols)));
-                t.record_step(
+                t.record_tile(
                     head,
                     (j0, i0),
-                    tile,
-                    kind,
+                    ((i0, rows), (j0, cols)),
                     State { m: m_i.view(), ell: ell_i.view(), acc: o_i.view() },
                 );
             }
@@ -172,12 +169,7 @@ fn forward_with(inputs: &Inputs<'_>, opts: &Options, trace: Option<&Tracer>) -> 
 /// [`forward`], recording every step of Algorithm 1's loops (for small problems: the book's
 /// pictures and worked example). The numbers are those of [`forward`], bit for bit.
 pub fn forward_traced(inputs: &Inputs<'_>, opts: &Options) -> Result<(Forward, Trace)> {
-    let tracer = Tracer::default();
-    let fwd = forward_with(inputs, opts, Some(&tracer))?;
-    let sh = Problem::shapes_only(inputs, opts)?.shape;
-    let blocks = block_sizes(&sh, opts);
-    let grid = Grid { n_q: sh.n_q, n_k: sh.n_k, head_dim: sh.head_dim, blocks };
-    Ok((fwd, tracer.finish(grid)))
+    trace::traced(inputs, opts, block_sizes, |t| forward_with(inputs, opts, Some(t)))
 }
 
 // ANCHOR: backward_head

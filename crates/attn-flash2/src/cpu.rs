@@ -4,7 +4,7 @@
 
 use attn_core::blocks::{kv_head_grads, row_blocks};
 use attn_core::memory::zeros_written;
-use attn_core::trace::{Grid, State, StepKind, Trace, Tracer};
+use attn_core::trace::{self, State, StepKind, Trace, Tracer};
 use attn_core::{
     BiasGrad, Forward, Grads, Head, Inputs, Options, Problem, Result, Shape, Traffic,
     TrafficCounter,
@@ -102,13 +102,10 @@ fn forward_block(
         }
         matmul(1.0, &s_ij.view(), &v_j, 1.0, &mut acc);
         if let Some(t) = trace {
-            let (tile, kind) =
-                (((i0, rows), (j0, cols)), StepKind::of_tile(head, (i0, rows), (j0, cols)));
-            t.record_step(
+            t.record_tile(
                 head,
                 (i0, j0),
-                tile,
-                kind,
+                ((i0, rows), (j0, cols)),
                 State { m: m.view(), ell: ell.view(), acc: acc.view() },
             );
         }
@@ -166,12 +163,7 @@ fn forward_with(inputs: &Inputs<'_>, opts: &Options, trace: Option<&Tracer>) -> 
 /// [`forward`], recording every step of Algorithm 1's loops (for small problems: the book's
 /// pictures and worked example). The numbers are those of [`forward`], bit for bit.
 pub fn forward_traced(inputs: &Inputs<'_>, opts: &Options) -> Result<(Forward, Trace)> {
-    let tracer = Tracer::default();
-    let fwd = forward_with(inputs, opts, Some(&tracer))?;
-    let sh = Problem::shapes_only(inputs, opts)?.shape;
-    let blocks = block_sizes(&sh, opts);
-    let grid = Grid { n_q: sh.n_q, n_k: sh.n_k, head_dim: sh.head_dim, blocks };
-    Ok((fwd, tracer.finish(grid)))
+    trace::traced(inputs, opts, block_sizes, |t| forward_with(inputs, opts, Some(t)))
 }
 
 /// What a backward tile needs of its query rows: Q_i, dO_i, the log-sum-exp and D_i.

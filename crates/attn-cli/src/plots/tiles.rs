@@ -50,70 +50,57 @@ fn blocks(opts: Options, (b_r, b_c): (usize, usize)) -> Options {
 
 /// Every tile figure and the worked example, into `out`.
 pub fn tile_plots(out: &Path, stamp: &Stamp) -> Result<(), CliError> {
-    let causal = Options::default().causal(true);
-    let grid = Shape::new(1, 1, 64, 4);
-    let b8 = (8, 8);
+    let causal = blocks(Options::default().causal(true), (8, 8));
     let window = Options { window: Some(Window::new(20, 0)), ..causal.clone() };
+    let grid = Shape::new(1, 1, 64, 4);
+    let (chunked, flash1, flash2): (Traced, Traced, Traced) = (
+        attn::chunked::cpu::forward_traced,
+        attn::flash1::cpu::forward_traced,
+        attn::flash2::cpu::forward_traced,
+    );
+    let panel = |slug, title: &str, traced, shape, opts: &Options| -> Result<TilePanel, CliError> {
+        let trace = trace_of(traced, shape, opts)?;
+        Ok(TilePanel { slug, title: title.into(), trace, label: Label::Step })
+    };
     let figures: Vec<(&str, Vec<TilePanel>)> = vec![
         (
             "tiles-chunked",
-            vec![TilePanel {
-                slug: "chunked-causal",
-                title: "chunked: query chunks outside, causal".into(),
-                trace: trace_of(
-                    attn::chunked::cpu::forward_traced,
-                    grid,
-                    &blocks(causal.clone(), b8),
-                )?,
-                label: Label::Step,
-            }],
+            vec![panel(
+                "chunked-causal",
+                "chunked: query chunks outside, causal",
+                chunked,
+                grid,
+                &causal,
+            )?],
         ),
         (
             "tiles-flash1",
-            vec![TilePanel {
-                slug: "flash1-causal",
-                title: "FlashAttention-1: K/V blocks outside, causal".into(),
-                trace: trace_of(
-                    attn::flash1::cpu::forward_traced,
-                    grid,
-                    &blocks(causal.clone(), b8),
-                )?,
-                label: Label::Step,
-            }],
+            vec![panel(
+                "flash1-causal",
+                "FlashAttention-1: K/V blocks outside, causal",
+                flash1,
+                grid,
+                &causal,
+            )?],
         ),
         (
             "tiles-flash2",
             vec![
-                TilePanel {
-                    slug: "flash2-causal",
-                    title: "FlashAttention-2: query blocks outside, causal".into(),
-                    trace: trace_of(
-                        attn::flash2::cpu::forward_traced,
-                        grid,
-                        &blocks(causal.clone(), b8),
-                    )?,
-                    label: Label::Step,
-                },
-                TilePanel {
-                    slug: "flash2-window",
-                    title: "sliding window (20, 0), causal".into(),
-                    trace: trace_of(
-                        attn::flash2::cpu::forward_traced,
-                        grid,
-                        &blocks(window.clone(), b8),
-                    )?,
-                    label: Label::Step,
-                },
-                TilePanel {
-                    slug: "flash2-cross",
-                    title: "causal, n_q = 40 < n_k = 64 (bottom-right)".into(),
-                    trace: trace_of(
-                        attn::flash2::cpu::forward_traced,
-                        Shape::new(1, 1, 40, 4).with_n_k(64),
-                        &blocks(causal.clone(), b8),
-                    )?,
-                    label: Label::Step,
-                },
+                panel(
+                    "flash2-causal",
+                    "FlashAttention-2: query blocks outside, causal",
+                    flash2,
+                    grid,
+                    &causal,
+                )?,
+                panel("flash2-window", "sliding window (20, 0), causal", flash2, grid, &window)?,
+                panel(
+                    "flash2-cross",
+                    "causal, n_q = 40 < n_k = 64 (bottom-right)",
+                    flash2,
+                    Shape::new(1, 1, 40, 4).with_n_k(64),
+                    &causal,
+                )?,
             ],
         ),
         ("tiles-gpu", vec![gpu_panel()?]),
