@@ -5,7 +5,7 @@ use attn_core::blocks::row_blocks;
 use attn_core::memory::zeros_written;
 use attn_core::simd::{ds_from_dp, probs_from_lse};
 use attn_core::simd::{matmul, tile_summaries};
-use attn_core::trace::{self, State, StepKind, Trace, Tracer};
+use attn_core::trace::{self, State, Trace, Tracer};
 use attn_core::{
     BiasGrad, Forward, Grads, Head, Inputs, Options, Problem, Result, Shape, Traffic,
     TrafficCounter,
@@ -154,10 +154,11 @@ fn forward_with(inputs: &Inputs<'_>, opts: &Options, trace: Option<&Tracer>) -> 
         }
         let (m, ell) = merge(&summaries, o.view.view_mut(), l.view);
         if let Some(t) = trace {
-            let end = head.key_end(i0 + rows - 1);
-            let keys = (head.key_start(i0).min(end), end.saturating_sub(head.key_start(i0)));
-            let state = State { m: m.view(), ell: ell.view(), acc: o.view.view() };
-            t.record_step(&head, (i0, usize::MAX), ((i0, rows), keys), StepKind::Finish, state);
+            t.record_finish(
+                &head,
+                (i0, rows),
+                State { m: m.view(), ell: ell.view(), acc: o.view.view() },
+            );
         }
         io.write_f32(rows * (sh.head_dim + 1)); // O_i, lse_i
         traffic.add(io);

@@ -100,6 +100,14 @@ impl Tracer {
         self.record_step(head, order, (rows, cols), kind, state);
     }
 
+    /// Records the end of query block `rows` of `head` ([`StepKind::Finish`]), its keys
+    /// spanning what the block's rows see.
+    pub fn record_finish(&self, head: &Head<'_>, (i0, n): (usize, usize), state: State<'_>) {
+        let (start, end) = (head.key_start(i0), head.key_end(i0 + n - 1));
+        let keys = (start.min(end), end.saturating_sub(start));
+        self.record_step(head, (i0, usize::MAX), ((i0, n), keys), StepKind::Finish, state);
+    }
+
     /// Records a step of `head` over query rows `rows` and keys `cols` from the state it
     /// leaves behind.
     pub fn record_step(

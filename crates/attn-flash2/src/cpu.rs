@@ -4,7 +4,7 @@
 
 use attn_core::blocks::{kv_head_grads, row_blocks};
 use attn_core::memory::zeros_written;
-use attn_core::trace::{self, State, StepKind, Trace, Tracer};
+use attn_core::trace::{self, State, Trace, Tracer};
 use attn_core::{
     BiasGrad, Forward, Grads, Head, Inputs, Options, Problem, Result, Shape, Traffic,
     TrafficCounter,
@@ -123,9 +123,7 @@ fn forward_block(
         }
     }
     if let Some(t) = trace {
-        let keys = (head.key_start(i0).min(kv_end), kv_end.saturating_sub(head.key_start(i0)));
-        let state = State { m: m.view(), ell: ell.view(), acc: o_i.view() };
-        t.record_step(head, (i0, usize::MAX), ((i0, rows), keys), StepKind::Finish, state);
+        t.record_finish(head, (i0, rows), State { m: m.view(), ell: ell.view(), acc: o_i.view() });
     }
     io.write_f32(o_i.len() + rows);
     io

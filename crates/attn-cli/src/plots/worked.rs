@@ -7,6 +7,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
+use attn::core::KeyRange;
 use attn::core::trace::{Step, StepKind, Trace};
 use attn::{Inputs, Options};
 use ndarray::Array4;
@@ -156,8 +157,10 @@ pub fn texts() -> Result<Vec<String>, CliError> {
             "| step | tile | row | scores S (−∞: masked) | m_i | e^(m_old − m_i) | ℓ_i | Õ_i (finish: O_i) |\n\
              | ---: | --- | ---: | --- | ---: | ---: | ---: | --- |\n",
         );
+        let keys = KeyRange::new(4, 4, causal, None);
         let mut step = 0;
-        let mut m_old: Vec<f32> = vec![];
+        // m before the step; a query block starts from −∞ (no key seen)
+        let mut m_old = vec![f32::NEG_INFINITY; 2];
         for s in &trace.steps {
             let tile = match s.kind {
                 StepKind::Finish => format!("finish Q{}", s.rows.0 / 2 + 1),
@@ -167,9 +170,6 @@ pub fn texts() -> Result<Vec<String>, CliError> {
                     format!("(Q{}, K{}){cut}", s.rows.0 / 2 + 1, s.cols.0 / 2 + 1)
                 }
             };
-            if s.kind != StepKind::Finish && s.cols.0 == first_key_block(trace, s) {
-                m_old = vec![f32::NEG_INFINITY; s.rows.1];
-            }
             for r in 0..s.rows.1 {
                 let i = s.rows.0 + r;
                 let (sc, alpha) = match s.kind {
@@ -177,7 +177,7 @@ pub fn texts() -> Result<Vec<String>, CliError> {
                     _ => {
                         let mut row = scores(&q, &k, s, r);
                         for (c, x) in row.iter_mut().enumerate() {
-                            if causal && s.cols.0 + c > i {
+                            if !(keys.start(i)..keys.end(i)).contains(&(s.cols.0 + c)) {
                                 *x = f32::NEG_INFINITY;
                             }
                         }
@@ -200,9 +200,10 @@ pub fn texts() -> Result<Vec<String>, CliError> {
                     vector(acc_row(s, r, d))
                 );
             }
-            if s.kind != StepKind::Finish {
-                m_old = s.m.clone();
-            }
+            m_old = match s.kind {
+                StepKind::Finish => vec![f32::NEG_INFINITY; 2],
+                _ => s.m.clone(),
+            };
         }
         let lse: Vec<f32> = fwd.lse.iter().copied().collect();
         let _ = writeln!(text, "\nlog-sum-exp L = m + log ℓ: {}", vector(&lse));
@@ -214,15 +215,4 @@ pub fn texts() -> Result<Vec<String>, CliError> {
         flash2_table(&flash2, &fwd, false),
         flash2_table(&flash2_causal, &fwd_causal, true),
     ])
-}
-
-/// The first key block the query block of `s` visits.
-fn first_key_block(trace: &Trace, s: &Step) -> usize {
-    trace
-        .steps
-        .iter()
-        .filter(|t| t.rows.0 == s.rows.0 && t.kind != StepKind::Finish)
-        .map(|t| t.cols.0)
-        .min()
-        .unwrap_or(0)
 }
