@@ -3,6 +3,7 @@
 //! ```text
 //! attn                      # every stage on a default problem: error, time, GFLOP/s, memory
 //! attn plots [--quick]     # measure and draw the book's plots into book/src/plots
+//! attn trace --causal      # every step of FlashAttention-2's loops on a small problem, as CSV
 //! attn run --algo naive --q Q.npy --k K.npy --v V.npy --out O.npy [...]
 //! ```
 //!
@@ -15,6 +16,7 @@ mod npy;
 mod plots;
 mod run;
 mod table;
+mod trace;
 
 use std::process::ExitCode;
 
@@ -45,6 +47,9 @@ enum Command {
     /// Measure every stage and write the book's plots (SVG) and their numbers (CSV): peak
     /// memory, throughput and HBM traffic against n, traffic against the SRAM budget M.
     Plots(plots::PlotsArgs),
+    /// Print every step of a tiled stage's CPU forward on a small seeded problem as CSV:
+    /// the tile, its kind, and m_i, ℓ_i and the accumulator of each row after the step.
+    Trace(trace::TraceArgs),
     /// Time the GPU stages (device time and device memory) at several n, or with --smoke
     /// run every GPU kernel once on a small problem (for compute-sanitizer).
     GpuBench(gpu_bench::GpuBenchArgs),
@@ -100,6 +105,7 @@ fn main() -> ExitCode {
         Some(Command::Table(args)) => table::table(&args),
         Some(Command::Demo(args)) => demo::demo(&args),
         Some(Command::Plots(args)) => plots::plots(&args),
+        Some(Command::Trace(args)) => trace::trace(&args),
         Some(Command::GpuBench(args)) => gpu_bench::gpu_bench(&args),
         Some(Command::MatmulPeak { size }) => {
             let threads = std::thread::available_parallelism().map_or(1, |t| t.get());

@@ -19,14 +19,19 @@
 //! On the CPU ([`cpu`]) the speed comes from two kernels (attn-core's [`attn_core::simd`],
 //! shared with the other tiled stages): tile products
 //! through the `gemm` crate and a vectorised `exp`, both chosen at run time for the CPU at
-//! hand. On the GPU ([`gpu`]) the stage runs fused kernels in fp32 and, on bf16 / fp16
-//! inputs, on the tensor cores ([`tc`]); [`gpu::versions`] lists every kernel version.
+//! hand. On the GPU ([`gpu`], the default feature `gpu`) the stage runs fused kernels in fp32
+//! and, on bf16 / fp16 inputs, on the tensor cores ([`tc`]); [`gpu::versions`] lists every
+//! kernel version. Without that feature the crate is the CPU stage alone, which also builds
+//! for wasm32 (the book's step-through widget).
 
 pub mod cpu;
+#[cfg(feature = "gpu")]
 pub mod gpu;
 
 pub use cpu::{DEFAULT_K_BLOCK, DEFAULT_Q_BLOCK, block_sizes};
+#[cfg(feature = "gpu")]
 pub use gpu::Flash2Cuda;
+#[cfg(feature = "gpu")]
 pub use gpu::tc::{self, Flash2TensorCores};
 
 attn_core::cpu_stage!(
