@@ -224,7 +224,7 @@ class Stepper {
     this.drawState(kind, i0, rows);
     const last = s === run.steps() - 1;
     this.check.textContent = last
-      ? `Done: max |O − O_ref| = ${run.max_error().toExponential(2)} against the float64 reference.`
+      ? `Done: ‖O − O_ref‖₂ / ‖O_ref‖₂ = ${run.error().toExponential(2)} against the float64 reference.`
       : "";
   }
 

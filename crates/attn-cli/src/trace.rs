@@ -60,7 +60,7 @@ pub fn trace(args: &TraceArgs) -> Result<(), CliError> {
 /// The trace as CSV: one line per (step, row), steps in the loops' order from 0.
 pub fn csv(args: &TraceArgs) -> Result<String, CliError> {
     let n_k = args.seq_k.unwrap_or(args.seq_q);
-    let shape = Shape { n_q: args.seq_q, n_k, ..Shape::new(1, 1, 1, args.head_dim) };
+    let shape = Shape::new(1, 1, args.seq_q, args.head_dim).with_n_k(n_k);
     let elements = (args.seq_q * n_k).max(args.seq_q * args.head_dim);
     if elements > MAX_ELEMENTS {
         return Err(CliError::input(

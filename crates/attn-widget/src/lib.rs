@@ -54,7 +54,7 @@ impl Setup {
     }
 
     fn shape(&self) -> Shape {
-        Shape { n_q: self.n_q, n_k: self.n_k, ..Shape::new(1, 1, 1, self.head_dim) }
+        Shape::new(1, 1, self.n_q, self.head_dim).with_n_k(self.n_k)
     }
 
     fn options(&self) -> Options {
@@ -76,8 +76,8 @@ pub struct Run {
     fwd: Forward,
     trace: Trace,
     reference: RefProblem,
-    /// The reference's O, `n_q × d` row-major.
-    ref_out: Vec<f64>,
+    /// The reference's O.
+    ref_out: attn_core::ndarray::Array4<f64>,
 }
 
 impl Run {
@@ -91,7 +91,7 @@ impl Run {
         let (fwd, trace) =
             attn_flash2::cpu::forward_traced(&inputs, &opts).map_err(|e| e.to_string())?;
         let reference = RefProblem::from_inputs(&inputs, &opts).map_err(|e| e.to_string())?;
-        let ref_out = reference.forward().out.iter().copied().collect();
+        let ref_out = reference.forward().out;
         Ok(Self { setup, fwd, trace, reference, ref_out })
     }
 
@@ -189,13 +189,12 @@ impl Run {
 
     /// The float64 reference's O, n_q × d row-major.
     pub fn reference(&self) -> Vec<f64> {
-        self.ref_out.clone()
+        self.ref_out.iter().copied().collect()
     }
 
-    /// max |O − O_ref| over every entry.
-    pub fn max_error(&self) -> f64 {
-        let out = self.fwd.out.iter();
-        out.zip(&self.ref_out).map(|(&o, &r)| (f64::from(o) - r).abs()).fold(0.0, f64::max)
+    /// The tests' measure of O against the reference: ‖O − O_ref‖₂ / ‖O_ref‖₂.
+    pub fn error(&self) -> f64 {
+        attn_core::metrics::compare(self.fwd.out.view(), self.ref_out.view()).normwise
     }
 
     /// The tile steps (no finish) up to and including `step`, as [query block, key block]
@@ -253,7 +252,7 @@ mod tests {
     fn the_run_matches_the_reference_and_visits_what_the_key_range_keeps() {
         let s = setup();
         let run = Run::build(s).unwrap();
-        assert!(run.max_error() < 1e-5, "max |O − O_ref| = {}", run.max_error());
+        assert!(run.error() < 1e-5, "‖O − O_ref‖ / ‖O_ref‖ = {}", run.error());
         // every tile that holds a kept (query, key) pair is visited once, no other
         let keys = KeyRange::new(s.n_q, s.n_k, s.causal, s.window);
         let (t_r, t_c) = (s.n_q.div_ceil(3), s.n_k.div_ceil(4));
