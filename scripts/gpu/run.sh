@@ -101,6 +101,38 @@ if [ -z "${SKIP_SEED:-}" ]; then
   echo; echo "== naive and chunked on our own GEMM kernel (ATTN_GEMM=own) =="; cat "$out/attn-gpu-own-gemm.log"
 fi
 
+# 3e. The softcap's cost on the tensor cores (SOFTCAP=C): the paper setting at n 4 096 and
+#     16 384 with and without it, twice in alternation, and each point's time with the
+#     softcap over the time without, forward and backward (the smaller of the two runs each).
+if [ -n "${SOFTCAP:-}" ]; then
+  for r in 1 2; do
+    for mode in plain softcap; do
+      extra=(); [ "$mode" = softcap ] && extra=(--softcap "$SOFTCAP")
+      "$here/bin/attn" gpu-bench --paper --paper-n "${SOFTCAP_N:-4096,16384}" --stages "${TC_STAGES:-flash2-bf16,flash2-f16}" "${extra[@]}" --csv "$out/$mode-$r.csv" > "$out/$mode-$r.log" 2>&1 || { note "gpu-bench ($mode, run $r) FAILED"; status=1; }
+    done
+  done
+  echo; echo "== softcap $SOFTCAP over plain (the faster of two runs each) =="
+  python3 - "$out" <<'PY' | tee "$out/softcap-ratio.txt"
+import csv, glob, sys
+best = {}
+for path in sorted(glob.glob(sys.argv[1] + "/*-[12].csv")):
+    mode = path.rsplit("/", 1)[1].split("-")[0]
+    for row in csv.DictReader(line for line in open(path) if not line.startswith("#")):
+        key = (row["stage"], row["head_dim"], row["n"], row["causal"])
+        for part in ("forward", "backward"):
+            t = float(row[part + "_ms"])
+            slot = best.setdefault((mode, part) + key, t)
+            best[(mode, part) + key] = min(slot, t)
+print("stage        d    n      causal  forward (ms)         ratio  backward (ms)        ratio")
+for (mode, part, *key), plain in sorted(best.items()):
+    if mode != "plain" or part != "forward":
+        continue
+    f, fc = plain, best.get(("softcap", "forward", *key), float("nan"))
+    b, bc = best[("plain", "backward", *key)], best.get(("softcap", "backward", *key), float("nan"))
+    print(f"{key[0]:12} {key[1]:>3} {key[2]:>6} {key[3]:>6}  {fc:8.3f} / {f:8.3f}  {fc / f:5.2f}  {bc:8.3f} / {b:8.3f}  {bc / b:5.2f}")
+PY
+fi
+
 # 4. The GPU figures from those two files (the same command draws them on any machine),
 #    and the live path of `attn plots` (measures on this device), small sizes.
 if [ -z "${SKIP_SEQ:-}" ]; then

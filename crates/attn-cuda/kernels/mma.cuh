@@ -13,14 +13,20 @@ __device__ __forceinline__ float ex2_ftz(float x) {
     return y;
 }
 
-// Pairs of fp16 in one register (the first in the low half), for the softcapped forward's
-// tiles (sm_80 on): packing and widening, and tanh, max, fma and 2^x on both halves at once
-// — one special-function instruction for two scores.
-__device__ __forceinline__ u32 pack_f16x2(float lo, float hi) {
-    u32 h;
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(h) : "f"(hi), "f"(lo));
-    return h;
+// ANCHOR: pack2
+// Two floats rounded to one register of two bf16 (or fp16) values, lo in the low half.
+template <bool BF16>
+__device__ __forceinline__ u32 pack2(float lo, float hi) {
+    u32 r;
+    if (BF16) asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    else asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
 }
+// ANCHOR_END: pack2
+
+// Pairs of fp16 in one register (the first in the low half), for the softcapped forward's
+// tiles (sm_80 on; packed by pack2<false>): widening, and mul, add, tanh, max, fma and 2^x on
+// both halves at once — one special-function instruction for two scores.
 __device__ __forceinline__ float2 widen_f16x2(u32 h) {
     float2 r;
     asm("{\n\t.reg .b16 lo, hi;\n\tmov.b32 {lo, hi}, %2;\n\tcvt.f32.f16 %0, lo;\n\t"
@@ -29,7 +35,17 @@ __device__ __forceinline__ float2 widen_f16x2(u32 h) {
         : "r"(h));
     return r;
 }
-__device__ __forceinline__ float round_f16(float x) { return widen_f16x2(pack_f16x2(x, x)).x; }
+__device__ __forceinline__ float round_f16(float x) { return widen_f16x2(pack2<false>(x, x)).x; }
+__device__ __forceinline__ u32 mul_f16x2(u32 a, u32 b) {
+    u32 c;
+    asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(c) : "r"(a), "r"(b));
+    return c;
+}
+__device__ __forceinline__ u32 add_f16x2(u32 a, u32 b) {
+    u32 c;
+    asm("add.rn.f16x2 %0, %1, %2;" : "=r"(c) : "r"(a), "r"(b));
+    return c;
+}
 __device__ __forceinline__ u32 tanh_f16x2(u32 h) {
     u32 t;
     asm("tanh.approx.f16x2 %0, %1;" : "=r"(t) : "r"(h));
@@ -241,9 +257,13 @@ __device__ __forceinline__ void ldsm_x4_trans_at(u32* r, unsigned a) {
 // every row of the warp sees whole is softcapped in pairs of fp16 — tanh, the max, the
 // exponent c log2 e tanh - m (one fma) and 2^x, each one instruction for two scores — with
 // m rounded to fp16 so that the exponents, l and lse agree. The exponent carries fp16's
-// rounding (2^-11 of |x - m|; P is rounded to 16 bits for P V after it anyway).
+// rounding (2^-11 of |x - m|; P is rounded to 16 bits for P V after it anyway). The scale
+// (scale / c) is an fp16 multiply too, and the tile's part of l an fp16 sum, widened once a
+// row. Every tile of a CAP kernel leaves P~ packed for P V in the element type (BF16 or
+// fp16): the pair of keys (2t, 2t + 1) of row g in register 0 of each 8-key block, of row
+// g + 8 in register 2 — in fp16, 2^x's result itself.
 template <int D, int FAST = 0, int KB = 64, bool MODS = true, bool DROP = false, bool CUT = true,
-          bool CAP = false>
+          bool CAP = false, bool BF16 = false>
 __device__ __forceinline__ void tc_softmax_step(const FlashArgs& a, const ScoreMods& mods, int b,
                                                 int h, int i0, int j0, const int* rows,
                                                 float (*s)[4], float* m, float* l, float (*o)[4],
@@ -290,12 +310,16 @@ __device__ __forceinline__ void tc_softmax_step(const FlashArgs& a, const ScoreM
                  __all_sync(0xffffffffu, j0 >= lo[0] && j0 >= lo[1] && j0 + KB <= lim[0] &&
                                              j0 + KB <= lim[1]);
         if (capped) {
+            // scale / c times the score in fp16 (the host runs this kernel only where a score
+            // beyond fp16's range, rounded to ±inf, is one whose tanh rounds to ±1 anyway)
+            const u32 inner2 = pack2<false>(inner, inner);
             u32 hm[2] = {0xFC00FC00u, 0xFC00FC00u};  // (-inf, -inf)
 #pragma unroll
             for (int nb = 0; nb < KB / 8; nb++)
 #pragma unroll
                 for (int e = 0; e < 4; e += 2) {  // (e, e + 1): two keys of one row
-                    const u32 th = tanh_f16x2(pack_f16x2(inner * s[nb][e], inner * s[nb][e + 1]));
+                    const u32 th =
+                        tanh_f16x2(mul_f16x2(pack2<false>(s[nb][e], s[nb][e + 1]), inner2));
                     s[nb][e] = __uint_as_float(th);
                     hm[e / 2] = max_f16x2(hm[e / 2], th);
                 }
@@ -351,19 +375,28 @@ __device__ __forceinline__ void tc_softmax_step(const FlashArgs& a, const ScoreM
         }
     }
     // ANCHOR: softcap_pairs
-    if (capped) {  // P~ = 2^(c log2 e tanh - m), by pairs
-        const u32 c2 = pack_f16x2(cap2, cap2);
-        const u32 neg_m[2] = {pack_f16x2(-m[0], -m[0]), pack_f16x2(-m[1], -m[1])};
+    if (capped) {  // P~ = 2^(c log2 e tanh - m), by pairs, left packed for P V (CAP's layout)
+        const u32 c2 = pack2<false>(cap2, cap2);
+        const u32 neg_m[2] = {pack2<false>(-m[0], -m[0]), pack2<false>(-m[1], -m[1])};
+        u32 lt[2] = {0u, 0u};  // the tile's part of l, in fp16 pairs: at most 8 a half
 #pragma unroll
         for (int nb = 0; nb < KB / 8; nb++)
 #pragma unroll
             for (int e = 0; e < 4; e += 2) {
-                const u32 x = fma_f16x2(__float_as_uint(s[nb][e]), c2, neg_m[e / 2]);
-                const float2 p = widen_f16x2(ex2_f16x2(x));
-                l[e / 2] += p.x + p.y;
-                s[nb][e] = p.x;
-                s[nb][e + 1] = p.y;
+                const u32 p = ex2_f16x2(fma_f16x2(__float_as_uint(s[nb][e]), c2, neg_m[e / 2]));
+                lt[e / 2] = add_f16x2(lt[e / 2], p);
+                if (BF16) {
+                    const float2 w = widen_f16x2(p);
+                    s[nb][e] = __uint_as_float(pack2<true>(w.x, w.y));
+                } else {
+                    s[nb][e] = __uint_as_float(p);
+                }
             }
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const float2 w = widen_f16x2(lt[r]);
+            l[r] += w.x + w.y;
+        }
         return;
     }
     // ANCHOR_END: softcap_pairs
@@ -381,6 +414,13 @@ __device__ __forceinline__ void tc_softmax_step(const FlashArgs& a, const ScoreM
             else
                 s[nb][e] = p;
         }
+    if (CAP) {  // the layout the capped tiles leave: each row's pair in registers 0 and 2
+#pragma unroll
+        for (int nb = 0; nb < KB / 8; nb++) {
+            s[nb][0] = __uint_as_float(pack2<BF16>(s[nb][0], s[nb][1]));
+            s[nb][2] = __uint_as_float(pack2<BF16>(s[nb][2], s[nb][3]));
+        }
+    }
 }
 
 // ANCHOR_END: tc_softmax

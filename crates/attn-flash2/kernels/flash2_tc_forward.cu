@@ -95,14 +95,17 @@ __device__ void tc_forward_v14(const FlashArgs& a, const ScoreMods& mods) {
         }
 #pragma unroll
         for (int mt = 0; mt < MT; mt++)
-            tc_softmax_step<D, 2, KB, MODS, false, CUT, CAP>(a, mods, hd.b, hd.h, i0 + 64 * mt, j0,
-                                                        rows[mt], s[mt], m[mt], l[mt], o[mt]);
+            tc_softmax_step<D, 2, KB, MODS, false, CUT, CAP, BF16>(
+                a, mods, hd.b, hd.h, i0 + 64 * mt, j0, rows[mt], s[mt], m[mt], l[mt], o[mt]);
 
 #pragma unroll
         for (int kk = 0; kk < KB / 16; kk++) {  // O_i += P~ V_j
             u32 pa[MT][4];
 #pragma unroll
-            for (int mt = 0; mt < MT; mt++) p_fragment<BF16>(s[mt], kk, pa[mt]);
+            for (int mt = 0; mt < MT; mt++) {
+                if (CAP) p_fragment_packed(s[mt], kk, pa[mt]);  // packed by the softmax step
+                else p_fragment<BF16>(s[mt], kk, pa[mt]);
+            }
 #pragma unroll
             for (int c = 0; c < D / 8; c += 2) {
                 u32 vb[4];

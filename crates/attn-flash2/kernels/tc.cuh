@@ -26,15 +26,6 @@
 typedef unsigned short u16;
 
 // ANCHOR: tc_mma
-// Two floats rounded to one register of two bf16 (or fp16) values, lo in the low half.
-template <bool BF16>
-__device__ __forceinline__ u32 pack2(float lo, float hi) {
-    u32 r;
-    if (BF16) asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-    else asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
-
 // c += A B for one 16 x 16 x 8 step (fragments as above), f32 accumulators.
 template <bool BF16>
 __device__ __forceinline__ void mma16816(float* c, const u32* a, u32 b0, u32 b1) {
@@ -146,6 +137,14 @@ __device__ __forceinline__ void p_fragment(const float (*s)[4], int kk, u32* pa)
     pa[1] = pack2<BF16>(s[2 * kk][2], s[2 * kk][3]);
     pa[2] = pack2<BF16>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
     pa[3] = pack2<BF16>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+}
+// The same fragments where the softmax step left P~ packed (tc_softmax_step's PACKED): each
+// block's registers 0 and 2 hold its two rows' pairs.
+__device__ __forceinline__ void p_fragment_packed(const float (*s)[4], int kk, u32* pa) {
+    pa[0] = __float_as_uint(s[2 * kk][0]);
+    pa[1] = __float_as_uint(s[2 * kk][2]);
+    pa[2] = __float_as_uint(s[2 * kk + 1][0]);
+    pa[3] = __float_as_uint(s[2 * kk + 1][2]);
 }
 
 // ANCHOR_END: tc_p_fragment

@@ -615,6 +615,43 @@ fn tensor_core_stage_pads_every_head_dim_up_to_256() {
     fused::refuses_head_dims_above(&BF16_STAGE, 256);
 }
 
+/// The softcap without mask, bias or ALiBi runs the `_cap` forward, whose tiles inside every
+/// row's key range are softcapped in fp16 pairs and leave P~ packed: rows long enough that
+/// most tiles are whole, caps from strong (0.3) to beyond what fp16 carries (10⁴, the f32
+/// kernel), scores large enough that tanh saturates, causal or not, both element types.
+#[test]
+fn the_softcap_kernel_matches_the_reference_on_whole_tiles() {
+    if skip_without_device() {
+        return;
+    }
+    use attn_core::testing::check_against_reference;
+    use attn_core::tolerance::{HALF_BACKWARD, HALF_FORWARD};
+    type Rounding = (&'static dyn Stage, fn(f32) -> f32);
+    let stages: [Rounding; 2] = [
+        (&BF16_STAGE, |x| f32::from(bf16::from_f32(x))),
+        (&F16_STAGE, |x| f32::from(f16::from_f32(x))),
+    ];
+    let problems = [
+        (false, 30.0, 300, 330, None),
+        (true, 5.0, 257, 257, None),
+        (false, 0.3, 200, 512, None),
+        (true, 1e4, 260, 260, None),
+        (false, 20.0, 130, 700, Some(4.0)),
+    ];
+    for (stage, round) in stages {
+        for d in [64, 128] {
+            for (i, &(causal, cap, n_q, n_k, scale)) in problems.iter().enumerate() {
+                let shape = Shape::new(1, 2, n_q, d).with_n_k(n_k);
+                let case =
+                    Case { causal, softcap: Some(cap), scale, ..Case::new(shape, 50 + i as u64) };
+                let data = case.build().rounded(round);
+                let check = check_against_reference(stage, &data, true).unwrap();
+                check.assert_within(HALF_FORWARD, HALF_BACKWARD, &format!("{case:?}"));
+            }
+        }
+    }
+}
+
 #[test]
 fn score_modifiers_on_the_tensor_cores_and_the_deterministic_dq_pass() {
     if skip_without_device() {

@@ -211,7 +211,8 @@ pub fn forward_version_with_stats<T: TcFloat>(
         (gpu.upload_array(inputs.q)?, gpu.upload_array(inputs.k)?, gpu.upload_array(inputs.v)?);
     let score = ScoreInputs::upload(gpu, &p)?;
     let (with_mods, cut) = (needs_mods_kernel(&p), needs_cut_kernel(&p));
-    let name = v.forward_kernel_name(d, with_mods, cut, p.softcap.is_some());
+    let capped = p.softcap.is_some_and(|c| versions::cap_in_fp16(c, p.scale));
+    let name = v.forward_kernel_name(d, with_mods, cut, capped);
     let f = with_shared_bytes(tc_function::<T>(gpu, v, d, &name)?, shared_bytes(version, d))?;
     let z = batch * heads;
     let ((out, lse), stats) = measured(gpu, || {

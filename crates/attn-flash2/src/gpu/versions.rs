@@ -355,10 +355,10 @@ impl Version {
     }
 
     /// The forward's kernel for a call with a mask or bias when `with_mods`, with a window,
-    /// softcap or ALiBi when `cut`, with the softcap when `softcap`: in the shipped
-    /// tensor-core forward, the softcap without mask, bias or ALiBi has a kernel of its own
-    /// (`_cap`, which softcaps the tiles inside the band in pairs of fp16); otherwise
-    /// [`Version::kernel_name_cut`].
+    /// softcap or ALiBi when `cut`, with a softcap that fp16 can carry when `softcap`
+    /// ([`cap_in_fp16`]): in the shipped tensor-core forward, that softcap without mask, bias
+    /// or ALiBi has a kernel of its own (`_cap`, which softcaps the tiles inside the band in
+    /// pairs of fp16); otherwise [`Version::kernel_name_cut`].
     pub fn forward_kernel_name(
         &self,
         d: usize,
@@ -397,6 +397,15 @@ impl Version {
             }
         }
     }
+}
+
+/// Whether the `_cap` forward may take softcap `c` at scale `scale`: it multiplies each raw
+/// score by scale / c in fp16, so a score beyond fp16's range (65 504) becomes ±∞; that is
+/// exact only where its tanh rounds to ±1 in fp16 anyway, |scale / c| · 65 504 ≥ 8 (tanh(8)
+/// is 1 − 2.3e-7, below fp16's last bit at 1). Softcaps larger than that (c above 723 at
+/// scale 1/√128) run the `_cut` kernel, in f32.
+pub fn cap_in_fp16(c: f32, scale: f32) -> bool {
+    (scale / c).abs() * 65_504.0 >= 8.0
 }
 
 /// The versions of `track` as a markdown table (number, parent, what changed, whether the
@@ -506,6 +515,16 @@ mod tests {
         );
         assert_eq!(tc(Track::TcBackward, 7).kernel_name(64, true), "flash2_tc_backward_mods");
         assert_eq!(tc(Track::TcBackward, 1).kernel_name(64, true), "flash2_tc_backward_v1");
+    }
+
+    #[test]
+    fn the_fp16_softcap_kernel_takes_caps_up_to_where_fp16_saturates_tanh() {
+        let scale = 1.0 / 128f32.sqrt();
+        assert!(cap_in_fp16(30.0, scale));
+        assert!(cap_in_fp16(0.01, scale));
+        assert!(cap_in_fp16(-700.0, -scale)); // the sign cancels in |scale / c|
+        assert!(cap_in_fp16(723.0, scale) && !cap_in_fp16(724.0, scale));
+        assert!(!cap_in_fp16(1e4, scale));
     }
 
     #[test]
