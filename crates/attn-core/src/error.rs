@@ -89,6 +89,11 @@ pub enum AttnError {
     #[error("CUDA error while {context}: {message}")]
     Cuda { context: String, message: String },
 
+    /// Sequence lengths that do not describe the tensors: `cu_seqlens_q` / `cu_seqlens_k` of
+    /// a packed batch, `cache_seqlens` or `block_table` of a KV cache.
+    #[error("{arg} {reason}")]
+    InvalidLengths { arg: &'static str, reason: String },
+
     /// The stage's workspace would not fit in the memory limit. Raised before allocating.
     #[error(
         "{stage} needs {} for its {what} but the memory limit is {}; {advice}",

@@ -20,6 +20,8 @@
 //!   [`KeyRange`], the one rule for which keys a query sees; [`BiasGrad`], dBias from the
 //!   backward's dS tiles;
 //! - [`reference`]: the float64 forward and backward every stage is checked against;
+//! - [`varlen`]: packed variable-length batches (`cu_seqlens`) and the KV cache (contiguous
+//!   or paged) for any stage, each sequence run as the call it is;
 //! - [`metrics`], [`flops`], [`memory`] and [`random`]: how we measure;
 //! - [`simd`]: the CPU kernels the stages' tiles are computed with — tile products and the
 //!   vectorised softmax steps, at the widest vector width the host has — as attn-cuda holds
@@ -45,6 +47,7 @@ pub mod testing;
 pub mod tolerance;
 pub mod trace;
 pub mod traffic;
+pub mod varlen;
 
 pub use ndarray;
 
@@ -56,3 +59,4 @@ pub use problem::{Element, Head, Problem, check_d_out, check_saved, check_values
 pub use shape::{KeyRange, Shape};
 pub use stage::{Device, Forward, Grads, Stage};
 pub use traffic::{Traffic, TrafficCounter};
+pub use varlen::{KvCache, SeqLens};

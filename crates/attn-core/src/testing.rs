@@ -895,3 +895,418 @@ pub mod trace_claims {
         }
     }
 }
+
+/// What every stage must show for packed variable-length batches and the KV cache
+/// ([`crate::varlen`]): the packed call (forward and backward, dBias included) equals one
+/// unpacked call whose mask is the block diagonal of the spans, against the float64
+/// reference; the cached call, contiguous or paged, equals the reference over each row's
+/// valid keys, whatever the slots beyond them hold; appending writes where it should.
+pub mod varlen_claims {
+    use ndarray::{Array2, Array4, Axis, s};
+
+    use super::{compare, compare_floored};
+    use crate::metrics::ErrorReport;
+    use crate::options::{Inputs, Mask, Options, Window};
+    use crate::reference::RefProblem;
+    use crate::stage::Stage;
+    use crate::varlen::{
+        KvCache, SeqLens, append_kv, backward_packed, block_table, explicit_structure,
+        forward_cached, forward_packed, unpacked_equivalent,
+    };
+    use crate::{AttnError, random};
+
+    fn assert_report(e: &ErrorReport, tol: f64, what: &str) {
+        let ef = crate::tolerance::ELEMENTWISE_FACTOR;
+        assert!(
+            e.within(tol, ef * tol),
+            "{what}: normwise {:.3e} elementwise {:.3e} (flat index {}) vs tolerance {tol:.0e}",
+            e.normwise,
+            e.elementwise,
+            e.worst
+        );
+    }
+
+    /// One packed problem: spans, heads, options, what it carries.
+    struct Packed {
+        q_lens: Vec<usize>,
+        k_lens: Vec<usize>,
+        heads: (usize, usize),
+        d: usize,
+        opts: Options,
+        key_padding: bool,
+        bias: Option<[bool; 2]>, // which of (n_q, n_k) the bias spans; the other axis 1
+        alibi: bool,
+    }
+
+    fn packed_cases() -> Vec<(&'static str, Packed)> {
+        let base = |q: &[usize], k: &[usize]| Packed {
+            q_lens: q.to_vec(),
+            k_lens: k.to_vec(),
+            heads: (4, 2),
+            d: 8,
+            opts: Options::default().blocks(4, 3),
+            key_padding: false,
+            bias: None,
+            alibi: false,
+        };
+        vec![
+            (
+                "self-attention, causal, an empty sequence",
+                Packed {
+                    opts: Options::default().blocks(4, 3).causal(true),
+                    ..base(&[5, 0, 9, 3], &[5, 0, 9, 3])
+                },
+            ),
+            (
+                "cross attention, causal n_q > n_k, no keys for one",
+                Packed {
+                    opts: Options::default().blocks(3, 4).causal(true),
+                    ..base(&[3, 7, 2, 4], &[6, 2, 0, 9])
+                },
+            ),
+            (
+                "window, softcap, ALiBi, a full bias and its gradient",
+                Packed {
+                    opts: Options {
+                        window: Some(Window::new(2, 1)),
+                        softcap: Some(5.0),
+                        bias_grad: true,
+                        ..Options::default().blocks(4, 4)
+                    },
+                    bias: Some([true, true]),
+                    alibi: true,
+                    ..base(&[6, 11, 1], &[6, 11, 1])
+                },
+            ),
+            (
+                "key padding, a per-key bias and its gradient, d 5",
+                Packed {
+                    d: 5,
+                    heads: (3, 3),
+                    opts: Options {
+                        bias_grad: true,
+                        ..Options::default().blocks(2, 5).causal(true)
+                    },
+                    key_padding: true,
+                    bias: Some([false, true]),
+                    ..base(&[4, 8, 7], &[9, 8, 3])
+                },
+            ),
+        ]
+    }
+
+    /// A packed forward and backward of `stage` against the reference of the unpacked
+    /// equivalent, within `(forward_tol, backward_tol)`.
+    pub fn packed_matches_the_reference(stage: &dyn Stage, tols: (f64, f64)) {
+        for (seed, (what, case)) in packed_cases().into_iter().enumerate() {
+            let seqs = SeqLens::from_lengths(&case.q_lens, &case.k_lens);
+            let (tq, tk) = seqs.totals();
+            let (h, kvh) = case.heads;
+            let seed = 100 + seed as u64;
+            let q = random::normal((1, h, tq, case.d), seed);
+            let k = random::normal((1, kvh, tk, case.d), seed + 1);
+            let v = random::normal((1, kvh, tk, case.d), seed + 2);
+            let d_out = random::normal((1, h, tq, case.d), seed + 3);
+            let pad = random::key_padding(1, tk, seed + 4);
+            let bias = case.bias.map(|[bq, bk]| {
+                random::bias(
+                    (1, h, if bq { tq } else { 1 }, if bk { tk } else { 1 }),
+                    0.0,
+                    seed + 5,
+                )
+            });
+            let slopes = Array2::from_shape_fn((1, h), |(_, i)| 0.3 / (i + 1) as f32);
+            let mut inputs = Inputs::new(q.view(), k.view(), v.view());
+            if case.key_padding {
+                inputs = inputs.with_mask(Mask::KeyPadding(pad.view()));
+            }
+            if let Some(b) = &bias {
+                inputs = inputs.with_bias(b.view());
+            }
+            if case.alibi {
+                inputs = inputs.with_alibi(slopes.view());
+            }
+            let opts = &case.opts;
+            let fwd = forward_packed(&seqs, &inputs, opts, |i, o| stage.forward(i, o))
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+            let grads = backward_packed(&seqs, &inputs, opts, &fwd, d_out.view(), |i, o, f, d| {
+                stage.backward(i, o, f, d)
+            })
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+
+            let structure = explicit_structure(1, tq, tk, opts, |_| {
+                (0..seqs.num_seqs()).map(|s| (seqs.q_span(s), seqs.k_span(s))).collect()
+            });
+            let (mask, full_bias, ref_opts) = unpacked_equivalent(&inputs, opts, structure);
+            let unpacked = Inputs::new(q.view(), k.view(), v.view())
+                .with_mask(Mask::Full(mask.view()))
+                .with_bias(full_bias.view());
+            let ref_opts = Options { bias_grad: true, ..ref_opts };
+            let reference = RefProblem::from_inputs(&unpacked, &ref_opts).unwrap();
+            let r = reference.forward();
+            let (tf, tb) = tols;
+            let name = format!("{} packed, {what}", stage.name());
+            assert_report(&compare(fwd.out.view(), r.out.view()), tf, &format!("{name}: out"));
+            assert_report(&compare(fwd.lse.view(), r.lse.view()), tf, &format!("{name}: lse"));
+            let d64 = d_out.mapv(f64::from);
+            let rg = reference.backward(&d64);
+            let m = reference.backward_magnitudes(&d64);
+            for (t, x, r, m) in [
+                ("dq", &grads.dq, &rg.dq, &m.dq),
+                ("dk", &grads.dk, &rg.dk, &m.dk),
+                ("dv", &grads.dv, &rg.dv, &m.dv),
+            ] {
+                assert_report(
+                    &compare_floored(x.view(), r.view(), m.view()),
+                    tb,
+                    &format!("{name}: {t}"),
+                );
+            }
+            if let Some(b) = &bias {
+                // the reference's dBias is over the full [1, h, total_q, total_k]: summed
+                // over the axes the bias broadcasts
+                let sum = |a: &Array4<f64>| {
+                    let mut a = a.clone();
+                    for axis in 2..4 {
+                        if b.dim_of(axis) == 1 {
+                            a = a.sum_axis(Axis(axis)).insert_axis(Axis(axis));
+                        }
+                    }
+                    a
+                };
+                let (r, m) = (sum(rg.dbias.as_ref().unwrap()), sum(m.dbias.as_ref().unwrap()));
+                let got = grads.dbias.as_ref().unwrap_or_else(|| panic!("{name}: no dbias"));
+                assert_eq!(got.dim(), b.dim(), "{name}: dbias in the bias's shape");
+                assert_report(
+                    &compare_floored(got.view(), r.view(), m.view()),
+                    tb,
+                    &format!("{name}: dbias"),
+                );
+            }
+        }
+    }
+
+    trait DimOf {
+        fn dim_of(&self, axis: usize) -> usize;
+    }
+    impl DimOf for Array4<f32> {
+        fn dim_of(&self, axis: usize) -> usize {
+            self.shape()[axis]
+        }
+    }
+
+    /// Dropout in a packed batch: the same weights dropped as `baseline` drops them (another
+    /// stage), and a one-sequence packed call bit for bit the plain call.
+    pub fn packed_dropout_agrees(stage: &dyn Stage, baseline: &dyn Stage) {
+        let seqs = SeqLens::from_lengths(&[7, 2, 12], &[7, 2, 12]);
+        let (t, _) = seqs.totals();
+        let q = random::normal((1, 2, t, 8), 7);
+        let k = random::normal((1, 2, t, 8), 8);
+        let v = random::normal((1, 2, t, 8), 9);
+        let d_out = random::normal((1, 2, t, 8), 10);
+        let inputs = Inputs::new(q.view(), k.view(), v.view());
+        let opts = Options::default().dropout(0.3, 42).causal(true).blocks(4, 4);
+        let run = |st: &dyn Stage| {
+            let f = forward_packed(&seqs, &inputs, &opts, |i, o| st.forward(i, o)).unwrap();
+            let g = backward_packed(&seqs, &inputs, &opts, &f, d_out.view(), |i, o, f, d| {
+                st.backward(i, o, f, d)
+            })
+            .unwrap();
+            (f, g)
+        };
+        let ((fa, ga), (fb, gb)) = (run(stage), run(baseline));
+        let close = |a: &Array4<f32>, b: &Array4<f32>, what: &str| {
+            let e = compare(a.view(), b.mapv(f64::from).view());
+            assert!(
+                e.normwise < 1e-4,
+                "{} against {} packed with dropout: {what} {:.3e}",
+                stage.name(),
+                baseline.name(),
+                e.normwise
+            );
+        };
+        close(&fa.out, &fb.out, "out");
+        close(&ga.dq, &gb.dq, "dq");
+        close(&ga.dv, &gb.dv, "dv");
+        // the middle sequence's weights are not those of sequence 0's seed: its output differs
+        // from the plain call of that sequence alone
+        let one = SeqLens::from_lengths(&[t], &[t]);
+        let packed_one = forward_packed(&one, &inputs, &opts, |i, o| stage.forward(i, o)).unwrap();
+        let plain = stage.forward(&inputs, &opts).unwrap();
+        assert_eq!(
+            packed_one.out,
+            plain.out,
+            "{}: one sequence packed is the plain call",
+            stage.name()
+        );
+        assert_eq!(packed_one.lse, plain.lse);
+    }
+
+    /// Bad spans are refused, naming the argument.
+    pub fn packed_refuses_bad_spans(stage: &dyn Stage) {
+        let q = random::normal((1, 2, 10, 4), 1);
+        let inputs = Inputs::new(q.view(), q.view(), q.view());
+        let o = Options::default();
+        let fwd = |cq: &[i64], ck: &[i64]| {
+            SeqLens::new(cq, ck, 10, 10)
+                .and_then(|s| forward_packed(&s, &inputs, &o, |i, o| stage.forward(i, o)))
+                .map(|_| ())
+        };
+        for (cq, ck, arg, words) in [
+            (&[1i64, 10][..], &[0i64, 10][..], "cu_seqlens_q", "start at 0"),
+            (&[0, 6, 4, 10], &[0, 4, 6, 10], "cu_seqlens_q", "must not decrease"),
+            (&[0, 4, 10], &[0, 4, 9], "cu_seqlens_k", "must end there"),
+            (&[0, 4, 10], &[0, 10], "cu_seqlens_k", "num_seqs + 1"),
+        ] {
+            match fwd(cq, ck) {
+                Err(e @ AttnError::InvalidLengths { arg: a, .. }) => {
+                    assert_eq!(a, arg, "{e}");
+                    assert!(e.to_string().contains(words), "{e}");
+                }
+                other => panic!("{cq:?} {ck:?}: expected an error naming {arg}, got {other:?}"),
+            }
+        }
+        let q2 = random::normal((2, 2, 5, 4), 1);
+        let batched = Inputs::new(q2.view(), q2.view(), q2.view());
+        let seqs = SeqLens::from_lengths(&[5], &[5]);
+        let e = forward_packed(&seqs, &batched, &o, |i, o| stage.forward(i, o)).unwrap_err();
+        assert!(matches!(e, AttnError::ShapeMismatch { arg: "q", .. }), "{e}");
+    }
+
+    /// Decoding from contiguous and paged caches whose slots beyond each row's length hold
+    /// NaN: equal to the reference over the valid keys, causal and the window aligned to
+    /// each row's length, per-batch ALiBi and softcap.
+    pub fn cached_matches_the_reference(stage: &dyn Stage, forward_tol: f64) {
+        let (batch, h, kvh, n_max, d, n_q, page) = (3, 4, 2, 13, 8, 3, 4);
+        let lens = [13usize, 6, 0];
+        let q = random::normal((batch, h, n_q, d), 21);
+        let mut k = random::normal((batch, kvh, n_max, d), 22);
+        let mut v = random::normal((batch, kvh, n_max, d), 23);
+        let (k_ref, v_ref) = (k.clone(), v.clone());
+        for (b, &l) in lens.iter().enumerate() {
+            k.slice_mut(s![b, .., l.., ..]).fill(f32::NAN);
+            v.slice_mut(s![b, .., l.., ..]).fill(f32::NAN);
+        }
+        let slopes = Array2::from_shape_fn((batch, h), |(b, i)| 0.1 * (b + i + 1) as f32);
+        for (what, opts, alibi) in [
+            ("causal", Options::default().causal(true).blocks(2, 4), false),
+            (
+                "window (4, 0), softcap, ALiBi per batch row",
+                Options {
+                    window: Some(Window::new(4, 0)),
+                    softcap: Some(3.0),
+                    ..Options::default().blocks(3, 5)
+                },
+                true,
+            ),
+        ] {
+            let mut inputs = Inputs::new(q.view(), k.view(), v.view());
+            if alibi {
+                inputs = inputs.with_alibi(slopes.view());
+            }
+            let seqlens: Vec<i64> = lens.iter().map(|&l| l as i64).collect();
+            let cache = KvCache::contiguous(&seqlens).unwrap();
+            let got = forward_cached(&cache, &inputs, &opts, |i, o| stage.forward(i, o))
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
+
+            // the same cache in scattered pages of a pool
+            let max_blocks = n_max.div_ceil(page);
+            let num_pages = batch * max_blocks + 2;
+            let order: Vec<usize> =
+                (0..batch * max_blocks).map(|i| (i * 5 + 3) % num_pages).collect();
+            let table = block_table(batch, max_blocks, &order);
+            let mut kp = Array4::from_elem((num_pages, kvh, page, d), f32::NAN);
+            let mut vp = kp.clone();
+            for b in 0..batch {
+                for pos in 0..lens[b] {
+                    let p = table[(b, pos / page)] as usize;
+                    kp.slice_mut(s![p, .., pos % page, ..]).assign(&k.slice(s![b, .., pos, ..]));
+                    vp.slice_mut(s![p, .., pos % page, ..]).assign(&v.slice(s![b, .., pos, ..]));
+                }
+            }
+            let paged_inputs = Inputs { k: kp.view(), v: vp.view(), ..inputs };
+            let paged = KvCache::paged(&seqlens, table.view()).unwrap();
+            let got_paged =
+                forward_cached(&paged, &paged_inputs, &opts, |i, o| stage.forward(i, o))
+                    .unwrap_or_else(|e| panic!("{what}, paged: {e}"));
+
+            let structure =
+                explicit_structure(batch, n_q, n_max, &opts, |b| vec![(0..n_q, 0..lens[b])]);
+            let clean = Inputs { k: k_ref.view(), v: v_ref.view(), ..inputs };
+            let (mask, bias, ref_opts) = unpacked_equivalent(&clean, &opts, structure);
+            let unpacked = Inputs { alibi: None, ..clean }
+                .with_mask(Mask::Full(mask.view()))
+                .with_bias(bias.view());
+            let r = RefProblem::from_inputs(&unpacked, &ref_opts).unwrap().forward();
+            for (kind, f) in [("contiguous", &got), ("paged", &got_paged)] {
+                let name = format!("{} cached ({kind}), {what}", stage.name());
+                assert_report(
+                    &compare(f.out.view(), r.out.view()),
+                    forward_tol,
+                    &format!("{name}: out"),
+                );
+                assert_report(
+                    &compare(f.lse.view(), r.lse.view()),
+                    forward_tol,
+                    &format!("{name}: lse"),
+                );
+            }
+        }
+    }
+
+    /// `append_kv` writes the new keys at each row's length (through the pages of a paged
+    /// cache) and nothing when a row would overflow; bad lengths and tables are refused.
+    pub fn append_and_bad_caches(stage: &dyn Stage) {
+        let (batch, kvh, n_max, d) = (2, 2, 6, 4);
+        let mut kc = Array4::<f32>::zeros((batch, kvh, n_max, d));
+        let mut vc = kc.clone();
+        let kn = random::normal((batch, kvh, 2, d), 5);
+        let vn = random::normal((batch, kvh, 2, d), 6);
+        let cache = KvCache::contiguous(&[3, 0]).unwrap();
+        let lens = append_kv(&cache, kc.view_mut(), vc.view_mut(), kn.view(), vn.view()).unwrap();
+        assert_eq!(lens, vec![5, 2]);
+        assert_eq!(kc.slice(s![0, .., 3..5, ..]), kn.slice(s![0, .., .., ..]));
+        assert_eq!(vc.slice(s![1, .., 0..2, ..]), vn.slice(s![1, .., .., ..]));
+        assert_eq!(kc.slice(s![0, .., ..3, ..]).iter().filter(|&&x| x != 0.0).count(), 0);
+        // a paged append lands in the table's pages
+        let table = block_table(2, 3, &[4, 1, 0, 2, 5, 3]);
+        let mut kp = Array4::<f32>::zeros((6, kvh, 2, d));
+        let mut vp = kp.clone();
+        let paged = KvCache::paged(&[1, 4], table.view()).unwrap();
+        assert_eq!(
+            append_kv(&paged, kp.view_mut(), vp.view_mut(), kn.view(), vn.view()).unwrap(),
+            vec![3, 6]
+        );
+        assert_eq!(kp.slice(s![4, .., 1, ..]), kn.slice(s![0, .., 0, ..])); // row 0, position 1
+        assert_eq!(kp.slice(s![1, .., 0, ..]), kn.slice(s![0, .., 1, ..])); // position 2
+        assert_eq!(kp.slice(s![3, .., 0, ..]), kn.slice(s![1, .., 0, ..])); // row 1, position 4
+        // overflow: nothing written
+        let before = kc.clone();
+        let full = KvCache::contiguous(&[5, 1]).unwrap();
+        let e = append_kv(&full, kc.view_mut(), vc.view_mut(), kn.view(), vn.view()).unwrap_err();
+        assert!(matches!(e, AttnError::InvalidLengths { arg: "cache_seqlens", .. }), "{e}");
+        assert_eq!(kc, before);
+
+        let q = random::normal((batch, 4, 1, d), 7);
+        let run = |c: &KvCache<'_>, k: &Array4<f32>| {
+            let inputs = Inputs::new(q.view(), k.view(), k.view());
+            forward_cached(c, &inputs, &Options::default(), |i, o| stage.forward(i, o)).map(|_| ())
+        };
+        let long = KvCache::contiguous(&[7, 1]).unwrap();
+        let e = run(&long, &kc).unwrap_err();
+        assert!(matches!(e, AttnError::InvalidLengths { arg: "cache_seqlens", .. }), "{e}");
+        assert!(KvCache::contiguous(&[-1, 1]).is_err());
+        let outside = block_table(2, 3, &[0, 1, 9, 2, 3, 4]);
+        let e = run(&KvCache::paged(&[6, 2], outside.view()).unwrap(), &kp).unwrap_err();
+        assert!(matches!(e, AttnError::InvalidLengths { arg: "block_table", .. }), "{e}");
+        assert!(e.to_string().contains("page 9"), "{e}");
+        let e = forward_cached(
+            &KvCache::contiguous(&[2, 2]).unwrap(),
+            &Inputs::new(q.view(), kc.view(), kc.view()),
+            &Options::default().dropout(0.1, 0),
+            |i, o| stage.forward(i, o),
+        )
+        .unwrap_err();
+        assert!(matches!(e, AttnError::Unsupported { what: "dropout", .. }), "{e}");
+    }
+}
