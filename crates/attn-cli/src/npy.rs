@@ -137,3 +137,42 @@ impl Drop for Outputs {
 fn write_error(flag: &str, path: &Path, e: impl std::fmt::Display) -> CliError {
     CliError { code: 1, message: format!("{flag}: cannot write {}: {e}", path.display()) }
 }
+
+/// An integer tensor (int64 or int32) of any rank, as i64.
+pub fn read_int(flag: &str, path: &Path) -> Result<ArrayD<i64>, CliError> {
+    match ArrayD::<i64>::read_npy(open(flag, path)?) {
+        Ok(a) => Ok(a),
+        Err(ReadNpyError::WrongDescriptor(_)) => {
+            ArrayD::<i32>::read_npy(open(flag, path)?).map(|a| a.mapv(i64::from)).map_err(|e| {
+                CliError::input(
+                    flag,
+                    format!(
+                        "{}: {}",
+                        path.display(),
+                        describe(&e, "int64 ('<i8') or int32 ('<i4')", "astype(np.int64)")
+                    ),
+                )
+            })
+        }
+        Err(e) => Err(CliError::input(
+            flag,
+            format!(
+                "{}: {}",
+                path.display(),
+                describe(&e, "int64 ('<i8') or int32", "astype(np.int64)")
+            ),
+        )),
+    }
+}
+
+/// A 1-D integer tensor.
+pub fn read_int_vec(flag: &str, path: &Path, what: &str) -> Result<Vec<i64>, CliError> {
+    let a = read_int(flag, path)?;
+    if a.ndim() != 1 {
+        return Err(CliError::input(
+            flag,
+            format!("{} has shape {:?}; {what}", path.display(), a.shape()),
+        ));
+    }
+    Ok(a.iter().copied().collect())
+}

@@ -4,13 +4,14 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use attn::core::memory::parse_bytes;
+use attn::core::varlen::{self, KvCache, SeqLens};
 use attn::flash2::tc;
 use attn::{AttnError, Device, Inputs, Mask, Options, Stage};
 use clap::{Args, ValueEnum};
 use ndarray::{Array2, Array4, Ix2};
 
 use crate::CliError;
-use crate::npy::{Outputs, read_bhnd, read_bool, read_f32, to_rank4};
+use crate::npy::{Outputs, read_bhnd, read_bool, read_f32, read_int, read_int_vec, to_rank4};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum DeviceArg {
@@ -139,6 +140,22 @@ pub struct RunArgs {
     /// --grad-out).
     #[arg(long)]
     pub dbias: Option<PathBuf>,
+    /// A packed batch: the query offsets, int .npy [num_seqs + 1] from 0 to total_q. Q is
+    /// then [1, heads, total_q, d], K/V [1, kv_heads, total_k, d], outputs and gradients
+    /// packed the same way; each sequence attends only inside its spans.
+    #[arg(long, requires = "cu_seqlens_k", conflicts_with = "cache_seqlens")]
+    pub cu_seqlens_q: Option<PathBuf>,
+    /// A packed batch: the key offsets, int .npy [num_seqs + 1] from 0 to total_k.
+    #[arg(long, requires = "cu_seqlens_q")]
+    pub cu_seqlens_k: Option<PathBuf>,
+    /// Decoding from a KV cache: the valid keys of each batch row, int .npy [batch]; K/V are
+    /// then the caches [batch, kv_heads, n_max, d] (forward only).
+    #[arg(long)]
+    pub cache_seqlens: Option<PathBuf>,
+    /// A paged KV cache: page indices, int .npy [batch, max_blocks]; K/V are then page pools
+    /// [num_pages, kv_heads, page_size, d] (needs --cache-seqlens).
+    #[arg(long, requires = "cache_seqlens")]
+    pub block_table: Option<PathBuf>,
     /// Also compute the float64 reference and print the errors against it.
     #[arg(long)]
     pub check: bool,
@@ -178,8 +195,15 @@ fn flag_of(e: &AttnError) -> &'static str {
         | AttnError::NoCudaDevice { .. }
         | AttnError::Cuda { .. } => "--device",
         AttnError::WorkspaceTooLarge { .. } => "--algo",
+        AttnError::InvalidLengths { arg, .. } => match *arg {
+            "cu_seqlens_q" => "--cu-seqlens-q",
+            "cu_seqlens_k" => "--cu-seqlens-k",
+            "block_table" => "--block-table",
+            _ => "--cache-seqlens",
+        },
         AttnError::Unsupported { what, .. } => match *what {
             "dropout" => "--dropout",
+            "gradients" => "--grad-out",
             _ => "--dtype",
         },
     }
@@ -361,30 +385,55 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
         inputs = inputs.with_alibi(a.view());
     }
 
+    // The layout: one batch, a packed batch, or a KV cache (contiguous or paged).
+    let table = args.block_table.as_deref().map(read_block_table).transpose()?;
+    let layout = Layout::read(args, &q, &k, table.as_ref())?;
+    if matches!(layout, Layout::Cached(_)) && args.grad_out.is_some() {
+        return Err(CliError::input(
+            "--grad-out",
+            "a KV-cache call (--cache-seqlens) is inference: it has no backward; drop --grad-out",
+        ));
+    }
+
+    let dtype = args.dtype;
+    let forward = |i: &Inputs<'_>, o: &Options| -> attn::Result<attn::Forward> {
+        let version = tc::forward_version();
+        match dtype {
+            DtypeArg::F32 => stage.forward(i, o),
+            DtypeArg::Bf16 => tc::forward_rounded::<tc::bf16>(i, o, version).map(|f| f.0),
+            DtypeArg::F16 => tc::forward_rounded::<tc::f16>(i, o, version).map(|f| f.0),
+        }
+    };
+    let backward = |i: &Inputs<'_>,
+                    o: &Options,
+                    f: &attn::Forward,
+                    d: ndarray::ArrayView4<'_, f32>|
+     -> attn::Result<attn::Grads> {
+        let version = tc::backward_version();
+        match dtype {
+            DtypeArg::F32 => stage.backward(i, o, f, d),
+            DtypeArg::Bf16 => tc::backward_rounded::<tc::bf16>(i, o, f, d, version).map(|g| g.0),
+            DtypeArg::F16 => tc::backward_rounded::<tc::f16>(i, o, f, d, version).map(|g| g.0),
+        }
+    };
+
     let start = Instant::now();
-    let version = tc::forward_version();
-    let fwd = match args.dtype {
-        DtypeArg::F32 => stage.forward(&inputs, &opts),
-        DtypeArg::Bf16 => tc::forward_rounded::<tc::bf16>(&inputs, &opts, version).map(|f| f.0),
-        DtypeArg::F16 => tc::forward_rounded::<tc::f16>(&inputs, &opts, version).map(|f| f.0),
+    let fwd = match &layout {
+        Layout::Plain => forward(&inputs, &opts),
+        Layout::Packed(seqs) => varlen::forward_packed(seqs, &inputs, &opts, forward),
+        Layout::Cached(cache) => varlen::forward_cached(cache, &inputs, &opts, forward),
     }
     .map_err(lib_error)?;
     let fwd_time = start.elapsed();
     let grads = match &d_out {
         Some(d_out) => {
             let start = Instant::now();
-            let version = tc::backward_version();
             let d_out = d_out.view();
-            let g = match args.dtype {
-                DtypeArg::F32 => stage.backward(&inputs, &opts, &fwd, d_out),
-                DtypeArg::Bf16 => {
-                    tc::backward_rounded::<tc::bf16>(&inputs, &opts, &fwd, d_out, version)
-                        .map(|g| g.0)
+            let g = match &layout {
+                Layout::Packed(seqs) => {
+                    varlen::backward_packed(seqs, &inputs, &opts, &fwd, d_out, backward)
                 }
-                DtypeArg::F16 => {
-                    tc::backward_rounded::<tc::f16>(&inputs, &opts, &fwd, d_out, version)
-                        .map(|g| g.0)
-                }
+                _ => backward(&inputs, &opts, &fwd, d_out),
             }
             .map_err(lib_error)?;
             Some((g, start.elapsed()))
@@ -405,8 +454,34 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
         summary += &format!(", backward {:.3} ms", t.as_secs_f64() * 1e3);
     }
     if args.check {
-        let reference =
-            attn::core::reference::RefProblem::from_inputs(&inputs, &opts).map_err(lib_error)?;
+        // a packed or cached call is checked as the one unpacked call it equals
+        let (n_q, n_k) = (q.dim().2, layout.keys(&k));
+        let (batch, kv) = (q.dim().0, layout.gathered(&k, &v));
+        let structure = match &layout {
+            Layout::Plain => None,
+            Layout::Packed(seqs) => Some(varlen::explicit_structure(1, n_q, n_k, &opts, |_| {
+                (0..seqs.num_seqs()).map(|s| (seqs.q_span(s), seqs.k_span(s))).collect()
+            })),
+            Layout::Cached(cache) => {
+                Some(varlen::explicit_structure(batch, n_q, n_k, &opts, |b| {
+                    vec![(0..n_q, 0..cache.seqlens[b])]
+                }))
+            }
+        };
+        let (kr, vr) = kv.as_ref().map_or((k.view(), v.view()), |(k, v)| (k.view(), v.view()));
+        let whole = Inputs { k: kr, v: vr, ..inputs };
+        let unpacked = structure.map(|st| varlen::unpacked_equivalent(&whole, &opts, st));
+        let (ref_inputs, ref_opts) = match &unpacked {
+            None => (whole, opts.clone()),
+            Some((mask, bias, o)) => (
+                Inputs { alibi: None, ..whole }
+                    .with_mask(Mask::Full(mask.view()))
+                    .with_bias(bias.view()),
+                Options { bias_grad: opts.bias_grad, ..o.clone() },
+            ),
+        };
+        let reference = attn::core::reference::RefProblem::from_inputs(&ref_inputs, &ref_opts)
+            .map_err(lib_error)?;
         let r = reference.forward();
         let e = attn::core::metrics::compare(fwd.out.view(), r.out.view());
         summary += &format!(
@@ -450,4 +525,68 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
         println!("  wrote {}", p.display());
     }
     Ok(())
+}
+
+/// How the tensors of `attn run` are laid out.
+enum Layout<'t> {
+    Plain,
+    Packed(SeqLens),
+    Cached(KvCache<'t>),
+}
+
+/// `--block-table`: int [batch, max_blocks].
+fn read_block_table(path: &std::path::Path) -> Result<Array2<i64>, CliError> {
+    let t = read_int("--block-table", path)?;
+    let shape = t.shape().to_vec();
+    t.into_dimensionality::<Ix2>().map_err(|_| {
+        CliError::input(
+            "--block-table",
+            format!("{} has shape {shape:?}; it must be [batch, max_blocks]", path.display()),
+        )
+    })
+}
+
+impl<'t> Layout<'t> {
+    fn read(
+        args: &RunArgs,
+        q: &Array4<f32>,
+        k: &Array4<f32>,
+        table: Option<&'t Array2<i64>>,
+    ) -> Result<Self, CliError> {
+        if let (Some(cq), Some(ck)) = (&args.cu_seqlens_q, &args.cu_seqlens_k) {
+            let what = "cu_seqlens are 1-D [num_seqs + 1]";
+            let cq = read_int_vec("--cu-seqlens-q", cq, what)?;
+            let ck = read_int_vec("--cu-seqlens-k", ck, what)?;
+            return SeqLens::new(&cq, &ck, q.dim().2, k.dim().2)
+                .map(Layout::Packed)
+                .map_err(lib_error);
+        }
+        let Some(lens) = &args.cache_seqlens else {
+            return Ok(Layout::Plain);
+        };
+        let lens = read_int_vec("--cache-seqlens", lens, "cache_seqlens is 1-D [batch]")?;
+        let cache = match table {
+            None => KvCache::contiguous(&lens),
+            Some(t) => KvCache::paged(&lens, t.view()),
+        }
+        .map_err(lib_error)?;
+        Ok(Layout::Cached(cache))
+    }
+
+    /// The key axis of the one unpacked call: K's, or a paged cache's capacity.
+    fn keys(&self, k: &Array4<f32>) -> usize {
+        match self {
+            Layout::Cached(c) => c.capacity(&k.view()),
+            _ => k.dim().2,
+        }
+    }
+
+    /// For a cache: K and V as contiguous [batch, kv_heads, capacity, d] with the slots
+    /// beyond each row's length zero (what the reference reads).
+    fn gathered(&self, k: &Array4<f32>, v: &Array4<f32>) -> Option<(Array4<f32>, Array4<f32>)> {
+        match self {
+            Layout::Cached(c) => Some((c.gathered(k.view()), c.gathered(v.view()))),
+            _ => None,
+        }
+    }
 }

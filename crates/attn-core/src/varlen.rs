@@ -309,11 +309,23 @@ impl<'a> KvCache<'a> {
     }
 
     /// How many key slots batch row `b` can hold: `n_max`, or the table's pages.
-    fn capacity(&self, k: &ArrayView4<'_, f32>) -> usize {
+    pub fn capacity(&self, k: &ArrayView4<'_, f32>) -> usize {
         match &self.block_table {
             None => k.dim().2,
             Some(t) => t.dim().1 * k.dim().2,
         }
+    }
+
+    /// The caches (or pools) `k` as contiguous `[batch, kv_heads, capacity, d]`: each row's
+    /// valid keys, zeros beyond them (what a reference over the whole cache reads).
+    pub fn gathered(&self, k: ArrayView4<'_, f32>) -> Array4<f32> {
+        let (_, kv_heads, _, d) = k.dim();
+        let mut all = Array4::zeros((self.seqlens.len(), kv_heads, self.capacity(&k), d));
+        for b in 0..self.seqlens.len() {
+            let l = self.seqlens[b];
+            all.slice_mut(s![b..b + 1, .., ..l, ..]).assign(&self.keys(b, k).view());
+        }
+        all
     }
 
     /// Checks the lengths and the table against the caches `k` and the queries' batch.
