@@ -88,3 +88,19 @@ fn chunkedcuda_takes_the_score_modifiers() {
     let tol = (F32_FORWARD, F32_BACKWARD);
     attn_core::testing::score_mods::check(&ChunkedCuda, &[24, 64, 128], tol, |x| x);
 }
+
+#[test]
+fn chunked_gpu_packed_batches_and_kv_caches_match_the_reference() {
+    // each sequence (batch row) of a packed (cached) call launched as its own call
+    if skip_without_device() {
+        return;
+    }
+    use attn_core::testing::varlen_claims;
+    use attn_core::tolerance::{F32_BACKWARD, F32_FORWARD};
+    varlen_claims::packed_matches_the_reference(
+        &attn_chunked::ChunkedCuda,
+        (F32_FORWARD, F32_BACKWARD),
+    );
+    varlen_claims::cached_matches_the_reference(&attn_chunked::ChunkedCuda, F32_FORWARD);
+    varlen_claims::append_and_bad_caches(&attn_chunked::ChunkedCuda);
+}

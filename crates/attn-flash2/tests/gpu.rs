@@ -670,3 +670,19 @@ fn score_modifiers_on_the_tensor_cores_and_the_deterministic_dq_pass() {
         check.assert_within(F32_FORWARD, F32_BACKWARD, &format!("deterministic {case:?}"));
     }
 }
+
+#[test]
+fn flash2_gpu_packed_batches_and_kv_caches_match_the_reference() {
+    // each sequence (batch row) of a packed (cached) call launched as its own call
+    if skip_without_device() {
+        return;
+    }
+    use attn_core::testing::varlen_claims;
+    use attn_core::tolerance::{F32_BACKWARD, F32_FORWARD};
+    varlen_claims::packed_matches_the_reference(
+        &attn_flash2::Flash2Cuda,
+        (F32_FORWARD, F32_BACKWARD),
+    );
+    varlen_claims::cached_matches_the_reference(&attn_flash2::Flash2Cuda, F32_FORWARD);
+    varlen_claims::append_and_bad_caches(&attn_flash2::Flash2Cuda);
+}
