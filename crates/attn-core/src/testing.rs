@@ -911,7 +911,7 @@ pub mod varlen_claims {
     use crate::stage::Stage;
     use crate::varlen::{
         KvCache, SeqLens, append_kv, backward_packed, block_table, explicit_structure,
-        forward_cached, forward_packed, unpacked_equivalent,
+        forward_cached, forward_cached_split, forward_packed, unpacked_equivalent,
     };
     use crate::{AttnError, random};
 
@@ -1177,8 +1177,8 @@ pub mod varlen_claims {
     /// NaN: equal to the reference over the valid keys, causal and the window aligned to
     /// each row's length, per-batch ALiBi and softcap.
     pub fn cached_matches_the_reference(stage: &dyn Stage, forward_tol: f64) {
-        let (batch, h, kvh, n_max, d, n_q, page) = (3, 4, 2, 13, 8, 3, 4);
-        let lens = [13usize, 6, 0];
+        let (batch, h, kvh, n_max, d, n_q, page) = (3, 4, 2, 12, 8, 3, 4);
+        let lens = [12usize, 5, 0];
         let q = random::normal((batch, h, n_q, d), 21);
         let mut k = random::normal((batch, kvh, n_max, d), 22);
         let mut v = random::normal((batch, kvh, n_max, d), 23);
@@ -1188,6 +1188,8 @@ pub mod varlen_claims {
             v.slice_mut(s![b, .., l.., ..]).fill(f32::NAN);
         }
         let slopes = Array2::from_shape_fn((batch, h), |(b, i)| 0.1 * (b + i + 1) as f32);
+        let pad = Array2::from_shape_fn((batch, n_max), |(b, j)| (b + j) % 3 != 0);
+        let key_bias = random::bias((batch, 1, 1, n_max), 0.0, 24);
         for (what, opts, alibi) in [
             ("causal", Options::default().causal(true).blocks(2, 4), false),
             (
@@ -1199,10 +1201,14 @@ pub mod varlen_claims {
                 },
                 true,
             ),
+            ("key padding, a per-key bias", Options::default().blocks(2, 2), false),
         ] {
             let mut inputs = Inputs::new(q.view(), k.view(), v.view());
             if alibi {
                 inputs = inputs.with_alibi(slopes.view());
+            }
+            if what.starts_with("key padding") {
+                inputs = inputs.with_mask(Mask::KeyPadding(pad.view())).with_bias(key_bias.view());
             }
             let seqlens: Vec<i64> = lens.iter().map(|&l| l as i64).collect();
             let cache = KvCache::contiguous(&seqlens).unwrap();
@@ -1238,7 +1244,19 @@ pub mod varlen_claims {
                 .with_mask(Mask::Full(mask.view()))
                 .with_bias(bias.view());
             let r = RefProblem::from_inputs(&unpacked, &ref_opts).unwrap().forward();
-            for (kind, f) in [("contiguous", &got), ("paged", &got_paged)] {
+            // split-KV: each row's keys in 1, 2, 3 and 20 parts (more parts than keys)
+            let splits: Vec<_> = [1, 2, 3, 20]
+                .into_iter()
+                .map(|n| {
+                    let f = forward_cached_split(&paged, &paged_inputs, &opts, n, |i, o| {
+                        stage.forward(i, o)
+                    })
+                    .unwrap_or_else(|e| panic!("{what}, {n} splits: {e}"));
+                    (format!("paged, {n} splits"), f)
+                })
+                .collect();
+            let all = [("contiguous".to_string(), got), ("paged".to_string(), got_paged)];
+            for (kind, f) in all.iter().chain(&splits) {
                 let name = format!("{} cached ({kind}), {what}", stage.name());
                 assert_report(
                     &compare(f.out.view(), r.out.view()),

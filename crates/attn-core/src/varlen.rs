@@ -634,3 +634,118 @@ pub fn unpacked_equivalent(
 pub fn block_table(batch: usize, max_blocks: usize, order: &[usize]) -> Array2<i64> {
     Array2::from_shape_fn((batch, max_blocks), |(b, i)| order[b * max_blocks + i] as i64)
 }
+
+// ANCHOR: merge_partials
+/// Merges the partial results of one query row over disjoint sets of keys — split-KV's
+/// second step. Part `s` is `(O_s, lse_s)`, normalised over its own keys; then
+/// `lse = log Σ_s e^(lse_s)` and `O = Σ_s e^(lse_s − lse) O_s`: the online softmax's merge,
+/// with each ℓ_s = e^(lse_s − m_s) folded into its lse. A part that saw no key (lse −∞)
+/// weighs nothing; when none saw one, O is 0 and lse −∞, as for a fully masked row.
+pub fn merge_partials<'p>(
+    parts: impl Iterator<Item = (ndarray::ArrayView1<'p, f32>, f32)> + Clone,
+    mut out: ndarray::ArrayViewMut1<'_, f32>,
+) -> f32 {
+    let m = parts.clone().fold(f32::NEG_INFINITY, |m, (_, lse)| m.max(lse));
+    out.fill(0.0);
+    if m == f32::NEG_INFINITY {
+        return m;
+    }
+    let ell: f32 = parts.clone().map(|(_, lse)| (lse - m).exp()).sum();
+    for (o, lse) in parts {
+        out.scaled_add((lse - m).exp() / ell, &o);
+    }
+    m + ell.ln()
+}
+// ANCHOR_END: merge_partials
+
+/// [`forward_cached`] with each batch row's valid keys split into `splits` contiguous parts
+/// (split-KV, "flash-decoding"): `run` computes each part's (O, lse) on its own, then
+/// [`merge_partials`] combines them. The parts are independent, so a device can give each its
+/// own workers; the answer is the unsplit one to rounding. Causal masking, the window and
+/// ALiBi are measured against the whole row's length, so each part runs with them written out
+/// as its mask and bias.
+pub fn forward_cached_split(
+    cache: &KvCache<'_>,
+    inputs: &Inputs<'_>,
+    opts: &Options,
+    splits: usize,
+    mut run: impl FnMut(&Inputs<'_>, &Options) -> Result<Forward>,
+) -> Result<Forward> {
+    if splits == 0 {
+        return Err(AttnError::ZeroBlockSize { arg: "splits" });
+    }
+    // the checks of the unsplit call, and its answer's layout
+    let whole = forward_cached(cache, inputs, opts, |i, _| {
+        let (b, h, n, d) = i.q.dim();
+        Ok(Forward {
+            out: Array4::zeros((b, h, n, d)),
+            lse: Array3::zeros((b, h, n)),
+            traffic: None,
+        })
+    })?;
+    let (batch, heads, n_q, _) = inputs.q.dim();
+    let n_max = cache.capacity(&inputs.k);
+    let (mut out, mut lse) = (whole.out, whole.lse);
+    let part_opts = Options { causal: false, window: None, ..opts.clone() };
+    for b in 0..batch {
+        let l = cache.seqlens[b];
+        if l == 0 {
+            continue;
+        }
+        let (k, v) = (cache.keys(b, inputs.k), cache.keys(b, inputs.v));
+        let keys = KeyRange::new(n_q, l, opts.causal, opts.window);
+        let step = l.div_ceil(splits);
+        let mut parts = Vec::new();
+        for j0 in (0..l).step_by(step) {
+            let j1 = (j0 + step).min(l);
+            // the part's mask: the row's key range and the caller's mask, keys j0..j1
+            let mut mask = Array4::from_shape_fn((1, heads, n_q, j1 - j0), |(_, _, i, j)| {
+                keys.start(i) <= j0 + j && j0 + j < keys.end(i)
+            });
+            match inputs.mask {
+                Some(Mask::KeyPadding(m)) => {
+                    mask.zip_mut_with(&m.slice(s![b..b + 1, j0..j1]), |a, &k| *a &= k)
+                }
+                Some(Mask::Full(m)) => {
+                    let m = row_of(m, b, n_max);
+                    let m = if m.dim().3 == 1 { m } else { m.slice_move(s![.., .., .., j0..j1]) };
+                    mask.zip_mut_with(&m, |a, &k| *a &= k);
+                }
+                None => {}
+            }
+            // the part's bias: the caller's, and ALiBi's distances from the whole row
+            let has_bias = inputs.bias.is_some() || inputs.alibi.is_some();
+            let bias = has_bias.then(|| {
+                Array4::from_shape_fn((1, heads, n_q, j1 - j0), |(_, h, i, j)| {
+                    let mut x = inputs.bias.map_or(0.0, |x| {
+                        let x = row_of(x, b, n_max);
+                        let (_, bh, bq, bk) = x.dim();
+                        let at = |n: usize, idx: usize| if n == 1 { 0 } else { idx };
+                        x[(0, at(bh, h), at(bq, i), at(bk, j0 + j))]
+                    });
+                    if let Some(a) = inputs.alibi {
+                        let slope = a[(if a.dim().0 == 1 { 0 } else { b }, h)];
+                        x -= slope * (i as f32 + l as f32 - n_q as f32 - (j0 + j) as f32).abs();
+                    }
+                    x
+                })
+            });
+            let part = Inputs {
+                q: inputs.q.slice_move(s![b..b + 1, .., .., ..]),
+                k: k.view().slice_move(s![.., .., j0..j1, ..]),
+                v: v.view().slice_move(s![.., .., j0..j1, ..]),
+                mask: Some(Mask::Full(mask.view())),
+                bias: bias.as_ref().map(|x| x.view()),
+                alibi: None,
+            };
+            parts.push(run(&part, &part_opts)?);
+        }
+        for h in 0..heads {
+            for i in 0..n_q {
+                let row = parts.iter().map(|f| (f.out.slice(s![0, h, i, ..]), f.lse[(0, h, i)]));
+                lse[(b, h, i)] = merge_partials(row, out.slice_mut(s![b, h, i, ..]));
+            }
+        }
+    }
+    Ok(Forward { out, lse, traffic: None })
+}
