@@ -201,6 +201,7 @@ fn add_traffic(total: &mut Option<Traffic>, t: Option<Traffic>) {
     }
 }
 
+// ANCHOR: forward_packed
 /// The forward of a packed batch: `run` (a stage's forward) on each sequence, the results
 /// in the packed layout. A sequence with queries but no keys gives zero rows and −∞ lse, as
 /// a fully masked row does.
@@ -226,6 +227,7 @@ pub fn forward_packed(
     }
     Ok(Forward { out, lse, traffic })
 }
+// ANCHOR_END: forward_packed
 
 /// The options sequence `s` runs with: its own dropout seed.
 fn sequence_options(opts: &Options, s: usize) -> Options {
