@@ -4,12 +4,14 @@
 //! attn                      # every stage on a default problem: error, time, GFLOP/s, memory
 //! attn plots [--quick]     # measure and draw the book's plots into book/src/plots
 //! attn trace --causal      # every step of FlashAttention-2's loops on a small problem, as CSV
+//! attn decode-bench        # a decode step from a KV cache: time, bandwidth, the host's copy bandwidth
 //! attn run --algo naive --q Q.npy --k K.npy --v V.npy --out O.npy [...]
 //! ```
 //!
 //! Invalid input exits with status 2 and one line on stderr that names the flag; nothing
 //! is written unless everything succeeded.
 
+mod decode_bench;
 mod demo;
 mod gpu_bench;
 mod npy;
@@ -53,6 +55,9 @@ enum Command {
     /// Time the GPU stages (device time and device memory) at several n, or with --smoke
     /// run every GPU kernel once on a small problem (for compute-sanitizer).
     GpuBench(gpu_bench::GpuBenchArgs),
+    /// Decoding from a KV cache on the CPU: the time of one step and the K/V bandwidth it
+    /// reaches, beside the host's copy bandwidth measured in the same run.
+    DecodeBench(decode_bench::DecodeBenchArgs),
     /// The host's fp32 matrix-product peak through the tile products the CPU stages use (the
     /// `gemm` crate, every thread): the ceiling their GFLOP/s are compared with.
     MatmulPeak {
@@ -107,6 +112,7 @@ fn main() -> ExitCode {
         Some(Command::Plots(args)) => plots::plots(&args),
         Some(Command::Trace(args)) => trace::trace(&args),
         Some(Command::GpuBench(args)) => gpu_bench::gpu_bench(&args),
+        Some(Command::DecodeBench(args)) => decode_bench::decode_bench(&args),
         Some(Command::MatmulPeak { size }) => {
             let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
             let peak = plots::matmul_peak_gflops(size.max(64));

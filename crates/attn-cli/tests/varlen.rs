@@ -250,3 +250,45 @@ fn bad_spans_lengths_and_tables_exit_2_naming_the_flag() {
     // and the good spans run
     ok(&attn(&d, &packed("good.npy", "good.npy")));
 }
+
+#[test]
+fn decode_bench_prints_a_step_time_and_bandwidth_beside_the_copy_bandwidth() {
+    let d = dir("decode-bench");
+    let out = attn(
+        &d,
+        &[
+            "decode-bench",
+            "--batch",
+            "2",
+            "--seq",
+            "300",
+            "--heads",
+            "4",
+            "--kv-heads",
+            "2",
+            "--head-dim",
+            "16",
+            "--splits",
+            "3",
+            "--repeats",
+            "2",
+        ],
+    );
+    ok(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let copy: f64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("# copy bandwidth (read + write, parallel copy): "))
+        .and_then(|l| l.trim_end_matches(" GB/s").parse().ok())
+        .unwrap_or_else(|| panic!("no copy bandwidth: {stdout}"));
+    assert!(copy > 0.1, "copy bandwidth {copy} GB/s");
+    let row =
+        stdout.lines().find(|l| l.starts_with("2,300,")).unwrap_or_else(|| panic!("{stdout}"));
+    let cols: Vec<f64> = row.split(',').map(|x| x.parse().unwrap()).collect();
+    assert!(cols[2] > 0.0 && cols[3] > 0.0, "{row}");
+    assert!(
+        (cols[4] - cols[3] / copy).abs() <= 1e-3 + 0.01 * cols[4],
+        "share of copy {row} against {copy}"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("batch 2, n_k 300"), "no progress line");
+}
