@@ -455,30 +455,14 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
     }
     if args.check {
         // a packed or cached call is checked as the one unpacked call it equals
-        let (n_q, n_k) = (q.dim().2, layout.keys(&k));
-        let (batch, kv) = (q.dim().0, layout.gathered(&k, &v));
-        let structure = match &layout {
+        let unpacked = match &layout {
             Layout::Plain => None,
-            Layout::Packed(seqs) => Some(varlen::explicit_structure(1, n_q, n_k, &opts, |_| {
-                (0..seqs.num_seqs()).map(|s| (seqs.q_span(s), seqs.k_span(s))).collect()
-            })),
-            Layout::Cached(cache) => {
-                Some(varlen::explicit_structure(batch, n_q, n_k, &opts, |b| {
-                    vec![(0..n_q, 0..cache.seqlens[b])]
-                }))
-            }
+            Layout::Packed(seqs) => Some(seqs.unpacked(&inputs, &opts)),
+            Layout::Cached(cache) => Some(cache.unpacked(&inputs, &opts)),
         };
-        let (kr, vr) = kv.as_ref().map_or((k.view(), v.view()), |(k, v)| (k.view(), v.view()));
-        let whole = Inputs { k: kr, v: vr, ..inputs };
-        let unpacked = structure.map(|st| varlen::unpacked_equivalent(&whole, &opts, st));
         let (ref_inputs, ref_opts) = match &unpacked {
-            None => (whole, opts.clone()),
-            Some((mask, bias, o)) => (
-                Inputs { alibi: None, ..whole }
-                    .with_mask(Mask::Full(mask.view()))
-                    .with_bias(bias.view()),
-                Options { bias_grad: opts.bias_grad, ..o.clone() },
-            ),
+            None => (inputs, opts.clone()),
+            Some(u) => (u.inputs(&inputs), Options { bias_grad: opts.bias_grad, ..u.opts.clone() }),
         };
         let reference = attn::core::reference::RefProblem::from_inputs(&ref_inputs, &ref_opts)
             .map_err(lib_error)?;
@@ -571,22 +555,5 @@ impl<'t> Layout<'t> {
         }
         .map_err(lib_error)?;
         Ok(Layout::Cached(cache))
-    }
-
-    /// The key axis of the one unpacked call: K's, or a paged cache's capacity.
-    fn keys(&self, k: &Array4<f32>) -> usize {
-        match self {
-            Layout::Cached(c) => c.capacity(&k.view()),
-            _ => k.dim().2,
-        }
-    }
-
-    /// For a cache: K and V as contiguous [batch, kv_heads, capacity, d] with the slots
-    /// beyond each row's length zero (what the reference reads).
-    fn gathered(&self, k: &Array4<f32>, v: &Array4<f32>) -> Option<(Array4<f32>, Array4<f32>)> {
-        match self {
-            Layout::Cached(c) => Some((c.gathered(k.view()), c.gathered(v.view()))),
-            _ => None,
-        }
     }
 }

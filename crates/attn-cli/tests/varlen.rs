@@ -7,8 +7,8 @@ use std::process::{Command, Output};
 
 use attn::core::metrics::compare;
 use attn::core::reference::RefProblem;
-use attn::core::varlen::{explicit_structure, unpacked_equivalent};
-use attn::{Inputs, Mask, Options, Window};
+use attn::core::varlen::{KvCache, SeqLens};
+use attn::{Inputs, Options, Window};
 use ndarray::{Array1, Array2, Array4, s};
 use ndarray_npy::{read_npy, write_npy};
 
@@ -58,18 +58,9 @@ fn packed_batches_match_the_reference_for_every_algorithm() {
         write_npy(d.join(f), a).unwrap();
     }
     let opts = Options { window: Some(Window::new(3, -1)), ..Options::default().causal(true) };
-    let spans = |l: &[usize]| {
-        let c = cum(l);
-        (0..l.len()).map(|i| c[i] as usize..c[i + 1] as usize).collect::<Vec<_>>()
-    };
-    let (sq, sk) = (spans(&lens_q), spans(&lens_k));
     let inputs = Inputs::new(q.view(), k.view(), v.view());
-    let st = explicit_structure(1, tq, tk, &opts, |_| {
-        sq.iter().cloned().zip(sk.iter().cloned()).collect()
-    });
-    let (mask, bias, ro) = unpacked_equivalent(&inputs, &opts, st);
-    let whole = inputs.with_mask(Mask::Full(mask.view())).with_bias(bias.view());
-    let reference = RefProblem::from_inputs(&whole, &ro).unwrap();
+    let unpacked = SeqLens::from_lengths(&lens_q, &lens_k).unpacked(&inputs, &opts);
+    let reference = RefProblem::from_inputs(&unpacked.inputs(&inputs), &unpacked.opts).unwrap();
     let (r, rg) = (reference.forward(), reference.backward(&d_out.mapv(f64::from)));
     for algo in ALGOS {
         let out = attn(
@@ -146,15 +137,9 @@ fn cached_and_paged_decoding_match_the_reference_for_every_algorithm() {
         write_npy(d.join(f), a).unwrap();
     }
     let opts = Options::default().causal(true);
-    let inputs = Inputs::new(q.view(), k_clean.view(), v_clean.view());
-    let st = explicit_structure(batch, 2, n_max, &opts, |b| vec![(0..2, 0..lens[b] as usize)]);
-    let (mask, bias, ro) = unpacked_equivalent(&inputs, &opts, st);
-    let r = RefProblem::from_inputs(
-        &inputs.with_mask(Mask::Full(mask.view())).with_bias(bias.view()),
-        &ro,
-    )
-    .unwrap()
-    .forward();
+    let inputs = Inputs::new(q.view(), k.view(), v.view());
+    let unpacked = KvCache::contiguous(&lens).unwrap().unpacked(&inputs, &opts);
+    let r = RefProblem::from_inputs(&unpacked.inputs(&inputs), &unpacked.opts).unwrap().forward();
     for algo in ALGOS {
         for (kf, vf, extra) in
             [("k.npy", "v.npy", &[][..]), ("kp.npy", "vp.npy", &["--block-table", "table.npy"][..])]

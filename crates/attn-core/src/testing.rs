@@ -904,27 +904,15 @@ pub mod trace_claims {
 pub mod varlen_claims {
     use ndarray::{Array2, Array4, Axis, s};
 
-    use super::{compare, compare_floored};
-    use crate::metrics::ErrorReport;
+    use super::{Check, compare, compare_floored};
     use crate::options::{Inputs, Mask, Options, Window};
     use crate::reference::RefProblem;
     use crate::stage::Stage;
     use crate::varlen::{
-        KvCache, SeqLens, append_kv, backward_packed, block_table, explicit_structure,
-        forward_cached, forward_cached_split, forward_packed, unpacked_equivalent,
+        KvCache, SeqLens, append_kv, backward_packed, forward_cached, forward_cached_split,
+        forward_packed,
     };
     use crate::{AttnError, random};
-
-    fn assert_report(e: &ErrorReport, tol: f64, what: &str) {
-        let ef = crate::tolerance::ELEMENTWISE_FACTOR;
-        assert!(
-            e.within(tol, ef * tol),
-            "{what}: normwise {:.3e} elementwise {:.3e} (flat index {}) vs tolerance {tol:.0e}",
-            e.normwise,
-            e.elementwise,
-            e.worst
-        );
-    }
 
     /// One packed problem: spans, heads, options, what it carries.
     struct Packed {
@@ -995,6 +983,15 @@ pub mod varlen_claims {
         ]
     }
 
+    /// Every claim a stage holds alone: packed forward and backward, cached (contiguous,
+    /// paged, split) forward, appending and bad caches, within `(forward_tol, backward_tol)`.
+    pub fn hold(stage: &dyn Stage, tols: (f64, f64)) {
+        packed_matches_the_reference(stage, tols);
+        packed_refuses_bad_spans(stage);
+        cached_matches_the_reference(stage, tols.0);
+        append_and_bad_caches(stage);
+    }
+
     /// A packed forward and backward of `stage` against the reference of the unpacked
     /// equivalent, within `(forward_tol, backward_tol)`.
     pub fn packed_matches_the_reference(stage: &dyn Stage, tols: (f64, f64)) {
@@ -1034,41 +1031,22 @@ pub mod varlen_claims {
             })
             .unwrap_or_else(|e| panic!("{what}: {e}"));
 
-            let structure = explicit_structure(1, tq, tk, opts, |_| {
-                (0..seqs.num_seqs()).map(|s| (seqs.q_span(s), seqs.k_span(s))).collect()
-            });
-            let (mask, full_bias, ref_opts) = unpacked_equivalent(&inputs, opts, structure);
-            let unpacked = Inputs::new(q.view(), k.view(), v.view())
-                .with_mask(Mask::Full(mask.view()))
-                .with_bias(full_bias.view());
-            let ref_opts = Options { bias_grad: true, ..ref_opts };
-            let reference = RefProblem::from_inputs(&unpacked, &ref_opts).unwrap();
+            let unpacked = seqs.unpacked(&inputs, opts);
+            let ref_opts = Options { bias_grad: true, ..unpacked.opts.clone() };
+            let reference = RefProblem::from_inputs(&unpacked.inputs(&inputs), &ref_opts).unwrap();
             let r = reference.forward();
             let (tf, tb) = tols;
             let name = format!("{} packed, {what}", stage.name());
-            assert_report(&compare(fwd.out.view(), r.out.view()), tf, &format!("{name}: out"));
-            assert_report(&compare(fwd.lse.view(), r.lse.view()), tf, &format!("{name}: lse"));
             let d64 = d_out.mapv(f64::from);
             let rg = reference.backward(&d64);
             let m = reference.backward_magnitudes(&d64);
-            for (t, x, r, m) in [
-                ("dq", &grads.dq, &rg.dq, &m.dq),
-                ("dk", &grads.dk, &rg.dk, &m.dk),
-                ("dv", &grads.dv, &rg.dv, &m.dv),
-            ] {
-                assert_report(
-                    &compare_floored(x.view(), r.view(), m.view()),
-                    tb,
-                    &format!("{name}: {t}"),
-                );
-            }
-            if let Some(b) = &bias {
+            let dbias = bias.as_ref().map(|b| {
                 // the reference's dBias is over the full [1, h, total_q, total_k]: summed
                 // over the axes the bias broadcasts
                 let sum = |a: &Array4<f64>| {
                     let mut a = a.clone();
                     for axis in 2..4 {
-                        if b.dim_of(axis) == 1 {
+                        if b.shape()[axis] == 1 {
                             a = a.sum_axis(Axis(axis)).insert_axis(Axis(axis));
                         }
                     }
@@ -1077,22 +1055,26 @@ pub mod varlen_claims {
                 let (r, m) = (sum(rg.dbias.as_ref().unwrap()), sum(m.dbias.as_ref().unwrap()));
                 let got = grads.dbias.as_ref().unwrap_or_else(|| panic!("{name}: no dbias"));
                 assert_eq!(got.dim(), b.dim(), "{name}: dbias in the bias's shape");
-                assert_report(
-                    &compare_floored(got.view(), r.view(), m.view()),
-                    tb,
-                    &format!("{name}: dbias"),
-                );
-            }
+                compare_floored(got.view(), r.view(), m.view())
+            });
+            let check = Check {
+                out: compare(fwd.out.view(), r.out.view()),
+                lse: compare(fwd.lse.view(), r.lse.view()),
+                grads: Some([
+                    compare_floored(grads.dq.view(), rg.dq.view(), m.dq.view()),
+                    compare_floored(grads.dk.view(), rg.dk.view(), m.dk.view()),
+                    compare_floored(grads.dv.view(), rg.dv.view(), m.dv.view()),
+                ]),
+                dbias,
+            };
+            check.assert_within(tf, tb, &name);
         }
     }
 
-    trait DimOf {
-        fn dim_of(&self, axis: usize) -> usize;
-    }
-    impl DimOf for Array4<f32> {
-        fn dim_of(&self, axis: usize) -> usize {
-            self.shape()[axis]
-        }
+    /// The `[batch, max_blocks]` block table that lays batch row `b`'s blocks over the pages
+    /// `order[b * max_blocks..]` (a test's scattered pages).
+    fn block_table(batch: usize, max_blocks: usize, order: &[usize]) -> Array2<i64> {
+        Array2::from_shape_fn((batch, max_blocks), |(b, i)| order[b * max_blocks + i] as i64)
     }
 
     /// Dropout in a packed batch: the same weights dropped as `baseline` drops them (another
@@ -1182,7 +1164,6 @@ pub mod varlen_claims {
         let q = random::normal((batch, h, n_q, d), 21);
         let mut k = random::normal((batch, kvh, n_max, d), 22);
         let mut v = random::normal((batch, kvh, n_max, d), 23);
-        let (k_ref, v_ref) = (k.clone(), v.clone());
         for (b, &l) in lens.iter().enumerate() {
             k.slice_mut(s![b, .., l.., ..]).fill(f32::NAN);
             v.slice_mut(s![b, .., l.., ..]).fill(f32::NAN);
@@ -1236,14 +1217,11 @@ pub mod varlen_claims {
                 forward_cached(&paged, &paged_inputs, &opts, |i, o| stage.forward(i, o))
                     .unwrap_or_else(|e| panic!("{what}, paged: {e}"));
 
-            let structure =
-                explicit_structure(batch, n_q, n_max, &opts, |b| vec![(0..n_q, 0..lens[b])]);
-            let clean = Inputs { k: k_ref.view(), v: v_ref.view(), ..inputs };
-            let (mask, bias, ref_opts) = unpacked_equivalent(&clean, &opts, structure);
-            let unpacked = Inputs { alibi: None, ..clean }
-                .with_mask(Mask::Full(mask.view()))
-                .with_bias(bias.view());
-            let r = RefProblem::from_inputs(&unpacked, &ref_opts).unwrap().forward();
+            // the valid keys gathered, the slots beyond them zero for the reference
+            let unpacked = cache.unpacked(&inputs, &opts);
+            let r = RefProblem::from_inputs(&unpacked.inputs(&inputs), &unpacked.opts)
+                .unwrap()
+                .forward();
             // split-KV: each row's keys in 1, 2, 3 and 20 parts (more parts than keys)
             let splits: Vec<_> = [1, 2, 3, 20]
                 .into_iter()
@@ -1258,16 +1236,13 @@ pub mod varlen_claims {
             let all = [("contiguous".to_string(), got), ("paged".to_string(), got_paged)];
             for (kind, f) in all.iter().chain(&splits) {
                 let name = format!("{} cached ({kind}), {what}", stage.name());
-                assert_report(
-                    &compare(f.out.view(), r.out.view()),
-                    forward_tol,
-                    &format!("{name}: out"),
-                );
-                assert_report(
-                    &compare(f.lse.view(), r.lse.view()),
-                    forward_tol,
-                    &format!("{name}: lse"),
-                );
+                let check = Check {
+                    out: compare(f.out.view(), r.out.view()),
+                    lse: compare(f.lse.view(), r.lse.view()),
+                    grads: None,
+                    dbias: None,
+                };
+                check.assert_within(forward_tol, 0.0, &name);
             }
         }
     }

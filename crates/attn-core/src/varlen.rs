@@ -24,7 +24,7 @@
 
 use std::ops::Range;
 
-use ndarray::{Array2, Array3, Array4, ArrayView2, ArrayView4, ArrayViewMut4, Axis, s};
+use ndarray::{Array3, Array4, ArrayView2, ArrayView4, ArrayViewMut4, Axis, CowArray, Ix4, s};
 
 use crate::error::{AttnError, Result};
 use crate::options::{Inputs, Mask, Options};
@@ -169,6 +169,8 @@ fn sequence_inputs<'a>(inputs: &Inputs<'a>, q: Range<usize>, k: Range<usize>) ->
     }
 }
 
+/// The whole packed call's checks, values included, before any sequence runs: an error then
+/// names its index in the packed tensors (a sequence's own call would name it in its slice).
 fn check_packed(seqs: &SeqLens, inputs: &Inputs<'_>, opts: &Options) -> Result<Shape> {
     let p = Problem::new(inputs, opts)?;
     if p.shape.batch != 1 {
@@ -380,10 +382,10 @@ impl<'a> KvCache<'a> {
 
     /// Batch row `b`'s valid keys (or values) as `[1, kv_heads, L_b, d]`: a view of a
     /// contiguous cache, or the pages gathered.
-    fn keys<'k>(&self, b: usize, k: ArrayView4<'k, f32>) -> KeysOf<'k> {
+    fn keys<'k>(&self, b: usize, k: ArrayView4<'k, f32>) -> CowArray<'k, f32, Ix4> {
         let l = self.seqlens[b];
         match &self.block_table {
-            None => KeysOf::View(k.slice_move(s![b..b + 1, .., ..l, ..])),
+            None => k.slice_move(s![b..b + 1, .., ..l, ..]).into(),
             Some(t) => {
                 let (_, kv_heads, page, d) = k.dim();
                 let mut g = Array4::zeros((1, kv_heads, l, d));
@@ -392,22 +394,8 @@ impl<'a> KvCache<'a> {
                     let n = rows.len();
                     g.slice_mut(s![0, .., rows, ..]).assign(&k.slice(s![p as usize, .., ..n, ..]));
                 }
-                KeysOf::Gathered(g)
+                g.into()
             }
-        }
-    }
-}
-
-enum KeysOf<'k> {
-    View(ArrayView4<'k, f32>),
-    Gathered(Array4<f32>),
-}
-
-impl KeysOf<'_> {
-    fn view(&self) -> ArrayView4<'_, f32> {
-        match self {
-            KeysOf::View(v) => v.view(),
-            KeysOf::Gathered(g) => g.view(),
         }
     }
 }
@@ -430,15 +418,11 @@ fn row_of<'a, T>(a: ArrayView4<'a, T>, b: usize, l: usize) -> ArrayView4<'a, T> 
     a.slice_move(s![b, .., .., k])
 }
 
-/// Decoding from a KV cache: `run` (a stage's forward) on each batch row against its valid
-/// keys. `inputs.k` / `inputs.v` are the caches (or the page pools); Q is `[batch, heads, n_q,
-/// d]`, masks and bias broadcast to `[batch, heads, n_q, n_max]`.
-pub fn forward_cached(
-    cache: &KvCache<'_>,
-    inputs: &Inputs<'_>,
-    opts: &Options,
-    mut run: impl FnMut(&Inputs<'_>, &Options) -> Result<Forward>,
-) -> Result<Forward> {
+/// The checks of a cached call, once for the whole call: no dropout or gradient, the
+/// lengths and the block table against the caches, and the shapes, masks and options as of a
+/// call over the caches' capacity (the caches' values are checked row by row, valid keys only,
+/// by the stage itself).
+fn check_cached(cache: &KvCache<'_>, inputs: &Inputs<'_>, opts: &Options) -> Result<()> {
     if opts.dropout.is_some_and(|d| d.p > 0.0) {
         return Err(AttnError::Unsupported {
             stage: "a KV-cache call",
@@ -464,8 +448,7 @@ pub fn forward_cached(
         });
     }
     cache.check(batch, &inputs.k)?;
-    // The whole call's shapes, masks and options, checked once as a call over n_max keys
-    // (stand-ins for the caches: their values are checked row by row, valid keys only).
+    // stand-ins for the caches, of their capacity
     let (_, kv_heads, _, d) = inputs.k.dim();
     let one = Array4::<f32>::zeros((1, 1, 1, 1));
     let stand_in = one.broadcast((batch, kv_heads, cache.capacity(&inputs.k), d)).expect("1s");
@@ -482,7 +465,20 @@ pub fn forward_cached(
         alibi: inputs.alibi,
     };
     Problem::shapes_only(&whole, opts)?;
-    let (_, heads, n_q, _) = inputs.q.dim();
+    Ok(())
+}
+
+/// Decoding from a KV cache: `run` (a stage's forward) on each batch row against its valid
+/// keys. `inputs.k` / `inputs.v` are the caches (or the page pools); Q is `[batch, heads, n_q,
+/// d]`, masks and bias broadcast to `[batch, heads, n_q, n_max]`.
+pub fn forward_cached(
+    cache: &KvCache<'_>,
+    inputs: &Inputs<'_>,
+    opts: &Options,
+    mut run: impl FnMut(&Inputs<'_>, &Options) -> Result<Forward>,
+) -> Result<Forward> {
+    check_cached(cache, inputs, opts)?;
+    let (batch, heads, n_q, d) = inputs.q.dim();
     let mut out = Array4::zeros((batch, heads, n_q, d));
     let mut lse = Array3::from_elem((batch, heads, n_q), f32::NEG_INFINITY);
     for b in 0..batch {
@@ -565,7 +561,7 @@ pub fn append_kv(
 /// `[batch, 1, n_q, n_k]` of the pairs it keeps (spans, causal and window aligned inside
 /// each) and the ALiBi distances `|i + L_k − L_q − j|` inside each span (0 elsewhere),
 /// for checking against the reference.
-pub fn explicit_structure(
+fn explicit_structure(
     batch: usize,
     n_q: usize,
     n_k: usize,
@@ -597,7 +593,7 @@ pub fn explicit_structure(
 /// The mask, bias and options of one unpacked call that computes what a packed (or cached)
 /// call computes: `inputs`' own mask and bias combined with [`explicit_structure`], ALiBi
 /// turned into bias, causal and window left to the mask. Dropout is not carried over.
-pub fn unpacked_equivalent(
+fn unpacked_equivalent(
     inputs: &Inputs<'_>,
     opts: &Options,
     structure: (Array4<bool>, Array4<f32>),
@@ -629,12 +625,6 @@ pub fn unpacked_equivalent(
     }
     let opts = Options { causal: false, window: None, dropout: None, ..opts.clone() };
     (mask, bias, opts)
-}
-
-/// The `[batch, max_blocks]` block table that lays batch row `b` over pages in the order
-/// `order` gives (a test's scattered pages).
-pub fn block_table(batch: usize, max_blocks: usize, order: &[usize]) -> Array2<i64> {
-    Array2::from_shape_fn((batch, max_blocks), |(b, i)| order[b * max_blocks + i] as i64)
 }
 
 // ANCHOR: merge_partials
@@ -676,18 +666,11 @@ pub fn forward_cached_split(
     if splits == 0 {
         return Err(AttnError::ZeroBlockSize { arg: "splits" });
     }
-    // the checks of the unsplit call, and its answer's layout
-    let whole = forward_cached(cache, inputs, opts, |i, _| {
-        let (b, h, n, d) = i.q.dim();
-        Ok(Forward {
-            out: Array4::zeros((b, h, n, d)),
-            lse: Array3::zeros((b, h, n)),
-            traffic: None,
-        })
-    })?;
-    let (batch, heads, n_q, _) = inputs.q.dim();
+    check_cached(cache, inputs, opts)?;
+    let (batch, heads, n_q, d) = inputs.q.dim();
     let n_max = cache.capacity(&inputs.k);
-    let (mut out, mut lse) = (whole.out, whole.lse);
+    let mut out = Array4::zeros((batch, heads, n_q, d));
+    let mut lse = Array3::from_elem((batch, heads, n_q), f32::NEG_INFINITY);
     let part_opts = Options { causal: false, window: None, ..opts.clone() };
     for b in 0..batch {
         let l = cache.seqlens[b];
@@ -696,6 +679,7 @@ pub fn forward_cached_split(
         }
         let (k, v) = (cache.keys(b, inputs.k), cache.keys(b, inputs.v));
         let keys = KeyRange::new(n_q, l, opts.causal, opts.window);
+        let row_bias = inputs.bias.map(|x| row_of(x, b, n_max));
         let step = l.div_ceil(splits);
         let mut parts = Vec::new();
         for j0 in (0..l).step_by(step) {
@@ -716,11 +700,10 @@ pub fn forward_cached_split(
                 None => {}
             }
             // the part's bias: the caller's, and ALiBi's distances from the whole row
-            let has_bias = inputs.bias.is_some() || inputs.alibi.is_some();
+            let has_bias = row_bias.is_some() || inputs.alibi.is_some();
             let bias = has_bias.then(|| {
                 Array4::from_shape_fn((1, heads, n_q, j1 - j0), |(_, h, i, j)| {
-                    let mut x = inputs.bias.map_or(0.0, |x| {
-                        let x = row_of(x, b, n_max);
+                    let mut x = row_bias.as_ref().map_or(0.0, |x| {
                         let (_, bh, bq, bk) = x.dim();
                         let at = |n: usize, idx: usize| if n == 1 { 0 } else { idx };
                         x[(0, at(bh, h), at(bq, i), at(bk, j0 + j))]
@@ -750,4 +733,62 @@ pub fn forward_cached_split(
         }
     }
     Ok(Forward { out, lse, traffic: None })
+}
+
+/// One unpacked call that computes what a packed or cached call computes, for checking
+/// against the reference: the spans (causal, the window) written out as its mask, ALiBi's
+/// in-span distances and the caller's bias as its bias, a cache's valid keys gathered
+/// contiguous (zeros beyond them). Dropout is not carried over.
+#[derive(Clone, Debug)]
+pub struct Unpacked {
+    pub mask: Array4<bool>,
+    pub bias: Array4<f32>,
+    pub opts: Options,
+    /// A cache's K and V, `[batch, kv_heads, capacity, d]`.
+    kv: Option<(Array4<f32>, Array4<f32>)>,
+}
+
+impl Unpacked {
+    /// The unpacked call's inputs: `inputs`' Q (and K, V unless a cache's), this mask and bias.
+    pub fn inputs<'s>(&'s self, inputs: &Inputs<'s>) -> Inputs<'s> {
+        let (k, v) = self.kv.as_ref().map_or((inputs.k, inputs.v), |(k, v)| (k.view(), v.view()));
+        Inputs::new(inputs.q, k, v)
+            .with_mask(Mask::Full(self.mask.view()))
+            .with_bias(self.bias.view())
+    }
+}
+
+impl SeqLens {
+    /// The one unpacked call this packed call equals.
+    pub fn unpacked(&self, inputs: &Inputs<'_>, opts: &Options) -> Unpacked {
+        let (n_q, n_k) = self.totals();
+        let spans = (0..self.num_seqs()).map(|s| (self.q_span(s), self.k_span(s))).collect();
+        let st = explicit_structure(1, n_q, n_k, opts, |_| Vec::clone(&spans));
+        let (mask, bias, opts) = unpacked_equivalent(inputs, opts, st);
+        Unpacked { mask, bias, opts, kv: None }
+    }
+}
+
+impl KvCache<'_> {
+    /// The one unpacked call this cached call (over the caches or pools `inputs.k`, `.v`)
+    /// equals, over the caches' capacity.
+    pub fn unpacked(&self, inputs: &Inputs<'_>, opts: &Options) -> Unpacked {
+        let (batch, _, n_q, _) = inputs.q.dim();
+        let (k, v) = (self.gathered(inputs.k), self.gathered(inputs.v));
+        let n_k = k.dim().2;
+        let st = explicit_structure(batch, n_q, n_k, opts, |b| vec![(0..n_q, 0..self.seqlens[b])]);
+        let whole = Inputs {
+            q: inputs.q,
+            k: k.view(),
+            v: v.view(),
+            mask: inputs.mask.map(|m| match m {
+                Mask::KeyPadding(m) => Mask::KeyPadding(m),
+                Mask::Full(m) => Mask::Full(m),
+            }),
+            bias: inputs.bias,
+            alibi: inputs.alibi,
+        };
+        let (mask, bias, opts) = unpacked_equivalent(&whole, opts, st);
+        Unpacked { mask, bias, opts, kv: Some((k, v)) }
+    }
 }

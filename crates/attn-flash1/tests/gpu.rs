@@ -85,12 +85,6 @@ fn flash1_gpu_packed_batches_and_kv_caches_match_the_reference() {
     if skip_without_device() {
         return;
     }
-    use attn_core::testing::varlen_claims;
     use attn_core::tolerance::{F32_BACKWARD, F32_FORWARD};
-    varlen_claims::packed_matches_the_reference(
-        &attn_flash1::Flash1Cuda,
-        (F32_FORWARD, F32_BACKWARD),
-    );
-    varlen_claims::cached_matches_the_reference(&attn_flash1::Flash1Cuda, F32_FORWARD);
-    varlen_claims::append_and_bad_caches(&attn_flash1::Flash1Cuda);
+    attn_core::testing::varlen_claims::hold(&attn_flash1::Flash1Cuda, (F32_FORWARD, F32_BACKWARD));
 }
