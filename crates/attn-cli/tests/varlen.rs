@@ -35,6 +35,14 @@ fn within(got: &Path, want: ndarray::ArrayView4<'_, f64>, tol: f64, what: &str) 
     assert!(e.normwise <= tol, "{what}: normwise {:.3e}", e.normwise);
 }
 
+/// `attn run --algo ALGO --q q.npy --k K --v V --causal --out o.npy --check`.
+fn causal_run<'a>(algo: &'a str, k: &'a str, v: &'a str) -> Vec<&'a str> {
+    let args = ["run", "--algo", algo, "--q", "q.npy", "--k", k, "--v", v, "--causal"];
+    let mut args = args.to_vec();
+    args.extend(["--out", "o.npy", "--check"]);
+    args
+}
+
 #[test]
 fn packed_batches_match_the_reference_for_every_algorithm() {
     let d = dir("packed");
@@ -63,37 +71,9 @@ fn packed_batches_match_the_reference_for_every_algorithm() {
     let reference = RefProblem::from_inputs(&unpacked.inputs(&inputs), &unpacked.opts).unwrap();
     let (r, rg) = (reference.forward(), reference.backward(&d_out.mapv(f64::from)));
     for algo in ALGOS {
-        let out = attn(
-            &d,
-            &[
-                "run",
-                "--algo",
-                algo,
-                "--q",
-                "q.npy",
-                "--k",
-                "k.npy",
-                "--v",
-                "v.npy",
-                "--causal",
-                "--window=3,-1",
-                "--cu-seqlens-q",
-                "cq.npy",
-                "--cu-seqlens-k",
-                "ck.npy",
-                "--out",
-                "o.npy",
-                "--grad-out",
-                "do.npy",
-                "--dq",
-                "dq.npy",
-                "--dk",
-                "dk.npy",
-                "--dv",
-                "dv.npy",
-                "--check",
-            ],
-        );
+        let mut args = causal_run(algo, "k.npy", "v.npy");
+        args.extend("--window=3,-1 --cu-seqlens-q cq.npy --cu-seqlens-k ck.npy --grad-out do.npy --dq dq.npy --dk dk.npy --dv dv.npy".split(' '));
+        let out = attn(&d, &args);
         ok(&out);
         within(&d.join("o.npy"), r.out.view(), 1e-5, &format!("{algo}: out"));
         within(&d.join("dq.npy"), rg.dq.view(), 1e-4, &format!("{algo}: dq"));
@@ -144,23 +124,8 @@ fn cached_and_paged_decoding_match_the_reference_for_every_algorithm() {
         for (kf, vf, extra) in
             [("k.npy", "v.npy", &[][..]), ("kp.npy", "vp.npy", &["--block-table", "table.npy"][..])]
         {
-            let mut args = vec![
-                "run",
-                "--algo",
-                algo,
-                "--q",
-                "q.npy",
-                "--k",
-                kf,
-                "--v",
-                vf,
-                "--causal",
-                "--cache-seqlens",
-                "lens.npy",
-                "--out",
-                "o.npy",
-                "--check",
-            ];
+            let mut args = causal_run(algo, kf, vf);
+            args.extend(["--cache-seqlens", "lens.npy"]);
             args.extend(extra);
             ok(&attn(&d, &args));
             within(&d.join("o.npy"), r.out.view(), 1e-5, &format!("{algo} {kf}: out"));
