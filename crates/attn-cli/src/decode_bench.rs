@@ -63,8 +63,10 @@ pub fn copy_bandwidth(bytes: usize) -> f64 {
 pub fn decode_bench(args: &DecodeBenchArgs) -> Result<(), CliError> {
     let stage: &dyn Stage = attn::stage(&args.algo, Device::Cpu)
         .ok_or_else(|| CliError::input("--algo", format!("no CPU stage '{}'", args.algo)))?;
-    if args.splits == 0 || args.repeats == 0 || args.n_q == 0 {
-        return Err(CliError::input("--splits", "--splits, --repeats and --n-q are at least 1"));
+    for (flag, n) in [("--splits", args.splits), ("--repeats", args.repeats), ("--n-q", args.n_q)] {
+        if n == 0 {
+            return Err(CliError::input(flag, "is 0: it must be at least 1"));
+        }
     }
     if args.kv_heads == 0 || !args.heads.is_multiple_of(args.kv_heads) {
         return Err(CliError::input("--kv-heads", "kv_heads must divide heads"));
