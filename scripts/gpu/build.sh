@@ -34,7 +34,7 @@ for line in sys.stdin:
         print("test executable: attn (stages)")
 ' "$dir"
 strip "$dir"/bin/*
-cp scripts/gpu/run.sh scripts/gpu/profile.sh benches/compare/sdpa_gpu.py "$dir/"
+cp scripts/gpu/run.sh scripts/gpu/profile.sh benches/compare/sdpa_gpu.py benches/compare/decode_sdpa.py "$dir/"
 # The seed project's wheel (pure Python), whose chunked attention run.sh times beside ours;
 # the GPU machine has no network.
 python3 -m pip download --quiet --no-deps --dest "$dir/wheels" memory-efficient-attention-pytorch==0.1.6

@@ -64,6 +64,24 @@ for tool in ${SANITIZER_TOOLS-memcheck racecheck}; do
   [ "$rc" -eq 0 ] || status=1
 done
 
+# 2b. compute-sanitizer over the decode kernel's test (every element type, paged caches, the
+#     score modifiers, split-KV and its merge), which the smoke run does not launch.
+for tool in ${SANITIZER_TOOLS-memcheck racecheck}; do
+  compute-sanitizer --tool "$tool" --error-exitcode 3 "$here/bin/test-attn-flash2" --exact flash2_gpu_decode_kernel_matches_the_reference --test-threads=1 > "$out/sanitizer-decode-$tool.log" 2>&1
+  rc=$?
+  errors="$(grep -Eo '(ERROR|RACECHECK) SUMMARY: .*' "$out/sanitizer-decode-$tool.log" | tail -1)"
+  note "compute-sanitizer $tool, decode kernel: ${errors:-no summary} (exit $rc)"
+  [ "$rc" -eq 0 ] || status=1
+done
+
+# 2c. Decoding: the decode kernel beside PyTorch SDPA on the grid (b 1, 8, 64; n_k
+#     4 096, 32 768, 131 072; h 32, kv 8, d 128, bf16), in the same call (SKIP_DECODE=1
+#     skips; DECODE_BATCH, DECODE_SEQ narrow it).
+if [ -z "${SKIP_DECODE:-}" ]; then
+  python3 "$here/decode_sdpa.py" --attn "$here/bin/attn" --batch "${DECODE_BATCH:-1,8,64}" --seq "${DECODE_SEQ:-4096,32768,131072}" --csv "$out/decode.csv" > "$out/decode.log" 2>"$out/decode.err" || { note "decode_sdpa.py FAILED (decode.err)"; status=1; }
+  echo; echo "== decode =="; tail -12 "$out/decode.log"
+fi
+
 # 3. Timings: ours, then PyTorch on the same shapes, in the same call (SKIP_SEQ=1: only
 #    the paper setting below).
 if [ -z "${SKIP_SEQ:-}" ]; then

@@ -1,6 +1,7 @@
 //! `attn decode-bench`: decoding from a KV cache, the time of one step and the bandwidth it
-//! reaches (the valid K/V bytes read over the time) beside the host's copy bandwidth,
-//! measured in the same run.
+//! reaches (the valid K/V bytes read over the time) beside the machine's copy bandwidth,
+//! measured in the same run: the host's for a CPU stage, the device's for the GPU decode
+//! kernel (`--device cuda`, FlashAttention-2's split-KV kernel in f32, bf16 or fp16).
 
 use std::time::Instant;
 
@@ -11,9 +12,16 @@ use ndarray::Array4;
 use rayon::prelude::*;
 
 use crate::CliError;
+use crate::run::{DeviceArg, DtypeArg};
 
 #[derive(Debug, Args)]
 pub struct DecodeBenchArgs {
+    /// cpu: the stage `--algo` through attn-core's cached calls; cuda: the decode kernel.
+    #[arg(long, value_enum, default_value_t = DeviceArg::Cpu)]
+    pub device: DeviceArg,
+    /// The caches' element type (bf16 and f16 on cuda only).
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    pub dtype: DtypeArg,
     /// The stage (CPU).
     #[arg(long, default_value = attn::DEFAULT_STAGE, value_parser = clap::builder::PossibleValuesParser::new(attn::stage_names()))]
     pub algo: String,
@@ -33,9 +41,13 @@ pub struct DecodeBenchArgs {
     #[arg(long, default_value_t = 128)]
     pub head_dim: usize,
     /// Split each row's keys into this many parts, merged by the log-sum-exp (split-KV);
-    /// 1 runs the stage on the whole row.
-    #[arg(long, default_value_t = 1)]
-    pub splits: usize,
+    /// 1 runs on the whole row. A list measures each; left out: 1 on the CPU, the kernel's
+    /// own choice from the problem and the SM count on cuda.
+    #[arg(long, value_delimiter = ',')]
+    pub splits: Vec<usize>,
+    /// On cuda: the CUDA-core kernel even where the tensor cores would run the call.
+    #[arg(long)]
+    pub cuda_cores: bool,
     /// Timed steps per point (the median is kept).
     #[arg(long, default_value_t = 5)]
     pub repeats: usize,
@@ -61,9 +73,8 @@ pub fn copy_bandwidth(bytes: usize) -> f64 {
 }
 
 pub fn decode_bench(args: &DecodeBenchArgs) -> Result<(), CliError> {
-    let stage: &dyn Stage = attn::stage(&args.algo, Device::Cpu)
-        .ok_or_else(|| CliError::input("--algo", format!("no CPU stage '{}'", args.algo)))?;
-    for (flag, n) in [("--splits", args.splits), ("--repeats", args.repeats), ("--n-q", args.n_q)] {
+    let splits = args.splits.iter().copied().min().unwrap_or(1);
+    for (flag, n) in [("--splits", splits), ("--repeats", args.repeats), ("--n-q", args.n_q)] {
         if n == 0 {
             return Err(CliError::input(flag, "is 0: it must be at least 1"));
         }
@@ -71,6 +82,18 @@ pub fn decode_bench(args: &DecodeBenchArgs) -> Result<(), CliError> {
     if args.kv_heads == 0 || !args.heads.is_multiple_of(args.kv_heads) {
         return Err(CliError::input("--kv-heads", "kv_heads must divide heads"));
     }
+    match (args.device, args.dtype) {
+        (DeviceArg::Cuda, DtypeArg::F32) => return gpu_bench::<f32>(args),
+        (DeviceArg::Cuda, DtypeArg::Bf16) => return gpu_bench::<attn::flash2::tc::bf16>(args),
+        (DeviceArg::Cuda, DtypeArg::F16) => return gpu_bench::<attn::flash2::tc::f16>(args),
+        (DeviceArg::Cpu, DtypeArg::F32) => {}
+        (DeviceArg::Cpu, _) => {
+            return Err(CliError::input("--dtype", "bf16 and f16 caches decode on --device cuda"));
+        }
+    }
+    let stage: &dyn Stage = attn::stage(&args.algo, Device::Cpu)
+        .ok_or_else(|| CliError::input("--algo", format!("no CPU stage '{}'", args.algo)))?;
+    let splits = if args.splits.is_empty() { vec![1] } else { args.splits.clone() };
     let largest = args.batch.iter().max().copied().unwrap_or(1)
         * args.seq.iter().max().copied().unwrap_or(1)
         * args.kv_heads
@@ -85,44 +108,128 @@ pub fn decode_bench(args: &DecodeBenchArgs) -> Result<(), CliError> {
         args.heads,
         args.kv_heads,
         args.head_dim,
-        args.splits,
+        list(&splits),
         args.repeats
     );
     println!("# copy bandwidth (read + write, parallel copy): {:.3} GB/s", copy / 1e9);
-    println!("batch,n_k,step_ms,kv_gb_per_s,share_of_copy");
+    println!("{HEADER}");
+    for &b in &args.batch {
+        for &n in &args.seq {
+            for &splits in &splits {
+                eprintln!("decode-bench: batch {b}, n_k {n} …");
+                let q = attn::core::random::normal((b, args.heads, args.n_q, args.head_dim), 1);
+                let k: Array4<f32> =
+                    attn::core::random::normal((b, args.kv_heads, n, args.head_dim), 2);
+                let v: Array4<f32> =
+                    attn::core::random::normal((b, args.kv_heads, n, args.head_dim), 3);
+                let cache =
+                    KvCache::contiguous(&vec![n as i64; b]).map_err(crate::run::lib_error)?;
+                let inputs = Inputs::new(q.view(), k.view(), v.view());
+                let opts = Options::default().causal(true);
+                let step = || {
+                    let f = if splits == 1 {
+                        varlen::forward_cached(&cache, &inputs, &opts, |i, o| stage.forward(i, o))
+                    } else {
+                        varlen::forward_cached_split(&cache, &inputs, &opts, splits, |i, o| {
+                            stage.forward(i, o)
+                        })
+                    };
+                    f.map_err(crate::run::lib_error)
+                };
+                step()?; // warm-up
+                let mut times: Vec<f64> = (0..args.repeats)
+                    .map(|_| {
+                        let t = Instant::now();
+                        step().map(|_| t.elapsed().as_secs_f64())
+                    })
+                    .collect::<Result<_, _>>()?;
+                times.sort_by(f64::total_cmp);
+                let t = times[times.len() / 2];
+                let bytes = 2.0 * (b * args.kv_heads * n * args.head_dim * 4) as f64;
+                let bw = bytes / t;
+                println!("{b},{n},{splits},{:.4},{:.4},{:.4}", t * 1e3, bw / 1e9, bw / copy);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Decode steps a GPU sample times back to back.
+const STEPS: usize = 20;
+
+const HEADER: &str = "batch,n_k,splits,step_ms,kv_gb_per_s,share_of_copy";
+
+fn list(xs: &[usize]) -> String {
+    xs.iter().map(usize::to_string).collect::<Vec<_>>().join(",")
+}
+
+/// The decode kernel on the GPU, on synthetic caches made there: the median of `repeats`
+/// steps timed with CUDA events, beside the device's copy bandwidth.
+fn gpu_bench<T: attn::flash2::gpu::decode::DecodeFloat>(
+    args: &DecodeBenchArgs,
+) -> Result<(), CliError> {
+    use attn::cuda::Timer;
+    use attn::flash2::gpu::decode::DeviceDecode;
+    let gpu = attn::cuda::gpu().map_err(|e| CliError::input("--device", e))?;
+    let lib = crate::run::lib_error;
+    let copy = gpu.copy_bandwidth(1 << 31).map_err(lib)?;
+    println!(
+        "# attn decode-bench, the decode kernel (flash2) on {} ({} SMs): n_q {}, heads {}, kv_heads {}, d {}, {}, causal, splits {}; median of {} samples of {STEPS} steps",
+        gpu.name(),
+        gpu.multiprocessors(),
+        args.n_q,
+        args.heads,
+        args.kv_heads,
+        args.head_dim,
+        args.dtype.name(),
+        if args.splits.is_empty() {
+            "chosen by the kernel".to_string()
+        } else {
+            list(&args.splits)
+        },
+        args.repeats
+    );
+    println!(
+        "# copy bandwidth (read + write, device-to-device copy of 2 GiB): {:.1} GB/s",
+        copy / 1e9
+    );
+    println!("{HEADER}");
+    let opts = Options::default().causal(true);
     for &b in &args.batch {
         for &n in &args.seq {
             eprintln!("decode-bench: batch {b}, n_k {n} …");
-            let q = attn::core::random::normal((b, args.heads, args.n_q, args.head_dim), 1);
-            let k: Array4<f32> =
-                attn::core::random::normal((b, args.kv_heads, n, args.head_dim), 2);
-            let v: Array4<f32> =
-                attn::core::random::normal((b, args.kv_heads, n, args.head_dim), 3);
-            let cache = KvCache::contiguous(&vec![n as i64; b]).map_err(crate::run::lib_error)?;
-            let inputs = Inputs::new(q.view(), k.view(), v.view());
-            let opts = Options::default().causal(true);
-            let step = || {
-                let f = if args.splits == 1 {
-                    varlen::forward_cached(&cache, &inputs, &opts, |i, o| stage.forward(i, o))
-                } else {
-                    varlen::forward_cached_split(&cache, &inputs, &opts, args.splits, |i, o| {
-                        stage.forward(i, o)
-                    })
-                };
-                f.map_err(crate::run::lib_error)
+            let dims = (b, args.heads, args.n_q, args.head_dim);
+            let dev = DeviceDecode::<T>::synthetic(gpu, dims, args.kv_heads, &vec![n; b], &opts)
+                .map_err(lib)?;
+            let dev = if args.cuda_cores { dev.on_cuda_cores() } else { dev };
+            eprintln!(
+                "decode-bench: on the {}",
+                if dev.uses_tensor_cores() { "tensor cores" } else { "CUDA cores" }
+            );
+            let splits = if args.splits.is_empty() {
+                vec![dev.default_splits(gpu)]
+            } else {
+                args.splits.clone()
             };
-            step()?; // warm-up
-            let mut times: Vec<f64> = (0..args.repeats)
-                .map(|_| {
-                    let t = Instant::now();
-                    step().map(|_| t.elapsed().as_secs_f64())
-                })
-                .collect::<Result<_, _>>()?;
-            times.sort_by(f64::total_cmp);
-            let t = times[times.len() / 2];
-            let bytes = 2.0 * (b * args.kv_heads * n * args.head_dim * 4) as f64;
-            let bw = bytes / t;
-            println!("{b},{n},{:.4},{:.4},{:.4}", t * 1e3, bw / 1e9, bw / copy);
+            for &splits in &splits {
+                dev.run(gpu, splits).map_err(lib)?; // warm-up (and the first compile)
+                // STEPS steps back to back a sample, so that a step of a few microseconds is
+                // not its launch latency
+                let mut times = (0..args.repeats)
+                    .map(|_| {
+                        let t = Timer::start(gpu)?;
+                        for _ in 0..STEPS {
+                            dev.run(gpu, splits)?;
+                        }
+                        Ok(t.stop(gpu)? * 1e-3 / STEPS as f64)
+                    })
+                    .collect::<attn::Result<Vec<f64>>>()
+                    .map_err(lib)?;
+                times.sort_by(f64::total_cmp);
+                let t = times[times.len() / 2];
+                let bw = dev.kv_bytes() as f64 / t;
+                println!("{b},{n},{splits},{:.4},{:.1},{:.4}", t * 1e3, bw / 1e9, bw / copy);
+            }
         }
     }
     Ok(())

@@ -421,6 +421,10 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
     let fwd = match &layout {
         Layout::Plain => forward(&inputs, &opts),
         Layout::Packed(seqs) => varlen::forward_packed(seqs, &inputs, &opts, forward),
+        // on the GPU, FlashAttention-2 decodes with its dedicated kernel (split-KV)
+        Layout::Cached(cache) if device == Device::Cuda && args.algo == "flash2" => {
+            decode_on_gpu(cache, &inputs, &opts, dtype)
+        }
         Layout::Cached(cache) => varlen::forward_cached(cache, &inputs, &opts, forward),
     }
     .map_err(lib_error)?;
@@ -512,6 +516,21 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
 }
 
 /// How the tensors of `attn run` are laid out.
+/// A cached call on the decode kernel, in `dtype` (the inputs already rounded to it).
+fn decode_on_gpu(
+    cache: &KvCache<'_>,
+    inputs: &Inputs<'_>,
+    opts: &Options,
+    dtype: DtypeArg,
+) -> attn::Result<attn::Forward> {
+    use attn::flash2::gpu::decode;
+    match dtype {
+        DtypeArg::F32 => decode::forward_cached(cache, inputs, opts, None),
+        DtypeArg::Bf16 => decode::forward_cached_rounded::<tc::bf16>(cache, inputs, opts, None),
+        DtypeArg::F16 => decode::forward_cached_rounded::<tc::f16>(cache, inputs, opts, None),
+    }
+}
+
 enum Layout<'t> {
     Plain,
     Packed(SeqLens),

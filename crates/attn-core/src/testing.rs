@@ -912,7 +912,7 @@ pub mod varlen_claims {
         KvCache, SeqLens, append_kv, backward_packed, forward_cached, forward_cached_split,
         forward_packed,
     };
-    use crate::{AttnError, random};
+    use crate::{AttnError, Forward, random};
 
     /// One packed problem: spans, heads, options, what it carries.
     struct Packed {
@@ -1197,20 +1197,7 @@ pub mod varlen_claims {
                 .unwrap_or_else(|e| panic!("{what}: {e}"));
 
             // the same cache in scattered pages of a pool
-            let max_blocks = n_max.div_ceil(page);
-            let num_pages = batch * max_blocks + 2;
-            let order: Vec<usize> =
-                (0..batch * max_blocks).map(|i| (i * 5 + 3) % num_pages).collect();
-            let table = block_table(batch, max_blocks, &order);
-            let mut kp = Array4::from_elem((num_pages, kvh, page, d), f32::NAN);
-            let mut vp = kp.clone();
-            for b in 0..batch {
-                for pos in 0..lens[b] {
-                    let p = table[(b, pos / page)] as usize;
-                    kp.slice_mut(s![p, .., pos % page, ..]).assign(&k.slice(s![b, .., pos, ..]));
-                    vp.slice_mut(s![p, .., pos % page, ..]).assign(&v.slice(s![b, .., pos, ..]));
-                }
-            }
+            let (kp, vp, table) = paged_copy(&k, &v, &lens, page);
             let paged_inputs = Inputs { k: kp.view(), v: vp.view(), ..inputs };
             let paged = KvCache::paged(&seqlens, table.view()).unwrap();
             let got_paged =
@@ -1245,6 +1232,265 @@ pub mod varlen_claims {
                 check.assert_within(forward_tol, 0.0, &name);
             }
         }
+    }
+
+    /// A device's own decode call: `(cache, inputs, opts, splits)` → O and lse, `splits`
+    /// None for the device's choice.
+    pub type Decode<'r> =
+        &'r dyn Fn(&KvCache<'_>, &Inputs<'_>, &Options, Option<usize>) -> crate::Result<Forward>;
+
+    /// One cached problem for a dedicated decode kernel.
+    struct DecodeCase {
+        what: &'static str,
+        batch: usize,
+        heads: (usize, usize),
+        n_q: usize,
+        d: usize,
+        lens: Vec<usize>,
+        n_max: usize,
+        page: Option<usize>,
+        opts: Options,
+        alibi: bool,
+        key_padding_bias: bool,
+        /// A full mask that hides every key from one query row.
+        masked_row: bool,
+    }
+
+    fn decode_cases() -> Vec<DecodeCase> {
+        let base = DecodeCase {
+            what: "",
+            batch: 3,
+            heads: (8, 2),
+            n_q: 1,
+            d: 128,
+            lens: vec![1000, 333, 0],
+            n_max: 1000,
+            page: None,
+            opts: Options::default().causal(true),
+            alibi: false,
+            key_padding_bias: false,
+            masked_row: false,
+        };
+        vec![
+            DecodeCase { what: "GQA 4:1, d 128, one query, an empty row", ..base },
+            DecodeCase {
+                what: "window, softcap, ALiBi, 5 queries, d 72, pages of 16, a row shorter than n_q",
+                batch: 2,
+                heads: (6, 3),
+                n_q: 5,
+                d: 72,
+                lens: vec![300, 3],
+                n_max: 304,
+                page: Some(16),
+                opts: Options {
+                    window: Some(Window::new(64, 0)),
+                    softcap: Some(20.0),
+                    ..Options::default()
+                },
+                alibi: true,
+                ..decode_base()
+            },
+            DecodeCase {
+                what: "16 queries, one kv head, d 70, pages of 7, key padding and a per-key bias",
+                batch: 2,
+                heads: (4, 1),
+                n_q: 16,
+                d: 70,
+                lens: vec![200, 150],
+                n_max: 203,
+                page: Some(7),
+                key_padding_bias: true,
+                ..decode_base()
+            },
+            DecodeCase {
+                what: "d 256, MHA, not causal, a fully masked row",
+                batch: 2,
+                heads: (2, 2),
+                n_q: 2,
+                d: 256,
+                lens: vec![130, 64],
+                n_max: 130,
+                opts: Options::default(),
+                masked_row: true,
+                ..decode_base()
+            },
+            DecodeCase {
+                what: "d 3, a window with keys after the diagonal",
+                batch: 1,
+                heads: (2, 1),
+                n_q: 3,
+                d: 3,
+                lens: vec![2000],
+                n_max: 2000,
+                opts: Options { window: Some(Window::new(500, 10)), ..Options::default() },
+                ..decode_base()
+            },
+            DecodeCase {
+                what: "d 64, 8 queries of GQA 3:1 (24 rows), window, softcap, pages of 32",
+                batch: 2,
+                heads: (6, 2),
+                n_q: 8,
+                d: 64,
+                lens: vec![500, 77],
+                n_max: 512,
+                page: Some(32),
+                opts: Options {
+                    window: Some(Window::new(100, 0)),
+                    softcap: Some(15.0),
+                    ..Options::default()
+                },
+                ..decode_base()
+            },
+            DecodeCase {
+                what: "d 40, MHA, rows of 64, 1, 0 and 37 keys",
+                batch: 4,
+                heads: (4, 4),
+                d: 40,
+                lens: vec![64, 1, 0, 37],
+                n_max: 64,
+                ..decode_base()
+            },
+        ]
+    }
+
+    fn decode_base() -> DecodeCase {
+        DecodeCase {
+            what: "",
+            batch: 1,
+            heads: (1, 1),
+            n_q: 1,
+            d: 8,
+            lens: vec![1],
+            n_max: 1,
+            page: None,
+            opts: Options::default().causal(true),
+            alibi: false,
+            key_padding_bias: false,
+            masked_row: false,
+        }
+    }
+
+    /// The caches `k`, `v` (`[batch, kv_heads, n_max, d]`) copied into scattered pages of
+    /// `page` slots, NaN in every slot no valid key fills: (K pool, V pool, block table).
+    fn paged_copy(
+        k: &Array4<f32>,
+        v: &Array4<f32>,
+        lens: &[usize],
+        page: usize,
+    ) -> (Array4<f32>, Array4<f32>, Array2<i64>) {
+        let (batch, kvh, n_max, d) = k.dim();
+        let max_blocks = n_max.div_ceil(page);
+        let num_pages = batch * max_blocks + 2;
+        let order: Vec<usize> = (0..batch * max_blocks).map(|i| (i * 5 + 3) % num_pages).collect();
+        let table = block_table(batch, max_blocks, &order);
+        let mut kp = Array4::from_elem((num_pages, kvh, page, d), f32::NAN);
+        let mut vp = kp.clone();
+        for b in 0..batch {
+            for pos in 0..lens[b] {
+                let p = table[(b, pos / page)] as usize;
+                kp.slice_mut(s![p, .., pos % page, ..]).assign(&k.slice(s![b, .., pos, ..]));
+                vp.slice_mut(s![p, .., pos % page, ..]).assign(&v.slice(s![b, .., pos, ..]));
+            }
+        }
+        (kp, vp, table)
+    }
+
+    /// A dedicated decode kernel `run` (named `name`) against the reference on cached and
+    /// paged problems — GQA, 1 to 16 queries, odd head dimensions up to 256, every score
+    /// modifier, empty and fully masked rows, NaN in every slot beyond the lengths — with
+    /// 1, 3 and 64 splits and the device's own choice, within `tol`. `round` is what the
+    /// kernel's element type does to Q, K and V (the identity for f32): the reference sees the
+    /// rounded values. Then the refusals: a length above the capacity, a page outside the
+    /// pool, dropout, NaN in a valid key.
+    pub fn decode_matches_the_reference(
+        name: &str,
+        run: Decode<'_>,
+        round: fn(f32) -> f32,
+        tol: f64,
+    ) {
+        for (seed, c) in decode_cases().into_iter().enumerate() {
+            let seed = 300 + 10 * seed as u64;
+            let (h, kvh) = c.heads;
+            let q = random::normal((c.batch, h, c.n_q, c.d), seed).mapv(round);
+            let mut k = random::normal((c.batch, kvh, c.n_max, c.d), seed + 1).mapv(round);
+            let mut v = random::normal((c.batch, kvh, c.n_max, c.d), seed + 2).mapv(round);
+            for (b, &l) in c.lens.iter().enumerate() {
+                k.slice_mut(s![b, .., l.., ..]).fill(f32::NAN);
+                v.slice_mut(s![b, .., l.., ..]).fill(f32::NAN);
+            }
+            let slopes = Array2::from_shape_fn((c.batch, h), |(b, i)| 0.05 * (b + i + 1) as f32);
+            let pad = Array2::from_shape_fn((c.batch, c.n_max), |(b, j)| (b + j) % 3 != 0);
+            let key_bias = random::bias((c.batch, 1, 1, c.n_max), 0.0, seed + 3);
+            let mut full = Array4::from_elem((c.batch, h, c.n_q, c.n_max), true);
+            full.slice_mut(s![0, h - 1, c.n_q - 1, ..]).fill(false);
+            let (kp, vp, table) = paged_copy(&k, &v, &c.lens, c.page.unwrap_or(c.n_max));
+            let mut inputs = match c.page {
+                Some(_) => Inputs::new(q.view(), kp.view(), vp.view()),
+                None => Inputs::new(q.view(), k.view(), v.view()),
+            };
+            if c.alibi {
+                inputs = inputs.with_alibi(slopes.view());
+            }
+            if c.key_padding_bias {
+                inputs = inputs.with_mask(Mask::KeyPadding(pad.view())).with_bias(key_bias.view());
+            }
+            if c.masked_row {
+                inputs = inputs.with_mask(Mask::Full(full.view()));
+            }
+            let seqlens: Vec<i64> = c.lens.iter().map(|&l| l as i64).collect();
+            let cache = match c.page {
+                Some(_) => KvCache::paged(&seqlens, table.view()).unwrap(),
+                None => KvCache::contiguous(&seqlens).unwrap(),
+            };
+            let unpacked = cache.unpacked(&inputs, &c.opts);
+            let r = RefProblem::from_inputs(&unpacked.inputs(&inputs), &unpacked.opts)
+                .unwrap()
+                .forward();
+            for splits in [None, Some(1), Some(3), Some(64)] {
+                let what = format!("{name}, {}, {splits:?} splits", c.what);
+                let f =
+                    run(&cache, &inputs, &c.opts, splits).unwrap_or_else(|e| panic!("{what}: {e}"));
+                let check = Check {
+                    out: compare(f.out.view(), r.out.view()),
+                    lse: compare(f.lse.view(), r.lse.view()),
+                    grads: None,
+                    dbias: None,
+                };
+                check.assert_within(tol, 0.0, &what);
+            }
+        }
+        decode_refuses_bad_caches(name, run);
+    }
+
+    fn decode_refuses_bad_caches(name: &str, run: Decode<'_>) {
+        let q = random::normal((2, 4, 1, 16), 1);
+        let mut k = random::normal((2, 2, 8, 16), 2);
+        let v = random::normal((2, 2, 8, 16), 3);
+        let inputs = Inputs::new(q.view(), k.view(), v.view());
+        let opts = Options::default();
+        let refused = |cache: &KvCache<'_>, inputs: &Inputs<'_>, opts: &Options| {
+            run(cache, inputs, opts, None).map(|_| ()).expect_err(name)
+        };
+        let long = KvCache::contiguous(&[9, 1]).unwrap();
+        let e = refused(&long, &inputs, &opts);
+        assert!(matches!(e, AttnError::InvalidLengths { arg: "cache_seqlens", .. }), "{name}: {e}");
+        let table = block_table(2, 2, &[0, 1, 2, 7]);
+        let paged = KvCache::paged(&[8, 8], table.view()).unwrap();
+        let pools =
+            Inputs::new(q.view(), k.slice(s![.., .., ..4, ..]), v.slice(s![.., .., ..4, ..]));
+        let e = refused(&paged, &pools, &opts);
+        assert!(matches!(e, AttnError::InvalidLengths { arg: "block_table", .. }), "{name}: {e}");
+        let cache = KvCache::contiguous(&[5, 8]).unwrap();
+        let e = refused(&cache, &inputs, &Options::default().dropout(0.1, 1));
+        assert!(matches!(e, AttnError::Unsupported { what: "dropout", .. }), "{name}: {e}");
+        k[(1, 0, 3, 2)] = f32::NAN;
+        let e = refused(&cache, &Inputs::new(q.view(), k.view(), v.view()), &opts);
+        assert!(matches!(e, AttnError::NonFinite { arg: "k", .. }), "{name}: {e}");
+        // beyond a row's length NaN is never read
+        k[(1, 0, 3, 2)] = 0.0;
+        k[(0, 1, 6, 0)] = f32::NAN;
+        run(&cache, &Inputs::new(q.view(), k.view(), v.view()), &opts, Some(2))
+            .unwrap_or_else(|e| panic!("{name}: NaN beyond the length refused: {e}"));
     }
 
     /// `append_kv` writes the new keys at each row's length (through the pages of a paged

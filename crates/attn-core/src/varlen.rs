@@ -313,7 +313,7 @@ impl<'a> KvCache<'a> {
     }
 
     /// How many key slots batch row `b` can hold: `n_max`, or the table's pages.
-    pub fn capacity(&self, k: &ArrayView4<'_, f32>) -> usize {
+    pub fn capacity<T>(&self, k: &ArrayView4<'_, T>) -> usize {
         match &self.block_table {
             None => k.dim().2,
             Some(t) => t.dim().1 * k.dim().2,
@@ -333,7 +333,7 @@ impl<'a> KvCache<'a> {
     }
 
     /// Checks the lengths and the table against the caches `k` and the queries' batch.
-    fn check(&self, batch: usize, k: &ArrayView4<'_, f32>) -> Result<()> {
+    fn check<T>(&self, batch: usize, k: &ArrayView4<'_, T>) -> Result<()> {
         let bad = |arg, reason| Err(AttnError::InvalidLengths { arg, reason });
         if self.seqlens.len() != batch {
             return bad(
@@ -382,13 +382,17 @@ impl<'a> KvCache<'a> {
 
     /// Batch row `b`'s valid keys (or values) as `[1, kv_heads, L_b, d]`: a view of a
     /// contiguous cache, or the pages gathered.
-    fn keys<'k>(&self, b: usize, k: ArrayView4<'k, f32>) -> CowArray<'k, f32, Ix4> {
+    pub fn keys<'k, T: Clone + Default>(
+        &self,
+        b: usize,
+        k: ArrayView4<'k, T>,
+    ) -> CowArray<'k, T, Ix4> {
         let l = self.seqlens[b];
         match &self.block_table {
             None => k.slice_move(s![b..b + 1, .., ..l, ..]).into(),
             Some(t) => {
                 let (_, kv_heads, page, d) = k.dim();
-                let mut g = Array4::zeros((1, kv_heads, l, d));
+                let mut g = Array4::from_elem((1, kv_heads, l, d), T::default());
                 for (i, &p) in t.row(b).iter().take(l.div_ceil(page)).enumerate() {
                     let rows = (i * page)..((i + 1) * page).min(l);
                     let n = rows.len();
@@ -423,49 +427,72 @@ fn row_of<'a, T>(a: ArrayView4<'a, T>, b: usize, l: usize) -> ArrayView4<'a, T> 
 /// call over the caches' capacity (the caches' values are checked row by row, valid keys only,
 /// by the stage itself).
 fn check_cached(cache: &KvCache<'_>, inputs: &Inputs<'_>, opts: &Options) -> Result<()> {
-    if opts.dropout.is_some_and(|d| d.p > 0.0) {
-        return Err(AttnError::Unsupported {
-            stage: "a KV-cache call",
-            what: "dropout",
-            advice: "decoding is inference: leave dropout out",
-        });
+    cache.checked_call(inputs, opts, |_| ())
+}
+
+impl KvCache<'_> {
+    /// Checks a cached call as [`forward_cached`] does (not the values of Q and the caches)
+    /// and hands `f` the problem over the caches' capacity: Q, zero stand-ins for K and V of
+    /// `[batch, kv_heads, capacity, d]`, the masks, bias, ALiBi and options — what a device
+    /// that runs the whole call in one launch needs of it. `inputs.k` may itself be a
+    /// zero-strided stand-in of the caches' shape (for caches of another element type).
+    pub fn checked_call<R>(
+        &self,
+        inputs: &Inputs<'_>,
+        opts: &Options,
+        f: impl FnOnce(&Problem<'_>) -> R,
+    ) -> Result<R> {
+        if opts.dropout.is_some_and(|d| d.p > 0.0) {
+            return Err(AttnError::Unsupported {
+                stage: "a KV-cache call",
+                what: "dropout",
+                advice: "decoding is inference: leave dropout out",
+            });
+        }
+        if opts.bias_grad {
+            return Err(AttnError::Unsupported {
+                stage: "a KV-cache call",
+                what: "gradients",
+                advice: "decoding is inference: run the backward on the uncached tensors",
+            });
+        }
+        let batch = inputs.q.dim().0;
+        if self.block_table.is_none() && inputs.k.dim().0 != batch {
+            return Err(AttnError::ShapeMismatch {
+                arg: "k",
+                got: inputs.k.shape().to_vec(),
+                expected: format!(
+                    "a KV cache is [batch, kv_heads, n_max, head_dim] with Q's batch {batch}"
+                ),
+            });
+        }
+        if inputs.v.dim() != inputs.k.dim() {
+            return Err(AttnError::ShapeMismatch {
+                arg: "v",
+                got: inputs.v.shape().to_vec(),
+                expected: format!("k is {:?}, and v must have the same shape", inputs.k.shape()),
+            });
+        }
+        self.check(batch, &inputs.k)?;
+        // stand-ins for the caches, of their capacity
+        let (_, kv_heads, _, d) = inputs.k.dim();
+        let one = Array4::<f32>::zeros((1, 1, 1, 1));
+        let stand_in = one.broadcast((batch, kv_heads, self.capacity(&inputs.k), d)).expect("1s");
+        let whole = Inputs {
+            q: inputs.q,
+            k: stand_in,
+            v: stand_in,
+            // rebuilt, so that its lifetime can shrink to the stand-ins'
+            mask: inputs.mask.map(|m| match m {
+                Mask::KeyPadding(m) => Mask::KeyPadding(m),
+                Mask::Full(m) => Mask::Full(m),
+            }),
+            bias: inputs.bias,
+            alibi: inputs.alibi,
+        };
+        let p = Problem::shapes_only(&whole, opts)?;
+        Ok(f(&p))
     }
-    if opts.bias_grad {
-        return Err(AttnError::Unsupported {
-            stage: "a KV-cache call",
-            what: "gradients",
-            advice: "decoding is inference: run the backward on the uncached tensors",
-        });
-    }
-    let batch = inputs.q.dim().0;
-    if cache.block_table.is_none() && inputs.k.dim().0 != batch {
-        return Err(AttnError::ShapeMismatch {
-            arg: "k",
-            got: inputs.k.shape().to_vec(),
-            expected: format!(
-                "a KV cache is [batch, kv_heads, n_max, head_dim] with Q's batch {batch}"
-            ),
-        });
-    }
-    cache.check(batch, &inputs.k)?;
-    // stand-ins for the caches, of their capacity
-    let (_, kv_heads, _, d) = inputs.k.dim();
-    let one = Array4::<f32>::zeros((1, 1, 1, 1));
-    let stand_in = one.broadcast((batch, kv_heads, cache.capacity(&inputs.k), d)).expect("1s");
-    let whole = Inputs {
-        q: inputs.q,
-        k: stand_in,
-        v: stand_in,
-        // rebuilt, so that its lifetime can shrink to the stand-ins'
-        mask: inputs.mask.map(|m| match m {
-            Mask::KeyPadding(m) => Mask::KeyPadding(m),
-            Mask::Full(m) => Mask::Full(m),
-        }),
-        bias: inputs.bias,
-        alibi: inputs.alibi,
-    };
-    Problem::shapes_only(&whole, opts)?;
-    Ok(())
 }
 
 /// Decoding from a KV cache: `run` (a stage's forward) on each batch row against its valid

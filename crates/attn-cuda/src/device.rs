@@ -255,6 +255,24 @@ impl Gpu {
         ptr
     }
 
+    /// The device's copy bandwidth: bytes read plus written per second by a device-to-device
+    /// copy of `bytes`, the best of five (the ceiling a memory-bound kernel is held to).
+    pub fn copy_bandwidth(&self, bytes: usize) -> Result<f64> {
+        let n = bytes / 4;
+        let src = self.zeros::<f32>(n)?;
+        let mut dst = self.zeros::<f32>(n)?;
+        let mut best = 0.0f64;
+        for _ in 0..6 {
+            let t = Timer::start(self)?;
+            self.stream
+                .memcpy_dtod(&src.slice, &mut dst.slice)
+                .map_err(cuda_err("copying on the device"))?;
+            let ms = t.stop(self)?;
+            best = best.max(2.0 * (4 * n) as f64 / (ms * 1e-3));
+        }
+        Ok(best)
+    }
+
     /// Waits for every launch so far; reports an asynchronous kernel error, if any.
     pub fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(cuda_err("running the kernels"))

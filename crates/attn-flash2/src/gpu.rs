@@ -23,6 +23,7 @@
 //! The kernel versions, shipped and on the ladder, are listed once in [`versions`]; [`tc`] is
 //! the same stage on the 16-bit tensor cores.
 
+pub mod decode;
 pub mod tc;
 pub mod versions;
 

@@ -680,3 +680,59 @@ fn flash2_gpu_packed_batches_and_kv_caches_match_the_reference() {
     use attn_core::tolerance::{F32_BACKWARD, F32_FORWARD};
     attn_core::testing::varlen_claims::hold(&attn_flash2::Flash2Cuda, (F32_FORWARD, F32_BACKWARD));
 }
+
+#[test]
+fn flash2_gpu_decode_kernel_matches_the_reference() {
+    // the dedicated decode kernel in f32, bf16 and fp16, whole and split-KV
+    if skip_without_device() {
+        return;
+    }
+    use attn_core::testing::varlen_claims::decode_matches_the_reference;
+    use attn_core::tolerance::{F32_FORWARD, HALF_FORWARD};
+    use attn_flash2::gpu::decode;
+    use attn_flash2::tc::{self, bf16, f16};
+
+    // the CUDA-core kernel where the tensor cores would run the call
+    fn on_cuda_cores(
+        cache: &attn_core::varlen::KvCache<'_>,
+        i: &attn_core::Inputs<'_>,
+        opts: &attn_core::Options,
+        splits: Option<usize>,
+    ) -> attn_core::Result<attn_core::Forward> {
+        let gpu = attn_cuda::gpu()?;
+        let (q, k, v) = (tc::round::<bf16, _>(i.q), tc::round(i.k), tc::round(i.v));
+        let mut half = tc::HalfInputs::new(q.view(), k.view(), v.view());
+        half.bias = i.bias;
+        half.alibi = i.alibi;
+        half.mask = i.mask.map(|m| match m {
+            attn_core::Mask::KeyPadding(m) => attn_core::Mask::KeyPadding(m),
+            attn_core::Mask::Full(m) => attn_core::Mask::Full(m),
+        });
+        let dev = decode::DeviceDecode::upload(gpu, cache, &half, opts)?.on_cuda_cores();
+        assert!(!dev.uses_tensor_cores());
+        let (out, lse) = dev.run(gpu, splits.unwrap_or_else(|| dev.default_splits(gpu)))?;
+        let out: ndarray::Array4<bf16> = gpu.download_array(&out, i.q.dim())?;
+        let (b, h, n, _) = i.q.dim();
+        Ok(attn_core::Forward {
+            out: tc::widen(out.view()),
+            lse: gpu.download_array(&lse, (b, h, n))?,
+            traffic: None,
+        })
+    }
+    decode_matches_the_reference("decode f32", &decode::forward_cached, |x| x, F32_FORWARD);
+    let to_bf16 = |x: f32| bf16::from_f32(x).to_f32();
+    let to_f16 = |x: f32| f16::from_f32(x).to_f32();
+    decode_matches_the_reference(
+        "decode bf16",
+        &decode::forward_cached_rounded::<bf16>,
+        to_bf16,
+        HALF_FORWARD,
+    );
+    decode_matches_the_reference(
+        "decode f16",
+        &decode::forward_cached_rounded::<f16>,
+        to_f16,
+        HALF_FORWARD,
+    );
+    decode_matches_the_reference("decode bf16 (cuda cores)", &on_cuda_cores, to_bf16, HALF_FORWARD);
+}
