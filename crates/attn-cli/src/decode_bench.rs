@@ -201,7 +201,7 @@ fn gpu_bench<T: attn::flash2::gpu::decode::DecodeFloat>(
             let dims = (b, args.heads, args.n_q, args.head_dim);
             let dev = DeviceDecode::<T>::synthetic(gpu, dims, args.kv_heads, &vec![n; b], &opts)
                 .map_err(lib)?;
-            let dev = if args.cuda_cores { dev.on_cuda_cores() } else { dev };
+            let dev = if args.cuda_cores { dev.on_cuda_cores(gpu).map_err(lib)? } else { dev };
             eprintln!(
                 "decode-bench: on the {}",
                 if dev.uses_tensor_cores() { "tensor cores" } else { "CUDA cores" }
@@ -212,14 +212,15 @@ fn gpu_bench<T: attn::flash2::gpu::decode::DecodeFloat>(
                 args.splits.clone()
             };
             for &splits in &splits {
-                dev.run(gpu, splits).map_err(lib)?; // warm-up (and the first compile)
+                let w = dev.workspace(gpu, splits).map_err(lib)?;
+                dev.run_in(gpu, &w).map_err(lib)?; // warm-up
                 // STEPS steps back to back a sample, so that a step of a few microseconds is
                 // not its launch latency
                 let mut times = (0..args.repeats)
                     .map(|_| {
                         let t = Timer::start(gpu)?;
                         for _ in 0..STEPS {
-                            dev.run(gpu, splits)?;
+                            dev.run_in(gpu, &w)?;
                         }
                         Ok(t.stop(gpu)? * 1e-3 / STEPS as f64)
                     })

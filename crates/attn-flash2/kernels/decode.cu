@@ -393,29 +393,34 @@ decode_split(const DecodeArgs a, const ScoreMods mods) {
 // ANCHOR_END: decode_split
 
 // ANCHOR: decode_merge
-// Split-KV's second step, one warp a query row: lse = log sum_s e^(lse_s), O = sum_s
+// Split-KV's second step, one block a query row: lse = log sum_s e^(lse_s), O = sum_s
 // e^(lse_s - lse) O_s. A split that saw no key (lse_s = -inf) weighs nothing; a row no split
-// saw gets O = 0, lse = -inf.
+// saw gets O = 0, lse = -inf. The weights go to shared memory once; then each thread sums
+// its columns over the splits, every load independent of the last.
+#define DEC_MAX_SPLITS 1024
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) decode_merge(const DecodeArgs a) {
-    const i64 rows = (i64)a.batch * a.heads * a.n_q;
-    const i64 zi = (i64)blockIdx.x * DEC_WARPS + threadIdx.x / 32;
-    if (zi >= rows) return;
+    __shared__ float w[DEC_MAX_SPLITS];
+    const i64 rows = (i64)a.batch * a.heads * a.n_q, zi = blockIdx.x;
     const float* lse_part = (const float*)a.lse_part;
+    for (int s = threadIdx.x; s < a.splits; s += DEC_THREADS) w[s] = lse_part[s * rows + zi];
+    __syncthreads();
     float mx = NEG_INF;
-    for (int s = 0; s < a.splits; ++s) mx = fmaxf(mx, lse_part[s * rows + zi]);
+    for (int s = 0; s < a.splits; ++s) mx = fmaxf(mx, w[s]);
     float l = 0.0f;
     if (mx != NEG_INF)
-        for (int s = 0; s < a.splits; ++s) l += __expf(lse_part[s * rows + zi] - mx);
-    for (int c = threadIdx.x % 32; c < a.d; c += 32) {
+        for (int s = 0; s < a.splits; ++s) l += __expf(w[s] - mx);
+    __syncthreads();  // every thread has read the lse_s: now their weights
+    for (int s = threadIdx.x; s < a.splits; s += DEC_THREADS)
+        w[s] = mx == NEG_INF ? 0.0f : __expf(w[s] - mx) / l;
+    __syncthreads();
+    const float* o_part = (const float*)a.o_part;
+    for (int c = threadIdx.x; c < a.d; c += DEC_THREADS) {
         float acc = 0.0f;
-        if (mx != NEG_INF)
-            for (int s = 0; s < a.splits; ++s) {
-                const float w = __expf(lse_part[s * rows + zi] - mx);
-                acc += w * ((const float*)a.o_part)[(s * rows + zi) * a.d + c];
-            }
-        store_elem((elem_t*)a.o + zi * a.d + c, mx == NEG_INF ? 0.0f : acc / l);
+#pragma unroll 8
+        for (int s = 0; s < a.splits; ++s) acc += w[s] * o_part[(s * rows + zi) * a.d + c];
+        store_elem((elem_t*)a.o + zi * a.d + c, acc);
     }
-    if (threadIdx.x % 32 == 0) ((float*)a.lse)[zi] = mx == NEG_INF ? NEG_INF : mx + __logf(l);
+    if (threadIdx.x == 0) ((float*)a.lse)[zi] = mx == NEG_INF ? NEG_INF : mx + __logf(l);
 }
 // ANCHOR_END: decode_merge
 

@@ -708,7 +708,7 @@ fn flash2_gpu_decode_kernel_matches_the_reference() {
             attn_core::Mask::KeyPadding(m) => attn_core::Mask::KeyPadding(m),
             attn_core::Mask::Full(m) => attn_core::Mask::Full(m),
         });
-        let dev = decode::DeviceDecode::upload(gpu, cache, &half, opts)?.on_cuda_cores();
+        let dev = decode::DeviceDecode::upload(gpu, cache, &half, opts)?.on_cuda_cores(gpu)?;
         assert!(!dev.uses_tensor_cores());
         let (out, lse) = dev.run(gpu, splits.unwrap_or_else(|| dev.default_splits(gpu)))?;
         let out: ndarray::Array4<bf16> = gpu.download_array(&out, i.q.dim())?;

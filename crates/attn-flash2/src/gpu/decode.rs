@@ -33,7 +33,7 @@ use attn_core::varlen::KvCache;
 use attn_core::{AttnError, Element, Forward, Inputs, Mask, Options, Result, check_values};
 use attn_cuda::problem::needs_mods_kernel;
 use attn_cuda::{CONTRACT_HEADER, MMA, TILES};
-use attn_cuda::{CudaFunction, DeviceBuffer, DeviceRepr, Gpu, ScoreInputs, blocks_for, cuda_err};
+use attn_cuda::{CudaFunction, DeviceBuffer, DeviceRepr, Gpu, ScoreInputs, cuda_err};
 use attn_cuda::{LaunchConfig, PushKernelArg, gpu, with_shared_bytes};
 use half::{bf16, f16};
 use ndarray::{Array3, Array4, ArrayView4};
@@ -44,7 +44,7 @@ const STAGE: &str = "flash2 (decode)";
 const SOURCE: &str = include_str!("../../kernels/decode.cu");
 /// The tensor-core forward's building blocks, which decode_mma reuses.
 const TC_HEADER: &str = include_str!("../../kernels/tc.cuh");
-/// Threads a block (`DEC_THREADS`), and query rows a warp of the merge covers.
+/// Threads a block (`DEC_THREADS`).
 const THREADS: u32 = 128;
 /// The largest head dimension: 16 lanes of 16 values.
 pub const MAX_HEAD_DIM: usize = 256;
@@ -91,11 +91,12 @@ struct DecodeArgs {
 // SAFETY: plain old data, laid out as `struct DecodeArgs` in decode.cu.
 unsafe impl DeviceRepr for DecodeArgs {}
 
-/// How many splits to cut each row's keys into: enough blocks for about four a
-/// multiprocessor (`blocks` is the grid without splits), each split at least 256 keys of the
-/// longest row.
-pub fn splits_for(blocks: usize, longest: usize, multiprocessors: usize) -> usize {
-    let want = (4 * multiprocessors).div_ceil(blocks.max(1));
+/// How many splits to cut each row's keys into: enough blocks to fill every multiprocessor
+/// once with `resident` blocks each (`blocks` is the grid without splits), each split at
+/// least 256 keys of the longest row.
+pub fn splits_for(blocks: usize, longest: usize, multiprocessors: usize, resident: usize) -> usize {
+    // no more than one wave: a second, part-filled one costs a whole block's time
+    let want = (resident * multiprocessors) / blocks.max(1);
     want.min(longest.div_ceil(256)).clamp(1, 128)
 }
 
@@ -165,6 +166,8 @@ pub struct DeviceDecode<T> {
     /// decode_mma runs the call: 16-bit caches at a head dimension it is built for, no bias,
     /// mask or ALiBi.
     tensor_cores: bool,
+    /// The first kernel (and its dynamic shared memory) and the merge.
+    kernels: ((CudaFunction, u32), CudaFunction),
     /// The lengths on the host, for the split count and the bytes read.
     lens: Vec<usize>,
 }
@@ -275,7 +278,8 @@ impl<T: DecodeFloat> DeviceDecode<T> {
         let _uploads = (q, k, v, seqlens, table);
         let tensor_cores = T::KIND != 0 && MMA_HEAD_DIMS.contains(&d) && !per_head;
         let mods = per_head || softcap;
-        Ok(Self { _uploads, score, args, mods, tensor_cores, lens: cache.seqlens.clone() })
+        let kernels = kernels::<T>(gpu, &args, tensor_cores, mods)?;
+        Ok(Self { _uploads, score, args, mods, tensor_cores, kernels, lens: cache.seqlens.clone() })
     }
 
     /// Whether the tensor cores run the call (decode_mma), else the CUDA cores (decode_split).
@@ -285,23 +289,29 @@ impl<T: DecodeFloat> DeviceDecode<T> {
 
     /// The same call on the CUDA cores (decode_split) even where the tensor cores could run
     /// it: the benchmark's comparison of the two.
-    pub fn on_cuda_cores(self) -> Self {
-        Self { tensor_cores: false, ..self }
+    pub fn on_cuda_cores(self, gpu: &Gpu) -> Result<Self> {
+        let kernels = kernels::<T>(gpu, &self.args, false, self.mods)?;
+        Ok(Self { tensor_cores: false, kernels, ..self })
     }
 
     /// Row tiles of one split, and the rows a tile.
     fn blocks(&self) -> (usize, usize) {
-        let a = &self.args;
-        let rows = (a.heads / a.kv_heads * a.n_q) as usize;
-        let tile = if self.tensor_cores { 16 } else { row_tile(rows, lane_width(a.d as usize)) };
-        (rows.div_ceil(tile), tile)
+        row_tiles(&self.args, self.tensor_cores)
     }
 
     /// The split count [`splits_for`] picks for this call on `gpu`.
     pub fn default_splits(&self, gpu: &Gpu) -> usize {
         let (tiles, _) = self.blocks();
         let base = tiles * self.lens.len() * self.args.kv_heads as usize;
-        splits_for(base, self.lens.iter().copied().max().unwrap_or(0), gpu.multiprocessors())
+        // blocks a multiprocessor holds at once: decode_mma's shared memory allows two,
+        // decode_split's registers about four
+        let resident = if self.tensor_cores { 2 } else { 4 };
+        splits_for(
+            base,
+            self.lens.iter().copied().max().unwrap_or(0),
+            gpu.multiprocessors(),
+            resident,
+        )
     }
 
     /// Bytes of valid keys and values a decode reads: what its bandwidth is measured by.
@@ -313,69 +323,97 @@ impl<T: DecodeFloat> DeviceDecode<T> {
     /// Decodes with `splits` splits (≥ 1): O `[batch, heads, n_q, d]` and lse `[batch,
     /// heads, n_q]` on the device.
     pub fn run(&self, gpu: &Gpu, splits: usize) -> Result<(DeviceBuffer<T>, DeviceBuffer<f32>)> {
+        let w = self.workspace(gpu, splits)?;
+        self.run_in(gpu, &w)?;
+        Ok((w.out, w.lse))
+    }
+
+    /// The buffers a decode with `splits` splits writes (≥ 1): O, lse and, with more than
+    /// one split, the partials. Made once, a benchmark's steps reuse them (no allocation
+    /// between steps).
+    pub fn workspace(&self, gpu: &Gpu, splits: usize) -> Result<DecodeWorkspace<T>> {
         if splits == 0 {
             return Err(AttnError::ZeroBlockSize { arg: "splits" });
         }
-        let splits = splits.min(65_535);
+        // decode_merge's weights fit DEC_MAX_SPLITS
+        let splits = splits.min(1024);
         let a = self.args;
         let rows = (a.batch * a.heads * a.n_q) as usize;
-        let out: DeviceBuffer<T> = gpu.uninit(rows * a.d as usize)?;
-        let lse = gpu.uninit_f32(rows)?;
-        let mut args =
-            DecodeArgs { o: gpu.ptr(&out), lse: gpu.ptr(&lse), splits: splits as i32, ..a };
-        let parts = if splits > 1 {
-            let o_part = gpu.uninit_f32(splits * rows * a.d as usize)?;
-            let lse_part = gpu.uninit_f32(splits * rows)?;
-            args.o_part = gpu.ptr(&o_part);
-            args.lse_part = gpu.ptr(&lse_part);
-            Some((o_part, lse_part))
-        } else {
-            None
-        };
-        let (tiles, tile) = self.blocks();
-        let e = lane_width(a.d as usize);
-        let name = if self.tensor_cores { "decode_mma" } else { "decode_split" };
-        let (split, smem) = self.function(gpu, e, tile, name)?;
-        let cfg = LaunchConfig {
-            grid_dim: (tiles as u32, splits as u32, (a.batch * a.kv_heads) as u32),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: smem,
-        };
-        let mut l = gpu.stream().launch_builder(&split);
-        l.arg(&args).arg(&self.score.mods);
-        // SAFETY: (DecodeArgs, ScoreMods) is decode_split's parameter list; Q, the pools, the
-        // lengths and the table are this call's uploads, O and lse hold `rows` rows and the
-        // partials `splits` of them; one stream keeps them alive until the kernels finish.
-        unsafe { l.launch(cfg) }.map_err(cuda_err("decode_split"))?;
-        if parts.is_some() {
-            let (merge, _) = self.function(gpu, e, tile, "decode_merge")?;
-            let cfg = attn_cuda::grid((blocks_for(rows, THREADS / 32), 1, 1), THREADS);
-            let mut l = gpu.stream().launch_builder(&merge);
-            l.arg(&args);
-            // SAFETY: decode_merge reads the partials decode_split wrote and writes O, lse.
-            unsafe { l.launch(cfg) }.map_err(cuda_err("decode_merge"))?;
-        }
-        // the partials are freed once the stream has run the merge
-        drop(parts);
-        Ok((out, lse))
+        let parts = (splits > 1)
+            .then(|| {
+                Ok::<_, AttnError>((
+                    gpu.uninit_f32(splits * rows * a.d as usize)?,
+                    gpu.uninit_f32(splits * rows)?,
+                ))
+            })
+            .transpose()?;
+        Ok(DecodeWorkspace {
+            out: gpu.uninit(rows * a.d as usize)?,
+            lse: gpu.uninit_f32(rows)?,
+            parts,
+            splits,
+        })
     }
 
-    /// Kernel `name` for this call, and the dynamic shared memory the first kernel takes.
-    fn function(
-        &self,
-        gpu: &Gpu,
-        e: usize,
-        tile: usize,
-        name: &str,
-    ) -> Result<(CudaFunction, u32)> {
-        let d = self.args.d as usize;
-        let (n, bytes) =
-            if self.tensor_cores { mma_stages(d) } else { stages(d, e, size_of::<T>()) };
-        let mma = self.tensor_cores.then_some(d);
-        // decode_mma's module compiles decode_split too: at its smallest row tile
-        let tile = if self.tensor_cores { 1 } else { tile };
-        with_shared_bytes(function(gpu, T::KIND, (e, tile, self.mods, n, mma), name)?, bytes)
+    /// Decodes into `w`: the split kernel, then the merge when there is more than one split.
+    pub fn run_in(&self, gpu: &Gpu, w: &DecodeWorkspace<T>) -> Result<()> {
+        let a = self.args;
+        let rows = (a.batch * a.heads * a.n_q) as usize;
+        let mut args =
+            DecodeArgs { o: gpu.ptr(&w.out), lse: gpu.ptr(&w.lse), splits: w.splits as i32, ..a };
+        if let Some((o_part, lse_part)) = &w.parts {
+            args.o_part = gpu.ptr(o_part);
+            args.lse_part = gpu.ptr(lse_part);
+        }
+        let (tiles, _) = self.blocks();
+        let (split, smem) = &self.kernels.0;
+        let cfg = LaunchConfig {
+            grid_dim: (tiles as u32, w.splits as u32, (a.batch * a.kv_heads) as u32),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: *smem,
+        };
+        let mut l = gpu.stream().launch_builder(split);
+        l.arg(&args).arg(&self.score.mods);
+        // SAFETY: (DecodeArgs, ScoreMods) is decode_split's and decode_mma's parameter list;
+        // Q, the pools, the lengths and the table are this call's uploads, O and lse hold
+        // `rows` rows and the partials `splits` of them; one stream keeps them alive until the
+        // kernels finish.
+        unsafe { l.launch(cfg) }.map_err(cuda_err("decode"))?;
+        if w.parts.is_some() {
+            let cfg = attn_cuda::grid((rows as u32, 1, 1), THREADS);
+            let mut l = gpu.stream().launch_builder(&self.kernels.1);
+            l.arg(&args);
+            // SAFETY: decode_merge reads the partials the first kernel wrote and writes O, lse.
+            unsafe { l.launch(cfg) }.map_err(cuda_err("decode_merge"))?;
+        }
+        Ok(())
     }
+}
+
+/// Row tiles of one split of `a`, and the rows a tile: 16 on the tensor cores.
+fn row_tiles(a: &DecodeArgs, tensor_cores: bool) -> (usize, usize) {
+    let rows = (a.heads / a.kv_heads * a.n_q) as usize;
+    let tile = if tensor_cores { 16 } else { row_tile(rows, lane_width(a.d as usize)) };
+    (rows.div_ceil(tile), tile)
+}
+
+/// The two kernels of a call (decode_mma or decode_split, with its dynamic shared memory;
+/// then decode_merge), compiled when first asked for.
+fn kernels<T: DecodeFloat>(
+    gpu: &Gpu,
+    a: &DecodeArgs,
+    tensor_cores: bool,
+    mods: bool,
+) -> Result<((CudaFunction, u32), CudaFunction)> {
+    let d = a.d as usize;
+    let e = lane_width(d);
+    // decode_mma's module compiles decode_split too: at its smallest row tile
+    let tile = if tensor_cores { 1 } else { row_tiles(a, false).1 };
+    let (n, bytes) = if tensor_cores { mma_stages(d) } else { stages(d, e, size_of::<T>()) };
+    let defines = (e, tile, mods, n, tensor_cores.then_some(d));
+    let first = if tensor_cores { "decode_mma" } else { "decode_split" };
+    let first = with_shared_bytes(function(gpu, T::KIND, defines, first)?, bytes)?;
+    Ok((first, function(gpu, T::KIND, defines, "decode_merge")?))
 }
 
 /// Kernel `name` of decode.cu compiled for element type `kind`, lane width `e`, row tile
@@ -430,6 +468,18 @@ fn zeros(dims: Dims) -> ArrayView4<'static, f32> {
     use ndarray::ShapeBuilder;
     ArrayView4::from_shape(dims.strides((0, 0, 0, 0)), &ZERO[..])
         .expect("zero strides address the one element")
+}
+
+/// The buffers one decode writes ([`DeviceDecode::workspace`]).
+#[derive(Debug)]
+pub struct DecodeWorkspace<T> {
+    /// O `[batch, heads, n_q, d]`.
+    pub out: DeviceBuffer<T>,
+    /// lse `[batch, heads, n_q]`.
+    pub lse: DeviceBuffer<f32>,
+    /// Each split's (O_s, lse_s), f32, when there is more than one split.
+    parts: Option<(DeviceBuffer<f32>, DeviceBuffer<f32>)>,
+    splits: usize,
 }
 
 /// Decoding from a KV cache in f32 on the GPU, as [`attn_core::varlen::forward_cached`] on the
