@@ -127,7 +127,11 @@ pub fn decode_bench(args: &DecodeBenchArgs) -> Result<(), CliError> {
                 let inputs = Inputs::new(q.view(), k.view(), v.view());
                 let opts = Options::default().causal(true);
                 let step = || {
-                    let f = if splits == 1 {
+                    let f = if args.algo == "flash2" {
+                        // FlashAttention-2's decode path: the group's rows as a tile's rows
+                        let o = &opts;
+                        attn::flash2::cpu::decode::forward_cached(&cache, &inputs, o, Some(splits))
+                    } else if splits == 1 {
                         varlen::forward_cached(&cache, &inputs, &opts, |i, o| stage.forward(i, o))
                     } else {
                         varlen::forward_cached_split(&cache, &inputs, &opts, splits, |i, o| {

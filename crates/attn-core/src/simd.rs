@@ -371,6 +371,171 @@ dispatch!(
     ds_from_dp => ds_from_dp_impl(dp: ArrayViewMut2<'_, f32>, p: ArrayView2<'_, f32>, d: ArrayView1<'_, f32>)
 );
 
+/// `S ← scale · Q Kᵀ` for a few query rows against a block of keys (decoding: the rows of a
+/// GQA group), Q `[rows, d]` and K `[cols, d]` row-major; and the largest squared row norm of
+/// K into `k_norm2` (infinite or NaN when K is not finite: the value check's verdict, from
+/// the same loads). Query rows four at a time, eight values a step, so every load of K feeds
+/// four multiply-adds.
+#[inline(always)]
+fn scores_impl<const FMA: bool>(
+    scale: f32,
+    q: ArrayView2<'_, f32>,
+    k: ArrayView2<'_, f32>,
+    mut s: ArrayViewMut2<'_, f32>,
+    k_norm2: &mut f32,
+) {
+    let (rows, d) = q.dim();
+    let q = q.as_slice().expect("Q_g is row-major");
+    // madd, not a closure: a closure is compiled without the caller's target features
+    let fma = madd::<FMA>;
+    let sum8 = |x: [f32; 8]| ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2] + x[6]) + (x[3] + x[7]));
+    // each row of Q as whole chunks of eight and the rest
+    let q_rows: Vec<(&[[f32; 8]], &[f32])> =
+        q.chunks_exact(d).map(|r| r.as_chunks::<8>()).collect();
+    let dot = |qr: (&[[f32; 8]], &[f32]), k8: &[[f32; 8]], kt: &[f32]| {
+        let mut a = [0.0f32; 8];
+        for (x, y) in qr.0.iter().zip(k8) {
+            for i in 0..8 {
+                a[i] = fma(x[i], y[i], a[i]);
+            }
+        }
+        qr.1.iter().zip(kt).fold(sum8(a), |acc, (&x, &y)| fma(x, y, acc))
+    };
+    for (j, k_row) in k.rows().into_iter().enumerate() {
+        let (k8, kt) = k_row.to_slice().expect("key rows are contiguous").as_chunks::<8>();
+        let mut nn = [0.0f32; 8];
+        for x in k8 {
+            for i in 0..8 {
+                nn[i] = fma(x[i], x[i], nn[i]);
+            }
+        }
+        let norm = kt.iter().fold(sum8(nn), |acc, &x| fma(x, x, acc));
+        // a NaN norm is kept (f32::max would drop it)
+        if norm.is_nan() || norm > *k_norm2 {
+            *k_norm2 = norm;
+        }
+        let mut r = 0;
+        while r + 4 <= rows {
+            let (q0, q1, q2, q3) = (q_rows[r], q_rows[r + 1], q_rows[r + 2], q_rows[r + 3]);
+            let a = dot4::<FMA>([q0.0, q1.0, q2.0, q3.0], k8);
+            for (rr, (a, qr)) in a.into_iter().zip([q0, q1, q2, q3]).enumerate() {
+                let tail = qr.1.iter().zip(kt).fold(a, |acc, (&x, &y)| fma(x, y, acc));
+                s[(r + rr, j)] = scale * tail;
+            }
+            r += 4;
+        }
+        for (rr, &qr) in q_rows.iter().enumerate().skip(r) {
+            s[(rr, j)] = scale * dot(qr, k8, kt);
+        }
+    }
+}
+
+/// Four dot products of eight-value chunks against one key: on the FMA path (x86-64 with
+/// AVX2 and FMA enabled by the caller) four 256-bit accumulators, one load of the key a
+/// chunk — which the compiler's own vectorisation of the portable loop does not reach (it
+/// keeps 128-bit halves).
+#[inline(always)]
+fn dot4<const FMA: bool>(q: [&[[f32; 8]]; 4], k: &[[f32; 8]]) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    if FMA {
+        use std::arch::x86_64::*;
+        // SAFETY: FMA = true is compiled only inside the dispatch's AVX2 + FMA (or AVX-512)
+        // functions, which run only where the CPU has them; the loads read whole chunks of
+        // the slices (unaligned loads).
+        return unsafe {
+            let mut a = [_mm256_setzero_ps(); 4];
+            for (c, y) in k.iter().enumerate() {
+                let y = _mm256_loadu_ps(y.as_ptr());
+                for (acc, qr) in a.iter_mut().zip(&q) {
+                    *acc = _mm256_fmadd_ps(_mm256_loadu_ps(qr[c].as_ptr()), y, *acc);
+                }
+            }
+            a.map(|v| {
+                let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+                let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+                _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)))
+            })
+        };
+    }
+    let sum8 = |x: [f32; 8]| ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2] + x[6]) + (x[3] + x[7]));
+    let mut a = [[0.0f32; 8]; 4];
+    for (c, y) in k.iter().enumerate() {
+        for (acc, qr) in a.iter_mut().zip(&q) {
+            for i in 0..8 {
+                acc[i] = madd::<FMA>(qr[c][i], y[i], acc[i]);
+            }
+        }
+    }
+    a.map(sum8)
+}
+
+dispatch!(
+    /// [`scores_impl`] on the best path this CPU has.
+    decode_scores => scores_impl(
+        scale: f32,
+        q: ArrayView2<'_, f32>,
+        k: ArrayView2<'_, f32>,
+        s: ArrayViewMut2<'_, f32>,
+        k_norm2: &mut f32
+    )
+);
+
+/// `Õ ← Õ + P V` for a few rows of weights against a block of values (decoding), P `[rows,
+/// cols]`, V `[cols, d]` with contiguous rows, Õ `[rows, d]` row-major: eight columns of four
+/// rows stay in registers over the whole block, so every load of V feeds four multiply-adds.
+#[inline(always)]
+fn add_pv_impl<const FMA: bool>(
+    p: ArrayView2<'_, f32>,
+    v: ArrayView2<'_, f32>,
+    mut acc: ArrayViewMut2<'_, f32>,
+) {
+    let rows = p.nrows();
+    let d = acc.ncols();
+    // madd, not a closure: a closure is compiled without the caller's target features
+    let fma = madd::<FMA>;
+    let o = acc.as_slice_mut().expect("Õ is row-major");
+    let v_rows: Vec<&[f32]> =
+        v.rows().into_iter().map(|r| r.to_slice().expect("value rows are contiguous")).collect();
+    let p_rows: Vec<Vec<f32>> = p.rows().into_iter().map(|r| r.to_vec()).collect();
+    let full = d / 8 * 8;
+    let mut r = 0;
+    while r < rows {
+        let n = (rows - r).min(4);
+        let w = |rr: usize| p_rows[(r + rr).min(r + n - 1)].as_slice();
+        let (w0, w1, w2, w3) = (w(0), w(1), w(2), w(3));
+        for c in (0..full).step_by(8) {
+            let mut a = [[0.0f32; 8]; 4];
+            for (rr, x) in a.iter_mut().enumerate().take(n) {
+                x.copy_from_slice(&o[(r + rr) * d + c..(r + rr) * d + c + 8]);
+            }
+            for ((((vr, &p0), &p1), &p2), &p3) in v_rows.iter().zip(w0).zip(w1).zip(w2).zip(w3) {
+                let v8: &[f32; 8] = vr[c..c + 8].try_into().expect("eight values");
+                for i in 0..8 {
+                    a[0][i] = fma(p0, v8[i], a[0][i]);
+                    a[1][i] = fma(p1, v8[i], a[1][i]);
+                    a[2][i] = fma(p2, v8[i], a[2][i]);
+                    a[3][i] = fma(p3, v8[i], a[3][i]);
+                }
+            }
+            for (rr, x) in a.iter().enumerate().take(n) {
+                o[(r + rr) * d + c..(r + rr) * d + c + 8].copy_from_slice(x);
+            }
+        }
+        for (rr, pr) in p_rows.iter().enumerate().skip(r).take(n) {
+            for c in full..d {
+                let x = v_rows.iter().zip(pr).fold(o[rr * d + c], |x, (vr, &p)| fma(p, vr[c], x));
+                o[rr * d + c] = x;
+            }
+        }
+        r += n;
+    }
+}
+
+dispatch!(
+    /// [`add_pv_impl`] on the best path this CPU has.
+    decode_add_pv => add_pv_impl(p: ArrayView2<'_, f32>, v: ArrayView2<'_, f32>, acc: ArrayViewMut2<'_, f32>)
+);
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -509,6 +674,52 @@ mod tests {
         matmul(2.0, &a.view(), &b.t(), 0.5, &mut c.view_mut());
         let want = a.dot(&b.t()) * 2.0 + 0.5;
         assert!(c.iter().zip(&want).all(|(x, y)| (x - y).abs() < 1e-5));
+    }
+
+    #[test]
+    fn decode_kernels_match_a_plain_product_on_every_path() {
+        // rows 1 to 6 (the four-row blocks and the rest), head dims with and without a tail
+        for path in Path::available_paths() {
+            for (rows, cols, d) in [(1, 3, 8), (4, 17, 128), (6, 9, 13), (5, 256, 72)] {
+                let q = crate::random::normal((1, 1, rows, d), 1)
+                    .into_shape_with_order((rows, d))
+                    .unwrap();
+                let k = crate::random::normal((1, 1, cols, d), 2)
+                    .into_shape_with_order((cols, d))
+                    .unwrap();
+                let mut s = Array2::zeros((rows, cols));
+                let mut norm2 = 0.0f32;
+                with_path(path, || {
+                    decode_scores(0.5, q.view(), k.view(), s.view_mut(), &mut norm2)
+                });
+                let want_norm = k.rows().into_iter().map(|r| r.dot(&r)).fold(0.0f32, f32::max);
+                assert!(
+                    (norm2 - want_norm).abs() <= 1e-4 * want_norm,
+                    "{path:?}: norm {norm2} vs {want_norm}"
+                );
+                for r in 0..rows {
+                    for j in 0..cols {
+                        let want = 0.5 * q.row(r).dot(&k.row(j));
+                        assert!(
+                            (s[(r, j)] - want).abs() < 1e-4,
+                            "{path:?} ({rows}, {cols}, {d}) S[{r}, {j}]"
+                        );
+                    }
+                }
+                let mut acc = Array2::from_elem((rows, d), 1.0f32);
+                with_path(path, || decode_add_pv(s.view(), k.view(), acc.view_mut()));
+                let want = s.dot(&k) + 1.0;
+                let worst = (&acc - &want).iter().fold(0.0f32, |m, x| m.max(x.abs()));
+                assert!(worst < 1e-3, "{path:?} ({rows}, {cols}, {d}): P V off by {worst}");
+            }
+            // a key that is not finite makes the norm not finite
+            let q = Array2::<f32>::ones((4, 16));
+            let mut k = Array2::<f32>::ones((2, 16));
+            k[(1, 3)] = f32::NAN;
+            let (mut s, mut norm2) = (Array2::zeros((4, 2)), 0.0f32);
+            with_path(path, || decode_scores(1.0, q.view(), k.view(), s.view_mut(), &mut norm2));
+            assert!(norm2.is_nan(), "{path:?}: a NaN key gave the norm {norm2}");
+        }
     }
 
     #[test]

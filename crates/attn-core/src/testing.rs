@@ -1469,7 +1469,8 @@ pub mod varlen_claims {
         let inputs = Inputs::new(q.view(), k.view(), v.view());
         let opts = Options::default();
         let refused = |cache: &KvCache<'_>, inputs: &Inputs<'_>, opts: &Options| {
-            run(cache, inputs, opts, None).map(|_| ()).expect_err(name)
+            let what = format!("{name}: {:?} / {:?} accepted", cache.seqlens, opts.dropout);
+            run(cache, inputs, opts, None).map(|_| ()).expect_err(&what)
         };
         let long = KvCache::contiguous(&[9, 1]).unwrap();
         let e = refused(&long, &inputs, &opts);

@@ -15,6 +15,8 @@ use rayon::prelude::*;
 
 pub use attn_core::simd;
 
+pub mod decode;
+
 use simd::{ds_from_dp, matmul, probs_from_lse, softmax_tile};
 
 /// The name the CLI and the errors use.

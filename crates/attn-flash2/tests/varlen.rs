@@ -26,3 +26,14 @@ fn the_decode_claims_hold_for_the_cpu_stage_split_or_whole() {
         F32_FORWARD,
     );
 }
+
+#[test]
+fn the_cpu_decode_path_holds_the_decode_claims() {
+    // the GQA group as a tile's rows, each split's parts merged by the log-sum-exp
+    attn_core::testing::varlen_claims::decode_matches_the_reference(
+        "flash2 (cpu decode)",
+        &attn_flash2::cpu::decode::forward_cached,
+        |x| x,
+        F32_FORWARD,
+    );
+}
