@@ -45,6 +45,9 @@ pub struct DecodeBenchArgs {
     /// own choice from the problem and the SM count on cuda.
     #[arg(long, value_delimiter = ',')]
     pub splits: Vec<usize>,
+    /// On cuda: the tensor-core kernel's pipeline stages (2 to 4) instead of its own choice.
+    #[arg(long)]
+    pub stages: Option<usize>,
     /// On cuda: the CUDA-core kernel even where the tensor cores would run the call.
     #[arg(long)]
     pub cuda_cores: bool,
@@ -206,6 +209,10 @@ fn gpu_bench<T: attn::flash2::gpu::decode::DecodeFloat>(
             let dev = DeviceDecode::<T>::synthetic(gpu, dims, args.kv_heads, &vec![n; b], &opts)
                 .map_err(lib)?;
             let dev = if args.cuda_cores { dev.on_cuda_cores(gpu).map_err(lib)? } else { dev };
+            let dev = match args.stages {
+                Some(n) => dev.with_stages(gpu, n).map_err(lib)?,
+                None => dev,
+            };
             eprintln!(
                 "decode-bench: on the {}",
                 if dev.uses_tensor_cores() { "tensor cores" } else { "CUDA cores" }

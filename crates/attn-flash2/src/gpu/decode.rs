@@ -109,13 +109,20 @@ fn lane_width(d: usize) -> usize {
 const MMA_HEAD_DIMS: [usize; 3] = [64, 128, 256];
 
 /// decode_mma's pipeline stages at head dimension `d` and its dynamic shared memory: Q's 16
-/// rows and the stages of 64 keys and values, rows padded to d + 8 values, as many stages as
-/// fit in 110 KiB (two blocks a multiprocessor), two to four.
-fn mma_stages(d: usize) -> (usize, u32) {
+/// rows and the stages of 64 keys and values, rows padded to d + 8 values; `stages`, else as
+/// many as fit in 110 KiB (two blocks a multiprocessor), two to four.
+fn mma_stages(d: usize, stages: Option<usize>) -> (usize, u32) {
     let row = 2 * (d + 8);
     let stage = 2 * 64 * row;
-    let n = (110 * 1024 / stage).clamp(2, 4);
+    let n = stages.unwrap_or(110 * 1024 / stage).clamp(2, 4);
     (n, (16 * row + n * stage) as u32)
+}
+
+/// Blocks of decode_mma a multiprocessor holds at once: its shared memory against the
+/// 228 KiB of sm_80 and later (1 KiB of it reserved a block), and at most three by its
+/// registers.
+fn mma_resident(smem: u32) -> usize {
+    (228 * 1024 / (smem as usize + 1024)).clamp(1, 3)
 }
 
 /// Keys a tile (`DEC_KT`: 8 half-warps of 4 keys).
@@ -278,8 +285,9 @@ impl<T: DecodeFloat> DeviceDecode<T> {
         let _uploads = (q, k, v, seqlens, table);
         let tensor_cores = T::KIND != 0 && MMA_HEAD_DIMS.contains(&d) && !per_head;
         let mods = per_head || softcap;
-        let kernels = kernels::<T>(gpu, &args, tensor_cores, mods)?;
-        Ok(Self { _uploads, score, args, mods, tensor_cores, kernels, lens: cache.seqlens.clone() })
+        let kernels = kernels::<T>(gpu, &args, tensor_cores, mods, None)?;
+        let lens = cache.seqlens.clone();
+        Ok(Self { _uploads, score, args, mods, tensor_cores, kernels, lens })
     }
 
     /// Whether the tensor cores run the call (decode_mma), else the CUDA cores (decode_split).
@@ -290,8 +298,16 @@ impl<T: DecodeFloat> DeviceDecode<T> {
     /// The same call on the CUDA cores (decode_split) even where the tensor cores could run
     /// it: the benchmark's comparison of the two.
     pub fn on_cuda_cores(self, gpu: &Gpu) -> Result<Self> {
-        let kernels = kernels::<T>(gpu, &self.args, false, self.mods)?;
+        let kernels = kernels::<T>(gpu, &self.args, false, self.mods, None)?;
         Ok(Self { tensor_cores: false, kernels, ..self })
+    }
+
+    /// decode_mma with `stages` (2 to 4) pipeline stages instead of its own choice: fewer
+    /// stages, more blocks a multiprocessor (the benchmark's sweep of the two).
+    pub fn with_stages(self, gpu: &Gpu, stages: usize) -> Result<Self> {
+        let stages = Some(stages.clamp(2, 4));
+        let kernels = kernels::<T>(gpu, &self.args, self.tensor_cores, self.mods, stages)?;
+        Ok(Self { kernels, ..self })
     }
 
     /// Row tiles of one split, and the rows a tile.
@@ -303,9 +319,9 @@ impl<T: DecodeFloat> DeviceDecode<T> {
     pub fn default_splits(&self, gpu: &Gpu) -> usize {
         let (tiles, _) = self.blocks();
         let base = tiles * self.lens.len() * self.args.kv_heads as usize;
-        // blocks a multiprocessor holds at once: decode_mma's shared memory allows two,
+        // blocks a multiprocessor holds at once: decode_mma's by its shared memory,
         // decode_split's registers about four
-        let resident = if self.tensor_cores { 2 } else { 4 };
+        let resident = if self.tensor_cores { mma_resident(self.kernels.0.1) } else { 4 };
         splits_for(
             base,
             self.lens.iter().copied().max().unwrap_or(0),
@@ -404,12 +420,13 @@ fn kernels<T: DecodeFloat>(
     a: &DecodeArgs,
     tensor_cores: bool,
     mods: bool,
+    mma: Option<usize>,
 ) -> Result<((CudaFunction, u32), CudaFunction)> {
     let d = a.d as usize;
     let e = lane_width(d);
     // decode_mma's module compiles decode_split too: at its smallest row tile
     let tile = if tensor_cores { 1 } else { row_tiles(a, false).1 };
-    let (n, bytes) = if tensor_cores { mma_stages(d) } else { stages(d, e, size_of::<T>()) };
+    let (n, bytes) = if tensor_cores { mma_stages(d, mma) } else { stages(d, e, size_of::<T>()) };
     let defines = (e, tile, mods, n, tensor_cores.then_some(d));
     let first = if tensor_cores { "decode_mma" } else { "decode_split" };
     let first = with_shared_bytes(function(gpu, T::KIND, defines, first)?, bytes)?;
