@@ -235,9 +235,11 @@ fn decode_bench_prints_a_step_time_and_bandwidth_beside_the_copy_bandwidth() {
     let row =
         stdout.lines().find(|l| l.starts_with("2,300,")).unwrap_or_else(|| panic!("{stdout}"));
     let cols: Vec<f64> = row.split(',').map(|x| x.parse().unwrap()).collect();
-    assert!(cols[2] > 0.0 && cols[3] > 0.0, "{row}");
+    // batch, n_k, splits, step_ms, kv_gb_per_s, share_of_copy
+    assert_eq!(cols[2], 3.0, "{row}");
+    assert!(cols[3] > 0.0 && cols[4] > 0.0, "{row}");
     assert!(
-        (cols[4] - cols[3] / copy).abs() <= 1e-3 + 0.01 * cols[4],
+        (cols[5] - cols[4] / copy).abs() <= 1e-3 + 0.01 * cols[5],
         "share of copy {row} against {copy}"
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("batch 2, n_k 300"), "no progress line");
