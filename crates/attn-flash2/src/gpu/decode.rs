@@ -41,9 +41,12 @@ use ndarray::{Array3, Array4, ArrayView4};
 use super::tc::{HalfForward, HalfInputs, TcFloat, round, widen};
 
 const STAGE: &str = "flash2 (decode)";
-const SOURCE: &str = include_str!("../../kernels/decode.cu");
-/// The tensor-core forward's building blocks, which decode_mma reuses.
-const TC_HEADER: &str = include_str!("../../kernels/tc.cuh");
+/// decode.cu, and the tensor-core forward's building blocks (tc.cuh) that decode_mma reuses,
+/// from the registry's embedded files.
+fn sources() -> [&'static str; 5] {
+    let file = |f| super::versions::file_source(f).expect("registered in versions.rs");
+    [CONTRACT_HEADER, TILES, MMA, file("tc.cuh"), file("decode.cu")]
+}
 /// Threads a block (`DEC_THREADS`).
 const THREADS: u32 = 128;
 /// The largest head dimension: 16 lanes of 16 values.
@@ -454,7 +457,7 @@ fn function(
     if let Some(d) = &d {
         defines.push(("DEC_D", d.as_str()));
     }
-    gpu.function_with("decode", &[CONTRACT_HEADER, TILES, MMA, TC_HEADER, SOURCE], &defines, name)
+    gpu.function_with("decode", &sources(), &defines, name)
 }
 
 /// What the kernel is built for: head dimensions up to [`MAX_HEAD_DIM`], 16-bit caches from

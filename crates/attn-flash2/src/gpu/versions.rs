@@ -86,6 +86,7 @@ kernels!(
     "tc.cuh",
     "flash2_tc_forward.cu",
     "flash2_tc_backward.cu",
+    "decode.cu",
     "ladder/fp32_forward_01.cu",
     "ladder/fp32_forward_02.cu",
     "ladder/fp32_forward_03.cu",
@@ -552,6 +553,6 @@ mod tests {
         for f in &files {
             assert!(file_source(f).is_some(), "{f} is not embedded in the registry");
         }
-        assert_eq!(files.len(), 16);
+        assert_eq!(files.len(), 17);
     }
 }
