@@ -13,6 +13,20 @@ pub enum Mask<'a> {
     Full(ArrayView4<'a, bool>),
 }
 
+impl<'a> Mask<'a> {
+    /// The same mask under a shorter borrow, for a call whose other tensors live less long
+    /// (the rebuilt enum lets the compiler shorten the lifetime where a plain copy does not).
+    pub fn shorten<'b>(self) -> Mask<'b>
+    where
+        'a: 'b,
+    {
+        match self {
+            Mask::KeyPadding(m) => Mask::KeyPadding(m),
+            Mask::Full(m) => Mask::Full(m),
+        }
+    }
+}
+
 /// The tensors of one attention call, borrowed.
 #[derive(Clone, Copy, Debug)]
 pub struct Inputs<'a> {

@@ -1256,118 +1256,101 @@ pub mod varlen_claims {
         masked_row: bool,
     }
 
-    fn decode_cases() -> Vec<DecodeCase> {
-        let base = DecodeCase {
-            what: "",
-            batch: 3,
-            heads: (8, 2),
-            n_q: 1,
-            d: 128,
-            lens: vec![1000, 333, 0],
-            n_max: 1000,
-            page: None,
-            opts: Options::default().causal(true),
-            alibi: false,
-            key_padding_bias: false,
-            masked_row: false,
-        };
-        vec![
-            DecodeCase { what: "GQA 4:1, d 128, one query, an empty row", ..base },
-            DecodeCase {
-                what: "window, softcap, ALiBi, 5 queries, d 72, pages of 16, a row shorter than n_q",
-                batch: 2,
-                heads: (6, 3),
-                n_q: 5,
-                d: 72,
-                lens: vec![300, 3],
-                n_max: 304,
-                page: Some(16),
-                opts: Options {
-                    window: Some(Window::new(64, 0)),
-                    softcap: Some(20.0),
-                    ..Options::default()
-                },
-                alibi: true,
-                ..decode_base()
-            },
-            DecodeCase {
-                what: "16 queries, one kv head, d 70, pages of 7, key padding and a per-key bias",
-                batch: 2,
-                heads: (4, 1),
-                n_q: 16,
-                d: 70,
-                lens: vec![200, 150],
-                n_max: 203,
-                page: Some(7),
-                key_padding_bias: true,
-                ..decode_base()
-            },
-            DecodeCase {
-                what: "d 256, MHA, not causal, a fully masked row",
-                batch: 2,
-                heads: (2, 2),
-                n_q: 2,
-                d: 256,
-                lens: vec![130, 64],
-                n_max: 130,
-                opts: Options::default(),
-                masked_row: true,
-                ..decode_base()
-            },
-            DecodeCase {
-                what: "d 3, a window with keys after the diagonal",
-                batch: 1,
-                heads: (2, 1),
-                n_q: 3,
-                d: 3,
-                lens: vec![2000],
-                n_max: 2000,
-                opts: Options { window: Some(Window::new(500, 10)), ..Options::default() },
-                ..decode_base()
-            },
-            DecodeCase {
-                what: "d 64, 8 queries of GQA 3:1 (24 rows), window, softcap, pages of 32",
-                batch: 2,
-                heads: (6, 2),
-                n_q: 8,
-                d: 64,
-                lens: vec![500, 77],
-                n_max: 512,
-                page: Some(32),
-                opts: Options {
-                    window: Some(Window::new(100, 0)),
-                    softcap: Some(15.0),
-                    ..Options::default()
-                },
-                ..decode_base()
-            },
-            DecodeCase {
-                what: "d 40, MHA, rows of 64, 1, 0 and 37 keys",
-                batch: 4,
-                heads: (4, 4),
-                d: 40,
-                lens: vec![64, 1, 0, 37],
-                n_max: 64,
-                ..decode_base()
-            },
-        ]
-    }
-
-    fn decode_base() -> DecodeCase {
+    /// A decode problem: `batch` rows of `lens` keys in caches of `n_max` slots, `heads`
+    /// (query, key/value), `n_q` queries of head dimension `d`; causal, contiguous, nothing
+    /// else unless the case says so.
+    fn case(
+        what: &'static str,
+        (batch, heads, n_q, d): (usize, (usize, usize), usize, usize),
+        lens: &[usize],
+        n_max: usize,
+    ) -> DecodeCase {
         DecodeCase {
-            what: "",
-            batch: 1,
-            heads: (1, 1),
-            n_q: 1,
-            d: 8,
-            lens: vec![1],
-            n_max: 1,
+            what,
+            batch,
+            heads,
+            n_q,
+            d,
+            lens: lens.to_vec(),
+            n_max,
             page: None,
             opts: Options::default().causal(true),
             alibi: false,
             key_padding_bias: false,
             masked_row: false,
         }
+    }
+
+    fn decode_cases() -> Vec<DecodeCase> {
+        let window = |left, right, softcap| Options {
+            window: Some(Window::new(left, right)),
+            softcap,
+            ..Options::default()
+        };
+        vec![
+            case(
+                "GQA 4:1, d 128, one query, an empty row",
+                (3, (8, 2), 1, 128),
+                &[1000, 333, 0],
+                1000,
+            ),
+            DecodeCase {
+                page: Some(16),
+                opts: window(64, 0, Some(20.0)),
+                alibi: true,
+                ..case(
+                    "window, softcap, ALiBi, 5 queries, d 72, pages of 16, a row shorter than n_q",
+                    (2, (6, 3), 5, 72),
+                    &[300, 3],
+                    304,
+                )
+            },
+            DecodeCase {
+                page: Some(7),
+                key_padding_bias: true,
+                ..case(
+                    "16 queries, one kv head, d 70, pages of 7, key padding and a per-key bias",
+                    (2, (4, 1), 16, 70),
+                    &[200, 150],
+                    203,
+                )
+            },
+            DecodeCase {
+                opts: Options::default(),
+                masked_row: true,
+                ..case(
+                    "d 256, MHA, not causal, a fully masked row",
+                    (2, (2, 2), 2, 256),
+                    &[130, 64],
+                    130,
+                )
+            },
+            DecodeCase {
+                opts: window(500, 10, None),
+                ..case(
+                    "d 3, a window with keys after the diagonal",
+                    (1, (2, 1), 3, 3),
+                    &[2000],
+                    2000,
+                )
+            },
+            DecodeCase {
+                page: Some(32),
+                opts: window(100, 0, Some(15.0)),
+                ..case(
+                    "d 64, 8 queries of GQA 3:1 (24 rows), window, softcap, pages of 32",
+                    (2, (6, 2), 8, 64),
+                    &[500, 77],
+                    512,
+                )
+            },
+            case(
+                "d 40, MHA, rows of 64, 1, 0 and 37 keys",
+                (4, (4, 4), 1, 40),
+                &[64, 1, 0, 37],
+                64,
+            ),
+        ]
     }
 
     /// The caches `k`, `v` (`[batch, kv_heads, n_max, d]`) copied into scattered pages of

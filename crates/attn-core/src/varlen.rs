@@ -482,11 +482,7 @@ impl KvCache<'_> {
             q: inputs.q,
             k: stand_in,
             v: stand_in,
-            // rebuilt, so that its lifetime can shrink to the stand-ins'
-            mask: inputs.mask.map(|m| match m {
-                Mask::KeyPadding(m) => Mask::KeyPadding(m),
-                Mask::Full(m) => Mask::Full(m),
-            }),
+            mask: inputs.mask.map(Mask::shorten),
             bias: inputs.bias,
             alibi: inputs.alibi,
         };
@@ -808,10 +804,7 @@ impl KvCache<'_> {
             q: inputs.q,
             k: k.view(),
             v: v.view(),
-            mask: inputs.mask.map(|m| match m {
-                Mask::KeyPadding(m) => Mask::KeyPadding(m),
-                Mask::Full(m) => Mask::Full(m),
-            }),
+            mask: inputs.mask.map(Mask::shorten),
             bias: inputs.bias,
             alibi: inputs.alibi,
         };

@@ -704,10 +704,7 @@ fn flash2_gpu_decode_kernel_matches_the_reference() {
         let mut half = tc::HalfInputs::new(q.view(), k.view(), v.view());
         half.bias = i.bias;
         half.alibi = i.alibi;
-        half.mask = i.mask.map(|m| match m {
-            attn_core::Mask::KeyPadding(m) => attn_core::Mask::KeyPadding(m),
-            attn_core::Mask::Full(m) => attn_core::Mask::Full(m),
-        });
+        half.mask = i.mask.map(attn_core::Mask::shorten);
         let dev = decode::DeviceDecode::upload(gpu, cache, &half, opts)?.on_cuda_cores(gpu)?;
         assert!(!dev.uses_tensor_cores());
         let (out, lse) = dev.run(gpu, splits.unwrap_or_else(|| dev.default_splits(gpu)))?;

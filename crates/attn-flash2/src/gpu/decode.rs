@@ -549,11 +549,7 @@ pub fn forward_cached_rounded<T: TcFloat + DecodeFloat>(
         q: q.view(),
         k: k.view(),
         v: v.view(),
-        // rebuilt, so that its lifetime can shrink to the rounded tensors'
-        mask: inputs.mask.map(|m| match m {
-            Mask::KeyPadding(m) => Mask::KeyPadding(m),
-            Mask::Full(m) => Mask::Full(m),
-        }),
+        mask: inputs.mask.map(Mask::shorten),
         bias: inputs.bias,
         alibi: inputs.alibi,
     };
