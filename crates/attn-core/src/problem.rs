@@ -510,6 +510,16 @@ impl Head<'_> {
     }
 }
 
+/// A zero-strided f32 view of `dims` (every element the one zero): the stand-in for a tensor
+/// of another element type, or not yet on the host, whose shape alone [`Problem::shapes_only`]
+/// checks.
+pub fn stand_in(dims: (usize, usize, usize, usize)) -> ArrayView4<'static, f32> {
+    static ZERO: [f32; 1] = [0.0];
+    use ndarray::ShapeBuilder;
+    ArrayView4::from_shape(dims.strides((0, 0, 0, 0)), &ZERO[..])
+        .expect("zero strides address the one element")
+}
+
 /// The checks on the values of a call's operands: q, k, v finite, a bias without NaN or
 /// +∞, and no score that could overflow f32 (bounded by Cauchy–Schwarz from the largest row
 /// norms of q and k, the scale and the largest finite bias).

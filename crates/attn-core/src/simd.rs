@@ -384,25 +384,13 @@ fn scores_impl<const FMA: bool>(
     mut s: ArrayViewMut2<'_, f32>,
     k_norm2: &mut f32,
 ) {
-    let (rows, d) = q.dim();
-    let q = q.as_slice().expect("Q_g is row-major");
-    // madd, not a closure: a closure is compiled without the caller's target features
     let fma = madd::<FMA>;
     let sum8 = |x: [f32; 8]| ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2] + x[6]) + (x[3] + x[7]));
-    // each row of Q as whole chunks of eight and the rest
-    let q_rows: Vec<(&[[f32; 8]], &[f32])> =
-        q.chunks_exact(d).map(|r| r.as_chunks::<8>()).collect();
-    let dot = |qr: (&[[f32; 8]], &[f32]), k8: &[[f32; 8]], kt: &[f32]| {
-        let mut a = [0.0f32; 8];
-        for (x, y) in qr.0.iter().zip(k8) {
-            for i in 0..8 {
-                a[i] = fma(x[i], y[i], a[i]);
-            }
-        }
-        qr.1.iter().zip(kt).fold(sum8(a), |acc, (&x, &y)| fma(x, y, acc))
-    };
-    for (j, k_row) in k.rows().into_iter().enumerate() {
-        let (k8, kt) = k_row.to_slice().expect("key rows are contiguous").as_chunks::<8>();
+    let key = |j: usize| k.row(j).to_slice().expect("key rows are contiguous").as_chunks::<8>();
+    let query = |r: usize| q.row(r).to_slice().expect("Q_g is row-major").as_chunks::<8>();
+    // the keys' norms (a NaN is kept: f32::max would drop it)
+    for j in 0..k.nrows() {
+        let (k8, kt) = key(j);
         let mut nn = [0.0f32; 8];
         for x in k8 {
             for i in 0..8 {
@@ -410,22 +398,21 @@ fn scores_impl<const FMA: bool>(
             }
         }
         let norm = kt.iter().fold(sum8(nn), |acc, &x| fma(x, x, acc));
-        // a NaN norm is kept (f32::max would drop it)
         if norm.is_nan() || norm > *k_norm2 {
             *k_norm2 = norm;
         }
-        let mut r = 0;
-        while r + 4 <= rows {
-            let (q0, q1, q2, q3) = (q_rows[r], q_rows[r + 1], q_rows[r + 2], q_rows[r + 3]);
-            let a = dot4::<FMA>([q0.0, q1.0, q2.0, q3.0], k8);
-            for (rr, (a, qr)) in a.into_iter().zip([q0, q1, q2, q3]).enumerate() {
-                let tail = qr.1.iter().zip(kt).fold(a, |acc, (&x, &y)| fma(x, y, acc));
+    }
+    // the scores, four query rows at a time (the last block repeats its last row)
+    let rows = q.nrows();
+    for r in (0..rows).step_by(4) {
+        let qs = [0, 1, 2, 3].map(|rr| query((r + rr).min(rows - 1)));
+        for j in 0..k.nrows() {
+            let (k8, kt) = key(j);
+            let dots = dot4::<FMA>(qs.map(|q| q.0), k8);
+            for (rr, (dot, qr)) in dots.into_iter().zip(qs).enumerate().take(rows - r) {
+                let tail = qr.1.iter().zip(kt).fold(dot, |acc, (&x, &y)| fma(x, y, acc));
                 s[(r + rr, j)] = scale * tail;
             }
-            r += 4;
-        }
-        for (rr, &qr) in q_rows.iter().enumerate().skip(r) {
-            s[(rr, j)] = scale * dot(qr, k8, kt);
         }
     }
 }
@@ -489,45 +476,38 @@ fn add_pv_impl<const FMA: bool>(
     v: ArrayView2<'_, f32>,
     mut acc: ArrayViewMut2<'_, f32>,
 ) {
-    let rows = p.nrows();
-    let d = acc.ncols();
-    // madd, not a closure: a closure is compiled without the caller's target features
     let fma = madd::<FMA>;
-    let o = acc.as_slice_mut().expect("Õ is row-major");
-    let v_rows: Vec<&[f32]> =
-        v.rows().into_iter().map(|r| r.to_slice().expect("value rows are contiguous")).collect();
-    let p_rows: Vec<Vec<f32>> = p.rows().into_iter().map(|r| r.to_vec()).collect();
+    let (rows, d) = acc.dim();
     let full = d / 8 * 8;
-    let mut r = 0;
-    while r < rows {
+    let o = acc.as_slice_mut().expect("Õ is row-major");
+    let value = |j: usize| v.row(j).to_slice().expect("value rows are contiguous");
+    // four rows of weights at a time (the last block repeats its last row, written once)
+    for r in (0..rows).step_by(4) {
         let n = (rows - r).min(4);
-        let w = |rr: usize| p_rows[(r + rr).min(r + n - 1)].as_slice();
-        let (w0, w1, w2, w3) = (w(0), w(1), w(2), w(3));
+        let w = [0, 1, 2, 3].map(|rr| p.row((r + rr).min(rows - 1)).to_slice().expect("row-major"));
         for c in (0..full).step_by(8) {
             let mut a = [[0.0f32; 8]; 4];
             for (rr, x) in a.iter_mut().enumerate().take(n) {
                 x.copy_from_slice(&o[(r + rr) * d + c..(r + rr) * d + c + 8]);
             }
-            for ((((vr, &p0), &p1), &p2), &p3) in v_rows.iter().zip(w0).zip(w1).zip(w2).zip(w3) {
-                let v8: &[f32; 8] = vr[c..c + 8].try_into().expect("eight values");
-                for i in 0..8 {
-                    a[0][i] = fma(p0, v8[i], a[0][i]);
-                    a[1][i] = fma(p1, v8[i], a[1][i]);
-                    a[2][i] = fma(p2, v8[i], a[2][i]);
-                    a[3][i] = fma(p3, v8[i], a[3][i]);
+            for j in 0..v.nrows() {
+                let v8: &[f32; 8] = value(j)[c..c + 8].try_into().expect("eight values");
+                for (x, wr) in a.iter_mut().zip(&w) {
+                    for i in 0..8 {
+                        x[i] = fma(wr[j], v8[i], x[i]);
+                    }
                 }
             }
             for (rr, x) in a.iter().enumerate().take(n) {
                 o[(r + rr) * d + c..(r + rr) * d + c + 8].copy_from_slice(x);
             }
         }
-        for (rr, pr) in p_rows.iter().enumerate().skip(r).take(n) {
+        for (rr, wr) in w.iter().enumerate().take(n) {
             for c in full..d {
-                let x = v_rows.iter().zip(pr).fold(o[rr * d + c], |x, (vr, &p)| fma(p, vr[c], x));
-                o[rr * d + c] = x;
+                let x = (0..v.nrows()).fold(o[(r + rr) * d + c], |x, j| fma(wr[j], value(j)[c], x));
+                o[(r + rr) * d + c] = x;
             }
         }
-        r += n;
     }
 }
 

@@ -197,6 +197,16 @@ pub struct Check {
 }
 
 impl Check {
+    /// A forward's output and log-sum-exp against the reference's (no gradients).
+    pub fn forward(f: &crate::stage::Forward, r: &crate::reference::RefForward) -> Self {
+        Check {
+            out: compare(f.out.view(), r.out.view()),
+            lse: compare(f.lse.view(), r.lse.view()),
+            grads: None,
+            dbias: None,
+        }
+    }
+
     /// Panics, naming the tensor and its errors, unless every figure is within the
     /// tolerances (normwise, and [`tolerance::ELEMENTWISE_FACTOR`] times that elementwise).
     pub fn assert_within(&self, forward_tol: f64, backward_tol: f64, what: &str) {
@@ -1223,13 +1233,7 @@ pub mod varlen_claims {
             let all = [("contiguous".to_string(), got), ("paged".to_string(), got_paged)];
             for (kind, f) in all.iter().chain(&splits) {
                 let name = format!("{} cached ({kind}), {what}", stage.name());
-                let check = Check {
-                    out: compare(f.out.view(), r.out.view()),
-                    lse: compare(f.lse.view(), r.lse.view()),
-                    grads: None,
-                    dbias: None,
-                };
-                check.assert_within(forward_tol, 0.0, &name);
+                Check::forward(f, &r).assert_within(forward_tol, 0.0, &name);
             }
         }
     }
@@ -1433,13 +1437,7 @@ pub mod varlen_claims {
                 let what = format!("{name}, {}, {splits:?} splits", c.what);
                 let f =
                     run(&cache, &inputs, &c.opts, splits).unwrap_or_else(|e| panic!("{what}: {e}"));
-                let check = Check {
-                    out: compare(f.out.view(), r.out.view()),
-                    lse: compare(f.lse.view(), r.lse.view()),
-                    grads: None,
-                    dbias: None,
-                };
-                check.assert_within(tol, 0.0, &what);
+                Check::forward(&f, &r).assert_within(tol, 0.0, &what);
             }
         }
         decode_refuses_bad_caches(name, run);

@@ -476,12 +476,11 @@ impl KvCache<'_> {
         self.check(batch, &inputs.k)?;
         // stand-ins for the caches, of their capacity
         let (_, kv_heads, _, d) = inputs.k.dim();
-        let one = Array4::<f32>::zeros((1, 1, 1, 1));
-        let stand_in = one.broadcast((batch, kv_heads, self.capacity(&inputs.k), d)).expect("1s");
+        let kv = crate::problem::stand_in((batch, kv_heads, self.capacity(&inputs.k), d));
         let whole = Inputs {
             q: inputs.q,
-            k: stand_in,
-            v: stand_in,
+            k: kv,
+            v: kv,
             mask: inputs.mask.map(Mask::shorten),
             bias: inputs.bias,
             alibi: inputs.alibi,

@@ -29,6 +29,7 @@
 //! # Ok::<(), attn_core::AttnError>(())
 //! ```
 
+use attn_core::problem::stand_in;
 use attn_core::varlen::KvCache;
 use attn_core::{AttnError, Element, Forward, Inputs, Mask, Options, Result, check_values};
 use attn_cuda::problem::needs_mods_kernel;
@@ -36,7 +37,7 @@ use attn_cuda::{CONTRACT_HEADER, MMA, TILES};
 use attn_cuda::{CudaFunction, DeviceBuffer, DeviceRepr, Gpu, ScoreInputs, cuda_err};
 use attn_cuda::{LaunchConfig, PushKernelArg, gpu, with_shared_bytes};
 use half::{bf16, f16};
-use ndarray::{Array3, Array4, ArrayView4};
+use ndarray::{Array3, Array4};
 
 use super::tc::{HalfForward, HalfInputs, TcFloat, round, widen};
 
@@ -193,9 +194,9 @@ impl<T: DecodeFloat> DeviceDecode<T> {
         opts: &Options,
     ) -> Result<Self> {
         let f32_inputs = Inputs {
-            q: zeros(inputs.q.dim()),
-            k: zeros(inputs.k.dim()),
-            v: zeros(inputs.v.dim()),
+            q: stand_in(inputs.q.dim()),
+            k: stand_in(inputs.k.dim()),
+            v: stand_in(inputs.v.dim()),
             mask: inputs.mask,
             bias: inputs.bias,
             alibi: inputs.alibi,
@@ -234,8 +235,9 @@ impl<T: DecodeFloat> DeviceDecode<T> {
         let n_max = lens.iter().copied().max().unwrap_or(0).max(1);
         let k_dims = (batch, kv_heads, n_max, d);
         let cache = KvCache::contiguous(&lens.iter().map(|&l| l as i64).collect::<Vec<_>>())?;
-        let stand_in = Inputs::new(zeros((batch, heads, n_q, d)), zeros(k_dims), zeros(k_dims));
-        let checked = cache.checked_call(&stand_in, opts, |p| {
+        let shapes =
+            Inputs::new(stand_in((batch, heads, n_q, d)), stand_in(k_dims), stand_in(k_dims));
+        let checked = cache.checked_call(&shapes, opts, |p| {
             let mods = (needs_mods_kernel(p), p.softcap.is_some());
             Ok::<_, AttnError>((ScoreInputs::upload(gpu, p)?, mods, p.scale, p.shape.kv_heads))
         })??;
@@ -481,14 +483,6 @@ fn limits<T: DecodeFloat>(gpu: &Gpu, d: usize) -> Result<()> {
 }
 
 type Dims = (usize, usize, usize, usize);
-
-/// A zero-strided f32 view of `dims`: a stand-in for a tensor whose shape alone is checked.
-fn zeros(dims: Dims) -> ArrayView4<'static, f32> {
-    static ZERO: [f32; 1] = [0.0];
-    use ndarray::ShapeBuilder;
-    ArrayView4::from_shape(dims.strides((0, 0, 0, 0)), &ZERO[..])
-        .expect("zero strides address the one element")
-}
 
 /// The buffers one decode writes ([`DeviceDecode::workspace`]).
 #[derive(Debug)]

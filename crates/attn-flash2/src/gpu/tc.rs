@@ -160,16 +160,11 @@ pub fn forward<T: TcFloat>(inputs: &HalfInputs<'_, T>, opts: &Options) -> Result
 /// of q, k, v and the bias by [`check_values`] on the 16-bit tensors themselves — then the
 /// tensor cores' own limits.
 fn validate<'a, T: TcFloat>(inputs: &HalfInputs<'a, T>, opts: &Options) -> Result<Problem<'a>> {
-    static ZERO: [f32; 1] = [0.0];
-    use ndarray::ShapeBuilder;
-    let stand_in = |a: &ArrayView4<'_, T>| {
-        ArrayView4::from_shape(a.raw_dim().strides(ndarray::Ix4(0, 0, 0, 0)), &ZERO[..])
-            .expect("zero strides address the one element")
-    };
+    use attn_core::problem::stand_in;
     let f32_inputs = Inputs {
-        q: stand_in(&inputs.q),
-        k: stand_in(&inputs.k),
-        v: stand_in(&inputs.v),
+        q: stand_in(inputs.q.dim()),
+        k: stand_in(inputs.k.dim()),
+        v: stand_in(inputs.v.dim()),
         mask: inputs.mask,
         bias: inputs.bias,
         alibi: inputs.alibi,
