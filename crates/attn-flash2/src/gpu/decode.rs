@@ -193,14 +193,7 @@ impl<T: DecodeFloat> DeviceDecode<T> {
         inputs: &HalfInputs<'_, T>,
         opts: &Options,
     ) -> Result<Self> {
-        let f32_inputs = Inputs {
-            q: stand_in(inputs.q.dim()),
-            k: stand_in(inputs.k.dim()),
-            v: stand_in(inputs.v.dim()),
-            mask: inputs.mask,
-            bias: inputs.bias,
-            alibi: inputs.alibi,
-        };
+        let f32_inputs = inputs.shapes();
         limits::<T>(gpu, inputs.q.dim().3)?;
         let (score, mods, scale, kv_heads) = cache.checked_call(&f32_inputs, opts, |p| {
             // the values: Q, and each row's valid keys and values (not the slots beyond)

@@ -143,6 +143,22 @@ impl<'a, T: TcFloat> HalfInputs<'a, T> {
     }
 }
 
+impl<'a, T> HalfInputs<'a, T> {
+    /// f32 inputs of the same shapes — zero-strided stand-ins for Q, K, V, and the same mask,
+    /// bias and slopes — for the checks that read shapes only ([`Problem::shapes_only`]).
+    pub fn shapes(&self) -> Inputs<'a> {
+        use attn_core::problem::stand_in;
+        Inputs {
+            q: stand_in(self.q.dim()),
+            k: stand_in(self.k.dim()),
+            v: stand_in(self.v.dim()),
+            mask: self.mask,
+            bias: self.bias,
+            alibi: self.alibi,
+        }
+    }
+}
+
 /// The forward's results: O in `T`, the log-sum-exp of each row in f32 (`[b, h, n_q]`).
 #[derive(Debug)]
 pub struct HalfForward<T> {
@@ -160,16 +176,7 @@ pub fn forward<T: TcFloat>(inputs: &HalfInputs<'_, T>, opts: &Options) -> Result
 /// of q, k, v and the bias by [`check_values`] on the 16-bit tensors themselves — then the
 /// tensor cores' own limits.
 fn validate<'a, T: TcFloat>(inputs: &HalfInputs<'a, T>, opts: &Options) -> Result<Problem<'a>> {
-    use attn_core::problem::stand_in;
-    let f32_inputs = Inputs {
-        q: stand_in(inputs.q.dim()),
-        k: stand_in(inputs.k.dim()),
-        v: stand_in(inputs.v.dim()),
-        mask: inputs.mask,
-        bias: inputs.bias,
-        alibi: inputs.alibi,
-    };
-    let p = Problem::shapes_only(&f32_inputs, opts)?;
+    let p = Problem::shapes_only(&inputs.shapes(), opts)?;
     check_values(inputs.q, inputs.k, inputs.v, inputs.bias, p.scale)?;
     if !TC_HEAD_DIMS.contains(&p.shape.head_dim) {
         return Err(AttnError::UnsupportedHeadDim {
