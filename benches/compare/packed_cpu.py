@@ -1,7 +1,8 @@
 """Packed against uniform and padded batches on the CPU through `attn run` (FlashAttention-2,
 causal): 16 documents of 128 to 4 096 tokens packed with --cu-seqlens-q/-k, a uniform batch of
 the same 32 768 tokens (8 x 4 096), and the 16 documents padded to 4 096 with a key-padding
-mask; forward and backward, the best of two alternated runs. GFLOP/s count the causal pairs
+mask; forward and backward, each run the median of 3 calls in one process (`--repeats 3`), the
+best of two alternated runs. GFLOP/s count the causal pairs
 of the documents (the uniform batch its own).
 
 Usage: cargo build --release -p attn-cli && python3 benches/compare/packed_cpu.py [WORKDIR]
@@ -25,7 +26,7 @@ pad = np.zeros((16, 4096), bool)
 for i, l in enumerate(lens): pad[i, :l] = True
 np.save("pad.npy", pad)
 def run(args):
-    out = subprocess.run([attn, "run", "--algo", "flash2", "--causal", "--out", "o.npy", "--grad-out", args[-1], "--dq", "gq.npy", "--dk", "gk.npy", "--dv", "gv.npy"] + args[:-1], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([attn, "run", "--algo", "flash2", "--causal", "--out", "o.npy", "--grad-out", args[-1], "--dq", "gq.npy", "--dk", "gk.npy", "--dv", "gv.npy", "--repeats", "3"] + args[:-1], capture_output=True, text=True, check=True).stdout
     f, b = re.search(r"forward ([\d.]+) ms, backward ([\d.]+) ms", out).groups()
     return float(f), float(b)
 pairs_p = sum(l * (l + 1) // 2 for l in lens)
@@ -37,7 +38,7 @@ for r in range(2):
                        ("padded", ["--q", "dq_.npy", "--k", "dk_.npy", "--v", "dv_.npy", "--mask", "pad.npy", "ddo.npy"])]:
         t = run(args)
         best[name] = tuple(min(a, b) for a, b in zip(best.get(name, t), t))
-print(f"16 documents of 128-4096 tokens ({T} tokens), h {h}, d {d}, causal, flash2 on the CPU; best of 2 alternated runs")
+print(f"16 documents of 128-4096 tokens ({T} tokens), h {h}, d {d}, causal, flash2 on the CPU; medians of 3 calls, best of 2 alternated runs")
 print("layout   forward ms  backward ms  fwd GFLOP/s  bwd GFLOP/s")
 for name, pairs in [("packed", pairs_p), ("uniform", pairs_u), ("padded", pairs_p)]:
     f, b = best[name]

@@ -159,6 +159,10 @@ pub struct RunArgs {
     /// Also compute the float64 reference and print the errors against it.
     #[arg(long)]
     pub check: bool,
+    /// Run the forward (and the backward) this many times and print the median time: the
+    /// first call pays for the thread pool and fresh pages, later ones do not.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub repeats: u32,
 }
 
 /// The flag an error of the library is about.
@@ -417,9 +421,12 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
         }
     };
 
-    let start = Instant::now();
-    let fwd = match &layout {
+    let run_forward = || match &layout {
         Layout::Plain => forward(&inputs, &opts),
+        // a stage's own packed path in f32 (FlashAttention-2's: every sequence in one pass)
+        Layout::Packed(seqs) if dtype == DtypeArg::F32 => {
+            stage.forward_packed(seqs, &inputs, &opts)
+        }
         Layout::Packed(seqs) => varlen::forward_packed(seqs, &inputs, &opts, forward),
         // on the GPU, FlashAttention-2 decodes with its dedicated kernel (split-KV)
         Layout::Cached(cache) if device == Device::Cuda && args.algo == "flash2" => {
@@ -430,21 +437,21 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
             attn::flash2::cpu::decode::forward_cached(cache, &inputs, &opts, None)
         }
         Layout::Cached(cache) => varlen::forward_cached(cache, &inputs, &opts, forward),
-    }
-    .map_err(lib_error)?;
-    let fwd_time = start.elapsed();
+    };
+    let (fwd, fwd_time) = median_of(args.repeats, run_forward).map_err(lib_error)?;
     let grads = match &d_out {
         Some(d_out) => {
-            let start = Instant::now();
             let d_out = d_out.view();
-            let g = match &layout {
+            let run_backward = || match &layout {
+                Layout::Packed(seqs) if dtype == DtypeArg::F32 => {
+                    stage.backward_packed(seqs, &inputs, &opts, &fwd, d_out)
+                }
                 Layout::Packed(seqs) => {
                     varlen::backward_packed(seqs, &inputs, &opts, &fwd, d_out, backward)
                 }
                 _ => backward(&inputs, &opts, &fwd, d_out),
-            }
-            .map_err(lib_error)?;
-            Some((g, start.elapsed()))
+            };
+            Some(median_of(args.repeats, run_backward).map_err(lib_error)?)
         }
         None => None,
     };
@@ -579,4 +586,20 @@ impl<'t> Layout<'t> {
         .map_err(lib_error)?;
         Ok(Layout::Cached(cache))
     }
+}
+
+/// `f` run `repeats` times: the last result and the median time.
+fn median_of<R>(
+    repeats: u32,
+    mut f: impl FnMut() -> attn::Result<R>,
+) -> attn::Result<(R, std::time::Duration)> {
+    let mut times = Vec::new();
+    let mut last = None;
+    for _ in 0..repeats {
+        let start = Instant::now();
+        last = Some(f()?);
+        times.push(start.elapsed());
+    }
+    times.sort();
+    Ok((last.expect("at least one run"), times[times.len() / 2]))
 }

@@ -70,6 +70,32 @@ pub trait Stage: Sync {
         fwd: &Forward,
         d_out: ArrayView4<'_, f32>,
     ) -> Result<Grads>;
+
+    /// The forward of a packed batch ([`crate::varlen::SeqLens`]): by default
+    /// [`crate::varlen::forward_packed`], the stage once per sequence; a stage with a native
+    /// packed path overrides it (one parallel pass over every sequence's tiles).
+    fn forward_packed(
+        &self,
+        seqs: &crate::varlen::SeqLens,
+        inputs: &Inputs<'_>,
+        opts: &Options,
+    ) -> Result<Forward> {
+        crate::varlen::forward_packed(seqs, inputs, opts, |i, o| self.forward(i, o))
+    }
+
+    /// The backward of a packed batch: by default [`crate::varlen::backward_packed`].
+    fn backward_packed(
+        &self,
+        seqs: &crate::varlen::SeqLens,
+        inputs: &Inputs<'_>,
+        opts: &Options,
+        fwd: &Forward,
+        d_out: ArrayView4<'_, f32>,
+    ) -> Result<Grads> {
+        crate::varlen::backward_packed(seqs, inputs, opts, fwd, d_out, |i, o, f, d| {
+            self.backward(i, o, f, d)
+        })
+    }
 }
 // ANCHOR_END: stage
 
@@ -85,7 +111,34 @@ pub trait Stage: Sync {
 #[macro_export]
 macro_rules! cpu_stage {
     ($(#[$meta:meta])* $ty:ident, $module:ident) => {
-        $crate::__stage!($(#[$meta])* $ty, Cpu, $module::NAME, $module::forward, $module::backward,);
+        $crate::__stage!($(#[$meta])* $ty, Cpu, $module::NAME, $module::forward, $module::backward, [],);
+    };
+    // a stage whose module also has `packed::{forward, backward}`: its native packed path
+    ($(#[$meta:meta])* $ty:ident, $module:ident, packed) => {
+        $crate::__stage!(
+            $(#[$meta])* $ty, Cpu, $module::NAME, $module::forward, $module::backward,
+            [
+                fn forward_packed(
+                    &self,
+                    seqs: &$crate::varlen::SeqLens,
+                    inputs: &$crate::Inputs<'_>,
+                    opts: &$crate::Options,
+                ) -> $crate::Result<$crate::Forward> {
+                    $module::packed::forward(seqs, inputs, opts)
+                }
+
+                fn backward_packed(
+                    &self,
+                    seqs: &$crate::varlen::SeqLens,
+                    inputs: &$crate::Inputs<'_>,
+                    opts: &$crate::Options,
+                    fwd: &$crate::Forward,
+                    d_out: $crate::ndarray::ArrayView4<'_, f32>,
+                ) -> $crate::Result<$crate::Grads> {
+                    $module::packed::backward(seqs, inputs, opts, fwd, d_out)
+                }
+            ],
+        );
     };
 }
 
@@ -101,6 +154,7 @@ macro_rules! cuda_stage {
             $module::NAME,
             $module::forward_with_stats,
             $module::backward_with_stats,
+            [],
             .map(|(results, _stats)| results)
         );
     };
@@ -109,7 +163,7 @@ macro_rules! cuda_stage {
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __stage {
-    ($(#[$meta:meta])* $ty:ident, $device:ident, $name:path, $fwd:path, $bwd:path, $($unwrap:tt)*) => {
+    ($(#[$meta:meta])* $ty:ident, $device:ident, $name:path, $fwd:path, $bwd:path, [$($extra:tt)*], $($unwrap:tt)*) => {
         $(#[$meta])*
         #[derive(Clone, Copy, Debug, Default)]
         pub struct $ty;
@@ -136,6 +190,8 @@ macro_rules! __stage {
             ) -> $crate::Result<$crate::Grads> {
                 $bwd(inputs, opts, fwd, d_out) $($unwrap)*
             }
+
+            $($extra)*
         }
     };
 }

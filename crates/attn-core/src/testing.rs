@@ -918,10 +918,7 @@ pub mod varlen_claims {
     use crate::options::{Inputs, Mask, Options, Window};
     use crate::reference::RefProblem;
     use crate::stage::Stage;
-    use crate::varlen::{
-        KvCache, SeqLens, append_kv, backward_packed, forward_cached, forward_cached_split,
-        forward_packed,
-    };
+    use crate::varlen::{KvCache, SeqLens, append_kv, forward_cached, forward_cached_split};
     use crate::{AttnError, Forward, random};
 
     /// One packed problem: spans, heads, options, what it carries.
@@ -974,6 +971,15 @@ pub mod varlen_claims {
                     bias: Some([true, true]),
                     alibi: true,
                     ..base(&[6, 11, 1], &[6, 11, 1])
+                },
+            ),
+            (
+                // tasks enough that a stage's native packed backward takes them on few threads
+                "eight sequences, GQA, causal n_q < n_k, d 7",
+                Packed {
+                    d: 7,
+                    opts: Options::default().blocks(3, 2).causal(true),
+                    ..base(&[7, 5, 8, 6, 1, 4, 8, 6], &[9, 5, 8, 7, 3, 4, 10, 6])
                 },
             ),
             (
@@ -1034,12 +1040,12 @@ pub mod varlen_claims {
                 inputs = inputs.with_alibi(slopes.view());
             }
             let opts = &case.opts;
-            let fwd = forward_packed(&seqs, &inputs, opts, |i, o| stage.forward(i, o))
+            let fwd = stage
+                .forward_packed(&seqs, &inputs, opts)
                 .unwrap_or_else(|e| panic!("{what}: {e}"));
-            let grads = backward_packed(&seqs, &inputs, opts, &fwd, d_out.view(), |i, o, f, d| {
-                stage.backward(i, o, f, d)
-            })
-            .unwrap_or_else(|e| panic!("{what}: {e}"));
+            let grads = stage
+                .backward_packed(&seqs, &inputs, opts, &fwd, d_out.view())
+                .unwrap_or_else(|e| panic!("{what}: {e}"));
 
             let unpacked = seqs.unpacked(&inputs, opts);
             let ref_opts = Options { bias_grad: true, ..unpacked.opts.clone() };
@@ -1099,11 +1105,8 @@ pub mod varlen_claims {
         let inputs = Inputs::new(q.view(), k.view(), v.view());
         let opts = Options::default().dropout(0.3, 42).causal(true).blocks(4, 4);
         let run = |st: &dyn Stage| {
-            let f = forward_packed(&seqs, &inputs, &opts, |i, o| st.forward(i, o)).unwrap();
-            let g = backward_packed(&seqs, &inputs, &opts, &f, d_out.view(), |i, o, f, d| {
-                st.backward(i, o, f, d)
-            })
-            .unwrap();
+            let f = st.forward_packed(&seqs, &inputs, &opts).unwrap();
+            let g = st.backward_packed(&seqs, &inputs, &opts, &f, d_out.view()).unwrap();
             (f, g)
         };
         let ((fa, ga), (fb, gb)) = (run(stage), run(baseline));
@@ -1123,7 +1126,7 @@ pub mod varlen_claims {
         // the middle sequence's weights are not those of sequence 0's seed: its output differs
         // from the plain call of that sequence alone
         let one = SeqLens::from_lengths(&[t], &[t]);
-        let packed_one = forward_packed(&one, &inputs, &opts, |i, o| stage.forward(i, o)).unwrap();
+        let packed_one = stage.forward_packed(&one, &inputs, &opts).unwrap();
         let plain = stage.forward(&inputs, &opts).unwrap();
         assert_eq!(
             packed_one.out,
@@ -1141,7 +1144,7 @@ pub mod varlen_claims {
         let o = Options::default();
         let fwd = |cq: &[i64], ck: &[i64]| {
             SeqLens::new(cq, ck, 10, 10)
-                .and_then(|s| forward_packed(&s, &inputs, &o, |i, o| stage.forward(i, o)))
+                .and_then(|s| stage.forward_packed(&s, &inputs, &o))
                 .map(|_| ())
         };
         for (cq, ck, arg, words) in [
@@ -1161,7 +1164,7 @@ pub mod varlen_claims {
         let q2 = random::normal((2, 2, 5, 4), 1);
         let batched = Inputs::new(q2.view(), q2.view(), q2.view());
         let seqs = SeqLens::from_lengths(&[5], &[5]);
-        let e = forward_packed(&seqs, &batched, &o, |i, o| stage.forward(i, o)).unwrap_err();
+        let e = stage.forward_packed(&seqs, &batched, &o).unwrap_err();
         assert!(matches!(e, AttnError::ShapeMismatch { arg: "q", .. }), "{e}");
     }
 

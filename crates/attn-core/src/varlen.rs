@@ -154,8 +154,8 @@ fn block<'a, T>(a: ArrayView4<'a, T>, q: Range<usize>, k: Range<usize>) -> Array
     a.slice_move(s![.., .., q, k])
 }
 
-/// The inputs of sequence `s` of a packed batch.
-fn sequence_inputs<'a>(inputs: &Inputs<'a>, q: Range<usize>, k: Range<usize>) -> Inputs<'a> {
+/// The inputs of the sequence whose query rows are `q` and key rows `k` in a packed batch.
+pub fn sequence_inputs<'a>(inputs: &Inputs<'a>, q: Range<usize>, k: Range<usize>) -> Inputs<'a> {
     Inputs {
         q: inputs.q.slice_move(s![.., .., q.clone(), ..]),
         k: inputs.k.slice_move(s![.., .., k.clone(), ..]),
@@ -171,7 +171,8 @@ fn sequence_inputs<'a>(inputs: &Inputs<'a>, q: Range<usize>, k: Range<usize>) ->
 
 /// The whole packed call's checks, values included, before any sequence runs: an error then
 /// names its index in the packed tensors (a sequence's own call would name it in its slice).
-fn check_packed(seqs: &SeqLens, inputs: &Inputs<'_>, opts: &Options) -> Result<Shape> {
+/// Returns the packed call's shape.
+pub fn check_packed(seqs: &SeqLens, inputs: &Inputs<'_>, opts: &Options) -> Result<Shape> {
     let p = Problem::new(inputs, opts)?;
     if p.shape.batch != 1 {
         return Err(AttnError::ShapeMismatch {
@@ -231,8 +232,8 @@ pub fn forward_packed(
 }
 // ANCHOR_END: forward_packed
 
-/// The options sequence `s` runs with: its own dropout seed.
-fn sequence_options(opts: &Options, s: usize) -> Options {
+/// The options sequence `s` of a packed batch runs with: its own dropout seed.
+pub fn sequence_options(opts: &Options, s: usize) -> Options {
     let mut o = opts.clone();
     if let Some(d) = &mut o.dropout {
         d.seed = sequence_seed(d.seed, s);

@@ -2,20 +2,22 @@
 //! Algorithm 2, with dQ added by the task that owns it instead of atomic adds. Line numbers in the
 //! comments are the paper's algorithm lines.
 
-use attn_core::blocks::{kv_head_grads, row_blocks};
+use attn_core::blocks::{KvHeadGrads, kv_head_grads, row_blocks};
 use attn_core::memory::zeros_written;
 use attn_core::trace::{self, State, Trace, Tracer};
 use attn_core::{
     BiasGrad, Forward, Grads, Head, Inputs, Options, Problem, Result, Shape, Traffic,
     TrafficCounter,
 };
-use ndarray::{Array1, Array2, Array3, Array4, ArrayView1, ArrayView2, ArrayView4, ArrayViewMut1};
+use ndarray::ArrayViewMut1;
+use ndarray::{Array1, Array2, Array3, Array4, ArrayView1, ArrayView2, ArrayView3, ArrayView4};
 use ndarray::{ArrayViewMut2, Axis, Zip, s};
 use rayon::prelude::*;
 
 pub use attn_core::simd;
 
 pub mod decode;
+pub mod packed;
 
 use simd::{ds_from_dp, matmul, probs_from_lse, softmax_tile};
 
@@ -174,6 +176,53 @@ struct QueryRows<'a> {
     d: ArrayView1<'a, f32>,
 }
 
+/// Where the backward's query rows come from: Q, dO, the log-sum-exp and D of the call (or,
+/// in a packed batch, of one sequence).
+struct RowSource<'a> {
+    q: ArrayView4<'a, f32>,
+    d_out: ArrayView4<'a, f32>,
+    lse: ArrayView3<'a, f32>,
+    d: ArrayView3<'a, f32>,
+}
+
+impl<'a> RowSource<'a> {
+    fn rows(&self, b: usize, h: usize, i0: usize, n: usize) -> QueryRows<'a> {
+        QueryRows {
+            q: self.q.slice_move(s![b, h, i0..i0 + n, ..]),
+            d_o: self.d_out.slice_move(s![b, h, i0..i0 + n, ..]),
+            lse: self.lse.slice_move(s![b, h, i0..i0 + n]),
+            d: self.d.slice_move(s![b, h, i0..i0 + n]),
+        }
+    }
+}
+
+/// Line 4 of Algorithm 2: D = rowsum(dO ∘ O), one number per query row.
+fn row_dots(
+    d_out: ArrayView4<'_, f32>,
+    out: ArrayView4<'_, f32>,
+    traffic: &TrafficCounter,
+) -> Array3<f32> {
+    let (b, h, n, _) = out.dim();
+    let mut d = Array3::<f32>::zeros((b, h, n));
+    Zip::from(&mut d)
+        .and(d_out.lanes(Axis(3)))
+        .and(out.lanes(Axis(3)))
+        .par_for_each(|d, a, b| *d = a.dot(&b));
+    let mut io = Traffic::default();
+    io.read_f32(2 * out.len());
+    io.write_f32(d.len());
+    traffic.add(io);
+    d
+}
+
+/// The bytes one backward tile of `rows` × `cols` reads.
+fn tile_io(sh: &Shape, rows: usize, cols: usize, head: &Head<'_>) -> Traffic {
+    let mut io = Traffic::default();
+    io.read_f32(rows * (2 * sh.head_dim + 2) + 2 * cols * sh.head_dim);
+    io.read_bytes(rows * cols * head.score_mod_bytes());
+    io
+}
+
 // ANCHOR: backward_tile
 /// One worker's tiles for the backward: P_ij, dS_ij, and tanh(S_ij / c) with a softcap.
 struct TileBufs {
@@ -226,6 +275,49 @@ fn recompute_tile<'t>(
 // ANCHOR_END: backward_tile
 
 // ANCHOR: backward
+/// Algorithm 2's loops as written for one (batch, key/value head): K/V blocks outside, the
+/// query blocks of every query head of its group inside, dQ of those heads added in place —
+/// five tile products per tile, no race, a fixed order.
+fn kv_head_backward(
+    p: &Problem<'_>,
+    src: &RowSource<'_>,
+    (b_r, b_c): (usize, usize),
+    dbias: Option<&BiasGrad>,
+    mut g: KvHeadGrads<'_>,
+    bufs: &mut TileBufs,
+) -> Traffic {
+    let (sh, b) = (p.shape, g.b);
+    let mut io = Traffic::default();
+    for j0 in (0..sh.n_k).step_by(b_c) {
+        let cols = b_c.min(sh.n_k - j0);
+        let mut dk_j = g.dk.slice_mut(s![j0..j0 + cols, ..]);
+        let mut dv_j = g.dv.slice_mut(s![j0..j0 + cols, ..]);
+        for gi in 0..sh.group() {
+            let h = g.kv_h * sh.group() + gi;
+            let head = p.head(b, h);
+            for i0 in (0..sh.n_q).step_by(b_r) {
+                let n = b_r.min(sh.n_q - i0);
+                if head.tile_hidden((i0, n), (j0, cols)) {
+                    continue;
+                }
+                let rows = src.rows(b, h, i0, n);
+                let (pm, ds) = recompute_tile(&head, p.scale, (i0, j0, cols), &rows, bufs, dbias);
+                // line 12: dV_j += (P_ij ∘ Z_ij)ᵀ dO_i; line 15: dQ_i += τ dS_ij K_j;
+                // line 16: dK_j += τ dS_ijᵀ Q_i
+                matmul(1.0, &pm.t(), &rows.d_o, 1.0, &mut dv_j);
+                let k_j = head.k.slice(s![j0..j0 + cols, ..]);
+                matmul(p.scale, &ds.view(), &k_j, 1.0, &mut g.dq.slice_mut(s![gi, i0..i0 + n, ..]));
+                matmul(p.scale, &ds.t(), &rows.q, 1.0, &mut dk_j);
+                io += tile_io(&sh, n, cols, &head);
+                io.read_f32(n * sh.head_dim);
+                io.write_f32(n * sh.head_dim); // dQ_i in and out
+            }
+        }
+        io.write_f32(2 * cols * sh.head_dim);
+    }
+    io
+}
+
 /// Backward, Algorithm 2. D = rowsum(dO ∘ O) first. The paper's K/V blocks run in parallel
 /// and add into dQ with atomics; a CPU has no cheap float atomics, and per-thread copies of
 /// dQ would make the order of the sums (and so the bits) depend on scheduling. So:
@@ -250,27 +342,9 @@ pub fn backward(
     let traffic = TrafficCounter::default();
 
     // line 4: D = rowsum(dO ∘ O)
-    let mut d = Array3::<f32>::zeros(sh.lse_dims());
-    Zip::from(&mut d)
-        .and(d_out.lanes(Axis(3)))
-        .and(fwd.out.lanes(Axis(3)))
-        .par_for_each(|d, a, b| *d = a.dot(&b));
-    let mut io = Traffic::default();
-    io.read_f32(2 * fwd.out.len());
-    io.write_f32(d.len());
-    traffic.add(io);
-    let query_rows = |b: usize, h: usize, i0: usize, n: usize| QueryRows {
-        q: p.q.slice(s![b, h, i0..i0 + n, ..]),
-        d_o: d_out.slice(s![b, h, i0..i0 + n, ..]),
-        lse: fwd.lse.slice(s![b, h, i0..i0 + n]),
-        d: d.slice(s![b, h, i0..i0 + n]),
-    };
-    let tile_io = |rows: usize, cols: usize, head: &Head<'_>| {
-        let mut io = Traffic::default();
-        io.read_f32(rows * (2 * sh.head_dim + 2) + 2 * cols * sh.head_dim);
-        io.read_bytes(rows * cols * head.score_mod_bytes());
-        io
-    };
+    let d = row_dots(d_out, fwd.out.view(), &traffic);
+    let src = RowSource { q: p.q, d_out, lse: fwd.lse.view(), d: d.view() };
+    let query_rows = |b, h, i0, n| src.rows(b, h, i0, n);
     let scratch = || TileBufs::new((b_r, b_c), p.softcap.is_some());
     let dbias = BiasGrad::new(&p, NAME, (b_r, b_c))?;
 
@@ -279,55 +353,11 @@ pub fn backward(
     let mut dv = zeros_written(sh.kv_dims());
 
     if sh.batch * sh.kv_heads >= 2 * rayon::current_num_threads() {
-        // Enough (batch, key/value head) pairs to keep every thread busy: one task per pair
-        // runs Algorithm 2's loops as written (K/V blocks outside, query blocks inside) and,
-        // owning the dQ of its query heads, adds into it in place — five tile products per
-        // tile, no race, a fixed order.
+        // Enough (batch, key/value head) pairs to keep every thread busy: one task per pair,
+        // owning the dQ of its query heads.
         let tasks = kv_head_grads(dq.view_mut(), dk.view_mut(), dv.view_mut());
-        tasks.into_par_iter().for_each_init(scratch, |bufs, mut g| {
-            let b = g.b;
-            let mut io = Traffic::default();
-            for j0 in (0..sh.n_k).step_by(b_c) {
-                let cols = b_c.min(sh.n_k - j0);
-                let mut dk_j = g.dk.slice_mut(s![j0..j0 + cols, ..]);
-                let mut dv_j = g.dv.slice_mut(s![j0..j0 + cols, ..]);
-                for gi in 0..sh.group() {
-                    let h = g.kv_h * sh.group() + gi;
-                    let head = p.head(b, h);
-                    for i0 in (0..sh.n_q).step_by(b_r) {
-                        let n = b_r.min(sh.n_q - i0);
-                        if head.tile_hidden((i0, n), (j0, cols)) {
-                            continue;
-                        }
-                        let rows = query_rows(b, h, i0, n);
-                        let (pm, ds) = recompute_tile(
-                            &head,
-                            p.scale,
-                            (i0, j0, cols),
-                            &rows,
-                            bufs,
-                            dbias.as_ref(),
-                        );
-                        // line 12: dV_j += (P_ij ∘ Z_ij)ᵀ dO_i; line 15: dQ_i += τ dS_ij K_j;
-                        // line 16: dK_j += τ dS_ijᵀ Q_i
-                        matmul(1.0, &pm.t(), &rows.d_o, 1.0, &mut dv_j);
-                        let k_j = head.k.slice(s![j0..j0 + cols, ..]);
-                        matmul(
-                            p.scale,
-                            &ds.view(),
-                            &k_j,
-                            1.0,
-                            &mut g.dq.slice_mut(s![gi, i0..i0 + n, ..]),
-                        );
-                        matmul(p.scale, &ds.t(), &rows.q, 1.0, &mut dk_j);
-                        io += tile_io(n, cols, &head);
-                        io.read_f32(n * sh.head_dim);
-                        io.write_f32(n * sh.head_dim); // dQ_i in and out
-                    }
-                }
-                io.write_f32(2 * cols * sh.head_dim);
-            }
-            traffic.add(io);
+        tasks.into_par_iter().for_each_init(scratch, |bufs, g| {
+            traffic.add(kv_head_backward(&p, &src, (b_r, b_c), dbias.as_ref(), g, bufs));
         });
         let dbias = dbias.map(BiasGrad::finish);
         return Ok(Grads { dq, dk, dv, dbias, traffic: Some(traffic.get()) });
@@ -353,7 +383,7 @@ pub fn backward(
                 // line 12: dV_j += (P_ij ∘ Z_ij)ᵀ dO_i; line 16: dK_j += τ dS_ijᵀ Q_i
                 matmul(1.0, &pm.t(), &rows.d_o, 1.0, &mut dv_j.view);
                 matmul(p.scale, &ds.t(), &rows.q, 1.0, &mut dk_j.view);
-                io += tile_io(n, cols, &head);
+                io += tile_io(&sh, n, cols, &head);
             }
         }
         io.write_f32(2 * cols * sh.head_dim);
@@ -371,7 +401,7 @@ pub fn backward(
             let cols = b_c.min(kv_end - j0);
             let (_, ds) = recompute_tile(&head, p.scale, (i0, j0, cols), &rows, bufs, None);
             matmul(p.scale, &ds.view(), &head.k.slice(s![j0..j0 + cols, ..]), 1.0, &mut dq_i.view);
-            io += tile_io(n, cols, &head);
+            io += tile_io(&sh, n, cols, &head);
         }
         io.write_f32(n * sh.head_dim);
         traffic.add(io);

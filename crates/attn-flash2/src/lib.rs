@@ -37,5 +37,6 @@ pub use gpu::tc::{self, Flash2TensorCores};
 attn_core::cpu_stage!(
     /// FlashAttention-2 on the CPU, as a [`attn_core::Stage`].
     Flash2Cpu,
-    cpu
+    cpu,
+    packed
 );

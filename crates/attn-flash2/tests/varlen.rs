@@ -37,3 +37,35 @@ fn the_cpu_decode_path_holds_the_decode_claims() {
         F32_FORWARD,
     );
 }
+
+#[test]
+fn the_native_packed_path_holds_on_one_thread_and_equals_the_stage_per_sequence() {
+    // on one thread the native backward takes every case without a bias gradient (on more,
+    // the coarse ones fall back to the stage per sequence); its tiles are those of the stage
+    // per sequence, in the same order, so the bits agree
+    use attn_core::varlen::{SeqLens, backward_packed, forward_packed};
+    use attn_core::{Inputs, Options, Stage, random};
+    use attn_flash2::{Flash2Cpu, cpu};
+    let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+    one.install(|| {
+        attn_core::testing::varlen_claims::hold(&Flash2Cpu, (F32_FORWARD, F32_BACKWARD));
+        let seqs = SeqLens::from_lengths(&[40, 3, 17, 0, 29], &[33, 8, 17, 5, 41]);
+        let (tq, tk) = seqs.totals();
+        let q = random::normal((1, 6, tq, 24), 1);
+        let k = random::normal((1, 2, tk, 24), 2);
+        let v = random::normal((1, 2, tk, 24), 3);
+        let d_out = random::normal((1, 6, tq, 24), 4);
+        let inputs = Inputs::new(q.view(), k.view(), v.view());
+        let opts = Options::default().causal(true).blocks(8, 16).dropout(0.2, 9);
+        let native = Flash2Cpu.forward_packed(&seqs, &inputs, &opts).unwrap();
+        let each = forward_packed(&seqs, &inputs, &opts, cpu::forward).unwrap();
+        assert_eq!(native.out, each.out);
+        assert_eq!(native.lse, each.lse);
+        let g = Flash2Cpu.backward_packed(&seqs, &inputs, &opts, &native, d_out.view()).unwrap();
+        let e = backward_packed(&seqs, &inputs, &opts, &each, d_out.view(), cpu::backward).unwrap();
+        assert_eq!(g.dq, e.dq);
+        assert_eq!(g.dk, e.dk);
+        assert_eq!(g.dv, e.dv);
+        assert!(g.dq.iter().any(|&x| x != 0.0) && g.dk.iter().any(|&x| x != 0.0));
+    });
+}
