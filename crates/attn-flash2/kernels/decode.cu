@@ -64,6 +64,19 @@ struct DecodeArgs {
     int pad_;
 };
 
+// cp.async of 16 bytes that asks the L2 to fetch the whole 128-byte line from memory at once:
+// the cache is read front to back, so the rest of the line is the next lanes' (or the next
+// row's) and arrives in one DRAM burst.
+__device__ __forceinline__ void cp_async16_line(void* dst, const void* src, bool valid) {
+#if __CUDA_ARCH__ >= 800
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src),
+                 "r"(valid ? 16 : 0));
+#else
+    cp_async16(dst, src, valid);  // a plain copy before sm_80
+#endif
+}
+
 // A lane's DEC_E values of a row (a key, a value or a query) as raw words. `vec`: d is a
 // multiple of DEC_E, so the lane's values are all in the row or all past it, and aligned:
 // one to four 16-byte loads. Otherwise value by value, zeros past d.
@@ -178,8 +191,8 @@ __device__ __forceinline__ void fetch_tile(const DecodeArgs& a, const int* table
             const int r = c / chunks, x = (c - r * chunks) * PER, j = j0 + r;
             const bool valid = j < j_end;
             const i64 at = valid ? key_offset(a, table, b, g, j) + x : 0;
-            cp_async16(ks + r * ds + x, K + at, valid);
-            cp_async16(vs + r * ds + x, V + at, valid);
+            cp_async16_line(ks + r * ds + x, K + at, valid);
+            cp_async16_line(vs + r * ds + x, V + at, valid);
         }
     } else {
         for (int e = threadIdx.x; e < DEC_KT * a.d; e += DEC_THREADS) {
@@ -446,7 +459,6 @@ extern "C" __global__ void decode_fill(elem_t* x, i64 n, u32 seed) {
 #if DEC_KIND != 0 && defined(DEC_D)
 #define DEC_KB 16                      // keys a warp a tile
 #define DEC_MT (DEC_WARPS * DEC_KB)    // keys a tile
-
 // Starts copying keys and values j0 .. j0 + DEC_MT - 1 (zeros from j_end on) into a stage.
 __device__ __forceinline__ void fetch_tile16(const DecodeArgs& a, const int* table, int b, int g,
                                              int j0, int j_end, u16* ks, u16* vs) {
@@ -457,8 +469,8 @@ __device__ __forceinline__ void fetch_tile16(const DecodeArgs& a, const int* tab
         const int r = c / C8, x = (c % C8) * 8, j = j0 + r;
         const bool valid = j < j_end;
         const i64 at = valid ? key_offset(a, table, b, g, j) + x : 0;
-        cp_async16(ks + r * S + x, K + at, valid);
-        cp_async16(vs + r * S + x, V + at, valid);
+        cp_async16_line(ks + r * S + x, K + at, valid);
+        cp_async16_line(vs + r * S + x, V + at, valid);
     }
     cp_async_commit();
 }
