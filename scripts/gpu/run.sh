@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine, from the folder scripts/gpu/build.sh filled, with no build step:
-# every GPU test, compute-sanitizer (memcheck, racecheck) over a small run of every kernel,
+# every GPU test, compute-sanitizer (memcheck, racecheck, synccheck) over a small run of every kernel,
 # the timings beside PyTorch, and a short table last. Full logs go to OUT.
 #
 #   cd .device && ./run.sh OUT
@@ -56,7 +56,7 @@ fi
 
 # 2. compute-sanitizer over the smoke run, which launches every kernel once (SKIP_SANITIZER=1
 #    skips; SMOKE_STAGES narrows it).
-for tool in ${SANITIZER_TOOLS-memcheck racecheck}; do
+for tool in ${SANITIZER_TOOLS-memcheck racecheck synccheck}; do
   compute-sanitizer --tool "$tool" --error-exitcode 3 "$here/bin/attn" gpu-bench --smoke ${SMOKE_STAGES:+--stages "$SMOKE_STAGES"} > "$out/sanitizer-$tool.log" 2>&1
   rc=$?
   errors="$(grep -Eo '(ERROR|RACECHECK) SUMMARY: .*' "$out/sanitizer-$tool.log" | tail -1)"
@@ -66,7 +66,7 @@ done
 
 # 2b. compute-sanitizer over the decode kernel's test (every element type, paged caches, the
 #     score modifiers, split-KV and its merge), which the smoke run does not launch.
-for tool in ${SANITIZER_TOOLS-memcheck racecheck}; do
+for tool in ${SANITIZER_TOOLS-memcheck racecheck synccheck}; do
   compute-sanitizer --tool "$tool" --error-exitcode 3 "$here/bin/test-attn-flash2" --exact flash2_gpu_decode_kernel_matches_the_reference --test-threads=1 > "$out/sanitizer-decode-$tool.log" 2>&1
   rc=$?
   errors="$(grep -Eo '(ERROR|RACECHECK) SUMMARY: .*' "$out/sanitizer-decode-$tool.log" | tail -1)"
