@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use attn::core::varlen::{self, KvCache};
+use attn::core::varlen::KvCache;
 use attn::{Device, Inputs, Options, Stage};
 use clap::Args;
 use ndarray::Array4;
@@ -129,19 +129,11 @@ pub fn decode_bench(args: &DecodeBenchArgs) -> Result<(), CliError> {
                     KvCache::contiguous(&vec![n as i64; b]).map_err(crate::run::lib_error)?;
                 let inputs = Inputs::new(q.view(), k.view(), v.view());
                 let opts = Options::default().causal(true);
+                // the stage's cached call: flash2's decode path, else the stage per row
                 let step = || {
-                    let f = if args.algo == "flash2" {
-                        // FlashAttention-2's decode path: the group's rows as a tile's rows
-                        let o = &opts;
-                        attn::flash2::cpu::decode::forward_cached(&cache, &inputs, o, Some(splits))
-                    } else if splits == 1 {
-                        varlen::forward_cached(&cache, &inputs, &opts, |i, o| stage.forward(i, o))
-                    } else {
-                        varlen::forward_cached_split(&cache, &inputs, &opts, splits, |i, o| {
-                            stage.forward(i, o)
-                        })
-                    };
-                    f.map_err(crate::run::lib_error)
+                    stage
+                        .forward_cached(&cache, &inputs, &opts, Some(splits))
+                        .map_err(crate::run::lib_error)
                 };
                 step()?; // warm-up
                 let mut times: Vec<f64> = (0..args.repeats)

@@ -432,9 +432,9 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
         Layout::Cached(cache) if device == Device::Cuda && args.algo == "flash2" => {
             decode_on_gpu(cache, &inputs, &opts, dtype)
         }
-        // and on the CPU with the GQA group as a tile's rows
-        Layout::Cached(cache) if args.algo == "flash2" && dtype == DtypeArg::F32 => {
-            attn::flash2::cpu::decode::forward_cached(cache, &inputs, &opts, None)
+        // and elsewhere the stage's own cached call (flash2's: the GQA group as a tile's rows)
+        Layout::Cached(cache) if dtype == DtypeArg::F32 => {
+            stage.forward_cached(cache, &inputs, &opts, None)
         }
         Layout::Cached(cache) => varlen::forward_cached(cache, &inputs, &opts, forward),
     };

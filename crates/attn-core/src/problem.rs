@@ -464,14 +464,7 @@ impl Head<'_> {
                     }
                 }
             }
-            let (start, end) = (self.key_start(i), self.key_end(i));
-            let keep = start.clamp(j0, j0 + cols) - j0..end.clamp(j0, j0 + cols) - j0;
-            if keep.start > 0 {
-                row.slice_mut(s![..keep.start]).fill(f32::NEG_INFINITY);
-            }
-            if keep.end < cols {
-                row.slice_mut(s![keep.end.max(keep.start)..]).fill(f32::NEG_INFINITY);
-            }
+            self.keys.hide_outside(i, j0, row);
         }
     }
     // ANCHOR_END: modify_scores

@@ -156,6 +156,15 @@ impl KeyRange {
         i_end > i0 && (j0 + cols > self.end(i0) || j0 < self.start(i_end - 1))
     }
 
+    /// Sets to −∞ the scores in `row` (keys `j0 ..`) of the keys query `i` does not see.
+    pub fn hide_outside(&self, i: usize, j0: usize, mut row: ndarray::ArrayViewMut1<'_, f32>) {
+        let cols = row.len();
+        let start = self.start(i).clamp(j0, j0 + cols) - j0;
+        let end = self.end(i).clamp(j0, j0 + cols) - j0;
+        row.slice_mut(ndarray::s![..start]).fill(f32::NEG_INFINITY);
+        row.slice_mut(ndarray::s![end.max(start)..]).fill(f32::NEG_INFINITY);
+    }
+
     /// The (query, key) pairs the rule keeps.
     pub fn visible_pairs(&self) -> u64 {
         (0..self.n_q).map(|i| (self.end(i) - self.start(i)) as u64).sum()

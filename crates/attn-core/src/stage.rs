@@ -96,6 +96,24 @@ pub trait Stage: Sync {
             self.backward(i, o, f, d)
         })
     }
+
+    /// Decoding from a KV cache ([`crate::varlen::KvCache`]), each row's keys whole or cut
+    /// into `splits` parts merged by the log-sum-exp: by default the stage on each batch row
+    /// ([`crate::varlen::forward_cached`], [`crate::varlen::forward_cached_split`]); a stage
+    /// with a decode path of its own overrides it.
+    fn forward_cached(
+        &self,
+        cache: &crate::varlen::KvCache<'_>,
+        inputs: &Inputs<'_>,
+        opts: &Options,
+        splits: Option<usize>,
+    ) -> Result<Forward> {
+        let run = |i: &Inputs<'_>, o: &Options| self.forward(i, o);
+        match splits {
+            None | Some(1) => crate::varlen::forward_cached(cache, inputs, opts, run),
+            Some(n) => crate::varlen::forward_cached_split(cache, inputs, opts, n, run),
+        }
+    }
 }
 // ANCHOR_END: stage
 
@@ -113,8 +131,9 @@ macro_rules! cpu_stage {
     ($(#[$meta:meta])* $ty:ident, $module:ident) => {
         $crate::__stage!($(#[$meta])* $ty, Cpu, $module::NAME, $module::forward, $module::backward, [],);
     };
-    // a stage whose module also has `packed::{forward, backward}`: its native packed path
-    ($(#[$meta:meta])* $ty:ident, $module:ident, packed) => {
+    // a stage whose module also has `packed::{forward, backward}` and
+    // `decode::forward_cached`: its native packed and decode paths
+    ($(#[$meta:meta])* $ty:ident, $module:ident, native) => {
         $crate::__stage!(
             $(#[$meta])* $ty, Cpu, $module::NAME, $module::forward, $module::backward,
             [
@@ -136,6 +155,16 @@ macro_rules! cpu_stage {
                     d_out: $crate::ndarray::ArrayView4<'_, f32>,
                 ) -> $crate::Result<$crate::Grads> {
                     $module::packed::backward(seqs, inputs, opts, fwd, d_out)
+                }
+
+                fn forward_cached(
+                    &self,
+                    cache: &$crate::varlen::KvCache<'_>,
+                    inputs: &$crate::Inputs<'_>,
+                    opts: &$crate::Options,
+                    splits: Option<usize>,
+                ) -> $crate::Result<$crate::Forward> {
+                    $module::decode::forward_cached(cache, inputs, opts, splits)
                 }
             ],
         );

@@ -125,16 +125,17 @@ impl SeqLens {
     /// Query-key pairs the sequences keep under causal masking and the window (what FLOP
     /// counts of a packed batch count).
     pub fn visible_pairs(&self, opts: &Options) -> u64 {
-        (0..self.num_seqs())
-            .map(|s| {
-                let (nq, nk) = (self.q_span(s).len(), self.k_span(s).len());
-                if nq == 0 || nk == 0 {
-                    0
-                } else {
-                    KeyRange::new(nq, nk, opts.causal, opts.window).visible_pairs()
-                }
-            })
-            .sum()
+        (0..self.num_seqs()).map(|s| self.sequence_pairs(s, opts)).sum()
+    }
+
+    /// The query-key pairs sequence `s` keeps.
+    pub fn sequence_pairs(&self, s: usize, opts: &Options) -> u64 {
+        let (nq, nk) = (self.q_span(s).len(), self.k_span(s).len());
+        if nq == 0 || nk == 0 {
+            0
+        } else {
+            KeyRange::new(nq, nk, opts.causal, opts.window).visible_pairs()
+        }
     }
 }
 

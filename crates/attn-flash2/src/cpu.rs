@@ -344,7 +344,6 @@ pub fn backward(
     // line 4: D = rowsum(dO ∘ O)
     let d = row_dots(d_out, fwd.out.view(), &traffic);
     let src = RowSource { q: p.q, d_out, lse: fwd.lse.view(), d: d.view() };
-    let query_rows = |b, h, i0, n| src.rows(b, h, i0, n);
     let scratch = || TileBufs::new((b_r, b_c), p.softcap.is_some());
     let dbias = BiasGrad::new(&p, NAME, (b_r, b_c))?;
 
@@ -376,7 +375,7 @@ pub fn backward(
                 if head.tile_hidden((i0, n), (j0, cols)) {
                     continue;
                 }
-                let rows = query_rows(dk_j.b, h, i0, n);
+                let rows = src.rows(dk_j.b, h, i0, n);
                 // dBias from this pass only: each tile adds to it once
                 let (pm, ds) =
                     recompute_tile(&head, p.scale, (i0, j0, cols), &rows, bufs, dbias.as_ref());
@@ -394,7 +393,7 @@ pub fn backward(
     row_blocks(dq.view_mut(), b_r).into_par_iter().for_each_init(scratch, |bufs, mut dq_i| {
         let head = p.head(dq_i.b, dq_i.h);
         let (i0, n) = (dq_i.start, dq_i.view.nrows());
-        let rows = query_rows(dq_i.b, dq_i.h, i0, n);
+        let rows = src.rows(dq_i.b, dq_i.h, i0, n);
         let kv_end = head.key_end(i0 + n - 1);
         let mut io = Traffic::default();
         for j0 in head.key_blocks(i0, n, b_c) {

@@ -38,5 +38,5 @@ attn_core::cpu_stage!(
     /// FlashAttention-2 on the CPU, as a [`attn_core::Stage`].
     Flash2Cpu,
     cpu,
-    packed
+    native
 );

@@ -148,16 +148,11 @@ impl Run<'_, '_, '_> {
             // S_ij = τ Q_g K_jᵀ (and K_j's row norms: its scan), the softcap, each row's
             // key range
             decode_scores(self.scale, q_g.view(), k_j, s.view_mut(), &mut k_norm2_seen);
-            for (r, mut row) in s.rows_mut().into_iter().enumerate() {
-                let (start, end) = (keys.start(r % n_q), keys.end(r % n_q));
-                for (c, x) in row.iter_mut().enumerate() {
-                    if let Some(cap) = self.softcap {
-                        *x = cap * (*x / cap).tanh();
-                    }
-                    if j0 + c < start || j0 + c >= end {
-                        *x = f32::NEG_INFINITY;
-                    }
-                }
+            if let Some(cap) = self.softcap {
+                s.mapv_inplace(|x| cap * (x / cap).tanh());
+            }
+            for (r, row) in s.rows_mut().into_iter().enumerate() {
+                keys.hide_outside(r % n_q, j0, row);
             }
             // m, ℓ, P̃ = exp(S − m); Õ = diag(e^(m_old − m)) Õ + P̃ V_j
             softmax_tile(s.view_mut(), m.view_mut(), ell.view_mut(), alpha.view_mut());

@@ -110,17 +110,19 @@ pub fn backward(
     fwd: &Forward,
     d_out: ArrayView4<'_, f32>,
 ) -> Result<Grads> {
-    let shape = check_packed(seqs, inputs, opts)?;
-    check_d_out(&shape, d_out)?;
-    check_saved(&shape, fwd.out.view(), fwd.lse.view())?;
-    let parts = sequences(seqs, inputs, opts)?;
-    let cost = |p: &Problem<'_>| p.keys.visible_pairs() * shape.group() as u64;
-    let largest = parts.iter().flatten().map(cost).max().unwrap_or(0);
-    let total: u64 = parts.iter().flatten().map(cost).sum::<u64>() * shape.kv_heads as u64;
+    // decided from the spans alone, before any check: the fallback checks the call itself
+    let pairs = (0..seqs.num_seqs()).map(|s| seqs.sequence_pairs(s, opts));
+    let largest = pairs.clone().max().unwrap_or(0);
+    let total = pairs.sum::<u64>() * inputs.k.dim().1 as u64; // a task a key/value head
     let threads = rayon::current_num_threads() as u64;
     if (opts.bias_grad && inputs.bias.is_some()) || 2 * threads * largest > total {
         return varlen::backward_packed(seqs, inputs, opts, fwd, d_out, super::backward);
     }
+    let shape = check_packed(seqs, inputs, opts)?;
+    check_d_out(&shape, d_out)?;
+    check_saved(&shape, fwd.out.view(), fwd.lse.view())?;
+    let parts = sequences(seqs, inputs, opts)?;
+    let cost = |p: &Problem<'_>| p.keys.visible_pairs();
 
     let traffic = TrafficCounter::default();
     // line 4: D = rowsum(dO ∘ O), for every sequence at once
