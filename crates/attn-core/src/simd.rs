@@ -384,6 +384,14 @@ fn scores_impl<const FMA: bool>(
     mut s: ArrayViewMut2<'_, f32>,
     k_norm2: &mut f32,
 ) {
+    let contiguous = |x: &ArrayView2<'_, f32>| x.ncols() <= 1 || x.strides()[1] == 1;
+    assert!(contiguous(&q) && contiguous(&k), "decode_scores: Q_g and K_j need contiguous rows");
+    #[cfg(target_arch = "x86_64")]
+    if FMA {
+        // SAFETY: FMA = true is compiled only inside the dispatch's AVX2 + FMA (or AVX-512)
+        // functions, which run only where the CPU has them; the rows were checked above.
+        return unsafe { scores_x86(scale, q, k, &mut s, k_norm2) };
+    }
     let fma = madd::<FMA>;
     let sum8 = |x: [f32; 8]| ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2] + x[6]) + (x[3] + x[7]));
     let key = |j: usize| k.row(j).to_slice().expect("key rows are contiguous").as_chunks::<8>();
@@ -417,33 +425,9 @@ fn scores_impl<const FMA: bool>(
     }
 }
 
-/// Four dot products of eight-value chunks against one key: on the FMA path (x86-64 with
-/// AVX2 and FMA enabled by the caller) four 256-bit accumulators, one load of the key a
-/// chunk — which the compiler's own vectorisation of the portable loop does not reach (it
-/// keeps 128-bit halves).
+/// Four dot products of eight-value chunks against one key (the portable path).
 #[inline(always)]
 fn dot4<const FMA: bool>(q: [&[[f32; 8]]; 4], k: &[[f32; 8]]) -> [f32; 4] {
-    #[cfg(target_arch = "x86_64")]
-    if FMA {
-        use std::arch::x86_64::*;
-        // SAFETY: FMA = true is compiled only inside the dispatch's AVX2 + FMA (or AVX-512)
-        // functions, which run only where the CPU has them; the loads read whole chunks of
-        // the slices (unaligned loads).
-        return unsafe {
-            let mut a = [_mm256_setzero_ps(); 4];
-            for (c, y) in k.iter().enumerate() {
-                let y = _mm256_loadu_ps(y.as_ptr());
-                for (acc, qr) in a.iter_mut().zip(&q) {
-                    *acc = _mm256_fmadd_ps(_mm256_loadu_ps(qr[c].as_ptr()), y, *acc);
-                }
-            }
-            a.map(|v| {
-                let h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-                let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-                _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)))
-            })
-        };
-    }
     let sum8 = |x: [f32; 8]| ((x[0] + x[4]) + (x[1] + x[5])) + ((x[2] + x[6]) + (x[3] + x[7]));
     let mut a = [[0.0f32; 8]; 4];
     for (c, y) in k.iter().enumerate() {
@@ -480,6 +464,13 @@ fn add_pv_impl<const FMA: bool>(
     let (rows, d) = acc.dim();
     let full = d / 8 * 8;
     let o = acc.as_slice_mut().expect("Õ is row-major");
+    let contiguous = |x: &ArrayView2<'_, f32>| x.ncols() <= 1 || x.strides()[1] == 1;
+    assert!(contiguous(&p) && contiguous(&v), "decode_add_pv: P and V need contiguous rows");
+    #[cfg(target_arch = "x86_64")]
+    if FMA {
+        // SAFETY: as in scores_impl; the rows were checked above and Õ is row-major.
+        return unsafe { add_pv_x86(p, v, o, d) };
+    }
     let value = |j: usize| v.row(j).to_slice().expect("value rows are contiguous");
     // four rows of weights at a time (the last block repeats its last row, written once)
     for r in (0..rows).step_by(4) {
@@ -515,6 +506,195 @@ dispatch!(
     /// [`add_pv_impl`] on the best path this CPU has.
     decode_add_pv => add_pv_impl(p: ArrayView2<'_, f32>, v: ArrayView2<'_, f32>, acc: ArrayViewMut2<'_, f32>)
 );
+
+/// [`scores_impl`] on x86-64 with AVX2 and FMA: four query rows against two keys at a time,
+/// eight 256-bit accumulators, so a chunk's two key loads and four query loads feed eight
+/// multiply-adds (and, in the first block of rows, the keys' norms two more); the eight dot
+/// products are reduced together by a tree of horizontal adds.
+///
+/// # Safety
+/// Only inside functions compiled with AVX2 and FMA, on a CPU that has them; the rows of `q`
+/// and `k` must be contiguous (checked by the caller).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn scores_x86(
+    scale: f32,
+    q: ArrayView2<'_, f32>,
+    k: ArrayView2<'_, f32>,
+    s: &mut ArrayViewMut2<'_, f32>,
+    k_norm2: &mut f32,
+) {
+    use std::arch::x86_64::*;
+    let ((rows, d), cols) = (q.dim(), k.nrows());
+    let (chunks, tail) = (d / 8, d / 8 * 8);
+    let key = |j: usize| k.row(j).as_ptr();
+    let query = |r: usize| q.row(r).as_ptr();
+    // SAFETY (whole body): every pointer is a row of `q` or `k` read at offsets below d.
+    unsafe {
+        for r in (0..rows).step_by(4) {
+            let qs = [0, 1, 2, 3].map(|rr| query((r + rr).min(rows - 1)));
+            let norms = r == 0;
+            for j in (0..cols).step_by(2) {
+                // an odd last key is paired with itself
+                let ks = [key(j), key((j + 1).min(cols - 1))];
+                prefetch_row(k, j + AHEAD, d);
+                prefetch_row(k, j + 1 + AHEAD, d);
+                let mut a = [_mm256_setzero_ps(); 8]; // a[2·rr + key]
+                let mut nn = [_mm256_setzero_ps(); 2];
+                for c in 0..chunks {
+                    let y = ks.map(|p| _mm256_loadu_ps(p.add(8 * c)));
+                    if norms {
+                        nn[0] = _mm256_fmadd_ps(y[0], y[0], nn[0]);
+                        nn[1] = _mm256_fmadd_ps(y[1], y[1], nn[1]);
+                    }
+                    for (rr, qp) in qs.iter().enumerate() {
+                        let x = _mm256_loadu_ps(qp.add(8 * c));
+                        a[2 * rr] = _mm256_fmadd_ps(x, y[0], a[2 * rr]);
+                        a[2 * rr + 1] = _mm256_fmadd_ps(x, y[1], a[2 * rr + 1]);
+                    }
+                }
+                let mut dots = [0.0f32; 8];
+                _mm256_storeu_ps(dots.as_mut_ptr(), sum_each(a));
+                for (rr, qp) in qs.iter().enumerate().take(rows - r) {
+                    for (kk, kp) in ks.iter().enumerate().take(cols - j) {
+                        let dot = (tail..d).fold(dots[2 * rr + kk], |acc, c| {
+                            (*qp.add(c)).mul_add(*kp.add(c), acc)
+                        });
+                        s[(r + rr, j + kk)] = scale * dot;
+                    }
+                }
+                if norms {
+                    let mut n = [0.0f32; 8];
+                    let pair = _mm256_hadd_ps(_mm256_hadd_ps(nn[0], nn[1]), _mm256_setzero_ps());
+                    _mm256_storeu_ps(n.as_mut_ptr(), pair);
+                    for (kk, kp) in ks.iter().enumerate().take(cols - j) {
+                        // lanes 0, 1 hold the low halves' sums of key 0, 1; lanes 4, 5 the high
+                        let norm = (tail..d).fold(n[kk] + n[4 + kk], |acc, c| {
+                            (*kp.add(c)).mul_add(*kp.add(c), acc)
+                        });
+                        // a NaN is kept (f32::max would drop it)
+                        if norm.is_nan() || norm > *k_norm2 {
+                            *k_norm2 = norm;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// How many rows ahead of the one being read the decode kernels ask for K and V: the hardware
+/// prefetcher alone leaves these one-pass streams waiting on memory.
+#[cfg(target_arch = "x86_64")]
+const AHEAD: usize = 8;
+
+/// Asks the caches for row `j` of `x` (d values), when `x` has it.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_row(x: ArrayView2<'_, f32>, j: usize, d: usize) {
+    use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+    if j < x.nrows() {
+        let row = x.row(j).as_ptr();
+        for c in (0..d).step_by(16) {
+            // SAFETY: a prefetch is only a hint (it never faults); the address is inside row j.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(row.add(c) as *const i8) };
+        }
+    }
+}
+
+/// The eight sums of eight 256-bit vectors' lanes, in one vector: lane i is the sum of v[i].
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn sum_each(v: [std::arch::x86_64::__m256; 8]) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    // SAFETY: only register operations, under the caller's AVX guarantee.
+    unsafe {
+        // per 128-bit half: [v0, v1, v2, v3] partial sums, then the two halves added
+        let lo = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+        let hi = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+        _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31))
+    }
+}
+
+/// [`add_pv_impl`] on x86-64 with AVX2 and FMA: V is streamed row by row, two keys at a time,
+/// each key's weights for four rows held in registers, so every chunk of Õ is loaded once,
+/// takes eight multiply-adds and is stored once, and V is read once, in order.
+///
+/// # Safety
+/// As [`scores_x86`]; the rows of `p` and `v` contiguous, Õ row-major `[rows, d]`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn add_pv_x86(p: ArrayView2<'_, f32>, v: ArrayView2<'_, f32>, o: &mut [f32], d: usize) {
+    let rows = p.nrows();
+    let base = o.as_mut_ptr();
+    // SAFETY: the row pointers are rows of `p` and of `o` (rows · d values).
+    unsafe {
+        let weights = |r: usize| p.row(r).as_ptr();
+        let out = |r: usize| base.add(r * d);
+        let mut r = 0;
+        while r + 4 <= rows {
+            pv_rows::<4>(
+                [0, 1, 2, 3].map(|i| weights(r + i)),
+                [0, 1, 2, 3].map(|i| out(r + i)),
+                v,
+                d,
+            );
+            r += 4;
+        }
+        match rows - r {
+            3 => {
+                pv_rows::<3>([0, 1, 2].map(|i| weights(r + i)), [0, 1, 2].map(|i| out(r + i)), v, d)
+            }
+            2 => pv_rows::<2>([0, 1].map(|i| weights(r + i)), [0, 1].map(|i| out(r + i)), v, d),
+            1 => pv_rows::<1>([weights(r)], [out(r)], v, d),
+            _ => {}
+        }
+    }
+}
+
+/// `Õ_r ← Õ_r + Σ_j P_rj V_j` for N rows (N ≤ 4), keys in pairs.
+///
+/// # Safety
+/// As [`add_pv_x86`]: `w[i]` points at a row of P (`v.nrows()` weights), `out[i]` at a row
+/// of Õ (d values).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn pv_rows<const N: usize>(
+    w: [*const f32; N],
+    out: [*mut f32; N],
+    v: ArrayView2<'_, f32>,
+    d: usize,
+) {
+    use std::arch::x86_64::*;
+    let cols = v.nrows();
+    let full = d / 8 * 8;
+    // SAFETY: reads of rows of V below d, of P below cols; reads and writes of Õ's rows below d.
+    unsafe {
+        for j in (0..cols).step_by(2) {
+            // an odd last key is paired with itself at weight 0
+            let pair = j + 1 < cols;
+            let (v0, v1) = (v.row(j).as_ptr(), v.row(if pair { j + 1 } else { j }).as_ptr());
+            prefetch_row(v, j + AHEAD, d);
+            prefetch_row(v, j + 1 + AHEAD, d);
+            let w0 = w.map(|x| *x.add(j));
+            let w1 = w.map(|x| if pair { *x.add(j + 1) } else { 0.0 });
+            let (b0, b1) = (w0.map(|x| _mm256_set1_ps(x)), w1.map(|x| _mm256_set1_ps(x)));
+            for c in (0..full).step_by(8) {
+                let (y0, y1) = (_mm256_loadu_ps(v0.add(c)), _mm256_loadu_ps(v1.add(c)));
+                for i in 0..N {
+                    let x = _mm256_fmadd_ps(b0[i], y0, _mm256_loadu_ps(out[i].add(c)));
+                    _mm256_storeu_ps(out[i].add(c), _mm256_fmadd_ps(b1[i], y1, x));
+                }
+            }
+            for c in full..d {
+                for i in 0..N {
+                    let x = w0[i].mul_add(*v0.add(c), *out[i].add(c));
+                    *out[i].add(c) = w1[i].mul_add(*v1.add(c), x);
+                }
+            }
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -658,9 +838,12 @@ mod tests {
 
     #[test]
     fn decode_kernels_match_a_plain_product_on_every_path() {
-        // rows 1 to 6 (the four-row blocks and the rest), head dims with and without a tail
+        // rows 1 to 8 (the four-row blocks and every remainder), odd and even key counts, head
+        // dims with and without a tail
         for path in Path::available_paths() {
-            for (rows, cols, d) in [(1, 3, 8), (4, 17, 128), (6, 9, 13), (5, 256, 72)] {
+            for (rows, cols, d) in
+                [(1, 3, 8), (4, 17, 128), (6, 9, 13), (5, 256, 72), (7, 4, 7), (8, 1, 24)]
+            {
                 let q = crate::random::normal((1, 1, rows, d), 1)
                     .into_shape_with_order((rows, d))
                     .unwrap();
