@@ -1,7 +1,7 @@
 //! `attn decode-bench`: decoding from a KV cache, the time of one step and the bandwidth it
 //! reaches (the valid K/V bytes read over the time) beside the machine's copy bandwidth,
-//! measured in the same run: the host's for a CPU stage, the device's for the GPU decode
-//! kernel (`--device cuda`, FlashAttention-2's split-KV kernel in f32, bf16 or fp16).
+//! measured in the same run: the host's for a CPU stage (and its read bandwidth, the ceiling
+//! of a step that only reads), the device's for the GPU decode kernel (`--device cuda`, FlashAttention-2's split-KV kernel in f32, bf16 or fp16).
 
 use std::time::Instant;
 
@@ -75,6 +75,34 @@ pub fn copy_bandwidth(bytes: usize) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// The host's read bandwidth: bytes per second a parallel sum over `bytes` reads, the best of
+/// three — what a decode step, which only reads its cache, can at most reach.
+pub fn read_bandwidth(bytes: usize) -> f64 {
+    let src = vec![1.0f32; bytes / 4];
+    let chunk = (src.len() / rayon::current_num_threads().max(1)).max(1 << 16);
+    (0..3)
+        .map(|_| {
+            let t = Instant::now();
+            let sum: f32 = src
+                .par_chunks(chunk)
+                .map(|c| {
+                    // sixteen independent lanes, so the adds are not one dependency chain
+                    let (lanes, _) = c.as_chunks::<16>();
+                    let acc = lanes.iter().fold([0.0f32; 16], |mut a, x| {
+                        for i in 0..16 {
+                            a[i] += x[i];
+                        }
+                        a
+                    });
+                    acc.iter().sum::<f32>()
+                })
+                .sum();
+            std::hint::black_box(sum);
+            bytes as f64 / t.elapsed().as_secs_f64()
+        })
+        .fold(0.0, f64::max)
+}
+
 pub fn decode_bench(args: &DecodeBenchArgs) -> Result<(), CliError> {
     let splits = args.splits.iter().copied().min().unwrap_or(1);
     for (flag, n) in [("--splits", splits), ("--repeats", args.repeats), ("--n-q", args.n_q)] {
@@ -103,6 +131,7 @@ pub fn decode_bench(args: &DecodeBenchArgs) -> Result<(), CliError> {
         * args.head_dim
         * 4;
     let copy = copy_bandwidth(largest.max(1 << 28));
+    let read = read_bandwidth(largest.max(1 << 28));
     println!(
         "# attn decode-bench, {} on the CPU ({} threads): n_q {}, heads {}, kv_heads {}, d {}, f32, splits {}; median of {} steps",
         stage.name(),
@@ -115,7 +144,8 @@ pub fn decode_bench(args: &DecodeBenchArgs) -> Result<(), CliError> {
         args.repeats
     );
     println!("# copy bandwidth (read + write, parallel copy): {:.3} GB/s", copy / 1e9);
-    println!("{HEADER}");
+    println!("# read bandwidth (parallel sum): {:.3} GB/s", read / 1e9);
+    println!("{HEADER},share_of_read");
     for &b in &args.batch {
         for &n in &args.seq {
             for &splits in &splits {
@@ -146,7 +176,13 @@ pub fn decode_bench(args: &DecodeBenchArgs) -> Result<(), CliError> {
                 let t = times[times.len() / 2];
                 let bytes = 2.0 * (b * args.kv_heads * n * args.head_dim * 4) as f64;
                 let bw = bytes / t;
-                println!("{b},{n},{splits},{:.4},{:.4},{:.4}", t * 1e3, bw / 1e9, bw / copy);
+                println!(
+                    "{b},{n},{splits},{:.4},{:.4},{:.4},{:.4}",
+                    t * 1e3,
+                    bw / 1e9,
+                    bw / copy,
+                    bw / read
+                );
             }
         }
     }

@@ -233,15 +233,26 @@ fn decode_bench_prints_a_step_time_and_bandwidth_beside_the_copy_bandwidth() {
         .and_then(|l| l.trim_end_matches(" GB/s").parse().ok())
         .unwrap_or_else(|| panic!("no copy bandwidth: {stdout}"));
     assert!(copy > 0.1, "copy bandwidth {copy} GB/s");
+    let read: f64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("# read bandwidth (parallel sum): "))
+        .and_then(|l| l.trim_end_matches(" GB/s").parse().ok())
+        .unwrap_or_else(|| panic!("no read bandwidth: {stdout}"));
+    assert!(read > 0.1, "read bandwidth {read} GB/s");
     let row =
         stdout.lines().find(|l| l.starts_with("2,300,")).unwrap_or_else(|| panic!("{stdout}"));
     let cols: Vec<f64> = row.split(',').map(|x| x.parse().unwrap()).collect();
-    // batch, n_k, splits, step_ms, kv_gb_per_s, share_of_copy
+    // batch, n_k, splits, step_ms, kv_gb_per_s, share_of_copy, share_of_read
+    assert_eq!(cols.len(), 7, "{row}");
     assert_eq!(cols[2], 3.0, "{row}");
     assert!(cols[3] > 0.0 && cols[4] > 0.0, "{row}");
     assert!(
         (cols[5] - cols[4] / copy).abs() <= 1e-3 + 0.01 * cols[5],
         "share of copy {row} against {copy}"
+    );
+    assert!(
+        (cols[6] - cols[4] / read).abs() <= 1e-3 + 0.01 * cols[6],
+        "share of read {row} against {read}"
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("batch 2, n_k 300"), "no progress line");
 }
