@@ -74,6 +74,25 @@ for tool in ${SANITIZER_TOOLS-memcheck racecheck synccheck}; do
   [ "$rc" -eq 0 ] || status=1
 done
 
+# 2b'. compute-sanitizer over the packed forward's test (one launch over every sequence's
+#      tiles: the work list, the moved base pointers, the mask and bias blocks).
+for tool in ${SANITIZER_TOOLS-memcheck racecheck synccheck}; do
+  compute-sanitizer --tool "$tool" --error-exitcode 3 "$here/bin/test-attn-flash2" --exact tensor_core_packed_forward_in_one_launch_equals_the_calls_per_sequence_and_the_reference --test-threads=1 > "$out/sanitizer-packed-$tool.log" 2>&1
+  rc=$?
+  errors="$(grep -Eo '(ERROR|RACECHECK) SUMMARY: .*' "$out/sanitizer-packed-$tool.log" | tail -1)"
+  note "compute-sanitizer $tool, packed forward: ${errors:-no summary} (exit $rc)"
+  [ "$rc" -eq 0 ] || status=1
+done
+
+# 2b''. Packed batches on the tensor cores: one launch against the documents one by one, a
+#       uniform batch of the same tokens and the padded batch (SKIP_PACKED=1 skips).
+if [ -z "${SKIP_PACKED:-}" ]; then
+  for hd in ${PACKED_SHAPES:-8:64 16:128}; do
+    "$here/bin/attn" gpu-bench --packed --heads "${hd%%:*}" --head-dim "${hd##*:}" --repeats 7 > "$out/packed-h${hd%%:*}-d${hd##*:}.log" 2>&1 || { note "gpu-bench --packed FAILED ($hd)"; status=1; }
+    echo; echo "== packed, h ${hd%%:*}, d ${hd##*:} =="; tail -6 "$out/packed-h${hd%%:*}-d${hd##*:}.log"
+  done
+fi
+
 # 2c. Decoding: the decode kernel beside PyTorch SDPA on the issue's grid (b 1, 8, 64; n_k
 #     4 096, 32 768, 131 072; h 32, kv 8, d 128, bf16), in the same call (SKIP_DECODE=1
 #     skips; DECODE_BATCH, DECODE_SEQ narrow it).

@@ -62,6 +62,12 @@ pub struct GpuBenchArgs {
     /// Time with logit soft-capping C.
     #[arg(long)]
     pub softcap: Option<f32>,
+    /// Instead: a packed batch against a uniform and a padded one on the tensor cores (bf16,
+    /// causal, --heads, --head-dim): 16 documents of 128–4 096 tokens (32 768) in one launch,
+    /// the same documents launched one by one, 8 × 4 096, and the 16 padded to 4 096 under a
+    /// key-padding mask; device times, medians of --repeats.
+    #[arg(long)]
+    pub packed: bool,
 }
 
 type FwdFn = Box<dyn Fn(&Inputs<'_>, &Options) -> Result<(Forward, DeviceStats)> + Sync>;
@@ -250,6 +256,9 @@ pub fn gpu_bench(args: &GpuBenchArgs) -> Result<(), CliError> {
     );
     if args.smoke {
         return smoke(&args.stages);
+    }
+    if args.packed {
+        return packed_bench(args);
     }
     measure(args)?; // writes --csv as it goes
     Ok(())
@@ -566,4 +575,87 @@ fn smoke_at(d: usize, stages: &[String]) -> Result<f64, CliError> {
         worst = errs.iter().fold(worst, |a, &b| worse(a, b));
     }
     Ok(worst)
+}
+
+/// The document lengths of `--packed` (those of `benches/compare/packed_cpu.py`).
+const PACKED_LENGTHS: [usize; 16] =
+    [4096, 4096, 4096, 3584, 3072, 2560, 2304, 2048, 1792, 1536, 1280, 1024, 512, 384, 256, 128];
+
+/// `gpu-bench --packed`: see [`GpuBenchArgs::packed`].
+fn packed_bench(args: &GpuBenchArgs) -> Result<(), CliError> {
+    use attn::core::varlen::{self, SeqLens};
+    use attn::core::{Mask, random};
+    use attn::flash2::tc;
+    let (h, d) = (args.heads, args.head_dim);
+    let n = 4096;
+    let opts = Options::default().causal(true);
+    let seqs = SeqLens::from_lengths(&PACKED_LENGTHS, &PACKED_LENGTHS);
+    let total: usize = PACKED_LENGTHS.iter().sum();
+    let batch = total / n;
+    let pairs_packed = seqs.visible_pairs(&opts) as f64;
+    let pairs_uniform = (batch * n * (n + 1) / 2) as f64;
+    let (pq, pk, pv) = (
+        random::normal((1, h, total, d), 1),
+        random::normal((1, h, total, d), 2),
+        random::normal((1, h, total, d), 3),
+    );
+    let (uq, uk, uv) = (
+        random::normal((batch, h, n, d), 4),
+        random::normal((batch, h, n, d), 5),
+        random::normal((batch, h, n, d), 6),
+    );
+    let docs = PACKED_LENGTHS.len();
+    let (dq, dk, dv) = (
+        random::normal((docs, h, n, d), 7),
+        random::normal((docs, h, n, d), 8),
+        random::normal((docs, h, n, d), 9),
+    );
+    let pad = ndarray::Array2::from_shape_fn((docs, n), |(b, j)| j < PACKED_LENGTHS[b]);
+    let packed = Inputs::new(pq.view(), pk.view(), pv.view());
+    let uniform = Inputs::new(uq.view(), uk.view(), uv.view());
+    let padded =
+        Inputs::new(dq.view(), dk.view(), dv.view()).with_mask(Mask::KeyPadding(pad.view()));
+    let version = tc::forward_version();
+    let median = |f: &dyn Fn() -> Result<f64>| -> Result<f64, CliError> {
+        f().map_err(fail)?; // warm-up (and the kernels' compilation)
+        let mut t: Vec<f64> =
+            (0..args.repeats.max(1)).map(|_| f()).collect::<Result<_>>().map_err(fail)?;
+        t.sort_by(f64::total_cmp);
+        Ok(t[t.len() / 2])
+    };
+    let one_launch = median(&|| {
+        tc::forward_packed_rounded::<tc::bf16>(&seqs, &packed, &opts).map(|f| f.1.kernel_ms)
+    })?;
+    let one_by_one = median(&|| {
+        let mut ms = 0.0;
+        varlen::forward_packed(&seqs, &packed, &opts, |i, o| {
+            let (f, stats) = tc::forward_rounded::<tc::bf16>(i, o, version)?;
+            ms += stats.kernel_ms;
+            Ok(f)
+        })?;
+        Ok(ms)
+    })?;
+    let uni = median(&|| {
+        tc::forward_rounded::<tc::bf16>(&uniform, &opts, version).map(|f| f.1.kernel_ms)
+    })?;
+    let pad_ms = median(&|| {
+        tc::forward_rounded::<tc::bf16>(&padded, &opts, version).map(|f| f.1.kernel_ms)
+    })?;
+    let tflops = |pairs: f64, ms: f64| 4.0 * (h * d) as f64 * pairs / (ms * 1e-3) / 1e12;
+    println!(
+        "# packed batch: {docs} documents of 128-4096 tokens ({total}), h {h}, d {d}, bf16, causal, flash2 forward on the tensor cores; device ms, median of {}",
+        args.repeats
+    );
+    println!("layout,forward_ms,tflops");
+    println!("packed_one_launch,{one_launch:.4},{:.1}", tflops(pairs_packed, one_launch));
+    println!("packed_per_sequence,{one_by_one:.4},{:.1}", tflops(pairs_packed, one_by_one));
+    println!("uniform_{batch}x{n},{uni:.4},{:.1}", tflops(pairs_uniform, uni));
+    println!("padded_{docs}x{n},{pad_ms:.4},{:.1}", tflops(pairs_packed, pad_ms));
+    println!(
+        "# packed over uniform TFLOP/s: {:.2} (one launch), {:.2} (per sequence); padded over packed time: {:.2}",
+        tflops(pairs_packed, one_launch) / tflops(pairs_uniform, uni),
+        tflops(pairs_packed, one_by_one) / tflops(pairs_uniform, uni),
+        pad_ms / one_launch
+    );
+    Ok(())
 }

@@ -427,6 +427,12 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
         Layout::Packed(seqs) if dtype == DtypeArg::F32 => {
             stage.forward_packed(seqs, &inputs, &opts)
         }
+        // on the tensor cores, FlashAttention-2 runs every sequence in one launch
+        Layout::Packed(seqs) if device == Device::Cuda && args.algo == "flash2" => match dtype {
+            DtypeArg::Bf16 => tc::forward_packed_rounded::<tc::bf16>(seqs, &inputs, &opts),
+            _ => tc::forward_packed_rounded::<tc::f16>(seqs, &inputs, &opts),
+        }
+        .map(|f| f.0),
         Layout::Packed(seqs) => varlen::forward_packed(seqs, &inputs, &opts, forward),
         // on the GPU, FlashAttention-2 decodes with its dedicated kernel (split-KV)
         Layout::Cached(cache) if device == Device::Cuda && args.algo == "flash2" => {

@@ -175,26 +175,33 @@ pub fn sequence_inputs<'a>(inputs: &Inputs<'a>, q: Range<usize>, k: Range<usize>
 /// Returns the packed call's shape.
 pub fn check_packed(seqs: &SeqLens, inputs: &Inputs<'_>, opts: &Options) -> Result<Shape> {
     let p = Problem::new(inputs, opts)?;
-    if p.shape.batch != 1 {
+    check_packed_shape(seqs, &p.shape)?;
+    Ok(p.shape)
+}
+
+/// The packed call's own shape checks, for a call whose inputs were checked otherwise (a
+/// 16-bit call): one batch entry, and cu_seqlens that end at Q's and K's lengths.
+pub fn check_packed_shape(seqs: &SeqLens, shape: &Shape) -> Result<()> {
+    if shape.batch != 1 {
         return Err(AttnError::ShapeMismatch {
             arg: "q",
-            got: inputs.q.shape().to_vec(),
+            got: vec![shape.batch, shape.heads, shape.n_q, shape.head_dim],
             expected:
                 "a packed batch is [1, heads, total_q, head_dim]: its sequences lie along axis 2"
                     .into(),
         });
     }
     let (total_q, total_k) = seqs.totals();
-    if (total_q, total_k) != (p.shape.n_q, p.shape.n_k) {
+    if (total_q, total_k) != (shape.n_q, shape.n_k) {
         return Err(AttnError::InvalidLengths {
             arg: "cu_seqlens_q",
             reason: format!(
                 "describes {total_q} query and {total_k} key rows, but Q has {} and K {}",
-                p.shape.n_q, p.shape.n_k
+                shape.n_q, shape.n_k
             ),
         });
     }
-    Ok(p.shape)
+    Ok(())
 }
 
 fn add_traffic(total: &mut Option<Traffic>, t: Option<Traffic>) {

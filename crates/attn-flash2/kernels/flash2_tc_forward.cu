@@ -22,7 +22,7 @@
 // re-derive rows, columns and 64-bit addresses for every 16 bytes.
 
 template <int D, bool BF16, bool MODS, int KB, bool CUT = true, int MT = 2, bool CAP = false>
-__device__ void tc_forward_v14(const FlashArgs& a, const ScoreMods& mods) {
+__device__ void tc_forward_v14(const FlashArgs& a, const ScoreMods& mods, int tile) {
     constexpr int S = D + 8, QR = MT * TC_BR;  // row stride (values); query rows a block
     constexpr unsigned KVB = KB * S * 2;      // bytes of one K or V buffer
     extern __shared__ uint4 smem_tc[];
@@ -38,7 +38,7 @@ __device__ void tc_forward_v14(const FlashArgs& a, const ScoreMods& mods) {
     const unsigned q_at = Qa + ((16 * warp + mr + 8 * (mi % 2)) * S + 8 * (mi / 2)) * 2;
     const unsigned k_at = Ka + ((8 * (mi / 2) + mr) * S + 8 * (mi % 2)) * 2;
     const unsigned v_at = Va + ((8 * (mi % 2) + mr) * S + 8 * (mi / 2)) * 2;
-    const int i0 = (mods.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x) * QR;
+    const int i0 = tile * QR;
     int rows[MT][2];  // m-tile mt of the warp: rows i0 + 64 mt + 16 warp + g (and + 8)
 #pragma unroll
     for (int mt = 0; mt < MT; mt++) {
@@ -124,6 +124,43 @@ __device__ void tc_forward_v14(const FlashArgs& a, const ScoreMods& mods) {
 }
 // ANCHOR_END: tc_forward
 
+// The query tile of a block of the grid: with a causal mask the blocks with the most tiles
+// are launched first.
+__device__ __forceinline__ int grid_tile(const ScoreMods& m) {
+    return m.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
+}
+
+// ANCHOR: tc_forward_varlen
+// A packed batch in one launch. Block x takes item x of a work list of (sequence s, query
+// tile), which the host orders costliest first; y is the head. Each sequence is a problem of
+// its own inside the packed tensors: n_q and n_k are its lengths (so the causal diagonal and
+// the window sit bottom-right inside it, and its tiles stop at its last row and key), and
+// the base pointers move so that the kernel's offsets for head h (h · n_q · D) land on the
+// sequence's rows, packed row h · total_q + cu_q[s] + i. A mask or bias block starts at
+// (cu_q[s], cu_k[s]). No tile reads a row of another sequence.
+struct Varlen {
+    u64 cu_q, cu_k;    // const int*: [num_seqs + 1] offsets
+    u64 work;          // const int2*: (sequence, query tile) per block
+    int total_q, total_k;
+};
+
+template <int D, bool BF16, bool MODS, int KB, bool CUT, int MT, bool CAP>
+__device__ void tc_forward_varlen(FlashArgs a, ScoreMods m, const Varlen& vl) {
+    const int2 w = reinterpret_cast<const int2*>(vl.work)[blockIdx.x];
+    const int* cu_q = reinterpret_cast<const int*>(vl.cu_q);
+    const int* cu_k = reinterpret_cast<const int*>(vl.cu_k);
+    const int q0 = cu_q[w.x], nq = cu_q[w.x + 1] - q0, k0 = cu_k[w.x], nk = cu_k[w.x + 1] - k0;
+    const i64 h = blockIdx.y, hk = h / (a.heads / a.kv_heads);
+    const i64 dq = h * vl.total_q + q0 - h * nq, dk = hk * vl.total_k + k0 - hk * nk;
+    a.q += (u64)(dq * D * 2), a.o += (u64)(dq * D * 2), a.lse += (u64)(dq * 4);
+    a.k += (u64)(dk * D * 2), a.v += (u64)(dk * D * 2);
+    a.n_q = m.n_q = nq, a.n_k = m.n_k = nk;
+    if (m.bias) m.bias += (u64)((q0 * m.bias_stride[2] + k0 * m.bias_stride[3]) * 4);
+    if (m.mask) m.mask += (u64)(q0 * m.mask_stride[2] + k0 * m.mask_stride[3]);
+    tc_forward_v14<D, BF16, MODS, KB, CUT, MT, CAP>(a, m, w.y);
+}
+// ANCHOR_END: tc_forward_varlen
+
 #if !defined(TC_D) || !defined(TC_BF16)
 #error "compile with -DTC_D=64|128|256 -DTC_BF16=1|0 (bf16 or fp16)"
 #endif
@@ -133,17 +170,32 @@ __device__ void tc_forward_v14(const FlashArgs& a, const ScoreMods& mods) {
 #define TC_FORWARD_BOUNDS __launch_bounds__(TC_NT, TC_D == 64 ? 3 : 1)
 #define TC_MT (TC_D > 128 ? 1 : 2)
 extern "C" __global__ void TC_FORWARD_BOUNDS flash2_tc_forward(FlashArgs a, ScoreMods m) {
-    tc_forward_v14<TC_D, TC_BF16, false, TC_BC, false, TC_MT>(a, m);
+    tc_forward_v14<TC_D, TC_BF16, false, TC_BC, false, TC_MT>(a, m, grid_tile(m));
+}
+extern "C" __global__ void TC_FORWARD_BOUNDS flash2_tc_forward_varlen(FlashArgs a, ScoreMods m, Varlen v) {
+    tc_forward_varlen<TC_D, TC_BF16, false, TC_BC, false, TC_MT, false>(a, m, v);
 }
 extern "C" __global__ void TC_FORWARD_BOUNDS flash2_tc_forward_cut(FlashArgs a, ScoreMods m) {
-    tc_forward_v14<TC_D, TC_BF16, false, TC_BC, true, TC_MT>(a, m);
+    tc_forward_v14<TC_D, TC_BF16, false, TC_BC, true, TC_MT>(a, m, grid_tile(m));
+}
+extern "C" __global__ void TC_FORWARD_BOUNDS flash2_tc_forward_cut_varlen(FlashArgs a, ScoreMods m, Varlen v) {
+    tc_forward_varlen<TC_D, TC_BF16, false, TC_BC, true, TC_MT, false>(a, m, v);
 }
 extern "C" __global__ void TC_FORWARD_BOUNDS flash2_tc_forward_cap(FlashArgs a, ScoreMods m) {
-    tc_forward_v14<TC_D, TC_BF16, false, TC_BC, true, TC_MT, true>(a, m);
+    tc_forward_v14<TC_D, TC_BF16, false, TC_BC, true, TC_MT, true>(a, m, grid_tile(m));
+}
+extern "C" __global__ void TC_FORWARD_BOUNDS flash2_tc_forward_cap_varlen(FlashArgs a, ScoreMods m, Varlen v) {
+    tc_forward_varlen<TC_D, TC_BF16, false, TC_BC, true, TC_MT, true>(a, m, v);
 }
 extern "C" __global__ void TC_FORWARD_BOUNDS flash2_tc_forward_mods(FlashArgs a, ScoreMods m) {
-    tc_forward_v14<TC_D, TC_BF16, true, TC_BC, false, TC_MT>(a, m);
+    tc_forward_v14<TC_D, TC_BF16, true, TC_BC, false, TC_MT>(a, m, grid_tile(m));
+}
+extern "C" __global__ void TC_FORWARD_BOUNDS flash2_tc_forward_mods_varlen(FlashArgs a, ScoreMods m, Varlen v) {
+    tc_forward_varlen<TC_D, TC_BF16, true, TC_BC, false, TC_MT, false>(a, m, v);
 }
 extern "C" __global__ void TC_FORWARD_BOUNDS flash2_tc_forward_mods_cut(FlashArgs a, ScoreMods m) {
-    tc_forward_v14<TC_D, TC_BF16, true, TC_BC, true, TC_MT>(a, m);
+    tc_forward_v14<TC_D, TC_BF16, true, TC_BC, true, TC_MT>(a, m, grid_tile(m));
+}
+extern "C" __global__ void TC_FORWARD_BOUNDS flash2_tc_forward_mods_cut_varlen(FlashArgs a, ScoreMods m, Varlen v) {
+    tc_forward_varlen<TC_D, TC_BF16, true, TC_BC, true, TC_MT, false>(a, m, v);
 }

@@ -733,3 +733,109 @@ fn flash2_gpu_decode_kernel_matches_the_reference() {
     );
     decode_matches_the_reference("decode bf16 (cuda cores)", &on_cuda_cores, to_bf16, HALF_FORWARD);
 }
+
+#[test]
+fn tensor_core_packed_forward_in_one_launch_equals_the_calls_per_sequence_and_the_reference() {
+    // Sequences across tile boundaries (128-row blocks), one without keys, one without
+    // queries, n_q ≠ n_k; causal, a window with softcap, key padding and a bias (the _mods
+    // kernels), GQA; head dims the kernels take and one they pad.
+    if skip_without_device() {
+        return;
+    }
+    use attn_core::metrics::compare;
+    use attn_core::reference::RefProblem;
+    use attn_core::tolerance::HALF_FORWARD;
+    use attn_core::varlen::{self, SeqLens};
+    use attn_core::{Inputs, Mask, Options, Window, random};
+    use attn_flash2::tc::{self, bf16, f16};
+
+    fn run<T: tc::TcFloat>(d: usize, case: usize) {
+        let (q_lens, k_lens): (&[usize], &[usize]) = match case {
+            0 => (&[300, 1, 0, 129, 64, 7], &[300, 40, 5, 129, 0, 200]),
+            _ => (&[128, 257, 33], &[128, 257, 33]),
+        };
+        let opts = match case {
+            0 => Options::default().causal(true),
+            _ => Options {
+                window: Some(Window::new(40, 3)),
+                softcap: Some(20.0),
+                ..Options::default()
+            },
+        };
+        let seqs = SeqLens::from_lengths(q_lens, k_lens);
+        let (tq, tk) = seqs.totals();
+        let seed = 40 + case as u64 + d as u64;
+        // the 16-bit values, as f32, so the reference sees what the kernels read
+        let rounded = |a: ndarray::Array4<f32>| tc::widen(tc::round::<T, _>(a.view()).view());
+        let q = rounded(random::normal((1, 4, tq, d), seed));
+        let k = rounded(random::normal((1, 2, tk, d), seed + 1));
+        let v = rounded(random::normal((1, 2, tk, d), seed + 2));
+        let pad = random::key_padding(1, tk, seed + 3);
+        let bias = random::bias((1, 4, tq, tk), 0.0, seed + 4);
+        let mut inputs = Inputs::new(q.view(), k.view(), v.view());
+        if case == 0 {
+            inputs = inputs.with_mask(Mask::KeyPadding(pad.view())).with_bias(bias.view());
+        }
+        let what = format!("{} d {d} case {case}", T::NAME);
+        let (native, _) = tc::forward_packed_rounded::<T>(&seqs, &inputs, &opts)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        let version = tc::forward_version();
+        let per_sequence = varlen::forward_packed(&seqs, &inputs, &opts, |i, o| {
+            tc::forward_rounded::<T>(i, o, version).map(|f| f.0)
+        })
+        .unwrap();
+        // the same tiles of the same kernel: the same bits
+        let differ = |a: &[f32], b: &[f32]| {
+            a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count()
+        };
+        assert_eq!(
+            differ(native.out.as_slice().unwrap(), per_sequence.out.as_slice().unwrap()),
+            0,
+            "{what}: O"
+        );
+        assert_eq!(
+            differ(native.lse.as_slice().unwrap(), per_sequence.lse.as_slice().unwrap()),
+            0,
+            "{what}: lse"
+        );
+        let unpacked = seqs.unpacked(&inputs, &opts);
+        let r =
+            RefProblem::from_inputs(&unpacked.inputs(&inputs), &unpacked.opts).unwrap().forward();
+        let err = compare(native.out.view(), r.out.view()).normwise;
+        assert!(err <= HALF_FORWARD, "{what}: normwise error {err:e}");
+        let lse_err = compare(native.lse.view(), r.lse.view()).normwise;
+        assert!(lse_err <= HALF_FORWARD, "{what}: lse error {lse_err:e}");
+    }
+    for d in [64, 128, 256, 72] {
+        for case in 0..2 {
+            run::<bf16>(d, case);
+        }
+    }
+    run::<f16>(128, 0);
+}
+
+#[test]
+fn tensor_core_packed_forward_refuses_bad_spans_and_dropout_before_the_device() {
+    // runs everywhere: every check comes before the device is opened
+    use attn_core::varlen::SeqLens;
+    use attn_core::{AttnError, Inputs, Options, random};
+    use attn_flash2::tc::{self, bf16};
+    let (q, k) = (random::normal((1, 2, 10, 64), 1), random::normal((1, 2, 12, 64), 2));
+    let inputs = Inputs::new(q.view(), k.view(), k.view());
+    let short = SeqLens::from_lengths(&[4, 5], &[6, 6]); // 9 query rows of Q's 10
+    let err = tc::forward_packed_rounded::<bf16>(&short, &inputs, &Options::default()).unwrap_err();
+    assert!(matches!(err, AttnError::InvalidLengths { arg: "cu_seqlens_q", .. }), "{err}");
+    let seqs = SeqLens::from_lengths(&[4, 6], &[6, 6]);
+    let dropout = Options::default().dropout(0.1, 3);
+    let err = tc::forward_packed_rounded::<bf16>(&seqs, &inputs, &dropout).unwrap_err();
+    assert!(matches!(err, AttnError::Unsupported { what: "dropout", .. }), "{err}");
+    let (q2, k2) = (random::normal((2, 2, 5, 64), 1), random::normal((2, 2, 6, 64), 2));
+    let batched = Inputs::new(q2.view(), k2.view(), k2.view());
+    let err = tc::forward_packed_rounded::<bf16>(
+        &SeqLens::from_lengths(&[5], &[6]),
+        &batched,
+        &Options::default(),
+    )
+    .unwrap_err();
+    assert!(matches!(err, AttnError::ShapeMismatch { arg: "q", .. }), "{err}");
+}

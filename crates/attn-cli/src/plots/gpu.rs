@@ -174,6 +174,7 @@ pub(super) fn gpu_plots(args: &PlotsArgs, stamp: &Stamp) -> Result<(), CliError>
                 paper_d: Vec::new(),
                 window: None,
                 softcap: None,
+                packed: false,
                 // the stages as they run by default, not every kernel version
                 stages: ["naive", "chunked", "flash1", "flash2", "flash2-bf16"]
                     .map(String::from)

@@ -23,11 +23,13 @@
 //! ```
 
 use attn_core::problem::Problem;
+use attn_core::varlen::{SeqLens, check_packed, check_packed_shape};
 use attn_core::{AttnError, Element, Inputs, Mask, Options, Result, Shape, Stage};
-use attn_core::{check_d_out, check_saved, check_values};
+use attn_core::{KeyRange, check_d_out, check_saved, check_values};
 use attn_cuda::pad::{backward_padded, forward_padded, padded_head_dim};
 use attn_cuda::problem::{needs_cut_kernel, needs_mods_kernel};
 use attn_cuda::{CudaFunction, DeviceBuffer, DeviceRepr, DeviceStats, FlashArgs, Gpu};
+use attn_cuda::{LaunchConfig, PushKernelArg, cuda_err};
 use attn_cuda::{ScoreInputs, blocks_for, gpu, measured, with_shared_bytes};
 use attn_cuda::{launch_fused_with, launch_group_sum, launch_row_dot};
 pub use half::{bf16, f16};
@@ -238,6 +240,150 @@ pub fn forward_version_with_stats<T: TcFloat>(
     };
     Ok((forward, stats))
 }
+
+/// The forward of a packed batch ([`attn_core::varlen`]) in one launch of the shipped kernel
+/// (`kernels/flash2_tc_forward.cu`, `tc_forward_varlen`): a block per (sequence, query tile)
+/// and head, the tiles ordered costliest first; each sequence attends inside its spans, and no
+/// tile is spent on pairs across sequences. Q `[1, heads, total_q, d]`, K and V
+/// `[1, kv_heads, total_k, d]`; O and lse packed the same way.
+pub fn forward_packed<T: TcFloat>(
+    seqs: &SeqLens,
+    inputs: &HalfInputs<'_, T>,
+    opts: &Options,
+) -> Result<HalfForward<T>> {
+    forward_packed_with_stats(seqs, inputs, opts).map(|(f, _)| f)
+}
+
+/// [`forward_packed`] with the kernel's device time and the device memory it needed.
+pub fn forward_packed_with_stats<T: TcFloat>(
+    seqs: &SeqLens,
+    inputs: &HalfInputs<'_, T>,
+    opts: &Options,
+) -> Result<(HalfForward<T>, DeviceStats)> {
+    let p = validate(inputs, opts)?;
+    check_packed_shape(seqs, &p.shape)?;
+    let version = versions::default_version(Track::TcForward);
+    let gpu = gpu()?;
+    check_architecture(gpu)?;
+    let Shape { heads, n_q, n_k, head_dim: d, .. } = p.shape;
+    let work = packed_work(seqs, opts, block_rows(version.number, d));
+    let to_i32 = |x: usize| i32::try_from(x).map_err(|_| too_long());
+    let cu = |span: &dyn Fn(usize) -> std::ops::Range<usize>| -> Result<Vec<i32>> {
+        let mut v = vec![0];
+        for s in 0..seqs.num_seqs() {
+            v.push(to_i32(span(s).end)?);
+        }
+        Ok(v)
+    };
+    let (cu_q, cu_k) = (cu(&|s| seqs.q_span(s))?, cu(&|s| seqs.k_span(s))?);
+    let (q, k, v_buf) =
+        (gpu.upload_array(inputs.q)?, gpu.upload_array(inputs.k)?, gpu.upload_array(inputs.v)?);
+    let score = ScoreInputs::upload(gpu, &p)?;
+    let (cu_q, cu_k, work_buf) = (gpu.upload(&cu_q)?, gpu.upload(&cu_k)?, gpu.upload(&work)?);
+    let (with_mods, cut) = (needs_mods_kernel(&p), needs_cut_kernel(&p));
+    let capped = p.softcap.is_some_and(|c| versions::cap_in_fp16(c, p.scale));
+    let name = format!("{}_varlen", version.forward_kernel_name(d, with_mods, cut, capped));
+    let (f, smem) = with_shared_bytes(
+        tc_function::<T>(gpu, version, d, &name)?,
+        shared_bytes(version.number, d),
+    )?;
+    let ((out, lse), stats) = measured(gpu, || {
+        let out: DeviceBuffer<T> = gpu.uninit(heads * n_q * d)?;
+        let lse = gpu.uninit_f32(heads * n_q)?;
+        let args = FlashArgs {
+            q: gpu.ptr(&q),
+            k: gpu.ptr(&k),
+            v: gpu.ptr(&v_buf),
+            o: gpu.ptr(&out),
+            lse: gpu.ptr(&lse),
+            ..FlashArgs::new(&p.shape, p.scale)
+        };
+        let varlen = Varlen {
+            cu_q: gpu.ptr(&cu_q),
+            cu_k: gpu.ptr(&cu_k),
+            work: gpu.ptr(&work_buf),
+            total_q: to_i32(n_q)?,
+            total_k: to_i32(n_k)?,
+        };
+        let blocks = (work.len() / 2) as u32;
+        if blocks > 0 {
+            let cfg = LaunchConfig {
+                grid_dim: (blocks, heads as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: smem,
+            };
+            let mut b = gpu.stream().launch_builder(&f);
+            b.arg(&args).arg(&score.mods).arg(&varlen);
+            // SAFETY: (FlashArgs, ScoreMods, Varlen) is the _varlen kernels' parameter list;
+            // the pointers address live buffers of the packed shape (the offsets and the work
+            // list: num_seqs + 1 and 2 · blocks i32, each tile inside its sequence's spans),
+            // and `smem` is what the kernel lays out at this head dimension.
+            unsafe { b.launch(cfg) }.map_err(cuda_err("flash2_tc_forward_varlen"))?;
+        }
+        Ok((out, lse))
+    })?;
+    let forward = HalfForward {
+        out: gpu.download_array(&out, p.shape.q_dims())?,
+        lse: gpu.download_array(&lse, p.shape.lse_dims())?,
+    };
+    Ok((forward, stats))
+}
+
+/// [`forward_packed_with_stats`] on f32 inputs, rounded to `T` on the host (not timed), O
+/// widened back; head dimensions padded as [`forward_rounded`] pads them.
+pub fn forward_packed_rounded<T: TcFloat>(
+    seqs: &SeqLens,
+    inputs: &Inputs<'_>,
+    opts: &Options,
+) -> Result<(attn_core::Forward, DeviceStats)> {
+    check_packed(seqs, inputs, opts)?;
+    let to = padded_head_dim(STAGE, inputs.q.dim().3, &TC_HEAD_DIMS)?;
+    forward_padded(inputs, opts, to, |inputs, opts| {
+        let rounded = Rounded::<T>::of(inputs);
+        let (f, stats) = forward_packed_with_stats(seqs, &rounded.inputs(inputs), opts)?;
+        Ok((attn_core::Forward { out: widen(f.out.view()), lse: f.lse, traffic: None }, stats))
+    })
+}
+
+/// The packed forward's work list, flattened (sequence, query tile) pairs of `rows`-row
+/// tiles: every tile of every sequence with queries (one with no keys writes its zero rows),
+/// those that see the most keys first, so that the longest blocks do not start last.
+fn packed_work(seqs: &SeqLens, opts: &Options, rows: usize) -> Vec<i32> {
+    let mut tiles = Vec::new();
+    for s in 0..seqs.num_seqs() {
+        let (nq, nk) = (seqs.q_span(s).len(), seqs.k_span(s).len());
+        let range = KeyRange::new(nq, nk, opts.causal, opts.window);
+        for t in 0..nq.div_ceil(rows) {
+            let (first, last) = (t * rows, ((t + 1) * rows).min(nq) - 1);
+            let keys = if nk == 0 { 0 } else { range.end(last).saturating_sub(range.start(first)) };
+            tiles.push((keys, s as i32, t as i32));
+        }
+    }
+    tiles.sort_by_key(|t| std::cmp::Reverse(t.0));
+    tiles.into_iter().flat_map(|(_, s, t)| [s, t]).collect()
+}
+
+fn too_long() -> AttnError {
+    AttnError::Unsupported {
+        stage: STAGE,
+        what: "packed batches of 2^31 rows or more",
+        advice: "split the batch into packed calls of fewer rows",
+    }
+}
+
+/// The kernels' `Varlen` (flash2_tc_forward.cu): the offsets, the work list, the totals.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct Varlen {
+    cu_q: u64,
+    cu_k: u64,
+    work: u64,
+    total_q: i32,
+    total_k: i32,
+}
+
+// SAFETY: Varlen is #[repr(C)] plain data laid out as the kernels' struct of the same name.
+unsafe impl DeviceRepr for Varlen {}
 
 /// Query rows a block of forward `version` at head dimension `d` (`TC_BR`; twice that from
 /// version 4 on, but for the shipped kernel at d = 256: one m-tile a warp).
