@@ -561,7 +561,18 @@ fn smoke_at(d: usize, stages: &[String]) -> Result<f64, CliError> {
             worst = worse(worst, err);
             continue;
         };
-        let (g, _) = bwd_fn(&inputs, &opts, &fwd, d_out.view()).map_err(fail)?;
+        let (g, _) = match bwd_fn(&inputs, &opts, &fwd, d_out.view()) {
+            // a backward step of the ladder built for head dimensions up to 128 only
+            Err(AttnError::UnsupportedHeadDim { .. }) if d > 128 => {
+                let err = compare(fwd.out.view(), want.out.mapv(f64::from).view()).normwise;
+                println!(
+                    "smoke {name} d={d}: out {err:.1e}; backward not built for this head dimension"
+                );
+                worst = worse(worst, err);
+                continue;
+            }
+            other => other.map_err(fail)?,
+        };
         let errs = [
             compare(fwd.out.view(), want.out.mapv(f64::from).view()).normwise,
             compare(g.dq.view(), want_g.dq.mapv(f64::from).view()).normwise,

@@ -169,33 +169,38 @@ __device__ void tc_forward_varlen(FlashArgs a, ScoreMods m, const Varlen& vl) {
 // TC_MT: the m-tiles a warp (tc_forward_v14's MT).
 #define TC_FORWARD_BOUNDS __launch_bounds__(TC_NT, TC_D == 64 ? 3 : 1)
 #define TC_MT (TC_D > 128 ? 1 : 2)
+// The packed kernels are a module of their own (TC_VARLEN=1), so that neither kind of call
+// compiles the other's five kernels.
+#if !defined(TC_VARLEN) || !TC_VARLEN
 extern "C" __global__ void TC_FORWARD_BOUNDS flash2_tc_forward(FlashArgs a, ScoreMods m) {
     tc_forward_v14<TC_D, TC_BF16, false, TC_BC, false, TC_MT>(a, m, grid_tile(m));
-}
-extern "C" __global__ void TC_FORWARD_BOUNDS flash2_tc_forward_varlen(FlashArgs a, ScoreMods m, Varlen v) {
-    tc_forward_varlen<TC_D, TC_BF16, false, TC_BC, false, TC_MT, false>(a, m, v);
 }
 extern "C" __global__ void TC_FORWARD_BOUNDS flash2_tc_forward_cut(FlashArgs a, ScoreMods m) {
     tc_forward_v14<TC_D, TC_BF16, false, TC_BC, true, TC_MT>(a, m, grid_tile(m));
 }
-extern "C" __global__ void TC_FORWARD_BOUNDS flash2_tc_forward_cut_varlen(FlashArgs a, ScoreMods m, Varlen v) {
-    tc_forward_varlen<TC_D, TC_BF16, false, TC_BC, true, TC_MT, false>(a, m, v);
-}
 extern "C" __global__ void TC_FORWARD_BOUNDS flash2_tc_forward_cap(FlashArgs a, ScoreMods m) {
     tc_forward_v14<TC_D, TC_BF16, false, TC_BC, true, TC_MT, true>(a, m, grid_tile(m));
-}
-extern "C" __global__ void TC_FORWARD_BOUNDS flash2_tc_forward_cap_varlen(FlashArgs a, ScoreMods m, Varlen v) {
-    tc_forward_varlen<TC_D, TC_BF16, false, TC_BC, true, TC_MT, true>(a, m, v);
 }
 extern "C" __global__ void TC_FORWARD_BOUNDS flash2_tc_forward_mods(FlashArgs a, ScoreMods m) {
     tc_forward_v14<TC_D, TC_BF16, true, TC_BC, false, TC_MT>(a, m, grid_tile(m));
 }
-extern "C" __global__ void TC_FORWARD_BOUNDS flash2_tc_forward_mods_varlen(FlashArgs a, ScoreMods m, Varlen v) {
-    tc_forward_varlen<TC_D, TC_BF16, true, TC_BC, false, TC_MT, false>(a, m, v);
-}
 extern "C" __global__ void TC_FORWARD_BOUNDS flash2_tc_forward_mods_cut(FlashArgs a, ScoreMods m) {
     tc_forward_v14<TC_D, TC_BF16, true, TC_BC, true, TC_MT>(a, m, grid_tile(m));
+}
+#else
+extern "C" __global__ void TC_FORWARD_BOUNDS flash2_tc_forward_varlen(FlashArgs a, ScoreMods m, Varlen v) {
+    tc_forward_varlen<TC_D, TC_BF16, false, TC_BC, false, TC_MT, false>(a, m, v);
+}
+extern "C" __global__ void TC_FORWARD_BOUNDS flash2_tc_forward_cut_varlen(FlashArgs a, ScoreMods m, Varlen v) {
+    tc_forward_varlen<TC_D, TC_BF16, false, TC_BC, true, TC_MT, false>(a, m, v);
+}
+extern "C" __global__ void TC_FORWARD_BOUNDS flash2_tc_forward_cap_varlen(FlashArgs a, ScoreMods m, Varlen v) {
+    tc_forward_varlen<TC_D, TC_BF16, false, TC_BC, true, TC_MT, true>(a, m, v);
+}
+extern "C" __global__ void TC_FORWARD_BOUNDS flash2_tc_forward_mods_varlen(FlashArgs a, ScoreMods m, Varlen v) {
+    tc_forward_varlen<TC_D, TC_BF16, true, TC_BC, false, TC_MT, false>(a, m, v);
 }
 extern "C" __global__ void TC_FORWARD_BOUNDS flash2_tc_forward_mods_cut_varlen(FlashArgs a, ScoreMods m, Varlen v) {
     tc_forward_varlen<TC_D, TC_BF16, true, TC_BC, true, TC_MT, false>(a, m, v);
 }
+#endif

@@ -61,10 +61,15 @@ pub fn backward_version() -> u32 {
 }
 
 /// Kernel `name` of `version` for element type `T` at head dimension `d`: its module is
-/// compiled for that type and head dimension alone (`TC_BF16`, `TC_D`).
+/// compiled for that type and head dimension alone (`TC_BF16`, `TC_D`), the packed forward's
+/// kernels (`…_varlen`) in a module of their own (`TC_VARLEN`).
 fn tc_function<T: TcFloat>(gpu: &Gpu, v: &Version, d: usize, name: &str) -> Result<CudaFunction> {
     let d = d.to_string();
-    let defines = [("TC_D", d.as_str()), ("TC_BF16", if T::NAME == "bf16" { "1" } else { "0" })];
+    let defines = [
+        ("TC_D", d.as_str()),
+        ("TC_BF16", if T::NAME == "bf16" { "1" } else { "0" }),
+        ("TC_VARLEN", if name.ends_with("_varlen") { "1" } else { "0" }),
+    ];
     gpu.function_with(v.module(), &v.sources(), &defines, name)
 }
 
