@@ -77,7 +77,7 @@ done
 # 2b'. compute-sanitizer over the packed forward's test (one launch over every sequence's
 #      tiles: the work list, the moved base pointers, the mask and bias blocks).
 for tool in ${SANITIZER_TOOLS-memcheck racecheck synccheck}; do
-  compute-sanitizer --tool "$tool" --error-exitcode 3 "$here/bin/test-attn-flash2" --exact tensor_core_packed_forward_in_one_launch_equals_the_calls_per_sequence_and_the_reference --test-threads=1 > "$out/sanitizer-packed-$tool.log" 2>&1
+  compute-sanitizer --tool "$tool" --error-exitcode 3 "$here/bin/test-attn-flash2" --exact tensor_core_packed_batch_in_one_launch_equals_the_calls_per_sequence_and_the_reference --test-threads=1 > "$out/sanitizer-packed-$tool.log" 2>&1
   rc=$?
   errors="$(grep -Eo '(ERROR|RACECHECK) SUMMARY: .*' "$out/sanitizer-packed-$tool.log" | tail -1)"
   note "compute-sanitizer $tool, packed forward: ${errors:-no summary} (exit $rc)"
@@ -89,7 +89,7 @@ done
 if [ -z "${SKIP_PACKED:-}" ]; then
   for hd in ${PACKED_SHAPES:-8:64 16:128}; do
     "$here/bin/attn" gpu-bench --packed --heads "${hd%%:*}" --head-dim "${hd##*:}" --repeats 7 > "$out/packed-h${hd%%:*}-d${hd##*:}.log" 2>&1 || { note "gpu-bench --packed FAILED ($hd)"; status=1; }
-    echo; echo "== packed, h ${hd%%:*}, d ${hd##*:} =="; tail -6 "$out/packed-h${hd%%:*}-d${hd##*:}.log"
+    echo; echo "== packed, h ${hd%%:*}, d ${hd##*:} =="; tail -7 "$out/packed-h${hd%%:*}-d${hd##*:}.log"
   done
 fi
 

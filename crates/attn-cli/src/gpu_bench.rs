@@ -63,9 +63,9 @@ pub struct GpuBenchArgs {
     #[arg(long)]
     pub softcap: Option<f32>,
     /// Instead: a packed batch against a uniform and a padded one on the tensor cores (bf16,
-    /// causal, --heads, --head-dim): 16 documents of 128–4 096 tokens (32 768) in one launch,
-    /// the same documents launched one by one, 8 × 4 096, and the 16 padded to 4 096 under a
-    /// key-padding mask; device times, medians of --repeats.
+    /// causal, --heads, --head-dim), forward and backward: 16 documents of 128–4 096 tokens
+    /// (32 768) in one launch, the same documents launched one by one, 8 × 4 096, and the 16
+    /// padded to 4 096 under a key-padding mask; device times, medians of --repeats.
     #[arg(long)]
     pub packed: bool,
 }
@@ -626,7 +626,7 @@ fn packed_bench(args: &GpuBenchArgs) -> Result<(), CliError> {
     let uniform = Inputs::new(uq.view(), uk.view(), uv.view());
     let padded =
         Inputs::new(dq.view(), dk.view(), dv.view()).with_mask(Mask::KeyPadding(pad.view()));
-    let version = tc::forward_version();
+    let (version, bwd_version) = (tc::forward_version(), tc::backward_version());
     let median = |f: &dyn Fn() -> Result<f64>| -> Result<f64, CliError> {
         f().map_err(fail)?; // warm-up (and the kernels' compilation)
         let mut t: Vec<f64> =
@@ -634,39 +634,81 @@ fn packed_bench(args: &GpuBenchArgs) -> Result<(), CliError> {
         t.sort_by(f64::total_cmp);
         Ok(t[t.len() / 2])
     };
-    let one_launch = median(&|| {
-        tc::forward_packed_rounded::<tc::bf16>(&seqs, &packed, &opts).map(|f| f.1.kernel_ms)
-    })?;
-    let one_by_one = median(&|| {
-        let mut ms = 0.0;
-        varlen::forward_packed(&seqs, &packed, &opts, |i, o| {
-            let (f, stats) = tc::forward_rounded::<tc::bf16>(i, o, version)?;
-            ms += stats.kernel_ms;
-            Ok(f)
+    type Bf16 = tc::bf16;
+    let d_out = |shape: (usize, usize, usize, usize)| random::normal(shape, 10);
+    let (pdo, udo, ddo) =
+        (d_out((1, h, total, d)), d_out((batch, h, n, d)), d_out((docs, h, n, d)));
+    // forward and backward, each the median of its device times
+    let plain = |i: &Inputs<'_>, d_o: &ndarray::Array4<f32>| -> Result<(f64, f64), CliError> {
+        let f = median(&|| tc::forward_rounded::<Bf16>(i, &opts, version).map(|f| f.1.kernel_ms))?;
+        let fwd = tc::forward_rounded::<Bf16>(i, &opts, version).map_err(fail)?.0;
+        let b = median(&|| {
+            tc::backward_rounded::<Bf16>(i, &opts, &fwd, d_o.view(), bwd_version)
+                .map(|g| g.1.kernel_ms)
         })?;
-        Ok(ms)
-    })?;
-    let uni = median(&|| {
-        tc::forward_rounded::<tc::bf16>(&uniform, &opts, version).map(|f| f.1.kernel_ms)
-    })?;
-    let pad_ms = median(&|| {
-        tc::forward_rounded::<tc::bf16>(&padded, &opts, version).map(|f| f.1.kernel_ms)
-    })?;
+        Ok((f, b))
+    };
+    let one_launch = {
+        let f = median(&|| {
+            tc::forward_packed_rounded::<Bf16>(&seqs, &packed, &opts).map(|f| f.1.kernel_ms)
+        })?;
+        let fwd = tc::forward_packed_rounded::<Bf16>(&seqs, &packed, &opts).map_err(fail)?.0;
+        let b = median(&|| {
+            tc::backward_packed_rounded::<Bf16>(&seqs, &packed, &opts, &fwd, pdo.view())
+                .map(|g| g.1.kernel_ms)
+        })?;
+        (f, b)
+    };
+    let one_by_one = {
+        let f = median(&|| {
+            let mut ms = 0.0;
+            varlen::forward_packed(&seqs, &packed, &opts, |i, o| {
+                let (f, stats) = tc::forward_rounded::<Bf16>(i, o, version)?;
+                ms += stats.kernel_ms;
+                Ok(f)
+            })?;
+            Ok(ms)
+        })?;
+        let fwd = tc::forward_packed_rounded::<Bf16>(&seqs, &packed, &opts).map_err(fail)?.0;
+        let b = median(&|| {
+            let mut ms = 0.0;
+            varlen::backward_packed(&seqs, &packed, &opts, &fwd, pdo.view(), |i, o, f, d_o| {
+                let (g, stats) = tc::backward_rounded::<Bf16>(i, o, f, d_o, bwd_version)?;
+                ms += stats.kernel_ms;
+                Ok(g)
+            })?;
+            Ok(ms)
+        })?;
+        (f, b)
+    };
+    let uni = plain(&uniform, &udo)?;
+    let pad_ms = plain(&padded, &ddo)?;
+    // FLOPs: 4·h·d a visible pair forward, 2.5 times that backward
     let tflops = |pairs: f64, ms: f64| 4.0 * (h * d) as f64 * pairs / (ms * 1e-3) / 1e12;
     println!(
-        "# packed batch: {docs} documents of 128-4096 tokens ({total}), h {h}, d {d}, bf16, causal, flash2 forward on the tensor cores; device ms, median of {}",
+        "# packed batch: {docs} documents of 128-4096 tokens ({total}), h {h}, d {d}, bf16, causal, flash2 on the tensor cores; device ms, median of {}",
         args.repeats
     );
-    println!("layout,forward_ms,tflops");
-    println!("packed_one_launch,{one_launch:.4},{:.1}", tflops(pairs_packed, one_launch));
-    println!("packed_per_sequence,{one_by_one:.4},{:.1}", tflops(pairs_packed, one_by_one));
-    println!("uniform_{batch}x{n},{uni:.4},{:.1}", tflops(pairs_uniform, uni));
-    println!("padded_{docs}x{n},{pad_ms:.4},{:.1}", tflops(pairs_packed, pad_ms));
+    println!("layout,forward_ms,forward_tflops,backward_ms,backward_tflops");
+    let row = |name: &str, pairs: f64, (f, b): (f64, f64)| {
+        println!("{name},{f:.4},{:.1},{b:.4},{:.1}", tflops(pairs, f), 2.5 * tflops(pairs, b));
+    };
+    row("packed_one_launch", pairs_packed, one_launch);
+    row("packed_per_sequence", pairs_packed, one_by_one);
+    row(&format!("uniform_{batch}x{n}"), pairs_uniform, uni);
+    row(&format!("padded_{docs}x{n}"), pairs_packed, pad_ms);
+    let rate = |(f, b): (f64, f64), (uf, ub): (f64, f64)| {
+        ((pairs_packed / f) / (pairs_uniform / uf), (pairs_packed / b) / (pairs_uniform / ub))
+    };
+    let (one, per) = (rate(one_launch, uni), rate(one_by_one, uni));
     println!(
-        "# packed over uniform TFLOP/s: {:.2} (one launch), {:.2} (per sequence); padded over packed time: {:.2}",
-        tflops(pairs_packed, one_launch) / tflops(pairs_uniform, uni),
-        tflops(pairs_packed, one_by_one) / tflops(pairs_uniform, uni),
-        pad_ms / one_launch
+        "# packed over uniform TFLOP/s: forward {:.2}, backward {:.2} (one launch); {:.2}, {:.2} (per sequence); padded over packed time: forward {:.2}, backward {:.2}",
+        one.0,
+        one.1,
+        per.0,
+        per.1,
+        pad_ms.0 / one_launch.0,
+        pad_ms.1 / one_launch.1
     );
     Ok(())
 }

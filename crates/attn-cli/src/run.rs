@@ -452,9 +452,14 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
                 Layout::Packed(seqs) if dtype == DtypeArg::F32 => {
                     stage.backward_packed(seqs, &inputs, &opts, &fwd, d_out)
                 }
-                Layout::Packed(seqs) => {
-                    varlen::backward_packed(seqs, &inputs, &opts, &fwd, d_out, backward)
+                // on the tensor cores, every sequence's key tiles in one launch
+                Layout::Packed(seqs) => match dtype {
+                    DtypeArg::Bf16 => {
+                        tc::backward_packed_rounded::<tc::bf16>(seqs, &inputs, &opts, &fwd, d_out)
+                    }
+                    _ => tc::backward_packed_rounded::<tc::f16>(seqs, &inputs, &opts, &fwd, d_out),
                 }
+                .map(|g| g.0),
                 _ => backward(&inputs, &opts, &fwd, d_out),
             };
             Some(median_of(args.repeats, run_backward).map_err(lib_error)?)

@@ -24,7 +24,7 @@
 // accumulates the DH gradient columns from c0 = DH * blockIdx.z, and the D / DH blocks of a
 // key tile each recompute S and dP over the whole d.
 template <int D, bool BF16, bool MODS, int KW, bool CAP = false, int DH = D>
-__device__ void tc_backward_v7(const FlashArgs& a, const ScoreMods& mods) {
+__device__ void tc_backward_v7(const FlashArgs& a, const ScoreMods& mods, int tile) {
     static_assert(!(CAP && MODS), "the _mods kernels take the softcap through score_grad");
     constexpr int THREADS = 32 * KW, BK = 16 * KW;  // threads, keys a block
     constexpr int S = D + 8, SP = TC_BR + 8;          // row strides: d-rows, dS^T rows
@@ -45,7 +45,7 @@ __device__ void tc_backward_v7(const FlashArgs& a, const ScoreMods& mods) {
     const TcHead hd = tc_head<D>(a);
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, g = lane / 4, t = lane % 4;
     const int mr = lane % 8, mi = lane / 8;  // ldmatrix: the lane gives row mr of matrix mi
-    const int j0 = blockIdx.x * BK;
+    const int j0 = tile * BK;
     const u16* d_out = (const u16*)a.d_out + (i64)hd.z * a.n_q * D;
     const float* lse = (const float*)a.lse + (i64)hd.z * a.n_q;
     const float* dvec = (const float*)a.dvec + (i64)hd.z * a.n_q;
@@ -209,18 +209,38 @@ __device__ void tc_backward_v7(const FlashArgs& a, const ScoreMods& mods) {
 #define TC_BACKWARD_KW (TC_D == 128 ? 8 : 4)
 #define TC_BACKWARD_DH (TC_D > 128 ? 128 : TC_D)
 #define TC_BACKWARD_THREADS (32 * TC_BACKWARD_KW)
+// The packed kernels (tc.cuh's varlen_view: a work list of (sequence, key tile)) are a
+// module of their own (TC_VARLEN=1).
+#if !defined(TC_VARLEN) || !TC_VARLEN
 extern "C" __global__ void __launch_bounds__(TC_BACKWARD_THREADS, 1)
     flash2_tc_backward(FlashArgs a, ScoreMods m) {
-    tc_backward_v7<TC_D, TC_BF16, false, TC_BACKWARD_KW, false, TC_BACKWARD_DH>(a, m);
+    tc_backward_v7<TC_D, TC_BF16, false, TC_BACKWARD_KW, false, TC_BACKWARD_DH>(a, m, blockIdx.x);
 }
 extern "C" __global__ void __launch_bounds__(TC_BACKWARD_THREADS, 1)
     flash2_tc_backward_cut(FlashArgs a, ScoreMods m) {
-    tc_backward_v7<TC_D, TC_BF16, false, TC_BACKWARD_KW, true, TC_BACKWARD_DH>(a, m);
+    tc_backward_v7<TC_D, TC_BF16, false, TC_BACKWARD_KW, true, TC_BACKWARD_DH>(a, m, blockIdx.x);
 }
 extern "C" __global__ void __launch_bounds__(TC_BACKWARD_THREADS, 1)
     flash2_tc_backward_mods(FlashArgs a, ScoreMods m) {
-    tc_backward_v7<TC_D, TC_BF16, true, TC_BACKWARD_KW, false, TC_BACKWARD_DH>(a, m);
+    tc_backward_v7<TC_D, TC_BF16, true, TC_BACKWARD_KW, false, TC_BACKWARD_DH>(a, m, blockIdx.x);
 }
+#else
+extern "C" __global__ void __launch_bounds__(TC_BACKWARD_THREADS, 1)
+    flash2_tc_backward_varlen(FlashArgs a, ScoreMods m, Varlen v) {
+    const int tile = varlen_view(a, m, v, TC_D);
+    tc_backward_v7<TC_D, TC_BF16, false, TC_BACKWARD_KW, false, TC_BACKWARD_DH>(a, m, tile);
+}
+extern "C" __global__ void __launch_bounds__(TC_BACKWARD_THREADS, 1)
+    flash2_tc_backward_cut_varlen(FlashArgs a, ScoreMods m, Varlen v) {
+    const int tile = varlen_view(a, m, v, TC_D);
+    tc_backward_v7<TC_D, TC_BF16, false, TC_BACKWARD_KW, true, TC_BACKWARD_DH>(a, m, tile);
+}
+extern "C" __global__ void __launch_bounds__(TC_BACKWARD_THREADS, 1)
+    flash2_tc_backward_mods_varlen(FlashArgs a, ScoreMods m, Varlen v) {
+    const int tile = varlen_view(a, m, v, TC_D);
+    tc_backward_v7<TC_D, TC_BF16, true, TC_BACKWARD_KW, false, TC_BACKWARD_DH>(a, m, tile);
+}
+#endif
 
 // D = rowsum(dO o O) from 16-bit dO and O, and the GQA group sums of dK, dV (or dQ's f32
 // accumulator, heads == kv_heads) rounded to 16 bits: contract.cuh's steps with a 16-bit

@@ -130,36 +130,13 @@ __device__ __forceinline__ int grid_tile(const ScoreMods& m) {
     return m.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
 }
 
-// ANCHOR: tc_forward_varlen
-// A packed batch in one launch. Block x takes item x of a work list of (sequence s, query
-// tile), which the host orders costliest first; y is the head. Each sequence is a problem of
-// its own inside the packed tensors: n_q and n_k are its lengths (so the causal diagonal and
-// the window sit bottom-right inside it, and its tiles stop at its last row and key), and
-// the base pointers move so that the kernel's offsets for head h (h · n_q · D) land on the
-// sequence's rows, packed row h · total_q + cu_q[s] + i. A mask or bias block starts at
-// (cu_q[s], cu_k[s]). No tile reads a row of another sequence.
-struct Varlen {
-    u64 cu_q, cu_k;    // const int*: [num_seqs + 1] offsets
-    u64 work;          // const int2*: (sequence, query tile) per block
-    int total_q, total_k;
-};
-
+// A packed batch in one launch (tc.cuh's varlen_view): block x takes item x of the work list,
+// a (sequence, query tile).
 template <int D, bool BF16, bool MODS, int KB, bool CUT, int MT, bool CAP>
 __device__ void tc_forward_varlen(FlashArgs a, ScoreMods m, const Varlen& vl) {
-    const int2 w = reinterpret_cast<const int2*>(vl.work)[blockIdx.x];
-    const int* cu_q = reinterpret_cast<const int*>(vl.cu_q);
-    const int* cu_k = reinterpret_cast<const int*>(vl.cu_k);
-    const int q0 = cu_q[w.x], nq = cu_q[w.x + 1] - q0, k0 = cu_k[w.x], nk = cu_k[w.x + 1] - k0;
-    const i64 h = blockIdx.y, hk = h / (a.heads / a.kv_heads);
-    const i64 dq = h * vl.total_q + q0 - h * nq, dk = hk * vl.total_k + k0 - hk * nk;
-    a.q += (u64)(dq * D * 2), a.o += (u64)(dq * D * 2), a.lse += (u64)(dq * 4);
-    a.k += (u64)(dk * D * 2), a.v += (u64)(dk * D * 2);
-    a.n_q = m.n_q = nq, a.n_k = m.n_k = nk;
-    if (m.bias) m.bias += (u64)((q0 * m.bias_stride[2] + k0 * m.bias_stride[3]) * 4);
-    if (m.mask) m.mask += (u64)(q0 * m.mask_stride[2] + k0 * m.mask_stride[3]);
-    tc_forward_v14<D, BF16, MODS, KB, CUT, MT, CAP>(a, m, w.y);
+    const int tile = varlen_view(a, m, vl, D);
+    tc_forward_v14<D, BF16, MODS, KB, CUT, MT, CAP>(a, m, tile);
 }
-// ANCHOR_END: tc_forward_varlen
 
 #if !defined(TC_D) || !defined(TC_BF16)
 #error "compile with -DTC_D=64|128|256 -DTC_BF16=1|0 (bf16 or fp16)"

@@ -114,6 +114,45 @@ __device__ __forceinline__ void load_tile16_async(u16* dst, const u16* src, int 
     }
 }
 
+// ANCHOR: varlen_view
+// A packed batch in one launch. Block x takes item x of a work list of (sequence s, tile),
+// which the host orders costliest first — a query tile in the forward, a key tile in the
+// backward; y is the head. Each sequence is a problem of its own inside the packed tensors:
+// n_q and n_k are its lengths (so the causal diagonal and the window sit bottom-right inside
+// it, and its tiles stop at its last row and key), and every base pointer moves so that the
+// kernel's offsets for head h (h · n_q · D, h · n_k · D) land on the sequence's rows, packed
+// row h · total + cu[s] + i. A mask, bias or dBias block starts at (cu_q[s], cu_k[s]). No tile
+// reads or writes a row of another sequence.
+struct Varlen {
+    u64 cu_q, cu_k;    // const int*: [num_seqs + 1] offsets
+    u64 work;          // const int2*: (sequence, tile) per block
+    int total_q, total_k;
+};
+
+__device__ __forceinline__ int varlen_view(FlashArgs& a, ScoreMods& m, const Varlen& vl, int D) {
+    const int2 w = reinterpret_cast<const int2*>(vl.work)[blockIdx.x];
+    const int* cu_q = reinterpret_cast<const int*>(vl.cu_q);
+    const int* cu_k = reinterpret_cast<const int*>(vl.cu_k);
+    const int q0 = cu_q[w.x], nq = cu_q[w.x + 1] - q0, k0 = cu_k[w.x], nk = cu_k[w.x + 1] - k0;
+    const i64 h = blockIdx.y, hk = h / (a.heads / a.kv_heads);
+    // rows to move by: per query head (Q, O, dO, lse, D, dQ; the backward's dK, dV per query
+    // head) and per key/value head (K, V)
+    const i64 rq = h * vl.total_q + q0 - h * nq, rkh = h * vl.total_k + k0 - h * nk;
+    const i64 rk = hk * vl.total_k + k0 - hk * nk;
+    auto move = [](u64& p, i64 bytes) { if (p) p += (u64)bytes; };
+    move(a.q, rq * D * 2), move(a.o, rq * D * 2), move(a.d_out, rq * D * 2);
+    move(a.lse, rq * 4), move(a.dvec, rq * 4), move(a.dq, rq * D * 4);
+    move(a.k, rk * D * 2), move(a.v, rk * D * 2);
+    const int grad_bytes = a.heads == a.kv_heads ? 2 : 4;  // dK, dV: 16-bit, or f32 per head
+    move(a.dk, rkh * D * grad_bytes), move(a.dv, rkh * D * grad_bytes);
+    const i64 bias_at = q0 * m.bias_stride[2] + k0 * m.bias_stride[3];
+    move(m.bias, bias_at * 4), move(a.dbias, bias_at * 4);
+    move(m.mask, q0 * m.mask_stride[2] + k0 * m.mask_stride[3]);
+    a.n_q = m.n_q = nq, a.n_k = m.n_k = nk;
+    return w.y;
+}
+// ANCHOR_END: varlen_view
+
 // The (batch, head) of the block and where its Q, K, V rows start (16-bit values; with GQA,
 // query head h reads key/value head h / (heads / kv_heads)).
 struct TcHead {

@@ -735,32 +735,32 @@ fn flash2_gpu_decode_kernel_matches_the_reference() {
 }
 
 #[test]
-fn tensor_core_packed_forward_in_one_launch_equals_the_calls_per_sequence_and_the_reference() {
+fn tensor_core_packed_batch_in_one_launch_equals_the_calls_per_sequence_and_the_reference() {
     // Sequences across tile boundaries (128-row blocks), one without keys, one without
-    // queries, n_q ≠ n_k; causal, a window with softcap, key padding and a bias (the _mods
-    // kernels), GQA; head dims the kernels take and one they pad.
+    // queries, n_q ≠ n_k; GQA; head dims the kernels take and one they pad; forward and
+    // backward.
     if skip_without_device() {
         return;
     }
     use attn_core::metrics::compare;
     use attn_core::reference::RefProblem;
-    use attn_core::tolerance::HALF_FORWARD;
+    use attn_core::tolerance::{HALF_BACKWARD, HALF_FORWARD};
     use attn_core::varlen::{self, SeqLens};
     use attn_core::{Inputs, Mask, Options, Window, random};
     use attn_flash2::tc::{self, bf16, f16};
 
     fn run<T: tc::TcFloat>(d: usize, case: usize) {
         let (q_lens, k_lens): (&[usize], &[usize]) = match case {
-            0 => (&[300, 1, 0, 129, 64, 7], &[300, 40, 5, 129, 0, 200]),
-            _ => (&[128, 257, 33], &[128, 257, 33]),
+            1 => (&[128, 257, 33], &[128, 257, 33]),
+            _ => (&[300, 1, 0, 129, 64, 7], &[300, 40, 5, 129, 0, 200]),
         };
         let opts = match case {
-            0 => Options::default().causal(true),
-            _ => Options {
+            1 => Options {
                 window: Some(Window::new(40, 3)),
                 softcap: Some(20.0),
                 ..Options::default()
             },
+            _ => Options::default().causal(true),
         };
         let seqs = SeqLens::from_lengths(q_lens, k_lens);
         let (tq, tk) = seqs.totals();
@@ -805,9 +805,47 @@ fn tensor_core_packed_forward_in_one_launch_equals_the_calls_per_sequence_and_th
         assert!(err <= HALF_FORWARD, "{what}: normwise error {err:e}");
         let lse_err = compare(native.lse.view(), r.lse.view()).normwise;
         assert!(lse_err <= HALF_FORWARD, "{what}: lse error {lse_err:e}");
+
+        // the backward in one launch: dK, dV bit for bit the per-sequence calls' (each key
+        // tile owns its rows); dQ, added by atomics in any order, within rounding of them
+        let d_out = rounded(random::normal((1, 4, tq, d), seed + 5));
+        let (g, _) = tc::backward_packed_rounded::<T>(&seqs, &inputs, &opts, &native, d_out.view())
+            .unwrap_or_else(|e| panic!("{what} backward: {e}"));
+        let per_sequence_g = varlen::backward_packed(
+            &seqs,
+            &inputs,
+            &opts,
+            &native,
+            d_out.view(),
+            |i, o, f, d_o| {
+                tc::backward_rounded::<T>(i, o, f, d_o, tc::backward_version()).map(|g| g.0)
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            differ(g.dk.as_slice().unwrap(), per_sequence_g.dk.as_slice().unwrap()),
+            0,
+            "{what}: dK"
+        );
+        assert_eq!(
+            differ(g.dv.as_slice().unwrap(), per_sequence_g.dv.as_slice().unwrap()),
+            0,
+            "{what}: dV"
+        );
+        let dq_apart = compare(g.dq.view(), per_sequence_g.dq.mapv(f64::from).view()).normwise;
+        assert!(dq_apart <= 1e-3, "{what}: dQ {dq_apart:e} from the per-sequence calls'");
+        let rg = RefProblem::from_inputs(&unpacked.inputs(&inputs), &unpacked.opts)
+            .unwrap()
+            .backward(&d_out.mapv(f64::from));
+        for (name, x, r) in [("dQ", &g.dq, &rg.dq), ("dK", &g.dk, &rg.dk), ("dV", &g.dv, &rg.dv)] {
+            let err = compare(x.view(), r.view()).normwise;
+            assert!(err <= HALF_BACKWARD, "{what}: {name} normwise error {err:e}");
+        }
     }
+    // case 0: key padding and a bias (the _mods kernels); 1: window and softcap (_cut, _cap);
+    // 2: causal alone (the plain kernels)
     for d in [64, 128, 256, 72] {
-        for case in 0..2 {
+        for case in 0..3 {
             run::<bf16>(d, case);
         }
     }

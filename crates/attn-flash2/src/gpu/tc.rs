@@ -29,7 +29,7 @@ use attn_core::{KeyRange, check_d_out, check_saved, check_values};
 use attn_cuda::pad::{backward_padded, forward_padded, padded_head_dim};
 use attn_cuda::problem::{needs_cut_kernel, needs_mods_kernel};
 use attn_cuda::{CudaFunction, DeviceBuffer, DeviceRepr, DeviceStats, FlashArgs, Gpu};
-use attn_cuda::{LaunchConfig, PushKernelArg, cuda_err};
+use attn_cuda::{LaunchConfig, PushKernelArg, ScoreMods, cuda_err};
 use attn_cuda::{ScoreInputs, blocks_for, gpu, measured, with_shared_bytes};
 use attn_cuda::{launch_fused_with, launch_group_sum, launch_row_dot};
 pub use half::{bf16, f16};
@@ -209,48 +209,14 @@ pub fn forward_version_with_stats<T: TcFloat>(
     opts: &Options,
     version: u32,
 ) -> Result<(HalfForward<T>, DeviceStats)> {
-    let p = validate(inputs, opts)?;
-    let v = versions::find(Track::TcForward, version)
-        .ok_or_else(|| versions::unknown(Track::TcForward, version))?;
-    check_version_head_dim(v, p.shape.head_dim)?;
-    let gpu = gpu()?;
-    check_architecture(gpu)?;
-    let Shape { batch, heads, n_q, head_dim: d, .. } = p.shape;
-    let (q, k, v_buf) =
-        (gpu.upload_array(inputs.q)?, gpu.upload_array(inputs.k)?, gpu.upload_array(inputs.v)?);
-    let score = ScoreInputs::upload(gpu, &p)?;
-    let (with_mods, cut) = (needs_mods_kernel(&p), needs_cut_kernel(&p));
-    let capped = p.softcap.is_some_and(|c| versions::cap_in_fp16(c, p.scale));
-    let name = v.forward_kernel_name(d, with_mods, cut, capped);
-    let f = with_shared_bytes(tc_function::<T>(gpu, v, d, &name)?, shared_bytes(version, d))?;
-    let z = batch * heads;
-    let ((out, lse), stats) = measured(gpu, || {
-        let out: DeviceBuffer<T> = gpu.uninit(z * n_q * d)?;
-        let lse = gpu.uninit_f32(z * n_q)?;
-        let args = FlashArgs {
-            q: gpu.ptr(&q),
-            k: gpu.ptr(&k),
-            v: gpu.ptr(&v_buf),
-            o: gpu.ptr(&out),
-            lse: gpu.ptr(&lse),
-            ..FlashArgs::new(&p.shape, p.scale)
-        };
-        let grid = (blocks_for(n_q, block_rows(version, d) as u32), z as u32, 1);
-        launch_fused_with(gpu, &f, (grid, 128), &args, &score.mods, None, "flash2_tc_forward")?;
-        Ok((out, lse))
-    })?;
-    let forward = HalfForward {
-        out: gpu.download_array(&out, p.shape.q_dims())?,
-        lse: gpu.download_array(&lse, p.shape.lse_dims())?,
-    };
-    Ok((forward, stats))
+    forward_on_device(inputs, opts, version, None)
 }
 
 /// The forward of a packed batch ([`attn_core::varlen`]) in one launch of the shipped kernel
-/// (`kernels/flash2_tc_forward.cu`, `tc_forward_varlen`): a block per (sequence, query tile)
-/// and head, the tiles ordered costliest first; each sequence attends inside its spans, and no
-/// tile is spent on pairs across sequences. Q `[1, heads, total_q, d]`, K and V
-/// `[1, kv_heads, total_k, d]`; O and lse packed the same way.
+/// (`kernels/tc.cuh`'s `varlen_view`): a block per (sequence, query tile) and head, the tiles
+/// ordered costliest first; each sequence attends inside its spans, and no tile is spent on
+/// pairs across sequences. Q `[1, heads, total_q, d]`, K and V `[1, kv_heads, total_k, d]`;
+/// O and lse packed the same way.
 pub fn forward_packed<T: TcFloat>(
     seqs: &SeqLens,
     inputs: &HalfInputs<'_, T>,
@@ -265,36 +231,53 @@ pub fn forward_packed_with_stats<T: TcFloat>(
     inputs: &HalfInputs<'_, T>,
     opts: &Options,
 ) -> Result<(HalfForward<T>, DeviceStats)> {
+    forward_on_device(inputs, opts, forward_version(), Some(seqs))
+}
+
+/// The forward: one batch, or (`packed`) a packed batch through the `_varlen` kernels.
+fn forward_on_device<T: TcFloat>(
+    inputs: &HalfInputs<'_, T>,
+    opts: &Options,
+    version: u32,
+    packed: Option<&SeqLens>,
+) -> Result<(HalfForward<T>, DeviceStats)> {
     let p = validate(inputs, opts)?;
-    check_packed_shape(seqs, &p.shape)?;
-    let version = versions::default_version(Track::TcForward);
+    if let Some(seqs) = packed {
+        check_packed_shape(seqs, &p.shape)?;
+    }
+    let v = versions::find(Track::TcForward, version)
+        .ok_or_else(|| versions::unknown(Track::TcForward, version))?;
+    check_version_head_dim(v, p.shape.head_dim)?;
     let gpu = gpu()?;
     check_architecture(gpu)?;
-    let Shape { heads, n_q, n_k, head_dim: d, .. } = p.shape;
-    let work = packed_work(seqs, opts, block_rows(version.number, d));
-    let to_i32 = |x: usize| i32::try_from(x).map_err(|_| too_long());
-    let cu = |span: &dyn Fn(usize) -> std::ops::Range<usize>| -> Result<Vec<i32>> {
-        let mut v = vec![0];
-        for s in 0..seqs.num_seqs() {
-            v.push(to_i32(span(s).end)?);
-        }
-        Ok(v)
-    };
-    let (cu_q, cu_k) = (cu(&|s| seqs.q_span(s))?, cu(&|s| seqs.k_span(s))?);
+    let Shape { batch, heads, n_q, head_dim: d, .. } = p.shape;
     let (q, k, v_buf) =
         (gpu.upload_array(inputs.q)?, gpu.upload_array(inputs.k)?, gpu.upload_array(inputs.v)?);
     let score = ScoreInputs::upload(gpu, &p)?;
-    let (cu_q, cu_k, work_buf) = (gpu.upload(&cu_q)?, gpu.upload(&cu_k)?, gpu.upload(&work)?);
     let (with_mods, cut) = (needs_mods_kernel(&p), needs_cut_kernel(&p));
     let capped = p.softcap.is_some_and(|c| versions::cap_in_fp16(c, p.scale));
-    let name = format!("{}_varlen", version.forward_kernel_name(d, with_mods, cut, capped));
-    let (f, smem) = with_shared_bytes(
-        tc_function::<T>(gpu, version, d, &name)?,
-        shared_bytes(version.number, d),
-    )?;
+    let rows = block_rows(version, d);
+    let (name, varlen) = match packed {
+        None => (v.forward_kernel_name(d, with_mods, cut, capped), None),
+        Some(seqs) => {
+            let work = packed_work(
+                seqs,
+                rows,
+                |nq, nk, first, last| {
+                    let range = KeyRange::new(nq, nk, opts.causal, opts.window);
+                    range.end(last).saturating_sub(range.start(first))
+                },
+                |s| seqs.q_span(s).len(),
+            );
+            let name = format!("{}_varlen", v.forward_kernel_name(d, with_mods, cut, capped));
+            (name, Some(PackedWork::upload(gpu, seqs, &work)?))
+        }
+    };
+    let f = with_shared_bytes(tc_function::<T>(gpu, v, d, &name)?, shared_bytes(version, d))?;
+    let z = batch * heads;
     let ((out, lse), stats) = measured(gpu, || {
-        let out: DeviceBuffer<T> = gpu.uninit(heads * n_q * d)?;
-        let lse = gpu.uninit_f32(heads * n_q)?;
+        let out: DeviceBuffer<T> = gpu.uninit(z * n_q * d)?;
+        let lse = gpu.uninit_f32(z * n_q)?;
         let args = FlashArgs {
             q: gpu.ptr(&q),
             k: gpu.ptr(&k),
@@ -303,27 +286,22 @@ pub fn forward_packed_with_stats<T: TcFloat>(
             lse: gpu.ptr(&lse),
             ..FlashArgs::new(&p.shape, p.scale)
         };
-        let varlen = Varlen {
-            cu_q: gpu.ptr(&cu_q),
-            cu_k: gpu.ptr(&cu_k),
-            work: gpu.ptr(&work_buf),
-            total_q: to_i32(n_q)?,
-            total_k: to_i32(n_k)?,
-        };
-        let blocks = (work.len() / 2) as u32;
-        if blocks > 0 {
-            let cfg = LaunchConfig {
-                grid_dim: (blocks, heads as u32, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: smem,
-            };
-            let mut b = gpu.stream().launch_builder(&f);
-            b.arg(&args).arg(&score.mods).arg(&varlen);
-            // SAFETY: (FlashArgs, ScoreMods, Varlen) is the _varlen kernels' parameter list;
-            // the pointers address live buffers of the packed shape (the offsets and the work
-            // list: num_seqs + 1 and 2 · blocks i32, each tile inside its sequence's spans),
-            // and `smem` is what the kernel lays out at this head dimension.
-            unsafe { b.launch(cfg) }.map_err(cuda_err("flash2_tc_forward_varlen"))?;
+        match &varlen {
+            None => {
+                let grid = (blocks_for(n_q, rows as u32), z as u32, 1);
+                launch_fused_with(
+                    gpu,
+                    &f,
+                    (grid, 128),
+                    &args,
+                    &score.mods,
+                    None,
+                    "flash2_tc_forward",
+                )?
+            }
+            Some(w) => {
+                w.launch(gpu, &f, (heads, 1, 128), &args, &score.mods, "flash2_tc_forward_varlen")?
+            }
         }
         Ok((out, lse))
     })?;
@@ -350,33 +328,105 @@ pub fn forward_packed_rounded<T: TcFloat>(
     })
 }
 
-/// The packed forward's work list, flattened (sequence, query tile) pairs of `rows`-row
-/// tiles: every tile of every sequence with queries (one with no keys writes its zero rows),
-/// those that see the most keys first, so that the longest blocks do not start last.
-fn packed_work(seqs: &SeqLens, opts: &Options, rows: usize) -> Vec<i32> {
+/// A packed launch's work list, flattened (sequence, tile) pairs: every tile of `rows` rows
+/// of every sequence with rows (`rows_of(s)`: its queries in the forward, its keys in the
+/// backward; a sequence with rows but nothing on the other side still writes its zeros),
+/// the costliest first by `cost(n_q, n_k, first, last)` of the tile's rows, so that the
+/// longest blocks do not start last. Ties keep the sequences' order.
+fn packed_work(
+    seqs: &SeqLens,
+    rows: usize,
+    cost: impl Fn(usize, usize, usize, usize) -> usize,
+    rows_of: impl Fn(usize) -> usize,
+) -> Vec<i32> {
     let mut tiles = Vec::new();
     for s in 0..seqs.num_seqs() {
         let (nq, nk) = (seqs.q_span(s).len(), seqs.k_span(s).len());
-        let range = KeyRange::new(nq, nk, opts.causal, opts.window);
-        for t in 0..nq.div_ceil(rows) {
-            let (first, last) = (t * rows, ((t + 1) * rows).min(nq) - 1);
-            let keys = if nk == 0 { 0 } else { range.end(last).saturating_sub(range.start(first)) };
-            tiles.push((keys, s as i32, t as i32));
+        let n = rows_of(s);
+        for t in 0..n.div_ceil(rows) {
+            let (first, last) = (t * rows, ((t + 1) * rows).min(n) - 1);
+            let c = if nq == 0 || nk == 0 { 0 } else { cost(nq, nk, first, last) };
+            tiles.push((c, s as i32, t as i32));
         }
     }
     tiles.sort_by_key(|t| std::cmp::Reverse(t.0));
     tiles.into_iter().flat_map(|(_, s, t)| [s, t]).collect()
 }
 
-fn too_long() -> AttnError {
-    AttnError::Unsupported {
-        stage: STAGE,
-        what: "packed batches of 2^31 rows or more",
-        advice: "split the batch into packed calls of fewer rows",
+/// The first i in 0..n where `pred` holds, for a `pred` that once true stays true (n if none).
+fn first_where(n: usize, pred: impl Fn(usize) -> bool) -> usize {
+    let (mut lo, mut hi) = (0, n);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if pred(mid) { hi = mid } else { lo = mid + 1 }
+    }
+    lo
+}
+
+/// A packed launch's offsets and work list on the device, and the kernels' `Varlen`.
+struct PackedWork {
+    _buffers: [DeviceBuffer<i32>; 3],
+    args: Varlen,
+    blocks: u32,
+}
+
+impl PackedWork {
+    fn upload(gpu: &Gpu, seqs: &SeqLens, work: &[i32]) -> Result<Self> {
+        let to_i32 = |x: usize| {
+            i32::try_from(x).map_err(|_| AttnError::Unsupported {
+                stage: STAGE,
+                what: "packed batches of 2^31 rows or more",
+                advice: "split the batch into packed calls of fewer rows",
+            })
+        };
+        let offsets = |span: &dyn Fn(usize) -> std::ops::Range<usize>| -> Result<Vec<i32>> {
+            std::iter::once(Ok(0))
+                .chain((0..seqs.num_seqs()).map(|s| to_i32(span(s).end)))
+                .collect()
+        };
+        let cu_q = gpu.upload(&offsets(&|s| seqs.q_span(s))?)?;
+        let cu_k = gpu.upload(&offsets(&|s| seqs.k_span(s))?)?;
+        let work_buf = gpu.upload(work)?;
+        let (total_q, total_k) = seqs.totals();
+        let args = Varlen {
+            cu_q: gpu.ptr(&cu_q),
+            cu_k: gpu.ptr(&cu_k),
+            work: gpu.ptr(&work_buf),
+            total_q: to_i32(total_q)?,
+            total_k: to_i32(total_k)?,
+        };
+        Ok(Self { _buffers: [cu_q, cu_k, work_buf], args, blocks: (work.len() / 2) as u32 })
+    }
+
+    /// Launches `f` over the work list × `heads` × `columns` blocks of `threads`.
+    fn launch(
+        &self,
+        gpu: &Gpu,
+        (f, smem): &(CudaFunction, u32),
+        (heads, columns, threads): (usize, u32, u32),
+        args: &FlashArgs,
+        mods: &ScoreMods,
+        what: &str,
+    ) -> Result<()> {
+        if self.blocks == 0 {
+            return Ok(()); // no rows at all
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (self.blocks, heads as u32, columns),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: *smem,
+        };
+        let mut b = gpu.stream().launch_builder(f);
+        b.arg(args).arg(mods).arg(&self.args);
+        // SAFETY: (FlashArgs, ScoreMods, Varlen) is the _varlen kernels' parameter list; the
+        // pointers address live buffers of the packed shape (the offsets and the work list
+        // live in `self`: num_seqs + 1 and 2 · blocks i32, every tile inside its sequence's
+        // spans), and `smem` is what the kernel lays out at this head dimension.
+        unsafe { b.launch(cfg) }.map(|_| ()).map_err(cuda_err(what.to_string()))
     }
 }
 
-/// The kernels' `Varlen` (flash2_tc_forward.cu): the offsets, the work list, the totals.
+/// The kernels' `Varlen` (tc.cuh): the offsets, the work list, the totals.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 struct Varlen {
@@ -496,8 +546,50 @@ pub fn backward_version_with_stats<T: TcFloat>(
     d_out: ArrayView4<'_, T>,
     version: u32,
 ) -> Result<(HalfGrads<T>, DeviceStats)> {
+    backward_on_device(inputs, opts, (fwd, d_out), version, None)
+}
+
+/// The backward of a packed batch in one launch of the shipped key-tile kernel: a block per
+/// (sequence, key tile) and head, as [`forward_packed`] lays out the forward; D and the GQA
+/// group sums run over the packed rows as they stand. Gradients packed as the inputs; dBias
+/// (when asked for) in the bias's shape.
+pub fn backward_packed_with_stats<T: TcFloat>(
+    seqs: &SeqLens,
+    inputs: &HalfInputs<'_, T>,
+    opts: &Options,
+    fwd: &HalfForward<T>,
+    d_out: ArrayView4<'_, T>,
+) -> Result<(HalfGrads<T>, DeviceStats)> {
+    backward_on_device(inputs, opts, (fwd, d_out), backward_version(), Some(seqs))
+}
+
+/// [`backward_packed_with_stats`] on f32 arrays, rounded and widened as [`backward_rounded`].
+pub fn backward_packed_rounded<T: TcFloat>(
+    seqs: &SeqLens,
+    inputs: &Inputs<'_>,
+    opts: &Options,
+    fwd: &attn_core::Forward,
+    d_out: ArrayView4<'_, f32>,
+) -> Result<(attn_core::Grads, DeviceStats)> {
+    check_packed(seqs, inputs, opts)?;
+    rounded_backward::<T>(inputs, opts, (fwd, d_out), |half, opts, hf, d_o| {
+        backward_packed_with_stats(seqs, half, opts, hf, d_o)
+    })
+}
+
+/// The backward: one batch, or (`packed`) a packed batch through the `_varlen` kernel.
+fn backward_on_device<T: TcFloat>(
+    inputs: &HalfInputs<'_, T>,
+    opts: &Options,
+    (fwd, d_out): (&HalfForward<T>, ArrayView4<'_, T>),
+    version: u32,
+    packed: Option<&SeqLens>,
+) -> Result<(HalfGrads<T>, DeviceStats)> {
     let p = validate(inputs, opts)?;
     let sh = p.shape;
+    if let Some(seqs) = packed {
+        check_packed_shape(seqs, &sh)?;
+    }
     check_saved(&sh, fwd.out.view(), fwd.lse.view())?;
     check_d_out(&sh, d_out)?;
     let v = versions::find(Track::TcBackward, version)
@@ -515,12 +607,27 @@ pub fn backward_version_with_stats<T: TcFloat>(
     let shipped = versions::default_version(Track::TcBackward);
     let row_dot = tc_function::<T>(gpu, shipped, d, "tc_row_dot")?;
     let group_sum = tc_function::<T>(gpu, shipped, d, "tc_group_sum")?;
-    let f = tc_function::<T>(
-        gpu,
-        v,
-        d,
-        &v.kernel_name_cut(d, needs_mods_kernel(&p), p.softcap.is_some()),
-    )?;
+    let keys = backward_keys(version, d);
+    let name = v.kernel_name_cut(d, needs_mods_kernel(&p), p.softcap.is_some());
+    let (name, varlen) = match packed {
+        None => (name, None),
+        Some(seqs) => {
+            // a key tile's cost: the query rows that see any of its keys (both bounds of a
+            // row's key range grow with the row)
+            let work = packed_work(
+                seqs,
+                keys,
+                |nq, nk, first, last| {
+                    let range = KeyRange::new(nq, nk, opts.causal, opts.window);
+                    let from = first_where(nq, |i| range.end(i) > first);
+                    first_where(nq, |i| range.start(i) > last).saturating_sub(from)
+                },
+                |s| seqs.k_span(s).len(),
+            );
+            (format!("{name}_varlen"), Some(PackedWork::upload(gpu, seqs, &work)?))
+        }
+    };
+    let f = tc_function::<T>(gpu, v, d, &name)?;
     let f = with_shared_bytes(f, backward_shared_bytes(version, d))?;
     let z = batch * heads;
     let ((dq, dk, dv), stats) = measured(gpu, || {
@@ -555,10 +662,22 @@ pub fn backward_version_with_stats<T: TcFloat>(
             dbias: score.dbias_ptr(gpu),
             ..FlashArgs::new(&sh, p.scale)
         };
-        let keys = backward_keys(version, d);
-        let grid = (blocks_for(n_k, keys as u32), z as u32, backward_column_blocks(d));
-        let launch = (grid, (2 * keys) as u32);
-        launch_fused_with(gpu, &f, launch, &args, &score.mods, None, "flash2_tc_backward")?;
+        let (columns, threads) = (backward_column_blocks(d), (2 * keys) as u32);
+        match &varlen {
+            None => {
+                let grid = (blocks_for(n_k, keys as u32), z as u32, columns);
+                let launch = (grid, threads);
+                launch_fused_with(gpu, &f, launch, &args, &score.mods, None, "flash2_tc_backward")?
+            }
+            Some(w) => w.launch(
+                gpu,
+                &f,
+                (heads, columns, threads),
+                &args,
+                &score.mods,
+                "flash2_tc_backward_varlen",
+            )?,
+        }
         // dQ rounded; dK, dV summed over each GQA group and rounded.
         let round_sum = |src: &DeviceBuffer<f32>, (kv_heads, rows): (usize, usize)| {
             launch_group_sum::<T>(gpu, &group_sum, src, (batch, heads, kv_heads, rows, d))
@@ -619,13 +738,31 @@ pub fn backward_rounded<T: TcFloat>(
     d_out: ArrayView4<'_, f32>,
     version: u32,
 ) -> Result<(attn_core::Grads, DeviceStats)> {
+    rounded_backward::<T>(inputs, opts, (fwd, d_out), |half, opts, hf, d_o| {
+        backward_version_with_stats(half, opts, hf, d_o, version)
+    })
+}
+
+/// `run` (a 16-bit backward) on f32 arrays: the head dimension padded, inputs, O and dO
+/// rounded to `T` on the host, the gradients widened back.
+fn rounded_backward<T: TcFloat>(
+    inputs: &Inputs<'_>,
+    opts: &Options,
+    (fwd, d_out): (&attn_core::Forward, ArrayView4<'_, f32>),
+    run: impl FnOnce(
+        &HalfInputs<'_, T>,
+        &Options,
+        &HalfForward<T>,
+        ArrayView4<'_, T>,
+    ) -> Result<(HalfGrads<T>, DeviceStats)>,
+) -> Result<(attn_core::Grads, DeviceStats)> {
     let to = padded_head_dim(STAGE, inputs.q.dim().3, &TC_HEAD_DIMS)?;
     backward_padded(inputs, opts, (fwd, d_out), to, |inputs, opts, fwd, d_out| {
         let rounded = Rounded::<T>::of(inputs);
         let half = rounded.inputs(inputs);
         let hf = HalfForward { out: round::<T, _>(fwd.out.view()), lse: fwd.lse.clone() };
         let d_o = round::<T, _>(d_out);
-        let (g, stats) = backward_version_with_stats(&half, opts, &hf, d_o.view(), version)?;
+        let (g, stats) = run(&half, opts, &hf, d_o.view())?;
         let grads = attn_core::Grads {
             dq: widen(g.dq.view()),
             dk: widen(g.dk.view()),
