@@ -64,25 +64,21 @@ for tool in ${SANITIZER_TOOLS-memcheck racecheck synccheck}; do
   [ "$rc" -eq 0 ] || status=1
 done
 
-# 2b. compute-sanitizer over the decode kernel's test (every element type, paged caches, the
-#     score modifiers, split-KV and its merge), which the smoke run does not launch.
-for tool in ${SANITIZER_TOOLS-memcheck racecheck synccheck}; do
-  compute-sanitizer --tool "$tool" --error-exitcode 3 "$here/bin/test-attn-flash2" --exact flash2_gpu_decode_kernel_matches_the_reference --test-threads=1 > "$out/sanitizer-decode-$tool.log" 2>&1
-  rc=$?
-  errors="$(grep -Eo '(ERROR|RACECHECK) SUMMARY: .*' "$out/sanitizer-decode-$tool.log" | tail -1)"
-  note "compute-sanitizer $tool, decode kernel: ${errors:-no summary} (exit $rc)"
-  [ "$rc" -eq 0 ] || status=1
-done
-
-# 2b'. compute-sanitizer over the packed forward's test (one launch over every sequence's
-#      tiles: the work list, the moved base pointers, the mask and bias blocks).
-for tool in ${SANITIZER_TOOLS-memcheck racecheck synccheck}; do
-  compute-sanitizer --tool "$tool" --error-exitcode 3 "$here/bin/test-attn-flash2" --exact tensor_core_packed_batch_in_one_launch_equals_the_calls_per_sequence_and_the_reference --test-threads=1 > "$out/sanitizer-packed-$tool.log" 2>&1
-  rc=$?
-  errors="$(grep -Eo '(ERROR|RACECHECK) SUMMARY: .*' "$out/sanitizer-packed-$tool.log" | tail -1)"
-  note "compute-sanitizer $tool, packed forward: ${errors:-no summary} (exit $rc)"
-  [ "$rc" -eq 0 ] || status=1
-done
+# 2b. compute-sanitizer over tests whose kernels the smoke run does not launch: the decode
+#     kernel's (every element type, paged caches, the score modifiers, split-KV and its
+#     merge) and the packed batch's in one launch (the work list, the moved base pointers,
+#     the mask and bias blocks; forward and backward).
+sanitize_test() {  # label test-name
+  for tool in ${SANITIZER_TOOLS-memcheck racecheck synccheck}; do
+    compute-sanitizer --tool "$tool" --error-exitcode 3 "$here/bin/test-attn-flash2" --exact "$2" --test-threads=1 > "$out/sanitizer-$1-$tool.log" 2>&1
+    rc=$?
+    errors="$(grep -Eo '(ERROR|RACECHECK) SUMMARY: .*' "$out/sanitizer-$1-$tool.log" | tail -1)"
+    note "compute-sanitizer $tool, $1: ${errors:-no summary} (exit $rc)"
+    [ "$rc" -eq 0 ] || status=1
+  done
+}
+sanitize_test decode flash2_gpu_decode_kernel_matches_the_reference
+sanitize_test packed tensor_core_packed_batch_in_one_launch_equals_the_calls_per_sequence_and_the_reference
 
 # 2b''. Packed batches on the tensor cores: one launch against the documents one by one, a
 #       uniform batch of the same tokens and the padded batch (SKIP_PACKED=1 skips).
