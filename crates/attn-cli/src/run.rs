@@ -423,17 +423,18 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
 
     let run_forward = || match &layout {
         Layout::Plain => forward(&inputs, &opts),
-        // a stage's own packed path in f32 (FlashAttention-2's: every sequence in one pass)
-        Layout::Packed(seqs) if dtype == DtypeArg::F32 => {
-            stage.forward_packed(seqs, &inputs, &opts)
-        }
-        // on the tensor cores, FlashAttention-2 runs every sequence in one launch
-        Layout::Packed(seqs) if device == Device::Cuda && args.algo == "flash2" => match dtype {
-            DtypeArg::Bf16 => tc::forward_packed_rounded::<tc::bf16>(seqs, &inputs, &opts),
-            _ => tc::forward_packed_rounded::<tc::f16>(seqs, &inputs, &opts),
-        }
-        .map(|f| f.0),
-        Layout::Packed(seqs) => varlen::forward_packed(seqs, &inputs, &opts, forward),
+        // a packed batch: in f32 the stage's own packed path (FlashAttention-2's on the CPU:
+        // every sequence in one pass); in 16 bits (flash2 on CUDA) one launch of the tensor
+        // cores over every sequence's tiles
+        Layout::Packed(seqs) => match dtype {
+            DtypeArg::F32 => stage.forward_packed(seqs, &inputs, &opts),
+            DtypeArg::Bf16 => {
+                tc::forward_packed_rounded::<tc::bf16>(seqs, &inputs, &opts).map(|f| f.0)
+            }
+            DtypeArg::F16 => {
+                tc::forward_packed_rounded::<tc::f16>(seqs, &inputs, &opts).map(|f| f.0)
+            }
+        },
         // on the GPU, FlashAttention-2 decodes with its dedicated kernel (split-KV)
         Layout::Cached(cache) if device == Device::Cuda && args.algo == "flash2" => {
             decode_on_gpu(cache, &inputs, &opts, dtype)
@@ -449,17 +450,18 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
         Some(d_out) => {
             let d_out = d_out.view();
             let run_backward = || match &layout {
-                Layout::Packed(seqs) if dtype == DtypeArg::F32 => {
-                    stage.backward_packed(seqs, &inputs, &opts, &fwd, d_out)
-                }
-                // on the tensor cores, every sequence's key tiles in one launch
+                // as the forward: the stage's packed path, or the tensor cores' one launch
                 Layout::Packed(seqs) => match dtype {
+                    DtypeArg::F32 => stage.backward_packed(seqs, &inputs, &opts, &fwd, d_out),
                     DtypeArg::Bf16 => {
                         tc::backward_packed_rounded::<tc::bf16>(seqs, &inputs, &opts, &fwd, d_out)
+                            .map(|g| g.0)
                     }
-                    _ => tc::backward_packed_rounded::<tc::f16>(seqs, &inputs, &opts, &fwd, d_out),
-                }
-                .map(|g| g.0),
+                    DtypeArg::F16 => {
+                        tc::backward_packed_rounded::<tc::f16>(seqs, &inputs, &opts, &fwd, d_out)
+                            .map(|g| g.0)
+                    }
+                },
                 _ => backward(&inputs, &opts, &fwd, d_out),
             };
             Some(median_of(args.repeats, run_backward).map_err(lib_error)?)

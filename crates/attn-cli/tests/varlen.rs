@@ -227,18 +227,17 @@ fn decode_bench_prints_a_step_time_and_bandwidth_beside_the_copy_bandwidth() {
     );
     ok(&out);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let copy: f64 = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("# copy bandwidth (read + write, parallel copy): "))
-        .and_then(|l| l.trim_end_matches(" GB/s").parse().ok())
-        .unwrap_or_else(|| panic!("no copy bandwidth: {stdout}"));
-    assert!(copy > 0.1, "copy bandwidth {copy} GB/s");
-    let read: f64 = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("# read bandwidth (parallel sum): "))
-        .and_then(|l| l.trim_end_matches(" GB/s").parse().ok())
-        .unwrap_or_else(|| panic!("no read bandwidth: {stdout}"));
-    assert!(read > 0.1, "read bandwidth {read} GB/s");
+    let header = |prefix: &str| -> f64 {
+        let gb: f64 = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|l| l.trim_end_matches(" GB/s").parse().ok())
+            .unwrap_or_else(|| panic!("no '{prefix}': {stdout}"));
+        assert!(gb > 0.1, "{prefix}{gb} GB/s");
+        gb
+    };
+    let copy = header("# copy bandwidth (read + write, parallel copy): ");
+    let read = header("# read bandwidth (parallel sum): ");
     let row =
         stdout.lines().find(|l| l.starts_with("2,300,")).unwrap_or_else(|| panic!("{stdout}"));
     let cols: Vec<f64> = row.split(',').map(|x| x.parse().unwrap()).collect();

@@ -384,8 +384,10 @@ fn scores_impl<const FMA: bool>(
     mut s: ArrayViewMut2<'_, f32>,
     k_norm2: &mut f32,
 ) {
-    let contiguous = |x: &ArrayView2<'_, f32>| x.ncols() <= 1 || x.strides()[1] == 1;
-    assert!(contiguous(&q) && contiguous(&k), "decode_scores: Q_g and K_j need contiguous rows");
+    assert!(
+        rows_contiguous(&q) && rows_contiguous(&k),
+        "decode_scores: Q_g and K_j need contiguous rows"
+    );
     #[cfg(target_arch = "x86_64")]
     if FMA {
         // SAFETY: FMA = true is compiled only inside the dispatch's AVX2 + FMA (or AVX-512)
@@ -423,6 +425,11 @@ fn scores_impl<const FMA: bool>(
             }
         }
     }
+}
+
+/// Whether each row of `x` is contiguous (the decode kernels read rows through pointers).
+fn rows_contiguous(x: &ArrayView2<'_, f32>) -> bool {
+    x.ncols() <= 1 || x.strides()[1] == 1
 }
 
 /// Four dot products of eight-value chunks against one key (the portable path).
@@ -464,8 +471,10 @@ fn add_pv_impl<const FMA: bool>(
     let (rows, d) = acc.dim();
     let full = d / 8 * 8;
     let o = acc.as_slice_mut().expect("Õ is row-major");
-    let contiguous = |x: &ArrayView2<'_, f32>| x.ncols() <= 1 || x.strides()[1] == 1;
-    assert!(contiguous(&p) && contiguous(&v), "decode_add_pv: P and V need contiguous rows");
+    assert!(
+        rows_contiguous(&p) && rows_contiguous(&v),
+        "decode_add_pv: P and V need contiguous rows"
+    );
     #[cfg(target_arch = "x86_64")]
     if FMA {
         // SAFETY: as in scores_impl; the rows were checked above and Õ is row-major.

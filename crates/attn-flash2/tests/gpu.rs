@@ -785,19 +785,12 @@ fn tensor_core_packed_batch_in_one_launch_equals_the_calls_per_sequence_and_the_
         })
         .unwrap();
         // the same tiles of the same kernel: the same bits
-        let differ = |a: &[f32], b: &[f32]| {
-            a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count()
+        let same_bits = |a: &[f32], b: &[f32], name: &str| {
+            let differ = a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+            assert_eq!(differ, 0, "{what}: {name} differs in {differ} values");
         };
-        assert_eq!(
-            differ(native.out.as_slice().unwrap(), per_sequence.out.as_slice().unwrap()),
-            0,
-            "{what}: O"
-        );
-        assert_eq!(
-            differ(native.lse.as_slice().unwrap(), per_sequence.lse.as_slice().unwrap()),
-            0,
-            "{what}: lse"
-        );
+        same_bits(native.out.as_slice().unwrap(), per_sequence.out.as_slice().unwrap(), "O");
+        same_bits(native.lse.as_slice().unwrap(), per_sequence.lse.as_slice().unwrap(), "lse");
         let unpacked = seqs.unpacked(&inputs, &opts);
         let r =
             RefProblem::from_inputs(&unpacked.inputs(&inputs), &unpacked.opts).unwrap().forward();
@@ -822,16 +815,8 @@ fn tensor_core_packed_batch_in_one_launch_equals_the_calls_per_sequence_and_the_
             },
         )
         .unwrap();
-        assert_eq!(
-            differ(g.dk.as_slice().unwrap(), per_sequence_g.dk.as_slice().unwrap()),
-            0,
-            "{what}: dK"
-        );
-        assert_eq!(
-            differ(g.dv.as_slice().unwrap(), per_sequence_g.dv.as_slice().unwrap()),
-            0,
-            "{what}: dV"
-        );
+        same_bits(g.dk.as_slice().unwrap(), per_sequence_g.dk.as_slice().unwrap(), "dK");
+        same_bits(g.dv.as_slice().unwrap(), per_sequence_g.dv.as_slice().unwrap(), "dV");
         let dq_apart = compare(g.dq.view(), per_sequence_g.dq.mapv(f64::from).view()).normwise;
         assert!(dq_apart <= 1e-3, "{what}: dQ {dq_apart:e} from the per-sequence calls'");
         let rg = RefProblem::from_inputs(&unpacked.inputs(&inputs), &unpacked.opts)

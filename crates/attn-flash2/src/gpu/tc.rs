@@ -23,7 +23,7 @@
 //! ```
 
 use attn_core::problem::Problem;
-use attn_core::varlen::{SeqLens, check_packed, check_packed_shape};
+use attn_core::varlen::{SeqLens, check_packed_shape};
 use attn_core::{AttnError, Element, Inputs, Mask, Options, Result, Shape, Stage};
 use attn_core::{KeyRange, check_d_out, check_saved, check_values};
 use attn_cuda::pad::{backward_padded, forward_padded, padded_head_dim};
@@ -260,15 +260,10 @@ fn forward_on_device<T: TcFloat>(
     let (name, varlen) = match packed {
         None => (v.forward_kernel_name(d, with_mods, cut, capped), None),
         Some(seqs) => {
-            let work = packed_work(
-                seqs,
-                rows,
-                |nq, nk, first, last| {
-                    let range = KeyRange::new(nq, nk, opts.causal, opts.window);
-                    range.end(last).saturating_sub(range.start(first))
-                },
-                |s| seqs.q_span(s).len(),
-            );
+            // a query tile's cost: the keys its rows see
+            let work = packed_work(seqs, opts, (rows, false), |range, first, last| {
+                range.end(last).saturating_sub(range.start(first))
+            });
             let name = format!("{}_varlen", v.forward_kernel_name(d, with_mods, cut, capped));
             (name, Some(PackedWork::upload(gpu, seqs, &work)?))
         }
@@ -319,33 +314,29 @@ pub fn forward_packed_rounded<T: TcFloat>(
     inputs: &Inputs<'_>,
     opts: &Options,
 ) -> Result<(attn_core::Forward, DeviceStats)> {
-    check_packed(seqs, inputs, opts)?;
-    let to = padded_head_dim(STAGE, inputs.q.dim().3, &TC_HEAD_DIMS)?;
-    forward_padded(inputs, opts, to, |inputs, opts| {
-        let rounded = Rounded::<T>::of(inputs);
-        let (f, stats) = forward_packed_with_stats(seqs, &rounded.inputs(inputs), opts)?;
-        Ok((attn_core::Forward { out: widen(f.out.view()), lse: f.lse, traffic: None }, stats))
-    })
+    // the spans are checked with the rest of the call, on the rounded values (validate)
+    rounded_forward::<T>(inputs, opts, |half, opts| forward_packed_with_stats(seqs, half, opts))
 }
 
 /// A packed launch's work list, flattened (sequence, tile) pairs: every tile of `rows` rows
-/// of every sequence with rows (`rows_of(s)`: its queries in the forward, its keys in the
-/// backward; a sequence with rows but nothing on the other side still writes its zeros),
-/// the costliest first by `cost(n_q, n_k, first, last)` of the tile's rows, so that the
-/// longest blocks do not start last. Ties keep the sequences' order.
+/// of every sequence (of its queries in the forward, of its keys in the backward: `keys`; a
+/// sequence with rows but nothing on the other side still writes its zeros), the costliest
+/// first by `cost(key range, first, last)` of the tile's rows, so that the longest blocks do
+/// not start last. Ties keep the sequences' order.
 fn packed_work(
     seqs: &SeqLens,
-    rows: usize,
-    cost: impl Fn(usize, usize, usize, usize) -> usize,
-    rows_of: impl Fn(usize) -> usize,
+    opts: &Options,
+    (rows, keys): (usize, bool),
+    cost: impl Fn(&KeyRange, usize, usize) -> usize,
 ) -> Vec<i32> {
     let mut tiles = Vec::new();
     for s in 0..seqs.num_seqs() {
         let (nq, nk) = (seqs.q_span(s).len(), seqs.k_span(s).len());
-        let n = rows_of(s);
+        let range = KeyRange::new(nq, nk, opts.causal, opts.window);
+        let n = if keys { nk } else { nq };
         for t in 0..n.div_ceil(rows) {
             let (first, last) = (t * rows, ((t + 1) * rows).min(n) - 1);
-            let c = if nq == 0 || nk == 0 { 0 } else { cost(nq, nk, first, last) };
+            let c = if nq == 0 || nk == 0 { 0 } else { cost(&range, first, last) };
             tiles.push((c, s as i32, t as i32));
         }
     }
@@ -509,10 +500,20 @@ pub fn forward_rounded<T: TcFloat>(
     opts: &Options,
     version: u32,
 ) -> Result<(attn_core::Forward, DeviceStats)> {
+    rounded_forward::<T>(inputs, opts, |half, opts| forward_version_with_stats(half, opts, version))
+}
+
+/// `run` (a 16-bit forward) on f32 inputs: the head dimension padded, Q, K, V rounded to `T`
+/// on the host, O widened back.
+fn rounded_forward<T: TcFloat>(
+    inputs: &Inputs<'_>,
+    opts: &Options,
+    run: impl FnOnce(&HalfInputs<'_, T>, &Options) -> Result<(HalfForward<T>, DeviceStats)>,
+) -> Result<(attn_core::Forward, DeviceStats)> {
     let to = padded_head_dim(STAGE, inputs.q.dim().3, &TC_HEAD_DIMS)?;
     forward_padded(inputs, opts, to, |inputs, opts| {
         let rounded = Rounded::<T>::of(inputs);
-        let (f, stats) = forward_version_with_stats(&rounded.inputs(inputs), opts, version)?;
+        let (f, stats) = run(&rounded.inputs(inputs), opts)?;
         Ok((attn_core::Forward { out: widen(f.out.view()), lse: f.lse, traffic: None }, stats))
     })
 }
@@ -571,7 +572,6 @@ pub fn backward_packed_rounded<T: TcFloat>(
     fwd: &attn_core::Forward,
     d_out: ArrayView4<'_, f32>,
 ) -> Result<(attn_core::Grads, DeviceStats)> {
-    check_packed(seqs, inputs, opts)?;
     rounded_backward::<T>(inputs, opts, (fwd, d_out), |half, opts, hf, d_o| {
         backward_packed_with_stats(seqs, half, opts, hf, d_o)
     })
@@ -614,16 +614,11 @@ fn backward_on_device<T: TcFloat>(
         Some(seqs) => {
             // a key tile's cost: the query rows that see any of its keys (both bounds of a
             // row's key range grow with the row)
-            let work = packed_work(
-                seqs,
-                keys,
-                |nq, nk, first, last| {
-                    let range = KeyRange::new(nq, nk, opts.causal, opts.window);
-                    let from = first_where(nq, |i| range.end(i) > first);
-                    first_where(nq, |i| range.start(i) > last).saturating_sub(from)
-                },
-                |s| seqs.k_span(s).len(),
-            );
+            let work = packed_work(seqs, opts, (keys, true), |range, first, last| {
+                let nq = range.n_q;
+                let from = first_where(nq, |i| range.end(i) > first);
+                first_where(nq, |i| range.start(i) > last).saturating_sub(from)
+            });
             (format!("{name}_varlen"), Some(PackedWork::upload(gpu, seqs, &work)?))
         }
     };
