@@ -408,11 +408,15 @@ decode_split(const DecodeArgs a, const ScoreMods mods) {
 // ANCHOR: decode_merge
 // Split-KV's second step, one block a query row: lse = log sum_s e^(lse_s), O = sum_s
 // e^(lse_s - lse) O_s. A split that saw no key (lse_s = -inf) weighs nothing; a row no split
-// saw gets O = 0, lse = -inf. The weights go to shared memory once; then each thread sums
-// its columns over the splits, every load independent of the last.
+// saw gets O = 0, lse = -inf. The weights go to shared memory once; then each warp sums every
+// DEC_WARPS-th split, a lane's columns lane + 32 k, so that a thread has every load of its
+// splits in flight at once (the partials are in the L2: latency, not bandwidth, is the cost);
+// the warps' sums meet in shared memory.
 #define DEC_MAX_SPLITS 1024
+#define DEC_MERGE_COLS 8  // columns a lane: 32 lanes · 8 cover MAX_HEAD_DIM
 extern "C" __global__ void __launch_bounds__(DEC_THREADS) decode_merge(const DecodeArgs a) {
     __shared__ float w[DEC_MAX_SPLITS];
+    __shared__ float sums[DEC_WARPS][32 * DEC_MERGE_COLS];
     const i64 rows = (i64)a.batch * a.heads * a.n_q, zi = blockIdx.x;
     const float* lse_part = (const float*)a.lse_part;
     for (int s = threadIdx.x; s < a.splits; s += DEC_THREADS) w[s] = lse_part[s * rows + zi];
@@ -427,11 +431,24 @@ extern "C" __global__ void __launch_bounds__(DEC_THREADS) decode_merge(const Dec
         w[s] = mx == NEG_INF ? 0.0f : __expf(w[s] - mx) / l;
     __syncthreads();
     const float* o_part = (const float*)a.o_part;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    float acc[DEC_MERGE_COLS] = {};
+#pragma unroll 4
+    for (int s = warp; s < a.splits; s += DEC_WARPS) {
+        const float ws = w[s];
+        const float* o_s = o_part + (s * rows + zi) * a.d;
+#pragma unroll
+        for (int k = 0; k < DEC_MERGE_COLS; ++k)
+            if (lane + 32 * k < a.d) acc[k] += ws * o_s[lane + 32 * k];
+    }
+#pragma unroll
+    for (int k = 0; k < DEC_MERGE_COLS; ++k) sums[warp][lane + 32 * k] = acc[k];
+    __syncthreads();
     for (int c = threadIdx.x; c < a.d; c += DEC_THREADS) {
-        float acc = 0.0f;
-#pragma unroll 8
-        for (int s = 0; s < a.splits; ++s) acc += w[s] * o_part[(s * rows + zi) * a.d + c];
-        store_elem((elem_t*)a.o + zi * a.d + c, acc);
+        float o = 0.0f;
+#pragma unroll
+        for (int v = 0; v < DEC_WARPS; ++v) o += sums[v][c];
+        store_elem((elem_t*)a.o + zi * a.d + c, o);
     }
     if (threadIdx.x == 0) ((float*)a.lse)[zi] = mx == NEG_INF ? NEG_INF : mx + __logf(l);
 }
@@ -460,17 +477,33 @@ extern "C" __global__ void decode_fill(elem_t* x, i64 n, u32 seed) {
 #define DEC_KB 16                      // keys a warp a tile
 #define DEC_MT (DEC_WARPS * DEC_KB)    // keys a tile
 // Starts copying keys and values j0 .. j0 + DEC_MT - 1 (zeros from j_end on) into a stage.
+// A thread copies one 16-byte column x of every ROWS-th row. A whole tile inside one page
+// (every tile of a contiguous cache but a row's last) is rows D apart in memory: one row's
+// offset, then fixed steps, where a tile that ends early or crosses pages looks up each row.
 __device__ __forceinline__ void fetch_tile16(const DecodeArgs& a, const int* table, int b, int g,
                                              int j0, int j_end, u16* ks, u16* vs) {
-    constexpr int D = DEC_D, S = D + 8, C8 = D / 8;
+    constexpr int D = DEC_D, S = D + 8, C8 = D / 8, ROWS = DEC_THREADS / C8;
+    static_assert(DEC_THREADS % C8 == 0 && DEC_MT % ROWS == 0, "whole rows a pass");
     const u16* K = (const u16*)a.k;
     const u16* V = (const u16*)a.v;
-    for (int c = threadIdx.x; c < DEC_MT * C8; c += DEC_THREADS) {
-        const int r = c / C8, x = (c % C8) * 8, j = j0 + r;
-        const bool valid = j < j_end;
-        const i64 at = valid ? key_offset(a, table, b, g, j) + x : 0;
-        cp_async16_line(ks + r * S + x, K + at, valid);
-        cp_async16_line(vs + r * S + x, V + at, valid);
+    const int r0 = threadIdx.x / C8, x = threadIdx.x % C8 * 8;
+    const bool whole = j0 + DEC_MT <= j_end && (!table || j0 % a.page_size + DEC_MT <= a.page_size);
+    if (whole) {
+        const i64 at = key_offset(a, table, b, g, j0 + r0) + x;
+#pragma unroll
+        for (int i = 0; i < DEC_MT / ROWS; ++i) {
+            const int r = r0 + i * ROWS;
+            cp_async16_line(ks + r * S + x, K + at + (i64)i * ROWS * D, true);
+            cp_async16_line(vs + r * S + x, V + at + (i64)i * ROWS * D, true);
+        }
+    } else {
+        for (int r = r0; r < DEC_MT; r += ROWS) {
+            const int j = j0 + r;
+            const bool valid = j < j_end;
+            const i64 at = valid ? key_offset(a, table, b, g, j) + x : 0;
+            cp_async16_line(ks + r * S + x, K + at, valid);
+            cp_async16_line(vs + r * S + x, V + at, valid);
+        }
     }
     cp_async_commit();
 }
@@ -505,6 +538,16 @@ decode_mma(const DecodeArgs a, const ScoreMods mods) {
     const int stage = 2 * DEC_MT * S;
     const int* table = (const int*)a.block_table;
 
+    // the first tiles' copies start before Q's rows are read: Q's latency hides under them
+    const int n_tiles = (j_end - j_begin + DEC_MT - 1) / DEC_MT;
+#pragma unroll
+    for (int t = 0; t < DEC_STAGES - 1; ++t) {
+        if (t < n_tiles)
+            fetch_tile16(a, table, b, g, j_begin + t * DEC_MT, j_end, tiles + t * stage,
+                         tiles + t * stage + DEC_MT * S);
+        else
+            cp_async_commit();
+    }
     // Q's rows (zeros past the group) and their A fragments
     for (int e = threadIdx.x; e < 16 * (D / 8); e += DEC_THREADS) {
         const int r = e / (D / 8), c = (e % (D / 8)) * 8, x = tile * 16 + r;
@@ -514,15 +557,6 @@ decode_mma(const DecodeArgs a, const ScoreMods mods) {
             v = *reinterpret_cast<const uint4*>((const u16*)a.q + row * D + c);
         }
         *reinterpret_cast<uint4*>(Qs + r * S + c) = v;
-    }
-    const int n_tiles = (j_end - j_begin + DEC_MT - 1) / DEC_MT;
-#pragma unroll
-    for (int t = 0; t < DEC_STAGES - 1; ++t) {
-        if (t < n_tiles)
-            fetch_tile16(a, table, b, g, j_begin + t * DEC_MT, j_end, tiles + t * stage,
-                         tiles + t * stage + DEC_MT * S);
-        else
-            cp_async_commit();
     }
     __syncthreads();
     u32 qf[D / 16][4];
@@ -541,7 +575,7 @@ decode_mma(const DecodeArgs a, const ScoreMods mods) {
 
     for (int t = 0; t < n_tiles; ++t) {
         cp_async_wait<DEC_STAGES - 2>();
-        __syncthreads();
+        __syncthreads();  // tile t is in, and every thread is done with tile t - 1's stage
         {
             const int next = t + DEC_STAGES - 1, at = next % DEC_STAGES;
             if (next < n_tiles)
