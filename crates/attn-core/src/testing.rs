@@ -1351,6 +1351,24 @@ pub mod varlen_claims {
                     512,
                 )
             },
+            DecodeCase {
+                page: Some(128),
+                ..case(
+                    "GQA 4:1, d 128, pages of 128 (a GPU tile inside a page)",
+                    (2, (8, 2), 1, 128),
+                    &[700, 129],
+                    768,
+                )
+            },
+            DecodeCase {
+                page: Some(96),
+                ..case(
+                    "GQA 2:1, d 64, 2 queries, pages of 96 (GPU tiles across pages and inside)",
+                    (2, (4, 2), 2, 64),
+                    &[600, 250],
+                    672,
+                )
+            },
             case(
                 "d 40, MHA, rows of 64, 1, 0 and 37 keys",
                 (4, (4, 4), 1, 40),
