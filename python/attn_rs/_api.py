@@ -42,10 +42,7 @@ def _as_numpy(name, x):
     """A CPU tensor's memory as a NumPy array (no copy); an array as it is."""
     if _is_tensor(x):
         if x.is_cuda:
-            raise ValueError(
-                f"{name} is a CUDA tensor, which this build does not take yet: pass CPU tensors "
-                "(or NumPy arrays, with device='cuda' to run the GPU stage)"
-            )
+            raise ValueError(f"{name} is a CUDA tensor and q is not: put all of them on one device")
         if x.dtype != torch.float32 and x.dtype != torch.bool:
             raise ValueError(f"{name} must be float32 (bool for a mask), but it is {x.dtype}")
         return x.detach().numpy()
@@ -149,7 +146,8 @@ def attention(q, k, v, *, algo="flash2", device=None, causal=False, mask=None, b
               return_lse=False, q_block=None, k_block=None, deterministic=False):
     """Attention of q `[batch, heads, n_q, d]` over k, v `[batch, kv_heads, n_k, d]`.
 
-    Takes NumPy arrays or CPU torch tensors (float32) and returns the same kind: the output
+    Takes NumPy arrays or CPU torch tensors (float32), or bf16 / fp16 CUDA tensors (the
+    tensor cores, flash2, on the device; no bias yet), and returns the same kind: the output
     `[batch, heads, n_q, d]`, and with ``return_lse`` the natural-log log-sum-exp of each
     row `[batch, heads, n_q]` (-inf for a row every key is hidden from, whose output is 0).
 
@@ -172,7 +170,11 @@ def attention(q, k, v, *, algo="flash2", device=None, causal=False, mask=None, b
     kinds = {_is_tensor(x) for x in (q, k, v)}
     if len(kinds) != 1:
         raise ValueError("q, k and v must all be torch tensors or all NumPy arrays")
-    if _is_tensor(q):
+    if _is_tensor(q) and q.is_cuda:
+        from . import _cuda  # bf16 / fp16 on the tensor cores, where the tensors are
+
+        out, lse = _cuda.attention(call, q, k, v, bias)
+    elif _is_tensor(q):
         if bias is not None and not _is_tensor(bias):
             raise ValueError("bias must be a torch tensor when q, k and v are")
         wants_grad = torch.is_grad_enabled() and any(

@@ -207,6 +207,95 @@ fn forward_times_ns<'py>(
     .map_err(value_error)
 }
 
+/// Device addresses of a CUDA call, as Python passes them (a dict of ints; 0 where unused).
+#[derive(FromPyObject)]
+#[pyo3(from_item_all)]
+struct Addresses {
+    q: u64,
+    k: u64,
+    v: u64,
+    out: u64,
+    lse: u64,
+    d_out: u64,
+    dq: u64,
+    dk: u64,
+    dv: u64,
+}
+
+// ANCHOR: tc_call
+/// FlashAttention-2 on the tensor cores over CUDA tensors that stay where they are: `at`
+/// holds their device addresses (contiguous `[b, h, n, d]` bf16 / fp16, lse f32), `dims`
+/// is `(batch, heads, kv_heads, n_q, n_k, head_dim)`, `stream` the caller's current CUDA
+/// stream, which the call is ordered after and which waits for it in turn (events, no host
+/// wait). The forward writes O and lse; with `backward`, dQ, dK and dV. The mask and ALiBi
+/// slopes come as host arrays; the values of Q, K, V are the caller's to have checked.
+#[pyfunction]
+#[pyo3(signature = (dtype, dims, at, stream, mask, alibi, opts, backward))]
+#[allow(clippy::too_many_arguments)]
+fn tc_call<'py>(
+    py: Python<'py>,
+    dtype: &str,
+    dims: (usize, usize, usize, usize, usize, usize),
+    at: Addresses,
+    stream: u64,
+    mask: Option<PyReadonlyArrayDyn<'py, bool>>,
+    alibi: Option<PyReadonlyArray2<'py, f32>>,
+    opts: CallOptions,
+    backward: bool,
+) -> PyResult<()> {
+    use attn::core::problem::stand_in;
+    use attn::flash2::tc::{self, DeviceAt, bf16, f16};
+    let (b, h, kvh, n_q, n_k, d) = dims;
+    let mut shapes = Inputs::new(
+        stand_in((b, h, n_q, d)),
+        stand_in((b, kvh, n_k, d)),
+        stand_in((b, kvh, n_k, d)),
+    );
+    let mask_view = mask.as_ref().map(|m| m.as_array());
+    if let Some(m) = mask_view {
+        shapes = shapes.with_mask(match m.ndim() {
+            2 => Mask::KeyPadding(m.into_dimensionality().expect("2-D")),
+            4 => Mask::Full(m.into_dimensionality().expect("4-D")),
+            n => return Err(PyValueError::new_err(format!("mask must be 2-D or 4-D, not {n}-D"))),
+        });
+    }
+    let alibi_view = alibi.as_ref().map(|a| a.as_array());
+    if let Some(a) = alibi_view {
+        shapes = shapes.with_alibi(a);
+    }
+    let options = opts.options(false);
+    let at = DeviceAt {
+        q: at.q,
+        k: at.k,
+        v: at.v,
+        out: at.out,
+        lse: at.lse,
+        d_out: at.d_out,
+        dq: at.dq,
+        dk: at.dk,
+        dv: at.dv,
+    };
+    py.detach(|| {
+        let gpu = attn::cuda::gpu()?;
+        // SAFETY: Python passes the data pointers of live, contiguous CUDA tensors of these
+        // shapes and PyTorch's current stream of the same (primary) context; the kernels are
+        // ordered after the stream's work so far, and the stream after the kernels.
+        unsafe {
+            gpu.wait_for(stream)?;
+            match (dtype, backward) {
+                ("bf16", false) => tc::forward_at::<bf16>(&shapes, &options, at)?,
+                ("f16", false) => tc::forward_at::<f16>(&shapes, &options, at)?,
+                ("bf16", true) => tc::backward_at::<bf16>(&shapes, &options, at)?,
+                ("f16", true) => tc::backward_at::<f16>(&shapes, &options, at)?,
+                _ => unreachable!("Python passes bf16 or f16"),
+            }
+            gpu.make_wait(stream)
+        }
+    })
+    .map_err(value_error)
+}
+// ANCHOR_END: tc_call
+
 /// The stage names `algo` takes, in the order of the story.
 #[pyfunction]
 fn stage_names() -> Vec<&'static str> {
@@ -224,6 +313,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(forward, m)?)?;
     m.add_function(wrap_pyfunction!(backward, m)?)?;
     m.add_function(wrap_pyfunction!(forward_times_ns, m)?)?;
+    m.add_function(wrap_pyfunction!(tc_call, m)?)?;
     m.add_function(wrap_pyfunction!(stage_names, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
     Ok(())

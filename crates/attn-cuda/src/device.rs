@@ -273,6 +273,49 @@ impl Gpu {
         Ok(best)
     }
 
+    /// Copies `src` to the device address `dst` on this stream (a caller's tensor of the same
+    /// size and type).
+    ///
+    /// # Safety
+    /// `dst` must address `src.len()` elements of `T` in this context, live until the stream
+    /// reaches the copy.
+    pub unsafe fn copy_to<T>(&self, src: &DeviceBuffer<T>, dst: u64) -> Result<()> {
+        let bytes = src.len * size_of::<T>();
+        self.bind().map_err(cuda_err("binding the context"))?;
+        // SAFETY: src is this library's live buffer; the caller vouches for dst
+        unsafe {
+            cudarc::driver::result::memcpy_dtod_async(
+                dst,
+                self.ptr(src),
+                bytes,
+                self.stream.cu_stream(),
+            )
+        }
+        .map_err(cuda_err("copying on the device"))
+    }
+
+    /// Orders this library's stream after the work queued so far on `foreign`, a stream of
+    /// the same context (PyTorch's current stream, say), with an event: no host wait.
+    ///
+    /// # Safety
+    /// `foreign` must be a live `CUstream` of this context (0: the legacy default stream).
+    pub unsafe fn wait_for(&self, foreign: u64) -> Result<()> {
+        self.bind().map_err(cuda_err("binding the context"))?;
+        // SAFETY: the caller vouches for foreign; ours lives as long as self
+        unsafe { order(foreign as cudarc::driver::sys::CUstream, self.stream.cu_stream()) }
+    }
+
+    /// Orders `foreign` after the work queued so far on this library's stream (the results
+    /// of a call made for its owner).
+    ///
+    /// # Safety
+    /// As [`Gpu::wait_for`].
+    pub unsafe fn make_wait(&self, foreign: u64) -> Result<()> {
+        self.bind().map_err(cuda_err("binding the context"))?;
+        // SAFETY: as wait_for
+        unsafe { order(self.stream.cu_stream(), foreign as cudarc::driver::sys::CUstream) }
+    }
+
     /// Waits for every launch so far; reports an asynchronous kernel error, if any.
     pub fn synchronize(&self) -> Result<()> {
         self.stream.synchronize().map_err(cuda_err("running the kernels"))
@@ -293,6 +336,35 @@ impl Gpu {
         let now = self.live.fetch_add(bytes, Ordering::Relaxed) + bytes;
         self.peak.fetch_max(now, Ordering::Relaxed);
         DeviceBuffer { len: slice.len(), slice, bytes }
+    }
+}
+
+/// Makes `after` wait for the work queued so far on `before` (a no-op where they are one
+/// stream): an event recorded on one and waited for on the other, released at once (the
+/// driver keeps it until the wait is done).
+///
+/// # Safety
+/// Both must be live streams of the current context.
+unsafe fn order(
+    before: cudarc::driver::sys::CUstream,
+    after: cudarc::driver::sys::CUstream,
+) -> Result<()> {
+    use cudarc::driver::result::{event, stream};
+    if before == after {
+        return Ok(());
+    }
+    let err = || cuda_err("ordering two streams");
+    let ev = event::create(CUevent_flags::CU_EVENT_DISABLE_TIMING).map_err(err())?;
+    // SAFETY: ev was just created; the caller vouches for the streams
+    unsafe {
+        event::record(ev, before).map_err(err())?;
+        stream::wait_event(
+            after,
+            ev,
+            cudarc::driver::sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+        )
+        .map_err(err())?;
+        event::destroy(ev).map_err(err())
     }
 }
 

@@ -17,14 +17,29 @@ pub fn launch_row_dot<T>(
     d_out: &DeviceBuffer<T>,
     out: &DeviceBuffer<T>,
     dd: &DeviceBuffer<f32>,
+    rows_d: (usize, usize),
+) -> Result<()> {
+    // SAFETY: the three buffers are live device allocations of the sizes the caller states
+    unsafe { launch_row_dot_at(gpu, f, (gpu.ptr(d_out), gpu.ptr(out), gpu.ptr(dd)), rows_d) }
+}
+
+/// [`launch_row_dot`] on device addresses (dO, O, D).
+///
+/// # Safety
+/// dO and O must address `rows · d` elements of the type `f` reads, D `rows` floats, all live
+/// until the stream reaches the kernel.
+pub unsafe fn launch_row_dot_at(
+    gpu: &Gpu,
+    f: &CudaFunction,
+    (a, b, c): (u64, u64, u64),
     (rows, d): (usize, usize),
 ) -> Result<()> {
     let cfg = grid((blocks_for(rows, 8), 1, 1), 256);
-    let (a, b, c, r, d) = (gpu.ptr(d_out), gpu.ptr(out), gpu.ptr(dd), rows as i64, d as i32);
+    let (r, d) = (rows as i64, d as i32);
     let mut l = gpu.stream().launch_builder(f);
     l.arg(&a).arg(&b).arg(&c).arg(&r).arg(&d);
     // SAFETY: (d_out, out, D, rows, d) is the parameter list of every row_dot_rows kernel;
-    // d_out and out hold rows · d elements of the type f reads, D rows floats.
+    // the caller vouches for the addresses.
     unsafe { l.launch(cfg) }.map(|_| ()).map_err(cuda_err("row_dot"))
 }
 

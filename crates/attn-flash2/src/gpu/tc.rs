@@ -31,7 +31,7 @@ use attn_cuda::problem::{needs_cut_kernel, needs_mods_kernel};
 use attn_cuda::{CudaFunction, DeviceBuffer, DeviceRepr, DeviceStats, FlashArgs, Gpu};
 use attn_cuda::{LaunchConfig, PushKernelArg, ScoreMods, cuda_err};
 use attn_cuda::{ScoreInputs, blocks_for, gpu, measured, with_shared_bytes};
-use attn_cuda::{launch_fused_with, launch_group_sum, launch_row_dot};
+use attn_cuda::{launch_fused_with, launch_group_sum, launch_row_dot_at};
 pub use half::{bf16, f16};
 use ndarray::{Array, Array3, Array4, ArrayView4, Dimension};
 
@@ -183,8 +183,14 @@ pub fn forward<T: TcFloat>(inputs: &HalfInputs<'_, T>, opts: &Options) -> Result
 /// of q, k, v and the bias by [`check_values`] on the 16-bit tensors themselves — then the
 /// tensor cores' own limits.
 fn validate<'a, T: TcFloat>(inputs: &HalfInputs<'a, T>, opts: &Options) -> Result<Problem<'a>> {
-    let p = Problem::shapes_only(&inputs.shapes(), opts)?;
+    let p = validate_shapes(&inputs.shapes(), opts)?;
     check_values(inputs.q, inputs.k, inputs.v, inputs.bias, p.scale)?;
+    Ok(p)
+}
+
+/// [`validate`] without the values: the shapes, masks and options, the tensor cores' limits.
+fn validate_shapes<'a>(shapes: &Inputs<'a>, opts: &Options) -> Result<Problem<'a>> {
+    let p = Problem::shapes_only(shapes, opts)?;
     if !TC_HEAD_DIMS.contains(&p.shape.head_dim) {
         return Err(AttnError::UnsupportedHeadDim {
             stage: STAGE,
@@ -242,62 +248,17 @@ fn forward_on_device<T: TcFloat>(
     packed: Option<&SeqLens>,
 ) -> Result<(HalfForward<T>, DeviceStats)> {
     let p = validate(inputs, opts)?;
-    if let Some(seqs) = packed {
-        check_packed_shape(seqs, &p.shape)?;
-    }
-    let v = versions::find(Track::TcForward, version)
-        .ok_or_else(|| versions::unknown(Track::TcForward, version))?;
-    check_version_head_dim(v, p.shape.head_dim)?;
     let gpu = gpu()?;
-    check_architecture(gpu)?;
+    let plan = ForwardPlan::new::<T>(gpu, &p, opts, version, packed)?;
     let Shape { batch, heads, n_q, head_dim: d, .. } = p.shape;
-    let (q, k, v_buf) =
+    let (q, k, v) =
         (gpu.upload_array(inputs.q)?, gpu.upload_array(inputs.k)?, gpu.upload_array(inputs.v)?);
-    let score = ScoreInputs::upload(gpu, &p)?;
-    let (with_mods, cut) = (needs_mods_kernel(&p), needs_cut_kernel(&p));
-    let capped = p.softcap.is_some_and(|c| versions::cap_in_fp16(c, p.scale));
-    let rows = block_rows(version, d);
-    let (name, varlen) = match packed {
-        None => (v.forward_kernel_name(d, with_mods, cut, capped), None),
-        Some(seqs) => {
-            // a query tile's cost: the keys its rows see
-            let work = packed_work(seqs, opts, (rows, false), |range, first, last| {
-                range.end(last).saturating_sub(range.start(first))
-            });
-            let name = format!("{}_varlen", v.forward_kernel_name(d, with_mods, cut, capped));
-            (name, Some(PackedWork::upload(gpu, seqs, &work)?))
-        }
-    };
-    let f = with_shared_bytes(tc_function::<T>(gpu, v, d, &name)?, shared_bytes(version, d))?;
-    let z = batch * heads;
     let ((out, lse), stats) = measured(gpu, || {
-        let out: DeviceBuffer<T> = gpu.uninit(z * n_q * d)?;
-        let lse = gpu.uninit_f32(z * n_q)?;
-        let args = FlashArgs {
-            q: gpu.ptr(&q),
-            k: gpu.ptr(&k),
-            v: gpu.ptr(&v_buf),
-            o: gpu.ptr(&out),
-            lse: gpu.ptr(&lse),
-            ..FlashArgs::new(&p.shape, p.scale)
-        };
-        match &varlen {
-            None => {
-                let grid = (blocks_for(n_q, rows as u32), z as u32, 1);
-                launch_fused_with(
-                    gpu,
-                    &f,
-                    (grid, 128),
-                    &args,
-                    &score.mods,
-                    None,
-                    "flash2_tc_forward",
-                )?
-            }
-            Some(w) => {
-                w.launch(gpu, &f, (heads, 1, 128), &args, &score.mods, "flash2_tc_forward_varlen")?
-            }
-        }
+        let out: DeviceBuffer<T> = gpu.uninit(batch * heads * n_q * d)?;
+        let lse = gpu.uninit_f32(batch * heads * n_q)?;
+        let at = [gpu.ptr(&q), gpu.ptr(&k), gpu.ptr(&v), gpu.ptr(&out), gpu.ptr(&lse)];
+        // SAFETY: the buffers above hold the call's shapes, and live past the launch
+        unsafe { plan.launch(gpu, &p, at) }?;
         Ok((out, lse))
     })?;
     let forward = HalfForward {
@@ -305,6 +266,150 @@ fn forward_on_device<T: TcFloat>(
         lse: gpu.download_array(&lse, p.shape.lse_dims())?,
     };
     Ok((forward, stats))
+}
+
+/// A forward ready to launch: its kernel compiled and its score inputs on the device.
+struct ForwardPlan {
+    f: (CudaFunction, u32),
+    varlen: Option<PackedWork>,
+    rows: usize,
+    score: ScoreInputs,
+}
+
+impl ForwardPlan {
+    fn new<T: TcFloat>(
+        gpu: &Gpu,
+        p: &Problem<'_>,
+        opts: &Options,
+        version: u32,
+        packed: Option<&SeqLens>,
+    ) -> Result<Self> {
+        if let Some(seqs) = packed {
+            check_packed_shape(seqs, &p.shape)?;
+        }
+        let v = versions::find(Track::TcForward, version)
+            .ok_or_else(|| versions::unknown(Track::TcForward, version))?;
+        let d = p.shape.head_dim;
+        check_version_head_dim(v, d)?;
+        check_architecture(gpu)?;
+        let score = ScoreInputs::upload(gpu, p)?;
+        let (with_mods, cut) = (needs_mods_kernel(p), needs_cut_kernel(p));
+        let capped = p.softcap.is_some_and(|c| versions::cap_in_fp16(c, p.scale));
+        let rows = block_rows(version, d);
+        let (name, varlen) = match packed {
+            None => (v.forward_kernel_name(d, with_mods, cut, capped), None),
+            Some(seqs) => {
+                // a query tile's cost: the keys its rows see
+                let work = packed_work(seqs, opts, (rows, false), |range, first, last| {
+                    range.end(last).saturating_sub(range.start(first))
+                });
+                let name = format!("{}_varlen", v.forward_kernel_name(d, with_mods, cut, capped));
+                (name, Some(PackedWork::upload(gpu, seqs, &work)?))
+            }
+        };
+        let f = with_shared_bytes(tc_function::<T>(gpu, v, d, &name)?, shared_bytes(version, d))?;
+        Ok(Self { f, varlen, rows, score })
+    }
+
+    /// Launches the forward on the device addresses of Q, K, V, O and lse.
+    ///
+    /// # Safety
+    /// Each address must hold its tensor of `p`'s shape, row-major (`T`; lse f32), live until
+    /// the stream reaches the kernel.
+    unsafe fn launch(&self, gpu: &Gpu, p: &Problem<'_>, [q, k, v, o, lse]: [u64; 5]) -> Result<()> {
+        let Shape { batch, heads, n_q, .. } = p.shape;
+        let args = FlashArgs { q, k, v, o, lse, ..FlashArgs::new(&p.shape, p.scale) };
+        match &self.varlen {
+            None => {
+                let grid = (blocks_for(n_q, self.rows as u32), (batch * heads) as u32, 1);
+                let (f, mods) = (&self.f, &self.score.mods);
+                launch_fused_with(gpu, f, (grid, 128), &args, mods, None, "flash2_tc_forward")
+            }
+            Some(w) => w.launch(
+                gpu,
+                &self.f,
+                (heads, 1, 128),
+                &args,
+                &self.score.mods,
+                "flash2_tc_forward_varlen",
+            ),
+        }
+    }
+}
+
+/// Device addresses of a call's tensors, row-major in `T` (lse in f32), as a framework holds
+/// them (PyTorch's CUDA tensors): the forward's inputs and outputs, or the backward's.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DeviceAt {
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub out: u64,
+    pub lse: u64,
+    pub d_out: u64,
+    pub dq: u64,
+    pub dk: u64,
+    pub dv: u64,
+}
+
+/// The tensor-core forward on tensors already on the device: Q, K, V read and O, lse written
+/// at `at`, on this library's stream (order it against the owner's with
+/// [`attn_cuda::Gpu::wait_for`] and [`attn_cuda::Gpu::make_wait`]). `shapes` gives Q, K and
+/// V's shapes ([`attn_core::problem::stand_in`] views) and, on the host, the mask and ALiBi
+/// slopes; every check of [`forward`] is made but the values', which stay on the device for
+/// the caller to check. Head dimensions 64, 128 and 256; no bias.
+///
+/// # Safety
+/// Each address must hold a live allocation of its tensor's shape in the current context,
+/// contiguous and row-major, not written by other work until the stream reaches the kernel.
+pub unsafe fn forward_at<T: TcFloat>(
+    shapes: &Inputs<'_>,
+    opts: &Options,
+    at: DeviceAt,
+) -> Result<()> {
+    let p = validate_shapes(shapes, opts)?;
+    refuse_bias_at(&p)?;
+    let gpu = gpu()?;
+    let plan = ForwardPlan::new::<T>(gpu, &p, opts, forward_version(), None)?;
+    // SAFETY: the caller vouches for the addresses
+    unsafe { plan.launch(gpu, &p, [at.q, at.k, at.v, at.out, at.lse]) }
+}
+
+/// The tensor-core backward on tensors already on the device: Q, K, V, O, lse and dO read at
+/// `at`, dQ, dK and dV written there (as [`forward_at`]: the caller's stream to order, the
+/// values its to check).
+///
+/// # Safety
+/// As [`forward_at`], for the nine addresses.
+pub unsafe fn backward_at<T: TcFloat>(
+    shapes: &Inputs<'_>,
+    opts: &Options,
+    at: DeviceAt,
+) -> Result<()> {
+    let p = validate_shapes(shapes, opts)?;
+    refuse_bias_at(&p)?;
+    let gpu = gpu()?;
+    let plan = BackwardPlan::new::<T>(gpu, &p, opts, backward_version(), None)?;
+    // SAFETY: the caller vouches for the addresses
+    let (dq, dk, dv) =
+        unsafe { plan.launch::<T>(gpu, &p, [at.q, at.k, at.v, at.out, at.d_out], at.lse) }?;
+    for (src, dst) in [(&dq, at.dq), (&dk, at.dk), (&dv, at.dv)] {
+        // SAFETY: dst holds a tensor of src's shape (the caller), src is this call's buffer
+        unsafe { gpu.copy_to(src, dst) }?;
+    }
+    Ok(())
+}
+
+/// A bias lives on the host in [`Inputs`]; on device addresses it is not taken.
+fn refuse_bias_at(p: &Problem<'_>) -> Result<()> {
+    if p.bias.is_some() {
+        return Err(AttnError::Unsupported {
+            stage: STAGE,
+            what: "a bias with tensors on the device",
+            advice: "pass the bias with host tensors, or fold it into a mask",
+        });
+    }
+    Ok(())
 }
 
 /// [`forward_packed_with_stats`] on f32 inputs, rounded to `T` on the host (not timed), O
@@ -587,51 +692,102 @@ fn backward_on_device<T: TcFloat>(
 ) -> Result<(HalfGrads<T>, DeviceStats)> {
     let p = validate(inputs, opts)?;
     let sh = p.shape;
-    if let Some(seqs) = packed {
-        check_packed_shape(seqs, &sh)?;
-    }
     check_saved(&sh, fwd.out.view(), fwd.lse.view())?;
     check_d_out(&sh, d_out)?;
-    let v = versions::find(Track::TcBackward, version)
-        .ok_or_else(|| versions::unknown(Track::TcBackward, version))?;
-    check_version_head_dim(v, sh.head_dim)?;
     let gpu = gpu()?;
-    check_architecture(gpu)?;
-    let Shape { batch, heads, kv_heads, n_q, n_k, head_dim: d, .. } = sh;
-    let (q, k, v_buf) =
+    let plan = BackwardPlan::new::<T>(gpu, &p, opts, version, packed)?;
+    let (q, k, v) =
         (gpu.upload_array(inputs.q)?, gpu.upload_array(inputs.k)?, gpu.upload_array(inputs.v)?);
     let (o, d_o) = (gpu.upload_array(fwd.out.view())?, gpu.upload_array(d_out)?);
     let lse = gpu.upload_array(fwd.lse.view())?;
-    let score = ScoreInputs::upload_for_backward(gpu, &p)?;
-    // The shipped backward's module holds D = rowsum(dO ∘ O) and the group sums.
-    let shipped = versions::default_version(Track::TcBackward);
-    let row_dot = tc_function::<T>(gpu, shipped, d, "tc_row_dot")?;
-    let group_sum = tc_function::<T>(gpu, shipped, d, "tc_group_sum")?;
-    let keys = backward_keys(version, d);
-    let name = v.kernel_name_cut(d, needs_mods_kernel(&p), p.softcap.is_some());
-    let (name, varlen) = match packed {
-        None => (name, None),
-        Some(seqs) => {
-            // a key tile's cost: the query rows that see any of its keys (both bounds of a
-            // row's key range grow with the row)
-            let work = packed_work(seqs, opts, (keys, true), |range, first, last| {
-                let nq = range.n_q;
-                let from = first_where(nq, |i| range.end(i) > first);
-                first_where(nq, |i| range.start(i) > last).saturating_sub(from)
-            });
-            (format!("{name}_varlen"), Some(PackedWork::upload(gpu, seqs, &work)?))
-        }
-    };
-    let f = tc_function::<T>(gpu, v, d, &name)?;
-    let f = with_shared_bytes(f, backward_shared_bytes(version, d))?;
-    let z = batch * heads;
+    let at = [&q, &k, &v, &o, &d_o].map(|b| gpu.ptr(b));
     let ((dq, dk, dv), stats) = measured(gpu, || {
+        // SAFETY: the uploads above hold the call's shapes, and live past the launches
+        unsafe { plan.launch::<T>(gpu, &p, at, gpu.ptr(&lse)) }
+    })?;
+    let grads = HalfGrads {
+        dq: gpu.download_array(&dq, sh.q_dims())?,
+        dk: gpu.download_array(&dk, sh.kv_dims())?,
+        dv: gpu.download_array(&dv, sh.kv_dims())?,
+        dbias: plan.score.download_dbias(gpu, &p)?,
+    };
+    Ok((grads, stats))
+}
+
+/// A backward ready to launch: its kernels compiled and its score inputs on the device.
+struct BackwardPlan {
+    row_dot: CudaFunction,
+    group_sum: CudaFunction,
+    f: (CudaFunction, u32),
+    varlen: Option<PackedWork>,
+    keys: usize,
+    version: u32,
+    score: ScoreInputs,
+}
+
+impl BackwardPlan {
+    fn new<T: TcFloat>(
+        gpu: &Gpu,
+        p: &Problem<'_>,
+        opts: &Options,
+        version: u32,
+        packed: Option<&SeqLens>,
+    ) -> Result<Self> {
+        if let Some(seqs) = packed {
+            check_packed_shape(seqs, &p.shape)?;
+        }
+        let v = versions::find(Track::TcBackward, version)
+            .ok_or_else(|| versions::unknown(Track::TcBackward, version))?;
+        let d = p.shape.head_dim;
+        check_version_head_dim(v, d)?;
+        check_architecture(gpu)?;
+        let score = ScoreInputs::upload_for_backward(gpu, p)?;
+        // The shipped backward's module holds D = rowsum(dO ∘ O) and the group sums.
+        let shipped = versions::default_version(Track::TcBackward);
+        let row_dot = tc_function::<T>(gpu, shipped, d, "tc_row_dot")?;
+        let group_sum = tc_function::<T>(gpu, shipped, d, "tc_group_sum")?;
+        let keys = backward_keys(version, d);
+        let name = v.kernel_name_cut(d, needs_mods_kernel(p), p.softcap.is_some());
+        let (name, varlen) = match packed {
+            None => (name, None),
+            Some(seqs) => {
+                // a key tile's cost: the query rows that see any of its keys (both bounds of
+                // a row's key range grow with the row)
+                let work = packed_work(seqs, opts, (keys, true), |range, first, last| {
+                    let nq = range.n_q;
+                    let from = first_where(nq, |i| range.end(i) > first);
+                    first_where(nq, |i| range.start(i) > last).saturating_sub(from)
+                });
+                (format!("{name}_varlen"), Some(PackedWork::upload(gpu, seqs, &work)?))
+            }
+        };
+        let f = tc_function::<T>(gpu, v, d, &name)?;
+        let f = with_shared_bytes(f, backward_shared_bytes(version, d))?;
+        Ok(Self { row_dot, group_sum, f, varlen, keys, version, score })
+    }
+
+    /// Launches the backward on the device addresses of Q, K, V, O, dO and lse: dQ, dK, dV in
+    /// new buffers of `T`.
+    ///
+    /// # Safety
+    /// Each address must hold its tensor of `p`'s shape, row-major (`T`; lse f32), live until
+    /// the stream reaches the kernels.
+    unsafe fn launch<T: TcFloat>(
+        &self,
+        gpu: &Gpu,
+        p: &Problem<'_>,
+        [q, k, v, o, d_o]: [u64; 5],
+        lse: u64,
+    ) -> Result<(DeviceBuffer<T>, DeviceBuffer<T>, DeviceBuffer<T>)> {
+        let sh = p.shape;
+        let Shape { batch, heads, kv_heads, n_q, n_k, head_dim: d, .. } = sh;
+        let z = batch * heads;
         let dvec = gpu.uninit_f32(z * n_q)?;
         let dq_acc = gpu.zeros::<f32>(z * n_q * d)?; // the key tiles add into it
         // dK, dV: rounded to T by the key-tile kernel itself (from version 3) when each query
         // head has its own K, V head; else f32 per query head, summed over the group and
         // rounded after. Every key row is written by its tile.
-        let kv = if version >= 3 && heads == kv_heads {
+        let kv = if self.version >= 3 && heads == kv_heads {
             KvGrads::Rounded(gpu.uninit(z * n_k * d)?, gpu.uninit(z * n_k * d)?)
         } else {
             KvGrads::PerHead(gpu.uninit_f32(z * n_k * d)?, gpu.uninit_f32(z * n_k * d)?)
@@ -641,41 +797,50 @@ fn backward_on_device<T: TcFloat>(
             KvGrads::PerHead(dk, dv) => (gpu.ptr(dk), gpu.ptr(dv)),
         };
         // D = rowsum(dO ∘ O), one warp per row.
-        launch_row_dot(gpu, &row_dot, &d_o, &o, &dvec, (z * n_q, d))?;
+        // SAFETY: dO and O as the caller vouches; dvec holds z · n_q floats
+        unsafe { launch_row_dot_at(gpu, &self.row_dot, (d_o, o, gpu.ptr(&dvec)), (z * n_q, d)) }?;
         // dK, dV per query head and dQ's f32 accumulator, one block per key tile and head.
         let args = FlashArgs {
-            q: gpu.ptr(&q),
-            k: gpu.ptr(&k),
-            v: gpu.ptr(&v_buf),
-            o: gpu.ptr(&o),
-            lse: gpu.ptr(&lse),
-            d_out: gpu.ptr(&d_o),
+            q,
+            k,
+            v,
+            o,
+            lse,
+            d_out: d_o,
             dvec: gpu.ptr(&dvec),
             dq: gpu.ptr(&dq_acc),
             dk: dk_ptr,
             dv: dv_ptr,
-            dbias: score.dbias_ptr(gpu),
+            dbias: self.score.dbias_ptr(gpu),
             ..FlashArgs::new(&sh, p.scale)
         };
-        let (columns, threads) = (backward_column_blocks(d), (2 * keys) as u32);
-        match &varlen {
+        let (columns, threads) = (backward_column_blocks(d), (2 * self.keys) as u32);
+        let mods = &self.score.mods;
+        match &self.varlen {
             None => {
-                let grid = (blocks_for(n_k, keys as u32), z as u32, columns);
-                let launch = (grid, threads);
-                launch_fused_with(gpu, &f, launch, &args, &score.mods, None, "flash2_tc_backward")?
+                let grid = (blocks_for(n_k, self.keys as u32), z as u32, columns);
+                launch_fused_with(
+                    gpu,
+                    &self.f,
+                    (grid, threads),
+                    &args,
+                    mods,
+                    None,
+                    "flash2_tc_backward",
+                )?
             }
             Some(w) => w.launch(
                 gpu,
-                &f,
+                &self.f,
                 (heads, columns, threads),
                 &args,
-                &score.mods,
+                mods,
                 "flash2_tc_backward_varlen",
             )?,
         }
         // dQ rounded; dK, dV summed over each GQA group and rounded.
         let round_sum = |src: &DeviceBuffer<f32>, (kv_heads, rows): (usize, usize)| {
-            launch_group_sum::<T>(gpu, &group_sum, src, (batch, heads, kv_heads, rows, d))
+            launch_group_sum::<T>(gpu, &self.group_sum, src, (batch, heads, kv_heads, rows, d))
         };
         let dq = round_sum(&dq_acc, (heads, n_q))?;
         Ok(match kv {
@@ -684,14 +849,7 @@ fn backward_on_device<T: TcFloat>(
                 (dq, round_sum(&dk_h, (kv_heads, n_k))?, round_sum(&dv_h, (kv_heads, n_k))?)
             }
         })
-    })?;
-    let grads = HalfGrads {
-        dq: gpu.download_array(&dq, sh.q_dims())?,
-        dk: gpu.download_array(&dk, sh.kv_dims())?,
-        dv: gpu.download_array(&dv, sh.kv_dims())?,
-        dbias: score.download_dbias(gpu, &p)?,
-    };
-    Ok((grads, stats))
+    }
 }
 
 /// dK and dV as the backward's key-tile kernel writes them.
