@@ -38,7 +38,7 @@ def timed(fn):
 
 
 print("# attn_rs from Python on CUDA tensors (bf16, causal) against attn gpu-bench (Rust) and SDPA; ms a call")
-print("shape,pass,rust_ms,python_ms,python_over_rust,sdpa_flash_ms,sdpa_cudnn_ms")
+print("shape,pass,rust_ms,python_ms,python_over_rust,unchecked_ms,unchecked_over_rust,sdpa_flash_ms,sdpa_cudnn_ms")
 for shape in a.shapes.split(","):
     b, h, n, d = map(int, shape.split("x"))
     out_csv = f"/tmp/python_cuda_rust_{shape}.csv"
@@ -61,17 +61,19 @@ for shape in a.shapes.split(","):
         return run
 
     ours = lambda q_, k_, v_: attn_rs.attention(q_, k_, v_, causal=True)
+    unchecked = lambda q_, k_, v_: attn_rs.attention(q_, k_, v_, causal=True, check_finite=False)
     sdpa = lambda q_, k_, v_: F.scaled_dot_product_attention(q_, k_, v_, is_causal=True)
     res = {}
     with torch.no_grad():
-        res["forward"] = [timed(lambda: ours(q, k, v))]
+        res["forward"] = [timed(lambda: ours(q, k, v)), timed(lambda: unchecked(q, k, v))]
         for be in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION):
             with sdpa_kernel(be):
                 res["forward"].append(timed(lambda: sdpa(q, k, v)))
-    res["backward"] = [timed(fwd_bwd(ours))]
+    res["backward"] = [timed(fwd_bwd(ours)), timed(fwd_bwd(unchecked))]
     for be in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION):
         with sdpa_kernel(be):
             res["backward"].append(timed(fwd_bwd(sdpa)))
     for pas in ("forward", "backward"):  # "backward": a forward and its backward
-        py, fl, cu = res[pas]
-        print(f"{shape},{pas},{rust[pas]:.3f},{py:.3f},{py / rust[pas]:.3f},{fl:.3f},{cu:.3f}")
+        py, un, fl, cu = res[pas]
+        r = rust[pas]
+        print(f"{shape},{pas},{r:.3f},{py:.3f},{py / r:.3f},{un:.3f},{un / r:.3f},{fl:.3f},{cu:.3f}")

@@ -143,7 +143,8 @@ if torch is not None:
 
 def attention(q, k, v, *, algo="flash2", device=None, causal=False, mask=None, bias=None,
               scale=None, dropout=0.0, seed=0, window=None, softcap=None, alibi=None,
-              return_lse=False, q_block=None, k_block=None, deterministic=False):
+              return_lse=False, q_block=None, k_block=None, deterministic=False,
+              check_finite=True):
     """Attention of q `[batch, heads, n_q, d]` over k, v `[batch, kv_heads, n_k, d]`.
 
     Takes NumPy arrays or CPU torch tensors (float32), or bf16 / fp16 CUDA tensors (the
@@ -163,7 +164,10 @@ def attention(q, k, v, *, algo="flash2", device=None, causal=False, mask=None, b
     - ``algo``: a stage of ``stage_names()``; ``device``: "cpu" or "cuda" (default: where the
       tensors are). ``q_block``, ``k_block``: the tiled stages' block sizes.
 
-    Bad input raises ValueError naming the argument, before anything is computed.
+    Bad input raises ValueError naming the argument, before anything is computed. On CUDA
+    tensors the finiteness of q, k and v is read back from the device, which makes the host
+    wait for the work queued before the call; ``check_finite=False`` skips that check (NaN
+    then propagates into the output, as in SDPA).
     """
     call = _Call(q, algo, device, causal, mask, bias, scale, dropout, seed, window, softcap,
                  alibi, q_block, k_block, deterministic)
@@ -173,7 +177,7 @@ def attention(q, k, v, *, algo="flash2", device=None, causal=False, mask=None, b
     if _is_tensor(q) and q.is_cuda:
         from . import _cuda  # bf16 / fp16 on the tensor cores, where the tensors are
 
-        out, lse = _cuda.attention(call, q, k, v, bias)
+        out, lse = _cuda.attention(call, q, k, v, bias, check_finite)
     elif _is_tensor(q):
         if bias is not None and not _is_tensor(bias):
             raise ValueError("bias must be a torch tensor when q, k and v are")

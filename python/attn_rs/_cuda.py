@@ -16,6 +16,16 @@ HEAD_DIMS = (64, 128, 256)
 DTYPES = {torch.bfloat16: "bf16", torch.float16: "f16"}
 
 
+_FLAGS = []
+
+
+def _pinned_flags():
+    """Three bools in page-locked host memory, made once (a pinned allocation is slow)."""
+    if not _FLAGS:
+        _FLAGS.append(torch.empty(3, dtype=torch.bool, pin_memory=True))
+    return _FLAGS[0]
+
+
 def _padded(d):
     for n in HEAD_DIMS:
         if d <= n:
@@ -26,7 +36,7 @@ def _padded(d):
 class CudaCall:
     """A call on CUDA tensors, checked: its dtype, shapes, options and host-side extras."""
 
-    def __init__(self, call, q, k, v, bias):
+    def __init__(self, call, q, k, v, bias, check_finite=True):
         if call.algo != "flash2":
             raise ValueError(f"algo={call.algo!r} does not run on CUDA tensors: only 'flash2' has "
                              "the tensor-core kernels (use CPU tensors or NumPy arrays for it)")
@@ -44,11 +54,10 @@ class CudaCall:
                 raise ValueError(f"{name} is on {t.device}: the library runs on cuda:0")
             if t.ndim != 4:
                 raise ValueError(f"{name} must have 4 dimensions, but it has shape {tuple(t.shape)}")
-        # the values, reduced on the device: one wait for the three, the culprit named after
-        finite = torch.stack([torch.isfinite(t).all() for t in (q, k, v)])
-        if not bool(finite.all()):
-            name = "qkv"[int((~finite).nonzero()[0])]
-            raise ValueError(f"{name} holds NaN or infinity: q, k and v must be finite")
+        # the values, reduced on the device; read on the host after the kernel is queued
+        # (check_values), so that the check does not leave the GPU idle
+        self.finite = (torch.stack([torch.isfinite(t).all() for t in (q, k, v)])
+                       if check_finite else None)
         self.call, self.dtype = call, DTYPES[q.dtype]
         b, h, n_q, d = q.shape
         kvh, n_k = k.shape[1], k.shape[2]
@@ -79,13 +88,31 @@ class CudaCall:
         full.update({name: t.data_ptr() for name, t in at.items()})
         _native.tc_call(self.dtype, self.dims, full, stream, self.mask, self.alibi, self.opts, backward)
 
+    def check_values(self, launch):
+        """Runs `launch` (which queues the kernels) between copying the finiteness of q, k
+        and v to the host and reading it: the host waits for the reduction, not the kernel.
+        On NaN or infinity, ValueError naming the tensor (the kernel's outputs, fresh
+        tensors, are dropped)."""
+        if self.finite is None:
+            return launch()
+        flags = _pinned_flags()
+        flags.copy_(self.finite, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        result = launch()
+        copied.synchronize()
+        if not bool(flags.all()):
+            name = "qkv"[int((~flags).nonzero()[0])]
+            raise ValueError(f"{name} holds NaN or infinity: q, k and v must be finite")
+        return result
+
     def forward(self, q, k, v):
         """(O, lse) and the padded inputs the backward takes."""
         q, k, v = self.pad(q), self.pad(k), self.pad(v)
         b, h, n_q, _ = q.shape
         out = torch.empty_like(q)
         lse = torch.empty(b, h, n_q, dtype=torch.float32, device=q.device)
-        self._run({"q": q, "k": k, "v": v, "out": out, "lse": lse}, backward=False)
+        self.check_values(lambda: self._run({"q": q, "k": k, "v": v, "out": out, "lse": lse}, False))
         return out[..., : self.d], lse, (q, k, v, out)
 
     def backward(self, saved, lse, d_out):
@@ -115,8 +142,8 @@ class CudaAttention(torch.autograd.Function):
         return None, dq, dk, dv
 
 
-def attention(call, q, k, v, bias):
-    cc = CudaCall(call, q, k, v, bias)
+def attention(call, q, k, v, bias, check_finite=True):
+    cc = CudaCall(call, q, k, v, bias, check_finite)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         return CudaAttention.apply(cc, q, k, v)
     out, lse, _ = cc.forward(q, k, v)
