@@ -248,8 +248,8 @@ fn forward_on_device<T: TcFloat>(
     packed: Option<&SeqLens>,
 ) -> Result<(HalfForward<T>, DeviceStats)> {
     let p = validate(inputs, opts)?;
+    let plan = ForwardPlan::new::<T>(&p, opts, version, packed)?;
     let gpu = gpu()?;
-    let plan = ForwardPlan::new::<T>(gpu, &p, opts, version, packed)?;
     let Shape { batch, heads, n_q, head_dim: d, .. } = p.shape;
     let (q, k, v) =
         (gpu.upload_array(inputs.q)?, gpu.upload_array(inputs.k)?, gpu.upload_array(inputs.v)?);
@@ -278,7 +278,6 @@ struct ForwardPlan {
 
 impl ForwardPlan {
     fn new<T: TcFloat>(
-        gpu: &Gpu,
         p: &Problem<'_>,
         opts: &Options,
         version: u32,
@@ -291,6 +290,8 @@ impl ForwardPlan {
             .ok_or_else(|| versions::unknown(Track::TcForward, version))?;
         let d = p.shape.head_dim;
         check_version_head_dim(v, d)?;
+        // every refusal above is made before the device is opened
+        let gpu = gpu()?;
         check_architecture(gpu)?;
         let score = ScoreInputs::upload(gpu, p)?;
         let (with_mods, cut) = (needs_mods_kernel(p), needs_cut_kernel(p));
@@ -369,8 +370,8 @@ pub unsafe fn forward_at<T: TcFloat>(
 ) -> Result<()> {
     let p = validate_shapes(shapes, opts)?;
     refuse_bias_at(&p)?;
+    let plan = ForwardPlan::new::<T>(&p, opts, forward_version(), None)?;
     let gpu = gpu()?;
-    let plan = ForwardPlan::new::<T>(gpu, &p, opts, forward_version(), None)?;
     // SAFETY: the caller vouches for the addresses
     unsafe { plan.launch(gpu, &p, [at.q, at.k, at.v, at.out, at.lse]) }
 }
@@ -388,8 +389,8 @@ pub unsafe fn backward_at<T: TcFloat>(
 ) -> Result<()> {
     let p = validate_shapes(shapes, opts)?;
     refuse_bias_at(&p)?;
+    let plan = BackwardPlan::new::<T>(&p, opts, backward_version(), None)?;
     let gpu = gpu()?;
-    let plan = BackwardPlan::new::<T>(gpu, &p, opts, backward_version(), None)?;
     // SAFETY: the caller vouches for the addresses
     let (dq, dk, dv) =
         unsafe { plan.launch::<T>(gpu, &p, [at.q, at.k, at.v, at.out, at.d_out], at.lse) }?;
@@ -694,8 +695,8 @@ fn backward_on_device<T: TcFloat>(
     let sh = p.shape;
     check_saved(&sh, fwd.out.view(), fwd.lse.view())?;
     check_d_out(&sh, d_out)?;
+    let plan = BackwardPlan::new::<T>(&p, opts, version, packed)?;
     let gpu = gpu()?;
-    let plan = BackwardPlan::new::<T>(gpu, &p, opts, version, packed)?;
     let (q, k, v) =
         (gpu.upload_array(inputs.q)?, gpu.upload_array(inputs.k)?, gpu.upload_array(inputs.v)?);
     let (o, d_o) = (gpu.upload_array(fwd.out.view())?, gpu.upload_array(d_out)?);
@@ -727,7 +728,6 @@ struct BackwardPlan {
 
 impl BackwardPlan {
     fn new<T: TcFloat>(
-        gpu: &Gpu,
         p: &Problem<'_>,
         opts: &Options,
         version: u32,
@@ -740,6 +740,8 @@ impl BackwardPlan {
             .ok_or_else(|| versions::unknown(Track::TcBackward, version))?;
         let d = p.shape.head_dim;
         check_version_head_dim(v, d)?;
+        // every refusal above is made before the device is opened
+        let gpu = gpu()?;
         check_architecture(gpu)?;
         let score = ScoreInputs::upload_for_backward(gpu, p)?;
         // The shipped backward's module holds D = rowsum(dO ∘ O) and the group sums.
