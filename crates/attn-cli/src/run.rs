@@ -326,6 +326,7 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
         window: args.window.as_deref().map(parse_window).transpose()?,
         softcap: args.softcap,
         bias_grad: args.dbias.is_some(),
+        placement: None,
     };
 
     // Reserve every output first: a bad path fails before any work is done.

@@ -54,8 +54,10 @@ pub use ndarray;
 pub use bias_grad::BiasGrad;
 pub use dropout::{Dropout, DropoutParams};
 pub use error::{AttnError, Result};
-pub use options::{Inputs, Mask, Options, Window};
-pub use problem::{Element, Head, Problem, check_d_out, check_saved, check_values};
+pub use options::{Inputs, Mask, Options, Placement, Window};
+pub use problem::{
+    Element, Head, Problem, check_d_out, check_saved, check_values, refuse_placement,
+};
 pub use shape::{KeyRange, Shape};
 pub use stage::{Device, Forward, Grads, Stage};
 pub use traffic::{Traffic, TrafficCounter};

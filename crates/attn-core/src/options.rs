@@ -92,6 +92,34 @@ impl Window {
     }
 }
 
+// ANCHOR: placement
+/// Where a call's queries and keys sit inside a larger problem of `n_q` queries and `n_k`
+/// keys: its rows are queries `q_start ..` and its keys are keys `k_start ..` of the whole.
+/// Ring attention computes the whole problem block by block this way. Everything that
+/// depends on a position is measured in the whole problem: causal masking, the window and
+/// ALiBi use the whole problem's diagonal (query `i` on key `i + n_k − n_q`), and dropout
+/// hashes the whole problem's `(i, j)`. A block's output and log-sum-exp are therefore exactly
+/// the whole problem's answer restricted to the block's keys. The mask and bias are the
+/// block's own: pass them already sliced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Placement {
+    pub q_start: usize,
+    pub k_start: usize,
+    /// Queries in the whole problem.
+    pub n_q: usize,
+    /// Keys in the whole problem.
+    pub n_k: usize,
+}
+// ANCHOR_END: placement
+
+impl Placement {
+    /// Query 0's diagonal in the block's keys: the whole problem's `n_k − n_q`, moved by the
+    /// block's corner.
+    pub fn diagonal(&self) -> i64 {
+        (self.q_start as i64 + self.n_k as i64 - self.n_q as i64) - self.k_start as i64
+    }
+}
+
 /// The knobs every stage understands. Stages ignore the ones that do not concern them
 /// (naive attention has no blocks).
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -126,6 +154,9 @@ pub struct Options {
     /// Return the gradient of the additive bias ([`crate::Grads::dbias`]) from the backward,
     /// summed over the bias's broadcast axes.
     pub bias_grad: bool,
+    /// This call is one block of a larger problem ([`Placement`]); `None`: the whole problem.
+    /// The CPU stages take it; the GPU stages, packed batches and KV caches refuse it.
+    pub placement: Option<Placement>,
 }
 
 impl Options {
@@ -176,6 +207,10 @@ impl Options {
 
     pub fn bias_grad(self, bias_grad: bool) -> Self {
         Self { bias_grad, ..self }
+    }
+
+    pub fn placed(self, placement: Placement) -> Self {
+        Self { placement: Some(placement), ..self }
     }
 }
 

@@ -11,7 +11,7 @@ use ndarray::{ArrayView2, ArrayView4, ArrayViewMut2, Axis, Dimension, Zip, s};
 use crate::dropout::{DropoutParams, row_key};
 use crate::error::{AttnError, Result};
 use crate::memory::default_memory_limit;
-use crate::options::{Inputs, Mask, Options};
+use crate::options::{Inputs, Mask, Options, Placement};
 use crate::shape::{KeyRange, Shape};
 
 /// The largest score magnitude a problem may reach: float32's range with room for a bias and
@@ -34,6 +34,8 @@ pub struct Problem<'a> {
     pub dropout: Option<DropoutParams>,
     pub q_block: Option<usize>,
     pub k_block: Option<usize>,
+    /// Where this call sits in a larger problem ([`Placement`]), checked against the shapes.
+    pub placement: Option<Placement>,
     memory_limit: Option<u64>,
     pub q: ArrayView4<'a, f32>,
     pub k: ArrayView4<'a, f32>,
@@ -234,17 +236,22 @@ impl<'a> Problem<'a> {
         if opts.sram == Some(0) {
             return Err(AttnError::ZeroBlockSize { arg: "sram" });
         }
+        if let Some(pl) = opts.placement {
+            check_placement(&pl, &shape)?;
+        }
+        let diagonal = opts.placement.map_or(n_k as i64 - shape.n_q as i64, |pl| pl.diagonal());
 
         let p = Self {
             shape,
             scale,
             causal: opts.causal,
-            keys: KeyRange::new(shape.n_q, n_k, opts.causal, opts.window),
+            keys: KeyRange::placed(shape.n_q, n_k, diagonal, opts.causal, opts.window),
             softcap: opts.softcap,
             bias_grad: opts.bias_grad,
             dropout,
             q_block: opts.q_block,
             k_block: opts.k_block,
+            placement: opts.placement,
             memory_limit: opts.memory_limit,
             q,
             k,
@@ -264,7 +271,10 @@ impl<'a> Problem<'a> {
             return Err(AttnError::NonFinite { arg: "alibi", index, value });
         }
         let max_slope = a.iter().fold(0.0f64, |m, &x| m.max((x as f64).abs()));
-        let bound = max_slope * (self.shape.n_q + self.shape.n_k) as f64;
+        // distances are the whole problem's when the call is a block of one
+        let (n_q, n_k) =
+            self.placement.map_or((self.shape.n_q, self.shape.n_k), |p| (p.n_q, p.n_k));
+        let bound = max_slope * (n_q + n_k) as f64;
         if bound > SCORE_LIMIT {
             return Err(AttnError::ScoreOverflow { bound });
         }
@@ -334,6 +344,8 @@ impl<'a> Problem<'a> {
             v: self.v.index_axis_move(Axis(0), b).index_axis_move(Axis(0), kv_h),
             n_q,
             n_k,
+            q_start: self.placement.map_or(0, |p| p.q_start),
+            k_start: self.placement.map_or(0, |p| p.k_start),
             keys: self.keys,
             softcap: self.softcap,
             alibi,
@@ -359,6 +371,10 @@ pub struct Head<'a> {
     pub v: ArrayView2<'a, f32>,
     pub n_q: usize,
     pub n_k: usize,
+    /// Where row 0 and key 0 sit in the whole problem ([`Placement`]; 0 for a whole one):
+    /// dropout hashes the whole problem's positions.
+    q_start: usize,
+    k_start: usize,
     /// The keys each query sees (causal masking and the window).
     pub keys: KeyRange,
     softcap: Option<f32>,
@@ -451,7 +467,7 @@ impl Head<'_> {
                 }
             }
             if let Some(slope) = self.alibi {
-                let diagonal = (i + self.n_k) as i64 - self.n_q as i64;
+                let diagonal = i as i64 + self.keys.diagonal;
                 for (c, x) in row.iter_mut().enumerate() {
                     *x -= slope * (diagonal - (j0 + c) as i64).abs() as f32;
                 }
@@ -495,12 +511,41 @@ impl Head<'_> {
     pub fn apply_dropout(&self, i0: usize, j0: usize, mut p: ArrayViewMut2<'_, f32>) {
         let Some(d) = &self.dropout else { return };
         for (r, mut row) in p.rows_mut().into_iter().enumerate() {
-            let key = row_key(d.seed, self.b, self.h, i0 + r);
+            let key = row_key(d.seed, self.b, self.h, self.q_start + i0 + r);
             for (c, x) in row.iter_mut().enumerate() {
-                *x *= d.factor(key, j0 + c);
+                *x *= d.factor(key, self.k_start + j0 + c);
             }
         }
     }
+}
+
+/// Refuses a [`Placement`] where `stage` takes whole problems only (packed batches, KV
+/// caches, the GPU kernels).
+pub fn refuse_placement(placement: Option<Placement>, stage: &'static str) -> Result<()> {
+    if placement.is_some() {
+        return Err(AttnError::Unsupported {
+            stage,
+            what: "a placement (a block of a larger problem)",
+            advice: "run the blocks on the CPU stages, or pass the whole problem",
+        });
+    }
+    Ok(())
+}
+
+/// A placement must hold the call's queries and keys inside the whole problem.
+fn check_placement(pl: &Placement, shape: &Shape) -> Result<()> {
+    let fits =
+        |start: usize, len: usize, whole: usize| start.checked_add(len).is_some_and(|e| e <= whole);
+    if !fits(pl.q_start, shape.n_q, pl.n_q) || !fits(pl.k_start, shape.n_k, pl.n_k) {
+        return Err(AttnError::InvalidLengths {
+            arg: "placement",
+            reason: format!(
+                "puts {} queries at {} and {} keys at {} of a problem of {} queries and {} keys: the block must lie inside the whole problem",
+                shape.n_q, pl.q_start, shape.n_k, pl.k_start, pl.n_q, pl.n_k
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// A zero-strided f32 view of `dims` (every element the one zero): the stand-in for a tensor

@@ -10,7 +10,7 @@ use rayon::prelude::*;
 
 use crate::dropout::DropoutParams;
 use crate::error::Result;
-use crate::options::{Inputs, Options, Window};
+use crate::options::{Inputs, Options, Placement, Window};
 use crate::problem::Problem;
 use crate::shape::Shape;
 
@@ -31,6 +31,8 @@ pub struct RefProblem {
     /// `[batch or 1, heads]`
     pub alibi: Option<Array2<f64>>,
     pub dropout: Option<DropoutParams>,
+    /// The block of a larger problem this one is ([`Placement`]): positions are the whole's.
+    pub placement: Option<Placement>,
 }
 
 /// The reference forward: output `[b, h, n_q, d]` and log-sum-exp `[b, h, n_q]`.
@@ -92,6 +94,7 @@ impl RefProblem {
             softcap: p.softcap.map(f64::from),
             alibi: p.alibi.map(|a| a.mapv(f64::from)),
             dropout: p.dropout,
+            placement: p.placement,
         })
     }
 
@@ -99,17 +102,27 @@ impl RefProblem {
         Shape::from_dims(self.q.dim(), self.k.dim())
     }
 
+    /// `(i, j)` as positions in the whole problem (itself, unless it is a placed block) and
+    /// the whole problem's `(n_q, n_k)`.
+    fn whole(&self, i: usize, j: usize) -> ((usize, usize), (usize, usize)) {
+        let sh = self.shape();
+        match self.placement {
+            None => ((i, j), (sh.n_q, sh.n_k)),
+            Some(p) => ((p.q_start + i, p.k_start + j), (p.n_q, p.n_k)),
+        }
+    }
+
     /// Whether a rule removes `(b, h, i, j)`: causal masking, the window or the mask.
     pub fn removed(&self, b: usize, h: usize, i: usize, j: usize) -> bool {
-        let sh = self.shape();
+        let ((wi, wj), (n_q, n_k)) = self.whole(i, j);
         // Causal, bottom-right aligned: key j is hidden from query i when j > i + n_k − n_q.
-        if self.causal && j + sh.n_q > i + sh.n_k {
+        if self.causal && wj + n_q > wi + n_k {
             return true;
         }
         // The window keeps i + n_k − n_q − left ≤ j ≤ i + n_k − n_q + right (−1: unbounded).
         if let Some(w) = self.window {
-            let diagonal = i as i64 + sh.n_k as i64 - sh.n_q as i64;
-            let j = j as i64;
+            let diagonal = wi as i64 + n_k as i64 - n_q as i64;
+            let j = wj as i64;
             if (w.left >= 0 && j < diagonal - w.left) || (w.right >= 0 && j > diagonal + w.right) {
                 return true;
             }
@@ -143,7 +156,6 @@ impl RefProblem {
         if self.removed(b, h, i, j) {
             return f64::NEG_INFINITY;
         }
-        let sh = self.shape();
         let mut x = self.raw_score(b, h, i, j);
         if let Some(c) = self.softcap {
             x = c * (x / c).tanh();
@@ -153,7 +165,8 @@ impl RefProblem {
             x += bias[[bidx(d.0, b), bidx(d.1, h), bidx(d.2, i), bidx(d.3, j)]];
         }
         if let Some(slopes) = &self.alibi {
-            let distance = (i as f64 + sh.n_k as f64 - sh.n_q as f64 - j as f64).abs();
+            let ((wi, wj), (n_q, n_k)) = self.whole(i, j);
+            let distance = (wi as f64 + n_k as f64 - n_q as f64 - wj as f64).abs();
             x -= slopes[[bidx(slopes.nrows(), b), h]] * distance;
         }
         x
@@ -173,10 +186,13 @@ impl RefProblem {
         let scores: Vec<f64> = (0..n_k).map(|j| self.score(b, h, i, j)).collect();
         let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let z: Vec<f64> = (0..n_k)
-            .map(|j| match &self.dropout {
-                Some(d) if !d.keep(b, h, i, j) => 0.0,
-                Some(d) => 1.0 / (1.0 - d.p as f64),
-                None => 1.0,
+            .map(|j| {
+                let (wi, wj) = self.whole(i, j).0; // dropout hashes the whole problem's (i, j)
+                match &self.dropout {
+                    Some(d) if !d.keep(b, h, wi, wj) => 0.0,
+                    Some(d) => 1.0 / (1.0 - d.p as f64),
+                    None => 1.0,
+                }
             })
             .collect();
         if max == f64::NEG_INFINITY {
@@ -331,5 +347,58 @@ impl RefProblem {
     /// finite-difference checks.
     pub fn loss(&self, d_out: &Array4<f64>) -> f64 {
         (&self.forward().out * d_out).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{AlibiKind, BiasKind, Case, MaskKind};
+    use crate::varlen::{merge_partials, sequence_inputs};
+
+    #[test]
+    fn placed_blocks_merged_by_the_log_sum_exp_are_the_whole_problem() {
+        // the whole problem's rows 4..13, their keys cut in three placed blocks
+        let case = Case {
+            causal: true,
+            window: Some((6, -1)),
+            mask: MaskKind::Full,
+            bias: BiasKind::Full,
+            alibi: AlibiKind::PerBatchHead,
+            dropout: Some(0.3),
+            softcap: Some(2.0),
+            ..Case::new(Shape::new(2, 2, 17, 8).with_n_k(21), 5)
+        };
+        let data = case.build();
+        let inputs = data.inputs();
+        let whole = forward(&inputs, &data.opts).unwrap();
+        let rows = 4..13;
+        let parts: Vec<RefForward> = [0..6, 6..15, 15..21]
+            .into_iter()
+            .map(|keys| {
+                let cut = sequence_inputs(&inputs, rows.clone(), keys.clone());
+                let pl = Placement { q_start: rows.start, k_start: keys.start, n_q: 17, n_k: 21 };
+                forward(&cut, &data.opts.clone().placed(pl)).unwrap()
+            })
+            .collect();
+        let to32 = |x: &RefForward| (x.out.mapv(|v| v as f32), x.lse.mapv(|v| v as f32));
+        let parts: Vec<_> = parts.iter().map(to32).collect();
+        for (b, h, i) in every_row(2, 2, rows.len()) {
+            let mut out = ndarray::Array1::<f32>::zeros(8);
+            let lse = merge_partials(
+                parts.iter().map(|(o, l)| (o.slice(s![b, h, i, ..]), l[[b, h, i]])),
+                out.view_mut(),
+            );
+            let want = whole.out.slice(s![b, h, rows.start + i, ..]);
+            let want_lse = whole.lse[[b, h, rows.start + i]];
+            assert!((lse as f64 - want_lse).abs() < 1e-5 * want_lse.abs().max(1.0), "{b} {h} {i}");
+            for (x, y) in out.iter().zip(want) {
+                assert!((*x as f64 - y).abs() < 1e-5, "{b} {h} {i}: {x} vs {y}");
+            }
+        }
+    }
+
+    fn every_row(b: usize, h: usize, n: usize) -> impl Iterator<Item = (usize, usize, usize)> {
+        (0..b).flat_map(move |b| (0..h).flat_map(move |h| (0..n).map(move |i| (b, h, i))))
     }
 }

@@ -101,6 +101,9 @@ impl std::fmt::Display for Shape {
 pub struct KeyRange {
     pub n_q: usize,
     pub n_k: usize,
+    /// The key on query 0's diagonal: `n_k − n_q` for a whole problem; for a block placed in
+    /// a larger one ([`crate::Placement`]), the whole problem's diagonal in the block's keys.
+    pub diagonal: i64,
     /// At most this many keys before the diagonal; `None`: unbounded.
     pub left: Option<usize>,
     /// At most this many keys after the diagonal (causal masking is `Some(0)`); `None`:
@@ -111,11 +114,30 @@ pub struct KeyRange {
 impl KeyRange {
     /// The rule of `causal` and `window` (already validated: each side ≥ −1).
     pub fn new(n_q: usize, n_k: usize, causal: bool, window: Option<Window>) -> Self {
+        Self::placed(n_q, n_k, n_k as i64 - n_q as i64, causal, window)
+    }
+
+    /// [`KeyRange::new`] with query 0's diagonal at key `diagonal` (which may lie outside
+    /// `0 .. n_k`): the rule of a block of a larger problem.
+    pub fn placed(
+        n_q: usize,
+        n_k: usize,
+        diagonal: i64,
+        causal: bool,
+        window: Option<Window>,
+    ) -> Self {
         let side = |x: i64| usize::try_from(x).ok();
         let (left, right) = window.map_or((None, None), |w| (side(w.left), side(w.right)));
         // causal masking is right = 0, the tightest a window side can be
         let right = if causal { Some(0) } else { right };
-        Self { n_q, n_k, left, right }
+        Self { n_q, n_k, diagonal, left, right }
+    }
+
+    /// Key `i + diagonal + offset`, clipped to `0 ..= n_k`.
+    #[inline]
+    fn clip(&self, i: usize, offset: i64) -> usize {
+        (i as i64).saturating_add(self.diagonal).saturating_add(offset).clamp(0, self.n_k as i64)
+            as usize
     }
 
     /// The first key query `i` sees.
@@ -123,7 +145,7 @@ impl KeyRange {
     pub fn start(&self, i: usize) -> usize {
         match self.left {
             None => 0,
-            Some(left) => (i + self.n_k).saturating_sub(self.n_q + left).min(self.n_k),
+            Some(left) => self.clip(i, -(left as i64)),
         }
     }
 
@@ -133,7 +155,7 @@ impl KeyRange {
     pub fn end(&self, i: usize) -> usize {
         match self.right {
             None => self.n_k,
-            Some(right) => (i + self.n_k + right + 1).saturating_sub(self.n_q).min(self.n_k),
+            Some(right) => self.clip(i, (right as i64).saturating_add(1)),
         }
         .max(self.start(i))
     }
@@ -171,3 +193,41 @@ impl KeyRange {
     }
 }
 // ANCHOR_END: key_range
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::options::Placement;
+
+    #[test]
+    fn a_placed_block_sees_the_keys_the_whole_problem_gives_its_rows() {
+        // every block of a few whole problems: the block's rule is the whole's, cut
+        for (n_q, n_k) in [(12, 12), (7, 15), (15, 7)] {
+            for (causal, window) in [
+                (true, None),
+                (false, Some(Window::new(3, 2))),
+                (true, Some(Window::new(4, -1))),
+                (false, Some(Window::new(-1, 0))),
+            ] {
+                let whole = KeyRange::new(n_q, n_k, causal, window);
+                for (q0, q1, k0, k1) in
+                    [(0, 4, 0, 5), (3, n_q, 2, n_k), (5, 6, 6, 7), (0, n_q, 0, 1)]
+                {
+                    let (q1, k1) = (q1.min(n_q), k1.min(n_k));
+                    let pl = Placement { q_start: q0, k_start: k0, n_q, n_k };
+                    let block = KeyRange::placed(q1 - q0, k1 - k0, pl.diagonal(), causal, window);
+                    for i in 0..q1 - q0 {
+                        let (s, e) = (whole.start(q0 + i), whole.end(q0 + i));
+                        let want = (s.clamp(k0, k1) - k0, e.clamp(k0, k1) - k0);
+                        let what = format!("{n_q}x{n_k} {causal} {window:?} row {i}");
+                        if want.1 <= want.0 {
+                            assert_eq!(block.end(i), block.start(i), "{what}: sees none"); // no key
+                        } else {
+                            assert_eq!((block.start(i), block.end(i)), want, "{what}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

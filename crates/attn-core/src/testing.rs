@@ -135,6 +135,7 @@ impl Case {
             window: self.window.map(|(l, r)| crate::Window::new(l, r)),
             softcap: self.softcap,
             bias_grad: self.bias_grad && bias.is_some(),
+            placement: None,
         };
         CaseData { q, k, v, mask2, mask4, bias, alibi, d_out, opts }
     }

@@ -174,6 +174,7 @@ pub fn sequence_inputs<'a>(inputs: &Inputs<'a>, q: Range<usize>, k: Range<usize>
 /// names its index in the packed tensors (a sequence's own call would name it in its slice).
 /// Returns the packed call's shape.
 pub fn check_packed(seqs: &SeqLens, inputs: &Inputs<'_>, opts: &Options) -> Result<Shape> {
+    crate::problem::refuse_placement(opts.placement, "a packed batch")?;
     let p = Problem::new(inputs, opts)?;
     check_packed_shape(seqs, &p.shape)?;
     Ok(p.shape)
@@ -451,6 +452,7 @@ impl KvCache<'_> {
         opts: &Options,
         f: impl FnOnce(&Problem<'_>) -> R,
     ) -> Result<R> {
+        crate::problem::refuse_placement(opts.placement, "a KV-cache call")?;
         if opts.dropout.is_some_and(|d| d.p > 0.0) {
             return Err(AttnError::Unsupported {
                 stage: "a KV-cache call",

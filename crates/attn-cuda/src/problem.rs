@@ -110,6 +110,8 @@ pub struct ScoreInputs {
 
 impl ScoreInputs {
     pub fn upload(gpu: &Gpu, p: &Problem<'_>) -> Result<Self> {
+        // the kernels measure positions in the call's own tensors
+        attn_core::refuse_placement(p.placement, "the GPU stages")?;
         let sh = p.shape;
         let bias = p.bias.map(|b| gpu.upload_array(b)).transpose()?;
         let mask = p.mask.map(|m| gpu.upload_array(m.mapv(u8::from).view())).transpose()?;

@@ -233,6 +233,7 @@ fn cosine_sim_attention_matches_the_float64_reference() {
         softcap: None,
         alibi: None,
         dropout: None,
+        placement: None,
     }
     .forward();
     let w_out = module.to_out.mapv(f64::from);
