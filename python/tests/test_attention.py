@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import attn_rs
 from reference import close, reference
 
-ALGOS = ["naive", "chunked", "flash1", "flash2"]
+ALGOS = ["naive", "chunked", "flash1", "flash2", "ring"]
 F32_FORWARD, F32_BACKWARD = 1e-5, 1e-4
 
 

@@ -57,6 +57,10 @@ pub struct RunArgs {
     /// Where to run it.
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceArg,
+    /// Ranks of the ring (--algo ring): the sequence's chunks spread over this many ranks
+    /// (threads on the CPU; default 4).
+    #[arg(long)]
+    pub ranks: Option<usize>,
     /// Queries: float32 .npy [batch, heads, n_q, head_dim].
     #[arg(long)]
     pub q: PathBuf,
@@ -285,6 +289,21 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
             ),
         )
     })?;
+    let ring;
+    let stage: &dyn Stage = match args.ranks {
+        None => stage,
+        Some(_) if args.algo != attn::ring::cpu::NAME => {
+            return Err(CliError::input(
+                "--ranks",
+                "--ranks is the ring's: use it with --algo ring",
+            ));
+        }
+        Some(0) => return Err(CliError::input("--ranks", "the ring needs at least 1 rank")),
+        Some(n) => {
+            ring = attn::ring::RingCpu::new(n);
+            &ring
+        }
+    };
     let memory_limit = args
         .memory_limit
         .as_deref()

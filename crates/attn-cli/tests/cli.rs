@@ -22,6 +22,9 @@ const STAGES: &[&[&str]] = &[
     &["--algo", "flash1", "--q-block", "3", "--k-block", "11"],
     &["--algo", "flash2"],
     &["--algo", "flash2", "--q-block", "5", "--k-block", "3"],
+    &["--algo", "ring"],
+    &["--algo", "ring", "--ranks", "3", "--q-block", "4", "--k-block", "3"],
+    &["--algo", "ring", "--ranks", "8"],
     &[],
 ];
 
@@ -308,6 +311,11 @@ fn set(args: &mut [String], flag: &str, value: &str) {
 #[test]
 fn bad_inputs_exit_2_with_one_line_naming_the_flag_and_write_nothing() {
     assert_rejected("missing-file", "--k", |d, a| set(a, "--k", s(&d.join("nope.npy"))));
+    assert_rejected("ranks-zero", "--ranks", |_, a| {
+        set(a, "--algo", "ring");
+        a.extend(["--ranks".into(), "0".into()]);
+    });
+    assert_rejected("ranks-not-ring", "--ranks", |_, a| a.extend(["--ranks".into(), "2".into()]));
     assert_rejected("not-npy", "--q", |d, a| {
         std::fs::write(d.join("bad.npy"), b"hello").unwrap();
         set(a, "--q", s(&d.join("bad.npy")));

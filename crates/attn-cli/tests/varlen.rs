@@ -12,7 +12,7 @@ use attn::{Inputs, Options, Window};
 use ndarray::{Array1, Array2, Array4, s};
 use ndarray_npy::{read_npy, write_npy};
 
-const ALGOS: &[&str] = &["naive", "chunked", "flash1", "flash2"];
+const ALGOS: &[&str] = &["naive", "chunked", "flash1", "flash2", "ring"];
 
 fn dir(name: &str) -> PathBuf {
     let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cli-varlen").join(name);

@@ -9,6 +9,7 @@
 //! | 2 chunked | [`attn_chunked`] | O(n) | Rabe & Staats: chunk summaries merged by log-sum-exp |
 //! | 3 flash1 | [`attn_flash1`] | O(n) | FlashAttention-1: tiles sized for SRAM, counted HBM traffic |
 //! | 4 flash2 | [`attn_flash2`] | O(n) | FlashAttention-2: query blocks outside, parallel, fast |
+//! | ring | [`attn_ring`] | O(n / ranks) a rank | ring attention: the sequence over ranks, stage 4 on each block |
 //!
 //! [`Attention`] is the multi-head module the seed project offers — projections, any stage,
 //! output projection, forward and backward, cross attention, GQA, cosine similarity — and
@@ -39,6 +40,7 @@ pub use attn_cuda as cuda;
 pub use attn_flash1 as flash1;
 pub use attn_flash2 as flash2;
 pub use attn_naive as naive;
+pub use attn_ring as ring;
 pub use module::{Algorithm, Attention, AttentionConfig, Overrides};
 
 /// The stage to use when nothing says otherwise: FlashAttention-2, the fastest.
@@ -56,6 +58,7 @@ pub fn cpu_stages() -> Vec<&'static dyn Stage> {
         &attn_chunked::ChunkedCpu,
         &attn_flash1::Flash1Cpu,
         &attn_flash2::Flash2Cpu,
+        &attn_ring::RING_CPU,
     ]
 }
 
