@@ -5,7 +5,12 @@ beside them, PyTorch's scaled_dot_product_attention on the same tensors.
 Usage: python3 benches/compare/python_overhead.py [--algo flash2] [--shapes 1x1x16x16,1x8x256x64]
        [--repeats 2000]
 """
-import argparse, statistics, time
+import argparse, os, statistics, time
+
+# PyTorch's OpenMP workers spin for a while after each of its calls; spinning, they take the
+# cores from the next call's thread pool and lend the call after SDPA a few milliseconds it
+# did not spend. Passive waiting makes the turns independent (set before torch loads).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
 

@@ -38,6 +38,23 @@ def _check_array(name, x, ndim, dtype=np.float32, what="float32"):
     return x
 
 
+_F32 = np.dtype(np.float32)
+
+
+def _qkv_array(name, x):
+    """q, k, v or d_out as the native call's float32 4-D array: the common case (a float32
+    array, or a CPU float32 tensor read in place) in a few attribute reads, anything else
+    through the checks that say what is wrong."""
+    if type(x) is np.ndarray:
+        if x.dtype is _F32 and x.ndim == 4:
+            return x
+    elif _is_tensor(x) and x.dtype is torch.float32 and not x.is_cuda:
+        a = x.detach().numpy() if x.requires_grad else x.numpy()
+        if a.ndim == 4:
+            return a
+    return _check_array(name, _as_numpy(name, x), 4)
+
+
 def _as_numpy(name, x):
     """A CPU tensor's memory as a NumPy array (no copy); an array as it is."""
     if _is_tensor(x):
@@ -86,7 +103,7 @@ class _Call:
     def arrays(self, q, k, v, bias):
         """The native call's arrays: rank and type checked, a bias of fewer than 4
         dimensions and a `[heads]` ALiBi vector given leading axes of 1."""
-        q, k, v = (_check_array(n, _as_numpy(n, x), 4) for n, x in (("q", q), ("k", k), ("v", v)))
+        q, k, v = _qkv_array("q", q), _qkv_array("k", k), _qkv_array("v", v)
         mask = self.mask
         if mask is not None:
             mask = _check_array("mask", _as_numpy("mask", mask), (2, 4), np.bool_, "bool")
@@ -107,7 +124,7 @@ class _Call:
 
     def backward(self, q, k, v, bias, out, lse, d_out, bias_grad):
         q, k, v, mask, bias, alibi = self.arrays(q, k, v, bias)
-        d_out = _check_array("d_out", _as_numpy("d_out", d_out), 4)
+        d_out = _qkv_array("d_out", d_out)
         dq, dk, dv, dbias = _native.backward(self.algo, self.device, q, k, v, mask, bias, alibi,
                                              self.opts, out, lse, d_out, bias_grad)
         if dbias is not None:
@@ -171,18 +188,19 @@ def attention(q, k, v, *, algo="flash2", device=None, causal=False, mask=None, b
     """
     call = _Call(q, algo, device, causal, mask, bias, scale, dropout, seed, window, softcap,
                  alibi, q_block, k_block, deterministic)
-    kinds = {_is_tensor(x) for x in (q, k, v)}
-    if len(kinds) != 1:
+    tensors = _is_tensor(q)
+    if _is_tensor(k) is not tensors or _is_tensor(v) is not tensors:
         raise ValueError("q, k and v must all be torch tensors or all NumPy arrays")
-    if _is_tensor(q) and q.is_cuda:
+    if tensors and q.is_cuda:
         from . import _cuda  # bf16 / fp16 on the tensor cores, where the tensors are
 
         out, lse = _cuda.attention(call, q, k, v, bias, check_finite)
-    elif _is_tensor(q):
+    elif tensors:
         if bias is not None and not _is_tensor(bias):
             raise ValueError("bias must be a torch tensor when q, k and v are")
-        wants_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (q, k, v, bias))
+        wants_grad = torch.is_grad_enabled() and (
+            q.requires_grad or k.requires_grad or v.requires_grad
+            or (bias is not None and bias.requires_grad))
         if wants_grad:
             out, lse = _Attention.apply(call, q, k, v, bias)
         else:  # nothing to differentiate: the arrays back as tensors, no graph

@@ -75,18 +75,24 @@ impl<E: Copy + Into<f32> + Send + Sync> Element for E {}
 
 /// One parallel pass over the rows (last axis) of a 4-D tensor: whether every element is
 /// finite, and the largest squared row norm (accumulated in f64).
+/// A tensor below `SERIAL_SCAN` elements is scanned on the calling thread: handing a few
+/// microseconds of work to the thread pool costs more than the work (the caller sleeps until
+/// a worker wakes, runs it and wakes the caller), and every call scans three tensors.
 fn scan_rows<E: Element>(t: &ArrayView4<'_, E>) -> (bool, f64) {
-    Zip::from(t.lanes(Axis(3))).par_fold(
-        || (true, 0.0f64),
-        |(ok, m), lane| {
-            let (finite, norm2) = match lane.as_slice() {
-                Some(xs) => row_stats(xs),
-                None => row_stats(&lane.to_vec()),
-            };
-            (ok && finite, m.max(norm2))
-        },
-        |a, b| (a.0 && b.0, a.1.max(b.1)),
-    )
+    const SERIAL_SCAN: usize = 1 << 16;
+    let lane = |(ok, m): (bool, f64), lane: ndarray::ArrayView1<'_, E>| {
+        let (finite, norm2) = match lane.as_slice() {
+            Some(xs) => row_stats(xs),
+            None => row_stats(&lane.to_vec()),
+        };
+        (ok && finite, m.max(norm2))
+    };
+    let lanes = Zip::from(t.lanes(Axis(3)));
+    if t.len() < SERIAL_SCAN {
+        lanes.fold((true, 0.0f64), lane)
+    } else {
+        lanes.par_fold(|| (true, 0.0f64), lane, |a, b| (a.0 && b.0, a.1.max(b.1)))
+    }
 }
 
 /// Whether every element of a row is finite, and its squared norm in f64. Eight partial
@@ -655,6 +661,33 @@ mod tests {
                 assert!(!row_stats(&ys).0, "NaN at {bad} of {len} not seen");
                 ys[bad] = f32::NEG_INFINITY;
                 assert!(!row_stats(&ys).0, "-inf at {bad} of {len} not seen");
+            }
+        }
+    }
+
+    #[test]
+    fn scan_rows_gives_one_answer_on_the_calling_thread_and_on_the_pool() {
+        // 2 x 3 x 5 x 7 elements scan on the caller; 2 x 3 x 200 x 70 (84 000) on the pool.
+        for (n, d) in [(5, 7), (200, 70)] {
+            let mut t = ndarray::Array4::<f32>::from_shape_fn((2, 3, n, d), |(b, h, i, j)| {
+                ((b * 31 + h * 17 + i * 7 + j) % 23) as f32 * 0.125 - 1.0
+            });
+            t[[1, 2, n - 1, d - 1]] = 9.0;
+            let want = t
+                .lanes(Axis(3))
+                .into_iter()
+                .map(|l| l.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>())
+                .fold(0.0f64, f64::max);
+            let (finite, norm2) = scan_rows(&t.view());
+            assert!(finite, "n {n}");
+            assert!((norm2 - want).abs() <= 1e-12 * want, "n {n}: {norm2} against {want}");
+            // a transposed view: rows that are not contiguous
+            let (finite, norm2) = scan_rows(&t.view().permuted_axes([1, 0, 2, 3]));
+            assert!(finite && (norm2 - want).abs() <= 1e-12 * want, "n {n}, permuted");
+            for at in [[0, 0, 0, 0], [1, 1, n / 2, d / 3], [1, 2, n - 1, d - 1]] {
+                let mut bad = t.clone();
+                bad[at] = f32::NAN;
+                assert!(!scan_rows(&bad.view()).0, "NaN at {at:?} of n {n} not seen");
             }
         }
     }
