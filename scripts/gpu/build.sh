@@ -14,7 +14,7 @@ cargo build --release -p attn-cli
 cp target/release/attn "$dir/bin/attn"
 # The GPU test executables (each stage crate's tests/gpu.rs, and the facade's tests/stages.rs,
 # which compares stages on the GPU too), found from cargo's JSON messages.
-cargo test --release --no-run --message-format=json -p attn-cuda -p attn-naive -p attn-chunked -p attn-flash1 -p attn-flash2 --test gpu \
+cargo test --release --no-run --message-format=json -p attn-cuda -p attn-naive -p attn-chunked -p attn-flash1 -p attn-flash2 -p attn-ring --test gpu \
   | python3 -c '
 import json, sys, shutil
 for line in sys.stdin:

@@ -58,7 +58,7 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceArg,
     /// Ranks of the ring (--algo ring): the sequence's chunks spread over this many ranks
-    /// (threads on the CPU; default 4).
+    /// (threads; default 4 on the CPU, the devices the driver sees on CUDA).
     #[arg(long)]
     pub ranks: Option<usize>,
     /// Queries: float32 .npy [batch, heads, n_q, head_dim].
@@ -284,13 +284,20 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
         CliError::input(
             "--device",
             format!(
-                "this build has no {device} variant of '{}' yet (GPU: naive, chunked, flash1, flash2); use --device cpu or another --algo",
+                "this build has no {device} variant of '{}' yet (GPU: naive, chunked, flash1, flash2, ring); use --device cpu or another --algo",
                 args.algo
             ),
         )
     })?;
-    let ring;
-    let stage: &dyn Stage = match args.ranks {
+    let (ring_cpu, ring_cuda);
+    let ranks = match (args.ranks, device) {
+        // on CUDA the ring's ranks default to the devices the driver sees
+        (None, Device::Cuda) if args.algo == attn::ring::cpu::NAME => {
+            attn::cuda::gpu().ok().map(|g| g.devices())
+        }
+        (r, _) => r,
+    };
+    let stage: &dyn Stage = match ranks {
         None => stage,
         Some(_) if args.algo != attn::ring::cpu::NAME => {
             return Err(CliError::input(
@@ -299,9 +306,13 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
             ));
         }
         Some(0) => return Err(CliError::input("--ranks", "the ring needs at least 1 rank")),
+        Some(n) if device == Device::Cuda => {
+            ring_cuda = attn::ring::RingCuda::new(n);
+            &ring_cuda
+        }
         Some(n) => {
-            ring = attn::ring::RingCpu::new(n);
-            &ring
+            ring_cpu = attn::ring::RingCpu::new(n);
+            &ring_cpu
         }
     };
     let memory_limit = args

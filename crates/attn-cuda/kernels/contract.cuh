@@ -20,34 +20,39 @@ __device__ __forceinline__ u32 mix32(u32 x) {
     return x;
 }
 
-__device__ __forceinline__ u32 row_key(u64 seed, u32 b, u32 h, u32 i) {
-    u32 x = mix32((u32)seed ^ 0x9e3779b9u);
-    x = mix32(x ^ (u32)(seed >> 32));
+// Dropout: weight (b, h, i, j) is kept when its hash is at least `threshold`, and then
+// multiplied by keep_scale = 1 / (1 - p). `enabled` = 0: no dropout. A call that is a block
+// of a larger problem (a ring's block) hashes the whole problem's positions: its query i and
+// key j are q_off + i and k_off + j there (0, 0 for a call of its own).
+struct Dropout {
+    u64 seed;
+    u32 threshold;
+    float keep_scale;
+    int enabled;
+    u32 q_off;
+    u32 k_off;
+    int pad_;
+};
+
+// The hash of query row i's position (b, h, q_off + i), shared by the row's weights.
+__device__ __forceinline__ u32 row_key(const Dropout& d, u32 b, u32 h, u32 i) {
+    u32 x = mix32((u32)d.seed ^ 0x9e3779b9u);
+    x = mix32(x ^ (u32)(d.seed >> 32));
     x = mix32(x ^ b);
     x = mix32(x ^ h);
-    return mix32(x ^ i);
+    return mix32(x ^ (i + d.q_off));
 }
 
 __device__ __forceinline__ u32 element_hash(u32 key, u32 j) {
     return mix32(mix32(key ^ j) + key);
 }
 
-// Dropout: weight (b, h, i, j) is kept when its hash is at least `threshold`, and then
-// multiplied by keep_scale = 1 / (1 - p). `enabled` = 0: no dropout.
-struct Dropout {
-    u64 seed;
-    u32 threshold;
-    float keep_scale;
-    int enabled;
-    int pad_;
-};
-
 __device__ __forceinline__ float dropout_factor(const Dropout& d, u32 key, u32 j) {
-    return element_hash(key, j) >= d.threshold ? d.keep_scale : 0.0f;
+    return element_hash(key, j + d.k_off) >= d.threshold ? d.keep_scale : 0.0f;
 }
 
 // What modifies a score S[b, h, i, j] = scale * q_i . k_j, in the contract's order: the
-// softcap c * tanh(S / c), an additive bias, ALiBi's -slope * |i + n_k - n_q - j|, then a
+// softcap c * tanh(S / c), an additive bias, ALiBi's -slope * |i + diagonal - j|, then a
 // boolean mask, causal masking and the sliding window. The bias and mask broadcast to
 // [batch, heads, n_q, n_k] (stride 0 on a broadcast axis, null pointer when absent); the
 // slopes are [batch or 1, heads].
@@ -62,38 +67,47 @@ struct ScoreMods {
     int n_q;
     int n_k;
     int heads;                // query heads: a flat head index z = b * heads + h
-    int left;                 // keys kept before the diagonal i + n_k - n_q; -1: all
+    int left;                 // keys kept before query i's diagonal key; -1: all
     int right;                // keys kept after it (causal: 0); -1: all
     float softcap;            // 0: none
     float inv_softcap;        // 1 / softcap
+    int diag;                 // query 0's diagonal key: n_k - n_q, or a block's in a larger problem
+    int pad_;
 };
 
+// Query 0's diagonal key: n_k - n_q (bottom-right aligned); in a block of a larger problem
+// (a ring's block), the whole problem's diagonal seen from the block's corner. A kernel that
+// changes n_q or n_k (a packed sequence, a cache row) sets diag with them.
+__device__ __forceinline__ int diagonal(const ScoreMods& m) {
+    return m.diag;
+}
+
 // ANCHOR: key_range
-// Query i sees keys key_start(i) .. key_end(i) - 1 around its diagonal i + (n_k - n_q): the
-// window's sides and causal masking (right = 0), as attn-core's KeyRange. Both bounds grow
-// with i, so a tile of rows i0 .. i1 sees at most key_start(i0) .. key_end(i1) - 1.
+// Query i sees keys key_start(i) .. key_end(i) - 1 around its diagonal key i + diagonal(m):
+// the window's sides and causal masking (right = 0), as attn-core's KeyRange. Both bounds
+// grow with i, so a tile of rows i0 .. i1 sees at most key_start(i0) .. key_end(i1) - 1.
 __device__ __forceinline__ int key_end(const ScoreMods& m, int i) {
     if (m.right < 0) return m.n_k;
-    long long e = (long long)i + m.n_k - m.n_q + m.right + 1;
+    long long e = (long long)i + diagonal(m) + m.right + 1;
     return (int)(e < 0 ? 0 : (e > m.n_k ? m.n_k : e));
 }
 
 __device__ __forceinline__ int key_start(const ScoreMods& m, int i) {
     if (m.left < 0) return 0;
-    long long s = (long long)i + m.n_k - m.n_q - m.left;
+    long long s = (long long)i + diagonal(m) - m.left;
     return (int)(s < 0 ? 0 : (s > m.n_k ? m.n_k : s));
 }
 
 // The first query that sees key j (0 when every query does), and one past the last.
 __device__ __forceinline__ int query_start(const ScoreMods& m, int j) {
     if (m.right < 0) return 0;
-    long long i = (long long)j - (m.n_k - m.n_q) - m.right;
+    long long i = (long long)j - diagonal(m) - m.right;
     return (int)(i < 0 ? 0 : (i > m.n_q ? m.n_q : i));
 }
 
 __device__ __forceinline__ int query_end(const ScoreMods& m, int j) {
     if (m.left < 0) return m.n_q;
-    long long i = (long long)j - (m.n_k - m.n_q) + m.left + 1;
+    long long i = (long long)j - diagonal(m) + m.left + 1;
     return (int)(i < 0 ? 0 : (i > m.n_q ? m.n_q : i));
 }
 // ANCHOR_END: key_range
@@ -137,7 +151,8 @@ __device__ __forceinline__ float modify_score(const ScoreMods& m, int b, int h, 
     }
     if (EXT && m.alibi) {
         const float slope = ((const float*)m.alibi)[b * m.alibi_stride_b + h];
-        s -= slope * (float)abs(i + m.n_k - m.n_q - j);
+        const i64 off = (i64)i + diagonal(m) - j;
+        s -= slope * (float)(off < 0 ? -off : off);
     }
     if (m.mask) {
         const unsigned char* mask = (const unsigned char*)m.mask;

@@ -119,7 +119,7 @@ extern "C" __global__ void apply_dropout(float* p, Dropout d, int heads, int i0,
                                          int rows, int cols) {
     const int z = blockIdx.z;
     for (int r = blockIdx.y; r < rows; r += gridDim.y) {
-        const u32 key = row_key(d.seed, z / heads, z % heads, i0 + r);
+        const u32 key = row_key(d, z / heads, z % heads, i0 + r);
         float* row = p + ((i64)z * rows + r) * cols;
         for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += gridDim.x * blockDim.x)
             row[c] *= dropout_factor(d, key, j0 + c);
@@ -153,7 +153,7 @@ extern "C" __global__ void ds_from_dp(const float* p, float* dp, const float* D,
     const int z = blockIdx.z;
     for (int r = blockIdx.y; r < rows; r += gridDim.y) {
         const float Di = D[(i64)z * n_q + i0 + r];
-        const u32 key = d.enabled ? row_key(d.seed, z / heads, z % heads, i0 + r) : 0u;
+        const u32 key = d.enabled ? row_key(d, z / heads, z % heads, i0 + r) : 0u;
         const i64 off = ((i64)z * rows + r) * cols;
         for (int c = blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += gridDim.x * blockDim.x) {
             float g = dp[off + c];

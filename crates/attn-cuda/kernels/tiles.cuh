@@ -159,7 +159,7 @@ __device__ __forceinline__ void start_rows(const Dropout& drop, int b, int h, in
         l[r] = 0.0f;
 #pragma unroll
         for (int c = 0; c < D / 16; c++) o[r][c] = 0.0f;
-        key[r] = drop.enabled ? row_key(drop.seed, b, h, i0 + ty + 16 * r) : 0u;
+        key[r] = drop.enabled ? row_key(drop, b, h, i0 + ty + 16 * r) : 0u;
     }
 }
 
@@ -210,7 +210,7 @@ __device__ __forceinline__ void p_ds_from_products(const FlashArgs& a, const Sco
         const int i = i0 + ty + 16 * r;
         const float L = i < a.n_q ? lse[i] : NEG_INF;
         const float Di = i < a.n_q ? dvec[i] : 0.0f;
-        const u32 key = drop.enabled ? row_key(drop.seed, b, h, i) : 0u;
+        const u32 key = drop.enabled ? row_key(drop, b, h, i) : 0u;
 #pragma unroll
         for (int c = 0; c < 4; c++) {
             const int j = j0 + tx + 16 * c;
@@ -350,7 +350,7 @@ __device__ __forceinline__ void apply_dropout(const Dropout& drop, int b, int h,
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
 #pragma unroll
     for (int r = 0; r < 4; r++) {
-        const u32 key = row_key(drop.seed, b, h, i0 + ty + 16 * r);
+        const u32 key = row_key(drop, b, h, i0 + ty + 16 * r);
 #pragma unroll
         for (int c = 0; c < 4; c++) p[r][c] *= dropout_factor(drop, key, j0 + tx + 16 * c);
     }

@@ -19,6 +19,7 @@ pub struct Gpu {
     name: String,
     arch: &'static str,
     multiprocessors: usize,
+    devices: usize,
     modules: Mutex<HashMap<String, Arc<CudaModule>>>,
     live: AtomicUsize,
     peak: AtomicUsize,
@@ -90,6 +91,7 @@ impl Gpu {
             name,
             arch,
             multiprocessors,
+            devices: count as usize,
             modules: Mutex::new(HashMap::new()),
             live: AtomicUsize::new(0),
             peak: AtomicUsize::new(0),
@@ -109,6 +111,11 @@ impl Gpu {
     /// The number of streaming multiprocessors (132 on an H100 SXM).
     pub fn multiprocessors(&self) -> usize {
         self.multiprocessors
+    }
+
+    /// How many devices the driver sees (this library opens the first).
+    pub fn devices(&self) -> usize {
+        self.devices
     }
 
     /// Makes the device's context current on the calling thread (for libraries, such as

@@ -26,6 +26,8 @@ pub struct ScoreMods {
     right: i32,
     softcap: f32,
     inv_softcap: f32,
+    diag: i32,
+    pad_: i32,
 }
 // SAFETY: plain old data, laid out as `struct ScoreMods` in contract.cuh.
 unsafe impl DeviceRepr for ScoreMods {}
@@ -38,6 +40,8 @@ pub struct DropoutArg {
     threshold: u32,
     keep_scale: f32,
     enabled: i32,
+    q_off: u32,
+    k_off: u32,
     pad_: i32,
 }
 // SAFETY: plain old data, laid out as `struct Dropout` in contract.cuh.
@@ -110,9 +114,18 @@ pub struct ScoreInputs {
 
 impl ScoreInputs {
     pub fn upload(gpu: &Gpu, p: &Problem<'_>) -> Result<Self> {
-        // the kernels measure positions in the call's own tensors
-        attn_core::refuse_placement(p.placement, "the GPU stages")?;
         let sh = p.shape;
+        // a block of a larger problem (a placement): causal masking, the window and ALiBi
+        // measure from the whole problem's diagonal, dropout hashes its positions
+        let diag = i32::try_from(p.keys.diagonal).map_err(|_| AttnError::InvalidLengths {
+            arg: "placement",
+            reason: format!(
+                "the block's diagonal ({}) is beyond the GPU kernels' 32-bit positions",
+                p.keys.diagonal
+            ),
+        })?;
+        let (q_off, k_off) =
+            p.placement.map_or((0, 0), |pl| (pl.q_start as u32, pl.k_start as u32));
         let bias = p.bias.map(|b| gpu.upload_array(b)).transpose()?;
         let mask = p.mask.map(|m| gpu.upload_array(m.mapv(u8::from).view())).transpose()?;
         let alibi = p.alibi.map(|a| gpu.upload_array(a.as_standard_layout().view())).transpose()?;
@@ -132,12 +145,16 @@ impl ScoreInputs {
             right: side(p.keys.right),
             softcap: p.softcap.unwrap_or(0.0),
             inv_softcap: p.softcap.map_or(0.0, |c| 1.0 / c),
+            diag,
+            pad_: 0,
         };
         let dropout = p.dropout.map_or(DropoutArg::default(), |d| DropoutArg {
             seed: d.seed,
             threshold: d.threshold,
             keep_scale: d.keep_scale,
             enabled: 1,
+            q_off,
+            k_off,
             pad_: 0,
         });
         Ok(Self { mods, dropout, bias, mask, alibi, dbias: None })

@@ -40,7 +40,7 @@ __device__ void flash1_forward(const FlashArgs& a, const ScoreMods& mods, const 
 #pragma unroll
             for (int r = 0; r < 4; r++) {
                 const int i = i0 + ty + 16 * r;
-                const u32 key = drop.enabled ? row_key(drop.seed, b, h, i) : 0u;
+                const u32 key = drop.enabled ? row_key(drop, b, h, i) : 0u;
                 float mx = NEG_INF;
 #pragma unroll
                 for (int c = 0; c < 4; c++) {

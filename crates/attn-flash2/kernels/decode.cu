@@ -215,6 +215,7 @@ decode_split(const DecodeArgs a, const ScoreMods mods) {
     const int L = ((const int*)a.seqlens)[b];
     ScoreMods m = mods;
     m.n_k = L;  // causal masking, the window and ALiBi align to the row's valid keys
+    m.diag = L - m.n_q;
 
     // the tile's query rows: head h of g's group, query i
     int hr[DEC_ROWS], ir[DEC_ROWS];
@@ -517,7 +518,7 @@ decode_mma(const DecodeArgs a, const ScoreMods mods) {
     const int group = a.heads / a.kv_heads, rows = group * a.n_q;
     const int L = ((const int*)a.seqlens)[b];
     ScoreMods m = mods;
-    m.n_k = L;
+    m.n_k = L, m.diag = L - m.n_q;
     const int live = min(16, rows - tile * 16);
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 

@@ -34,9 +34,8 @@ __device__ void flash_backward_kv(const FlashArgs& a, const ScoreMods& mods, con
     load_tile4<D>(Ks, k, j0, a.n_k);
     load_tile4<D>(Vs, v, j0, a.n_k);
     float dk[4][CW] = {}, dv[4][CW] = {};
-    // Causal: query i sees key j0 when j0 < key_end(i), i.e. i >= j0 + n_q - n_k.
-    int i_start = 0;
-    if (mods.causal) i_start = max(0, j0 + a.n_q - a.n_k) / BR * BR;
+    // Causal (or a window's right side): rows before query_start(j0) cannot see key j0.
+    const int i_start = query_start(mods, j0) / BR * BR;
     for (int i0 = i_start; i0 < a.n_q; i0 += BR) {
         backward_step<D>(a, mods, drop, hd, i0, j0, Qs, dOs, Ks, Vs, PT, dST, dk, dv);
         if constexpr (ATOMIC_DQ) {

@@ -42,8 +42,8 @@ __device__ void tf32_forward(const FlashArgs& a, const ScoreMods& mods, const Dr
     const float* v_at = reinterpret_cast<const float*>(smem_tf) + (QR + 2 * KB) * S + 2 * t * S + g;
     const int i0 = (mods.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x) * QR;
     const int rows[2] = {i0 + 16 * warp + g, i0 + 16 * warp + g + 8};
-    const u32 key[2] = {drop.enabled ? row_key(drop.seed, hd.b, hd.h, rows[0]) : 0u,
-                        drop.enabled ? row_key(drop.seed, hd.b, hd.h, rows[1]) : 0u};
+    const u32 key[2] = {drop.enabled ? row_key(drop, hd.b, hd.h, rows[0]) : 0u,
+                        drop.enabled ? row_key(drop, hd.b, hd.h, rows[1]) : 0u};
     const int j_end = key_end(mods, min(i0 + QR, a.n_q) - 1);
     // the first key tile a row of the block sees (the window's left side), on the grid
     const int j_begin = min(key_start(mods, i0), j_end) / KB * KB;

@@ -118,7 +118,7 @@ __device__ void tf32_backward(const FlashArgs& a, const ScoreMods& mods, const D
         stats.prefetch(Qa + QTB - buf, Oa + QTB - buf, hd.q, hd.d_out, i0);
         stats.store_and_fetch(Ls, Ds, i0);
         if (drop.enabled && threadIdx.x < QR)
-            Rk[threadIdx.x] = row_key(drop.seed, hd.b, hd.h, i0 + threadIdx.x);
+            Rk[threadIdx.x] = row_key(drop, hd.b, hd.h, i0 + threadIdx.x);
         __syncthreads();
 
         // S^T = K_j Q_i^T and dP^T = V_j dO_i^T
@@ -270,7 +270,7 @@ __device__ void tf32_backward_q(const FlashArgs& a, const ScoreMods& mods, const
         const float l = ok ? lse[rows[r]] : NEG_INF;
         L[r] = l == NEG_INF ? -NEG_INF : l * LOG2E;  // no key seen: +inf, so that P = 0
         Dr[r] = ok ? dvec[rows[r]] : 0.0f;
-        key[r] = drop.enabled ? row_key(drop.seed, hd.b, hd.h, rows[r]) : 0u;
+        key[r] = drop.enabled ? row_key(drop, hd.b, hd.h, rows[r]) : 0u;
     }
     const int j_end = key_end(mods, min(i0 + QR, a.n_q) - 1);
     // the first key tile a row of the block sees (the window's left side), on the grid

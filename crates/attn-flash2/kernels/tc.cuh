@@ -148,7 +148,7 @@ __device__ __forceinline__ int varlen_view(FlashArgs& a, ScoreMods& m, const Var
     const i64 bias_at = q0 * m.bias_stride[2] + k0 * m.bias_stride[3];
     move(m.bias, bias_at * 4), move(a.dbias, bias_at * 4);
     move(m.mask, q0 * m.mask_stride[2] + k0 * m.mask_stride[3]);
-    a.n_q = m.n_q = nq, a.n_k = m.n_k = nk;
+    a.n_q = m.n_q = nq, a.n_k = m.n_k = nk, m.diag = nk - nq;
     return w.y;
 }
 // ANCHOR_END: varlen_view

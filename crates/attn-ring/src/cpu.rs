@@ -1,13 +1,15 @@
-//! The ring on CPU threads: each rank a thread holding its zigzag chunks of Q, K and V, the
-//! K/V chunks passed round the ring through [`Channels`], each block computed by
-//! FlashAttention-2 on the CPU ([`attn_flash2::cpu`]) and folded into the rank's running
-//! (O, lse).
+//! The ring on threads: each rank a thread holding its zigzag chunks of Q, K and V, the K/V
+//! chunks passed round the ring through [`Channels`], each block computed by a block stage —
+//! FlashAttention-2 on the CPU ([`attn_flash2::Flash2Cpu`]) or on the GPU
+//! ([`attn_flash2::Flash2Cuda`], every rank sharing the one device) — and folded into the
+//! rank's running (O, lse).
 
 use std::ops::Range;
 
 use attn_core::varlen::sequence_inputs;
 use attn_core::{
     AttnError, Forward, Grads, Inputs, KeyRange, Mask, Options, Placement, Problem, Result, Shape,
+    Stage,
 };
 use ndarray::{Array3, Array4, ArrayView4, ArrayViewMut4, Axis, Zip, s};
 
@@ -45,6 +47,8 @@ struct QueryChunk {
 /// belong to query rows or to no row (the mask, the bias, the ALiBi slopes), of which a rank
 /// reads only its own rows.
 struct Whole<'a> {
+    /// What computes each block (given its placement in the whole problem).
+    stage: &'static dyn Stage,
     inputs: Inputs<'a>,
     opts: Options,
     shape: Shape,
@@ -67,7 +71,12 @@ pub struct RingStats {
 impl<'a> Whole<'a> {
     /// Checks the whole call once, before any rank starts, so that an error names the whole
     /// tensors' indices (as every other stage's does).
-    fn new(inputs: &Inputs<'a>, opts: &Options, ranks: usize) -> Result<Self> {
+    fn new(
+        stage: &'static dyn Stage,
+        inputs: &Inputs<'a>,
+        opts: &Options,
+        ranks: usize,
+    ) -> Result<Self> {
         if ranks == 0 {
             return Err(AttnError::ZeroBlockSize { arg: "ranks" });
         }
@@ -79,7 +88,7 @@ impl<'a> Whole<'a> {
             });
         }
         let p = Problem::new(inputs, opts)?;
-        Ok(Self { inputs: *inputs, opts: opts.clone(), shape: p.shape, keys: p.keys })
+        Ok(Self { stage, inputs: *inputs, opts: opts.clone(), shape: p.shape, keys: p.keys })
     }
 
     /// Rank `r`'s query chunks and K/V chunks (copies: what a rank holds in its own memory).
@@ -191,7 +200,7 @@ fn rank_forward(
                     continue;
                 }
                 let (inputs, opts) = whole.block(q, kv);
-                fold(o, lse, &attn_flash2::cpu::forward(&inputs, &opts)?);
+                fold(o, lse, &whole.stage.forward(&inputs, &opts)?);
                 stats.blocks += 1;
             }
         }
@@ -256,7 +265,7 @@ fn rank_backward(
                     continue;
                 }
                 let (inputs, opts) = whole.block(q, kv);
-                let g = attn_flash2::cpu::backward(&inputs, &opts, fwd, d_out.view())?;
+                let g = whole.stage.backward(&inputs, &opts, fwd, d_out.view())?;
                 *dq += &g.dq;
                 *dk += &g.dk;
                 *dv += &g.dv;
@@ -342,7 +351,18 @@ pub fn forward_on(
     opts: &Options,
     ranks: usize,
 ) -> Result<(Forward, RingStats)> {
-    let whole = Whole::new(inputs, opts, ranks)?;
+    forward_with(&attn_flash2::Flash2Cpu, inputs, opts, ranks)
+}
+
+/// [`forward_on`] with `stage` computing each block (a stage that honours
+/// [`Options::placement`]: FlashAttention-2 on the CPU or the GPU).
+pub fn forward_with(
+    stage: &'static dyn Stage,
+    inputs: &Inputs<'_>,
+    opts: &Options,
+    ranks: usize,
+) -> Result<(Forward, RingStats)> {
+    let whole = Whole::new(stage, inputs, opts, ranks)?;
     let (parts, stats) = on_ranks(ranks, |r, link, stats| {
         let (queries, kv) = whole.shard(r, ranks);
         let acc = rank_forward(link, &whole, &queries, kv, stats)?;
@@ -376,7 +396,19 @@ pub fn backward_on(
     d_out: ArrayView4<'_, f32>,
     ranks: usize,
 ) -> Result<(Grads, RingStats)> {
-    let whole = Whole::new(inputs, opts, ranks)?;
+    backward_with(&attn_flash2::Flash2Cpu, inputs, opts, fwd, d_out, ranks)
+}
+
+/// [`backward_on`] with `stage` computing each block.
+pub fn backward_with(
+    stage: &'static dyn Stage,
+    inputs: &Inputs<'_>,
+    opts: &Options,
+    fwd: &Forward,
+    d_out: ArrayView4<'_, f32>,
+    ranks: usize,
+) -> Result<(Grads, RingStats)> {
+    let whole = Whole::new(stage, inputs, opts, ranks)?;
     attn_core::check_saved(&whole.shape, fwd.out.view(), fwd.lse.view())?;
     attn_core::check_d_out(&whole.shape, d_out)?;
     let (parts, stats) = on_ranks(ranks, |r, link, stats| {

@@ -11,8 +11,9 @@
 //!   even across ranks; blocks that causal masking or the window hide entirely are skipped.
 //! - [`transport`]: the two calls the algorithm needs of its neighbours (send to the next
 //!   rank, receive from the previous), and [`transport::Channels`], ranks as threads.
-//! - [`cpu`]: forward and backward, each rank running FlashAttention-2 ([`attn_flash2`]) on
-//!   its blocks. The backward sends dK, dV behind their chunks, home after the last step.
+//! - [`cpu`]: forward and backward, ranks as threads, each rank running FlashAttention-2
+//!   ([`attn_flash2`]) on its blocks, on the CPU ([`RingCpu`]) or the GPU ([`RingCuda`]). The
+//!   backward sends dK, dV behind their chunks, home after the last step.
 //!
 //! Every block runs with its [`attn_core::Placement`] in the whole problem, so causal masking
 //! (bottom-right), the window, ALiBi and dropout are the whole problem's and the ring gives
@@ -25,7 +26,7 @@ pub mod cpu;
 pub mod layout;
 pub mod transport;
 
-pub use cpu::{DEFAULT_RANKS, RingStats};
+pub use cpu::{DEFAULT_RANKS, RingStats, backward_with, forward_with};
 
 /// Ring attention on CPU threads, as a [`attn_core::Stage`]: `ranks` ranks.
 #[derive(Clone, Copy, Debug)]
@@ -47,6 +48,60 @@ impl Default for RingCpu {
 
 /// The ring of [`DEFAULT_RANKS`] ranks, which the stage lists hold.
 pub static RING_CPU: RingCpu = RingCpu::new(DEFAULT_RANKS);
+
+/// Ring attention with each block on the GPU, as a [`attn_core::Stage`]: `ranks` ranks as
+/// threads, every one running FlashAttention-2 on the GPU ([`attn_flash2::Flash2Cuda`], f32)
+/// for its blocks with their placement, the chunks passed between the threads through host
+/// memory. With one device the ranks share it; the schedule, the placements and the folds
+/// are those a rank a GPU runs.
+#[derive(Clone, Copy, Debug)]
+pub struct RingCuda {
+    pub ranks: usize,
+}
+
+impl RingCuda {
+    pub const fn new(ranks: usize) -> Self {
+        Self { ranks }
+    }
+}
+
+impl Default for RingCuda {
+    fn default() -> Self {
+        Self::new(DEFAULT_RANKS)
+    }
+}
+
+/// The GPU ring of [`DEFAULT_RANKS`] ranks, which the stage lists hold.
+pub static RING_CUDA: RingCuda = RingCuda::new(DEFAULT_RANKS);
+
+impl attn_core::Stage for RingCuda {
+    fn name(&self) -> &'static str {
+        cpu::NAME
+    }
+
+    fn device(&self) -> attn_core::Device {
+        attn_core::Device::Cuda
+    }
+
+    fn forward(
+        &self,
+        inputs: &attn_core::Inputs<'_>,
+        opts: &attn_core::Options,
+    ) -> attn_core::Result<attn_core::Forward> {
+        cpu::forward_with(&attn_flash2::Flash2Cuda, inputs, opts, self.ranks).map(|(f, _)| f)
+    }
+
+    fn backward(
+        &self,
+        inputs: &attn_core::Inputs<'_>,
+        opts: &attn_core::Options,
+        fwd: &attn_core::Forward,
+        d_out: ndarray::ArrayView4<'_, f32>,
+    ) -> attn_core::Result<attn_core::Grads> {
+        cpu::backward_with(&attn_flash2::Flash2Cuda, inputs, opts, fwd, d_out, self.ranks)
+            .map(|(g, _)| g)
+    }
+}
 
 impl attn_core::Stage for RingCpu {
     fn name(&self) -> &'static str {

@@ -70,6 +70,7 @@ pub fn gpu_stages() -> Vec<&'static dyn Stage> {
         &attn_chunked::ChunkedCuda,
         &attn_flash1::Flash1Cuda,
         &attn_flash2::Flash2Cuda,
+        &attn_ring::RING_CUDA,
     ]
 }
 

@@ -84,3 +84,82 @@ fn cpu_stages_take_every_score_modifier_at_gpu_tile_sizes() {
         score_mods::check(stage, &[8], (F32_FORWARD, F32_BACKWARD), |x| x);
     }
 }
+
+/// A call that is a block of a larger problem (a ring's block, [`attn::core::Placement`]):
+/// every stage, on the CPU and on the GPU, masks causally, cuts the window, measures ALiBi and
+/// hashes dropout at the whole problem's positions, forward and backward, as the float64
+/// reference does on the same block — with the block's rows partly hidden, wholly hidden
+/// (above the whole problem's diagonal) and all visible.
+#[test]
+fn every_stage_computes_a_placed_block_as_the_reference_does() {
+    use attn::core::testing::{AlibiKind, BiasKind, Case, MaskKind, check_against_reference};
+    use attn::core::tolerance::{HALF_BACKWARD, HALF_FORWARD};
+    use attn::core::{Placement, Stage};
+    // (case, placement of its 13 x 17 block in the whole problem, dropout)
+    let shape = Shape::new(2, 4, 13, 64).with_n_k(17).with_kv_heads(2);
+    let placed = |q_start, k_start, n_q, n_k| Placement { q_start, k_start, n_q, n_k };
+    let cases = [
+        // query 0's diagonal key 1: causal cuts the block's right part; every modifier on
+        (
+            Case {
+                causal: true,
+                alibi: AlibiKind::PerBatchHead,
+                softcap: Some(2.5),
+                mask: MaskKind::Full,
+                bias: BiasKind::Full,
+                bias_grad: true,
+                dropout: Some(0.2),
+                ..Case::new(shape, 3)
+            },
+            placed(20, 12, 40, 33),
+        ),
+        // a window on both sides around diagonal 7, key padding
+        (
+            Case {
+                window: Some((3, 5)),
+                mask: MaskKind::KeyPadding,
+                alibi: AlibiKind::PerHead,
+                ..Case::new(shape, 4)
+            },
+            placed(0, 20, 13, 40),
+        ),
+        // diagonal -3: causal hides the first three rows from every key of the block
+        (
+            Case { causal: true, bias: BiasKind::PerKey, bias_grad: true, ..Case::new(shape, 5) },
+            placed(20, 25, 40, 42),
+        ),
+    ];
+    let f32_stages: Vec<&'static dyn Stage> = attn::cpu_stages()
+        .into_iter()
+        .chain(if attn::cuda::available() { attn::gpu_stages() } else { Vec::new() })
+        .filter(|s| s.name() != attn::ring::cpu::NAME)
+        .collect();
+    if !attn::cuda::available() {
+        eprintln!("skipped: the GPU stages' half of this test (no CUDA device)");
+    }
+    for (case, placement) in &cases {
+        let mut data = case.build();
+        data.opts = data.opts.clone().placed(*placement);
+        for stage in &f32_stages {
+            let what = format!("{} on {:?}, {placement:?}, {case:?}", stage.name(), stage.device());
+            check_against_reference(*stage, &data, true).unwrap().assert_f32(&what);
+        }
+    }
+    if attn::cuda::available() {
+        // the tensor cores (bf16), on the inputs rounded to bf16; they take no dropout
+        static BF16: attn::flash2::Flash2TensorCores<half::bf16> =
+            attn::flash2::Flash2TensorCores::new();
+        let round: fn(f32) -> f32 = |x| f32::from(half::bf16::from_f32(x));
+        for (case, placement) in &cases {
+            let case = Case { dropout: None, ..case.clone() };
+            let mut data = case.build().rounded(round);
+            data.opts = data.opts.clone().placed(*placement);
+            let check = check_against_reference(&BF16, &data, true).unwrap();
+            check.assert_within(
+                HALF_FORWARD,
+                HALF_BACKWARD,
+                &format!("bf16 {placement:?} {case:?}"),
+            );
+        }
+    }
+}

@@ -43,8 +43,8 @@ __device__ void tc_backward_v1(const FlashArgs& a, const ScoreMods& mods) {
     float dk[D / 8][4], dv[D / 8][4];
     zero_frags<D / 8>(dk);
     zero_frags<D / 8>(dv);
-    // the first query row that sees key j0 (causal: i >= j - (n_k - n_q)), on a tile boundary
-    const int i_first = mods.causal ? max(0, j0 - (a.n_k - a.n_q)) / TC_BR * TC_BR : 0;
+    // the first query row that sees key j0 (causal: i >= j0 - diagonal), on a tile boundary
+    const int i_first = query_start(mods, j0) / TC_BR * TC_BR;
 
     // dQ_i += dS K_j for the warp's 16 query rows (16 warp), all D columns, from dS^T in
     // shared memory: A[q][key] = dS^T[key][q] (ldmatrix.trans),
