@@ -55,14 +55,16 @@ __device__ __forceinline__ float dropout_factor(const Dropout& d, u32 key, u32 j
 // softcap c * tanh(S / c), an additive bias, ALiBi's -slope * |i + diagonal - j|, then a
 // boolean mask, causal masking and the sliding window. The bias and mask broadcast to
 // [batch, heads, n_q, n_k] (stride 0 on a broadcast axis, null pointer when absent); the
-// slopes are [batch or 1, heads].
+// slopes are [batch or 1, heads]. Kept at 128 bytes (problem.rs asserts it): a larger kernel
+// parameter is addressed through a pointer, its fields reloaded in the kernels' loops.
 struct ScoreMods {
     u64 bias;                 // const float*
     i64 bias_stride[4];       // b, h, i, j, in elements
     u64 mask;                 // const unsigned char*, 1 keeps
     i64 mask_stride[4];
     u64 alibi;                // const float* slopes, or null
-    i64 alibi_stride_b;       // heads, or 0 for one slope per head
+    int alibi_stride_b;       // heads, or 0 for one slope per head
+    int diag;                 // query 0's diagonal key: n_k - n_q, or a block's in a larger problem
     int causal;
     int n_q;
     int n_k;
@@ -71,9 +73,8 @@ struct ScoreMods {
     int right;                // keys kept after it (causal: 0); -1: all
     float softcap;            // 0: none
     float inv_softcap;        // 1 / softcap
-    int diag;                 // query 0's diagonal key: n_k - n_q, or a block's in a larger problem
-    int pad_;
 };
+static_assert(sizeof(ScoreMods) == 128, "ScoreMods must stay within 128 bytes");
 
 // Query 0's diagonal key: n_k - n_q (bottom-right aligned); in a block of a larger problem
 // (a ring's block), the whole problem's diagonal seen from the block's corner. A kernel that

@@ -17,7 +17,8 @@ pub struct ScoreMods {
     mask: u64,
     mask_stride: [i64; 4],
     alibi: u64,
-    alibi_stride_b: i64,
+    alibi_stride_b: i32,
+    diag: i32,
     causal: i32,
     n_q: i32,
     n_k: i32,
@@ -26,11 +27,12 @@ pub struct ScoreMods {
     right: i32,
     softcap: f32,
     inv_softcap: f32,
-    diag: i32,
-    pad_: i32,
 }
 // SAFETY: plain old data, laid out as `struct ScoreMods` in contract.cuh.
 unsafe impl DeviceRepr for ScoreMods {}
+// At most 128 bytes: a larger kernel parameter made NVRTC address it through a pointer and
+// reload its fields inside the tensor-core forward's key loop (notes/gpu.md, 2026-12-04).
+const _: () = assert!(std::mem::size_of::<ScoreMods>() == 128);
 
 /// Dropout parameters (`struct Dropout` in contract.cuh).
 #[repr(C)]
@@ -136,7 +138,7 @@ impl ScoreInputs {
             mask: mask.as_ref().map_or(0, |m| gpu.ptr(m)),
             mask_stride: p.mask.map_or([0; 4], |m| broadcast_strides(m.shape())),
             alibi: alibi.as_ref().map_or(0, |a| gpu.ptr(a)),
-            alibi_stride_b: p.alibi.map_or(0, |a| if a.nrows() == 1 { 0 } else { sh.heads as i64 }),
+            alibi_stride_b: p.alibi.map_or(0, |a| if a.nrows() == 1 { 0 } else { sh.heads as i32 }),
             causal: p.causal.into(),
             n_q: sh.n_q as i32,
             n_k: sh.n_k as i32,
@@ -146,7 +148,6 @@ impl ScoreInputs {
             softcap: p.softcap.unwrap_or(0.0),
             inv_softcap: p.softcap.map_or(0.0, |c| 1.0 / c),
             diag,
-            pad_: 0,
         };
         let dropout = p.dropout.map_or(DropoutArg::default(), |d| DropoutArg {
             seed: d.seed,
