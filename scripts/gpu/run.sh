@@ -68,9 +68,9 @@ done
 #     kernel's (every element type, paged caches, the score modifiers, split-KV and its
 #     merge) and the packed batch's in one launch (the work list, the moved base pointers,
 #     the mask and bias blocks; forward and backward).
-sanitize_test() {  # label test-name
+sanitize_test() {  # label test-name [test binary, default test-attn-flash2]
   for tool in ${SANITIZER_TOOLS-memcheck racecheck synccheck}; do
-    compute-sanitizer --tool "$tool" --error-exitcode 3 "$here/bin/test-attn-flash2" --exact "$2" --test-threads=1 > "$out/sanitizer-$1-$tool.log" 2>&1
+    compute-sanitizer --tool "$tool" --error-exitcode 3 "$here/bin/${3:-test-attn-flash2}" --exact "$2" --test-threads=1 > "$out/sanitizer-$1-$tool.log" 2>&1
     rc=$?
     errors="$(grep -Eo '(ERROR|RACECHECK) SUMMARY: .*' "$out/sanitizer-$1-$tool.log" | tail -1)"
     note "compute-sanitizer $tool, $1: ${errors:-no summary} (exit $rc)"
@@ -79,6 +79,9 @@ sanitize_test() {  # label test-name
 }
 sanitize_test decode flash2_gpu_decode_kernel_matches_the_reference
 sanitize_test packed tensor_core_packed_batch_in_one_launch_equals_the_calls_per_sequence_and_the_reference
+# a block of a larger problem (a ring's block) in every GPU stage: the placed diagonal and
+# dropout offsets
+sanitize_test placed every_stage_computes_a_placed_block_as_the_reference_does test-attn-stages
 
 # 2b''. Packed batches on the tensor cores: one launch against the documents one by one, a
 #       uniform batch of the same tokens and the padded batch (SKIP_PACKED=1 skips).
