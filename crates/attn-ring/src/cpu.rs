@@ -342,20 +342,12 @@ fn on_ranks<M: Send, R: Send>(
 /// Ring attention's forward over `ranks` ranks: the answer of FlashAttention-2 on the whole
 /// problem, to rounding.
 pub fn forward(inputs: &Inputs<'_>, opts: &Options) -> Result<Forward> {
-    forward_on(inputs, opts, DEFAULT_RANKS).map(|(f, _)| f)
+    forward_with(&attn_flash2::Flash2Cpu, inputs, opts, DEFAULT_RANKS).map(|(f, _)| f)
 }
 
-/// [`forward`] on `ranks` ranks, with what the ring measured.
-pub fn forward_on(
-    inputs: &Inputs<'_>,
-    opts: &Options,
-    ranks: usize,
-) -> Result<(Forward, RingStats)> {
-    forward_with(&attn_flash2::Flash2Cpu, inputs, opts, ranks)
-}
-
-/// [`forward_on`] with `stage` computing each block (a stage that honours
-/// [`Options::placement`]: FlashAttention-2 on the CPU or the GPU).
+/// [`forward`] on `ranks` ranks with `stage` computing each block (a stage that honours
+/// [`Options::placement`]: FlashAttention-2 on the CPU or the GPU), with what the ring
+/// measured.
 pub fn forward_with(
     stage: &'static dyn Stage,
     inputs: &Inputs<'_>,
@@ -385,21 +377,11 @@ pub fn backward(
     fwd: &Forward,
     d_out: ArrayView4<'_, f32>,
 ) -> Result<Grads> {
-    backward_on(inputs, opts, fwd, d_out, DEFAULT_RANKS).map(|(g, _)| g)
+    backward_with(&attn_flash2::Flash2Cpu, inputs, opts, fwd, d_out, DEFAULT_RANKS).map(|(g, _)| g)
 }
 
-/// [`backward`] on `ranks` ranks, with what the ring measured.
-pub fn backward_on(
-    inputs: &Inputs<'_>,
-    opts: &Options,
-    fwd: &Forward,
-    d_out: ArrayView4<'_, f32>,
-    ranks: usize,
-) -> Result<(Grads, RingStats)> {
-    backward_with(&attn_flash2::Flash2Cpu, inputs, opts, fwd, d_out, ranks)
-}
-
-/// [`backward_on`] with `stage` computing each block.
+/// [`backward`] on `ranks` ranks with `stage` computing each block, with what the ring
+/// measured.
 pub fn backward_with(
     stage: &'static dyn Stage,
     inputs: &Inputs<'_>,

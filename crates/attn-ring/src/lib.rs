@@ -28,105 +28,78 @@ pub mod transport;
 
 pub use cpu::{DEFAULT_RANKS, RingStats, backward_with, forward_with};
 
-/// Ring attention on CPU threads, as a [`attn_core::Stage`]: `ranks` ranks.
-#[derive(Clone, Copy, Debug)]
-pub struct RingCpu {
-    pub ranks: usize,
+/// A ring as a [`attn_core::Stage`]: the type, its device, the stage that computes each block,
+/// and the static of [`DEFAULT_RANKS`] ranks the stage lists hold.
+macro_rules! ring_stage {
+    ($(#[$doc:meta])* $name:ident, $stat:ident, $device:ident, $block:expr) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug)]
+        pub struct $name {
+            pub ranks: usize,
+        }
+
+        impl $name {
+            pub const fn new(ranks: usize) -> Self {
+                Self { ranks }
+            }
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                Self::new(DEFAULT_RANKS)
+            }
+        }
+
+        #[doc = concat!("The [`", stringify!($name), "`] of [`DEFAULT_RANKS`] ranks, which the stage lists hold.")]
+        pub static $stat: $name = $name::new(DEFAULT_RANKS);
+
+        impl attn_core::Stage for $name {
+            fn name(&self) -> &'static str {
+                cpu::NAME
+            }
+
+            fn device(&self) -> attn_core::Device {
+                attn_core::Device::$device
+            }
+
+            fn forward(
+                &self,
+                inputs: &attn_core::Inputs<'_>,
+                opts: &attn_core::Options,
+            ) -> attn_core::Result<attn_core::Forward> {
+                cpu::forward_with($block, inputs, opts, self.ranks).map(|(f, _)| f)
+            }
+
+            fn backward(
+                &self,
+                inputs: &attn_core::Inputs<'_>,
+                opts: &attn_core::Options,
+                fwd: &attn_core::Forward,
+                d_out: ndarray::ArrayView4<'_, f32>,
+            ) -> attn_core::Result<attn_core::Grads> {
+                cpu::backward_with($block, inputs, opts, fwd, d_out, self.ranks).map(|(g, _)| g)
+            }
+        }
+    };
 }
 
-impl RingCpu {
-    pub const fn new(ranks: usize) -> Self {
-        Self { ranks }
-    }
-}
+ring_stage!(
+    /// Ring attention on CPU threads: `ranks` ranks, each running FlashAttention-2 on the CPU
+    /// ([`attn_flash2::Flash2Cpu`]) for its blocks.
+    RingCpu,
+    RING_CPU,
+    Cpu,
+    &attn_flash2::Flash2Cpu
+);
 
-impl Default for RingCpu {
-    fn default() -> Self {
-        Self::new(DEFAULT_RANKS)
-    }
-}
-
-/// The ring of [`DEFAULT_RANKS`] ranks, which the stage lists hold.
-pub static RING_CPU: RingCpu = RingCpu::new(DEFAULT_RANKS);
-
-/// Ring attention with each block on the GPU, as a [`attn_core::Stage`]: `ranks` ranks as
-/// threads, every one running FlashAttention-2 on the GPU ([`attn_flash2::Flash2Cuda`], f32)
-/// for its blocks with their placement, the chunks passed between the threads through host
-/// memory. With one device the ranks share it; the schedule, the placements and the folds
-/// are those a rank a GPU runs.
-#[derive(Clone, Copy, Debug)]
-pub struct RingCuda {
-    pub ranks: usize,
-}
-
-impl RingCuda {
-    pub const fn new(ranks: usize) -> Self {
-        Self { ranks }
-    }
-}
-
-impl Default for RingCuda {
-    fn default() -> Self {
-        Self::new(DEFAULT_RANKS)
-    }
-}
-
-/// The GPU ring of [`DEFAULT_RANKS`] ranks, which the stage lists hold.
-pub static RING_CUDA: RingCuda = RingCuda::new(DEFAULT_RANKS);
-
-impl attn_core::Stage for RingCuda {
-    fn name(&self) -> &'static str {
-        cpu::NAME
-    }
-
-    fn device(&self) -> attn_core::Device {
-        attn_core::Device::Cuda
-    }
-
-    fn forward(
-        &self,
-        inputs: &attn_core::Inputs<'_>,
-        opts: &attn_core::Options,
-    ) -> attn_core::Result<attn_core::Forward> {
-        cpu::forward_with(&attn_flash2::Flash2Cuda, inputs, opts, self.ranks).map(|(f, _)| f)
-    }
-
-    fn backward(
-        &self,
-        inputs: &attn_core::Inputs<'_>,
-        opts: &attn_core::Options,
-        fwd: &attn_core::Forward,
-        d_out: ndarray::ArrayView4<'_, f32>,
-    ) -> attn_core::Result<attn_core::Grads> {
-        cpu::backward_with(&attn_flash2::Flash2Cuda, inputs, opts, fwd, d_out, self.ranks)
-            .map(|(g, _)| g)
-    }
-}
-
-impl attn_core::Stage for RingCpu {
-    fn name(&self) -> &'static str {
-        cpu::NAME
-    }
-
-    fn device(&self) -> attn_core::Device {
-        attn_core::Device::Cpu
-    }
-
-    fn forward(
-        &self,
-        inputs: &attn_core::Inputs<'_>,
-        opts: &attn_core::Options,
-    ) -> attn_core::Result<attn_core::Forward> {
-        cpu::forward_on(inputs, opts, self.ranks).map(|(f, _)| f)
-    }
-
-    fn backward(
-        &self,
-        inputs: &attn_core::Inputs<'_>,
-        opts: &attn_core::Options,
-        fwd: &attn_core::Forward,
-        d_out: ndarray::ArrayView4<'_, f32>,
-    ) -> attn_core::Result<attn_core::Grads> {
-        cpu::backward_on(inputs, opts, fwd, d_out, self.ranks).map(|(g, _)| g)
-    }
-}
+ring_stage!(
+    /// Ring attention with each block on the GPU: `ranks` ranks as threads, every one running
+    /// FlashAttention-2 on the GPU ([`attn_flash2::Flash2Cuda`], f32) for its blocks with
+    /// their placement, the chunks passed between the threads through host memory. With one
+    /// device the ranks share it; the schedule, the placements and the folds are those a rank
+    /// a GPU runs.
+    RingCuda,
+    RING_CUDA,
+    Cuda,
+    &attn_flash2::Flash2Cuda
+);

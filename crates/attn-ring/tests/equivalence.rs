@@ -2,13 +2,15 @@
 //! every rank count 1–8, causal (zigzag), GQA, cross attention, the masks, the bias and its
 //! gradient, the score modifiers and dropout, forward and backward.
 
+mod common;
+
 use attn_core::testing::strategies::{arb_case_with_mods, config};
 use attn_core::testing::{
-    AlibiKind, BiasKind, Case, MaskKind, check_against_reference, check_against_stage, edge_cases,
+    AlibiKind, Case, MaskKind, check_against_reference, check_against_stage, edge_cases,
 };
 use attn_core::{AttnError, Inputs, Options, Shape, Stage};
 use attn_flash2::Flash2Cpu;
-use attn_ring::{RingCpu, cpu};
+use attn_ring::{RingCpu, backward_with, forward_with};
 use proptest::prelude::*;
 
 proptest! {
@@ -27,24 +29,10 @@ proptest! {
 
 #[test]
 fn every_rank_count_from_one_to_eight_matches_causal_gqa_masks_and_the_backward() {
-    for ranks in 1..=8 {
-        for (mask, bias) in [
-            (MaskKind::KeyPadding, BiasKind::None),
-            (MaskKind::Full, BiasKind::NegInf),
-            (MaskKind::Broadcast, BiasKind::PerKey),
-        ] {
-            let case = Case {
-                causal: true,
-                mask,
-                bias,
-                bias_grad: bias != BiasKind::None,
-                ..Case::new(Shape::new(2, 4, 37, 16).with_kv_heads(2), ranks as u64)
-            };
-            check_against_reference(&RingCpu::new(ranks), &case.build(), true)
-                .unwrap()
-                .assert_f32(&format!("ranks {ranks} {mask:?} {bias:?}"));
-        }
-    }
+    common::every_rank_count_matches_the_reference(
+        RingCpu::new,
+        Shape::new(2, 4, 37, 16).with_kv_heads(2),
+    );
 }
 
 #[test]
@@ -112,7 +100,7 @@ fn zigzag_gives_every_rank_the_same_causal_blocks_and_skips_the_hidden_ones() {
     let (q, k, v) = attn_core::random::qkv(&shape, 3);
     let inputs = Inputs::new(q.view(), k.view(), v.view());
     let opts = Options::default().causal(true);
-    let (fwd, stats) = cpu::forward_on(&inputs, &opts, ranks).unwrap();
+    let (fwd, stats) = forward_with(&Flash2Cpu, &inputs, &opts, ranks).unwrap();
     assert_eq!(stats.blocks, vec![2 * ranks + 1; ranks]);
     assert_eq!(stats.skipped, vec![4 * ranks - (2 * ranks + 1); ranks]);
     // each rank sends its two chunks of K and V on R − 1 times: 2 · (n / R) rows · d floats
@@ -120,7 +108,7 @@ fn zigzag_gives_every_rank_the_same_causal_blocks_and_skips_the_hidden_ones() {
     assert_eq!(stats.bytes_sent, vec![(ranks as u64 - 1) * kv_bytes; ranks]);
     // the backward sends K, V R − 1 times and dK, dV R times (the last hop takes them home)
     let d_out = attn_core::random::normal(shape.q_dims(), 9);
-    let (_, stats) = cpu::backward_on(&inputs, &opts, &fwd, d_out.view(), ranks).unwrap();
+    let (_, stats) = backward_with(&Flash2Cpu, &inputs, &opts, &fwd, d_out.view(), ranks).unwrap();
     assert_eq!(stats.blocks, vec![2 * ranks + 1; ranks]);
     assert_eq!(stats.bytes_sent, vec![(2 * ranks as u64 - 1) * kv_bytes; ranks]);
 }
@@ -139,7 +127,7 @@ fn bad_input_is_refused_before_any_rank_starts() {
     );
     let (q, ..) = attn_core::random::qkv(&shape, 1);
     let inputs = Inputs::new(q.view(), k.view(), v.view());
-    let err = cpu::forward_on(&inputs, &Options::default(), 0).unwrap_err();
+    let err = forward_with(&Flash2Cpu, &inputs, &Options::default(), 0).unwrap_err();
     assert!(matches!(err, AttnError::ZeroBlockSize { arg: "ranks" }), "{err}");
     let placed =
         Options::default().placed(attn_core::Placement { q_start: 0, k_start: 0, n_q: 8, n_k: 8 });

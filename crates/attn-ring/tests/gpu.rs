@@ -3,6 +3,8 @@
 //! kernel, so causal masking, the window, ALiBi and dropout must be the whole problem's.
 //! Where no CUDA device is present each test says so and passes.
 
+mod common;
+
 use attn_core::testing::{
     AlibiKind, BiasKind, Case, MaskKind, check_against_reference, check_against_stage, edge_cases,
 };
@@ -16,24 +18,10 @@ fn every_rank_count_from_one_to_eight_matches_on_the_gpu() {
     if skip_without_device() {
         return;
     }
-    for ranks in 1..=8 {
-        for (mask, bias) in [
-            (MaskKind::KeyPadding, BiasKind::None),
-            (MaskKind::Full, BiasKind::NegInf),
-            (MaskKind::Broadcast, BiasKind::PerKey),
-        ] {
-            let case = Case {
-                causal: true,
-                mask,
-                bias,
-                bias_grad: bias != BiasKind::None,
-                ..Case::new(Shape::new(2, 4, 83, 64).with_kv_heads(2), ranks as u64)
-            };
-            check_against_reference(&RingCuda::new(ranks), &case.build(), true)
-                .unwrap()
-                .assert_f32(&format!("ranks {ranks} {mask:?} {bias:?}"));
-        }
-    }
+    common::every_rank_count_matches_the_reference(
+        RingCuda::new,
+        Shape::new(2, 4, 83, 64).with_kv_heads(2),
+    );
 }
 
 #[test]
